@@ -1,0 +1,95 @@
+"""Throughput of the batched LLC estimator against its lower bound.
+
+For the paper's LR transformer at SGLD batch size B, prints chain-steps per
+second of the compiled sweep for (checkpoints × chains) configurations, and the
+ratio of its time per chain-step to one jitted forward+backward pass of the
+same model on the same batch (the lower bound for one SGLD step), measured in
+the same run. Each figure is the median of --reps interleaved repetitions;
+compilation is excluded; the init-loss forward passes (every
+`init_loss_stride`-th draw) are included.
+
+  python benchmarks/llc_throughput.py                      # B = 1024, 1×1, 1×8, 8×8
+  python benchmarks/llc_throughput.py --batch_size=128 --configs=1x4,4x4
+"""
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from devinterp_jax.data.regression import RegressionTask, make_dataset
+from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.sampling.llc import SamplerSettings, make_llc_program
+
+_BATCH = flags.DEFINE_integer("batch_size", 1024, "SGLD minibatch size.")
+_DRAWS = flags.DEFINE_integer("num_draws", 10, "SGLD steps per chain per timed call.")
+_REPS = flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
+_CONFIGS = flags.DEFINE_list("configs", ["1x1", "1x8", "8x8"], "checkpoints x chains.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["vmap", "map"], "Chain strategies to time.")
+_JSON = flags.DEFINE_string("json_out", None, "Also write the table as JSON here.")
+
+
+def _time(fn, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def main(argv):
+  del argv
+  model = RegressionTransformer()
+  params = model.init_params(jax.random.key(0))
+  data = make_dataset(jax.random.key(1), RegressionTask(), 16 * _BATCH.value)
+  batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
+  fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
+  jax.block_until_ready(fwd_bwd(params, batch))
+  hypers = {"step_size": np.float32(3e-4), "nbeta": np.float32(66.7),
+            "localization": np.float32(6.67)}
+
+  programs = {}
+  for cfg in _CONFIGS.value:
+    n_ckpt, n_chain = map(int, cfg.split("x"))
+    settings = SamplerSettings(num_chains=n_chain, num_draws=_DRAWS.value, step_size=3e-4,
+                               localization=6.67, nbeta=66.7, batch_size=_BATCH.value)
+    stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n_ckpt), params)
+    for strategy in _STRATEGIES.value:
+      program = make_llc_program(model.loss, data, settings, chain_strategy=strategy)
+      jax.block_until_ready(program(stacked, hypers))  # compile
+      programs[(cfg, strategy)] = (program, stacked, n_ckpt * n_chain * settings.num_steps)
+
+  times = {k: [] for k in programs}
+  base = []
+  for _ in range(_REPS.value):  # interleaved: each rep times every variant once
+    base.append(_time(fwd_bwd, params, batch))
+    for k, (program, stacked, _) in programs.items():
+      times[k].append(_time(program, stacked, hypers))
+  t_base = float(np.median(base))
+
+  print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+        f"batch={_BATCH.value} draws={_DRAWS.value} reps={_REPS.value}")
+  print(f"lower bound: jitted forward+backward = {t_base * 1e3:.2f} ms")
+  print(f"{'ckpt x chains':>13} {'strategy':>8} {'chain-steps/s':>14} {'ms/chain-step':>14} "
+        f"{'ratio vs fwd+bwd':>17}")
+  rows = []
+  for (cfg, strategy), (_, _, n_chain_steps) in programs.items():
+    t = float(np.median(times[(cfg, strategy)]))
+    per = t / n_chain_steps
+    rows.append(dict(config=cfg, strategy=strategy, chain_steps_per_s=n_chain_steps / t,
+                     ms_per_chain_step=per * 1e3, ratio=per / t_base))
+    print(f"{cfg:>13} {strategy:>8} {n_chain_steps / t:14.1f} {per * 1e3:14.2f} "
+          f"{per / t_base:17.3f}")
+  singles = {r["strategy"]: r for r in rows if r["config"] == "1x1"}
+  for r in rows:
+    if r["config"] == "1x8" and r["strategy"] in singles:
+      print(f"8 chains vs 1 chain per chain-step ({r['strategy']}): "
+            f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"backend": jax.default_backend(), "batch_size": _BATCH.value,
+                 "fwd_bwd_ms": t_base * 1e3, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,175 @@
+"""The in-context linear regression pipeline: train → LLC sweep → results + plot.
+
+Every step is a function of (config, workdir), so launchers, notebooks and
+tests call the same code:
+
+  train(config, workdir)        # resumable, streams Orbax checkpoints
+  estimate(config, workdir)     # LLC of every scheduled checkpoint (resumable)
+  run(config, workdir)          # the main job: both, then llc.csv and llc_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from devinterp_jax.analysis import plots
+from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
+from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling.results import LLCResult, atomic_write_bytes
+from devinterp_jax.training import checkpointing, loop, schedules
+
+# Key streams derived from config.seed.
+_INIT, _DATA, _EVAL, _SGLD_DATA = range(4)
+
+
+def make_task(config: ml_collections.ConfigDict) -> RegressionTask:
+  t = config.task
+  return RegressionTask(task_size=t.task_size, max_examples=t.max_examples,
+                        noise_variance=t.noise_variance,
+                        num_tasks=t.num_tasks or None, task_seed=config.seed)
+
+
+def make_model(config: ml_collections.ConfigDict) -> RegressionTransformer:
+  return RegressionTransformer(task_size=config.task.task_size,
+                               max_examples=config.task.max_examples, **config.model)
+
+
+def make_lr_schedule(config: ml_collections.ConfigDict):
+  c = config.train
+  return schedules.one_cycle_lr(c.num_steps, c.max_lr, c.pct_start, c.div_factor,
+                                c.final_div_factor)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  c = config.train
+  lr = make_lr_schedule(config)
+  if c.weight_decay:
+    return optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+  return optax.adam(lr, b1=c.b1, b2=c.b2)
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> np.ndarray:
+  return schedules.checkpoint_steps(config.train.num_steps, config.train.n_log,
+                                    config.train.n_linear)
+
+
+def _key(config, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(config.seed), stream)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
+  """Trains (or resumes) the LR transformer, saving scheduled checkpoints."""
+  model, task = make_model(config), make_task(config)
+  eval_batch = sample_batch(_key(config, _EVAL), task, config.train.eval_batch_size)
+  eval_loss = jax.jit(model.loss)
+  return loop.train(
+      workdir=workdir,
+      init_params=model.init_params(_key(config, _INIT)),
+      loss_fn=model.loss,
+      batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
+      optimizer=make_optimizer(config),
+      num_steps=config.train.num_steps,
+      schedule_steps=schedule_steps(config),
+      data_key=_key(config, _DATA),
+      log_every=config.train.log_every,
+      resume_every=config.train.resume_every,
+      eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
+      lr_fn=make_lr_schedule(config),
+      config_json=config.to_json(sort_keys=True),
+  )
+
+
+def sgld_dataset(config: ml_collections.ConfigDict):
+  return make_dataset(_key(config, _SGLD_DATA), make_task(config), config.llc.dataset_size)
+
+
+def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, LLCResult]:
+  """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
+  model = make_model(config)
+  steps = checkpointing.scheduled_steps(workdir)
+  if len(steps) == 0:
+    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+  abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
+  checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+  c = config.llc
+  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(steps),
+               c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
+  result = llc_lib.estimate_llcs(
+      model.loss, checkpoints, sgld_dataset(config),
+      num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
+      localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
+      num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
+      init_loss_stride=c.init_loss_stride, checkpoint_chunk=c.checkpoint_chunk,
+      chain_strategy=c.chain_strategy, checkpoint_ids=[int(s) for s in steps],
+      output_dir=os.path.join(workdir, "llc", "chunks"))
+  return steps, result
+
+
+def write_results(workdir: str, steps: np.ndarray, result: LLCResult) -> dict:
+  """Writes llc.npz, llc.csv (one line to load) and llc_curve.png; returns a summary."""
+  out = os.path.join(workdir, "llc")
+  result.save(os.path.join(out, "llc.npz"))
+  metrics = {r["step"]: r for r in loop.read_metrics(workdir)}
+  cols = {"step": steps, "llc_mean": result.llc_mean, "llc_std": result.llc_std,
+          "llc_sem": result.llc_sem, "num_valid_chains": result.num_valid_chains,
+          "train_loss": [metrics.get(int(s), {}).get("train_loss", np.nan) for s in steps],
+          "eval_loss": [metrics.get(int(s), {}).get("eval_loss", np.nan) for s in steps]}
+  lines = [",".join(cols)] + [",".join(repr(float(cols[k][i])) if k != "step" else str(int(
+      steps[i])) for k in cols) for i in range(len(steps))]
+  atomic_write_bytes(os.path.join(out, "llc.csv"), ("\n".join(lines) + "\n").encode())
+  loss_rows = [r for r in metrics.values() if "eval_loss" in r]
+  plots.plot_llc_curve(steps, result.llc_mean, result.llc_std,
+                       [r["step"] for r in loss_rows], [r["eval_loss"] for r in loss_rows],
+                       os.path.join(workdir, "llc_curve.png"), loss_label="eval loss (MSE)",
+                       title="In-context linear regression: LLC over training")
+  summary = {"num_checkpoints": int(len(steps)), **rise_test(result.llc_mean, result.llc_sem),
+             "llc_first": float(result.llc_mean[0]),
+             "llc_middle": float(result.llc_mean[len(steps) // 2]),
+             "llc_last": float(result.llc_mean[-1]),
+             "steps_first_middle_last": [int(steps[0]), int(steps[len(steps) // 2]),
+                                         int(steps[-1])],
+             "diverged_chains": int(result.diverged.sum())}
+  atomic_write_bytes(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+  return summary
+
+
+def rise_test(llc_mean: np.ndarray, llc_sem: np.ndarray) -> dict:
+  """Mean LLC of the last quarter of checkpoints minus the first quarter, in SEs.
+
+  The standard error of a quarter's mean combines the per-checkpoint standard
+  errors over chains: se = √(Σ sem_i²) / n_quarter.
+  """
+  n = len(llc_mean)
+  q = max(n // 4, 1)
+  first, last = slice(0, q), slice(n - q, n)
+  m_first, m_last = float(np.mean(llc_mean[first])), float(np.mean(llc_mean[last]))
+  se_first = float(np.sqrt(np.sum(np.square(llc_sem[first]))) / q)
+  se_last = float(np.sqrt(np.sum(np.square(llc_sem[last]))) / q)
+  z = (m_last - m_first) / max(np.hypot(se_first, se_last), 1e-12)
+  return {"llc_first_quarter": m_first, "llc_last_quarter": m_last,
+          "rise_in_standard_errors": float(z), "rises": bool(z > 3)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The main job: train, estimate LLCs over all checkpoints, write results."""
+  t0 = time.time()
+  train(config, workdir)
+  t_train = time.time() - t0
+  steps, result = estimate(config, workdir)
+  t_llc = time.time() - t0 - t_train
+  summary = write_results(workdir, steps, result)
+  summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
+                 total_seconds=round(time.time() - t0, 1))
+  atomic_write_bytes(os.path.join(workdir, "llc", "summary.json"),
+                     json.dumps(summary, indent=2).encode())
+  logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
+  return summary

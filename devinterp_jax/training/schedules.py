@@ -1,0 +1,47 @@
+"""Learning-rate and checkpoint schedules of the paper."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def one_cycle_lr(total_steps: int, max_lr: float, pct_start: float = 0.5,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4):
+  """PyTorch's OneCycleLR with `anneal_strategy='linear'`, as an optax schedule.
+
+  Phase 1 rises linearly from max_lr / div_factor to max_lr over steps
+  [0, pct_start·total_steps − 1]; phase 2 falls linearly to
+  max_lr / (div_factor · final_div_factor) at step total_steps − 1, starting
+  from the end step of phase 1 exactly as PyTorch computes it. Momentum is not
+  cycled (the paper's Adam uses fixed betas).
+  """
+  if total_steps < 2:
+    raise ValueError(f"one_cycle_lr needs total_steps >= 2, got {total_steps}")
+  initial = max_lr / div_factor
+  final = initial / final_div_factor
+  end_1 = float(pct_start * total_steps) - 1.0
+  end_2 = float(total_steps - 1)
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32)
+    pct_1 = step / end_1 if end_1 > 0 else jnp.ones_like(step)
+    lr_1 = (1.0 - pct_1) * initial + pct_1 * max_lr
+    pct_2 = (step - end_1) / (end_2 - end_1)
+    lr_2 = (1.0 - pct_2) * max_lr + pct_2 * final
+    return jnp.where(step <= end_1, lr_1, lr_2)
+
+  return schedule
+
+
+def checkpoint_steps(total_steps: int, n_log: int, n_linear: int) -> np.ndarray:
+  """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T].
+
+  For T = 500k and 100 + 100 this gives the paper's 190 unique steps.
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  log_steps = np.logspace(0, np.log10(total_steps), n_log).astype(int) if n_log else []
+  lin_steps = np.linspace(1, total_steps, n_linear).astype(int) if n_linear else []
+  steps = np.union1d(log_steps, lin_steps).astype(int)
+  return steps[(steps >= 1) & (steps <= total_steps)]
