@@ -169,6 +169,19 @@ def _fingerprint(settings: SamplerSettings, extra: dict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _auto_mesh(mesh: Mesh) -> Mesh:
+  """The same devices and axis names with Auto axis types.
+
+  The sweep places minibatches with `with_sharding_constraint`, which needs
+  Auto axes; meshes made by `jax.make_mesh` default to Explicit axes in recent
+  JAX versions.
+  """
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is None:  # older JAX: every axis is Auto
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(mesh.axis_names))
+
+
 def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
                      sampler: SamplerFactory = sgld, mesh: Mesh | None = None,
                      batch_axis: str = "data", chain_strategy: str = "auto"):
@@ -185,6 +198,7 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
     if settings.batch_size % mesh.shape[batch_axis]:
       raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
                        f"{mesh.shape[batch_axis]} devices of mesh axis {batch_axis!r}")
+    mesh = _auto_mesh(mesh)
     if not callable(data):
       batch_fn = batch_fn_from_data(jax.device_put(data, NamedSharding(mesh, P())),
                                     settings.batch_size)
@@ -316,6 +330,6 @@ def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,
   res = estimate_llcs(loss_fn, [params], data, num_chains=num_chains, num_draws=num_draws,
                       step_size=step_size, localization=localization, nbeta=nbeta,
                       batch_size=batch_size, seed=seed, num_burnin_steps=num_burnin_steps,
-                      progress=False, **kwargs)
+                      **{"progress": False, **kwargs})
   return dataclasses.replace(res, **{
       f.name: getattr(res, f.name)[0] for f in dataclasses.fields(res) if f.name != "settings"})

@@ -1,0 +1,63 @@
+"""The main job on a tiny config: train → LLC over every checkpoint → results."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import icl_regression as icl_config
+from devinterp_jax.experiments import icl_regression
+from devinterp_jax.sampling.results import LLCResult
+from tests.helpers import tiny_config
+
+
+def test_main_job_writes_loadable_results_and_plot(tmp_path):
+  config = tiny_config(40)
+  workdir = str(tmp_path)
+  summary = icl_regression.run(config, workdir)
+  steps = icl_regression.schedule_steps(config)
+  table = np.genfromtxt(os.path.join(workdir, "llc", "llc.csv"), delimiter=",", names=True)
+  np.testing.assert_array_equal(table["step"], steps)
+  assert np.all(np.isfinite(table["llc_mean"])) and np.all(table["num_valid_chains"] == 2)
+  assert np.all(np.isfinite(table["eval_loss"]))
+  res = LLCResult.load(os.path.join(workdir, "llc", "llc.npz"))
+  np.testing.assert_allclose(res.llc_mean, table["llc_mean"], rtol=1e-12)
+  assert res.loss_trace.shape == (len(steps), 2, 12)
+  png = os.path.join(workdir, "llc_curve.png")
+  assert os.path.getsize(png) > 10_000
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  on_disk = json.load(open(os.path.join(workdir, "llc", "summary.json")))
+  assert on_disk["num_checkpoints"] == len(steps) and "rise_in_standard_errors" in on_disk
+  # A second run recomputes nothing and gives the same numbers.
+  chunks = os.path.join(workdir, "llc", "chunks")
+  mtimes = {f: os.path.getmtime(os.path.join(chunks, f)) for f in os.listdir(chunks)}
+  again = icl_regression.run(config, workdir)
+  assert again["llc_last"] == summary["llc_last"]
+  assert mtimes == {f: os.path.getmtime(os.path.join(chunks, f)) for f in os.listdir(chunks)}
+
+
+def test_rise_test_statistic():
+  mean = np.array([1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0])
+  sem = np.full(8, 1.0)
+  out = icl_regression.rise_test(mean, sem)
+  # quarter = 2 checkpoints; se of each quarter mean = sqrt(2)/2; difference 4.
+  np.testing.assert_allclose(out["rise_in_standard_errors"], 4.0 / 1.0, rtol=1e-12)
+  assert out["rises"]
+
+
+def test_config_variants():
+  full = icl_config.get_config()
+  assert full.train.num_steps == 500_000 and full.llc.batch_size == 1024
+  assert len(icl_regression.schedule_steps(full)) == 190
+  with pytest.raises(ValueError, match="unknown config variant"):
+    icl_config.get_config("tpu-huge")
+
+
+@pytest.mark.slow
+def test_runlocal_main_job_llc_rises(tmp_path):
+  """The README's main job: under 10 minutes on 2 CPU cores, and the LLC rises."""
+  summary = icl_regression.run(icl_config.get_config("runlocal"), str(tmp_path))
+  assert summary["rise_in_standard_errors"] > 3, summary
+  assert summary["total_seconds"] < 600, summary
