@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -35,6 +36,8 @@ def plot_llc_curve(steps, llc_mean, llc_std, loss_steps, losses, path: str,
   ax2 = ax.twinx()
   ax2.plot(loss_steps, losses, color="tab:red", alpha=0.8, label=loss_label)
   ax2.set_yscale("log")
+  ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+  ax2.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   ax2.set_ylabel(loss_label, color="tab:red")
   lines = ax.get_legend_handles_labels()
   lines2 = ax2.get_legend_handles_labels()
