@@ -164,3 +164,10 @@ def test_batch_source_callable_is_accepted():
   a = dj.estimate_llc(mlp_loss, ckpts[0], source, num_chains=2, **KW)
   b = dj.estimate_llc(mlp_loss, ckpts[0], data, num_chains=2, **KW)
   np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=1e-6)  # same gather
+
+
+def test_mismatched_checkpoints_are_named():
+  data, ckpts = mlp_setup(3)
+  ckpts[2] = {"w1": ckpts[2]["w1"][:, :4], "w2": ckpts[2]["w2"]}
+  with pytest.raises(ValueError, match="checkpoint 2 has leaf 0 of shape"):
+    dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=1, **KW)

@@ -160,7 +160,19 @@ def _resolve_chain_strategy(strategy: str) -> str:
   return strategy
 
 
-def _stack(trees: Sequence[Params]) -> Params:
+def _stack(trees: Sequence[Params], first_index: int = 0) -> Params:
+  """Stacks checkpoints on a new leading axis; names any that does not fit."""
+  ref = jax.tree.structure(trees[0])
+  ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[0])]
+  for i, tree in enumerate(trees[1:], start=1):
+    if jax.tree.structure(tree) != ref:
+      raise ValueError(f"checkpoint {first_index + i} has another pytree structure than "
+                       f"checkpoint {first_index}: {jax.tree.structure(tree)} vs {ref}")
+    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
+    if shapes != ref_shapes:
+      bad = next(j for j, (a, b) in enumerate(zip(shapes, ref_shapes)) if a != b)
+      raise ValueError(f"checkpoint {first_index + i} has leaf {bad} of shape {shapes[bad]}, "
+                       f"checkpoint {first_index} has {ref_shapes[bad]}")
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
@@ -221,8 +233,10 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
 
   Args:
     loss_fn: pure `loss_fn(params, batch) -> scalar` mean loss (any framework).
-    checkpoints: a sequence of param pytrees (may be lazy, e.g.
-      `ParamsSequence`) or one stacked pytree with a leading checkpoint axis.
+    checkpoints: a list (any `Sequence`, possibly lazy like `ParamsSequence`)
+      of param pytrees of one structure and shape, or one stacked pytree with a
+      leading checkpoint axis whose top level is not a list or tuple (wrap a
+      list-shaped stacked pytree in a dict).
     data: pytree of arrays with a leading sample axis, or a `key -> batch`
       callable (see `batch_fn_from_data`).
     num_chains, num_draws: chains per checkpoint and recorded draws per chain.
@@ -254,7 +268,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   if isinstance(checkpoints, Sequence):
     if len(checkpoints) == 0:
       raise ValueError("checkpoints is empty")
-    num_ckpts, get = len(checkpoints), (lambda lo, hi: _stack(checkpoints[lo:hi]))
+    num_ckpts, get = len(checkpoints), (lambda lo, hi: _stack(checkpoints[lo:hi], lo))
   else:
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(checkpoints)}
     if len(sizes) != 1:
