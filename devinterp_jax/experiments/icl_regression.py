@@ -20,11 +20,12 @@ import numpy as np
 import optax
 from absl import logging
 
+from devinterp_jax import atomic
 from devinterp_jax.analysis import plots
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import llc as llc_lib
-from devinterp_jax.sampling.results import LLCResult, atomic_write_bytes
+from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.training import checkpointing, loop, schedules
 
 # Key streams derived from config.seed.
@@ -114,31 +115,31 @@ def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarra
   return steps, result
 
 
-def write_results(workdir: str, steps: np.ndarray, result: LLCResult) -> dict:
-  """Writes llc.npz, llc.csv (one line to load) and llc_curve.png; returns a summary."""
+def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
+                  extra: dict | None = None) -> dict:
+  """Writes llc.npz, llc.csv (one line to load), summary.json and llc_curve.png."""
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in loop.read_metrics(workdir)}
-  cols = {"step": steps, "llc_mean": result.llc_mean, "llc_std": result.llc_std,
-          "llc_sem": result.llc_sem, "num_valid_chains": result.num_valid_chains,
-          "train_loss": [metrics.get(int(s), {}).get("train_loss", np.nan) for s in steps],
-          "eval_loss": [metrics.get(int(s), {}).get("eval_loss", np.nan) for s in steps]}
-  lines = [",".join(cols)] + [",".join(repr(float(cols[k][i])) if k != "step" else str(int(
-      steps[i])) for k in cols) for i in range(len(steps))]
-  atomic_write_bytes(os.path.join(out, "llc.csv"), ("\n".join(lines) + "\n").encode())
-  loss_rows = [r for r in metrics.values() if "eval_loss" in r]
+  losses = {k: [metrics.get(int(s), {}).get(k, np.nan) for s in steps]
+            for k in ("train_loss", "eval_loss")}
+  columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,
+                             result.num_valid_chains, losses["train_loss"], losses["eval_loss"]])
+  header = "step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss"
+  rows = [",".join([str(int(row[0]))] + [repr(float(v)) for v in row[1:]]) for row in columns]
+  atomic.write_text(os.path.join(out, "llc.csv"), "\n".join([header, *rows]) + "\n")
   plots.plot_llc_curve(steps, result.llc_mean, result.llc_std,
-                       [r["step"] for r in loss_rows], [r["eval_loss"] for r in loss_rows],
+                       [s for s, r in metrics.items() if "eval_loss" in r],
+                       [r["eval_loss"] for r in metrics.values() if "eval_loss" in r],
                        os.path.join(workdir, "llc_curve.png"), loss_label="eval loss (MSE)",
                        title="In-context linear regression: LLC over training")
+  mid = len(steps) // 2
   summary = {"num_checkpoints": int(len(steps)), **rise_test(result.llc_mean, result.llc_sem),
-             "llc_first": float(result.llc_mean[0]),
-             "llc_middle": float(result.llc_mean[len(steps) // 2]),
+             "llc_first": float(result.llc_mean[0]), "llc_middle": float(result.llc_mean[mid]),
              "llc_last": float(result.llc_mean[-1]),
-             "steps_first_middle_last": [int(steps[0]), int(steps[len(steps) // 2]),
-                                         int(steps[-1])],
-             "diverged_chains": int(result.diverged.sum())}
-  atomic_write_bytes(os.path.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
+             "steps_first_middle_last": [int(steps[0]), int(steps[mid]), int(steps[-1])],
+             "diverged_chains": int(result.diverged.sum()), **(extra or {})}
+  atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
 
@@ -166,10 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_train = time.time() - t0
   steps, result = estimate(config, workdir)
   t_llc = time.time() - t0 - t_train
-  summary = write_results(workdir, steps, result)
-  summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
-                 total_seconds=round(time.time() - t0, 1))
-  atomic_write_bytes(os.path.join(workdir, "llc", "summary.json"),
-                     json.dumps(summary, indent=2).encode())
+  timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1),
+             "total_seconds": round(time.time() - t0, 1)}
+  summary = write_results(workdir, steps, result, extra=timings)
   logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
   return summary

@@ -36,6 +36,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from devinterp_jax import atomic
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.sampling.sgld import sgld
 
@@ -311,7 +312,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     chunk_losses, chunk_inits = jax.device_get(program(params, hypers))
     chunk_losses, chunk_inits = chunk_losses[:hi - lo], chunk_inits[:hi - lo]
     if path:
-      results_lib.atomic_save_npz(path, losses=chunk_losses, init_losses=chunk_inits,
+      atomic.save_npz(path, losses=chunk_losses, init_losses=chunk_inits,
                                   fingerprint=np.array(fingerprint))
     losses.append(chunk_losses)
     inits.append(chunk_inits)

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import os
 import warnings
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see the old file or the new one."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def atomic_save_npz(path: str, **arrays) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  atomic_write_bytes(path, buf.getvalue())
+from devinterp_jax import atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +49,7 @@ class LLCResult:
     """Atomically writes an .npz (load with `LLCResult.load`)."""
     arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name != "settings"}
-    atomic_save_npz(path, settings=np.array(json.dumps(self.settings)), **arrays)
+    atomic.save_npz(path, settings=np.array(json.dumps(self.settings)), **arrays)
 
   @classmethod
   def load(cls, path: str) -> "LLCResult":

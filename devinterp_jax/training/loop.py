@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from devinterp_jax import atomic
 from devinterp_jax.training import checkpointing
 
 Params = Any
@@ -68,14 +69,7 @@ def _check_config(workdir: str, config_json: str) -> None:
       raise ValueError(f"workdir {workdir!r} holds a run with a different config "
                        f"(differs in {diff}); use a new --workdir or the same config")
   else:
-    _atomic_write_text(path, config_json)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+    atomic.write_text(path, config_json)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -90,7 +84,7 @@ def read_metrics(workdir: str) -> list[dict]:
 def _truncate_metrics(workdir: str, last_step: int) -> None:
   """Drops log lines written after the checkpoint we resume from."""
   rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-  _atomic_write_text(os.path.join(workdir, "metrics.jsonl"),
+  atomic.write_text(os.path.join(workdir, "metrics.jsonl"),
                      "".join(json.dumps(r) + "\n" for r in rows))
 
 
