@@ -1,14 +1,19 @@
 """devinterp_jax: developmental interpretability in JAX.
 
 Estimate local learning coefficients (LLCs) with SGLD for many checkpoints ×
-chains in one compiled program, for any pure `loss_fn(params, batch)`.
+chains in one compiled program, for any pure `loss_fn(params, batch)`, with
+chain-health diagnostics and automatic calibration of ε, nβ and γ.
 """
 
+from devinterp_jax.sampling.diagnostics import HealthCriteria
 from devinterp_jax.sampling.llc import (SamplerSettings, estimate_llc, estimate_llcs,
                                         make_llc_program)
 from devinterp_jax.sampling.results import LLCResult
-from devinterp_jax.sampling.sgld import SGLDState, sgld
+from devinterp_jax.sampling.sgld import (RMSPropSGLDState, SGLDState, mala_log_acceptance,
+                                         rmsprop_sgld, sgld)
+from devinterp_jax.sampling.temperature import nbeta_from_batch_size, nbeta_wbic
 
-__all__ = ["LLCResult", "SGLDState", "SamplerSettings", "estimate_llc", "estimate_llcs", "make_llc_program",
-           "sgld"]
+__all__ = ["HealthCriteria", "LLCResult", "RMSPropSGLDState", "SGLDState", "SamplerSettings",
+           "estimate_llc", "estimate_llcs", "make_llc_program", "mala_log_acceptance",
+           "nbeta_from_batch_size", "nbeta_wbic", "rmsprop_sgld", "sgld"]
 __version__ = "0.1.0"

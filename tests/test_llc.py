@@ -90,35 +90,6 @@ def test_sweep_resumes_from_atomically_written_chunks(tmp_path):
                      output_dir=out, **{**KW, "nbeta": 51.0})
 
 
-def test_prior_sampling_with_zero_nbeta():
-  """nβ = 0: the chain samples N(w*, I/γ), so E‖w − w*‖² = d/γ."""
-  d, gamma, eps = 20, 10.0, 4e-3
-  w_star = {"w": jnp.arange(d, dtype=jnp.float32) / d}
-  sq_dist = lambda p, b: jnp.sum(jnp.square(p["w"] - w_star["w"])) + 0.0 * jnp.sum(b["x"])
-  data = {"x": jnp.zeros((8, 1))}
-  res = dj.estimate_llc(sq_dist, w_star, data, num_chains=16, num_draws=4000,
-                        num_burnin_steps=1000, step_size=eps, localization=gamma, nbeta=0.0,
-                        batch_size=1)
-  measured = res.loss_trace.mean()
-  # Exact for the discretised OU process: variance 1/(γ(1 − εγ/4)) per coordinate.
-  np.testing.assert_allclose(measured, d / (gamma * (1 - eps * gamma / 4)), rtol=0.05)
-  np.testing.assert_allclose(measured, d / gamma, rtol=0.05)
-
-
-def test_regular_quadratic_matches_exact_expectation():
-  """λ̂ → ½ Σ 1/(1 + γ/(nβ h_i)) for L = ½ Σ h_i w_i² (→ d/2 as γ/nβ → 0)."""
-  d, nbeta, gamma = 10, 100.0, 1.0
-  h = jnp.linspace(1.0, 2.0, d)
-  loss = lambda p, b: 0.5 * jnp.sum(h * jnp.square(p["w"])) + 0.0 * jnp.sum(b["x"])
-  res = dj.estimate_llc(loss, {"w": jnp.zeros(d)}, {"x": jnp.zeros((8, 1))}, num_chains=32,
-                        num_draws=4000, num_burnin_steps=500, step_size=2e-4,
-                        localization=gamma, nbeta=nbeta, batch_size=1)
-  exact = 0.5 * np.sum(1.0 / (1.0 + gamma / (nbeta * np.asarray(h))))
-  np.testing.assert_allclose(res.llc_mean, exact, rtol=0.05)
-  assert abs(res.llc_mean - d / 2) / (d / 2) < 0.05
-  assert res.init_loss.shape == (32,) and np.allclose(res.init_loss, 0.0)
-
-
 def test_diverged_chains_are_flagged_and_excluded():
   data = {"x": jnp.ones((20, 1)).at[7].set(jnp.nan)}  # a poisoned sample
   loss = lambda p, b: jnp.mean(b["x"]) * jnp.sum(jnp.square(p["w"]))

@@ -38,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from devinterp_jax import atomic
 from devinterp_jax.sampling import results as results_lib
-from devinterp_jax.sampling.sgld import sgld
+from devinterp_jax.sampling import diagnostics as diagnostics_lib
+from devinterp_jax.sampling import sgld as sgld_lib
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -59,11 +60,15 @@ class SamplerSettings:
   num_burnin_steps: int = 0
   thinning: int = 1
   init_loss_stride: int = 10
+  mala_stride: int = 10
+  diagnostics: bool = True
 
   def __post_init__(self):
     for name in ("num_chains", "num_draws", "batch_size", "thinning", "init_loss_stride"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.mala_stride < 0:
+      raise ValueError(f"mala_stride must be >= 0 (0 = off), got {self.mala_stride}")
     if self.num_burnin_steps < 0:
       raise ValueError(f"num_burnin_steps must be >= 0, got {self.num_burnin_steps}")
     if self.step_size <= 0:
@@ -83,6 +88,14 @@ class SamplerSettings:
   @property
   def init_steps(self) -> np.ndarray:
     return self.draw_steps[::self.init_loss_stride]
+
+  @property
+  def mala_steps(self) -> np.ndarray:
+    """Steps whose proposal gets a MALA acceptance (every stride-th, after burn-in)."""
+    if not self.mala_stride:
+      return np.zeros((0,), np.int64)
+    steps = np.arange(self.num_steps)
+    return steps[(steps >= self.num_burnin_steps) & (steps % self.mala_stride == 0)]
 
 
 def batch_fn_from_data(data: Any, batch_size: int) -> Callable[[jax.Array], Any]:
@@ -113,31 +126,59 @@ def batch_fn_from_data(data: Any, batch_size: int) -> Callable[[jax.Array], Any]
 
 def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.Array],
                *, loss_fn: LossFn, batch_fn: Callable, sampler: SamplerFactory,
-               settings: SamplerSettings) -> tuple[jax.Array, jax.Array]:
-  """One SGLD chain from w*; returns losses [num_steps] and L_B(w*) [n_init]."""
+               settings: SamplerSettings) -> dict[str, jax.Array]:
+  """One SGLD chain from w*.
+
+  Returns per-step `loss` [S] (and with diagnostics `distance`, `grad_norm`,
+  `noise_norm` [S]; with MALA `mala` [S], NaN off the measured steps) and
+  `init_loss`, L_B(w*) on the init batches [m].
+  """
   transform = sampler(**hypers)
   grad_fn = jax.value_and_grad(loss_fn)
+  nbeta, gamma, eps = hypers["nbeta"], hypers["localization"], hypers["step_size"]
 
   def keys(t):
     return jax.random.split(jax.random.fold_in(chain_key, t))
 
+  def potential(loss, params):
+    dist2 = sgld_lib.tree_norm(jax.tree.map(jnp.subtract, params, params_star)) ** 2
+    return nbeta * loss + 0.5 * gamma * dist2
+
   def step(carry, t):
     params, state = carry
     batch_key, noise_key = keys(t)
-    loss, grads = grad_fn(params, batch_fn(batch_key))
+    batch = batch_fn(batch_key)
+    loss, grads = grad_fn(params, batch)
     updates, state = transform.update(grads, state, params, params_star=params_star,
                                       noise_key=noise_key)
-    return (optax.apply_updates(params, updates), state), loss
+    proposal = optax.apply_updates(params, updates)
+    out = {"loss": loss}
+    if settings.diagnostics:
+      out["distance"] = sgld_lib.tree_norm(jax.tree.map(jnp.subtract, params, params_star))
+      out["grad_norm"] = sgld_lib.tree_norm(grads)
+      out["noise_norm"] = state.noise_norm
+    if settings.mala_stride:
+      def acceptance():
+        loss_p, grads_p = grad_fn(proposal, batch)  # same minibatch at both points
+        log_a = sgld_lib.mala_log_acceptance(
+            params, proposal, potential(loss, params), potential(loss_p, proposal),
+            sgld_lib.potential_grad(grads, params, params_star, nbeta, gamma),
+            sgld_lib.potential_grad(grads_p, proposal, params_star, nbeta, gamma),
+            eps, getattr(state, "precond", None))
+        return jnp.exp(log_a).astype(jnp.float32)
+      measure = (t % settings.mala_stride == 0) & (t >= settings.num_burnin_steps)
+      out["mala"] = jax.lax.cond(measure, acceptance, lambda: jnp.float32(jnp.nan))
+    return (proposal, state), out
 
   carry = (params_star, transform.init(params_star))
-  _, losses = jax.lax.scan(step, carry, jnp.arange(settings.num_steps))
-  init_losses = jax.lax.map(lambda t: loss_fn(params_star, batch_fn(keys(t)[0])),
-                            jnp.asarray(settings.init_steps))
-  return losses, init_losses
+  _, out = jax.lax.scan(step, carry, jnp.arange(settings.num_steps))
+  out["init_loss"] = jax.lax.map(lambda t: loss_fn(params_star, batch_fn(keys(t)[0])),
+                                 jnp.asarray(settings.init_steps))
+  return out
 
 
 def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy):
-  """(stacked params [N, ...], hypers) -> (losses [N, C, S], init [N, C, m])."""
+  """(stacked params [N, ...], hypers) -> {name: [N, C, ...]} (see `_run_chain`)."""
   chain_keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.key(settings.seed), c))(
       jnp.arange(settings.num_chains))
   run = lambda p, k, h: _run_chain(p, k, h, loss_fn=loss_fn, batch_fn=batch_fn,
@@ -196,14 +237,19 @@ def _auto_mesh(mesh: Mesh) -> Mesh:
 
 
 def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
-                     sampler: SamplerFactory = sgld, mesh: Mesh | None = None,
-                     batch_axis: str = "data", chain_strategy: str = "auto"):
-  """The jitted sweep `(stacked_params, hypers) -> (losses [N, C, S], init [N, C, m])`.
+                     sampler: str | SamplerFactory = "sgld", mesh: Mesh | None = None,
+                     batch_axis: str = "data", chain_strategy: str = "auto",
+                     grid: bool = False):
+  """The jitted sweep `(stacked_params, hypers) -> {name: [N, C, ...]}`.
 
-  `hypers` is a dict of the sampler factory's arguments (traced, so changing
-  them does not recompile). Call it repeatedly to reuse the compilation.
+  `hypers` is a dict of the sampler factory's arguments (`step_size`, `nbeta`,
+  `localization`; traced, so changing them does not recompile). With
+  `grid=True` every hyperparameter has a leading axis [G] and the outputs gain
+  a leading [G] axis: a whole calibration grid in one program. Call the
+  program repeatedly to reuse the compilation.
   """
   strategy = _resolve_chain_strategy(chain_strategy)
+  sampler = sgld_lib.get_sampler(sampler)
   batch_fn = batch_fn_from_data(data, settings.batch_size)
   if mesh is not None:
     if batch_axis not in mesh.axis_names:
@@ -219,18 +265,55 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
     unsharded_batch_fn = batch_fn
     batch_fn = lambda key: jax.lax.with_sharding_constraint(unsharded_batch_fn(key),
                                                             batch_sharding)
-  return jax.jit(_sweep_fn(loss_fn, batch_fn, sampler, settings, strategy))
+  sweep = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy)
+  if grid:
+    if strategy == "map":
+      sweep_one = sweep
+      sweep = lambda params, hypers: jax.lax.map(lambda h: sweep_one(params, h), hypers)
+    else:
+      sweep = jax.vmap(sweep, in_axes=(None, 0))
+  return jax.jit(sweep)
+
+
+def num_sampled_params(params: Params, leading_axes: int = 0) -> int:
+  """Number of coordinates d of one checkpoint (ignoring `leading_axes` stacked axes)."""
+  return int(sum(np.prod(np.shape(x)[leading_axes:]) for x in jax.tree.leaves(params)))
+
+
+def sampler_name(sampler: str | SamplerFactory) -> str:
+  if isinstance(sampler, str):
+    return sampler
+  func = getattr(sampler, "func", sampler)  # functools.partial
+  kw = getattr(sampler, "keywords", None)
+  return getattr(func, "__name__", repr(func)) + (f"{sorted(kw.items())}" if kw else "")
+
+
+def results_from_outputs(outputs: dict[str, np.ndarray], settings: SamplerSettings,
+                         nbeta: float, *, num_params: int, labels: list[str] | None,
+                         criteria: diagnostics_lib.HealthCriteria, extra_settings: dict
+                         ) -> results_lib.LLCResult:
+  """An LLCResult from the program's outputs [..., C, S] (any leading axes)."""
+  draws = settings.draw_steps
+  get = lambda name: outputs[name][..., draws] if name in outputs else None
+  mala = outputs["mala"][..., settings.mala_steps] if "mala" in outputs else None
+  return results_lib.summarize(
+      outputs["loss"][..., draws], outputs["init_loss"], nbeta,
+      settings={**dataclasses.asdict(settings), **extra_settings}, labels=labels,
+      num_params=num_params, mala=mala, distance=get("distance"),
+      grad_norm=get("grad_norm"), noise_norm=get("noise_norm"), criteria=criteria)
 
 
 def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any, *,
                   num_chains: int, num_draws: int, step_size: float, localization: float,
                   nbeta: float, batch_size: int, seed: int = 0, num_burnin_steps: int = 0,
-                  thinning: int = 1, init_loss_stride: int = 10,
-                  sampler: SamplerFactory = sgld, checkpoint_chunk: int | None = None,
+                  thinning: int = 1, init_loss_stride: int = 10, mala_stride: int = 10,
+                  diagnostics: bool = True, sampler: str | SamplerFactory = "sgld",
+                  criteria: diagnostics_lib.HealthCriteria | None = None,
+                  checkpoint_chunk: int | None = None,
                   mesh: Mesh | None = None, batch_axis: str = "data",
                   output_dir: str | None = None, checkpoint_ids: Sequence[Any] | None = None,
                   chain_strategy: str = "auto", progress: bool = True) -> results_lib.LLCResult:
-  """LLCs of many checkpoints × chains in one compiled program.
+  """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   Args:
     loss_fn: pure `loss_fn(params, batch) -> scalar` mean loss (any framework).
@@ -241,12 +324,20 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     data: pytree of arrays with a leading sample axis, or a `key -> batch`
       callable (see `batch_fn_from_data`).
     num_chains, num_draws: chains per checkpoint and recorded draws per chain.
-    step_size, localization, nbeta: ε, γ and nβ of the SGLD update.
+    step_size, localization, nbeta: ε, γ and nβ of the update (units in
+      `sampling/sgld.py`; nβ helpers in `sampling/temperature.py`).
     batch_size: SGLD minibatch size.
     seed: chain c uses fold_in(key(seed), c), identical at every checkpoint.
     num_burnin_steps, thinning: steps before the first draw; steps per draw.
     init_loss_stride: L(w*) uses every stride-th recorded batch.
-    sampler: factory `(step_size, nbeta, localization) -> transformation`.
+    mala_stride: every stride-th step also evaluates the proposal on the same
+      minibatch for a MALA acceptance probability (one extra forward+backward
+      pass per stride steps); 0 turns it off.
+    diagnostics: record ‖w − w*‖, ‖∇L_B‖ and ‖η‖ at every step.
+    sampler: 'sgld', 'rmsprop_sgld' or a factory
+      `(step_size, nbeta, localization) -> transformation` (e.g. a
+      `functools.partial` of `rmsprop_sgld` with other `alpha`, `eps`).
+    criteria: chain-health thresholds (`diagnostics.HealthCriteria`).
     checkpoint_chunk: checkpoints per compiled call (bounds memory; results
       are identical for any chunking). Default: all at once.
     mesh, batch_axis: shard each minibatch along this mesh axis.
@@ -259,12 +350,15 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     progress: log a line with ETA after each chunk.
 
   Returns:
-    An `LLCResult` with leading axis [checkpoint].
+    An `LLCResult` with leading axis [checkpoint]. Diverged chains are excluded
+    from the mean and named in a warning; every chain has a health status.
   """
   settings = SamplerSettings(num_chains=num_chains, num_draws=num_draws, step_size=step_size,
                              localization=localization, nbeta=nbeta, batch_size=batch_size,
                              seed=seed, num_burnin_steps=num_burnin_steps, thinning=thinning,
-                             init_loss_stride=init_loss_stride)
+                             init_loss_stride=init_loss_stride, mala_stride=mala_stride,
+                             diagnostics=diagnostics)
+  criteria = criteria or diagnostics_lib.HealthCriteria()
   strategy = _resolve_chain_strategy(chain_strategy)
   if isinstance(checkpoints, Sequence):
     if len(checkpoints) == 0:
@@ -288,11 +382,12 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                              batch_axis=batch_axis, chain_strategy=strategy)
   hypers = {"step_size": jnp.float32(step_size), "nbeta": jnp.float32(nbeta),
             "localization": jnp.float32(localization)}
-  fingerprint = _fingerprint(settings, {"chunk": chunk, "ids": ids, "sampler": getattr(
-      sampler, "__name__", repr(sampler))})
+  name = sampler_name(sampler)
+  fingerprint = _fingerprint(settings, {"chunk": chunk, "ids": ids, "sampler": name})
 
   starts = list(range(0, num_ckpts, chunk))
-  losses, inits = [], []
+  outputs: list[dict[str, np.ndarray]] = []
+  num_params = None
   t0, computed = time.time(), 0
   for i, lo in enumerate(starts):
     hi = min(lo + chunk, num_ckpts)
@@ -302,20 +397,19 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
         if str(z["fingerprint"]) != fingerprint:
           raise ValueError(f"{path} holds results of other settings or checkpoints; "
                            f"remove {output_dir} or use another output_dir")
-        losses.append(z["losses"])
-        inits.append(z["init_losses"])
+        outputs.append({k: z[k] for k in z.files if k not in ("fingerprint", "num_params")})
+        num_params = int(z["num_params"])
       continue
     params = get(lo, hi)
+    num_params = num_sampled_params(params, leading_axes=1)
     if hi - lo < chunk:  # pad so every call has the same shape: one compilation
       params = jax.tree.map(lambda x: np.concatenate(
           [x, np.repeat(x[-1:], chunk - (hi - lo), axis=0)]), params)
-    chunk_losses, chunk_inits = jax.device_get(program(params, hypers))
-    chunk_losses, chunk_inits = chunk_losses[:hi - lo], chunk_inits[:hi - lo]
+    out = {k: v[:hi - lo] for k, v in jax.device_get(program(params, hypers)).items()}
     if path:
-      atomic.save_npz(path, losses=chunk_losses, init_losses=chunk_inits,
-                                  fingerprint=np.array(fingerprint))
-    losses.append(chunk_losses)
-    inits.append(chunk_inits)
+      atomic.save_npz(path, fingerprint=np.array(fingerprint), num_params=np.array(num_params),
+                      **out)
+    outputs.append(out)
     computed += hi - lo
     if progress:
       elapsed = time.time() - t0
@@ -324,13 +418,11 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       logging.info("LLC chunk %d/%d (checkpoints %d-%d): %.0f chain-steps/s, ETA %.0fs",
                    i + 1, len(starts), lo, hi - 1, rate,
                    remaining * elapsed / max(computed, 1))
-  all_losses = np.concatenate(losses)
-  trace = all_losses[..., settings.draw_steps]
-  return results_lib.summarize(
-      trace, np.concatenate(inits), nbeta,
-      settings={**dataclasses.asdict(settings), "chain_strategy": strategy,
-                "checkpoint_chunk": chunk},
-      labels=[f"checkpoint {c}" for c in ids])
+  merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  return results_from_outputs(
+      merged, settings, nbeta, num_params=num_params,
+      labels=[f"checkpoint {c}" for c in ids], criteria=criteria,
+      extra_settings={"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name})
 
 
 def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,
@@ -347,4 +439,5 @@ def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,
                       batch_size=batch_size, seed=seed, num_burnin_steps=num_burnin_steps,
                       **{"progress": False, **kwargs})
   return dataclasses.replace(res, **{
-      f.name: getattr(res, f.name)[0] for f in dataclasses.fields(res) if f.name != "settings"})
+      f.name: getattr(res, f.name)[0] for f in dataclasses.fields(res)
+      if f.name != "settings" and getattr(res, f.name) is not None})

@@ -9,13 +9,17 @@ from typing import Any
 
 import numpy as np
 
+from absl import logging
+
 from devinterp_jax import atomic
+from devinterp_jax.sampling import diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
 class LLCResult:
-  """LLC estimates. Leading axes `[...]` are `[]` for one checkpoint, else
-  `[checkpoint]` (and `[restriction, checkpoint]` where restrictions apply).
+  """LLC estimates with chain diagnostics. Leading axes `[...]` are `[]` for one
+  checkpoint, else `[checkpoint]` (and `[restriction, checkpoint]` where
+  restrictions apply).
 
   Attributes:
     llc_mean: mean over non-diverged chains, [...].
@@ -24,7 +28,13 @@ class LLCResult:
     loss_trace: recorded minibatch losses after burn-in/thinning, [..., C, draws].
     init_loss: L(w*) per chain: mean of L_B(w*) over a subset of the chain's
       own batches, [..., C].
-    diverged: chains with a non-finite loss, excluded from mean/std, [..., C].
+    diverged: chains excluded from mean/std (non-finite, or blown up), [..., C].
+    status: health code per chain (`diagnostics.STATUS_NAMES`), [..., C].
+    escaped, not_converged, negative: health flags, [..., C] (see `diagnostics`).
+    mala_acceptance: mean MALA acceptance probability of the proposals, [..., C]
+      (NaN when not measured).
+    distance, grad_norm, noise_norm: ‖w_t − w*‖, ‖∇L_B(w_t)‖ and ‖η_t‖ at each
+      recorded draw, [..., C, draws], or None when not recorded.
     settings: the sampler settings that produced these numbers.
   """
 
@@ -34,6 +44,14 @@ class LLCResult:
   loss_trace: np.ndarray
   init_loss: np.ndarray
   diverged: np.ndarray
+  status: np.ndarray
+  escaped: np.ndarray
+  not_converged: np.ndarray
+  negative: np.ndarray
+  mala_acceptance: np.ndarray
+  distance: np.ndarray | None = None
+  grad_norm: np.ndarray | None = None
+  noise_norm: np.ndarray | None = None
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -45,10 +63,26 @@ class LLCResult:
     """Standard error of `llc_mean` over chains."""
     return self.llc_std / np.sqrt(np.maximum(self.num_valid_chains, 1))
 
+  @property
+  def llc_trace(self) -> np.ndarray:
+    """Online LLC per chain, λ̂_t = nβ (mean_{s≤t} L_s − L(w*)), [..., C, draws]."""
+    return diagnostics.online_llc(self.loss_trace, self.init_loss, self.settings["nbeta"])
+
+  @property
+  def llc_trace_mean(self) -> np.ndarray:
+    """Running mean over non-diverged chains of the online LLC, [..., draws]."""
+    ok = ~self.diverged[..., None]
+    trace = np.where(ok, self.llc_trace, 0.0)
+    return trace.sum(-2) / np.maximum(ok.sum(-2), 1)
+
+  def health_counts(self) -> dict[str, int]:
+    """Number of chains per health status, over all checkpoints."""
+    return diagnostics.status_counts(self.status)
+
   def save(self, path: str) -> None:
     """Atomically writes an .npz (load with `LLCResult.load`)."""
     arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "settings"}
+              if f.name != "settings" and getattr(self, f.name) is not None}
     atomic.save_npz(path, settings=np.array(json.dumps(self.settings)), **arrays)
 
   @classmethod
@@ -58,33 +92,61 @@ class LLCResult:
       return cls(settings=json.loads(str(z["settings"])), **kw)
 
 
+def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
+  flat = flags.reshape(-1, flags.shape[-1])
+  out = []
+  for i, row in enumerate(flat):
+    if row.any():
+      name = labels[i] if labels is not None and i < len(labels) else f"entry {i}"
+      out.append(f"{name}: chains {np.flatnonzero(row).tolist()}")
+  return out
+
+
 def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
-              settings: dict, labels: list[str] | None = None) -> LLCResult:
+              settings: dict, labels: list[str] | None = None, *, num_params: int,
+              mala: np.ndarray | None = None, distance: np.ndarray | None = None,
+              grad_norm: np.ndarray | None = None, noise_norm: np.ndarray | None = None,
+              criteria: diagnostics.HealthCriteria = diagnostics.HealthCriteria()
+              ) -> LLCResult:
   """Builds an LLCResult from traces [..., C, draws] and init losses [..., C, m].
 
-  Chains with any non-finite recorded loss are flagged `diverged`, left out of
-  the mean and std, and named in a warning (`labels[i]` names entry i of the
-  flattened leading axes, e.g. 'step 1200').
+  Diverged chains are left out of the mean and std and named in a warning
+  (`labels[i]` names entry i of the flattened leading axes, e.g. 'step 1200');
+  escaped, non-converged and negative chains are kept and logged.
+  `mala` holds acceptance probabilities [..., C, k] of k measured proposals.
   """
   loss_trace = np.asarray(loss_trace, np.float64)
+  health = diagnostics.chain_health(loss_trace, init_losses, nbeta, num_params,
+                                    distance=distance, criteria=criteria)
   init_loss = np.asarray(init_losses, np.float64).mean(-1)
-  llc_per_chain = nbeta * (loss_trace.mean(-1) - init_loss)
-  diverged = ~np.isfinite(loss_trace).all(-1) | ~np.isfinite(init_loss)
+  llc_per_chain = health["llc_per_chain"]
+  diverged = health["diverged"]
   ok = ~diverged
   n_ok = ok.sum(-1)
   safe = np.where(ok, llc_per_chain, 0.0)
   mean = np.where(n_ok > 0, safe.sum(-1) / np.maximum(n_ok, 1), np.nan)
-  var = np.where(ok, (llc_per_chain - mean[..., None]) ** 2, 0.0).sum(-1)
+  var = np.where(ok, (safe - mean[..., None]) ** 2, 0.0).sum(-1)
   std = np.where(n_ok > 1, np.sqrt(var / np.maximum(n_ok - 1, 1)), np.nan)
   if diverged.any():
-    flat = diverged.reshape(-1, diverged.shape[-1])
-    bad = []
-    for i, row in enumerate(flat):
-      if row.any():
-        name = labels[i] if labels is not None and i < len(labels) else f"entry {i}"
-        bad.append(f"{name}: chains {np.flatnonzero(row).tolist()}")
-    warnings.warn("diverged SGLD chains (non-finite loss) excluded from the LLC mean: "
-                  + "; ".join(bad), RuntimeWarning, stacklevel=3)
+    warnings.warn("diverged SGLD chains (non-finite or blown-up loss) excluded from the LLC "
+                  "mean: " + "; ".join(_labelled(diverged, labels)), RuntimeWarning,
+                  stacklevel=3)
+  for flag in ("escaped", "not_converged", "negative"):
+    if health[flag].any():
+      logging.warning("%d %s SGLD chains (kept in the mean): %s", int(health[flag].sum()),
+                      flag.replace("_", "-"), "; ".join(_labelled(health[flag], labels)))
+  if mala is not None and np.size(mala):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of diverged chains
+      mala_acceptance = np.nanmean(np.asarray(mala, np.float64), axis=-1)
+  else:
+    mala_acceptance = np.full(llc_per_chain.shape, np.nan)
+  as32 = lambda x: None if x is None else np.asarray(x, np.float32)
   return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=llc_per_chain,
                    loss_trace=loss_trace.astype(np.float32), init_loss=init_loss,
-                   diverged=diverged, settings=settings)
+                   diverged=diverged, status=health["status"], escaped=health["escaped"],
+                   not_converged=health["not_converged"], negative=health["negative"],
+                   mala_acceptance=mala_acceptance, distance=as32(distance),
+                   grad_norm=as32(grad_norm), noise_norm=as32(noise_norm),
+                   settings={**settings, "nbeta": float(nbeta), "num_params": int(num_params),
+                             "health_criteria": dataclasses.asdict(criteria)})

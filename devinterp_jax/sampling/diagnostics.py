@@ -1,0 +1,127 @@
+"""Chain health: divergence, escape, non-convergence and negative estimates (App. A.5.4).
+
+Every chain gets one status, the worst that applies:
+
+  diverged       a recorded loss, L(w*) or ‖w − w*‖ is non-finite, or the loss
+                 ran far above its start: nβ·(mean loss over the last quarter −
+                 L(w*)) > `divergence_llc_factor` · d, with d the number of sampled
+                 coordinates (a true LLC is at most d/2). Excluded from the mean.
+  escaped        the loss fell well below L(w*) and stayed there: over the last
+                 quarter of the chain, mean(L_t) − L(w*) < 0 by more than
+                 `escape_z` standard errors and by more than `escape_llc`/nβ.
+                 w* is then not a local minimum at this temperature.
+  not_converged  the trace still drifts: the mean loss of the last quarter
+                 differs from that of the third quarter by more than `drift_z`
+                 standard errors *and* by more than `drift_rel_tol` of the
+                 chain's LLC scale (max(|λ̂_chain|, `drift_llc_floor`))/nβ.
+  negative       the chain's estimate λ̂ = nβ (mean loss − L(w*)) is below 0.
+  ok             none of the above.
+
+Standard errors of quarter means use batch means (`num_batches` blocks), which
+accounts for the autocorrelation of the chain; the error of L(w*) is that of
+the mean of the chain's init-loss batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+STATUS_NAMES = ("ok", "negative", "not_converged", "escaped", "diverged")
+OK, NEGATIVE, NOT_CONVERGED, ESCAPED, DIVERGED = range(len(STATUS_NAMES))
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthCriteria:
+  """Thresholds of the chain-health checks (see the module docstring)."""
+
+  divergence_llc_factor: float = 1.0
+  escape_z: float = 4.0
+  escape_llc: float = 0.5
+  drift_z: float = 4.0
+  drift_rel_tol: float = 0.1
+  drift_llc_floor: float = 0.1
+  num_batches: int = 10
+
+
+def _quarter_stats(x: np.ndarray, q: int, num_batches: int):
+  """Mean and batch-means standard error of x[..., q-th quarter]; x [..., T]."""
+  t = x.shape[-1]
+  lo, hi = (q * t) // 4, ((q + 1) * t) // 4
+  seg = x[..., lo:max(hi, lo + 1)]
+  n = seg.shape[-1]
+  b = max(1, min(num_batches, n))
+  usable = (n // b) * b
+  blocks = seg[..., n - usable:].reshape(*seg.shape[:-1], b, usable // b).mean(-1)
+  mean = seg.mean(-1)
+  if b > 1:
+    se = blocks.std(-1, ddof=1) / np.sqrt(b)
+  else:
+    se = np.zeros_like(mean)
+  return mean, se
+
+
+def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
+                 num_params: int, distance: np.ndarray | None = None,
+                 criteria: HealthCriteria = HealthCriteria()) -> dict[str, np.ndarray]:
+  """Health flags and status of every chain.
+
+  Args:
+    loss_trace: recorded losses [..., C, T].
+    init_losses: the chain's L_B(w*) samples [..., C, m].
+    nbeta: nβ.
+    num_params: number of sampled coordinates d.
+    distance: optional ‖w_t − w*‖ [..., C, T].
+
+  Returns:
+    dict of boolean arrays [..., C] (`diverged`, `escaped`, `not_converged`,
+    `negative`), `status` (int codes into STATUS_NAMES) and the statistics used
+    (`llc_per_chain`, `drift_z`, `escape_z`).
+  """
+  c = criteria
+  loss = np.asarray(loss_trace, np.float64)
+  init = np.asarray(init_losses, np.float64)
+  init_loss = init.mean(-1)
+  m = init.shape[-1]
+  init_se = init.std(-1, ddof=1) / np.sqrt(m) if m > 1 else np.zeros_like(init_loss)
+  with np.errstate(invalid="ignore", over="ignore"):
+    llc = nbeta * (loss.mean(-1) - init_loss)
+    finite = np.isfinite(loss).all(-1) & np.isfinite(init_loss)
+    if distance is not None:
+      finite &= np.isfinite(np.asarray(distance)).all(-1)
+    m3, se3 = _quarter_stats(loss, 2, c.num_batches)
+    m4, se4 = _quarter_stats(loss, 3, c.num_batches)
+    blown = nbeta * (m4 - init_loss) > c.divergence_llc_factor * num_params
+    diverged = ~finite | blown
+
+    below = m4 - init_loss
+    escape_z = below / np.maximum(np.hypot(se4, init_se), 1e-30)
+    escaped = ~diverged & (escape_z < -c.escape_z) & (nbeta * below < -c.escape_llc)
+
+    drift = m4 - m3
+    drift_z = drift / np.maximum(np.hypot(se3, se4), 1e-30)
+    scale = np.maximum(np.abs(llc), c.drift_llc_floor)
+    not_converged = (~diverged & (np.abs(drift_z) > c.drift_z)
+                     & (nbeta * np.abs(drift) > c.drift_rel_tol * scale))
+    negative = ~diverged & (llc < 0)
+
+  status = np.full(llc.shape, OK, np.int8)
+  for flag, code in ((negative, NEGATIVE), (not_converged, NOT_CONVERGED),
+                     (escaped, ESCAPED), (diverged, DIVERGED)):
+    status = np.where(flag, np.int8(code), status)
+  return {"status": status, "diverged": diverged, "escaped": escaped,
+          "not_converged": not_converged, "negative": negative,
+          "llc_per_chain": llc, "drift_z": np.where(finite, drift_z, np.nan),
+          "escape_z": np.where(finite, escape_z, np.nan)}
+
+
+def online_llc(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta: float) -> np.ndarray:
+  """The running estimate λ̂_t = nβ (mean_{s≤t} L_s − L(w*)) per chain, [..., C, T]."""
+  loss = np.asarray(loss_trace, np.float64)
+  running = np.cumsum(loss, -1) / np.arange(1, loss.shape[-1] + 1)
+  return nbeta * (running - np.asarray(init_loss, np.float64)[..., None])
+
+
+def status_counts(status: np.ndarray) -> dict[str, int]:
+  return {name: int(np.sum(status == code)) for code, name in enumerate(STATUS_NAMES)}
