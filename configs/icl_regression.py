@@ -55,8 +55,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       dataset_size=2**20,        # n sequences, fixed and seeded
       seed=0,                    # SGLD seed (same noise/batches at every checkpoint)
       init_loss_stride=10,
+      mala_stride=10,            # MALA acceptance every 10th step (0 = off)
+      sampler="sgld",            # or "rmsprop_sgld"
       checkpoint_chunk=16,
       chain_strategy="auto",
+  ))
+
+  # launch/calibrate.py: the App. A.5.3 grid on the earliest and latest
+  # checkpoints; the main job also checks its own ε, nβ, γ against the same
+  # criteria (no extra cost).
+  config.calibration = ml_collections.ConfigDict(dict(
+      step_sizes=(1e-4, 3e-4, 1e-3, 3e-3),
+      nbetas=(66.7, 147.7),      # the paper's value and B/ln B for B = 1024
+      localizations=(6.67,),
+      num_chains=4,
+      num_draws=1000,
+      mala_band=(0.95, 1.0),
+      disqualify=("diverged", "not_converged"),
   ))
 
   if arg == "runlocal":
@@ -64,6 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         log_every=250, resume_every=1000, eval_batch_size=1024)
     config.llc.update(num_chains=4, num_draws=200, batch_size=64, step_size=5e-4,
                       dataset_size=2**14, checkpoint_chunk=8)
+    config.calibration.update(step_sizes=(2.5e-4, 5e-4, 1e-3), nbetas=(20.0, 66.7),
+                              num_draws=200)
   elif arg not in (None, ""):
     raise ValueError(f"unknown config variant {arg!r}; use '' or 'runlocal'")
   config.lock()

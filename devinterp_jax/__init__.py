@@ -5,6 +5,7 @@ chains in one compiled program, for any pure `loss_fn(params, batch)`, with
 chain-health diagnostics and automatic calibration of ε, nβ and γ.
 """
 
+from devinterp_jax.sampling.calibration import CalibrationResult, calibrate, check_settings
 from devinterp_jax.sampling.diagnostics import HealthCriteria
 from devinterp_jax.sampling.llc import (SamplerSettings, estimate_llc, estimate_llcs,
                                         make_llc_program)
@@ -13,7 +14,7 @@ from devinterp_jax.sampling.sgld import (RMSPropSGLDState, SGLDState, mala_log_a
                                          rmsprop_sgld, sgld)
 from devinterp_jax.sampling.temperature import nbeta_from_batch_size, nbeta_wbic
 
-__all__ = ["HealthCriteria", "LLCResult", "RMSPropSGLDState", "SGLDState", "SamplerSettings",
-           "estimate_llc", "estimate_llcs", "make_llc_program", "mala_log_acceptance",
+__all__ = ["CalibrationResult", "HealthCriteria", "LLCResult", "RMSPropSGLDState", "SGLDState", "SamplerSettings",
+           "calibrate", "check_settings", "estimate_llc", "estimate_llcs", "make_llc_program", "mala_log_acceptance",
            "nbeta_from_batch_size", "nbeta_wbic", "rmsprop_sgld", "sgld"]
 __version__ = "0.1.0"

@@ -84,6 +84,9 @@ def deep_linear_network(widths: Sequence[int], r: int) -> tuple[Fraction, int]:
 
   widths[0] is the input, widths[-1] the output; the true map has rank r and
   the parameter is the most singular true one (every layer of rank exactly r).
+  The multiplicity (order) is θ = a(ℓ − a) + 1 (Aoyagi 2024, Thm. 1): 1 when S
+  is a multiple of ℓ; e.g. K = (abc)² (widths 1,1,1,1, r = 0) has λ = ½, θ = 3.
+  REFERENCE.md's "a = 0" is the same condition with a taken modulo ℓ.
   """
   widths = [int(h) for h in widths]
   if len(widths) < 3:
@@ -100,7 +103,7 @@ def deep_linear_network(widths: Sequence[int], r: int) -> tuple[Fraction, int]:
          + Fraction(a * (ell - a), 4 * ell)
          - Fraction(ell * (ell - 1), 4) * Fraction(s, ell) ** 2
          + Fraction(pairs, 2))
-  return lam, 1 if a == ell else 2
+  return lam, a * (ell - a) + 1
 
 
 def finite_nbeta_target(lam: float, multiplicity: int, nbeta: float) -> float:

@@ -21,7 +21,7 @@ def main(argv):
   quiet_orbax_logs()
   experiment = registry.get(_CONFIG.value.experiment)
   steps, result = experiment.estimate(_CONFIG.value, _WORKDIR.value)
-  experiment.write_results(_WORKDIR.value, steps, result)
+  experiment.write_results(_WORKDIR.value, steps, result, config=_CONFIG.value)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import devinterp_jax as dj
 from devinterp_jax.analysis import plots

@@ -41,7 +41,14 @@ def test_dln_lambda_is_at_most_half_the_parameter_count():
     for r in range(0, min(widths) + 1):
       lam, m = theory.deep_linear_network(widths, r)
       d = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-      assert 0 <= lam <= Fraction(d, 2) and m in (1, 2), (widths, r)
+      assert 0 <= lam <= Fraction(d, 2) and 1 <= m <= len(widths) ** 2, (widths, r)
+
+
+def test_dln_multiplicity_of_a_monomial():
+  """K = (abc)² is the normal crossing with powers (1, 1, 1): λ = ½, θ = 3."""
+  assert theory.deep_linear_network((1, 1, 1, 1), 0) == (Fraction(1, 2), 3)
+  assert theory.deep_linear_network((1, 1, 1, 1), 0) == (theory.normal_crossing([1, 1, 1])[0], 3)
+  assert theory.deep_linear_network((1, 1, 1), 0) == theory.normal_crossing([1, 1])
 
 
 def test_bad_rank_is_refused():

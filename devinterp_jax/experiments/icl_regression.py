@@ -24,6 +24,7 @@ from devinterp_jax import atomic
 from devinterp_jax.analysis import plots
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.training import checkpointing, loop, schedules
@@ -109,15 +110,44 @@ def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarra
       num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
       localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
       num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
-      init_loss_stride=c.init_loss_stride, checkpoint_chunk=c.checkpoint_chunk,
+      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride, sampler=c.sampler,
+      checkpoint_chunk=c.checkpoint_chunk,
       chain_strategy=c.chain_strategy, checkpoint_ids=[int(s) for s in steps],
       output_dir=os.path.join(workdir, "llc", "chunks"))
   return steps, result
 
 
+def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
+  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints.
+
+  Writes <workdir>/calibration/{calibration.json, calibration.md, *.png}.
+  """
+  model = make_model(config)
+  steps = checkpointing.scheduled_steps(workdir)
+  if len(steps) == 0:
+    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+  picked = [int(steps[0]), int(steps[-1])]
+  abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
+  checkpoints = checkpointing.ParamsSequence(workdir, picked, abstract)
+  c, cal = config.llc, config.calibration
+  logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
+               len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))
+  return calibration.calibrate(
+      model.loss, [checkpoints[0], checkpoints[1]], sgld_dataset(config),
+      step_sizes=cal.step_sizes, nbetas=cal.nbetas, localizations=cal.localizations,
+      num_chains=cal.num_chains, num_draws=cal.num_draws, batch_size=c.batch_size,
+      seed=c.seed, num_burnin_steps=c.num_burnin_steps, mala_stride=c.mala_stride,
+      sampler=c.sampler, mala_band=tuple(cal.mala_band), disqualify=tuple(cal.disqualify),
+      checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
+      output_dir=os.path.join(workdir, "calibration"))
+
+
 def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
-                  extra: dict | None = None) -> dict:
-  """Writes llc.npz, llc.csv (one line to load), summary.json and llc_curve.png."""
+                  extra: dict | None = None,
+                  config: ml_collections.ConfigDict | None = None) -> dict:
+  """Writes llc.npz, llc.csv (one line to load), summary.json, llc_curve.png and
+  llc_traces.png; with `config`, also whether the configured sampler settings
+  pass the calibration criteria on the earliest and latest checkpoints."""
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in loop.read_metrics(workdir)}
@@ -133,12 +163,26 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
                        [r["eval_loss"] for r in metrics.values() if "eval_loss" in r],
                        os.path.join(workdir, "llc_curve.png"), loss_label="eval loss (MSE)",
                        title="In-context linear regression: LLC over training")
+  plots.plot_llc_traces(result, os.path.join(workdir, "llc_traces.png"),
+                        labels=[f"step {int(s)}" for s in steps],
+                        title="LLC traces per chain (colour: health status)")
+  check = None
+  if config is not None:
+    cal = config.calibration
+    check = calibration.check_settings(result, (0, -1), tuple(cal.mala_band),
+                                       tuple(cal.disqualify))
+    if not check["passes"]:
+      logging.warning("The configured ε, nβ, γ fail the calibration criteria: %s; run "
+                      "launch/calibrate.py", "; ".join(check["reasons"]))
   mid = len(steps) // 2
   summary = {"num_checkpoints": int(len(steps)), **rise_test(result.llc_mean, result.llc_sem),
              "llc_first": float(result.llc_mean[0]), "llc_middle": float(result.llc_mean[mid]),
              "llc_last": float(result.llc_mean[-1]),
              "steps_first_middle_last": [int(steps[0]), int(steps[mid]), int(steps[-1])],
-             "diverged_chains": int(result.diverged.sum()), **(extra or {})}
+             "diverged_chains": int(result.diverged.sum()),
+             "chain_health": result.health_counts(),
+             "mala_acceptance_mean": float(np.nanmean(result.mala_acceptance)),
+             "settings_pass_calibration_check": check, **(extra or {})}
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
@@ -169,6 +213,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_llc = time.time() - t0 - t_train
   timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1),
              "total_seconds": round(time.time() - t0, 1)}
-  summary = write_results(workdir, steps, result, extra=timings)
+  summary = write_results(workdir, steps, result, extra=timings, config=config)
   logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
   return summary

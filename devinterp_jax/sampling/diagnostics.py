@@ -17,9 +17,11 @@ Every chain gets one status, the worst that applies:
   negative       the chain's estimate λ̂ = nβ (mean loss − L(w*)) is below 0.
   ok             none of the above.
 
-Standard errors of quarter means use batch means (`num_batches` blocks), which
-accounts for the autocorrelation of the chain; the error of L(w*) is that of
-the mean of the chain's init-loss batches.
+Standard errors of quarter means use the chain's integrated autocorrelation
+time τ (estimated on the detrended second halves of the checkpoint's chains):
+se = std·√(τ/n). Chains much shorter than ~50 τ give noisy quarter means and
+are more likely to be flagged not converged. The error of L(w*) is
+that of the mean of the chain's init-loss batches.
 """
 
 from __future__ import annotations
@@ -42,24 +44,44 @@ class HealthCriteria:
   drift_z: float = 4.0
   drift_rel_tol: float = 0.1
   drift_llc_floor: float = 0.1
-  num_batches: int = 10
 
 
-def _quarter_stats(x: np.ndarray, q: int, num_batches: int):
-  """Mean and batch-means standard error of x[..., q-th quarter]; x [..., T]."""
+def autocorrelation_time(x: np.ndarray, window_factor: float = 5.0,
+                         pool_axis: int | None = None) -> np.ndarray:
+  """Integrated autocorrelation time τ of x along the last axis, [...].
+
+  τ = 1 + 2 Σ_{k≤M} ρ_k with Sokal's adaptive window (the smallest M ≥ c·τ(M));
+  the effective sample size of n draws is n/τ. With `pool_axis`, the
+  autocovariances are averaged over that axis first (e.g. the chains of one
+  checkpoint, which share their dynamics) and τ is broadcast back.
+  """
+  x = np.asarray(x, np.float64)
+  n = x.shape[-1]
+  if n < 4:
+    return np.ones(x.shape[:-1])
+  centred = x - x.mean(-1, keepdims=True)
+  spec = np.fft.rfft(centred, n=2 * n, axis=-1)
+  acf = np.fft.irfft(spec * np.conj(spec), axis=-1)[..., :n]
+  if pool_axis is not None:
+    acf = np.broadcast_to(acf.mean(pool_axis, keepdims=True), acf.shape)
+  var = acf[..., :1]
+  rho = np.where(var > 0, acf / np.where(var > 0, var, 1.0), 0.0)
+  taus = 1.0 + 2.0 * np.cumsum(rho[..., 1:], axis=-1)  # τ(M) for M = 1..n-1
+  lags = np.arange(1, n)
+  ok = lags >= window_factor * taus
+  idx = np.where(ok.any(-1), ok.argmax(-1), n - 2)
+  tau = np.take_along_axis(taus, idx[..., None], axis=-1)[..., 0]
+  return np.clip(tau, 1.0, n)
+
+
+def _quarter_stats(x: np.ndarray, q: int, tau: np.ndarray):
+  """Mean of x[..., q-th quarter] and its standard error given the chain's τ."""
   t = x.shape[-1]
   lo, hi = (q * t) // 4, ((q + 1) * t) // 4
   seg = x[..., lo:max(hi, lo + 1)]
   n = seg.shape[-1]
-  b = max(1, min(num_batches, n))
-  usable = (n // b) * b
-  blocks = seg[..., n - usable:].reshape(*seg.shape[:-1], b, usable // b).mean(-1)
-  mean = seg.mean(-1)
-  if b > 1:
-    se = blocks.std(-1, ddof=1) / np.sqrt(b)
-  else:
-    se = np.zeros_like(mean)
-  return mean, se
+  se = seg.std(-1, ddof=1) * np.sqrt(tau / n) if n > 1 else np.zeros(seg.shape[:-1])
+  return seg.mean(-1), se
 
 
 def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
@@ -77,7 +99,7 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
   Returns:
     dict of boolean arrays [..., C] (`diverged`, `escaped`, `not_converged`,
     `negative`), `status` (int codes into STATUS_NAMES) and the statistics used
-    (`llc_per_chain`, `drift_z`, `escape_z`).
+    (`llc_per_chain`, `drift_z`, `escape_z`, `autocorrelation_time`).
   """
   c = criteria
   loss = np.asarray(loss_trace, np.float64)
@@ -90,8 +112,14 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     finite = np.isfinite(loss).all(-1) & np.isfinite(init_loss)
     if distance is not None:
       finite &= np.isfinite(np.asarray(distance)).all(-1)
-    m3, se3 = _quarter_stats(loss, 2, c.num_batches)
-    m4, se4 = _quarter_stats(loss, 3, c.num_batches)
+    half = loss[..., loss.shape[-1] // 2:]
+    half = np.where(np.isfinite(half), half, 0.0)
+    t = np.arange(half.shape[-1]) - (half.shape[-1] - 1) / 2
+    slope = (half * t).sum(-1, keepdims=True) / max((t * t).sum(), 1e-12)
+    # A trend is drift, not autocorrelation; the chains of a checkpoint share τ.
+    tau = autocorrelation_time(half - slope * t, pool_axis=-2)
+    m3, se3 = _quarter_stats(loss, 2, tau)
+    m4, se4 = _quarter_stats(loss, 3, tau)
     blown = nbeta * (m4 - init_loss) > c.divergence_llc_factor * num_params
     diverged = ~finite | blown
 
@@ -113,7 +141,7 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
   return {"status": status, "diverged": diverged, "escaped": escaped,
           "not_converged": not_converged, "negative": negative,
           "llc_per_chain": llc, "drift_z": np.where(finite, drift_z, np.nan),
-          "escape_z": np.where(finite, escape_z, np.nan)}
+          "escape_z": np.where(finite, escape_z, np.nan), "autocorrelation_time": tau}
 
 
 def online_llc(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta: float) -> np.ndarray:

@@ -1,0 +1,291 @@
+"""Automatic calibration of ε, nβ and γ (paper App. A.5.3), as one batched program.
+
+`calibrate` runs the grid ε × nβ × γ on a few checkpoints (the earliest and the
+latest by default: early training is where chains diverge) with every grid
+point, checkpoint and chain in one compiled program, and recommends:
+
+  for each (nβ, γ): the largest ε for which, on every calibration checkpoint,
+    * no chain has a disqualifying health status (default: diverged or
+      not converged; escaped and negative chains are reported but do not
+      disqualify, since they describe w*, e.g. an untrained checkpoint that is
+      not a local minimum, rather than the step size), and
+    * the mean MALA acceptance probability over chains lies in `mala_band`
+      (default [0.95, 1]: at most ~5 % of proposals would be rejected; on the
+      validation models of docs/validation.md this kept the discretisation
+      bias below ~5 %, while a band starting at 0.9 let one case reach +11 %).
+  overall: among those, the largest nβ (the estimate is closest to its
+    nβ → ∞ limit), then the smallest γ (the widest exploration, paper
+    A.5.3), then the largest ε.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from devinterp_jax import atomic
+from devinterp_jax.analysis import plots
+from devinterp_jax.sampling import diagnostics
+from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling.results import LLCResult
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationResult:
+  """A calibration grid. Grid arrays are [ε, nβ, γ, checkpoint(, chain)]."""
+
+  step_sizes: np.ndarray
+  nbetas: np.ndarray
+  localizations: np.ndarray
+  checkpoint_ids: list
+  llc_mean: np.ndarray        # [E, B, G, N]
+  llc_std: np.ndarray         # [E, B, G, N]
+  mala_acceptance: np.ndarray  # [E, B, G, N] mean over chains
+  status: np.ndarray          # [E, B, G, N, C]
+  llc_trace_mean: np.ndarray  # [E, B, G, N, draws]
+  passes: np.ndarray          # [E, B, G]
+  reasons: dict               # "i,j,k" -> why the grid point fails
+  per_setting: list           # one recommendation per (nβ, γ)
+  recommended: dict | None    # overall recommendation
+  mala_band: tuple
+  disqualify: tuple
+  settings: dict
+
+  def to_json(self) -> dict:
+    counts = {}
+    for i, j, k in itertools.product(*map(range, self.passes.shape)):
+      counts[f"{i},{j},{k}"] = diagnostics.status_counts(self.status[i, j, k])
+    return {
+        "step_sizes": self.step_sizes.tolist(), "nbetas": self.nbetas.tolist(),
+        "localizations": self.localizations.tolist(),
+        "checkpoint_ids": [str(c) for c in self.checkpoint_ids],
+        "llc_mean": self.llc_mean.tolist(), "llc_std": self.llc_std.tolist(),
+        "mala_acceptance": self.mala_acceptance.tolist(), "passes": self.passes.tolist(),
+        "status_counts": counts, "reasons": self.reasons, "per_setting": self.per_setting,
+        "recommended": self.recommended, "mala_band": list(self.mala_band),
+        "disqualify": list(self.disqualify), "settings": self.settings}
+
+  def table(self) -> str:
+    """A markdown table: one row per grid point."""
+    rows = ["| ε | nβ | γ | " + " | ".join(f"λ̂ @ {c}" for c in self.checkpoint_ids)
+            + " | MALA accept | health | passes |", "|" + "---|" * (5 + len(self.checkpoint_ids))]
+    for i, j, k in itertools.product(*map(range, self.passes.shape)):
+      llcs = " | ".join(f"{m:.3g} ± {s:.2g}" for m, s in
+                        zip(self.llc_mean[i, j, k], self.llc_std[i, j, k]))
+      acc = ", ".join(f"{a:.3f}" for a in self.mala_acceptance[i, j, k])
+      counts = diagnostics.status_counts(self.status[i, j, k])
+      health = ", ".join(f"{n} {v}" for n, v in counts.items() if v)
+      why = "yes" if self.passes[i, j, k] else "no: " + self.reasons.get(f"{i},{j},{k}", "")
+      rows.append(f"| {self.step_sizes[i]:.3g} | {self.nbetas[j]:.4g} | "
+                  f"{self.localizations[k]:.4g} | {llcs} | {acc} | {health} | {why} |")
+    return "\n".join(rows)
+
+  def save(self, directory: str) -> None:
+    """calibration.json, calibration.md, and the figures, written atomically."""
+    atomic.write_text(os.path.join(directory, "calibration.json"),
+                      json.dumps(self.to_json(), indent=2))
+    rec = self.recommended
+    head = ("Recommended: " + (", ".join(f"{k} = {v:.4g}" for k, v in rec.items())
+                               if rec else "none of the grid passes") + "\n\n")
+    atomic.write_text(os.path.join(directory, "calibration.md"),
+                      "# LLC calibration\n\n" + head + self.table() + "\n")
+    plot_calibration(self, directory)
+
+
+def _mean_acceptance(res: LLCResult) -> np.ndarray:
+  """Mean MALA acceptance over the non-diverged chains (NaN if none), [...]."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return np.nanmean(np.where(res.diverged, np.nan, res.mala_acceptance), axis=-1)
+
+
+def _check(res: LLCResult, band: tuple, disqualify: Sequence[str]) -> list[str]:
+  """Reasons a grid point fails (empty: it passes) over all its checkpoints."""
+  reasons = []
+  for flag in disqualify:
+    n = int(np.sum(getattr(res, flag)))
+    if n:
+      reasons.append(f"{n} {flag.replace('_', '-')} chain(s)")
+  acc = _mean_acceptance(res)
+  if np.isnan(acc).any() or (acc < band[0]).any() or (acc > band[1]).any():
+    reasons.append("MALA acceptance " + ", ".join(f"{a:.3f}" for a in acc)
+                   + f" outside [{band[0]}, {band[1]}]")
+  return reasons
+
+
+def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: Any, *,
+              step_sizes: Sequence[float], nbetas: Sequence[float],
+              localizations: Sequence[float], num_chains: int, num_draws: int,
+              batch_size: int, seed: int = 0, num_burnin_steps: int = 0,
+              mala_stride: int = 10, sampler: Any = "sgld",
+              criteria: diagnostics.HealthCriteria | None = None,
+              mala_band: tuple[float, float] = (0.95, 1.0),
+              disqualify: Sequence[str] = ("diverged", "not_converged"),
+              checkpoint_ids: Sequence[Any] | None = None, chain_strategy: str = "auto",
+              output_dir: str | None = None) -> CalibrationResult:
+  """Sweeps ε × nβ × γ on `checkpoints` in one program and recommends settings.
+
+  `checkpoints` is a list of param pytrees (e.g. the earliest and the latest
+  of a run) or a stacked pytree; the other arguments are as for
+  `estimate_llcs`. With `output_dir`, writes calibration.json, calibration.md
+  and the figures there.
+  """
+  step_sizes = np.asarray(sorted(step_sizes), np.float64)
+  nbetas = np.asarray(nbetas, np.float64)
+  localizations = np.asarray(localizations, np.float64)
+  if min(len(step_sizes), len(nbetas), len(localizations)) == 0:
+    raise ValueError("step_sizes, nbetas and localizations must each be non-empty")
+  bad = [f for f in disqualify if f not in ("diverged", "not_converged", "escaped", "negative")]
+  if bad:
+    raise ValueError(f"unknown health flags in disqualify: {bad}")
+  criteria = criteria or diagnostics.HealthCriteria()
+  if isinstance(checkpoints, Sequence):
+    stacked = llc_lib._stack(list(checkpoints))
+  else:
+    stacked = checkpoints
+  num_ckpts = jax.tree.leaves(stacked)[0].shape[0]
+  ids = list(checkpoint_ids) if checkpoint_ids is not None else list(range(num_ckpts))
+  settings = llc_lib.SamplerSettings(
+      num_chains=num_chains, num_draws=num_draws, step_size=float(step_sizes[0]),
+      localization=float(localizations[0]), nbeta=float(nbetas[0]), batch_size=batch_size,
+      seed=seed, num_burnin_steps=num_burnin_steps, mala_stride=mala_stride)
+  grid = list(itertools.product(range(len(step_sizes)), range(len(nbetas)),
+                                range(len(localizations))))
+  hypers = {"step_size": jnp.asarray([step_sizes[i] for i, _, _ in grid], jnp.float32),
+            "nbeta": jnp.asarray([nbetas[j] for _, j, _ in grid], jnp.float32),
+            "localization": jnp.asarray([localizations[k] for _, _, k in grid], jnp.float32)}
+  program = llc_lib.make_llc_program(loss_fn, data, settings, sampler=sampler,
+                                     chain_strategy=chain_strategy, grid=True)
+  outputs = jax.device_get(program(stacked, hypers))
+  num_params = llc_lib.num_sampled_params(stacked, leading_axes=1)
+
+  shape = (len(step_sizes), len(nbetas), len(localizations))
+  llc_mean = np.zeros(shape + (num_ckpts,))
+  llc_std, mala = np.zeros_like(llc_mean), np.zeros_like(llc_mean)
+  status = np.zeros(shape + (num_ckpts, num_chains), np.int8)
+  traces = np.zeros(shape + (num_ckpts, num_draws))
+  passes = np.zeros(shape, bool)
+  reasons = {}
+  for g, (i, j, k) in enumerate(grid):
+    label = f"ε={step_sizes[i]:.3g}, nβ={nbetas[j]:.4g}, γ={localizations[k]:.4g}"
+    res = llc_lib.results_from_outputs(
+        {name: v[g] for name, v in outputs.items()},
+        dataclasses.replace(settings, step_size=float(step_sizes[i]), nbeta=float(nbetas[j]),
+                            localization=float(localizations[k])),
+        float(nbetas[j]), num_params=num_params,
+        labels=[f"{label}, checkpoint {c}" for c in ids], criteria=criteria,
+        extra_settings={"sampler": llc_lib.sampler_name(sampler)})
+    llc_mean[i, j, k], llc_std[i, j, k] = res.llc_mean, res.llc_std
+    mala[i, j, k] = _mean_acceptance(res)
+    status[i, j, k], traces[i, j, k] = res.status, res.llc_trace_mean
+    why = _check(res, mala_band, disqualify)
+    passes[i, j, k] = not why
+    if why:
+      reasons[f"{i},{j},{k}"] = "; ".join(why)
+
+  per_setting = []
+  for j, k in itertools.product(range(len(nbetas)), range(len(localizations))):
+    ok = np.flatnonzero(passes[:, j, k])
+    per_setting.append({"nbeta": float(nbetas[j]), "localization": float(localizations[k]),
+                        "step_size": float(step_sizes[ok[-1]]) if ok.size else None})
+  candidates = [r for r in per_setting if r["step_size"] is not None]
+  recommended = None
+  if candidates:
+    best = max(candidates, key=lambda r: (r["nbeta"], -r["localization"], r["step_size"]))
+    recommended = {"step_size": best["step_size"], "nbeta": best["nbeta"],
+                   "localization": best["localization"]}
+  result = CalibrationResult(
+      step_sizes=step_sizes, nbetas=nbetas, localizations=localizations, checkpoint_ids=ids,
+      llc_mean=llc_mean, llc_std=llc_std, mala_acceptance=mala, status=status,
+      llc_trace_mean=traces, passes=passes, reasons=reasons, per_setting=per_setting,
+      recommended=recommended, mala_band=tuple(mala_band), disqualify=tuple(disqualify),
+      settings={**dataclasses.asdict(settings), "num_params": num_params,
+                "sampler": llc_lib.sampler_name(sampler),
+                "health_criteria": dataclasses.asdict(criteria)})
+  if output_dir:
+    result.save(output_dir)
+  return result
+
+
+def check_settings(result: LLCResult, indices: Sequence[int] = (0, -1),
+                   mala_band: tuple[float, float] = (0.95, 1.0),
+                   disqualify: Sequence[str] = ("diverged", "not_converged")) -> dict:
+  """Whether the settings of a finished sweep pass the calibration criteria.
+
+  Applies `calibrate`'s test to checkpoints `indices` (default: the earliest
+  and the latest) of an `LLCResult` with a leading checkpoint axis, at no
+  extra cost. Returns {"passes": bool, "reasons": [...], "mala_acceptance": [...]}.
+  """
+  picked = LLCResult(**{
+      f.name: (getattr(result, f.name)[list(indices)]
+               if f.name != "settings" and getattr(result, f.name) is not None
+               else getattr(result, f.name)) for f in dataclasses.fields(result)})
+  reasons = _check(picked, mala_band, disqualify)
+  acc = _mean_acceptance(picked)
+  return {"passes": not reasons, "reasons": reasons, "mala_acceptance": acc.tolist(),
+          "mala_band": list(mala_band), "disqualify": list(disqualify)}
+
+
+def plot_calibration(result: CalibrationResult, directory: str) -> list[str]:
+  """calibration_llc_vs_step_size.png and calibration_traces.png."""
+  plt = plots.plt
+  E, B, G, N = result.llc_mean.shape
+  paths = []
+  fig, axes = plt.subplots(2, N, figsize=(4.5 * N, 7), squeeze=False)
+  for n in range(N):
+    ax, ax_acc = axes[0, n], axes[1, n]
+    for j, k in itertools.product(range(B), range(G)):
+      label = f"nβ={result.nbetas[j]:.4g}" + (f", γ={result.localizations[k]:.4g}" if G > 1 else "")
+      m, s = result.llc_mean[:, j, k, n], result.llc_std[:, j, k, n]
+      line, = ax.plot(result.step_sizes, m, marker="o", label=label)
+      ax.fill_between(result.step_sizes, m - s, m + s, color=line.get_color(), alpha=0.2)
+      fail = ~result.passes[:, j, k]
+      ax.scatter(result.step_sizes[fail], m[fail], facecolors="white",
+                 edgecolors=line.get_color(), zorder=3, s=40)
+      ax_acc.plot(result.step_sizes, result.mala_acceptance[:, j, k, n], marker="o",
+                  color=line.get_color(), label=label)
+    rec = result.recommended
+    if rec:
+      for a in (ax, ax_acc):
+        a.axvline(rec["step_size"], color="black", ls="--", lw=1, label="recommended ε")
+    ax_acc.axhspan(*result.mala_band, color="tab:green", alpha=0.1, label="MALA band")
+    for a in (ax, ax_acc):
+      a.set_xscale("log")
+      a.grid(alpha=0.3)
+      a.set_xlabel("step size ε")
+    ax.set_ylabel(r"$\hat\lambda$ (hollow: fails)")
+    ax_acc.set_ylabel("MALA acceptance")
+    ax.set_title(f"checkpoint {result.checkpoint_ids[n]}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax_acc.legend(fontsize=7)
+  fig.suptitle("Calibration: final LLC and MALA acceptance vs step size")
+  fig.tight_layout()
+  paths.append(plots.save_figure(fig, os.path.join(directory, "calibration_llc_vs_step_size.png")))
+
+  fig, axes = plt.subplots(B * G, N, figsize=(4.5 * N, 3.2 * B * G), squeeze=False)
+  draws = np.arange(1, result.llc_trace_mean.shape[-1] + 1)
+  cmap = plt.get_cmap("viridis")
+  for (row, (j, k)), n in itertools.product(
+      enumerate(itertools.product(range(B), range(G))), range(N)):
+    ax = axes[row, n]
+    for i in range(E):
+      ax.plot(draws, result.llc_trace_mean[i, j, k, n], color=cmap(i / max(E - 1, 1)),
+              ls="-" if result.passes[i, j, k] else ":", label=f"ε={result.step_sizes[i]:.3g}")
+    ax.set_title(f"checkpoint {result.checkpoint_ids[n]}, nβ={result.nbetas[j]:.4g}, "
+                 f"γ={result.localizations[k]:.4g}", fontsize=8)
+    ax.set_xlabel("draw")
+    ax.set_ylabel(r"running mean $\hat\lambda_t$")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  fig.suptitle("Calibration: online LLC (mean over chains; dotted: fails)")
+  fig.tight_layout()
+  paths.append(plots.save_figure(fig, os.path.join(directory, "calibration_traces.png")))
+  return paths

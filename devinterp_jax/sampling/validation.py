@@ -1,0 +1,166 @@
+"""Validating the estimator against exact learning coefficients.
+
+Each `TheoryCase` is a linear model (regular, reduced-rank, deep linear) at its
+most singular true parameter, with a noiseless teacher, so K(w) = L(w) − L(w0)
+exactly on the data. `run_case` applies one fixed `Protocol` to every case:
+
+  1. nβ = n / ln n for the dataset size n (`temperature.nbeta_wbic`), γ fixed;
+  2. `calibrate` over a step-size grid given in units of 1/nβ (ε̃ = ε·nβ, the
+     paper's A.5.3 reparametrisation), choosing the largest healthy,
+     converged ε whose MALA acceptance lies in the band;
+  3. a fresh estimate at that ε with another seed.
+
+Nothing is tuned per case. With multiplicity m > 1 the finite-nβ estimate sits
+near λ − (m − 1)/ln nβ, reported beside λ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import numpy as np
+
+from devinterp_jax import theory
+from devinterp_jax.models import linear
+from devinterp_jax.sampling import calibration, diagnostics, temperature
+from devinterp_jax.sampling import llc as llc_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TheoryCase:
+  """A linear model with widths (input, hidden…, output) and true rank."""
+
+  family: str  # "regular", "reduced_rank" or "deep_linear"
+  widths: tuple
+  rank: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.family} {'×'.join(map(str, self.widths))} r={self.rank}"
+
+  @property
+  def num_params(self) -> int:
+    return linear.num_params(self.widths)
+
+  def theory(self) -> tuple[float, int]:
+    if self.family == "regular":
+      lam, m = theory.regular(self.num_params)
+    elif self.family == "reduced_rank":
+      lam, m = theory.reduced_rank_regression(*self.widths, self.rank)
+    elif self.family == "deep_linear":
+      lam, m = theory.deep_linear_network(self.widths, self.rank)
+    else:
+      raise ValueError(f"unknown family {self.family!r}")
+    return float(lam), m
+
+  def build(self, key: jax.Array, n: int):
+    k_true, k_data = jax.random.split(key)
+    params = linear.most_singular_point(k_true, self.widths, self.rank)
+    return params, linear.make_data(k_data, params, n)
+
+
+def regular(m: int, n: int) -> TheoryCase:
+  return TheoryCase("regular", (m, n), min(m, n))
+
+
+def reduced_rank(m: int, h: int, n: int, r: int) -> TheoryCase:
+  return TheoryCase("reduced_rank", (m, h, n), r)
+
+
+def deep_linear(widths, r: int) -> TheoryCase:
+  return TheoryCase("deep_linear", tuple(widths), r)
+
+
+# The benchmark's table (docs/validation.md).
+CASES = (
+    regular(2, 2), regular(4, 4), regular(8, 8), regular(16, 16),
+    reduced_rank(5, 4, 5, 0), reduced_rank(4, 3, 8, 0), reduced_rank(8, 3, 4, 0),
+    reduced_rank(3, 8, 4, 0), reduced_rank(5, 3, 5, 0), reduced_rank(6, 4, 6, 2),
+    reduced_rank(10, 5, 8, 3), reduced_rank(7, 5, 6, 1),
+    deep_linear((8, 12, 6, 10), 2), deep_linear((10, 10, 10, 10), 3),
+    deep_linear((20, 10, 15, 5), 2), deep_linear((8, 8, 6, 15, 8), 3),
+    deep_linear((6, 5, 12, 12, 15), 0), deep_linear((5, 10, 5, 10, 5), 2),
+    deep_linear((6, 8, 10, 8, 6, 5), 1), deep_linear((8, 5, 15, 6, 12, 5), 2),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """The one calibration-and-estimation rule applied to every case."""
+
+  dataset_size: int = 2 ** 14
+  batch_size: int = 256
+  localization: float = 1.0
+  scaled_step_sizes: tuple = (0.01, 0.02, 0.03, 0.045, 0.065, 0.09, 0.13)  # ε·nβ
+  mala_band: tuple = (0.95, 1.0)
+  calibration_chains: int = 4
+  num_chains: int = 8
+  num_draws: int = 20_000
+  num_burnin_steps: int = 5_000
+  mala_stride: int = 20
+  seed: int = 0
+
+  @property
+  def nbeta(self) -> float:
+    return temperature.nbeta_wbic(self.dataset_size)
+
+
+def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
+             chain_strategy: str = "vmap") -> dict:
+  """Calibrates, estimates and compares with theory; returns one table row."""
+  t0 = time.time()
+  p = protocol
+  nbeta = p.nbeta
+  params, data = case.build(jax.random.key(p.seed), p.dataset_size)
+  common = dict(batch_size=p.batch_size, num_burnin_steps=p.num_burnin_steps,
+                num_draws=p.num_draws, mala_stride=p.mala_stride,
+                chain_strategy=chain_strategy)
+  cal = calibration.calibrate(
+      linear.loss, [params], data, step_sizes=[s / nbeta for s in p.scaled_step_sizes],
+      nbetas=[nbeta], localizations=[p.localization], num_chains=p.calibration_chains,
+      seed=p.seed + 1, mala_band=p.mala_band, **common)
+  row = {"case": case.name, "family": case.family, "widths": list(case.widths),
+         "rank": case.rank, "d": case.num_params, "nbeta": nbeta,
+         "localization": p.localization,
+         "calibration_acceptance": cal.mala_acceptance[:, 0, 0, 0].tolist()}
+  if cal.recommended is None:
+    return with_theory(case, {
+        **row, "step_size": None, "llc_mean": math.nan, "llc_std": math.nan,
+        "seconds": round(time.time() - t0, 1),
+        "note": "no step size passed calibration: " + "; ".join(cal.reasons.values())})
+  eps = cal.recommended["step_size"]
+  res = llc_lib.estimate_llc(linear.loss, params, data, num_chains=p.num_chains,
+                             step_size=eps, localization=p.localization, nbeta=nbeta,
+                             seed=p.seed + 2, **common)
+  return with_theory(case, {
+      **row, "step_size": eps, "scaled_step_size": eps * nbeta,
+      "llc_mean": float(res.llc_mean), "llc_std": float(res.llc_std),
+      "llc_sem": float(res.llc_sem), "mala_acceptance": float(np.nanmean(res.mala_acceptance)),
+      "health": diagnostics.status_counts(res.status), "seconds": round(time.time() - t0, 1)})
+
+
+def with_theory(case: TheoryCase, row: dict) -> dict:
+  """Adds (or refreshes) λ, m, the finite-nβ target and the relative errors."""
+  lam, m = case.theory()
+  target = theory.finite_nbeta_target(lam, m, row["nbeta"])
+  return {**row, "lambda": lam, "multiplicity": m, "finite_nbeta_target": target,
+          "rel_error": (row["llc_mean"] - lam) / lam,
+          "rel_error_vs_target": (row["llc_mean"] - target) / target}
+
+
+def markdown_table(rows: list[dict]) -> str:
+  head = ("| case | d | λ | m | λ − (m−1)/ln nβ | ε·nβ (calibrated) | MALA | estimate "
+          "(mean ± std over chains) | rel. error vs λ | vs target | health | s |")
+  lines = [head, "|" + "---|" * 12]
+  for r in rows:
+    health = ", ".join(f"{k} {v}" for k, v in r.get("health", {}).items() if v)
+    eps = f"{r['scaled_step_size']:.3g}" if r.get("step_size") else "none"
+    lines.append(
+        f"| {r['case']} | {r['d']} | {r['lambda']:.4g} | {r['multiplicity']} | "
+        f"{r['finite_nbeta_target']:.4g} | {eps} | {r.get('mala_acceptance', math.nan):.3f} | "
+        f"{r['llc_mean']:.3f} ± {r['llc_std']:.3f} | {100 * r['rel_error']:+.1f} % | "
+        f"{100 * r.get('rel_error_vs_target', math.nan):+.1f} % | {health} | {r['seconds']} |")
+  return "\n".join(lines)

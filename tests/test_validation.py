@@ -1,0 +1,34 @@
+"""Fast subset of benchmarks/validate_estimator.py: calibrated estimates vs exact λ."""
+
+import dataclasses
+
+import pytest
+
+from devinterp_jax.sampling import validation
+
+# The benchmark's protocol with shorter chains and a coarser grid (CI budget).
+FAST = dataclasses.replace(validation.Protocol(), num_draws=6_000, num_burnin_steps=1_500,
+                           scaled_step_sizes=(0.02, 0.045, 0.09), num_chains=6)
+
+
+@pytest.mark.parametrize("case", [validation.regular(4, 4),
+                                  validation.reduced_rank(5, 4, 5, 0),
+                                  validation.deep_linear((4, 4, 4, 4), 1)],
+                         ids=lambda c: c.name)
+def test_calibrated_estimate_is_within_ten_percent_of_lambda(case):
+  lam, m = case.theory()
+  assert m == 1
+  row = validation.run_case(case, FAST)
+  assert row["step_size"] is not None, row.get("note")
+  assert abs(row["rel_error"]) < 0.10, row
+  assert row["health"]["diverged"] == 0
+
+
+def test_theory_columns_and_table():
+  case = validation.reduced_rank(5, 3, 5, 0)  # λ = 6.5 with multiplicity 2
+  row = validation.with_theory(case, {"case": case.name, "d": case.num_params,
+                                      "nbeta": 1000.0, "llc_mean": 6.0, "llc_std": 0.1,
+                                      "seconds": 1.0, "step_size": None})
+  assert row["multiplicity"] == 2 and row["finite_nbeta_target"] < 6.5
+  assert abs(row["rel_error"] + 0.5 / 6.5) < 1e-12
+  assert "reduced_rank 5×3×5 r=0" in validation.markdown_table([row])
