@@ -36,6 +36,9 @@ _REPS = flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reporte
 _CONFIGS = flags.DEFINE_list("configs", ["1x1", "1x8", "8x8"], "checkpoints x chains.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["vmap", "map"], "Chain strategies to time.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the table as JSON here.")
+_MALA = flags.DEFINE_integer("mala_stride", 0, "MALA acceptance every k-th step (0 = off; "
+                             "the estimator's default is 10: +1 fwd+bwd per 10 steps).")
+_DIAG = flags.DEFINE_bool("diagnostics", False, "Record ‖w − w*‖, ‖∇L‖, ‖η‖ per step.")
 
 
 def _time(fn, *args) -> float:
@@ -74,7 +77,8 @@ def main(argv):
   for cfg in _CONFIGS.value:
     n_ckpt, n_chain = map(int, cfg.split("x"))
     settings = SamplerSettings(num_chains=n_chain, num_draws=_DRAWS.value, step_size=3e-4,
-                               localization=6.67, nbeta=66.7, batch_size=_BATCH.value)
+                               localization=6.67, nbeta=66.7, batch_size=_BATCH.value,
+                               mala_stride=_MALA.value, diagnostics=_DIAG.value)
     stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n_ckpt), params)
     for strategy in _STRATEGIES.value:
       program = make_llc_program(model.loss, data, settings, chain_strategy=strategy)

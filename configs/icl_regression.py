@@ -77,10 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "runlocal":
     config.train.update(num_steps=6000, batch_size=64, n_log=16, n_linear=8,
                         log_every=250, resume_every=1000, eval_batch_size=1024)
-    config.llc.update(num_chains=4, num_draws=200, batch_size=64, step_size=5e-4,
-                      dataset_size=2**14, checkpoint_chunk=8)
-    config.calibration.update(step_sizes=(2.5e-4, 5e-4, 1e-3), nbetas=(20.0, 66.7),
-                              num_draws=200)
+    # ε, nβ, batch and chain length as recommended by launch/calibrate.py with the
+    # grid below (docs/calibration_runlocal.md): the largest ε with healthy,
+    # converged chains and MALA acceptance in [0.95, 1] at steps 1 and 6000.
+    config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
+                      nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8)
+    config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
   elif arg not in (None, ""):
     raise ValueError(f"unknown config variant {arg!r}; use '' or 'runlocal'")
   config.lock()

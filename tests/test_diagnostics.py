@@ -129,3 +129,21 @@ def test_trace_plot_is_written(tmp_path):
                          batch_size=1, progress=False)
   path = plots.plot_llc_traces(res, str(tmp_path / "traces.png"), labels=["a", "b", "c"])
   assert (tmp_path / "traces.png").stat().st_size > 10_000 and path.endswith("traces.png")
+
+
+def test_drift_shared_by_the_chains_is_flagged():
+  """A rise too small for any one chain's test is caught by the across-chain t-test."""
+  rng = np.random.default_rng(0)
+  c, t, phi, sd = 16, 400, 0.95, 0.005
+  noise = np.zeros((c, t))
+  for i in range(1, t):  # AR(1), τ ≈ 39, stationary sd 0.005
+    noise[:, i] = phi * noise[:, i - 1] + sd * np.sqrt(1 - phi ** 2) * rng.standard_normal(c)
+  init = 1.0 + 0.001 * rng.standard_normal((c, 40))
+  rising = diagnostics.chain_health(1.05 + 0.025 * np.linspace(0, 1, t) + noise, init,
+                                    nbeta=100.0, num_params=50)
+  assert (np.abs(rising["drift_z"]) < 4).sum() >= 8  # most chains pass their own test
+  assert abs(rising["common_drift_t"]) > diagnostics.t_critical_001(c - 1)
+  alone = ((np.abs(rising["drift_z"]) > 4) & rising["not_converged"]).sum()
+  assert rising["not_converged"].sum() >= alone + 2  # flagged only through the shared drift
+  flat = diagnostics.chain_health(1.05 + noise, init, 100.0, 50)
+  assert not flat["not_converged"].any()

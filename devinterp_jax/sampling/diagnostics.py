@@ -11,9 +11,12 @@ Every chain gets one status, the worst that applies:
                  `escape_z` standard errors and by more than `escape_llc`/nβ.
                  w* is then not a local minimum at this temperature.
   not_converged  the trace still drifts: the mean loss of the last quarter
-                 differs from that of the third quarter by more than `drift_z`
-                 standard errors *and* by more than `drift_rel_tol` of the
-                 chain's LLC scale (max(|λ̂_chain|, `drift_llc_floor`))/nβ.
+                 differs from that of the third quarter by more than
+                 `drift_rel_tol` of the chain's LLC scale
+                 (max(|λ̂_chain|, `drift_llc_floor`))/nβ, and that change is
+                 significant: for the chain alone (> `drift_z` standard
+                 errors), or shared by the checkpoint's chains (a t-test of the
+                 chains' changes across ≥ 3 chains at two-sided p < 0.001).
   negative       the chain's estimate λ̂ = nβ (mean loss − L(w*)) is below 0.
   ok             none of the above.
 
@@ -44,6 +47,20 @@ class HealthCriteria:
   drift_z: float = 4.0
   drift_rel_tol: float = 0.1
   drift_llc_floor: float = 0.1
+
+
+# Two-sided p = 0.001 critical values of Student's t by degrees of freedom.
+_T_001 = {1: 636.6, 2: 31.60, 3: 12.92, 4: 8.610, 5: 6.869, 6: 5.959, 7: 5.408, 8: 5.041,
+          9: 4.781, 10: 4.587, 12: 4.318, 15: 4.073, 20: 3.850, 30: 3.646, 60: 3.460,
+          120: 3.373, 10**9: 3.291}
+
+
+def t_critical_001(dof: np.ndarray) -> np.ndarray:
+  """|t| exceeded with probability 0.001 (two-sided), interpolated in 1/dof."""
+  keys = np.array(sorted(_T_001))
+  vals = np.array([_T_001[k] for k in keys])
+  inv = 1.0 / np.maximum(np.asarray(dof, np.float64), 1)
+  return np.interp(inv, 1.0 / keys[::-1], vals[::-1])
 
 
 def autocorrelation_time(x: np.ndarray, window_factor: float = 5.0,
@@ -130,8 +147,20 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     drift = m4 - m3
     drift_z = drift / np.maximum(np.hypot(se3, se4), 1e-30)
     scale = np.maximum(np.abs(llc), c.drift_llc_floor)
-    not_converged = (~diverged & (np.abs(drift_z) > c.drift_z)
-                     & (nbeta * np.abs(drift) > c.drift_rel_tol * scale))
+    big = nbeta * np.abs(drift) > c.drift_rel_tol * scale
+    not_converged = ~diverged & (np.abs(drift_z) > c.drift_z) & big
+    # A drift shared by the chains of a checkpoint: a t-test across independent
+    # chains needs no autocorrelation estimate.
+    valid = ~diverged
+    n = valid.sum(-1)
+    d = np.where(valid, nbeta * drift, 0.0)
+    d_mean = d.sum(-1) / np.maximum(n, 1)
+    d_sd = np.sqrt(np.where(valid, (d - d_mean[..., None]) ** 2, 0.0).sum(-1)
+                   / np.maximum(n - 1, 1))
+    common_t = d_mean / np.maximum(d_sd / np.sqrt(np.maximum(n, 1)), 1e-30)
+    common = (n >= 3) & (np.abs(common_t) > t_critical_001(n - 1))
+    not_converged |= (valid & common[..., None] & big
+                      & (np.sign(drift) == np.sign(d_mean)[..., None]))
     negative = ~diverged & (llc < 0)
 
   status = np.full(llc.shape, OK, np.int8)
@@ -141,7 +170,8 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
   return {"status": status, "diverged": diverged, "escaped": escaped,
           "not_converged": not_converged, "negative": negative,
           "llc_per_chain": llc, "drift_z": np.where(finite, drift_z, np.nan),
-          "escape_z": np.where(finite, escape_z, np.nan), "autocorrelation_time": tau}
+          "escape_z": np.where(finite, escape_z, np.nan), "autocorrelation_time": tau,
+          "common_drift_t": common_t}
 
 
 def online_llc(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta: float) -> np.ndarray:
