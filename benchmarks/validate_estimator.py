@@ -39,10 +39,12 @@ def _header(protocol: validation.Protocol) -> str:
       f"{protocol.dataset_size} samples, nβ = n/ln n = {protocol.nbeta:.1f}, γ = "
       f"{protocol.localization}, SGLD batch {protocol.batch_size}; ε chosen by "
       f"`calibrate` from ε·nβ ∈ {list(protocol.scaled_step_sizes)} "
-      f"({protocol.calibration_chains} chains) as the largest ε with no diverged or "
-      f"non-converged chain and mean MALA acceptance in {list(protocol.mala_band)}; then "
-      f"{protocol.num_chains} fresh chains × {protocol.num_draws} draws after "
-      f"{protocol.num_burnin_steps} burn-in steps. Estimates are mean ± std over chains. "
+      f"({protocol.calibration_chains} chains × {protocol.calibration_draws} draws after "
+      f"{protocol.calibration_draws // 4} burn-in steps) as the largest ε with no diverged "
+      f"or non-converged chain and mean MALA acceptance in {list(protocol.mala_band)}; then "
+      f"{protocol.num_chains} fresh chains with a fixed Langevin time ε·nβ·draws = "
+      f"{protocol.langevin_time:g} ({protocol.num_draws}–{protocol.max_draws} draws, plus "
+      "a quarter as many burn-in steps). Estimates are mean ± std over chains. "
       "With multiplicity m > 1 the finite-nβ estimate sits near λ − (m−1)/ln nβ "
       "(column 'target'); the 10 % criterion applies to m = 1.\n\n"
       f"Protocol: `{json.dumps(p)}`\n\n")
@@ -52,8 +54,7 @@ def main(argv):
   del argv
   protocol = validation.Protocol()
   if _DRAWS.value:
-    protocol = dataclasses.replace(protocol, num_draws=_DRAWS.value,
-                                   num_burnin_steps=_DRAWS.value // 4)
+    protocol = dataclasses.replace(protocol, num_draws=_DRAWS.value)
   indices = ([int(i) for i in _CASES.value.split(",")] if _CASES.value
              else range(len(validation.CASES)))
   rows = {}

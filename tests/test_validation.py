@@ -7,7 +7,8 @@ import pytest
 from devinterp_jax.sampling import validation
 
 # The benchmark's protocol with shorter chains and a coarser grid (CI budget).
-FAST = dataclasses.replace(validation.Protocol(), num_draws=6_000, num_burnin_steps=1_500,
+FAST = dataclasses.replace(validation.Protocol(), calibration_draws=4_000, num_draws=6_000,
+                           max_draws=12_000, langevin_time=300.0,
                            scaled_step_sizes=(0.02, 0.045, 0.09), num_chains=6)
 
 
@@ -32,3 +33,9 @@ def test_theory_columns_and_table():
   assert row["multiplicity"] == 2 and row["finite_nbeta_target"] < 6.5
   assert abs(row["rel_error"] + 0.5 / 6.5) < 1e-12
   assert "reduced_rank 5×3×5 r=0" in validation.markdown_table([row])
+
+
+def test_chain_length_rule():
+  p = validation.Protocol()
+  assert p.draws_for(0.09) == p.num_draws and p.draws_for(0.02) == 45_000
+  assert p.draws_for(0.001) == p.max_draws

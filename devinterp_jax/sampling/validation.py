@@ -8,7 +8,8 @@ exactly on the data. `run_case` applies one fixed `Protocol` to every case:
   2. `calibrate` over a step-size grid given in units of 1/nβ (ε̃ = ε·nβ, the
      paper's A.5.3 reparametrisation), choosing the largest healthy,
      converged ε whose MALA acceptance lies in the band;
-  3. a fresh estimate at that ε with another seed.
+  3. a fresh estimate at that ε with another seed, with chains of a fixed
+     Langevin time ε·nβ·draws (so a small calibrated step gets a longer chain).
 
 Nothing is tuned per case. With multiplicity m > 1 the finite-nβ estimate sits
 near λ − (m − 1)/ln nβ, reported beside λ.
@@ -97,15 +98,23 @@ class Protocol:
   scaled_step_sizes: tuple = (0.01, 0.02, 0.03, 0.045, 0.065, 0.09, 0.13)  # ε·nβ
   mala_band: tuple = (0.95, 1.0)
   calibration_chains: int = 4
+  calibration_draws: int = 10_000
   num_chains: int = 8
-  num_draws: int = 20_000
-  num_burnin_steps: int = 5_000
+  num_draws: int = 20_000       # at least; see `draws_for`
+  max_draws: int = 90_000
+  langevin_time: float = 900.0  # ε·nβ × draws of the final chains
   mala_stride: int = 20
   seed: int = 0
 
   @property
   def nbeta(self) -> float:
     return temperature.nbeta_wbic(self.dataset_size)
+
+  def draws_for(self, scaled_step_size: float) -> int:
+    """Final chain length: a fixed Langevin time ε·nβ·draws, so that a small
+    calibrated step gets a proportionally longer chain (within the bounds)."""
+    want = int(math.ceil(self.langevin_time / scaled_step_size))
+    return int(min(max(want, self.num_draws), self.max_draws))
 
 
 def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
@@ -115,12 +124,12 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
   p = protocol
   nbeta = p.nbeta
   params, data = case.build(jax.random.key(p.seed), p.dataset_size)
-  common = dict(batch_size=p.batch_size, num_burnin_steps=p.num_burnin_steps,
-                num_draws=p.num_draws, mala_stride=p.mala_stride,
+  common = dict(batch_size=p.batch_size, mala_stride=p.mala_stride,
                 chain_strategy=chain_strategy)
   cal = calibration.calibrate(
       linear.loss, [params], data, step_sizes=[s / nbeta for s in p.scaled_step_sizes],
       nbetas=[nbeta], localizations=[p.localization], num_chains=p.calibration_chains,
+      num_draws=p.calibration_draws, num_burnin_steps=p.calibration_draws // 4,
       seed=p.seed + 1, mala_band=p.mala_band, **common)
   row = {"case": case.name, "family": case.family, "widths": list(case.widths),
          "rank": case.rank, "d": case.num_params, "nbeta": nbeta,
@@ -132,11 +141,13 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
         "seconds": round(time.time() - t0, 1),
         "note": "no step size passed calibration: " + "; ".join(cal.reasons.values())})
   eps = cal.recommended["step_size"]
+  draws = p.draws_for(eps * nbeta)
   res = llc_lib.estimate_llc(linear.loss, params, data, num_chains=p.num_chains,
                              step_size=eps, localization=p.localization, nbeta=nbeta,
+                             num_draws=draws, num_burnin_steps=draws // 4,
                              seed=p.seed + 2, **common)
   return with_theory(case, {
-      **row, "step_size": eps, "scaled_step_size": eps * nbeta,
+      **row, "step_size": eps, "scaled_step_size": eps * nbeta, "num_draws": draws,
       "llc_mean": float(res.llc_mean), "llc_std": float(res.llc_std),
       "llc_sem": float(res.llc_sem), "mala_acceptance": float(np.nanmean(res.mala_acceptance)),
       "health": diagnostics.status_counts(res.status), "seconds": round(time.time() - t0, 1)})
@@ -152,15 +163,16 @@ def with_theory(case: TheoryCase, row: dict) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-  head = ("| case | d | λ | m | λ − (m−1)/ln nβ | ε·nβ (calibrated) | MALA | estimate "
-          "(mean ± std over chains) | rel. error vs λ | vs target | health | s |")
-  lines = [head, "|" + "---|" * 12]
+  head = ("| case | d | λ | m | λ − (m−1)/ln nβ | ε·nβ (calibrated) | draws | MALA | "
+          "estimate (mean ± std over chains) | rel. error vs λ | vs target | health | s |")
+  lines = [head, "|" + "---|" * 13]
   for r in rows:
     health = ", ".join(f"{k} {v}" for k, v in r.get("health", {}).items() if v)
     eps = f"{r['scaled_step_size']:.3g}" if r.get("step_size") else "none"
     lines.append(
         f"| {r['case']} | {r['d']} | {r['lambda']:.4g} | {r['multiplicity']} | "
-        f"{r['finite_nbeta_target']:.4g} | {eps} | {r.get('mala_acceptance', math.nan):.3f} | "
+        f"{r['finite_nbeta_target']:.4g} | {eps} | {r.get('num_draws', '')} | "
+        f"{r.get('mala_acceptance', math.nan):.3f} | "
         f"{r['llc_mean']:.3f} ± {r['llc_std']:.3f} | {100 * r['rel_error']:+.1f} % | "
         f"{100 * r.get('rel_error_vs_target', math.nan):+.1f} % | {health} | {r['seconds']} |")
   return "\n".join(lines)
