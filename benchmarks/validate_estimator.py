@@ -44,7 +44,10 @@ def _header(protocol: validation.Protocol) -> str:
       f"or non-converged chain and mean MALA acceptance in {list(protocol.mala_band)}; then "
       f"{protocol.num_chains} fresh chains with a fixed Langevin time ε·nβ·draws = "
       f"{protocol.langevin_time:g} ({protocol.num_draws}–{protocol.max_draws} draws, plus "
-      "a quarter as many burn-in steps). Estimates are mean ± std over chains. "
+      "a quarter as many burn-in steps). The final chains must pass the same health and MALA "
+      "check; if not, the next smaller passing ε is tried (the ε column lists the failed "
+      "attempts; ✗ marks a case whose last attempt still fails). "
+      "Estimates are mean ± std over chains. "
       "With multiplicity m > 1 the finite-nβ estimate sits near λ − (m−1)/ln nβ "
       "(column 'target'); the 10 % criterion applies to m = 1.\n\n"
       f"Protocol: `{json.dumps(p)}`\n\n")
