@@ -64,7 +64,8 @@ def main(argv):
   if os.path.exists(_JSON.value):
     with open(_JSON.value) as f:
       saved = json.load(f)
-    if saved.get("protocol") == dataclasses.asdict(protocol):
+    # Compare through JSON: tuples in the protocol come back as lists.
+    if saved.get("protocol") == json.loads(json.dumps(dataclasses.asdict(protocol))):
       by_name = {c.name: c for c in validation.CASES}
       rows = {r["case"]: validation.with_theory(by_name[r["case"]], r)
               for r in saved["rows"] if r["case"] in by_name}

@@ -15,6 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiment = "icl_regression"
   config.seed = 0  # training seed (init and data); the paper uses 0-4
+  config.seeds = (0, 1, 2, 3, 4)  # launch/seeds.py trains these in one vmapped program
 
   config.task = ml_collections.ConfigDict(dict(
       task_size=4,          # D

@@ -7,7 +7,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from devinterp_jax.experiments import registry
-from devinterp_jax.training.checkpointing import quiet_orbax_logs
+from devinterp_jax.storage.checkpoints import quiet_orbax_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)

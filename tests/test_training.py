@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from devinterp_jax.experiments import icl_regression
-from devinterp_jax.training import checkpointing
+from devinterp_jax.storage import checkpoints as checkpointing
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -37,6 +37,14 @@ class RegressionTask:
     if self.num_tasks is not None and self.num_tasks < 1:
       raise ValueError(f"num_tasks must be None (infinite) or >= 1, got {self.num_tasks}")
 
+  @classmethod
+  def from_config(cls, config) -> "RegressionTask":
+    """The data distribution of an experiment config (fields `task`, `seed`)."""
+    t = config.task
+    return cls(task_size=t.task_size, max_examples=t.max_examples,
+               noise_variance=t.noise_variance, num_tasks=t.num_tasks or None,
+               task_seed=config.seed)
+
   def task_set(self) -> jax.Array | None:
     """The finite task set [M, D] (drawn from `task_seed`), or None."""
     if self.num_tasks is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -27,22 +28,20 @@ from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling.results import LLCResult
-from devinterp_jax.training import checkpointing, loop, schedules
+from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import run_log
+from devinterp_jax.training import loop, schedules
 
 # Key streams derived from config.seed.
 _INIT, _DATA, _EVAL, _SGLD_DATA = range(4)
 
 
 def make_task(config: ml_collections.ConfigDict) -> RegressionTask:
-  t = config.task
-  return RegressionTask(task_size=t.task_size, max_examples=t.max_examples,
-                        noise_variance=t.noise_variance,
-                        num_tasks=t.num_tasks or None, task_seed=config.seed)
+  return RegressionTask.from_config(config)
 
 
 def make_model(config: ml_collections.ConfigDict) -> RegressionTransformer:
-  return RegressionTransformer(task_size=config.task.task_size,
-                               max_examples=config.task.max_examples, **config.model)
+  return RegressionTransformer.from_config(config)
 
 
 def make_lr_schedule(config: ml_collections.ConfigDict):
@@ -90,8 +89,71 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   )
 
 
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """`config` with its training seed replaced (a copy)."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.seed = int(seed)
+  out.lock()
+  return out
+
+
+def seed_workdirs(workdir: str, seeds) -> list[str]:
+  return [os.path.join(workdir, f"seed_{int(s)}") for s in seeds]
+
+
+def train_seeds(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
+  """Trains every seed of `config.seeds` in one vmapped program (App. B.4).
+
+  Seed s is the run `train(seed_config(config, s), workdir/seed_s)` would make:
+  same init key, data stream and eval batch, each with its own checkpoint
+  stream and log (the numbers agree up to float reassociation from `vmap`).
+  """
+  seeds = [int(s) for s in config.seeds]
+  if len(set(seeds)) != len(seeds) or not seeds:
+    raise ValueError(f"config.seeds must be distinct and non-empty, got {seeds}")
+  if config.task.num_tasks:
+    raise ValueError("multi-seed training vmaps one data distribution, but "
+                     f"task.num_tasks={config.task.num_tasks} draws a different task set per "
+                     "seed; train the seeds one by one with launch/train.py")
+  configs = [seed_config(config, s) for s in seeds]
+  model, task = make_model(config), make_task(configs[0])
+  init = jax.vmap(model.init_params)(jax.numpy.stack([_key(c, _INIT) for c in configs]))
+  eval_batches = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[
+      sample_batch(_key(c, _EVAL), task, config.train.eval_batch_size) for c in configs])
+  loss_S = jax.jit(jax.vmap(model.loss))
+  return loop.train_seeds(
+      workdirs=seed_workdirs(workdir, seeds),
+      init_params=init,
+      data_keys=jax.numpy.stack([_key(c, _DATA) for c in configs]),
+      loss_fn=model.loss,
+      batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
+      optimizer=make_optimizer(config),
+      num_steps=config.train.num_steps,
+      schedule_steps=schedule_steps(config),
+      log_every=config.train.log_every,
+      resume_every=config.train.resume_every,
+      eval_fn=lambda params_S: {"eval_loss": loss_S(params_S, eval_batches)},
+      lr_fn=make_lr_schedule(config),
+      config_jsons=[c.to_json(sort_keys=True) for c in configs],
+  )
+
+
 def sgld_dataset(config: ml_collections.ConfigDict):
   return make_dataset(_key(config, _SGLD_DATA), make_task(config), config.llc.dataset_size)
+
+
+def _estimate(config, model, checkpoints, ids, output_dir: str) -> LLCResult:
+  c = config.llc
+  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(checkpoints),
+               c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
+  return llc_lib.estimate_llcs(
+      model.loss, checkpoints, sgld_dataset(config),
+      num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
+      localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
+      num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
+      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride, sampler=c.sampler,
+      checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
+      checkpoint_ids=ids, output_dir=output_dir)
 
 
 def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, LLCResult]:
@@ -102,19 +164,53 @@ def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarra
     raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
   abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
   checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
-  c = config.llc
-  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(steps),
-               c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
-  result = llc_lib.estimate_llcs(
-      model.loss, checkpoints, sgld_dataset(config),
-      num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
-      localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
-      num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
-      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride, sampler=c.sampler,
-      checkpoint_chunk=c.checkpoint_chunk,
-      chain_strategy=c.chain_strategy, checkpoint_ids=[int(s) for s in steps],
-      output_dir=os.path.join(workdir, "llc", "chunks"))
+  result = _estimate(config, model, checkpoints, [int(s) for s in steps],
+                     os.path.join(workdir, "llc", "chunks"))
   return steps, result
+
+
+class _ConcatSequence(Sequence):
+  """Several lazy checkpoint sequences read as one (seed-major order)."""
+
+  def __init__(self, parts: Sequence[Sequence]):
+    self.parts = list(parts)
+    self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    i = int(i) + (len(self) if int(i) < 0 else 0)
+    part = int(np.searchsorted(self.offsets, i, side="right")) - 1
+    return self.parts[part][i - int(self.offsets[part])]
+
+
+def estimate_seeds(config: ml_collections.ConfigDict,
+                   workdir: str) -> tuple[list[np.ndarray], list[LLCResult]]:
+  """LLCs of every checkpoint of every seed in one batched sweep (resumable).
+
+  All seeds are sampled with the same SGLD data (that of `config.seed`), noise
+  and minibatches, so differences between seeds are differences between the
+  trained models. Returns per-seed steps and results.
+  """
+  model = make_model(config)
+  abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
+  workdirs = seed_workdirs(workdir, config.seeds)
+  steps = []
+  for w in workdirs:
+    s = checkpointing.scheduled_steps(w)
+    if len(s) == 0:
+      raise checkpointing.CheckpointError(f"no scheduled checkpoints in {w!r}; train first")
+    steps.append(s)
+  sequence = _ConcatSequence([checkpointing.ParamsSequence(w, s, abstract)
+                              for w, s in zip(workdirs, steps)])
+  ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
+  result = _estimate(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
+  offsets = np.cumsum([0] + [len(s) for s in steps])
+  return steps, [result.select(slice(int(a), int(b)))
+                 for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
@@ -150,7 +246,7 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
   pass the calibration criteria on the earliest and latest checkpoints."""
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
-  metrics = {r["step"]: r for r in loop.read_metrics(workdir)}
+  metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
   losses = {k: [metrics.get(int(s), {}).get(k, np.nan) for s in steps]
             for k in ("train_loss", "eval_loss")}
   columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,

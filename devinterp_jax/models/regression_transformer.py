@@ -147,6 +147,12 @@ class RegressionTransformer(nn.Module):
       return out_BxTxV, jnp.stack(attns)  # attn_LxBxHxTxS
     return out_BxTxV
 
+  @classmethod
+  def from_config(cls, config) -> "RegressionTransformer":
+    """The model of an experiment config (fields `task` and `model`)."""
+    return cls(task_size=config.task.task_size, max_examples=config.task.max_examples,
+               **config.model)
+
   def init_params(self, key: jax.Array) -> Params:
     tokens = jnp.zeros((1, 2 * self.max_examples, self.task_size + 1))
     return self.init(key, tokens)["params"]

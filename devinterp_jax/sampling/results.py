@@ -79,6 +79,12 @@ class LLCResult:
     """Number of chains per health status, over all checkpoints."""
     return diagnostics.status_counts(self.status)
 
+  def select(self, index) -> "LLCResult":
+    """The result for a subset of the leading (checkpoint) axis, e.g. a slice."""
+    arrays = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+              for f in dataclasses.fields(self) if f.name != "settings"}
+    return LLCResult(settings=self.settings, **arrays)
+
   def save(self, path: str) -> None:
     """Atomically writes an .npz (load with `LLCResult.load`)."""
     arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

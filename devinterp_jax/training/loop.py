@@ -24,7 +24,8 @@ import optax
 from absl import logging
 
 from devinterp_jax import atomic
-from devinterp_jax.training import checkpointing
+from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import run_log
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -56,36 +57,6 @@ def train_segment(state: TrainState, end_step: jax.Array, data_key: jax.Array,
     return st, loss_sum + loss
 
   return jax.lax.fori_loop(0, end_step - state.step, body, (state, jnp.zeros((), jnp.float32)))
-
-
-def _check_config(workdir: str, config_json: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    new = json.loads(config_json)
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(f"workdir {workdir!r} holds a run with a different config "
-                       f"(differs in {diff}); use a new --workdir or the same config")
-  else:
-    atomic.write_text(path, config_json)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The JSONL training log of a workdir (one dict per logged step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops log lines written after the checkpoint we resume from."""
-  rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-  atomic.write_text(os.path.join(workdir, "metrics.jsonl"),
-                     "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _event_steps(num_steps: int, schedule: Sequence[int], log_every: int,
@@ -120,59 +91,150 @@ def train(*, workdir: str, init_params: Params, loss_fn: LossFn,
     on_event: called with the step after each event (tests use it to
       interrupt a run).
   """
-  os.makedirs(workdir, exist_ok=True)
-  _check_config(workdir, config_json)
+  return _train([workdir], init_params, data_key, [config_json], eval_fn, seed_axis=False,
+                loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer, num_steps=num_steps,
+                schedule_steps=schedule_steps, log_every=log_every,
+                resume_every=resume_every, lr_fn=lr_fn, on_event=on_event)
+
+
+def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.Array,
+                loss_fn: LossFn, batch_fn: Callable[[jax.Array], Any],
+                optimizer: optax.GradientTransformation, num_steps: int,
+                schedule_steps: Sequence[int], log_every: int = 100,
+                resume_every: int = 1000,
+                eval_fn: Callable[[Params], dict] | None = None,
+                lr_fn: Callable[[int], float] | None = None,
+                config_jsons: Sequence[str] | None = None,
+                on_event: Callable[[int], None] | None = None) -> TrainState:
+  """Trains several seeds in one program: `vmap` over a leading seed axis [S].
+
+  `init_params` and `data_keys` carry the seed axis; seed i writes its own
+  checkpoint stream and log to `workdirs[i]`, exactly as `train` would. The
+  segment between events is one jitted, vmapped `fori_loop`, so S seeds cost
+  one compilation. `eval_fn` takes the stacked params [S] and returns a dict
+  of [S] arrays (e.g. a vmapped loss on per-seed eval batches).
+  Resuming restarts every seed from the latest step that all seeds saved (a
+  kill between two seeds' saves can leave them one event apart).
+  Returns the state with the seed axis.
+  """
+  num_seeds = len(workdirs)
+  if num_seeds < 1 or len(set(os.path.abspath(w) for w in workdirs)) != num_seeds:
+    raise ValueError(f"workdirs must be distinct and non-empty, got {list(workdirs)}")
+  for name, tree in (("init_params", init_params), ("data_keys", data_keys)):
+    sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(tree)}
+    if sizes != {num_seeds}:
+      raise ValueError(f"{name} must have a leading seed axis of size {num_seeds} "
+                       f"(one per workdir), got leading sizes {sorted(map(str, sizes))}")
+  config_jsons = list(config_jsons or ["{}"] * num_seeds)
+  if len(config_jsons) != num_seeds:
+    raise ValueError(f"{len(config_jsons)} config_jsons for {num_seeds} workdirs")
+  return _train(list(workdirs), init_params, data_keys, config_jsons,
+                eval_fn, seed_axis=True,
+                loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer, num_steps=num_steps,
+                schedule_steps=schedule_steps, log_every=log_every,
+                resume_every=resume_every, lr_fn=lr_fn, on_event=on_event)
+
+
+def _resume_step(managers) -> int | None:
+  """The latest step every manager holds (None: start from scratch)."""
+  held = [set(m.all_steps()) for m in managers]
+  if not any(held):
+    return None
+  common = set.intersection(*held)
+  if not common:
+    logging.warning("The seeds' checkpoint streams share no step; starting all from scratch")
+    return None
+  return max(common)
+
+
+def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
+           config_jsons: list[str], eval_fn, *, seed_axis: bool, loss_fn: LossFn,
+           batch_fn, optimizer, num_steps: int, schedule_steps: Sequence[int],
+           log_every: int, resume_every: int, lr_fn, on_event) -> TrainState:
+  """`train` (one workdir) and `train_seeds` (a seed axis) share this loop."""
+  for workdir, config_json in zip(workdirs, config_jsons):
+    os.makedirs(workdir, exist_ok=True)
+    run_log.check_or_write_config(workdir, config_json)
   schedule = set(int(s) for s in schedule_steps)
-  manager = checkpointing.make_manager(workdir, sorted(schedule))
-  state = TrainState(jnp.zeros((), jnp.int32), init_params, optimizer.init(init_params))
-  latest = manager.latest_step()
+  managers = [checkpointing.make_manager(w, sorted(schedule)) for w in workdirs]
+  opt_init = jax.vmap(optimizer.init) if seed_axis else optimizer.init
+  state = TrainState(jnp.zeros((), jnp.int32), init_params, opt_init(init_params))
+  per_seed = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if seed_axis else (
+      lambda tree, i: tree)
+  latest = _resume_step(managers)
   if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    restored = checkpointing.restore(manager, latest, abstract.params, abstract.opt_state)
-    state = TrainState(jnp.asarray(latest, jnp.int32), restored["params"], restored["opt_state"])
-    _truncate_metrics(workdir, latest)
-    logging.info("Resuming %s from step %d", workdir, latest)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            per_seed((state.params, state.opt_state), 0))
+    restored = [checkpointing.restore(m, latest, *abstract) for m in managers]
+    stack = (lambda *xs: jnp.stack(xs)) if seed_axis else (lambda x: x)
+    state = TrainState(jnp.asarray(latest, jnp.int32),
+                       jax.tree.map(stack, *[r["params"] for r in restored]),
+                       jax.tree.map(stack, *[r["opt_state"] for r in restored]))
+    for workdir in workdirs:
+      run_log.truncate_metrics(workdir, latest)
+    logging.info("Resuming %s from step %d", ", ".join(workdirs), latest)
   start = int(state.step)
   if start >= num_steps:
-    manager.close()
+    for m in managers:
+      m.close()
     return state
 
-  segment = jax.jit(lambda st, end: train_segment(st, end, data_key, loss_fn, optimizer, batch_fn))
+  def segment_fn(st, end, key):
+    return train_segment(st, end, key, loss_fn, optimizer, batch_fn)
+
+  if seed_axis:  # the step counter is shared; params, optimizer state and keys are per seed
+    seg = jax.vmap(segment_fn, in_axes=(TrainState(None, 0, 0), None, 0),
+                   out_axes=(TrainState(None, 0, 0), 0))
+  else:
+    seg = segment_fn
+  segment = jax.jit(seg)
   events = _event_steps(num_steps, sorted(schedule), log_every, resume_every)
   events = events[events > start]
+  num_seeds = len(workdirs)
   t0 = time.time()
-  loss_sum, loss_count, last_log_time, last_log_step = 0.0, 0, t0, start
-  log = open(os.path.join(workdir, "metrics.jsonl"), "a")
+  loss_sum, loss_count, last_log_time, last_log_step = np.zeros(num_seeds), 0, t0, start
+  logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
   try:
     for end in events:
       prev = int(state.step)
-      state, seg_loss = segment(state, jnp.asarray(end, jnp.int32))
-      loss_sum += float(seg_loss)
+      state, seg_loss = segment(state, jnp.asarray(end, jnp.int32), data_keys)
+      loss_sum += np.asarray(seg_loss, np.float64).reshape(num_seeds)
       loss_count += int(end) - prev
-      if not np.isfinite(loss_sum):
-        raise FloatingPointError(f"training loss is not finite at step {end}")
-      row = {}
+      if not np.all(np.isfinite(loss_sum)):
+        bad = [w for w, v in zip(workdirs, loss_sum) if not np.isfinite(v)]
+        raise FloatingPointError(f"training loss is not finite at step {end} in {bad}")
+      rows = [{} for _ in workdirs]
       if end in schedule and eval_fn is not None:
-        row.update({k: float(v) for k, v in eval_fn(state.params).items()})
+        evals = eval_fn(state.params)
+        for i, row in enumerate(rows):
+          row.update({k: float(np.reshape(v, -1)[i]) for k, v in evals.items()})
       if (log_every and end % log_every == 0) or end in schedule or end == num_steps:
         now = time.time()
-        row.update(step=int(end), train_loss=loss_sum / max(loss_count, 1),
-                   time=now - t0)
-        if lr_fn is not None:
-          row["lr"] = float(lr_fn(int(end) - 1))
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        for i, (row, log) in enumerate(zip(rows, logs)):
+          row.update(step=int(end), train_loss=loss_sum[i] / max(loss_count, 1),
+                     time=now - t0)
+          if lr_fn is not None:
+            row["lr"] = float(lr_fn(int(end) - 1))
+          log.write(json.dumps(row) + "\n")
+          log.flush()
         rate = (end - last_log_step) / max(now - last_log_time, 1e-9)
-        logging.info("step %d/%d  loss %.4f  %.0f steps/s  ETA %.0fs", end, num_steps,
-                     row["train_loss"], rate, (num_steps - end) / max(rate, 1e-9))
-        loss_sum, loss_count, last_log_time, last_log_step = 0.0, 0, now, end
+        logging.info("step %d/%d  loss %s  %.0f steps/s  ETA %.0fs", end, num_steps,
+                     " ".join(f"{r['train_loss']:.4f}" for r in rows), rate,
+                     (num_steps - end) / max(rate, 1e-9))
+        loss_sum, loss_count, last_log_time, last_log_step = (
+            np.zeros(num_seeds), 0, now, end)
       if end in schedule or end == num_steps or (resume_every and end % resume_every == 0):
-        meta = {"scheduled": end in schedule, **{k: v for k, v in row.items() if k != "time"}}
-        checkpointing.save(manager, int(end), state.params, state.opt_state, meta)
+        for i, (manager, row) in enumerate(zip(managers, rows)):
+          meta = {"scheduled": end in schedule,
+                  **{k: v for k, v in row.items() if k != "time"}}
+          checkpointing.save(manager, int(end), per_seed(state.params, i),
+                             per_seed(state.opt_state, i), meta)
       if on_event is not None:
         on_event(int(end))
   finally:  # also on an exception: finish pending async saves, then close.
-    log.close()
-    manager.wait_until_finished()
-    manager.close()
+    for log in logs:
+      log.close()
+    for manager in managers:
+      manager.wait_until_finished()
+      manager.close()
   return state
