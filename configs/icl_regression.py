@@ -3,6 +3,7 @@
 Usage:
   --config=configs/icl_regression.py            # the paper's full settings
   --config=configs/icl_regression.py:runlocal   # CPU-sized, minutes on 2 cores
+  --config=configs/icl_regression.py:runlocal_seeds   # launch/seeds.py: 5 seeds, CPU-sized
 
 Override any field from the command line, e.g. `--config.train.num_steps=1000`.
 Unknown keys are refused (the ConfigDict is locked).
@@ -10,8 +11,12 @@ Unknown keys are refused (the ConfigDict is locked).
 
 import ml_collections
 
+from devinterp_jax.analysis import report
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "runlocal", "runlocal_seeds"):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'runlocal' or 'runlocal_seeds'")
   config = ml_collections.ConfigDict()
   config.experiment = "icl_regression"
   config.seed = 0  # training seed (init and data); the paper uses 0-4
@@ -75,7 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       disqualify=("diverged", "not_converged"),
   ))
 
-  if arg == "runlocal":
+  # launch/analyze.py and the end of the main job: stages, metrics, Hessian, report.
+  config.analysis = report.default_options()
+
+  if arg in ("runlocal", "runlocal_seeds"):
     config.train.update(num_steps=6000, batch_size=64, n_log=16, n_linear=8,
                         log_every=250, resume_every=1000, eval_batch_size=1024)
     # ε, nβ, batch and chain length as recommended by launch/calibrate.py with the
@@ -84,7 +92,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
                       nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8)
     config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
-  elif arg not in (None, ""):
-    raise ValueError(f"unknown config variant {arg!r}; use '' or 'runlocal'")
+    # Sized so the whole report takes about a minute on 2 CPU cores.
+    config.analysis.behaviour.batch_size = 512
+    config.analysis.hessian.update(batch_size=128, num_hutchinson=8, num_lanczos_iters=16,
+                                   top_k=2)
+  if arg == "runlocal_seeds":
+    # launch/seeds.py: 5 seeds in one vmapped program, LLCs of 5 × 18 checkpoints in
+    # one sweep, under 15 minutes on 2 CPU cores. Shorter runs and chains than
+    # `runlocal`; ε, nβ, γ and the SGLD batch are the calibrated runlocal values.
+    config.train.update(num_steps=4000, n_log=14, n_linear=6)
+    config.llc.update(num_chains=3, num_draws=160, checkpoint_chunk=10)
   config.lock()
   return config

@@ -10,4 +10,9 @@ def tiny_config(num_steps: int = 60):
                       resume_every=20, eval_batch_size=64)
   config.llc.update(num_chains=2, num_draws=12, batch_size=16, dataset_size=256,
                     checkpoint_chunk=3, init_loss_stride=4)
+  config.analysis.update(checkpoint_chunk=4)
+  config.analysis.stages.n_restarts = 2
+  config.analysis.behaviour.update(batch_size=64, gains=(0.5, 2.0))
+  config.analysis.structure.batch_size = 32
+  config.analysis.hessian.update(batch_size=32, num_hutchinson=4, num_lanczos_iters=6, top_k=2)
   return config

@@ -85,17 +85,30 @@ def test_lanczos_top_eigenvalues_quadratic(quadratic):
   np.testing.assert_allclose(float(smallest), exact[0], rtol=1e-3)
 
 
-def test_lanczos_low_rank_breakdown():
-  # rank-5 Hessian (data term off): the Krylov space is exhausted after 5 steps,
-  # so the remaining 25 steps must restart cleanly instead of dividing by β = 0
+def test_lanczos_breakdown():
+  # rank-5 Hessian (data term off): the Krylov space is exhausted after 5 steps
+  # (up to rounding), the remaining 25 steps restart in the orthogonal complement
   eigenvalues = np.zeros(DIM)
   eigenvalues[-5:] = [1.0, 2.0, 3.0, 4.0, 5.0]
   batch, _, w = _quadratic_problem(eigenvalues, seed=4)
   batch = {**batch, "x": jnp.zeros_like(batch["x"])}
-  top = np.asarray(hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch,
-                                                   jax.random.key(3), num_iters=30, top_k=3))
-  assert np.all(np.isfinite(top))
-  np.testing.assert_allclose(top, [5.0, 4.0, 3.0], rtol=1e-4)
+  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
+                                                  num_iters=30, top_k=3, return_min=True)
+  np.testing.assert_allclose(np.asarray(top), [5.0, 4.0, 3.0], rtol=1e-4)
+  assert abs(float(smallest)) < 1e-5
+  # H = 2·I: the residual is pure rounding noise from the first step on; normalising
+  # it (no breakdown handling) gives Ritz values in the thousands
+  batch = {**batch, "a": 2.0 * jnp.eye(DIM)}
+  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
+                                                  num_iters=30, top_k=3, return_min=True)
+  np.testing.assert_allclose(np.asarray(top), [2.0, 2.0, 2.0], rtol=1e-5)
+  np.testing.assert_allclose(float(smallest), 2.0, rtol=1e-5)
+  # H = 0 exactly: β = 0 at every step, which must not produce 0/0
+  batch = {**batch, "a": jnp.zeros_like(batch["a"])}
+  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
+                                                  num_iters=30, top_k=3, return_min=True)
+  np.testing.assert_array_equal(np.asarray(top), np.zeros(3))
+  assert float(smallest) == 0.0
 
 
 # ---- a small MLP with a pytree of params ---------------------------------------------
@@ -144,9 +157,12 @@ def mlp():
   # 5 checkpoints in chunks of 2 ([0, 1], [2, 3], [4, pad]): the last chunk is padded;
   # 3 repeats 1 and 4 repeats 0, in the same slot of another chunk
   ckpts = LazyCheckpoints(distinct + [distinct[1], distinct[0]])
+  compiled_before = hessian._stats_chunk._cache_size()
   stats = hessian.hessian_stats(mlp_loss, ckpts, batch, num_hutchinson=NUM_HUTCHINSON,
                                 num_lanczos_iters=NUM_LANCZOS, top_k=3, seed=0,
                                 checkpoint_chunk=2)
+  # the padded last chunk reuses the program of the full ones
+  assert hessian._stats_chunk._cache_size() - compiled_before == 1
   unravel = ravel_pytree(distinct[0])[1]
   dense_hessian = jax.jit(jax.hessian(lambda flat, b: mlp_loss(unravel(flat), b)))
   dense = [np.asarray(dense_hessian(ravel_pytree(p)[0], batch), np.float64) for p in distinct]

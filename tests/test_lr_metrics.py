@@ -8,7 +8,7 @@ import pytest
 
 from devinterp_jax.analysis import lr_behaviour as lb
 from devinterp_jax.analysis import lr_structure as ls
-from devinterp_jax.data.regression import RegressionTask, sample_batch
+from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 
 D, K, B = 4, 8, 256
@@ -16,15 +16,21 @@ GAINS = (0.5, 1.0, 2.0, 4.0, 8.0)
 MODEL = RegressionTransformer(task_size=D, max_examples=K, d_model=16, d_mlp=16, num_heads=2,
                               num_layers=2)
 TASK = RegressionTask(task_size=D, max_examples=K)
+FEW = RegressionTask(task_size=D, max_examples=K, num_tasks=4)
 KEY = jax.random.key(7)
+# Shapes only (no compilation of the random initialisers): params are filled with numpy.
+SHAPES = jax.eval_shape(MODEL.init_params, jax.random.key(0))
 
 
 def _perturbed(seed: int):
-  """Init params plus noise on every leaf (so LN scales, biases etc. vary)."""
-  params = jax.device_get(MODEL.init_params(jax.random.key(seed)))
+  """Random params: LN scales 1 ± 0.3, everything else N(0, 0.3²)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: np.asarray(x + 0.3 * rng.normal(size=x.shape), np.float32),
-                      params)
+
+  def leaf(path, shape):
+    x = 0.3 * rng.normal(size=shape.shape)
+    return np.asarray(x + (path[-1].key == "scale"), np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, SHAPES)
 
 
 def _copy(params):
@@ -43,7 +49,7 @@ def behaviour3(ckpts):
 
 @pytest.fixture(scope="module")
 def structure3(ckpts):
-  return ls.structure_metrics(MODEL, ckpts, TASK, KEY, 64, checkpoint_chunk=2)
+  return ls.structure_metrics(MODEL, ckpts, TASK, KEY, B, checkpoint_chunk=2)
 
 
 def _single_behaviour(params, task=TASK):
@@ -51,7 +57,7 @@ def _single_behaviour(params, task=TASK):
 
 
 def _single_structure(params):
-  return ls.structure_metrics(MODEL, [params], TASK, KEY, 64, checkpoint_chunk=2)
+  return ls.structure_metrics(MODEL, [params], TASK, KEY, B, checkpoint_chunk=2)
 
 
 # ----------------------------------------------------------------------------
@@ -122,7 +128,7 @@ def test_zero_unembedding_predicts_zero(ckpts):
 
 
 def test_constant_prediction_on_finite_task_set(ckpts):
-  task = RegressionTask(task_size=D, max_examples=K, num_tasks=3, task_seed=1)
+  task = FEW
   c = 0.7
   params = _copy(ckpts[0])
   params["unembed"]["kernel"][:] = 0.0
@@ -147,7 +153,7 @@ def test_constant_prediction_on_finite_task_set(ckpts):
 
 
 def test_ood_batches_scale_inputs_or_tasks():
-  data = lb.evaluation_data(TASK, KEY, 32)
+  data = lb.evaluation_data(TASK, KEY, B)
   np.testing.assert_allclose(data["signal"] + data["noise"], data["ys"], atol=1e-6)
   xs1, ys1 = lb.ood_batch(data, 1.0, "x")
   np.testing.assert_allclose(ys1, data["ys"], atol=1e-6)
@@ -162,12 +168,12 @@ def test_ood_batches_scale_inputs_or_tasks():
   np.testing.assert_allclose(ys_t, np.einsum("bkd,bd->bk", data["xs"], 3.0 * data["tasks"])
                              + data["noise"], rtol=1e-5, atol=1e-5)
   # The data derive from the key only.
-  again = lb.evaluation_data(TASK, KEY, 32)
+  again = lb.evaluation_data(TASK, KEY, B)
   np.testing.assert_array_equal(again["xs"], data["xs"])
 
 
 def test_ridge_and_dmmse_baselines():
-  data = lb.evaluation_data(TASK, KEY, 64)
+  data = lb.evaluation_data(TASK, KEY, B)
   xs, ys = data["xs"].astype(np.float64), data["ys"].astype(np.float64)
   sigma2 = TASK.noise_variance
   ridge = lb.ridge_predictions(xs, ys, sigma2)
@@ -183,27 +189,28 @@ def test_ridge_and_dmmse_baselines():
   assert 0.5 * sigma2 < losses["ridge"][-1] < 3 * sigma2
   # Noiseless limit: the minimum-norm solution recovers t once k - 1 >= D.
   noiseless = lb.ridge_predictions(xs, data["signal"], 0.0)
-  np.testing.assert_allclose(noiseless[:, D:], data["signal"][:, D:], atol=1e-4)
+  np.testing.assert_allclose(noiseless[:, D:], data["signal"][:, D:], rtol=1e-3, atol=1e-3)
   # A one-task set: the dMMSE posterior is that task, for every k.
-  one = RegressionTask(task_size=D, max_examples=K, num_tasks=1)
-  d1 = lb.evaluation_data(one, KEY, 64)
-  dm = lb.dmmse_predictions(d1["xs"], d1["ys"], one.task_set(), one.noise_variance)
-  np.testing.assert_allclose(dm, d1["signal"], rtol=1e-5, atol=1e-5)
+  t_1xD = np.array([[0.5, -1.0, 2.0, 0.3]])
+  ys_1 = xs @ t_1xD[0] + np.sqrt(sigma2) * data["noise"]
+  dm = lb.dmmse_predictions(xs, ys_1, t_1xD, sigma2)
+  np.testing.assert_allclose(dm, xs @ t_1xD[0], rtol=1e-9, atol=1e-12)
   # With a finite set dMMSE beats ridge in the long run and the prior at k = 1 matches it.
-  few = RegressionTask(task_size=D, max_examples=K, num_tasks=4)
-  lf = lb.baseline_losses(few, KEY, B)
+  lf = lb.baseline_losses(FEW, KEY, B)
   np.testing.assert_allclose(lf["dmmse"][0], lf["prior"][0], rtol=1e-6)
   assert lf["dmmse"][-1] < lf["ridge"][-1]
 
 
-def test_icl_scores_nan_when_context_too_short():
-  model = RegressionTransformer(task_size=2, max_examples=4, d_model=8, d_mlp=8, num_heads=2,
-                                num_layers=1)
-  task = RegressionTask(task_size=2, max_examples=4)
-  params = model.init_params(jax.random.key(0))
-  m = lb.behaviour_metrics(model, [params], task, KEY, 8, gains=(1.0,))
-  np.testing.assert_allclose(m["icl_1_4"], m["loss_k4"] - m["loss_k1"], rtol=1e-6)
-  assert np.isnan(m["icl_4_8"][0]) and "loss_k5" not in m
+def test_icl_scores_definition_and_short_contexts():
+  losses = np.array([[5.0, 4.0, 3.0, 2.5, 2.0, 1.0, 0.8, 0.5, 0.4]])
+  s = lb.icl_scores(losses)
+  np.testing.assert_allclose(s["icl_1_4"], [2.5 - 5.0])
+  np.testing.assert_allclose(s["icl_4_8"], [0.5 - 2.5])
+  s = lb.icl_scores(losses[:, :5])
+  np.testing.assert_allclose(s["icl_1_4"], [-2.5])
+  assert np.isnan(s["icl_4_8"]).all()
+  s = lb.icl_scores(losses[:, :3])
+  assert np.isnan(s["icl_1_4"]).all() and np.isnan(s["icl_4_8"]).all()
 
 
 # ----------------------------------------------------------------------------
@@ -289,8 +296,9 @@ def test_mass_constant_and_variability():
 
 
 def test_attention_metrics_match_model_attention(ckpts, structure3):
-  batch = sample_batch(KEY, TASK, 64)
-  _, attn = MODEL.predict(ckpts[2], batch["xs"], batch["ys"], return_attention=True)
+  batch = lb.evaluation_data(TASK, KEY, B)
+  predict = jax.jit(MODEL.predict, static_argnames="return_attention")
+  _, attn = predict(ckpts[2], batch["xs"], batch["ys"], return_attention=True)
   direct = _scores(attn)  # [L, H, 3]
   for name in ls.ATTENTION_SCORES:
     np.testing.assert_allclose(structure3[f"attn_{name}"][2], direct[name], rtol=1e-5,
@@ -315,7 +323,7 @@ def test_embedding_singular_values_and_alignment(ckpts, structure3):
     np.testing.assert_allclose(structure3["tok_embed_sv"][i], sv_tok, rtol=1e-5)
     np.testing.assert_allclose(structure3["tok_embed_sv_1"][i], sv_tok[0], rtol=1e-5)
     np.testing.assert_allclose(structure3["pos_embed_sv"][i],
-                               np.linalg.svd(pos, compute_uv=False), rtol=1e-5)
+                               np.linalg.svd(pos, compute_uv=False), rtol=1e-5, atol=1e-6)
     assert structure3["tok_embed_rank"][i] == np.sum(sv_tok > 0.1 * sv_tok[0])
     p = sv_tok / sv_tok.sum()
     np.testing.assert_allclose(structure3["tok_embed_erank"][i], np.exp(-np.sum(p * np.log(p))),

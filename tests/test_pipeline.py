@@ -30,6 +30,21 @@ def test_main_job_writes_loadable_results_and_plot(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   on_disk = json.load(open(os.path.join(workdir, "llc", "summary.json")))
   assert on_disk["num_checkpoints"] == len(steps) and "rise_in_standard_errors" in on_disk
+  # The analysis report (stages, metrics, Hessian) is written at the end.
+  report_dir = os.path.join(workdir, "report")
+  for name in ("report.md", "report.json", "stages.json", "stages.csv", "metrics.npz",
+               "stage_changes.json", "stages.png", "behaviour.png", "structure.png",
+               "hessian.png"):
+    assert os.path.getsize(os.path.join(report_dir, name)) > 100, name
+  metrics = np.genfromtxt(os.path.join(report_dir, "metrics.csv"), delimiter=",", names=True)
+  np.testing.assert_array_equal(metrics["step"], steps)
+  np.testing.assert_allclose(metrics["llc_mean"], table["llc_mean"], rtol=1e-12)
+  for column in ("icl_1_4", "dist_zero", "hessian_trace", "embed_alignment"):
+    assert np.all(np.isfinite(metrics[column])), column
+  report = json.load(open(os.path.join(report_dir, "report.json")))
+  assert report["stages"][0]["start_step"] == steps[0]
+  assert report["stages"][-1]["end_step"] == steps[-1]
+  assert on_disk["stage_boundaries"] == report["boundary_steps"]
   # A second run recomputes nothing and gives the same numbers.
   chunks = os.path.join(workdir, "llc", "chunks")
   mtimes = {f: os.path.getmtime(os.path.join(chunks, f)) for f in os.listdir(chunks)}

@@ -97,3 +97,27 @@ def test_bad_seed_settings_are_refused(tmp_path):
   config.task.num_tasks = 16
   with pytest.raises(ValueError, match="num_tasks"):
     icl_regression.train_seeds(config, str(tmp_path))
+
+
+def test_run_seeds_estimates_all_seeds_in_one_sweep_and_compares_boundaries(seeds_run):
+  config, workdir = seeds_run
+  summary = icl_regression.run_seeds(config, workdir)      # training is already done
+  seed_dirs = icl_regression.seed_workdirs(workdir, config.seeds)
+  model = icl_regression.make_model(config)
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  for seed_dir in seed_dirs:
+    table = np.genfromtxt(os.path.join(seed_dir, "llc", "llc.csv"), delimiter=",", names=True)
+    steps = checkpointing.scheduled_steps(seed_dir)
+    np.testing.assert_array_equal(table["step"], steps)
+    # The joint sweep equals a sweep of this seed alone (same data, noise, batches).
+    alone = icl_regression._estimate(config, model,
+                                     checkpointing.ParamsSequence(seed_dir, steps, abstract),
+                                     [int(s) for s in steps], None)
+    np.testing.assert_allclose(table["llc_mean"], alone.llc_mean, rtol=1e-4, atol=1e-4)
+  out = os.path.join(workdir, "seeds_report")
+  for name in ("seeds.json", "seeds.md", "boundaries.csv", "seed_stages.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 50, name
+  assert set(summary["per_seed"]) == {f"seed {s}" for s in config.seeds}
+  assert len(summary["matches"]) == len(summary["mean_curve"]["boundary_steps"])
+  for m in summary["matches"]:
+    assert len(m["matched_steps"]) == len(config.seeds)

@@ -323,6 +323,18 @@ def _behaviour_fn(model: RegressionTransformer, gains: tuple[float, ...]):
   return fn
 
 
+def icl_scores(losses_CxK: Any) -> dict[str, np.ndarray]:
+  """ICL_{1:4} = L_4 − L_1 and ICL_{4:8} = L_8 − L_4 (1-indexed) from [C, K] losses.
+
+  Returns {'icl_1_4': [C], 'icl_4_8': [C]}, NaN where K is too small.
+  """
+  losses = np.asarray(losses_CxK)
+  nan_C = np.full(losses.shape[:-1], np.nan, losses.dtype)
+  K = losses.shape[-1]
+  return {"icl_1_4": losses[..., 3] - losses[..., 0] if K >= 4 else nan_C,
+          "icl_4_8": losses[..., 7] - losses[..., 3] if K >= 8 else nan_C.copy()}
+
+
 def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params],
                       task: RegressionTask, key: jax.Array, batch_size: int = 1024, *,
                       gains: Sequence[float] = DEFAULT_GAINS, task_mean: Any = None,
@@ -361,9 +373,7 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
     out[f"loss_k{k + 1}"] = raw["loss_K"][:, k]
   out["mse"] = raw["loss_K"].mean(axis=1)
   out["nmse"] = raw["nmse"]
-  nan = np.full(num_ckpts, np.nan, np.float32)
-  out["icl_1_4"] = raw["loss_K"][:, 3] - raw["loss_K"][:, 0] if K >= 4 else nan
-  out["icl_4_8"] = raw["loss_K"][:, 7] - raw["loss_K"][:, 3] if K >= 8 else nan.copy()
+  out.update(icl_scores(raw["loss_K"]))
   for name in ("zero", "prior", "ridge", "dmmse"):
     if f"dist_{name}" in raw:
       out[f"dist_{name}"] = raw[f"dist_{name}"]

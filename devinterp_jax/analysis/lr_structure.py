@@ -2,8 +2,10 @@
 
 Same batching as `lr_behaviour`: checkpoints are indexed `checkpoint_chunk` at a
 time, stacked (the last chunk padded) and evaluated by one jitted program that
-vmaps over checkpoints. Weight metrics need no data; attention metrics use one
-batch `sample_batch(key, task, batch_size)`, the same for every checkpoint.
+vmaps over checkpoints. Weight metrics need no data; attention metrics use the
+batch `lr_behaviour.evaluation_data(task, key, batch_size)` (=
+`sample_batch(key, task, batch_size, with_tasks=True)`), the same for every
+checkpoint and the same as the behavioural metrics' for equal key and size.
 
 `structure_metrics` returns `dict[str, np.ndarray]` whose entries all have the
 leading checkpoint axis [C]. Entries of shape [C] are scalar columns (CSV them
@@ -47,7 +49,9 @@ key s; "valid" queries are t ≥ 1 (more than one attended position):
   attn_x_mass/…                  mean Σ_{s x-token} α_ts (x-attention score).
   attn_y_mass/…                  mean Σ_{s y-token} α_ts = 1 − x-mass.
   Each also as a structured array `attn_<score>` [C, L, H, 3] (last axis: all,
-  x, y). `classify_heads` / `head_labels` label heads from these scores.
+  x, y). `classify_heads` labels heads from these scores ([C, L, H, 3] strings
+  from `HEAD_LABELS`, thresholds documented there); `head_labels` returns them as
+  flat `head_class/L{l}H{h}{q}` -> [C] string columns.
 
 Layer norms (D.2.5) for every LayerNorm n in block_{l}/ln_1, block_{l}/ln_2, ln_f:
   ln_collapse/{n}                fraction of |scale| ≤ collapse_threshold (times
@@ -88,9 +92,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from devinterp_jax.analysis.lr_behaviour import format_step_axis, map_checkpoints  # noqa: E402
+from devinterp_jax.analysis.lr_behaviour import (evaluation_data, format_step_axis,  # noqa: E402
+                                                 map_checkpoints)
 from devinterp_jax.analysis.plots import save_figure  # noqa: E402
-from devinterp_jax.data.regression import RegressionTask, sample_batch  # noqa: E402
+from devinterp_jax.data.regression import RegressionTask  # noqa: E402
 from devinterp_jax.models.regression_transformer import RegressionTransformer  # noqa: E402
 
 Params = Any
@@ -130,10 +135,12 @@ def top_right_subspace(matrix_NxD: jax.Array, k: int) -> jax.Array:
   """Orthonormal basis [k, D] of the span of the top-k right singular vectors."""
   _, _, vt_RxD = jnp.linalg.svd(matrix_NxD, full_matrices=False)
   if k > vt_RxD.shape[-2]:
-    raise ValueError(f"k={k} exceeds the rank bound {vt_RxD.shape[-2]} of a {matrix_NxD.shape} matrix")
+    raise ValueError(f"k={k} exceeds min(N, D) = {vt_RxD.shape[-2]} of a {matrix_NxD.shape} "
+                     "matrix")
   return vt_RxD[..., :k, :]
 
 
+@functools.partial(jax.jit, static_argnames="k")
 def subspace_alignment(a_NxD: jax.Array, b_MxD: jax.Array, k: int | None = None):
   """Alignment of the top-k right singular subspaces of two matrices (rows in R^D).
 
@@ -199,7 +206,7 @@ def _target_one_hot(target_T: np.ndarray, T: int, S: int) -> np.ndarray:
   return ((np.arange(S)[None, :] == target_T[:, None]) & ok_T[:, None]).astype(np.float32)
 
 
-def attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
+def _attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
   """Per-head scores of causal attention patterns [..., B, H, T, S] (T = S = 2K).
 
   Positions alternate x-token (even t) and y-token (odd t). Returns a dict over
@@ -240,6 +247,9 @@ def attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
       "x_mass": mean_over(attn @ x_keys_S, types_QxT),
       "y_mass": mean_over(attn @ (1.0 - x_keys_S), types_QxT),
   }
+
+
+attention_scores = jax.jit(_attention_scores)
 
 
 def classify_heads(scores: Mapping[str, Any], *, hard_threshold: float = 0.8,
@@ -336,7 +346,7 @@ def _structure_fn(model: RegressionTransformer, sv_threshold: float, subspace_di
     out["unembed_eff_norm"] = jnp.linalg.norm(w_eff_D)
     if with_attention:
       _, attn_LxBxHxTxS = model.predict(params, data["xs"], data["ys"], return_attention=True)
-      for score, value_LxHxQ in attention_scores(attn_LxBxHxTxS).items():
+      for score, value_LxHxQ in _attention_scores(attn_LxBxHxTxS).items():
         out[f"attn_{score}"] = value_LxHxQ
     return out
 
@@ -358,8 +368,8 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
   Args:
     model: the RegressionTransformer the checkpoints belong to.
     params_list: param pytrees, one per checkpoint (indexed chunk by chunk).
-    task, key: the attention batch is `sample_batch(key, task, batch_size)`; with
-      `task=None` or `key=None` the attention metrics are skipped.
+    task, key: the attention batch is `evaluation_data(task, key, batch_size)`;
+      with `task=None` or `key=None` the attention metrics are skipped.
     batch_size: sequences for the attention metrics.
     checkpoint_chunk: checkpoints per compiled call.
     sv_threshold: `*_embed_rank` counts singular values above this × the largest.
@@ -382,8 +392,8 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
   if with_attention:
     if task.task_size != model.task_size or task.max_examples > model.max_examples:
       raise ValueError("task does not fit the model")
-    batch = jax.device_get(sample_batch(key, task, int(batch_size)))
-    data = {"xs": np.asarray(batch["xs"]), "ys": np.asarray(batch["ys"])}
+    batch = evaluation_data(task, key, batch_size)
+    data = {"xs": batch["xs"], "ys": batch["ys"]}
   fn = _structure_fn(model, float(sv_threshold), k, float(collapse_threshold),
                      bool(collapse_relative), quantiles, with_attention)
   raw = map_checkpoints(fn, params_list, data, checkpoint_chunk=checkpoint_chunk)

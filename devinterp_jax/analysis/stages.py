@@ -23,15 +23,23 @@ function of log training time. The procedure:
        in-context linear regression and 0.25 for the language model).
    A checkpoint found by both rules is reported once, as a zero crossing. The
    first and last checkpoints are never boundaries.
-4. Prune (an addition to the paper's procedure; `min_stage_change=0` turns it
-   off). On noisy curves the smoothed LLC can wiggle inside a long plateau and
-   produce two or more candidates in the same plateau, or one in the flat
-   stretch before the first (after the last) transition. Every stage must
-   therefore change the GP mean (max − min over its checkpoints) by at least
-   `min_stage_change` × the range of the GP mean over all checkpoints. While
-   some stage changes less, the boundary that bounds the smallest such stage is
-   removed: for the first (last) stage its end (start); otherwise whichever of
-   its two boundaries has the larger |slope|, i.e. is the less plateau-like.
+4. Merge and prune (an addition to the paper's procedure; `min_stage_change=0`
+   turns it off). With a stationary RBF kernel the smoothed LLC rings: it
+   overshoots after a sharp transition and undershoots before the next, and
+   on noisy curves it wiggles. That yields several candidates inside one
+   plateau (often at its edges) and candidates in the flat stretch before the
+   first or after the last transition. A stage must contain development, so:
+   consecutive candidates between which the GP mean changes (max − min over
+   the checkpoints between them) by less than `min_stage_change` (default
+   10 %) × the range of the GP mean form one plateau, reported as one boundary
+   at the checkpoint nearest the middle of their span in x; it is a zero
+   crossing if the GP mean turns there (rises on one side, falls on the
+   other), else a near-plateau. Then, while the first (last) stage changes the
+   GP mean by less than that amount, its end (start) boundary is dropped.
+   Candidates removed this way are kept in `pruned_indices`. The price: a real
+   stage whose LLC changes by less than `min_stage_change` of the range is
+   merged into its neighbour; lower the option to resolve such stages on clean
+   curves.
 
 Stage i (labelled f"{label_prefix}{i}", from 1) runs from the previous boundary
 (or the first checkpoint) to the next boundary (or the last checkpoint).
@@ -40,6 +48,18 @@ Multi-seed comparison (App. B.4): `compare_boundaries` matches each boundary of 
 reference fit (e.g. of the LLC averaged over seeds) to the nearest boundary of
 every seed in ln step and summarises the spread; `plot_seed_stages` draws one
 row per seed plus one for the reference.
+
+Usage on the `llc/llc.csv` of the main job (drop rows without a finite mean):
+
+  t = np.genfromtxt(path, delimiter=",", names=True)
+  ok = np.isfinite(t["llc_mean"])
+  r = find_stage_boundaries(t["step"][ok], t["llc_mean"][ok], t["llc_sem"][ok])
+  r.save(out_dir)
+  plot_stages(r, f"{out_dir}/stages.png", loss_steps=t["step"], loss=t["eval_loss"])
+
+`llc_std` is the noise of the LLC *estimate* at each checkpoint: the standard
+error over chains fits that meaning; the std over chains is larger by √chains
+and smooths more. With None the noise level is fitted instead.
 """
 
 from __future__ import annotations
@@ -78,8 +98,9 @@ class StageBoundaries:
   [x[0], x[-1]]: `x_grid`, `gp_mean_grid`, `gp_std_grid`, `slope_grid`.
   `boundary_indices` index the checkpoints; `boundary_kinds` are
   "zero_crossing" or "near_plateau". `tolerance_used` is the absolute |slope|
-  tolerance of the near-plateau rule. `pruned_indices` are candidates removed
-  by the `min_stage_change` rule. `settings` holds the options of the fit.
+  tolerance of the near-plateau rule. `pruned_indices` are the candidates that
+  the merge rule (`min_stage_change`) did not report; a merged boundary can be
+  a checkpoint that was not itself a candidate. `settings` holds the options.
   """
 
   steps: np.ndarray
@@ -133,7 +154,7 @@ class StageBoundaries:
     """Inverse of `to_dict` (extra keys such as `stages` are ignored)."""
     kwargs = {}
     for field in dataclasses.fields(cls):
-      value = d[field.name] if field.name in d else None
+      value = d.get(field.name)
       if field.name == "steps":
         value = np.asarray(value, dtype=np.int64)
       elif field.name == "llc_std":
@@ -142,7 +163,7 @@ class StageBoundaries:
         value = tuple(int(v) for v in (value or ()))
       elif field.name == "boundary_kinds":
         value = tuple(value or ())
-      elif field.name in ("tolerance_used",):
+      elif field.name == "tolerance_used":
         value = float(value)
       elif field.name in ("kernel", "label_prefix"):
         value = str(value)
@@ -242,7 +263,10 @@ def _prune(candidates: list[int], kinds: dict[int, str], x: np.ndarray, gp_mean:
   boundary is dropped. Returns (kept indices, their kinds, dropped candidates).
   """
   n = len(gp_mean)
-  ptp = lambda a, b: float(np.ptp(gp_mean[a:b + 1]))
+
+  def ptp(a: int, b: int) -> float:
+    return float(np.ptp(gp_mean[a:b + 1]))
+
   runs: list[list[int]] = []
   for i in candidates:
     if runs and ptp(runs[-1][-1], i) < min_change:
@@ -282,7 +306,7 @@ def find_stage_boundaries(
     noise_level_bounds: tuple[float, float] = (1e-8, 1e2),
     n_restarts: int = 10,
     seed: int = 0,
-    min_stage_change: float = 0.05,
+    min_stage_change: float = 0.1,
     grid_size: int = 512,
     label_prefix: str = "LR",
 ) -> StageBoundaries:
@@ -305,7 +329,8 @@ def find_stage_boundaries(
     n_restarts: optimizer restarts of the GP fit.
     seed: random state of the restarts.
     min_stage_change: every stage must change the GP mean by at least this
-      fraction of its range over the checkpoints; 0 keeps every candidate.
+      fraction of its range over the checkpoints; candidates closer than that
+      are merged (see the module docstring); 0 keeps every candidate.
     grid_size: points of the dense grid kept for plotting.
     label_prefix: stage labels are f"{label_prefix}{i}".
 
@@ -319,6 +344,8 @@ def find_stage_boundaries(
   steps, llc_mean, llc_std = _check_inputs(steps, llc_mean, llc_std)
   if tolerance < 0 or min_stage_change < 0:
     raise ValueError("tolerance and min_stage_change must be non-negative")
+  if n_restarts < 0 or grid_size < 2:
+    raise ValueError("n_restarts must be >= 0 and grid_size >= 2")
   x = np.log1p(steps.astype(float))
   y_loc = float(np.mean(llc_mean))
   y_scale = float(np.std(llc_mean))
@@ -473,5 +500,98 @@ def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=Non
   _set_xscale(ax_slope, scale)
   ax_slope.set_xlim(steps[0], steps[-1])
   axes[0].set_title(title or "LLC stages")
+  fig.tight_layout()
+  return save_figure(fig, path)
+
+
+def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoundaries, *,
+                       max_log_distance: float = math.log(3.0)) -> list[dict[str, Any]]:
+  """Matches every reference boundary to the nearest boundary of each seed (App. B.4).
+
+  Distances are in x = ln(step + 1). A seed without a boundary within
+  `max_log_distance` of the reference boundary (default ln 3, a factor of 3
+  in step) gets None. A seed boundary may match more than one reference
+  boundary.
+
+  Returns:
+    One dict per reference boundary, in order: `boundary` (1-based),
+    `label` (e.g. "LR1-LR2"), `reference_step`, `reference_kind`,
+    `matched_steps` and `log_distances` (per seed, None if unmatched),
+    `count` (seeds matched), `n_seeds`, and over the matched steps `min_step`,
+    `max_step`, `geometric_mean_step` (exp(mean ln(step + 1)) − 1) and
+    `log_step_std` (population std of ln(step + 1)); these four are None when
+    no seed matched.
+  """
+  if max_log_distance < 0:
+    raise ValueError("max_log_distance must be non-negative")
+  p = reference.label_prefix
+  out = []
+  for k, (s_ref, kind) in enumerate(zip(reference.boundary_steps, reference.boundary_kinds)):
+    x_ref = math.log1p(s_ref)
+    matched: list[int | None] = []
+    dists: list[float | None] = []
+    for result in per_seed:
+      xs = np.log1p(np.asarray(result.boundary_steps, dtype=float))
+      if xs.size == 0:
+        matched.append(None)
+        dists.append(None)
+        continue
+      j = int(np.argmin(np.abs(xs - x_ref)))
+      d = float(abs(xs[j] - x_ref))
+      matched.append(int(result.boundary_steps[j]) if d <= max_log_distance else None)
+      dists.append(d if d <= max_log_distance else None)
+    m = np.asarray([s for s in matched if s is not None], dtype=float)
+    lm = np.log1p(m)
+    out.append({
+        "boundary": k + 1, "label": f"{p}{k + 1}-{p}{k + 2}", "reference_step": int(s_ref),
+        "reference_kind": kind, "matched_steps": matched, "log_distances": dists,
+        "count": int(m.size), "n_seeds": len(per_seed),
+        "min_step": int(m.min()) if m.size else None,
+        "max_step": int(m.max()) if m.size else None,
+        "geometric_mean_step": float(np.expm1(lm.mean())) if m.size else None,
+        "log_step_std": float(lm.std()) if m.size else None,
+    })
+  return out
+
+
+def plot_seed_stages(per_seed: Sequence[StageBoundaries], reference: StageBoundaries, path: str,
+                     labels: Sequence[str] | None = None, title: str = "") -> str:
+  """One row per seed plus one for the reference: LLC, GP mean and boundaries.
+
+  Each row shades and marks (dashed black) its own stages; the reference
+  boundaries are drawn dotted red on every row so the spread is visible.
+  Returns `path`.
+  """
+  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
+
+  if labels is not None and len(labels) != len(per_seed):
+    raise ValueError(f"{len(labels)} labels for {len(per_seed)} seeds")
+  results = list(per_seed) + [reference]
+  names = list(labels) if labels is not None else [f"seed {i}" for i in range(len(per_seed))]
+  names.append("reference")
+  fig, axes = plt.subplots(len(results), 1, figsize=(8, 1.7 * len(results) + 0.8), sharex=True,
+                           squeeze=False)
+  axes = axes[:, 0]
+  scale = "log"
+  for ax, result, name in zip(axes, results, names):
+    steps, row_scale = _plot_x(result.steps)
+    scale = "symlog" if row_scale == "symlog" else scale
+    _shade_stages(ax, result, label=True)
+    ax.errorbar(steps, result.llc_mean, yerr=result.llc_std, fmt="o", ms=2.5, color="tab:blue",
+                elinewidth=0.7, capsize=0)
+    ax.plot(np.expm1(result.x_grid), result.gp_mean_grid, color="black", lw=1.2)
+    _mark_boundaries(ax, reference, color="tab:red", ls=":", lw=1.4, alpha=0.9)
+    _mark_boundaries(ax, result)
+    lo, hi = float(np.min(result.llc_mean)), float(np.max(result.llc_mean))
+    pad = 0.12 * max(hi - lo, 1e-12)
+    ax.set_ylim(lo - pad, hi + 2.5 * pad)
+    ax.set_ylabel(name, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+  _set_xscale(axes[-1], scale)
+  lo = min(float(r.steps[0]) for r in results)
+  hi = max(float(r.steps[-1]) for r in results)
+  axes[-1].set_xlim(lo if scale == "symlog" else max(lo, 1.0), hi)
+  axes[-1].set_xlabel("training step")
+  axes[0].set_title(title or "LLC stages per seed (dotted red: reference boundaries)")
   fig.tight_layout()
   return save_figure(fig, path)

@@ -5,7 +5,8 @@ tests call the same code:
 
   train(config, workdir)        # resumable, streams Orbax checkpoints
   estimate(config, workdir)     # LLC of every scheduled checkpoint (resumable)
-  run(config, workdir)          # the main job: both, then llc.csv and llc_curve.png
+  run(config, workdir)          # the main job: both, llc.csv, plots, analysis report
+  train_seeds / estimate_seeds / run_seeds(config, workdir)   # config.seeds at once
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import optax
 from absl import logging
 
 from devinterp_jax import atomic
-from devinterp_jax.analysis import plots
+from devinterp_jax.analysis import plots, report
+from devinterp_jax.analysis import seeds as seeds_analysis
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import calibration
@@ -301,14 +303,42 @@ def rise_test(llc_mean: np.ndarray, llc_sem: np.ndarray) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The main job: train, estimate LLCs over all checkpoints, write results."""
+  """The main job: train, estimate LLCs over all checkpoints, write results, and
+  write the analysis report (stages, metrics, Hessian) to <workdir>/report."""
   t0 = time.time()
   train(config, workdir)
   t_train = time.time() - t0
   steps, result = estimate(config, workdir)
   t_llc = time.time() - t0 - t_train
-  timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1),
-             "total_seconds": round(time.time() - t0, 1)}
+  timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1)}
   summary = write_results(workdir, steps, result, extra=timings, config=config)
+  t1 = time.time()
+  analysis = report.analyze(workdir, config.analysis)
+  summary.update(analysis_seconds=round(time.time() - t1, 1),
+                 total_seconds=round(time.time() - t0, 1),
+                 stage_boundaries=analysis["boundary_steps"])
+  atomic.write_text(os.path.join(workdir, "llc", "summary.json"), json.dumps(summary, indent=2))
   logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
+  return summary
+
+
+def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Several seeds (App. B.4): train `config.seeds` in one vmapped program,
+  estimate all their LLCs in one sweep, write each seed's results, and compare
+  stage boundaries across seeds (<workdir>/seeds_report)."""
+  t0 = time.time()
+  train_seeds(config, workdir)
+  t_train = time.time() - t0
+  steps, results = estimate_seeds(config, workdir)
+  t_llc = time.time() - t0 - t_train
+  for seed, seed_dir, s, r in zip(config.seeds, seed_workdirs(workdir, config.seeds), steps,
+                                  results):
+    write_results(seed_dir, s, r, config=seed_config(config, seed))
+  summary = seeds_analysis.analyze_seeds(workdir, config.seeds, config.analysis)
+  summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
+                 total_seconds=round(time.time() - t0, 1))
+  atomic.write_text(os.path.join(workdir, "seeds_report", "seeds.json"),
+                    json.dumps(summary, indent=1))
+  logging.info("Done in %.0fs: mean-curve boundaries %s", summary["total_seconds"],
+               summary["mean_curve"]["boundary_steps"])
   return summary

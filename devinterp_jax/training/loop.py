@@ -23,7 +23,6 @@ import numpy as np
 import optax
 from absl import logging
 
-from devinterp_jax import atomic
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import run_log
 

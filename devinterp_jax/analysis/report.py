@@ -1,0 +1,306 @@
+"""The developmental analysis report of an in-context linear regression run.
+
+`analyze(workdir)` reads a finished run (checkpoints, `llc/llc.npz`,
+`metrics.jsonl`; see `run_data`) and writes `<workdir>/report/`:
+
+  stages.json, stages.csv     stage boundaries of the LLC curve (`stages`)
+  stages.png                  loss, LLC with stages LR1…LRn shaded, slope (Fig. 1 / B.2)
+  metrics.csv                 one row per checkpoint: step, LLC, every scalar metric
+  metrics.npz                 every metric, structured arrays included ([C, …])
+  behaviour.png, structure.png, hessian.png
+  stage_changes.json          per stage, the metrics that changed most in it
+  report.json, report.md      the summary a person reads
+
+"Changed most in a stage": each scalar metric m is scaled by its range over
+all checkpoints, and a stage's change is (m(end) − m(start)) / range, so
+metrics in different units compare; the top `top_metrics` by |change| are
+listed per stage. Metrics that are constant over checkpoints (baselines) are
+left out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from devinterp_jax import atomic
+from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, stages
+from devinterp_jax.analysis.run_data import Run, load_run
+from devinterp_jax.data.regression import sample_batch
+
+# Key streams for evaluation data (independent of training and SGLD streams).
+_BEHAVIOUR, _STRUCTURE, _HESSIAN = range(3)
+
+
+def default_options() -> ml_collections.ConfigDict:
+  """Analysis options; `configs/*.py` embed these as `config.analysis`."""
+  return ml_collections.ConfigDict(dict(
+      seed=0,                       # evaluation data and Hessian probes
+      checkpoint_chunk=8,           # checkpoints per compiled metric call
+      top_metrics=6,                # metrics listed per stage in report.md
+      # noise: per-checkpoint GP noise from the LLC's standard error over chains
+      # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
+      stages=dict(tolerance=0.05, relative_tolerance=True, n_restarts=10,
+                  min_stage_change=0.1, noise="sem"),
+      behaviour=dict(batch_size=2048, gains=(0.5, 1.0, 2.0, 4.0, 8.0)),
+      structure=dict(batch_size=256, collapse_threshold=0.1),
+      hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
+                   num_lanczos_iters=32, top_k=3),
+  ))
+
+
+def _key(options, stream: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(options.seed), stream)
+
+
+def stage_boundaries(run: Run, options: ml_collections.ConfigDict) -> stages.StageBoundaries:
+  """Stage boundaries of the run's LLC curve (App. B.1)."""
+  return fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options)
+
+
+def fit_stages(steps, llc_mean, llc_std, llc_sem,
+               options: ml_collections.ConfigDict) -> stages.StageBoundaries:
+  """`stages.find_stage_boundaries` with the options' noise model."""
+  o = options.stages
+  noise = {"sem": llc_sem, "std": llc_std, "fit": None}
+  if o.noise not in noise:
+    raise ValueError(f"analysis.stages.noise must be one of {sorted(noise)}, got {o.noise!r}")
+  return stages.find_stage_boundaries(
+      steps, llc_mean, noise[o.noise], tolerance=o.tolerance,
+      relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
+      min_stage_change=o.min_stage_change, seed=options.seed)
+
+
+def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Behavioural, structural and Hessian metrics of every checkpoint ([C] leading)."""
+  checkpoints = run.checkpoints()
+  metrics: dict[str, np.ndarray] = {}
+  t0 = time.time()
+  metrics.update(lr_behaviour.behaviour_metrics(
+      run.model, checkpoints, run.task, _key(options, _BEHAVIOUR),
+      options.behaviour.batch_size, gains=tuple(options.behaviour.gains),
+      checkpoint_chunk=options.checkpoint_chunk))
+  logging.info("Behavioural metrics of %d checkpoints: %.1fs", len(checkpoints), time.time() - t0)
+  t0 = time.time()
+  metrics.update(lr_structure.structure_metrics(
+      run.model, checkpoints, run.task, _key(options, _STRUCTURE),
+      options.structure.batch_size, checkpoint_chunk=options.checkpoint_chunk,
+      collapse_threshold=options.structure.collapse_threshold))
+  logging.info("Structural metrics: %.1fs", time.time() - t0)
+  if options.hessian.enabled:
+    t0 = time.time()
+    o = options.hessian
+    batch = sample_batch(_key(options, _HESSIAN), run.task, o.batch_size)
+    h = hessian.hessian_stats(run.model.loss, checkpoints, batch,
+                              num_hutchinson=o.num_hutchinson,
+                              num_lanczos_iters=o.num_lanczos_iters, top_k=o.top_k,
+                              seed=options.seed, checkpoint_chunk=options.checkpoint_chunk)
+    metrics["hessian_trace"] = h["trace"]
+    metrics["hessian_trace_se"] = h["trace_se"]
+    metrics["hessian_top_eigenvalues"] = h["top_eigenvalues"]
+    metrics["hessian_top_eigenvalue"] = h["top_eigenvalues"][:, 0]
+    logging.info("Hessian statistics: %.1fs", time.time() - t0)
+  return metrics
+
+
+def scalar_columns(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The numeric [C] entries of a metrics dict (the CSV columns)."""
+  return {k: np.asarray(v, float) for k, v in metrics.items()
+          if np.ndim(v) == 1 and np.issubdtype(np.asarray(v).dtype, np.number)}
+
+
+def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
+                  boundaries: stages.StageBoundaries, top: int = 6) -> list[dict[str, Any]]:
+  """Per stage, the metrics with the largest range-normalised change in it."""
+  steps = np.asarray(steps)
+  out = []
+  for stage in boundaries.stages:
+    i0 = int(np.searchsorted(steps, stage["start_step"]))
+    i1 = int(np.searchsorted(steps, stage["end_step"]))
+    changes = []
+    for name, values in columns.items():
+      finite = values[np.isfinite(values)]
+      if finite.size < 2:
+        continue
+      span = float(finite.max() - finite.min())
+      if span <= 1e-12 * max(1.0, float(np.abs(finite).max())):
+        continue  # constant over training (e.g. baselines)
+      delta = float(values[i1] - values[i0])
+      if np.isfinite(delta):
+        changes.append({"metric": name, "start": float(values[i0]), "end": float(values[i1]),
+                        "change": delta, "relative_change": delta / span})
+    changes.sort(key=lambda c: -abs(c["relative_change"]))
+    out.append({**stage, "top_changes": changes[:top]})
+  return out
+
+
+def milestones(steps: np.ndarray, columns: Mapping[str, np.ndarray],
+               boundaries: stages.StageBoundaries) -> dict[str, Any]:
+  """The LR developmental milestones the paper reads off its metrics.
+
+  task_prior: the checkpoint where the predictions are closest to the
+    task-prior prediction (App. D.1.1), with that distance beside the initial one.
+  icl_onset: the first checkpoint where ICL_{1:4} has fallen by half of its
+    total fall (App. D.1.2: ICL scores falling marks in-context learning).
+  Each milestone names the stage it falls in.
+  """
+  steps = np.asarray(steps)
+
+  def stage_of(step: int) -> str:
+    for s in boundaries.stages:
+      if s["start_step"] <= step <= s["end_step"]:
+        return s["label"]
+    return "?"
+
+  out: dict[str, Any] = {}
+  dist = columns.get("dist_prior")
+  if dist is not None and np.isfinite(dist).any():
+    i = int(np.nanargmin(dist))
+    out["task_prior"] = {"step": int(steps[i]), "stage": stage_of(int(steps[i])),
+                         "dist_prior": float(dist[i]), "dist_prior_initial": float(dist[0]),
+                         "dist_zero": float(columns["dist_zero"][i]),
+                         "mse": float(columns["mse"][i]),
+                         "prior_mse": float(np.nanmean([columns[k][i] for k in columns
+                                                        if k.startswith("prior_loss_k")]))}
+  icl = columns.get("icl_1_4")
+  if icl is not None and np.isfinite(icl).any():
+    start, low = float(icl[0]), float(np.nanmin(icl))
+    half = start - 0.5 * (start - low)
+    i = int(np.argmax(icl <= half))
+    out["icl_onset"] = {"step": int(steps[i]), "stage": stage_of(int(steps[i])),
+                        "icl_1_4_initial": start, "icl_1_4_min": low,
+                        "icl_1_4_at_onset": float(icl[i])}
+  if "task_prior" in out and "icl_onset" in out:
+    out["task_prior_before_icl"] = out["task_prior"]["step"] <= out["icl_onset"]["step"]
+  return out
+
+
+def _write_csv(path: str, steps: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+  names = list(columns)
+  lines = [",".join(["step", *names])]
+  for i, s in enumerate(steps):
+    lines.append(",".join([str(int(s)), *(repr(float(columns[n][i])) for n in names)]))
+  atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timings) -> str:
+  llc = run.llc
+  lines = [f"# Developmental analysis: `{os.path.abspath(run.workdir)}`", "",
+           f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
+           f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
+           f"(ε = {llc.settings.get('step_size')}, nβ = {llc.settings.get('nbeta')}, "
+           f"γ = {llc.settings.get('localization')}); chain health "
+           f"{json.dumps(llc.health_counts())}.", "",
+           "## Stages", "",
+           "Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
+           "of the slope or near-plateaus (local minima of |slope| below the tolerance "
+           f"{boundaries.tolerance_used:.3g}).", "",
+           "| stage | start step | end step | ends at | LLC at start → end |",
+           "|---|---|---|---|---|"]
+  for s in boundaries.stages:
+    i0 = int(np.searchsorted(run.steps, s["start_step"]))
+    i1 = int(np.searchsorted(run.steps, s["end_step"]))
+    lines.append(f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
+                 f"{s['end_kind'].replace('_', ' ')} | "
+                 f"{llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
+  lines += ["", "## Milestones", ""]
+  tp, icl = marks.get("task_prior"), marks.get("icl_onset")
+  if tp:
+    lines.append(f"* **Task prior** ({tp['stage']}): predictions are closest to the "
+                 f"task-prior prediction at step {tp['step']} (mean squared distance "
+                 f"{tp['dist_prior']:.3g}, from {tp['dist_prior_initial']:.3g} at the first "
+                 f"checkpoint); the model's MSE there is {tp['mse']:.3f} vs "
+                 f"{tp['prior_mse']:.3f} for the task-prior predictor.")
+  if icl:
+    lines.append(f"* **In-context learning** ({icl['stage']}): ICL₁:₄ = L₄ − L₁ falls from "
+                 f"{icl['icl_1_4_initial']:.3f} to {icl['icl_1_4_min']:.3f}; half of that "
+                 f"fall is reached at step {icl['step']}.")
+  if "task_prior_before_icl" in marks:
+    lines.append(f"* Task-prior stage before the ICL stage: "
+                 f"**{'yes' if marks['task_prior_before_icl'] else 'no'}**.")
+  lines += ["", "## What changed in each stage", "",
+            "Change = (value at the stage's end − value at its start) / (range of the metric "
+            "over all checkpoints).", ""]
+  for c in changes:
+    lines.append(f"**{c['label']}** (steps {c['start_step']}–{c['end_step']}): " + "; ".join(
+        f"`{t['metric']}` {t['start']:.3g} → {t['end']:.3g} ({t['relative_change']:+.2f})"
+        for t in c["top_changes"]))
+    lines.append("")
+  if labels_final:
+    lines += ["## Heads at the last checkpoint", "",
+              "| head | label |", "|---|---|"]
+    lines += [f"| {k.split('/', 1)[1]} | {v} |" for k, v in labels_final.items()]
+    lines.append("")
+  lines += ["## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures]
+  lines += ["", f"Timings (s): {json.dumps(timings)}", ""]
+  return "\n".join(lines)
+
+
+def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
+            out_dir: str | None = None) -> dict[str, Any]:
+  """Writes the report directory of a finished run; returns report.json's content."""
+  options = default_options() if options is None else options
+  run = load_run(workdir)
+  out = out_dir or os.path.join(workdir, "report")
+  os.makedirs(out, exist_ok=True)
+  timings = {}
+  t0 = time.time()
+  boundaries = stage_boundaries(run, options)
+  boundaries.save(out)
+  eval_loss = run.logged("eval_loss")
+  figures = [("stages", stages.plot_stages(
+      boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
+      loss_label="eval MSE", title="LLC stages (in-context linear regression)"))]
+  timings["stages"] = round(time.time() - t0, 1)
+  logging.info("Stage boundaries at steps %s", list(boundaries.boundary_steps))
+
+  t0 = time.time()
+  metrics = compute_metrics(run, options)
+  timings["metrics"] = round(time.time() - t0, 1)
+  columns = {"llc_mean": run.llc.llc_mean, "llc_std": run.llc.llc_std,
+             "eval_loss": eval_loss, **scalar_columns(metrics)}
+  _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)
+  atomic.save_npz(os.path.join(out, "metrics.npz"), steps=run.steps,
+                  **{k.replace("/", "__"): np.asarray(v) for k, v in metrics.items()
+                     if np.asarray(v).dtype != object})
+  edges = list(boundaries.boundary_steps)
+  figures.append(("behaviour", lr_behaviour.plot_behaviour(
+      run.steps, metrics, os.path.join(out, "behaviour.png"), boundaries=edges,
+      title="Behaviour (App. D.1)")))
+  figures.append(("structure", lr_structure.plot_structure(
+      run.steps, metrics, os.path.join(out, "structure.png"), boundaries=edges,
+      title="Structure (App. D.2)")))
+  if options.hessian.enabled:
+    figures.append(("hessian", hessian.plot_llc_vs_hessian(
+        run.steps, run.llc.llc_mean, run.llc.llc_std,
+        {"trace": metrics["hessian_trace"], "trace_se": metrics["hessian_trace_se"],
+         "top_eigenvalues": metrics["hessian_top_eigenvalues"]},
+        os.path.join(out, "hessian.png"), boundaries=edges,
+        title="LLC vs Hessian curvature (App. B.5)")))
+  labels = lr_structure.head_labels(metrics)
+  labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
+                  if not k.endswith(("x", "y"))}
+  changes = stage_changes(run.steps, {k: v for k, v in columns.items() if k != "llc_std"},
+                          boundaries, options.top_metrics)
+  marks = milestones(run.steps, columns, boundaries)
+  atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))
+  summary = {"workdir": os.path.abspath(workdir), "stages": boundaries.stages,
+             "boundary_steps": list(boundaries.boundary_steps),
+             "boundary_kinds": list(boundaries.boundary_kinds), "milestones": marks,
+             "head_labels_last_checkpoint": labels_final,
+             "figures": [os.path.basename(p) for _, p in figures], "timings": timings,
+             "options": options.to_dict()}
+  atomic.write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=1))
+  atomic.write_text(os.path.join(out, "report.md"),
+                    _markdown(run, boundaries, changes, marks, labels_final, figures, timings))
+  logging.info("Report written to %s (stages %s)", out,
+               ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
+                         for s in boundaries.stages))
+  return summary

@@ -1,0 +1,316 @@
+"""Stage boundaries from LLC plateaus (App. B.1, B.4) on synthetic curves.
+
+The curves are sums of logistic rises and falls in x = ln(step + 1) plus
+Gaussian noise, sampled on checkpoints spaced like the paper's schedule. The
+true plateaus are the minima of |d curve/dx| of the noiseless curve between
+consecutive logistic centres, mapped to the nearest checkpoint.
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from devinterp_jax.analysis import stages
+from devinterp_jax.analysis.stages import (NEAR_PLATEAU, ZERO_CROSSING, StageBoundaries,
+                                           compare_boundaries, find_stage_boundaries,
+                                           plot_seed_stages, plot_stages)
+
+
+def _schedule(total: int = 100_000, n_log: int = 30, n_linear: int = 15) -> np.ndarray:
+  log_steps = np.logspace(0, np.log10(total), n_log).astype(int)
+  lin_steps = np.linspace(1, total, n_linear).astype(int)
+  return np.union1d(log_steps, lin_steps)
+
+
+STEPS = _schedule()
+X = np.log1p(STEPS)
+NOISE = 0.02  # noise std as a fraction of the curve's range (1–3 %, heteroscedastic)
+SEEDS = (0, 1, 2)
+
+# (amplitude, centre in ln step, width in ln step) of each logistic.
+CURVES = {
+    "two_rise": [(40, 3.0, 0.3), (40, 7.0, 0.3)],                    # near-plateau
+    "rise_fall": [(60, 4.0, 0.5), (-25, 7.5, 0.5)],                  # LR-like peak
+    "four": [(25, 2.0, 0.25), (40, 5.5, 0.25), (-30, 8.0, 0.3), (15, 10.3, 0.25)],
+}
+MONOTONE = {"single_mid": [(50, 6.0, 0.6)], "single_early_sharp": [(50, 3.0, 0.3)]}
+
+
+def _curve(x, comps):
+  x = np.asarray(x, dtype=float)
+  return sum(a / (1.0 + np.exp(-(x - c) / s)) for a, c, s in comps)
+
+
+def _true_plateaus(comps):
+  """[(checkpoint index, |slope| / max |slope|, turns)] between consecutive centres."""
+  xs = np.linspace(X[0], X[-1], 40001)
+  d = np.gradient(_curve(xs, comps), xs)
+  centres = sorted(c for _, c, _ in comps)
+  out = []
+  for c0, c1 in zip(centres[:-1], centres[1:]):
+    inside = np.flatnonzero((xs > c0) & (xs < c1))
+    j = inside[np.argmin(np.abs(d[inside]))]
+    turns = bool(np.sign(d[inside[0]]) != np.sign(d[inside[-1]]))
+    out.append((int(np.argmin(np.abs(X - xs[j]))), abs(d[j]) / np.abs(d).max(), turns))
+  return out
+
+
+def _noisy(comps, seed):
+  y0 = _curve(X, comps)
+  sd = NOISE * np.ptp(y0) * (0.5 + (y0 - y0.min()) / np.ptp(y0))
+  return y0, sd, y0 + sd * np.random.default_rng(seed).standard_normal(len(X))
+
+
+@functools.lru_cache(maxsize=None)
+def _fit(name, seed, with_std):
+  comps = {**CURVES, **MONOTONE}[name]
+  _, sd, y = _noisy(comps, seed)
+  return find_stage_boundaries(STEPS, y, sd if with_std else None)
+
+
+def test_schedule_is_like_the_papers():
+  assert 38 <= len(STEPS) <= 45 and STEPS[0] == 1 and STEPS[-1] == 100_000
+  assert np.all(np.diff(STEPS) > 0)
+
+
+@pytest.mark.parametrize("with_std", [False, True], ids=["white_kernel", "llc_std"])
+@pytest.mark.parametrize("name", list(CURVES))
+def test_finds_true_plateaus_and_nothing_else(name, with_std):
+  truth = _true_plateaus(CURVES[name])
+  true_idx = [i for i, _, _ in truth]
+  # The synthetic plateaus are real ones: flat well below the 5 % tolerance.
+  assert all(rel < 0.025 for _, rel, _ in truth), truth
+  for seed in SEEDS:
+    r = _fit(name, seed, with_std)
+    found = list(r.boundary_indices)
+    msg = f"{name} seed={seed} true={true_idx} found={found} kinds={r.boundary_kinds}"
+    assert len(found) == len(true_idx), msg
+    for p in true_idx:
+      assert min(abs(b - p) for b in found) <= 1, msg
+    for b in found:
+      assert min(abs(b - p) for p in true_idx) <= 1, msg
+    for (p, _, turns), b, kind in zip(truth, found, r.boundary_kinds):
+      if turns:  # a peak or valley of the LLC is a zero crossing of the slope
+        assert kind == ZERO_CROSSING, msg
+    assert r.boundary_steps == tuple(int(STEPS[i]) for i in found)
+    assert len(r.stages) == len(found) + 1
+
+
+@pytest.mark.parametrize("with_std", [False, True], ids=["white_kernel", "llc_std"])
+def test_gp_smooths_towards_the_truth_and_slope_is_its_derivative(with_std):
+  # The GP mean is closer to the noiseless curve than the data are (on average:
+  # a stationary RBF overshoots sharp transitions, so not on every curve).
+  ratios = []
+  for name in CURVES:
+    for seed in SEEDS:
+      y0, _, y = _noisy(CURVES[name], seed)
+      rmse_gp = np.sqrt(np.mean((_fit(name, seed, with_std).gp_mean - y0) ** 2))
+      ratios.append(rmse_gp / np.sqrt(np.mean((y - y0) ** 2)))
+  assert np.mean(ratios) < 0.85 and np.max(ratios) < 1.15, ratios
+  r = _fit("rise_fall", 0, with_std)
+  assert np.all(r.gp_std > 0) and np.all(np.isfinite(r.gp_std))
+  # The analytic slope matches central differences of the GP mean on the grid.
+  fd = np.gradient(r.gp_mean_grid, r.x_grid)
+  scale = np.abs(r.slope_grid).max()
+  assert np.max(np.abs(fd[1:-1] - r.slope_grid[1:-1])) < 2e-3 * scale
+  # Grid and checkpoint values are the same function.
+  np.testing.assert_allclose(np.interp(r.x, r.x_grid, r.gp_mean_grid), r.gp_mean,
+                             atol=1e-3 * np.ptp(r.gp_mean))
+  # And the true slope is recovered where the curve changes most.
+  true_slope = np.gradient(_curve(r.x_grid, CURVES["rise_fall"]), r.x_grid)
+  assert abs(r.slope_grid.max() - true_slope.max()) < 0.25 * true_slope.max()
+
+
+@pytest.mark.parametrize("with_std", [False, True], ids=["white_kernel", "llc_std"])
+@pytest.mark.parametrize("name", list(MONOTONE))
+def test_monotone_logistic_has_no_boundaries(name, with_std):
+  r = _fit(name, 0, with_std)
+  assert r.boundary_indices == () and r.boundary_kinds == ()
+  assert r.stages == [{"label": "LR1", "start_step": 1, "end_step": 100_000, "end_kind": "end"}]
+
+
+def test_deterministic():
+  _, sd, y = _noisy(CURVES["four"], 1)
+  a = _fit("four", 1, False)
+  b = find_stage_boundaries(list(STEPS), list(y))
+  assert a.kernel == b.kernel and a.tolerance_used == b.tolerance_used
+  assert a.boundary_indices == b.boundary_indices and a.boundary_kinds == b.boundary_kinds
+  for field in ("gp_mean", "gp_std", "slope", "slope_grid", "gp_mean_grid"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_tolerance_options():
+  r = _fit("two_rise", 0, False)
+  assert r.tolerance_used == pytest.approx(0.05 * np.abs(r.slope).max())
+  _, _, y = _noisy(CURVES["two_rise"], 0)
+  # An absolute tolerance above every |slope| makes every local minimum of
+  # |slope| a candidate; the merge rule still reports one boundary per plateau.
+  big = find_stage_boundaries(STEPS, y, tolerance=1e6, relative_tolerance=False)
+  assert big.tolerance_used == 1e6
+  assert big.boundary_indices == r.boundary_indices
+  # Without the merge rule the paper's raw rules report the ringing too.
+  raw = find_stage_boundaries(STEPS, y, tolerance=1e6, relative_tolerance=False,
+                              min_stage_change=0.0)
+  assert len(raw.boundary_indices) > len(r.boundary_indices)
+  assert raw.pruned_indices == ()
+
+
+def test_merge_rule():
+  x = np.linspace(0.0, 10.0, 21)
+  # Rise, a plateau with a small wiggle (candidates 8 and 12), rise again.
+  gp = np.concatenate([np.linspace(0, 10, 7), [10, 10.3, 10, 9.8, 10, 10.2, 10],
+                       np.linspace(10, 20, 7)[:-1], [20.0]])
+  assert len(gp) == 21
+  kinds = {1: ZERO_CROSSING, 8: ZERO_CROSSING, 12: NEAR_PLATEAU}
+  kept, out_kinds, dropped = stages._prune([1, 8, 12], kinds, x, gp, 0.1 * np.ptp(gp))
+  assert kept == [10] and out_kinds == {10: NEAR_PLATEAU} and dropped == [1, 8, 12]
+  # A plateau at a peak: the merged boundary turns, so it is a zero crossing.
+  peak = np.where(np.arange(21) <= 10, gp, 2 * gp[10] - gp)
+  kept, out_kinds, _ = stages._prune([8, 12], kinds, x, peak, 0.1 * np.ptp(peak))
+  assert kept == [10] and out_kinds == {10: ZERO_CROSSING}
+  # min_change 0 keeps every candidate and its kind.
+  kept, out_kinds, dropped = stages._prune([1, 8, 12], kinds, x, gp, 0.0)
+  assert kept == [1, 8, 12] and out_kinds == kinds and dropped == []
+
+
+def test_detection_rules_directly():
+  slope = np.array([5.0, 3.0, -1.0, -4.0, -0.2, -3.0, 2.0, 0.5])
+  # Sign changes: (1,2) -> 2, (5,6) -> 6; (6,7) has no change.
+  assert stages._zero_crossings(slope) == [2, 6]
+  # |slope| local minima below 0.3: index 4 only (index 7 is the last).
+  assert stages._near_plateaus(slope, 0.3) == [4]
+  assert stages._near_plateaus(slope, 1.5) == [2, 4]
+  # A crossing at the ends is never a boundary.
+  assert stages._zero_crossings(np.array([0.1, -3.0, -2.0, -1.5, 1.0])) == []
+
+
+def test_save_round_trip(tmp_path):
+  r = _fit("four", 0, True)
+  json_path, csv_path = r.save(str(tmp_path / "out"))
+  with open(json_path) as f:
+    d = json.load(f)
+  assert d["boundary_steps"] == list(r.boundary_steps)
+  assert d["boundary_kinds"] == list(r.boundary_kinds)
+  assert d["stages"] == r.stages and d["kernel"] == r.kernel
+  assert len(d["llc_std"]) == len(STEPS) and len(d["slope_grid"]) == len(r.x_grid)
+  with open(csv_path) as f:
+    rows = list(csv.DictReader(f))
+  assert [row["label"] for row in rows] == ["LR1", "LR2", "LR3", "LR4"]
+  assert int(rows[0]["start_step"]) == 1 and int(rows[-1]["end_step"]) == 100_000
+  assert [int(row["end_step"]) for row in rows[:-1]] == list(r.boundary_steps)
+  assert [int(row["start_step"]) for row in rows[1:]] == list(r.boundary_steps)
+  assert [row["end_kind"] for row in rows] == list(r.boundary_kinds) + ["end"]
+  back = StageBoundaries.load(str(tmp_path / "out"))
+  assert back.boundary_indices == r.boundary_indices and back.kernel == r.kernel
+  np.testing.assert_allclose(back.slope, r.slope)
+  assert back.stages == r.stages
+  no_std = _fit("four", 0, False)
+  no_std.save(str(tmp_path / "b"))
+  assert StageBoundaries.load(str(tmp_path / "b")).llc_std is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3]), "length"),
+    (dict(steps=[1, 2, 3], llc_mean=[1, 2, 3]), "at least 4"),
+    (dict(steps=[1, 2, 3, 4], llc_mean=[1, np.nan, 3, 4]), "finite"),
+    (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3, 4], llc_std=[1, np.inf, 1, 1]), "finite"),
+    (dict(steps=[1, 3, 2, 4], llc_mean=[1, 2, 3, 4]), "increasing"),
+    (dict(steps=[1, 2, 2, 4], llc_mean=[1, 2, 3, 4]), "increasing"),
+    (dict(steps=[-1, 2, 3, 4], llc_mean=[1, 2, 3, 4]), "non-negative"),
+    (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3, 4], llc_std=[1, -1, 1, 1]), "non-negative"),
+    (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3, 4], llc_std=[1, 1, 1]), "shape"),
+    (dict(steps=[1, 2.5, 3, 4], llc_mean=[1, 2, 3, 4]), "integers"),
+])
+def test_bad_input(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    find_stage_boundaries(**kwargs)
+
+
+def _is_png(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_stages(tmp_path):
+  r = _fit("four", 0, True)
+  loss = 2.0 * np.exp(-_curve(X, CURVES["four"]) / 40)
+  p = plot_stages(r, str(tmp_path / "stages.png"), loss_steps=STEPS, loss=loss, title="four")
+  assert p == str(tmp_path / "stages.png") and _is_png(p)
+  # Without a loss, and with a checkpoint at step 0 (symlog axis).
+  steps0 = np.concatenate([[0], STEPS])
+  y0 = _curve(np.log1p(steps0), CURVES["rise_fall"])
+  r0 = find_stage_boundaries(steps0, y0 + 0.3 * np.sin(7 * np.arange(len(y0))), n_restarts=2)
+  assert r0.stages[0]["start_step"] == 0
+  assert _is_png(plot_stages(r0, str(tmp_path / "no_loss.png")))
+  with pytest.raises(ValueError, match="loss_steps"):
+    plot_stages(r, str(tmp_path / "x.png"), loss=loss)
+
+
+def _shifted_fits(shifts, seed0=10):
+  """Fits of rise_fall-like curves with every centre moved by `shift` in ln step."""
+  base = [(60, 3.5, 0.4), (-25, 7.0, 0.4), (20, 9.5, 0.3)]
+  per_seed, curves = [], []
+  for k, shift in enumerate(shifts):
+    comps = [(a, c + shift, s) for a, c, s in base]
+    y0 = _curve(X, comps)
+    y = y0 + 0.01 * np.ptp(y0) * np.random.default_rng(seed0 + k).standard_normal(len(X))
+    curves.append(y)
+    per_seed.append(find_stage_boundaries(STEPS, y))
+  reference = find_stage_boundaries(STEPS, np.mean(curves, axis=0))
+  return per_seed, reference
+
+
+@functools.lru_cache(maxsize=None)
+def _shifted():
+  return _shifted_fits((-0.5, 0.0, 0.5))
+
+
+def test_compare_boundaries_tracks_shifts():
+  per_seed, reference = _shifted()
+  assert all(len(r.boundary_steps) == 2 for r in per_seed + [reference])
+  out = compare_boundaries(per_seed, reference)
+  assert [o["boundary"] for o in out] == [1, 2] and out[0]["label"] == "LR1-LR2"
+  for o, ref_step in zip(out, reference.boundary_steps):
+    assert o["reference_step"] == ref_step and o["count"] == 3 and o["n_seeds"] == 3
+    x = np.log1p(o["matched_steps"])
+    assert np.all(np.diff(x) > 0), o  # later centres, later boundaries
+    assert 0.6 <= x[-1] - x[0] <= 1.6, o  # the shift is 1.0 in ln step
+    assert o["min_step"] == min(o["matched_steps"]) and o["max_step"] == max(o["matched_steps"])
+    assert o["min_step"] <= o["geometric_mean_step"] <= o["max_step"]
+    assert o["log_step_std"] == pytest.approx(np.std(x))
+    assert 0.25 <= o["log_step_std"] <= 0.7
+    assert abs(np.log1p(o["geometric_mean_step"]) - np.log1p(ref_step)) < 0.45
+
+
+def test_compare_boundaries_unmatched():
+  per_seed, reference = _shifted()
+  far = dataclasses.replace(per_seed[1], boundary_steps=(int(STEPS[-2]),),
+                            boundary_indices=(len(STEPS) - 2,), boundary_kinds=(NEAR_PLATEAU,))
+  empty = dataclasses.replace(per_seed[1], boundary_steps=(), boundary_indices=(),
+                              boundary_kinds=())
+  out = compare_boundaries([per_seed[1], far, empty], reference)
+  assert [o["matched_steps"][1:] for o in out] == [[None, None], [None, None]]
+  assert all(o["count"] == 1 for o in out)
+  assert out[0]["log_step_std"] == 0.0
+  assert out[0]["min_step"] == out[0]["max_step"] == per_seed[1].boundary_steps[0]
+  none = compare_boundaries([empty], reference)
+  assert none[0]["count"] == 0 and none[0]["geometric_mean_step"] is None
+  # A large enough window matches the far boundary.
+  wide = compare_boundaries([far], reference, max_log_distance=20.0)
+  assert wide[0]["matched_steps"] == [int(STEPS[-2])]
+  assert compare_boundaries(per_seed, dataclasses.replace(
+      reference, boundary_steps=(), boundary_indices=(), boundary_kinds=())) == []
+
+
+def test_plot_seed_stages(tmp_path):
+  per_seed, reference = _shifted()
+  p = plot_seed_stages(per_seed, reference, str(tmp_path / "seeds.png"),
+                       labels=["a", "b", "c"])
+  assert _is_png(p)
+  with pytest.raises(ValueError, match="labels"):
+    plot_seed_stages(per_seed, reference, str(tmp_path / "x.png"), labels=["a"])
