@@ -300,9 +300,14 @@ def test_compare_boundaries_unmatched():
   assert out[0]["min_step"] == out[0]["max_step"] == per_seed[1].boundary_steps[0]
   none = compare_boundaries([empty], reference)
   assert none[0]["count"] == 0 and none[0]["geometric_mean_step"] is None
-  # A large enough window matches the far boundary.
+  # A large enough window matches the far boundary, to one reference boundary only:
+  # the nearest one (matching is one-to-one).
   wide = compare_boundaries([far], reference, max_log_distance=20.0)
-  assert wide[0]["matched_steps"] == [int(STEPS[-2])]
+  hits = [k for k, o in enumerate(wide) if o["matched_steps"] == [int(STEPS[-2])]]
+  nearest = int(np.argmin(np.abs(np.log1p(np.asarray(reference.boundary_steps, float))
+                                 - np.log1p(STEPS[-2]))))
+  assert hits == [nearest]
+  assert all(o["matched_steps"] == [None] for k, o in enumerate(wide) if k != nearest)
   assert compare_boundaries(per_seed, dataclasses.replace(
       reference, boundary_steps=(), boundary_indices=(), boundary_kinds=())) == []
 

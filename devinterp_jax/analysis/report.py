@@ -48,7 +48,7 @@ def default_options() -> ml_collections.ConfigDict:
       # noise: per-checkpoint GP noise from the LLC's standard error over chains
       # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
       stages=dict(tolerance=0.05, relative_tolerance=True, n_restarts=10,
-                  min_stage_change=0.1, noise="sem"),
+                  min_stage_change=0.05, noise="sem"),
       behaviour=dict(batch_size=2048, gains=(0.5, 1.0, 2.0, 4.0, 8.0)),
       structure=dict(batch_size=256, collapse_threshold=0.1),
       hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
@@ -287,7 +287,8 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   labels = lr_structure.head_labels(metrics)
   labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
                   if not k.endswith(("x", "y"))}
-  changes = stage_changes(run.steps, {k: v for k, v in columns.items() if k != "llc_std"},
+  changes = stage_changes(run.steps, {k: v for k, v in columns.items()
+                                      if not k.endswith(("_std", "_se"))},
                           boundaries, options.top_metrics)
   marks = milestones(run.steps, columns, boundaries)
   atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))

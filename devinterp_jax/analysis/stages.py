@@ -31,7 +31,8 @@ function of log training time. The procedure:
    first or after the last transition. A stage must contain development, so:
    consecutive candidates between which the GP mean changes (max − min over
    the checkpoints between them) by less than `min_stage_change` (default
-   10 %) × the range of the GP mean form one plateau, reported as one boundary
+   5 %; 10 % is more robust on very noisy curves but drops real turning points
+   such as the LR LLC's peak, whose fall is ~10 % of the range) × the range of the GP mean form one plateau, reported as one boundary
    at the checkpoint nearest the middle of their span in x; it is a zero
    crossing if the GP mean turns there (rises on one side, falls on the
    other), else a near-plateau. Then, while the first (last) stage changes the
@@ -306,7 +307,7 @@ def find_stage_boundaries(
     noise_level_bounds: tuple[float, float] = (1e-8, 1e2),
     n_restarts: int = 10,
     seed: int = 0,
-    min_stage_change: float = 0.1,
+    min_stage_change: float = 0.05,
     grid_size: int = 512,
     label_prefix: str = "LR",
 ) -> StageBoundaries:
@@ -510,8 +511,8 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
 
   Distances are in x = ln(step + 1). A seed without a boundary within
   `max_log_distance` of the reference boundary (default ln 3, a factor of 3
-  in step) gets None. A seed boundary may match more than one reference
-  boundary.
+  in step) gets None. Matching is one-to-one per seed (closest pairs first),
+  so a seed boundary matches at most one reference boundary.
 
   Returns:
     One dict per reference boundary, in order: `boundary` (1-based),
@@ -525,21 +526,25 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
   if max_log_distance < 0:
     raise ValueError("max_log_distance must be non-negative")
   p = reference.label_prefix
+  x_refs = np.log1p(np.asarray(reference.boundary_steps, dtype=float))
+  # One-to-one per seed: pairs within reach are assigned closest first, so a
+  # seed boundary never stands for two reference boundaries.
+  assigned: list[dict[int, tuple[int, float]]] = []
+  for result in per_seed:
+    xs = np.log1p(np.asarray(result.boundary_steps, dtype=float))
+    pairs = sorted((abs(float(xs[j] - x_refs[k])), k, j)
+                   for k in range(len(x_refs)) for j in range(len(xs)))
+    used_ref, used_seed, got = set(), set(), {}
+    for d, k, j in pairs:
+      if d <= max_log_distance and k not in used_ref and j not in used_seed:
+        got[k] = (int(result.boundary_steps[j]), d)
+        used_ref.add(k)
+        used_seed.add(j)
+    assigned.append(got)
   out = []
   for k, (s_ref, kind) in enumerate(zip(reference.boundary_steps, reference.boundary_kinds)):
-    x_ref = math.log1p(s_ref)
-    matched: list[int | None] = []
-    dists: list[float | None] = []
-    for result in per_seed:
-      xs = np.log1p(np.asarray(result.boundary_steps, dtype=float))
-      if xs.size == 0:
-        matched.append(None)
-        dists.append(None)
-        continue
-      j = int(np.argmin(np.abs(xs - x_ref)))
-      d = float(abs(xs[j] - x_ref))
-      matched.append(int(result.boundary_steps[j]) if d <= max_log_distance else None)
-      dists.append(d if d <= max_log_distance else None)
+    matched: list[int | None] = [a[k][0] if k in a else None for a in assigned]
+    dists: list[float | None] = [a[k][1] if k in a else None for a in assigned]
     m = np.asarray([s for s in matched if s is not None], dtype=float)
     lm = np.log1p(m)
     out.append({

@@ -1,0 +1,71 @@
+"""Do stage boundaries survive a different SGLD seed?
+
+Re-estimates the LLC of every checkpoint of a finished run with other SGLD seeds
+(new noise and minibatches; same ε, nβ, γ, chains, draws), finds the stage
+boundaries of each curve with the run's analysis options, and reports how far
+each boundary moves, in checkpoints. Resumable (chunks under
+<workdir>/llc_sgld_seed_<s>/). Writes <workdir>/stage_stability.json.
+
+  PYTHONPATH=. python benchmarks/stage_stability.py --workdir=workdirs/icl_runlocal --seeds=1
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+import ml_collections
+import numpy as np
+
+from devinterp_jax import atomic
+from devinterp_jax.analysis import report
+from devinterp_jax.analysis.run_data import load_run
+from devinterp_jax.experiments import icl_regression
+from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run (main job).", required=True)
+_SEEDS = flags.DEFINE_list("seeds", ["1"], "Other SGLD seeds (config.llc.seed).")
+
+
+def _max_shift(steps: np.ndarray, a: list[int], b: list[int]) -> dict:
+  """Boundary-by-boundary shift in checkpoint indices (None when counts differ)."""
+  ia, ib = np.searchsorted(steps, a), np.searchsorted(steps, b)
+  if len(ia) != len(ib):
+    return {"same_count": False, "max_shift_checkpoints": None}
+  shifts = np.abs(ia - ib)
+  return {"same_count": True, "shifts_checkpoints": shifts.tolist(),
+          "max_shift_checkpoints": int(shifts.max()) if len(shifts) else 0}
+
+
+def main(argv):
+  del argv
+  quiet_orbax_logs()
+  run = load_run(_WORKDIR.value)
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  options = (ml_collections.ConfigDict(config.analysis.to_dict()) if "analysis" in config
+             else report.default_options())
+  base = report.stage_boundaries(run, options)
+  rows = {"workdir": os.path.abspath(_WORKDIR.value), "sgld_seed": int(config.llc.seed),
+          "boundary_steps": list(base.boundary_steps), "other_seeds": []}
+  model = icl_regression.make_model(config)
+  for seed in [int(s) for s in _SEEDS.value]:
+    config.llc.seed = seed
+    result = icl_regression._estimate(  # pylint: disable=protected-access
+        config, model, run.checkpoints(), [int(s) for s in run.steps],
+        os.path.join(_WORKDIR.value, f"llc_sgld_seed_{seed}", "chunks"))
+    other = report.fit_stages(run.steps, result.llc_mean, result.llc_std, result.llc_sem,
+                              options)
+    entry = {"sgld_seed": seed, "boundary_steps": list(other.boundary_steps),
+             "llc_mean": result.llc_mean.tolist(),
+             "max_abs_llc_difference": float(np.max(np.abs(result.llc_mean - run.llc.llc_mean))),
+             **_max_shift(run.steps, list(base.boundary_steps), list(other.boundary_steps))}
+    rows["other_seeds"].append(entry)
+    logging.info("SGLD seed %d: boundaries %s vs %s (max shift %s checkpoints)", seed,
+                 entry["boundary_steps"], rows["boundary_steps"], entry["max_shift_checkpoints"])
+  atomic.write_text(os.path.join(_WORKDIR.value, "stage_stability.json"),
+                    json.dumps(rows, indent=1))
+  print(json.dumps({k: v for k, v in rows.items()}, indent=1)[:2000])
+
+
+if __name__ == "__main__":
+  flags.FLAGS.set_default("alsologtostderr", True)
+  app.run(main)
