@@ -41,8 +41,7 @@ def main(argv):
   quiet_orbax_logs()
   run = load_run(_WORKDIR.value)
   config = ml_collections.ConfigDict(run.config.to_dict())
-  options = (ml_collections.ConfigDict(config.analysis.to_dict()) if "analysis" in config
-             else report.default_options())
+  options = report.default_options()   # today's stage options (the run may predate them)
   base = report.stage_boundaries(run, options)
   rows = {"workdir": os.path.abspath(_WORKDIR.value), "sgld_seed": int(config.llc.seed),
           "boundary_steps": list(base.boundary_steps), "other_seeds": []}
