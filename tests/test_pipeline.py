@@ -32,7 +32,8 @@ def test_main_job_writes_loadable_results_and_plot(tmp_path):
   assert on_disk["num_checkpoints"] == len(steps) and "rise_in_standard_errors" in on_disk
   # The analysis report (stages, metrics, Hessian) is written at the end.
   report_dir = os.path.join(workdir, "report")
-  for name in ("report.md", "report.json", "stages.json", "stages.csv", "metrics.npz",
+  assert open(os.path.join(workdir, "report", "stages.csv")).readline().startswith("label,")
+  for name in ("report.md", "report.json", "stages.json", "metrics.npz",
                "stage_changes.json", "stages.png", "behaviour.png", "structure.png",
                "hessian.png"):
     assert os.path.getsize(os.path.join(report_dir, name)) > 100, name

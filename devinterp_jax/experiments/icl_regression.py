@@ -76,7 +76,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   eval_loss = jax.jit(model.loss)
   return loop.train(
       workdir=workdir,
-      init_params=model.init_params(_key(config, _INIT)),
+      init_params=jax.jit(model.init_params)(_key(config, _INIT)),  # one compile, not one per op
       loss_fn=model.loss,
       batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
       optimizer=make_optimizer(config),
@@ -119,7 +119,7 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainSt
                      "seed; train the seeds one by one with launch/train.py")
   configs = [seed_config(config, s) for s in seeds]
   model, task = make_model(config), make_task(configs[0])
-  init = jax.vmap(model.init_params)(jax.numpy.stack([_key(c, _INIT) for c in configs]))
+  init = jax.jit(jax.vmap(model.init_params))(jax.numpy.stack([_key(c, _INIT) for c in configs]))
   eval_batches = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[
       sample_batch(_key(c, _EVAL), task, config.train.eval_batch_size) for c in configs])
   loss_S = jax.jit(jax.vmap(model.loss))
@@ -279,7 +279,8 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
              "steps_first_middle_last": [int(steps[0]), int(steps[mid]), int(steps[-1])],
              "diverged_chains": int(result.diverged.sum()),
              "chain_health": result.health_counts(),
-             "mala_acceptance_mean": float(np.nanmean(result.mala_acceptance)),
+             "mala_acceptance_mean": (float(np.nanmean(result.mala_acceptance))
+                                      if np.isfinite(result.mala_acceptance).any() else None),
              "settings_pass_calibration_check": check, **(extra or {})}
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
