@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from devinterp_jax import atomic
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
+from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import sgld as sgld_lib
 
 Params = Any
@@ -125,9 +126,9 @@ def batch_fn_from_data(data: Any, batch_size: int) -> Callable[[jax.Array], Any]
 
 
 def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.Array],
-               *, loss_fn: LossFn, batch_fn: Callable, sampler: SamplerFactory,
-               settings: SamplerSettings) -> dict[str, jax.Array]:
-  """One SGLD chain from w*.
+               mask: Params | None = None, *, loss_fn: LossFn, batch_fn: Callable,
+               sampler: SamplerFactory, settings: SamplerSettings) -> dict[str, jax.Array]:
+  """One SGLD chain from w* (moving only the coordinates `mask` selects, if given).
 
   Returns per-step `loss` [S] (and with diagnostics `distance`, `grad_norm`,
   `noise_norm` [S]; with MALA `mala` [S], NaN off the measured steps) and
@@ -149,14 +150,23 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
     batch_key, noise_key = keys(t)
     batch = batch_fn(batch_key)
     loss, grads = grad_fn(params, batch)
+    grads = restrict_lib.apply(mask, grads)      # restricted gradient
     updates, state = transform.update(grads, state, params, params_star=params_star,
                                       noise_key=noise_key)
+    updates = restrict_lib.apply(mask, updates)  # restricted noise (w − w* is 0 off the mask)
     proposal = optax.apply_updates(params, updates)
     out = {"loss": loss}
     if settings.diagnostics:
       out["distance"] = sgld_lib.tree_norm(jax.tree.map(jnp.subtract, params, params_star))
       out["grad_norm"] = sgld_lib.tree_norm(grads)
-      out["noise_norm"] = state.noise_norm
+      if mask is None:
+        out["noise_norm"] = state.noise_norm
+      else:  # η = Δw + (ε/2) P ∇U on the selected coordinates
+        drift = sgld_lib.potential_grad(grads, params, params_star, nbeta, gamma)
+        precond = getattr(state, "precond", None)
+        scaled = drift if precond is None else jax.tree.map(jnp.multiply, precond, drift)
+        out["noise_norm"] = sgld_lib.tree_norm(jax.tree.map(
+            lambda u, d: u + 0.5 * eps * d, updates, restrict_lib.apply(mask, scaled)))
     if settings.mala_stride:
       def acceptance():
         loss_p, grads_p = grad_fn(proposal, batch)  # same minibatch at both points
@@ -178,18 +188,18 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
 
 
 def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy):
-  """(stacked params [N, ...], hypers) -> {name: [N, C, ...]} (see `_run_chain`)."""
+  """(stacked params [N, ...], hypers, mask) -> {name: [N, C, ...]} (see `_run_chain`)."""
   chain_keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.key(settings.seed), c))(
       jnp.arange(settings.num_chains))
-  run = lambda p, k, h: _run_chain(p, k, h, loss_fn=loss_fn, batch_fn=batch_fn,
-                                   sampler=sampler, settings=settings)
+  run = lambda p, k, h, m: _run_chain(p, k, h, m, loss_fn=loss_fn, batch_fn=batch_fn,
+                                      sampler=sampler, settings=settings)
 
-  def one_checkpoint(params_star, hypers):
+  def one_checkpoint(params_star, hypers, mask):
     if chain_strategy == "vmap":
-      return jax.vmap(run, in_axes=(None, 0, None))(params_star, chain_keys, hypers)
-    return jax.lax.map(lambda k: run(params_star, k, hypers), chain_keys)
+      return jax.vmap(run, in_axes=(None, 0, None, None))(params_star, chain_keys, hypers, mask)
+    return jax.lax.map(lambda k: run(params_star, k, hypers, mask), chain_keys)
 
-  return jax.vmap(one_checkpoint, in_axes=(0, None))
+  return jax.vmap(one_checkpoint, in_axes=(0, None, None))
 
 
 def _resolve_chain_strategy(strategy: str) -> str:
@@ -239,8 +249,12 @@ def _auto_mesh(mesh: Mesh) -> Mesh:
 def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
                      sampler: str | SamplerFactory = "sgld", mesh: Mesh | None = None,
                      batch_axis: str = "data", chain_strategy: str = "auto",
-                     grid: bool = False):
+                     grid: bool = False, restricted: bool = False):
   """The jitted sweep `(stacked_params, hypers) -> {name: [N, C, ...]}`.
+
+  With `restricted=True` the program is `(stacked_params, hypers, masks)` with
+  0/1 masks (`sampling/restrict.py`) on a leading [R] axis, and every output
+  gains a leading [R] axis: all restrictions (e.g. all heads) in one program.
 
   `hypers` is a dict of the sampler factory's arguments (`step_size`, `nbeta`,
   `localization`; traced, so changing them does not recompile). With
@@ -265,7 +279,17 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
     unsharded_batch_fn = batch_fn
     batch_fn = lambda key: jax.lax.with_sharding_constraint(unsharded_batch_fn(key),
                                                             batch_sharding)
-  sweep = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy)
+  sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy)
+  if restricted:
+    if grid:
+      raise ValueError("grid=True and restricted=True cannot be combined")
+    if strategy == "map":
+      sweep = lambda params, hypers, masks: jax.lax.map(lambda m: sweep3(params, hypers, m),
+                                                        masks)
+    else:
+      sweep = jax.vmap(sweep3, in_axes=(None, None, 0))
+    return jax.jit(sweep)
+  sweep = lambda params, hypers: sweep3(params, hypers, None)
   if grid:
     if strategy == "map":
       sweep_one = sweep
@@ -312,7 +336,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                   checkpoint_chunk: int | None = None,
                   mesh: Mesh | None = None, batch_axis: str = "data",
                   output_dir: str | None = None, checkpoint_ids: Sequence[Any] | None = None,
-                  chain_strategy: str = "auto", progress: bool = True) -> results_lib.LLCResult:
+                  chain_strategy: str = "auto", progress: bool = True,
+                  restrict: Any = None) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   Args:
@@ -348,10 +373,17 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     chain_strategy: 'vmap' (batched chains), 'map' (sequential chains inside
       the program) or 'auto' (map on CPU, vmap elsewhere; see the benchmark).
     progress: log a line with ETA after each chunk.
+    restrict: a weight restriction (refined LLC): one 0/1 mask tree shaped like
+      a checkpoint (`sampling/restrict.py`: `by_head`, `by_pattern`, …), or
+      `(names, masks)` with masks stacked on a leading [R] axis (e.g.
+      `restrict.all_heads(params)`), estimated together in one program with the
+      same noise and minibatches. SGLD then moves only the selected coordinates;
+      d in the health criteria is the number selected.
 
   Returns:
-    An `LLCResult` with leading axis [checkpoint]. Diverged chains are excluded
-    from the mean and named in a warning; every chain has a health status.
+    An `LLCResult` with leading axis [checkpoint] ([restriction, checkpoint]
+    with several restrictions). Diverged chains are excluded from the mean and
+    named in a warning; every chain has a health status.
   """
   settings = SamplerSettings(num_chains=num_chains, num_draws=num_draws, step_size=step_size,
                              localization=localization, nbeta=nbeta, batch_size=batch_size,
@@ -378,12 +410,32 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     raise ValueError(f"checkpoint_chunk must be >= 1, got {checkpoint_chunk}")
   chunk = min(chunk, num_ckpts)
 
+  masks, restriction_names, single = None, None, False
+  if restrict is not None:
+    if isinstance(restrict, tuple) and len(restrict) == 2 and isinstance(restrict[0], list):
+      restriction_names, masks = restrict
+      masks = jax.tree.map(lambda x: np.asarray(x, np.float32), masks)
+    else:
+      masks, single = restrict_lib.stack([restrict]), True
+      restriction_names = ["restricted"]
+    first = get(0, 1)
+    restrict_lib.check(masks, jax.tree.map(lambda x: x[0], first), leading_axes=1)
+    counts = restrict_lib.num_selected(masks, leading_axes=1)
+    if np.any(counts == 0):
+      raise ValueError(f"restrictions {[n for n, c in zip(restriction_names, counts) if c == 0]} "
+                       "select no coordinate")
   program = make_llc_program(loss_fn, data, settings, sampler=sampler, mesh=mesh,
-                             batch_axis=batch_axis, chain_strategy=strategy)
+                             batch_axis=batch_axis, chain_strategy=strategy,
+                             restricted=masks is not None)
   hypers = {"step_size": jnp.float32(step_size), "nbeta": jnp.float32(nbeta),
             "localization": jnp.float32(localization)}
   name = sampler_name(sampler)
-  fingerprint = _fingerprint(settings, {"chunk": chunk, "ids": ids, "sampler": name})
+  extra = {"chunk": chunk, "ids": ids, "sampler": name}
+  if masks is not None:
+    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(masks)))
+    extra.update(restrictions=restriction_names, restriction_digest=digest.hexdigest()[:16])
+  fingerprint = _fingerprint(settings, extra)
+  axis = 0 if masks is None else 1   # the checkpoint axis of the outputs
 
   starts = list(range(0, num_ckpts, chunk))
   outputs: list[dict[str, np.ndarray]] = []
@@ -405,7 +457,9 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     if hi - lo < chunk:  # pad so every call has the same shape: one compilation
       params = jax.tree.map(lambda x: np.concatenate(
           [x, np.repeat(x[-1:], chunk - (hi - lo), axis=0)]), params)
-    out = {k: v[:hi - lo] for k, v in jax.device_get(program(params, hypers)).items()}
+    raw = program(params, hypers) if masks is None else program(params, hypers, masks)
+    out = {k: np.take(v, np.arange(hi - lo), axis=axis)
+           for k, v in jax.device_get(raw).items()}
     if path:
       atomic.save_npz(path, fingerprint=np.array(fingerprint), num_params=np.array(num_params),
                       **out)
@@ -418,11 +472,19 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       logging.info("LLC chunk %d/%d (checkpoints %d-%d): %.0f chain-steps/s, ETA %.0fs",
                    i + 1, len(starts), lo, hi - 1, rate,
                    remaining * elapsed / max(computed, 1))
-  merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  merged = {k: np.concatenate([o[k] for o in outputs], axis=axis) for k in outputs[0]}
+  extra_settings = {"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name}
+  labels = [f"checkpoint {c}" for c in ids]
+  if masks is not None:
+    num_params = counts.reshape(-1, 1, 1)  # d per restriction, broadcast over [R, N, C]
+    labels = [f"{r} checkpoint {c}" for r in restriction_names for c in ids]
+    extra_settings["restrictions"] = restriction_names
+    if single:
+      merged = {k: v[0] for k, v in merged.items()}
+      num_params, labels = int(counts[0]), labels[:num_ckpts]
   return results_from_outputs(
-      merged, settings, nbeta, num_params=num_params,
-      labels=[f"checkpoint {c}" for c in ids], criteria=criteria,
-      extra_settings={"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name})
+      merged, settings, nbeta, num_params=num_params, labels=labels, criteria=criteria,
+      extra_settings=extra_settings)
 
 
 def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,

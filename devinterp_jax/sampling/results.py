@@ -154,5 +154,6 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
                    not_converged=health["not_converged"], negative=health["negative"],
                    mala_acceptance=mala_acceptance, distance=as32(distance),
                    grad_norm=as32(grad_norm), noise_norm=as32(noise_norm),
-                   settings={**settings, "nbeta": float(nbeta), "num_params": int(num_params),
+                   settings={**settings, "nbeta": float(nbeta), "num_params": np.asarray(num_params).reshape(-1).tolist()
+                             if np.ndim(num_params) else int(num_params),
                              "health_criteria": dataclasses.asdict(criteria)})
