@@ -94,3 +94,21 @@ def test_bad_restrictions_name_the_problem():
     dj.estimate_llc(loss_fn, params, data, num_chains=1, num_draws=2, step_size=1e-3,
                     localization=1.0, nbeta=1.0, batch_size=4,
                     restrict={"a": np.ones(2), "b": np.ones(2)})
+
+
+def test_groups_and_layers_partition_the_lr_transformer():
+  model = RegressionTransformer(d_model=16, d_mlp=16, num_heads=2, num_layers=2)
+  params = model.init_params(jax.random.key(0))
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  groups = [restrict.by_group(params, g) for g in
+            ("token_embed", "pos_embed", "unembed", "layer_norms", "mlp", "attention")]
+  counts = [restrict.num_selected(g) for g in groups]
+  assert sum(counts) == total                       # disjoint and complete
+  assert counts[0] == 5 * 16 and counts[1] == 16 * 16 and counts[2] == 16 * 5 + 5
+  layers = [restrict.num_selected(restrict.by_layer(params, l)) for l in range(2)]
+  assert layers[0] == layers[1] == (total - counts[0] - counts[1] - counts[2] - 2 * 16) // 2
+  names, heads = restrict.all_heads(params)
+  per_layer_heads = restrict.num_selected(heads, leading_axes=1).reshape(2, 2).sum(1)
+  assert np.all(per_layer_heads == counts[5] // 2)  # heads cover the attention weights (no biases)
+  with pytest.raises(ValueError, match="unknown parameter group"):
+    restrict.by_group(params, "embeddings")

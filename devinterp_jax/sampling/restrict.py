@@ -13,6 +13,9 @@ Selectors (all return a mask tree for one params pytree):
                                     head axis 0) and b_q, b_k, b_v ([H, E]) where
                                     present; a shared output bias is no head's
   all_heads(params)                 (names, stacked masks) for every head
+  by_layer(params, layer)           every parameter of one block ('block_{layer}/')
+  by_group(params, group)           a named group: 'token_embed', 'pos_embed',
+                                    'unembed', 'layer_norms', 'mlp', 'attention'
 """
 
 from __future__ import annotations
@@ -46,6 +49,29 @@ def by_pattern(params: Params, pattern: str) -> Params:
     raise ValueError(f"restriction pattern {pattern!r} selects no parameter; paths are like "
                      f"{[path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:6]}")
   return mask
+
+
+# Named groups as path patterns (the LR transformer's names; the LM models use the same).
+GROUPS = {
+    "token_embed": r"(^|/)token_embed/",
+    "pos_embed": r"(^|/)pos_embed",
+    "unembed": r"(^|/)unembed/",
+    "layer_norms": r"(^|/)ln_[^/]*/",
+    "mlp": r"(^|/)mlp_(in|out)/",
+    "attention": r"(^|/)attn/",
+}
+
+
+def by_group(params: Params, group: str) -> Params:
+  """A named group of parameters (`GROUPS`)."""
+  if group not in GROUPS:
+    raise ValueError(f"unknown parameter group {group!r}; choose from {sorted(GROUPS)}")
+  return by_pattern(params, GROUPS[group])
+
+
+def by_layer(params: Params, layer: int) -> Params:
+  """Every parameter of block `layer` (attention, MLP and its layer norms)."""
+  return by_pattern(params, rf"^block_{int(layer)}/")
 
 
 def by_head(params: Params, layer: int, head: int, layer_prefix: str = "block_{layer}/attn/"
