@@ -112,3 +112,27 @@ def test_groups_and_layers_partition_the_lr_transformer():
   assert np.all(per_layer_heads == counts[5] // 2)  # heads cover the attention weights (no biases)
   with pytest.raises(ValueError, match="unknown parameter group"):
     restrict.by_group(params, "embeddings")
+
+
+def _curvature_loss(params, batch):
+  return 0.5 * jnp.sum(batch["h"].mean(0) * params["w"] ** 2)
+
+
+def test_data_refined_llc_matches_the_quadratic_formula():
+  """Sample on data A (curvature h_A), measure the loss on data B (h_B):
+  E_A[nβ (L_B(w) − L_B(w*))] = ½ Σ h_B / (h_A + γ/nβ)."""
+  h_a, h_b = jnp.array([1.0, 2.0, 4.0]), jnp.array([0.5, 1.0, 3.0])
+  data_a = {"h": jnp.tile(h_a, (64, 1))}
+  data_b = {"h": jnp.tile(h_b, (64, 1))}
+  params = {"w": jnp.zeros(3)}
+  nbeta, gamma = 100.0, 1.0
+  kw = dict(num_chains=64, num_draws=4000, step_size=2e-4, localization=gamma, nbeta=nbeta,
+            batch_size=8, seed=3, num_burnin_steps=500)
+  res = dj.estimate_llc(_curvature_loss, params, data_a, loss_data=data_b, **kw)
+  exact = 0.5 * float(jnp.sum(h_b / (h_a + gamma / nbeta)))
+  assert abs(res.llc_mean - exact) < 0.05 * exact, (res.llc_mean, exact)
+  assert res.settings["data_refined"] is True
+  # With loss_data = data the estimate is the ordinary one.
+  same = dj.estimate_llc(_curvature_loss, params, data_a, loss_data=data_a, **kw)
+  plain = dj.estimate_llc(_curvature_loss, params, data_a, **kw)
+  np.testing.assert_allclose(same.llc_per_chain, plain.llc_per_chain, rtol=1e-5)

@@ -4,8 +4,10 @@ Every chain gets one status, the worst that applies:
 
   diverged       a recorded loss, L(w*) or ‖w − w*‖ is non-finite, or the loss
                  ran far above its start: nβ·(mean loss over the last quarter −
-                 L(w*)) > `divergence_llc_factor` · d, with d the number of sampled
-                 coordinates (a true LLC is at most d/2). Excluded from the mean.
+                 L(w*)) > max(`divergence_llc_factor` · d, `divergence_llc_floor`),
+                 with d the number of sampled coordinates (a true LLC is at most
+                 d/2; the floor keeps ordinary fluctuations of very small models,
+                 d ≲ 100, from being called divergence). Excluded from the mean.
   escaped        the loss fell well below L(w*) and stayed there: over the last
                  quarter of the chain, mean(L_t) − L(w*) < 0 by more than
                  `escape_z` standard errors and by more than `escape_llc`/nβ.
@@ -42,6 +44,7 @@ class HealthCriteria:
   """Thresholds of the chain-health checks (see the module docstring)."""
 
   divergence_llc_factor: float = 1.0
+  divergence_llc_floor: float = 100.0
   escape_z: float = 4.0
   escape_llc: float = 0.5
   drift_z: float = 4.0
@@ -137,7 +140,9 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     tau = autocorrelation_time(half - slope * t, pool_axis=-2)
     m3, se3 = _quarter_stats(loss, 2, tau)
     m4, se4 = _quarter_stats(loss, 3, tau)
-    blown = nbeta * (m4 - init_loss) > c.divergence_llc_factor * num_params
+    threshold = np.maximum(c.divergence_llc_factor * np.asarray(num_params),
+                           c.divergence_llc_floor)
+    blown = nbeta * (m4 - init_loss) > threshold
     diverged = ~finite | blown
 
     below = m4 - init_loss

@@ -127,7 +127,8 @@ def batch_fn_from_data(data: Any, batch_size: int) -> Callable[[jax.Array], Any]
 
 def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.Array],
                mask: Params | None = None, *, loss_fn: LossFn, batch_fn: Callable,
-               sampler: SamplerFactory, settings: SamplerSettings) -> dict[str, jax.Array]:
+               sampler: SamplerFactory, settings: SamplerSettings,
+               loss_batch_fn: Callable | None = None) -> dict[str, jax.Array]:
   """One SGLD chain from w* (moving only the coordinates `mask` selects, if given).
 
   Returns per-step `loss` [S] (and with diagnostics `distance`, `grad_norm`,
@@ -155,7 +156,8 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
                                       noise_key=noise_key)
     updates = restrict_lib.apply(mask, updates)  # restricted noise (w − w* is 0 off the mask)
     proposal = optax.apply_updates(params, updates)
-    out = {"loss": loss}
+    # Data-refined LLC: the recorded loss is measured on other data (same key).
+    out = {"loss": loss if loss_batch_fn is None else loss_fn(params, loss_batch_fn(batch_key))}
     if settings.diagnostics:
       out["distance"] = sgld_lib.tree_norm(jax.tree.map(jnp.subtract, params, params_star))
       out["grad_norm"] = sgld_lib.tree_norm(grads)
@@ -182,17 +184,19 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
 
   carry = (params_star, transform.init(params_star))
   _, out = jax.lax.scan(step, carry, jnp.arange(settings.num_steps))
-  out["init_loss"] = jax.lax.map(lambda t: loss_fn(params_star, batch_fn(keys(t)[0])),
+  init_batch_fn = batch_fn if loss_batch_fn is None else loss_batch_fn
+  out["init_loss"] = jax.lax.map(lambda t: loss_fn(params_star, init_batch_fn(keys(t)[0])),
                                  jnp.asarray(settings.init_steps))
   return out
 
 
-def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy):
+def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy, loss_batch_fn=None):
   """(stacked params [N, ...], hypers, mask) -> {name: [N, C, ...]} (see `_run_chain`)."""
   chain_keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.key(settings.seed), c))(
       jnp.arange(settings.num_chains))
   run = lambda p, k, h, m: _run_chain(p, k, h, m, loss_fn=loss_fn, batch_fn=batch_fn,
-                                      sampler=sampler, settings=settings)
+                                      sampler=sampler, settings=settings,
+                                      loss_batch_fn=loss_batch_fn)
 
   def one_checkpoint(params_star, hypers, mask):
     if chain_strategy == "vmap":
@@ -249,12 +253,14 @@ def _auto_mesh(mesh: Mesh) -> Mesh:
 def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
                      sampler: str | SamplerFactory = "sgld", mesh: Mesh | None = None,
                      batch_axis: str = "data", chain_strategy: str = "auto",
-                     grid: bool = False, restricted: bool = False):
+                     grid: bool = False, restricted: bool = False, loss_data: Any = None):
   """The jitted sweep `(stacked_params, hypers) -> {name: [N, C, ...]}`.
 
   With `restricted=True` the program is `(stacked_params, hypers, masks)` with
   0/1 masks (`sampling/restrict.py`) on a leading [R] axis, and every output
   gains a leading [R] axis: all restrictions (e.g. all heads) in one program.
+  With `loss_data`, SGLD samples on `data` but the recorded losses and L(w*)
+  are measured on minibatches of `loss_data` (data-refined LLC).
 
   `hypers` is a dict of the sampler factory's arguments (`step_size`, `nbeta`,
   `localization`; traced, so changing them does not recompile). With
@@ -279,7 +285,14 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
     unsharded_batch_fn = batch_fn
     batch_fn = lambda key: jax.lax.with_sharding_constraint(unsharded_batch_fn(key),
                                                             batch_sharding)
-  sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy)
+  loss_batch_fn = None
+  if loss_data is not None:
+    loss_batch_fn = batch_fn_from_data(loss_data, settings.batch_size)
+    if mesh is not None:
+      unsharded_loss_batch_fn = loss_batch_fn
+      loss_batch_fn = lambda key: jax.lax.with_sharding_constraint(
+          unsharded_loss_batch_fn(key), NamedSharding(mesh, P(batch_axis)))
+  sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn)
   if restricted:
     if grid:
       raise ValueError("grid=True and restricted=True cannot be combined")
@@ -337,7 +350,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                   mesh: Mesh | None = None, batch_axis: str = "data",
                   output_dir: str | None = None, checkpoint_ids: Sequence[Any] | None = None,
                   chain_strategy: str = "auto", progress: bool = True,
-                  restrict: Any = None) -> results_lib.LLCResult:
+                  restrict: Any = None, loss_data: Any = None) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   Args:
@@ -379,6 +392,9 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       `restrict.all_heads(params)`), estimated together in one program with the
       same noise and minibatches. SGLD then moves only the selected coordinates;
       d in the health criteria is the number selected.
+    loss_data: data-refined LLC: sample on `data`, but record the losses and
+      L(w*) on minibatches of `loss_data` (same form as `data`; one extra
+      forward pass per step). Default: `data` itself.
 
   Returns:
     An `LLCResult` with leading axis [checkpoint] ([restriction, checkpoint]
@@ -426,11 +442,14 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                        "select no coordinate")
   program = make_llc_program(loss_fn, data, settings, sampler=sampler, mesh=mesh,
                              batch_axis=batch_axis, chain_strategy=strategy,
-                             restricted=masks is not None)
+                             restricted=masks is not None, loss_data=loss_data)
   hypers = {"step_size": jnp.float32(step_size), "nbeta": jnp.float32(nbeta),
             "localization": jnp.float32(localization)}
   name = sampler_name(sampler)
   extra = {"chunk": chunk, "ids": ids, "sampler": name}
+  if loss_data is not None:
+    extra["loss_data"] = (repr(loss_data) if callable(loss_data) else
+                          [list(np.shape(x)) for x in jax.tree.leaves(loss_data)])
   if masks is not None:
     digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(masks)))
     extra.update(restrictions=restriction_names, restriction_digest=digest.hexdigest()[:16])
@@ -473,7 +492,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                    i + 1, len(starts), lo, hi - 1, rate,
                    remaining * elapsed / max(computed, 1))
   merged = {k: np.concatenate([o[k] for o in outputs], axis=axis) for k in outputs[0]}
-  extra_settings = {"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name}
+  extra_settings = {"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name,
+                    "data_refined": loss_data is not None}
   labels = [f"checkpoint {c}" for c in ids]
   if masks is not None:
     num_params = counts.reshape(-1, 1, 1)  # d per restriction, broadcast over [R, N, C]
