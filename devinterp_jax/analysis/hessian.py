@@ -44,6 +44,7 @@ from absl import logging  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from devinterp_jax.analysis import plots  # noqa: E402
+from devinterp_jax.storage import chunks  # noqa: E402
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -220,18 +221,6 @@ def _check_top_k(top_k: int, params: Params) -> None:
     raise ValueError(f"top_k={top_k} exceeds the number of parameters {dim}")
 
 
-def _stack(trees: Sequence[Params], first_index: int) -> Params:
-  """Stacks pytrees on a new leading axis (numpy); names any that does not fit."""
-  ref = jax.tree.structure(trees[0])
-  ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[0])]
-  for i, tree in enumerate(trees[1:], start=1):
-    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
-    if jax.tree.structure(tree) != ref or shapes != ref_shapes:
-      raise ValueError(f"checkpoint {first_index + i} does not match the structure or "
-                       f"shapes of checkpoint {first_index}")
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-
-
 def hessian_stats(loss_fn: LossFn, params_list: Sequence[Params], batch: Any, *,
                   num_hutchinson: int = 32, num_lanczos_iters: int = 32, top_k: int = 3,
                   seed: int = 0, checkpoint_chunk: int = 8) -> dict[str, np.ndarray]:
@@ -267,27 +256,22 @@ def hessian_stats(loss_fn: LossFn, params_list: Sequence[Params], batch: Any, *,
   if num_hutchinson < 2:
     raise ValueError(f"num_hutchinson must be >= 2, got {num_hutchinson}")
   _check_lanczos_args(num_lanczos_iters, top_k)
-  if checkpoint_chunk < 1:
-    raise ValueError(f"checkpoint_chunk must be >= 1, got {checkpoint_chunk}")
-  chunk = min(int(checkpoint_chunk), num_ckpts)
+  chunk = chunks.chunk_size(num_ckpts, checkpoint_chunk)
   base = jax.random.key(seed)
   trace_key = jax.random.fold_in(base, HUTCHINSON_STREAM)
   lanczos_key = jax.random.fold_in(base, LANCZOS_STREAM)
   program = functools.partial(_stats_chunk, loss_fn, num_hutchinson, num_lanczos_iters, top_k)
-  starts = list(range(0, num_ckpts, chunk))
+  num_chunks = -(-num_ckpts // chunk)
   outputs: list[dict[str, np.ndarray]] = []
   t0 = time.time()
-  for i, lo in enumerate(starts):
-    hi = min(lo + chunk, num_ckpts)
-    trees = [params_list[c] for c in range(lo, hi)]
-    trees += [trees[-1]] * (chunk - len(trees))  # pad: one shape, one compilation
+  for i, (lo, hi, stacked) in enumerate(chunks.iterate(params_list, chunk)):
     if i == 0:
-      _check_top_k(top_k, trees[0])
-    out = jax.device_get(program(_stack(trees, lo), batch, trace_key, lanczos_key))
+      _check_top_k(top_k, jax.tree.map(lambda x: x[0], stacked))
+    out = jax.device_get(program(stacked, batch, trace_key, lanczos_key))
     outputs.append({k: np.asarray(v)[:hi - lo] for k, v in out.items()})
     elapsed = time.time() - t0
     logging.info("Hessian chunk %d/%d (checkpoints %d-%d): %.1fs elapsed, ETA %.0fs",
-                 i + 1, len(starts), lo, hi - 1, elapsed,
+                 i + 1, num_chunks, lo, hi - 1, elapsed,
                  elapsed / hi * (num_ckpts - hi))
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 

@@ -65,6 +65,7 @@ import numpy as np  # noqa: E402
 from devinterp_jax.analysis.plots import save_figure  # noqa: E402
 from devinterp_jax.data.regression import RegressionTask, sample_batch  # noqa: E402
 from devinterp_jax.models.regression_transformer import RegressionTransformer  # noqa: E402
+from devinterp_jax.storage import chunks  # noqa: E402
 
 Params = Any
 DEFAULT_GAINS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -74,21 +75,6 @@ _DMMSE_CHUNK_ELEMENTS = 1 << 24  # B·K·M elements per dMMSE block (float64)
 # ----------------------------------------------------------------------------
 # Checkpoint batching shared with lr_structure.
 # ----------------------------------------------------------------------------
-
-
-def _stack_chunk(trees: Sequence[Params], first_index: int) -> Params:
-  """Stacks checkpoints on a new leading axis; names any that does not fit."""
-  ref = jax.tree.structure(trees[0])
-  ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[0])]
-  for i, tree in enumerate(trees[1:], start=1):
-    if jax.tree.structure(tree) != ref:
-      raise ValueError(f"checkpoint {first_index + i} has another pytree structure than "
-                       f"checkpoint {first_index}")
-    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
-    if shapes != ref_shapes:
-      raise ValueError(f"checkpoint {first_index + i} has other leaf shapes than "
-                       f"checkpoint {first_index}")
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def map_checkpoints(fn: Callable[[Params, Any], Mapping[str, jax.Array]],
@@ -114,20 +100,10 @@ def map_checkpoints(fn: Callable[[Params, Any], Mapping[str, jax.Array]],
   if isinstance(params_list, Mapping):
     raise TypeError("params_list must be a sequence of param pytrees, got a mapping "
                     "(wrap a single checkpoint as [params])")
-  num = len(params_list)
-  if num < 1:
-    raise ValueError("params_list is empty")
-  if checkpoint_chunk < 1:
-    raise ValueError(f"checkpoint_chunk must be >= 1, got {checkpoint_chunk}")
-  chunk = min(int(checkpoint_chunk), num)
+  chunk = chunks.chunk_size(len(params_list), checkpoint_chunk)
   program = _vmapped(fn)
   outputs = []
-  for lo in range(0, num, chunk):
-    hi = min(lo + chunk, num)
-    stacked = _stack_chunk([params_list[i] for i in range(lo, hi)], lo)
-    if hi - lo < chunk:  # pad so every call has the same shape: one compilation
-      stacked = jax.tree.map(
-          lambda x: np.concatenate([x, np.repeat(x[-1:], chunk - (hi - lo), axis=0)]), stacked)
+  for lo, hi, stacked in chunks.iterate(params_list, chunk):
     out = jax.device_get(program(stacked, data))
     outputs.append({k: np.asarray(v)[:hi - lo] for k, v in out.items()})
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

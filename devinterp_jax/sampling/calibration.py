@@ -36,6 +36,7 @@ from devinterp_jax.analysis import plots
 from devinterp_jax.sampling import diagnostics
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling.results import LLCResult
+from devinterp_jax.storage import chunks as chunks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
     raise ValueError(f"unknown health flags in disqualify: {bad}")
   criteria = criteria or diagnostics.HealthCriteria()
   if isinstance(checkpoints, Sequence):
-    stacked = llc_lib._stack(list(checkpoints))
+    stacked = chunks_lib.stack(list(checkpoints))
   else:
     stacked = checkpoints
   num_ckpts = jax.tree.leaves(stacked)[0].shape[0]

@@ -41,6 +41,7 @@ from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import sgld as sgld_lib
+from devinterp_jax.storage import chunks as chunks_lib
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -214,22 +215,6 @@ def _resolve_chain_strategy(strategy: str) -> str:
     # a sequential map for transformer-sized models; accelerators want vmap.
     return "map" if jax.default_backend() == "cpu" else "vmap"
   return strategy
-
-
-def _stack(trees: Sequence[Params], first_index: int = 0) -> Params:
-  """Stacks checkpoints on a new leading axis; names any that does not fit."""
-  ref = jax.tree.structure(trees[0])
-  ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[0])]
-  for i, tree in enumerate(trees[1:], start=1):
-    if jax.tree.structure(tree) != ref:
-      raise ValueError(f"checkpoint {first_index + i} has another pytree structure than "
-                       f"checkpoint {first_index}: {jax.tree.structure(tree)} vs {ref}")
-    shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
-    if shapes != ref_shapes:
-      bad = next(j for j, (a, b) in enumerate(zip(shapes, ref_shapes)) if a != b)
-      raise ValueError(f"checkpoint {first_index + i} has leaf {bad} of shape {shapes[bad]}, "
-                       f"checkpoint {first_index} has {ref_shapes[bad]}")
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def _fingerprint(settings: SamplerSettings, extra: dict) -> str:
@@ -411,7 +396,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   if isinstance(checkpoints, Sequence):
     if len(checkpoints) == 0:
       raise ValueError("checkpoints is empty")
-    num_ckpts, get = len(checkpoints), (lambda lo, hi: _stack(checkpoints[lo:hi], lo))
+    num_ckpts, get = len(checkpoints), (lambda lo, hi: chunks_lib.stack(checkpoints[lo:hi], lo))
   else:
     sizes = {np.shape(x)[0] for x in jax.tree.leaves(checkpoints)}
     if len(sizes) != 1:
@@ -421,10 +406,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   if checkpoint_ids is not None and len(checkpoint_ids) != num_ckpts:
     raise ValueError(f"{len(checkpoint_ids)} checkpoint_ids for {num_ckpts} checkpoints")
   ids = list(checkpoint_ids) if checkpoint_ids is not None else list(range(num_ckpts))
-  chunk = num_ckpts if checkpoint_chunk is None else int(checkpoint_chunk)
-  if chunk < 1:
-    raise ValueError(f"checkpoint_chunk must be >= 1, got {checkpoint_chunk}")
-  chunk = min(chunk, num_ckpts)
+  chunk = chunks_lib.chunk_size(num_ckpts, checkpoint_chunk)
 
   masks, restriction_names, single = None, None, False
   if restrict is not None:
@@ -473,9 +455,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       continue
     params = get(lo, hi)
     num_params = num_sampled_params(params, leading_axes=1)
-    if hi - lo < chunk:  # pad so every call has the same shape: one compilation
-      params = jax.tree.map(lambda x: np.concatenate(
-          [x, np.repeat(x[-1:], chunk - (hi - lo), axis=0)]), params)
+    params = chunks_lib.pad(params, chunk)  # one shape for every call: one compilation
     raw = program(params, hypers) if masks is None else program(params, hypers, masks)
     out = {k: np.take(v, np.arange(hi - lo), axis=axis)
            for k, v in jax.device_get(raw).items()}
