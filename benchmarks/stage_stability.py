@@ -48,7 +48,7 @@ def main(argv):
   model = icl_regression.make_model(config)
   for seed in [int(s) for s in _SEEDS.value]:
     config.llc.seed = seed
-    result = icl_regression._estimate(  # pylint: disable=protected-access
+    result = icl_regression.estimate_checkpoints(
         config, model, run.checkpoints(), [int(s) for s in run.steps],
         os.path.join(_WORKDIR.value, f"llc_sgld_seed_{seed}", "chunks"))
     other = report.fit_stages(run.steps, result.llc_mean, result.llc_std, result.llc_sem,

@@ -1,6 +1,10 @@
 """Tiny configs for fast tests (the runlocal config shrunk by overriding fields)."""
 
+import jax
+
 from configs import icl_regression
+from devinterp_jax.experiments import icl_regression as icl_experiment
+from devinterp_jax.storage import checkpoints
 
 
 def tiny_config(num_steps: int = 60):
@@ -16,3 +20,14 @@ def tiny_config(num_steps: int = 60):
   config.analysis.structure.batch_size = 32
   config.analysis.hessian.update(batch_size=32, num_hutchinson=4, num_lanczos_iters=6, top_k=2)
   return config
+
+
+def restore_params(workdir: str, config, step: int | None = None):
+  """Params saved at `step` (default: config.train.num_steps) in a run's workdir."""
+  model = icl_experiment.make_model(config)
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  manager = checkpoints.make_manager(workdir, read_only=True)
+  step = config.train.num_steps if step is None else step
+  params = checkpoints.restore(manager, step, abstract)["params"]
+  manager.close()
+  return params

@@ -11,16 +11,7 @@ from devinterp_jax.experiments import icl_regression
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import run_log
 from devinterp_jax.training import loop
-from tests.helpers import tiny_config
-
-
-def _params(workdir, config, step):
-  model = icl_regression.make_model(config)
-  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  params = checkpointing.restore(manager, step, abstract)["params"]
-  manager.close()
-  return params
+from tests.helpers import restore_params, tiny_config
 
 
 def _config():
@@ -44,8 +35,8 @@ def test_each_seed_equals_its_single_seed_run(seeds_run, tmp_path):
     icl_regression.train(single, str(tmp_path / f"single_{seed}"))
     np.testing.assert_array_equal(checkpointing.scheduled_steps(seed_dir),
                                   icl_regression.schedule_steps(config))
-    a = _params(seed_dir, config, 40)
-    b = _params(str(tmp_path / f"single_{seed}"), config, 40)
+    a = restore_params(seed_dir, config, 40)
+    b = restore_params(str(tmp_path / f"single_{seed}"), config, 40)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), a, b)
     rows_a = run_log.read_metrics(seed_dir)
     rows_b = run_log.read_metrics(str(tmp_path / f"single_{seed}"))
@@ -58,8 +49,8 @@ def test_each_seed_equals_its_single_seed_run(seeds_run, tmp_path):
       assert json.load(f)["seed"] == seed
   # the seeds really differ
   d0, d1 = icl_regression.seed_workdirs(workdir, config.seeds)
-  w0 = _params(d0, config, 40)["unembed"]["kernel"]
-  w1 = _params(d1, config, 40)["unembed"]["kernel"]
+  w0 = restore_params(d0, config, 40)["unembed"]["kernel"]
+  w1 = restore_params(d1, config, 40)["unembed"]["kernel"]
   assert np.abs(np.asarray(w0) - np.asarray(w1)).max() > 1e-2
 
 
@@ -82,8 +73,8 @@ def test_interrupted_seeds_resume_to_identical_params(seeds_run, tmp_path):
   checkpointing.make_manager(d1, read_only=True).all_steps()
   icl_regression.train_seeds(config, str(tmp_path))
   for ref, res in zip(icl_regression.seed_workdirs(ref_dir, config.seeds), (d0, d1)):
-    jax.tree.map(np.testing.assert_array_equal, _params(ref, config, 40),
-                 _params(res, config, 40))
+    jax.tree.map(np.testing.assert_array_equal, restore_params(ref, config, 40),
+                 restore_params(res, config, 40))
     steps = [r["step"] for r in run_log.read_metrics(res)]
     assert steps == sorted(set(steps))
 
@@ -110,7 +101,7 @@ def test_run_seeds_estimates_all_seeds_in_one_sweep_and_compares_boundaries(seed
     steps = checkpointing.scheduled_steps(seed_dir)
     np.testing.assert_array_equal(table["step"], steps)
     # The joint sweep equals a sweep of this seed alone (same data, noise, batches).
-    alone = icl_regression._estimate(config, model,
+    alone = icl_regression.estimate_checkpoints(config, model,
                                      checkpointing.ParamsSequence(seed_dir, steps, abstract),
                                      [int(s) for s in steps], None)
     np.testing.assert_allclose(table["llc_mean"], alone.llc_mean, rtol=1e-4, atol=1e-4)

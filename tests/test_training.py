@@ -13,18 +13,9 @@ import pytest
 
 from devinterp_jax.experiments import icl_regression
 from devinterp_jax.storage import checkpoints as checkpointing
-from tests.helpers import tiny_config
+from tests.helpers import restore_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _final_params(workdir, config):
-  model = icl_regression.make_model(config)
-  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  manager = checkpointing.make_manager(workdir, read_only=True)
-  params = checkpointing.restore(manager, config.train.num_steps, abstract)["params"]
-  manager.close()
-  return params
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +61,7 @@ def test_interrupted_run_resumes_to_identical_params(reference_run, tmp_path):
       loop.train = original
   assert checkpointing.make_manager(workdir, read_only=True).latest_step() < 60
   icl_regression.train(config, workdir)
-  ref, res = _final_params(ref_dir, config), _final_params(workdir, config)
+  ref, res = restore_params(ref_dir, config), restore_params(workdir, config)
   jax.tree.map(np.testing.assert_array_equal, ref, res)
   steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert steps == sorted(set(steps)), "log lines after the resume point were not dropped"
@@ -104,8 +95,8 @@ def test_killed_process_resumes_to_identical_params(tmp_path):
   config = tiny_config(1500)
   config.train.update(n_log=6, n_linear=4, log_every=50, resume_every=100)
   icl_regression.train(config, str(tmp_path / "clean"))
-  ref = _final_params(str(tmp_path / "clean"), config)
-  res = _final_params(str(tmp_path / "killed"), config)
+  ref = restore_params(str(tmp_path / "clean"), config)
+  res = restore_params(str(tmp_path / "killed"), config)
   jax.tree.map(np.testing.assert_array_equal, ref, res)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
-
 import jax
 import ml_collections
 import numpy as np
@@ -71,12 +69,3 @@ def load_run(workdir: str, require_llc: bool = True) -> Run:
              model=RegressionTransformer.from_config(config),
              task=RegressionTask.from_config(config))
 
-
-def config_value(config: Any, path: str, default: Any) -> Any:
-  """`config.a.b` for path 'a.b', or `default` when the run's config lacks it."""
-  node = config
-  for part in path.split("."):
-    if node is None or part not in node:
-      return default
-    node = node[part]
-  return node

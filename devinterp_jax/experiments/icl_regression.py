@@ -144,7 +144,8 @@ def sgld_dataset(config: ml_collections.ConfigDict):
   return make_dataset(_key(config, _SGLD_DATA), make_task(config), config.llc.dataset_size)
 
 
-def _estimate(config, model, checkpoints, ids, output_dir: str) -> LLCResult:
+def estimate_checkpoints(config, model, checkpoints, ids, output_dir: str | None) -> LLCResult:
+  """LLCs of any checkpoint sequence with the config's sampler settings and SGLD data."""
   c = config.llc
   logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(checkpoints),
                c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
@@ -166,7 +167,7 @@ def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarra
     raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
   abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
   checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
-  result = _estimate(config, model, checkpoints, [int(s) for s in steps],
+  result = estimate_checkpoints(config, model, checkpoints, [int(s) for s in steps],
                      os.path.join(workdir, "llc", "chunks"))
   return steps, result
 
@@ -209,7 +210,7 @@ def estimate_seeds(config: ml_collections.ConfigDict,
   sequence = _ConcatSequence([checkpointing.ParamsSequence(w, s, abstract)
                               for w, s in zip(workdirs, steps)])
   ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
-  result = _estimate(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
+  result = estimate_checkpoints(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
   offsets = np.cumsum([0] + [len(s) for s in steps])
   return steps, [result.select(slice(int(a), int(b)))
                  for a, b in zip(offsets[:-1], offsets[1:])]

@@ -416,8 +416,6 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     else:
       masks, single = restrict_lib.stack([restrict]), True
       restriction_names = ["restricted"]
-    first = get(0, 1)
-    restrict_lib.check(masks, jax.tree.map(lambda x: x[0], first), leading_axes=1)
     counts = restrict_lib.num_selected(masks, leading_axes=1)
     if np.any(counts == 0):
       raise ValueError(f"restrictions {[n for n, c in zip(restriction_names, counts) if c == 0]} "
@@ -454,6 +452,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
         num_params = int(z["num_params"])
       continue
     params = get(lo, hi)
+    if masks is not None and num_params is None:  # the first chunk loaded or computed
+      restrict_lib.check(masks, jax.tree.map(lambda x: x[0], params), leading_axes=1)
     num_params = num_sampled_params(params, leading_axes=1)
     params = chunks_lib.pad(params, chunk)  # one shape for every call: one compilation
     raw = program(params, hypers) if masks is None else program(params, hypers, masks)
