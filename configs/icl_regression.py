@@ -80,6 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       disqualify=("diverged", "not_converged"),
   ))
 
+  # Refined LLCs (launch/estimate_llc.py --restrict=heads / --loss_data=...): these
+  # fields override config.llc. Defaults: the refined-LLC paper's (language-model)
+  # sampler, ε = 1e-3, nβ = 30, γ = 200, 4 chains × 200 draws, batch 32. On the LR
+  # runlocal checkpoints ε = 1e-3 gives MALA acceptance 0.54-0.63 (docs/refined.md):
+  # calibrate before a full-scale LR run.
+  config.refined = ml_collections.ConfigDict(dict(
+      num_chains=4, num_draws=200, step_size=1e-3, nbeta=30.0, localization=200.0,
+      batch_size=32, checkpoint_chunk=16,
+  ))
+
   # launch/analyze.py and the end of the main job: stages, metrics, Hessian, report.
   config.analysis = report.default_options()
 
@@ -92,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
                       nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8)
     config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
+    # wrLLC of all 8 heads × 21 checkpoints in one program, under 15 minutes on 2 cores:
+    # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/refined.md).
+    config.refined.update(num_chains=3, num_draws=200, step_size=2e-4, nbeta=15.4,
+                          localization=100.0, checkpoint_chunk=7)
     # Sized so the whole report takes about a minute on 2 CPU cores.
     config.analysis.behaviour.batch_size = 512
     config.analysis.hessian.update(batch_size=128, num_hutchinson=8, num_lanczos_iters=16,

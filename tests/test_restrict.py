@@ -136,3 +136,96 @@ def test_data_refined_llc_matches_the_quadratic_formula():
   same = dj.estimate_llc(_curvature_loss, params, data_a, loss_data=data_a, **kw)
   plain = dj.estimate_llc(_curvature_loss, params, data_a, **kw)
   np.testing.assert_allclose(same.llc_per_chain, plain.llc_per_chain, rtol=1e-5)
+
+
+def test_restrictions_of_different_sizes_share_one_program():
+  """'a' (3 coordinates) and 'b' (2, padded to 3) together equal each alone, noise off;
+  with noise on, the padded restriction's noise has the variance of 2 coordinates."""
+  h, loss_fn, data, _ = _quadratic()
+  start = {"a": jnp.array([0.3, -0.2, 0.1]), "b": jnp.array([0.4, -0.1])}
+  masks = restrict.stack([restrict.by_pattern(start, "^a$"), restrict.by_pattern(start, "^b$")])
+  comp = restrict.compact(masks)
+  assert comp.index.shape == (2, 3) and comp.valid is not None
+  np.testing.assert_array_equal(comp.valid, [[1, 1, 1], [1, 1, 0]])
+  kw = dict(num_chains=2, num_draws=50, step_size=1e-2, localization=1.0, nbeta=10.0,
+            batch_size=8, seed=0, mala_stride=0, sampler=_gradient_descent)
+  both = dj.estimate_llcs(loss_fn, [start], data, restrict=(["a", "b"], masks),
+                          progress=False, **kw)
+  for r, name in enumerate("ab"):
+    other = "b" if name == "a" else "a"
+    small = lambda w, batch, name=name, other=other: loss_fn({name: w, other: start[other]},
+                                                             batch)
+    ref = dj.estimate_llc(small, start[name], data, **kw)
+    np.testing.assert_allclose(both.loss_trace[r, 0], ref.loss_trace, rtol=1e-5, atol=1e-7)
+  noisy = dj.estimate_llcs(loss_fn, [start], data, restrict=(["a", "b"], masks), progress=False,
+                           **{**kw, "sampler": "sgld", "num_chains": 4, "num_draws": 400})
+  eps = kw["step_size"]
+  mean_sq = np.mean(np.square(noisy.noise_norm), axis=(1, 2, 3))
+  np.testing.assert_allclose(mean_sq, [3 * eps, 2 * eps], rtol=0.1)
+  assert noisy.settings["num_params"] == [3, 2]
+
+
+def test_compaction_gathers_and_embeds_exactly():
+  model = RegressionTransformer(d_model=16, d_mlp=16, num_heads=2, num_layers=2)
+  params = model.init_params(jax.random.key(0))
+  names, masks = restrict.all_heads(params)
+  comp = restrict.compact(masks)
+  assert comp.valid is None and comp.index.shape == (4, 512)
+  touched = {restrict.path_name(p) for i, (p, _) in
+             enumerate(jax.tree_util.tree_leaves_with_path(params)) if i in comp.leaves}
+  assert touched == {f"block_{l}/attn/{w}" for l in range(2) for w in ("w_q", "w_k", "w_v", "w_o")}
+  theta = restrict.gather(params, comp.leaves, comp.index[3])
+  assert theta.shape == (512,)
+  np.testing.assert_array_equal(theta[:128], np.asarray(params["block_1"]["attn"]["w_k"][:, 1]
+                                                        ).ravel())
+  moved = restrict.embed(params, comp.leaves, comp.index[3], theta + 1.0, theta)
+  diff = jax.tree.map(lambda a, b: np.asarray(a - b), moved, params)
+  np.testing.assert_allclose(diff["block_1"]["attn"]["w_q"][:, 1], 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(diff["block_1"]["attn"]["w_q"][:, 0], 0.0)
+  np.testing.assert_allclose(diff["block_1"]["attn"]["w_o"][1], 1.0, rtol=1e-6)
+  assert sum(float(np.abs(x).sum()) for x in jax.tree.leaves(diff)) == pytest.approx(512, rel=1e-5)
+
+
+def test_specs_name_restrictions():
+  model = RegressionTransformer(d_model=16, d_mlp=16, num_heads=2, num_layers=2)
+  params = model.init_params(jax.random.key(0))
+  assert restrict.from_spec(params, "heads")[0] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+  assert restrict.from_spec(params, "layers")[0] == ["layer0", "layer1"]
+  names, groups = restrict.from_spec(params, "groups")
+  assert names == ["token_embed", "pos_embed", "unembed", "layer_norms", "mlp", "attention"]
+  one = restrict.from_spec(params, "head:1:0")[1]
+  np.testing.assert_array_equal(jax.tree.map(lambda m: m[0], one)["block_1"]["attn"]["w_q"],
+                                restrict.by_head(params, 1, 0)["block_1"]["attn"]["w_q"])
+  with pytest.raises(ValueError, match="bad restriction spec"):
+    restrict.from_spec(params, "head:x")
+  with pytest.raises(ValueError, match="selects no parameter"):
+    restrict.from_spec(params, "nothing_matches")
+
+
+def test_sum_over_disjoint_restrictions_is_not_the_full_llc():
+  """For ½ wᵀHw the restricted LLC of coordinate i is ½/(1 + γ/(nβ H_ii)) and the full
+  one ½ Σ_eig 1/(1 + γ/(nβ h)). Separable H: Σ_i λ_i = λ. Coupled H = [[1, 1], [1, 1]]
+  (one flat direction): each coordinate alone is regular, so Σ_i λ_i ≈ 2 λ."""
+  from devinterp_jax.experiments.refined import disjoint, restriction_sum
+  nbeta, gamma = 100.0, 1.0
+  params = {"w": jnp.zeros(2)}
+  masks = restrict.stack([{"w": np.array([1.0, 0.0])}, {"w": np.array([0.0, 1.0])}])
+  assert disjoint(masks)
+  kw = dict(num_chains=32, num_draws=3000, step_size=2e-4, localization=gamma, nbeta=nbeta,
+            batch_size=4, seed=2, num_burnin_steps=500, progress=False)
+  data = {"x": jnp.zeros((16,))}
+  for hess in (np.diag([1.0, 3.0]), np.array([[1.0, 1.0], [1.0, 1.0]])):
+    loss = lambda p, batch, h=jnp.asarray(hess): 0.5 * p["w"] @ h @ p["w"] + 0 * batch["x"].sum()
+    parts = dj.estimate_llcs(loss, [params], data, restrict=(["w0", "w1"], masks), **kw)
+    full = dj.estimate_llcs(loss, [params], data, **kw)
+    eig = np.linalg.eigvalsh(hess)
+    exact_full = 0.5 * sum(1 / (1 + gamma / (nbeta * h)) for h in eig if h > 1e-9)
+    exact_parts = [0.5 / (1 + gamma / (nbeta * hess[i, i])) for i in range(2)]
+    np.testing.assert_allclose(parts.llc_mean[:, 0], exact_parts, rtol=0.06)
+    np.testing.assert_allclose(full.llc_mean[0], exact_full, rtol=0.06)
+    total = restriction_sum(parts)["mean"][0]
+    np.testing.assert_allclose(total, sum(exact_parts), rtol=0.05)
+    if np.count_nonzero(hess - np.diag(np.diag(hess))) == 0:
+      assert abs(total / full.llc_mean[0] - 1) < 0.06
+    else:
+      assert abs(total / full.llc_mean[0] - 2) < 0.15

@@ -8,6 +8,12 @@
   metrics.csv                 one row per checkpoint: step, LLC, every scalar metric
   metrics.npz                 every metric, structured arrays included ([C, …])
   behaviour.png, structure.png, hessian.png
+  overlap.png                 functional overlap of heads (mean ablation) over training
+  heads.png, head_clusters.png, heads_summary.json
+                              with a wrLLC sweep (`<workdir>/wrllc_heads/`): per-head
+                              wrLLC trajectories with stages, their clustering
+                              (k-means and hierarchical), dispersion across heads
+                              beside the overlap
   stage_changes.json          per stage, the metrics that changed most in it
   report.json, report.md      the summary a person reads
 
@@ -31,12 +37,15 @@ import numpy as np
 from absl import logging
 
 from devinterp_jax import atomic
-from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, stages
+from devinterp_jax.analysis import heads as heads_lib
+from devinterp_jax.analysis import plots
+from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, overlap, stages
 from devinterp_jax.analysis.run_data import Run, load_run
+from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.data.regression import sample_batch
 
 # Key streams for evaluation data (independent of training and SGLD streams).
-_BEHAVIOUR, _STRUCTURE, _HESSIAN = range(3)
+_BEHAVIOUR, _STRUCTURE, _HESSIAN, _OVERLAP = range(4)
 
 
 def default_options() -> ml_collections.ConfigDict:
@@ -53,6 +62,11 @@ def default_options() -> ml_collections.ConfigDict:
       structure=dict(batch_size=256, collapse_threshold=0.1),
       hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
                    num_lanczos_iters=32, top_k=3),
+      overlap=dict(enabled=True, batch_size=256),
+      # wrLLC per head, read from <workdir>/<refined> when that sweep exists;
+      # num_clusters 0 = chosen by silhouette over k_range.
+      heads=dict(refined="wrllc_heads", num_clusters=0, k_range=(2, 4),
+                 normalize="zscore", linkage="ward"),
   ))
 
 
@@ -111,7 +125,109 @@ def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, n
     metrics["hessian_top_eigenvalues"] = h["top_eigenvalues"]
     metrics["hessian_top_eigenvalue"] = h["top_eigenvalues"][:, 0]
     logging.info("Hessian statistics: %.1fs", time.time() - t0)
+  if options.overlap.enabled:
+    t0 = time.time()
+    o, names = overlap.lr_overlap(run.model, checkpoints, run.task, _key(options, _OVERLAP),
+                                  options.overlap.batch_size,
+                                  checkpoint_chunk=options.checkpoint_chunk)
+    metrics.update({f"overlap/{k}": v for k, v in o.items()})
+    metrics["overlap/names"] = np.array(names)
+    logging.info("Head overlap (mean ablation): %.1fs", time.time() - t0)
   return metrics
+
+
+def head_analysis(run: Run, options: ml_collections.ConfigDict,
+                  boundaries: stages.StageBoundaries, metrics: Mapping[str, np.ndarray],
+                  out: str) -> dict[str, Any] | None:
+  """wrLLC trajectories, clusters and dispersion of the heads (None without a sweep).
+
+  Reads `<workdir>/<options.heads.refined>/llc.npz` (launch/estimate_llc.py
+  --restrict=heads), writes heads.png, head_clusters.png, heads_summary.json and
+  wrllc_dispersion.png (the across-head mean and variance of the wrLLC beside
+  the mean-ablation overlap and robustness), and returns the summary with the
+  figures and the per-checkpoint columns for metrics.csv.
+  """
+  o = options.heads
+  path = os.path.join(run.workdir, o.refined, "llc.npz")
+  if not os.path.exists(path):
+    logging.info("No head wrLLC sweep at %s: head figures skipped", path)
+    return None
+  res = LLCResult.load(path)
+  names = [str(n) for n in res.settings.get("restrictions", [])]
+  mean, sem = res.llc_mean, res.llc_sem
+  if mean.ndim != 2 or mean.shape != (len(names), len(run.steps)):
+    raise ValueError(f"{path} holds wrLLCs of shape {mean.shape}, not [heads, "
+                     f"{len(run.steps)} checkpoints] with restrictions {names}; rerun it")
+  steps, mean_ok, sem_ok, dropped = heads_lib.drop_nonfinite_checkpoints(run.steps, mean, sem)
+  if dropped:
+    logging.warning("wrLLC: checkpoints %s have no valid chain for some head; left out of "
+                    "the clustering", list(dropped))
+  summary = heads_lib.head_summary(steps, mean_ok, names, sem_RxN=sem_ok,
+                                   num_clusters=o.num_clusters or None, k_range=tuple(o.k_range),
+                                   normalize=o.normalize, linkage=o.linkage, seed=options.seed)
+  k = summary["num_clusters"]
+  clusters = {m: heads_lib.cluster_trajectories(mean_ok, names, num_clusters=k, method=m,
+                                                normalize=o.normalize, linkage=o.linkage,
+                                                seed=options.seed)
+              for m in heads_lib.CLUSTER_METHODS} if k >= 2 else {}
+  figures = [("heads", heads_lib.plot_head_trajectories(
+      run.steps, mean, names, sem_RxN=sem, boundaries=boundaries,
+      clusters=clusters.get("hierarchical"), path=os.path.join(out, "heads.png"),
+      title="wrLLC per head (colour: hierarchical cluster)"))]
+  if clusters:
+    figures.append(("head_clusters", heads_lib.plot_head_clusters(
+        steps, mean_ok, names, clusters["hierarchical"], os.path.join(out, "head_clusters.png"),
+        title=f"Head wrLLC trajectories, {o.normalize}-normalised, hierarchical ({o.linkage})")))
+  ok = np.all(np.isfinite(mean), axis=0)
+  part = heads_lib.dispersion(mean[:, ok])
+  spread = {}
+  for name in ("mean", "variance"):
+    spread[name] = np.full(len(run.steps), np.nan)
+    spread[name][ok] = part[name]
+  columns = {"wrllc_head_mean": spread["mean"], "wrllc_head_variance": spread["variance"]}
+  figures.append(("wrllc_dispersion", plot_dispersion_and_overlap(
+      run.steps, spread, metrics, list(boundaries.boundary_steps),
+      os.path.join(out, "wrllc_dispersion.png"))))
+  summary["settings"] = {k2: res.settings.get(k2) for k2 in
+                         ("step_size", "nbeta", "localization", "num_chains", "num_draws",
+                          "batch_size")}
+  summary["chain_health"] = res.health_counts()
+  atomic.write_text(os.path.join(out, "heads_summary.json"), json.dumps(summary, indent=1))
+  return {**summary, "figures": figures, "columns": columns}
+
+
+def plot_dispersion_and_overlap(steps, spread: Mapping[str, np.ndarray],
+                                metrics: Mapping[str, np.ndarray], boundaries, path: str) -> str:
+  """wrLLC mean and variance across heads, beside overlap and robustness (log step)."""
+  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
+  steps = np.asarray(steps)
+  x = np.maximum(steps, 1)
+  have_overlap = "overlap/overlap_mean" in metrics
+  fig, axes = plt.subplots(1, 2 if have_overlap else 1, figsize=(12 if have_overlap else 6, 4),
+                           squeeze=False)
+  ax = axes[0, 0]
+  ax.plot(x, spread["mean"], "k-o", ms=3, label="mean across heads")
+  ax.set_ylabel("wrLLC mean across heads")
+  ax2 = ax.twinx()
+  ax2.plot(x, spread["variance"], "C3-s", ms=3, label="variance across heads")
+  ax2.set_ylabel("wrLLC variance across heads", color="C3")
+  ax.set_title("wrLLC dispersion across heads")
+  panels = [ax]
+  if have_overlap:
+    ax = axes[0, 1]
+    ax.plot(x, metrics["overlap/overlap_mean"], "C0-o", ms=3, label="mean off-diagonal O")
+    ax.plot(x, metrics["overlap/overlap_max"], "C1-^", ms=3, label="max off-diagonal O")
+    ax.plot(x, metrics["overlap/robustness"], "C2-s", ms=3, label="robustness")
+    ax.set_title("Functional overlap (mean ablation)")
+    ax.legend(fontsize=8)
+    panels.append(ax)
+  for ax in panels:
+    ax.set_xscale("log")
+    ax.set_xlabel("training step")
+    for b in boundaries:
+      ax.axvline(max(b, 1), color="grey", ls="--", lw=0.8)
+  fig.tight_layout()
+  return plots.save_figure(fig, path)
 
 
 def scalar_columns(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,7 +310,26 @@ def _write_csv(path: str, steps: np.ndarray, columns: Mapping[str, np.ndarray]) 
   atomic.write_text(path, "\n".join(lines) + "\n")
 
 
-def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timings) -> str:
+def overlap_extremes(metrics: Mapping[str, np.ndarray], index: int = -1) -> dict[str, Any]:
+  """The most and least overlapping head pairs and the robustness at one checkpoint."""
+  names = [str(n) for n in metrics["overlap/names"]]
+  o = np.asarray(metrics["overlap/overlap"])[index]
+  i, j = np.triu_indices(len(names), k=1)
+  vals = o[i, j]
+  ok = np.isfinite(vals)
+  out = {"robustness": float(metrics["overlap/robustness"][index]),
+         "overlap_mean": float(metrics["overlap/overlap_mean"][index])}
+  if ok.any():
+    hi, lo = np.nanargmax(np.where(ok, vals, -np.inf)), np.nanargmin(np.where(ok, vals, np.inf))
+    s_attn = np.asarray(metrics["overlap/s_attn"])[index]
+    for key, k in (("max", hi), ("min", lo)):
+      out[f"overlap_{key}"] = {"pair": [names[i[k]], names[j[k]]], "overlap": float(vals[k]),
+                               "s_attn": float(s_attn[i[k], j[k]])}
+  return out
+
+
+def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timings,
+              heads: dict | None = None, overlap_final: dict | None = None) -> str:
   llc = run.llc
   lines = [f"# Developmental analysis: `{os.path.abspath(run.workdir)}`", "",
            f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
@@ -242,6 +377,35 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
               "| head | label |", "|---|---|"]
     lines += [f"| {k.split('/', 1)[1]} | {v} |" for k, v in labels_final.items()]
     lines.append("")
+  if heads:
+    st = heads["settings"]
+    lines += ["## Heads: weight-refined LLC (wrLLC)", "",
+              f"wrLLC per head at the last checkpoint (step {heads['final_step']}; "
+              f"ε = {st['step_size']}, nβ = {st['nbeta']}, γ = {st['localization']}, "
+              f"{st['num_chains']} chains × {st['num_draws']} draws), its peak, and its "
+              f"cluster ({heads['num_clusters']} clusters, {heads['normalize']}-normalised "
+              f"trajectories; k-means and hierarchical agree with adjusted Rand index "
+              f"{heads['cluster_agreement_ari']}):", "",
+              "| head | final wrLLC | peak step | k-means | hierarchical |", "|---|---|---|---|---|"]
+    cl = heads["clusters"]
+    for h in heads["heads"]:
+      lines.append(f"| {h} | {heads['final_llc'][h]:.2f} ± {heads['final_sem'][h]:.2f} | "
+                   f"{heads['peak_step'][h]} | {cl.get('kmeans', {}).get('labels', {}).get(h, '')} | "
+                   f"{cl.get('hierarchical', {}).get('labels', {}).get(h, '')} |")
+    d = heads["dispersion_final"]
+    lines += ["", f"Across heads at the last checkpoint: mean {d['mean']:.2f}, variance "
+              f"{d['variance']:.2f}.", ""]
+  if overlap_final:
+    lines += ["## Functional overlap of heads (mean ablation)", "",
+              f"At the last checkpoint: mean off-diagonal overlap O = "
+              f"{overlap_final['overlap_mean']:.2f}, robustness 1 − Σ_i Δ_i / Δ_all = "
+              f"{overlap_final['robustness']:.2f}."]
+    for key in ("max", "min"):
+      if f"overlap_{key}" in overlap_final:
+        e = overlap_final[f"overlap_{key}"]
+        lines.append(f"{key.title()} overlap: {' & '.join(e['pair'])}, O = {e['overlap']:.2f} "
+                     f"(attention-pattern correlation S_attn = {e['s_attn']:.2f}).")
+    lines.append("")
   lines += ["## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures]
   lines += ["", f"Timings (s): {json.dumps(timings)}", ""]
   return "\n".join(lines)
@@ -288,6 +452,17 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
          "top_eigenvalues": metrics["hessian_top_eigenvalues"]},
         os.path.join(out, "hessian.png"), boundaries=edges,
         title="LLC vs Hessian curvature (App. B.5)")))
+  if options.overlap.enabled:
+    o = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("overlap/")}
+    figures.append(("overlap", overlap.plot_overlap(
+        run.steps, o, [str(n) for n in o["names"]], os.path.join(out, "overlap.png"),
+        boundaries=edges, title="Functional overlap of heads (mean ablation)")))
+  overlap_final = overlap_extremes(metrics) if options.overlap.enabled else None
+  head_result = head_analysis(run, options, boundaries, metrics, out)
+  if head_result is not None:
+    figures += head_result.pop("figures")
+    columns.update(head_result.pop("columns"))
+    _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)
   labels = lr_structure.head_labels(metrics)
   labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
                   if not k.endswith(("x", "y"))}
@@ -299,12 +474,14 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   summary = {"workdir": os.path.abspath(workdir), "stages": boundaries.stages,
              "boundary_steps": list(boundaries.boundary_steps),
              "boundary_kinds": list(boundaries.boundary_kinds), "milestones": marks,
-             "head_labels_last_checkpoint": labels_final,
+             "head_labels_last_checkpoint": labels_final, "heads": head_result,
+             "overlap_last_checkpoint": overlap_final,
              "figures": [os.path.basename(p) for _, p in figures], "timings": timings,
              "options": options.to_dict()}
   atomic.write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=1))
   atomic.write_text(os.path.join(out, "report.md"),
-                    _markdown(run, boundaries, changes, marks, labels_final, figures, timings))
+                    _markdown(run, boundaries, changes, marks, labels_final, figures, timings,
+                              head_result, overlap_final))
   logging.info("Report written to %s (stages %s)", out,
                ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
                          for s in boundaries.stages))

@@ -2,7 +2,10 @@
 
 A sequence holds K pairs (x_k, y_k) of one task t: x_k ~ N(0, I_D),
 y_k = t·x_k + ε, ε ~ N(0, σ²). Tasks come either from the infinite prior
-t ~ N(0, I_D) or uniformly from a finite set of M pre-drawn tasks.
+t ~ N(0, I_D) or uniformly from a finite set of M pre-drawn tasks. The gains
+scale the inputs or tasks (out-of-distribution data, e.g. for data-refined
+LLCs); with gains 1 the draws are unchanged, and the same key gives the same
+base draws at every gain.
 
 Axis names: B batch, K in-context examples, D task dimension, M tasks,
 T = 2K tokens, V = D + 1 token width.
@@ -28,6 +31,8 @@ class RegressionTask:
   noise_variance: float = 0.125
   num_tasks: int | None = None
   task_seed: int = 0
+  input_gain: float = 1.0   # x_k ~ N(0, g_x² I): OOD inputs for g_x != 1
+  task_gain: float = 1.0    # t ~ N(0, g_t² I) (or the task set × g_t): OOD tasks
 
   def __post_init__(self):
     if self.task_size < 1 or self.max_examples < 1:
@@ -36,6 +41,9 @@ class RegressionTask:
       raise ValueError(f"noise_variance must be >= 0, got {self.noise_variance}")
     if self.num_tasks is not None and self.num_tasks < 1:
       raise ValueError(f"num_tasks must be None (infinite) or >= 1, got {self.num_tasks}")
+    if self.input_gain <= 0 or self.task_gain <= 0:
+      raise ValueError(f"input_gain and task_gain must be > 0, got {self.input_gain}, "
+                       f"{self.task_gain}")
 
   @classmethod
   def from_config(cls, config) -> "RegressionTask":
@@ -68,7 +76,9 @@ def sample_batch(key: jax.Array, task: RegressionTask, batch_size: int,
   else:
     idx_B = jax.random.randint(k_task, (batch_size,), 0, task_set.shape[0])
     tasks_BxD = task_set[idx_B]
-  xs_BxKxD = jax.random.normal(k_x, (batch_size, task.max_examples, task.task_size))
+  tasks_BxD = task.task_gain * tasks_BxD
+  xs_BxKxD = task.input_gain * jax.random.normal(
+      k_x, (batch_size, task.max_examples, task.task_size))
   noise_BxK = jax.random.normal(k_noise, (batch_size, task.max_examples))
   ys_BxK = (jnp.einsum("bkd,bd->bk", xs_BxKxD, tasks_BxD)
             + jnp.sqrt(task.noise_variance) * noise_BxK)

@@ -11,6 +11,7 @@ tests call the same code:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -142,6 +143,34 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainSt
 
 def sgld_dataset(config: ml_collections.ConfigDict):
   return make_dataset(_key(config, _SGLD_DATA), make_task(config), config.llc.dataset_size)
+
+
+DATA_FIELDS = {"input_gain": float, "task_gain": float, "num_tasks": int, "noise_variance": float}
+
+
+def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = ""):
+  """The SGLD dataset, or a variant of it named by `spec` (for refined LLCs).
+
+  `spec` is '' (the SGLD data) or comma-separated `field=value` overrides of
+  the task: `input_gain=2` (OOD inputs x ~ N(0, 4 I)), `task_gain=2` (OOD
+  tasks), `num_tasks=16` (a finite set of 16 tasks, drawn from config.seed),
+  `noise_variance=0.5`. The same key and size as the SGLD data, so the same
+  base draws: `input_gain=1` is exactly the SGLD data.
+  """
+  task = make_task(config)
+  if spec:
+    overrides = {}
+    for item in spec.split(","):
+      field, sep, value = item.partition("=")
+      if not sep or field.strip() not in DATA_FIELDS:
+        raise ValueError(f"bad data spec {item!r} in {spec!r}: use comma-separated "
+                         f"field=value with fields {sorted(DATA_FIELDS)}")
+      try:
+        overrides[field.strip()] = DATA_FIELDS[field.strip()](value)
+      except ValueError as e:
+        raise ValueError(f"bad value in data spec {item!r}: {e}") from e
+    task = dataclasses.replace(task, **overrides)
+  return make_dataset(_key(config, _SGLD_DATA), task, config.llc.dataset_size)
 
 
 def estimate_checkpoints(config, model, checkpoints, ids, output_dir: str | None) -> LLCResult:

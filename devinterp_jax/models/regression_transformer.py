@@ -17,6 +17,16 @@ table: its blocks return `x + attn + mlp` and the model adds that to the
 residual again (`double_residual=True`), and its attention output projection
 is optional (`attn_out_proj`, on in the paper's runs). Both are flags here and
 default to the authors' code.
+
+Mean-ablation hook (optional; the param tree and the default outputs are
+unchanged when it is not used): `head_keep` [L, H] (1 keep, 0 ablate; values in
+between interpolate) and `head_mean` [L, T, H, E] replace each head's attention
+output z [B, T, H, E] (before W_O) by z ← keep·z + (1 − keep)·mean, per layer.
+`head_mean=None` with a `head_keep` means zero-ablation. `return_heads=True`
+returns the per-head activations: `attn` [L, B, H, T, S], `z` [L, B, T, H, E]
+and `contrib` [L, B, T, H, D], each head's contribution to the residual stream
+z_h @ W_O[h] (without `attn_out_proj`, the head's slice of the concatenation,
+embedded in D), so that Σ_h contrib equals the attention block's output.
 """
 
 from __future__ import annotations
@@ -65,7 +75,14 @@ class CausalSelfAttention(nn.Module):
   attn_out_proj: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None,
+               return_heads: bool = False):
+    """(out [B, T, D], attn [B, H, T, S]), or (out, heads) with `return_heads`.
+
+    `head_keep_H` [H] and `head_mean_TxHxE` [T, H, E] mean-ablate heads (see the
+    module docstring); `heads` is {'attn' [B, H, T, S], 'z' [B, T, H, E] (after
+    ablation), 'contrib' [B, T, H, D]}.
+    """
     B, T, D = x_BxTxD.shape
     H = self.num_heads
     if D % H:
@@ -83,12 +100,38 @@ class CausalSelfAttention(nn.Module):
     logits_BxHxTxS = jnp.where(causal_TxS, logits_BxHxTxS, jnp.finfo(q.dtype).min)
     attn_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
     z_BxTxHxE = jnp.einsum("bhts,bshe->bthe", attn_BxHxTxS, v)
+    if head_keep_H is not None:
+      z_BxTxHxE = _mean_ablate(z_BxTxHxE, head_keep_H, head_mean_TxHxE)
+    elif head_mean_TxHxE is not None:
+      raise ValueError("head_mean given without head_keep")
     if self.attn_out_proj:
-      w_o = self.param("w_o", init, (H, E, D))
-      out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o)
+      w_o_HxExD = self.param("w_o", init, (H, E, D))
+      out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD)
     else:
+      w_o_HxExD = None
       out_BxTxD = z_BxTxHxE.reshape(B, T, D)
-    return out_BxTxD, attn_BxHxTxS
+    if not return_heads:
+      return out_BxTxD, attn_BxHxTxS
+    if w_o_HxExD is None:  # head h is the slice h·E:(h+1)·E of the concatenation
+      w_o_HxExD = jnp.eye(D, dtype=z_BxTxHxE.dtype).reshape(H, E, D)
+    contrib_BxTxHxD = jnp.einsum("bthe,hed->bthd", z_BxTxHxE, w_o_HxExD)
+    return out_BxTxD, {"attn": attn_BxHxTxS, "z": z_BxTxHxE, "contrib": contrib_BxTxHxD}
+
+
+def _mean_ablate(z_BxTxHxE, head_keep_H, head_mean_TxHxE):
+  """z ← keep·z + (1 − keep)·mean per head; mean None means zero-ablation."""
+  _, T, H, E = z_BxTxHxE.shape
+  keep_H = jnp.asarray(head_keep_H, z_BxTxHxE.dtype)
+  if keep_H.shape != (H,):
+    raise ValueError(f"head_keep of a layer has shape {keep_H.shape}, want (num_heads,) = ({H},)")
+  keep_Hx1 = keep_H[:, None]
+  if head_mean_TxHxE is None:
+    return keep_Hx1 * z_BxTxHxE
+  mean_TxHxE = jnp.asarray(head_mean_TxHxE, z_BxTxHxE.dtype)
+  if mean_TxHxE.shape != (T, H, E):
+    raise ValueError(f"head_mean of a layer has shape {mean_TxHxE.shape}, want (tokens, "
+                     f"num_heads, head_dim) = ({T}, {H}, {E})")
+  return keep_Hx1 * z_BxTxHxE + (1 - keep_Hx1) * mean_TxHxE
 
 
 class Block(nn.Module):
@@ -100,15 +143,18 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None,
+               return_heads: bool = False):
+    """(out, attn [B, H, T, S]), or (out, heads) with `return_heads` (as the attention)."""
     D = x_BxTxD.shape[-1]
-    a_BxTxD, attn_BxHxTxS = CausalSelfAttention(
+    a_BxTxD, attn_or_heads = CausalSelfAttention(
         self.num_heads, self.attn_out_proj, name="attn")(
-            nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")(x_BxTxD))
+            nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")(x_BxTxD),
+            head_keep_H, head_mean_TxHxE, return_heads)
     h_BxTxD = x_BxTxD + a_BxTxD
     m_BxTxF = nn.relu(Dense(self.d_mlp, name="mlp_in")(
         nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_2")(h_BxTxD)))
-    return h_BxTxD + Dense(D, name="mlp_out")(m_BxTxF), attn_BxHxTxS
+    return h_BxTxD + Dense(D, name="mlp_out")(m_BxTxF), attn_or_heads
 
 
 class RegressionTransformer(nn.Module):
@@ -125,26 +171,48 @@ class RegressionTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, tokens_BxTxV, return_attention: bool = False):
+  def __call__(self, tokens_BxTxV, return_attention: bool = False, head_keep=None,
+               head_mean=None, return_heads: bool = False):
+    """Outputs [B, T, V]; with `return_attention` also attn [L, B, H, T, S].
+
+    `head_keep` [L, H] and `head_mean` [L, T, H, E] mean-ablate heads (module
+    docstring). `return_heads` returns (out, {'attn' [L, B, H, T, S], 'z'
+    [L, B, T, H, E], 'contrib' [L, B, T, H, D]}) instead (it includes `attn`).
+    """
     _, T, V = tokens_BxTxV.shape
     max_tokens = 2 * self.max_examples
     if V != self.task_size + 1:
       raise ValueError(f"token width {V} != task_size + 1 = {self.task_size + 1}")
     if T > max_tokens:
       raise ValueError(f"{T} tokens > 2 * max_examples = {max_tokens}")
+    L, H, E = self.num_layers, self.num_heads, self.d_model // self.num_heads
+    if head_keep is not None and jnp.shape(head_keep) != (L, H):
+      raise ValueError(f"head_keep has shape {jnp.shape(head_keep)}, want (num_layers, "
+                       f"num_heads) = ({L}, {H})")
+    if head_mean is not None:
+      if head_keep is None:
+        raise ValueError("head_mean given without head_keep")
+      if jnp.shape(head_mean) != (L, T, H, E):
+        raise ValueError(f"head_mean has shape {jnp.shape(head_mean)}, want (num_layers, "
+                         f"tokens, num_heads, head_dim) = ({L}, {T}, {H}, {E})")
     pos_TmaxxD = self.param("pos_embed", torch_uniform(max_tokens), (max_tokens, self.d_model))
     x_BxTxD = Dense(self.d_model, use_bias=False, name="token_embed")(tokens_BxTxV)
     x_BxTxD = x_BxTxD + pos_TmaxxD[:T]
-    attns = []
+    per_layer = []
     for layer in range(self.num_layers):
-      block_out, attn_BxHxTxS = Block(self.num_heads, self.d_mlp, self.attn_out_proj,
-                                      self.layer_norm_eps, name=f"block_{layer}")(x_BxTxD)
+      keep_H = None if head_keep is None else head_keep[layer]
+      mean_TxHxE = None if head_mean is None else head_mean[layer]
+      block_out, attn_or_heads = Block(self.num_heads, self.d_mlp, self.attn_out_proj,
+                                       self.layer_norm_eps, name=f"block_{layer}")(
+                                           x_BxTxD, keep_H, mean_TxHxE, return_heads)
       x_BxTxD = x_BxTxD + block_out if self.double_residual else block_out
-      attns.append(attn_BxHxTxS)
+      per_layer.append(attn_or_heads)
     x_BxTxD = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_f")(x_BxTxD)
     out_BxTxV = Dense(V, name="unembed")(x_BxTxD)
+    if return_heads:
+      return out_BxTxV, {k: jnp.stack([h[k] for h in per_layer]) for k in per_layer[0]}
     if return_attention:
-      return out_BxTxV, jnp.stack(attns)  # attn_LxBxHxTxS
+      return out_BxTxV, jnp.stack(per_layer)  # attn_LxBxHxTxS
     return out_BxTxV
 
   @classmethod
@@ -158,21 +226,44 @@ class RegressionTransformer(nn.Module):
     return self.init(key, tokens)["params"]
 
   def predict(self, params: Params, xs_BxKxD: jax.Array, ys_BxK: jax.Array,
-              return_attention: bool = False):
-    """Predictions ŷ_k [B, K] read from channel 0 at the x-token positions."""
-    out = self.apply({"params": params}, to_tokens(xs_BxKxD, ys_BxK), return_attention)
+              return_attention: bool = False, head_keep=None, head_mean=None):
+    """Predictions ŷ_k [B, K] read from channel 0 at the x-token positions.
+
+    `head_keep` [L, H], `head_mean` [L, 2K, H, E]: mean-ablation (module docstring).
+    """
+    out = self.apply({"params": params}, to_tokens(xs_BxKxD, ys_BxK), return_attention,
+                     head_keep, head_mean)
     out_BxTxV, attn = out if return_attention else (out, None)
     preds_BxK = out_BxTxV[:, 0::2, 0]
     return (preds_BxK, attn) if return_attention else preds_BxK
 
-  def per_prediction_loss(self, params: Params, batch) -> jax.Array:
+  def per_prediction_loss(self, params: Params, batch, head_keep=None,
+                          head_mean=None) -> jax.Array:
     """Squared error per prediction, averaged over the batch: [K]."""
-    preds_BxK = self.predict(params, batch["xs"], batch["ys"])
+    preds_BxK = self.predict(params, batch["xs"], batch["ys"], head_keep=head_keep,
+                             head_mean=head_mean)
     return jnp.mean(jnp.square(preds_BxK - batch["ys"]), axis=0)
 
   def loss(self, params: Params, batch) -> jax.Array:
     """Mean squared error over the batch and the K predictions (a scalar)."""
     return jnp.mean(self.per_prediction_loss(params, batch))
+
+  def head_activations(self, params: Params, batch) -> dict[str, jax.Array]:
+    """Per-head activations on `batch` ({'xs', 'ys'}), unablated.
+
+    Returns {'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}
+    (the `head_activations_fn` of `analysis.overlap`).
+    """
+    _, heads = self.apply({"params": params}, to_tokens(batch["xs"], batch["ys"]),
+                          return_heads=True)
+    return heads
+
+  def ablated_loss(self, params: Params, batch, head_keep_LxH, head_mean_LxTxHxE) -> jax.Array:
+    """`loss` with heads mean-ablated: z ← keep·z + (1 − keep)·mean (a scalar).
+
+    The `ablated_loss_fn` of `analysis.overlap`; `head_mean_LxTxHxE=None` zero-ablates.
+    """
+    return jnp.mean(self.per_prediction_loss(params, batch, head_keep_LxH, head_mean_LxTxHxE))
 
 
 def param_count(params: Params) -> int:

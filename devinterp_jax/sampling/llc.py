@@ -130,7 +130,10 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
                mask: Params | None = None, *, loss_fn: LossFn, batch_fn: Callable,
                sampler: SamplerFactory, settings: SamplerSettings,
                loss_batch_fn: Callable | None = None) -> dict[str, jax.Array]:
-  """One SGLD chain from w* (moving only the coordinates `mask` selects, if given).
+  """One SGLD chain from w* (a restricted chain's w* is its selected coordinates θ*).
+
+  `mask` (0/1, shaped like w*) freezes coordinates: the padding of restrictions
+  shorter than the longest one (`restrict.compact`).
 
   Returns per-step `loss` [S] (and with diagnostics `distance`, `grad_norm`,
   `noise_norm` [S]; with MALA `mala` [S], NaN off the measured steps) and
@@ -191,18 +194,30 @@ def _run_chain(params_star: Params, chain_key: jax.Array, hypers: dict[str, jax.
   return out
 
 
-def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy, loss_batch_fn=None):
-  """(stacked params [N, ...], hypers, mask) -> {name: [N, C, ...]} (see `_run_chain`)."""
+def _sweep_fn(loss_fn, batch_fn, sampler, settings, chain_strategy, loss_batch_fn=None,
+              leaves: tuple[int, ...] | None = None):
+  """(stacked params [N, ...], hypers, restriction) -> {name: [N, C, ...]} (see `_run_chain`).
+
+  `restriction` is None or one restriction's `(index [k], valid [k] | None)`
+  into the union vector of `leaves` (`restrict.compact`): the chains then
+  sample only those k coordinates θ and the model sees `embed(w*, θ)`.
+  """
   chain_keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.key(settings.seed), c))(
       jnp.arange(settings.num_chains))
-  run = lambda p, k, h, m: _run_chain(p, k, h, m, loss_fn=loss_fn, batch_fn=batch_fn,
-                                      sampler=sampler, settings=settings,
-                                      loss_batch_fn=loss_batch_fn)
 
-  def one_checkpoint(params_star, hypers, mask):
+  def one_checkpoint(params_star, hypers, restriction):
+    start, lf, valid = params_star, loss_fn, None
+    if restriction is not None:
+      index, valid = restriction
+      start = restrict_lib.gather(params_star, leaves, index)
+      lf = lambda theta, batch: loss_fn(
+          restrict_lib.embed(params_star, leaves, index, theta, start), batch)
+    run = lambda k: _run_chain(start, k, hypers, valid, loss_fn=lf, batch_fn=batch_fn,
+                               sampler=sampler, settings=settings,
+                               loss_batch_fn=loss_batch_fn)
     if chain_strategy == "vmap":
-      return jax.vmap(run, in_axes=(None, 0, None, None))(params_star, chain_keys, hypers, mask)
-    return jax.lax.map(lambda k: run(params_star, k, hypers, mask), chain_keys)
+      return jax.vmap(run)(chain_keys)
+    return jax.lax.map(run, chain_keys)
 
   return jax.vmap(one_checkpoint, in_axes=(0, None, None))
 
@@ -277,16 +292,11 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
       unsharded_loss_batch_fn = loss_batch_fn
       loss_batch_fn = lambda key: jax.lax.with_sharding_constraint(
           unsharded_loss_batch_fn(key), NamedSharding(mesh, P(batch_axis)))
-  sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn)
   if restricted:
     if grid:
       raise ValueError("grid=True and restricted=True cannot be combined")
-    if strategy == "map":
-      sweep = lambda params, hypers, masks: jax.lax.map(lambda m: sweep3(params, hypers, m),
-                                                        masks)
-    else:
-      sweep = jax.vmap(sweep3, in_axes=(None, None, 0))
-    return jax.jit(sweep)
+    return _restricted_program(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn)
+  sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn)
   sweep = lambda params, hypers: sweep3(params, hypers, None)
   if grid:
     if strategy == "map":
@@ -295,6 +305,30 @@ def make_llc_program(loss_fn: LossFn, data: Any, settings: SamplerSettings, *,
     else:
       sweep = jax.vmap(sweep, in_axes=(None, 0))
   return jax.jit(sweep)
+
+
+def _restricted_program(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn):
+  """`(stacked_params, hypers, masks [R, ...]) -> {name: [R, N, C, ...]}`.
+
+  The masks are turned into gather indices on the host (`restrict.compact`);
+  one compiled program per set of touched leaves and restriction size.
+  """
+  compiled = {}
+
+  def program(params, hypers, masks):
+    comp = restrict_lib.compact(masks)
+    key = (comp.leaves, comp.index.shape, comp.valid is None)
+    if key not in compiled:
+      sweep3 = _sweep_fn(loss_fn, batch_fn, sampler, settings, strategy, loss_batch_fn,
+                         leaves=comp.leaves)
+      if strategy == "map":
+        sweep = lambda p, h, r: jax.lax.map(lambda ri: sweep3(p, h, ri), r)
+      else:
+        sweep = jax.vmap(sweep3, in_axes=(None, None, 0))
+      compiled[key] = jax.jit(sweep)
+    return compiled[key](params, hypers, (comp.index, comp.valid))
+
+  return program
 
 
 def num_sampled_params(params: Params, leading_axes: int = 0) -> int:
@@ -467,10 +501,11 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     if progress:
       elapsed = time.time() - t0
       remaining = num_ckpts - hi
-      rate = computed * settings.num_chains * settings.num_steps / max(elapsed, 1e-9)
-      logging.info("LLC chunk %d/%d (checkpoints %d-%d): %.0f chain-steps/s, ETA %.0fs",
+      num_r = 1 if masks is None else len(restriction_names)
+      rate = computed * num_r * settings.num_chains * settings.num_steps / max(elapsed, 1e-9)
+      logging.info("LLC chunk %d/%d (checkpoints %d-%d): %.0f %schain-steps/s, ETA %.0fs",
                    i + 1, len(starts), lo, hi - 1, rate,
-                   remaining * elapsed / max(computed, 1))
+                   "" if masks is None else "restriction-", remaining * elapsed / max(computed, 1))
   merged = {k: np.concatenate([o[k] for o in outputs], axis=axis) for k in outputs[0]}
   extra_settings = {"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name,
                     "data_refined": loss_data is not None}

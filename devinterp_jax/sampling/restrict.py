@@ -5,6 +5,9 @@ masks: SGLD moves only the coordinates where the mask is 1 (gradient,
 localisation and noise are all restricted; every other coordinate stays at
 w*). Several restrictions stack on a leading [R] axis (`stack`), and
 `estimate_llcs(..., restrict=...)` then estimates all of them in one program.
+Inside the program the masks become gather indices (`compact`): a chain
+carries only its k selected coordinates (state, noise, localisation), and the
+model sees `embed(w*, θ)`, so frozen leaves cost no weight gradient either.
 
 Selectors (all return a mask tree for one params pytree):
   by_pattern(params, regex)         leaves whose '/'-joined path matches
@@ -13,6 +16,7 @@ Selectors (all return a mask tree for one params pytree):
                                     head axis 0) and b_q, b_k, b_v ([H, E]) where
                                     present; a shared output bias is no head's
   all_heads(params)                 (names, stacked masks) for every head
+  from_spec(params, spec)           'heads', 'layers', 'groups', 'head:l:h', … (launchers)
   by_layer(params, layer)           every parameter of one block ('block_{layer}/')
   by_group(params, group)           a named group: 'token_embed', 'pos_embed',
                                     'unembed', 'layer_norms', 'mlp', 'attention'
@@ -21,9 +25,10 @@ Selectors (all return a mask tree for one params pytree):
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Params = Any
@@ -117,6 +122,41 @@ def all_heads(params: Params, layer_prefix: str = "block_{layer}/attn/"
   return names, stack(masks)
 
 
+def from_spec(params: Params, spec: str) -> tuple[list[str], Params]:
+  """Named restrictions stacked on [R] from a command-line spec.
+
+  'heads' (every attention head), 'layers' (every block), 'groups' (every
+  named group the model has), 'group:<name>', 'layer:<l>', 'head:<l>:<h>', or
+  any other string as a path regex (`by_pattern`).
+  """
+  if spec == "heads":
+    return all_heads(params)
+  paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if spec == "layers":
+    layers = sorted({int(m.group(1)) for p in paths if (m := re.match(r"block_(\d+)/", p))})
+    if not layers:
+      raise ValueError("restriction 'layers': the params have no 'block_<l>/' layers")
+    return [f"layer{l}" for l in layers], stack([by_layer(params, l) for l in layers])
+  if spec == "groups":
+    names = [g for g, pat in GROUPS.items() if any(re.search(pat, p) for p in paths)]
+    return names, stack([by_group(params, g) for g in names])
+  kind, _, arg = spec.partition(":")
+  try:
+    if kind == "group" and arg:
+      return [arg], stack([by_group(params, arg)])
+    if kind == "layer" and arg:
+      return [f"layer{int(arg)}"], stack([by_layer(params, int(arg))])
+    if kind == "head" and arg:
+      layer, head = (int(v) for v in arg.split(":"))
+      return [f"L{layer}H{head}"], stack([by_head(params, layer, head)])
+  except ValueError as e:
+    raise ValueError(f"bad restriction spec {spec!r}: {e}") from e
+  if not spec:
+    raise ValueError("empty restriction spec; use 'heads', 'layers', 'groups', "
+                     "'group:<name>', 'layer:<l>', 'head:<l>:<h>' or a path regex")
+  return [spec], stack([by_pattern(params, spec)])
+
+
 def stack(masks: Sequence[Params]) -> Params:
   """Restrictions on a leading [R] axis."""
   return jax.tree.map(lambda *xs: np.stack(xs), *masks)
@@ -146,3 +186,66 @@ def check(mask: Params, params: Params, leading_axes: int = 0) -> None:
     if np.shape(m)[leading_axes:] != np.shape(x):
       raise ValueError(f"restriction leaf {path_name(path)} has shape {np.shape(m)}, the "
                        f"params leaf {np.shape(x)}")
+
+
+class Compaction(NamedTuple):
+  """Restrictions as gather indices, so frozen coordinates carry no sampler state.
+
+  `leaves` are the positions (in `jax.tree.leaves` order) of the leaves that
+  any restriction touches; their flattened concatenation is the "union
+  vector". `index` [R, k] holds each restriction's coordinates in it (k = the
+  largest restriction; shorter ones are padded), `valid` [R, k] marks the real
+  entries (None when every restriction has exactly k coordinates).
+  """
+
+  leaves: tuple[int, ...]
+  index: np.ndarray
+  valid: np.ndarray | None
+
+
+def compact(masks: Params) -> Compaction:
+  """The gather form of 0/1 masks stacked on a leading [R] axis."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(masks)]
+  touched = tuple(i for i, x in enumerate(leaves) if x.any())
+  if not touched:
+    raise ValueError("the restrictions select no coordinate")
+  union = np.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in touched], axis=1)
+  per = [np.flatnonzero(row) for row in union]
+  k = max(len(p) for p in per)
+  if min(len(p) for p in per) == 0:
+    raise ValueError("a restriction selects no coordinate")
+  index = np.zeros((len(per), k), np.int32)
+  valid = np.zeros((len(per), k), np.float32)
+  for r, p in enumerate(per):
+    index[r, :len(p)] = p
+    index[r, len(p):] = p[0]  # padding: a real coordinate, never moved (valid = 0)
+    valid[r, :len(p)] = 1.0
+  return Compaction(touched, index, None if valid.all() else valid)
+
+
+def _union(params: Params, leaves: tuple[int, ...]) -> jax.Array:
+  flat = jax.tree.leaves(params)
+  return jnp.concatenate([jnp.ravel(flat[i]) for i in leaves])
+
+
+def gather(params: Params, leaves: tuple[int, ...], index: jax.Array) -> jax.Array:
+  """The selected coordinates [k] of `params` (one restriction's `index`)."""
+  return jnp.take(_union(params, leaves), index)
+
+
+def embed(params_star: Params, leaves: tuple[int, ...], index: jax.Array, theta: jax.Array,
+          theta_star: jax.Array) -> Params:
+  """`params_star` with its selected coordinates moved by `theta − theta_star`.
+
+  A scatter-add, so padded entries (which never move) and repeated indices are
+  harmless; gradients flow only into the touched leaves, so the backward pass
+  skips the weight gradients of every frozen leaf.
+  """
+  flat, treedef = jax.tree.flatten(params_star)
+  union = _union(params_star, leaves).at[index].add((theta - theta_star).astype(flat[0].dtype))
+  out, offset = list(flat), 0
+  for i in leaves:
+    size = int(np.prod(np.shape(flat[i])))
+    out[i] = union[offset:offset + size].reshape(np.shape(flat[i])).astype(flat[i].dtype)
+    offset += size
+  return treedef.unflatten(out)
