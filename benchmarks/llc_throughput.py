@@ -15,8 +15,8 @@ Each figure is the median of --reps interleaved repetitions; compilation is
 excluded; the init-loss forward passes (every `init_loss_stride`-th draw) are
 included in the sweep's time.
 
-  python benchmarks/llc_throughput.py                      # B = 1024, 1×1, 1×8, 8×8
-  python benchmarks/llc_throughput.py --batch_size=128 --configs=1x4,4x4
+  PYTHONPATH=. python benchmarks/llc_throughput.py                      # B = 1024, 1×1, 1×8, 8×8
+  PYTHONPATH=. python benchmarks/llc_throughput.py --batch_size=128 --configs=1x4,4x4
 """
 
 import json
@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import scanned_fwd_bwd, time_call
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling.llc import SamplerSettings, make_llc_program
@@ -41,12 +42,6 @@ _MALA = flags.DEFINE_integer("mala_stride", 0, "MALA acceptance every k-th step 
 _DIAG = flags.DEFINE_bool("diagnostics", False, "Record ‖w − w*‖, ‖∇L‖, ‖η‖ per step.")
 
 
-def _time(fn, *args) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
-
-
 def main(argv):
   del argv
   model = RegressionTransformer()
@@ -56,13 +51,7 @@ def main(argv):
   fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
   jax.block_until_ready(fwd_bwd(params, batch))
 
-  def scanned_fwd_bwd(p, b):
-    def body(p, _):
-      loss, grads = jax.value_and_grad(model.loss)(p, b)
-      return jax.tree.map(lambda w, g: w - 1e-12 * g, p, grads), loss
-    return jax.lax.scan(body, p, None, length=_DRAWS.value)[1]
-
-  scan_fwd_bwd = jax.jit(scanned_fwd_bwd)
+  scan_fwd_bwd = scanned_fwd_bwd(model.loss, _DRAWS.value)
   jax.block_until_ready(scan_fwd_bwd(params, batch))
 
   def time_fwd_bwd():
@@ -89,9 +78,9 @@ def main(argv):
   base, scan_base = [], []
   for _ in range(_REPS.value):  # interleaved: each rep times every variant once
     base.append(time_fwd_bwd())
-    scan_base.append(_time(scan_fwd_bwd, params, batch) / _DRAWS.value)
+    scan_base.append(time_call(scan_fwd_bwd, params, batch) / _DRAWS.value)
     for k, (program, stacked, _) in programs.items():
-      times[k].append(_time(program, stacked, hypers))
+      times[k].append(time_call(program, stacked, hypers))
   t_base, t_scan = float(np.median(base)), float(np.median(scan_base))
 
   print(f"backend={jax.default_backend()} devices={jax.device_count()} "

@@ -15,16 +15,16 @@ Each figure is the median of --reps interleaved repetitions, compilation
 excluded; chain diagnostics and MALA (every 10th step) are on, as in the
 estimator's defaults.
 
-  python benchmarks/wrllc_throughput.py --json_out=docs/benchmark_wrllc_cpu.json
+  PYTHONPATH=. python benchmarks/wrllc_throughput.py --json_out=docs/benchmark_wrllc_cpu.json
 """
 
 import json
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import scanned_fwd_bwd, time_call
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import restrict
@@ -39,12 +39,6 @@ _STRATEGY = flags.DEFINE_string("chain_strategy", "auto", "'auto', 'vmap' or 'ma
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures as JSON here.")
 
 
-def _time(fn, *args) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
-
-
 def main(argv):
   del argv
   model = RegressionTransformer()
@@ -52,13 +46,7 @@ def main(argv):
   data = make_dataset(jax.random.key(1), RegressionTask(), 2**14)
   batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
 
-  def scanned_fwd_bwd(p, b):
-    def body(p, _):
-      loss, grads = jax.value_and_grad(model.loss)(p, b)
-      return jax.tree.map(lambda w, g: w - 1e-12 * g, p, grads), loss
-    return jax.lax.scan(body, p, None, length=_DRAWS.value)[1]
-
-  scan_fwd_bwd = jax.jit(scanned_fwd_bwd)
+  scan_fwd_bwd = scanned_fwd_bwd(model.loss, _DRAWS.value)
   jax.block_until_ready(scan_fwd_bwd(params, batch))
 
   n, c = _CKPTS.value, _CHAINS.value
@@ -77,9 +65,9 @@ def main(argv):
 
   t_scan, t_full, t_heads = [], [], []
   for _ in range(_REPS.value):
-    t_scan.append(_time(scan_fwd_bwd, params, batch) / _DRAWS.value)
-    t_full.append(_time(full, stacked, hypers))
-    t_heads.append(_time(heads, stacked, hypers, masks))
+    t_scan.append(time_call(scan_fwd_bwd, params, batch) / _DRAWS.value)
+    t_full.append(time_call(full, stacked, hypers))
+    t_heads.append(time_call(heads, stacked, hypers, masks))
   t_scan, t_full, t_heads = map(lambda t: float(np.median(t)), (t_scan, t_full, t_heads))
   full_steps = n * c * settings.num_steps
   head_steps = r * full_steps

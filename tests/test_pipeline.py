@@ -35,7 +35,7 @@ def test_main_job_writes_loadable_results_and_plot(tmp_path):
   assert open(os.path.join(workdir, "report", "stages.csv")).readline().startswith("label,")
   for name in ("report.md", "report.json", "stages.json", "metrics.npz",
                "stage_changes.json", "stages.png", "behaviour.png", "structure.png",
-               "hessian.png"):
+               "hessian.png", "overlap.png"):
     assert os.path.getsize(os.path.join(report_dir, name)) > 100, name
   metrics = np.genfromtxt(os.path.join(report_dir, "metrics.csv"), delimiter=",", names=True)
   np.testing.assert_array_equal(metrics["step"], steps)

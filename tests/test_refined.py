@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
 
 def test_all_heads_over_checkpoints(trained):
   config, workdir = trained
-  summary = refined.run_refined(config, workdir, restrict="heads")
+  summary = refined.run_refined(config, workdir, restrict="heads", update_report=True)
   steps = icl_regression.schedule_steps(config)
   out = os.path.join(workdir, "wrllc_heads")
   res = LLCResult.load(os.path.join(out, "llc.npz"))
@@ -45,6 +45,17 @@ def test_all_heads_over_checkpoints(trained):
   assert on_disk["final"]["L0H0"] == pytest.approx(float(res.llc_mean[0, -1]))
   # The settings are config.llc with config.refined's overrides.
   assert res.settings["localization"] == 50.0 and res.settings["num_draws"] == 12
+  # The report was rewritten with the head figures and the head table.
+  report_dir = os.path.join(workdir, "report")
+  for name in ("heads.png", "wrllc_dispersion.png", "overlap.png"):
+    assert os.path.getsize(os.path.join(report_dir, name)) > 10_000, name
+  report = json.load(open(os.path.join(report_dir, "report.json")))
+  assert report["heads"]["final_llc"]["L0H1"] == pytest.approx(float(res.llc_mean[1, -1]))
+  metrics = np.genfromtxt(os.path.join(report_dir, "metrics.csv"), delimiter=",", names=True)
+  np.testing.assert_allclose(metrics["wrllc_head_variance"], res.llc_mean.var(0), rtol=1e-6)
+  assert "wrLLC" in open(os.path.join(report_dir, "report.md")).read()
+  with pytest.raises(ValueError, match="needs a restriction"):
+    refined.run_refined(config, workdir)
 
 
 def test_data_specs(trained):
