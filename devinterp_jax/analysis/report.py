@@ -40,7 +40,9 @@ from devinterp_jax import atomic
 from devinterp_jax.analysis import heads as heads_lib
 from devinterp_jax.analysis import plots
 from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, overlap, stages
+from devinterp_jax.analysis import lm_metrics
 from devinterp_jax.analysis.run_data import Run, load_run
+from devinterp_jax.data import synthetic_text
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.data.regression import sample_batch
 
@@ -93,6 +95,66 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem,
 
 
 def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """Every metric of every checkpoint ([C] leading): the experiment's own (LR:
+  behaviour and structure; LM: `lm_metrics`), then the Hessian and the head overlap."""
+  if run.experiment == "lm":
+    return _lm_metrics(run, options)
+  return _lr_metrics(run, options)
+
+
+def _lm_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """LM metrics (App. C), Hessian statistics and head overlap on validation contexts."""
+  checkpoints = list(run.checkpoints())
+  o = options.lm
+  validation = run.tokens("validation")
+  train = run.tokens("train")
+  common = None
+  if run.config.data.source == "synthetic":
+    corpus = synthetic_text.corpus_from_config(run.config)
+    common = getattr(corpus, "planted_ngrams", None)
+  t0 = time.time()
+  metrics = dict(lm_metrics.lm_metrics(
+      run.model, checkpoints, validation[:o.batch_size], train_tokens=train,
+      common_ngrams=common, num_common_ngrams=o.num_common_ngrams,
+      key=_key(options, _BEHAVIOUR), icl_positions=tuple(o.icl_positions),
+      prev_token_batch=o.prev_token_batch, prefix_batch=o.prefix_batch,
+      checkpoint_chunk=options.checkpoint_chunk))
+  logging.info("LM metrics of %d checkpoints: %.1fs", len(checkpoints), time.time() - t0)
+  batch = {"tokens": validation[:options.hessian.batch_size]}
+  metrics.update(_generic_metrics(run, options, checkpoints, batch,
+                                  {"tokens": validation[:options.overlap.batch_size]}))
+  return metrics
+
+
+def _generic_metrics(run: Run, options, checkpoints, hessian_batch, overlap_batch
+                     ) -> dict[str, np.ndarray]:
+  """Hessian statistics and mean-ablation head overlap (any model with the protocol)."""
+  metrics = {}
+  if options.hessian.enabled:
+    t0 = time.time()
+    o = options.hessian
+    h = hessian.hessian_stats(run.model.loss, checkpoints, hessian_batch,
+                              num_hutchinson=o.num_hutchinson,
+                              num_lanczos_iters=o.num_lanczos_iters, top_k=o.top_k,
+                              seed=options.seed, checkpoint_chunk=options.checkpoint_chunk)
+    metrics["hessian_trace"] = h["trace"]
+    metrics["hessian_trace_se"] = h["trace_se"]
+    metrics["hessian_top_eigenvalues"] = h["top_eigenvalues"]
+    metrics["hessian_top_eigenvalue"] = h["top_eigenvalues"][:, 0]
+    logging.info("Hessian statistics: %.1fs", time.time() - t0)
+  if options.overlap.enabled:
+    t0 = time.time()
+    o = overlap.overlap_over_checkpoints(run.model.head_activations, run.model.ablated_loss,
+                                         checkpoints, overlap_batch,
+                                         checkpoint_chunk=options.checkpoint_chunk)
+    metrics.update({f"overlap/{k}": v for k, v in o.items()})
+    metrics["overlap/names"] = np.array(overlap.head_names(run.model.num_layers,
+                                                           run.model.num_heads))
+    logging.info("Head overlap (mean ablation): %.1fs", time.time() - t0)
+  return metrics
+
+
+def _lr_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """Behavioural, structural and Hessian metrics of every checkpoint ([C] leading).
 
   The checkpoints are read from disk once and kept in memory for the three
@@ -112,27 +174,10 @@ def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, n
       options.structure.batch_size, checkpoint_chunk=options.checkpoint_chunk,
       collapse_threshold=options.structure.collapse_threshold))
   logging.info("Structural metrics: %.1fs", time.time() - t0)
-  if options.hessian.enabled:
-    t0 = time.time()
-    o = options.hessian
-    batch = sample_batch(_key(options, _HESSIAN), run.task, o.batch_size)
-    h = hessian.hessian_stats(run.model.loss, checkpoints, batch,
-                              num_hutchinson=o.num_hutchinson,
-                              num_lanczos_iters=o.num_lanczos_iters, top_k=o.top_k,
-                              seed=options.seed, checkpoint_chunk=options.checkpoint_chunk)
-    metrics["hessian_trace"] = h["trace"]
-    metrics["hessian_trace_se"] = h["trace_se"]
-    metrics["hessian_top_eigenvalues"] = h["top_eigenvalues"]
-    metrics["hessian_top_eigenvalue"] = h["top_eigenvalues"][:, 0]
-    logging.info("Hessian statistics: %.1fs", time.time() - t0)
-  if options.overlap.enabled:
-    t0 = time.time()
-    o, names = overlap.lr_overlap(run.model, checkpoints, run.task, _key(options, _OVERLAP),
-                                  options.overlap.batch_size,
-                                  checkpoint_chunk=options.checkpoint_chunk)
-    metrics.update({f"overlap/{k}": v for k, v in o.items()})
-    metrics["overlap/names"] = np.array(names)
-    logging.info("Head overlap (mean ablation): %.1fs", time.time() - t0)
+  hessian_batch = sample_batch(_key(options, _HESSIAN), run.task, options.hessian.batch_size)
+  data = lr_behaviour.evaluation_data(run.task, _key(options, _OVERLAP), options.overlap.batch_size)
+  metrics.update(_generic_metrics(run, options, checkpoints, hessian_batch,
+                                  {"xs": data["xs"], "ys": data["ys"]}))
   return metrics
 
 
@@ -361,6 +406,9 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
     lines.append(f"* **In-context learning** ({icl['stage']}): ICL₁:₄ = L₄ − L₁ falls from "
                  f"{icl['icl_1_4_initial']:.3f} to {icl['icl_1_4_min']:.3f}; half of that "
                  f"fall is reached at step {icl['step']}.")
+  if run.experiment == "lm":
+    for name, mark in marks.items():
+      lines.append(f"* **{name}**: {json.dumps(mark)}")
   if "task_prior_before_icl" in marks:
     lines.append(f"* Task-prior stage before the ICL stage: "
                  f"**{'yes' if marks['task_prior_before_icl'] else 'no'}**.")
@@ -375,7 +423,7 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
   if labels_final:
     lines += ["## Heads at the last checkpoint", "",
               "| head | label |", "|---|---|"]
-    lines += [f"| {k.split('/', 1)[1]} | {v} |" for k, v in labels_final.items()]
+    lines += [f"| {k.split('/', 1)[-1]} | {v} |" for k, v in labels_final.items()]
     lines.append("")
   if heads:
     st = heads["settings"]
@@ -423,9 +471,12 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   boundaries = stage_boundaries(run, options)
   boundaries.save(out)
   eval_loss = run.logged("eval_loss")
+  is_lm = run.experiment == "lm"
   figures = [("stages", stages.plot_stages(
       boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
-      loss_label="eval MSE", title="LLC stages (in-context linear regression)"))]
+      loss_label="validation loss (nats)" if is_lm else "eval MSE",
+      title="LLC stages (attention-only language model)" if is_lm else
+      "LLC stages (in-context linear regression)"))]
   timings["stages"] = round(time.time() - t0, 1)
   logging.info("Stage boundaries at steps %s", list(boundaries.boundary_steps))
 
@@ -439,12 +490,17 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
                   **{k.replace("/", "__"): np.asarray(v) for k, v in metrics.items()
                      if np.asarray(v).dtype != object})
   edges = list(boundaries.boundary_steps)
-  figures.append(("behaviour", lr_behaviour.plot_behaviour(
-      run.steps, metrics, os.path.join(out, "behaviour.png"), boundaries=edges,
-      title="Behaviour (App. D.1)")))
-  figures.append(("structure", lr_structure.plot_structure(
-      run.steps, metrics, os.path.join(out, "structure.png"), boundaries=edges,
-      title="Structure (App. D.2)")))
+  if is_lm:
+    figures.append(("lm_metrics", lm_metrics.plot_lm_metrics(
+        run.steps, metrics, os.path.join(out, "lm_metrics.png"), boundaries=edges,
+        title="Language-model development (App. C)")))
+  else:
+    figures.append(("behaviour", lr_behaviour.plot_behaviour(
+        run.steps, metrics, os.path.join(out, "behaviour.png"), boundaries=edges,
+        title="Behaviour (App. D.1)")))
+    figures.append(("structure", lr_structure.plot_structure(
+        run.steps, metrics, os.path.join(out, "structure.png"), boundaries=edges,
+        title="Structure (App. D.2)")))
   if options.hessian.enabled:
     figures.append(("hessian", hessian.plot_llc_vs_hessian(
         run.steps, run.llc.llc_mean, run.llc.llc_std,
@@ -463,13 +519,17 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
     figures += head_result.pop("figures")
     columns.update(head_result.pop("columns"))
     _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)
-  labels = lr_structure.head_labels(metrics)
-  labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
-                  if not k.endswith(("x", "y"))}
+  if is_lm:
+    labels_final = {k: str(v) for k, v in lm_metrics.classify_lm_heads(metrics).items()}
+  else:
+    labels = lr_structure.head_labels(metrics)
+    labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
+                    if not k.endswith(("x", "y"))}
   changes = stage_changes(run.steps, {k: v for k, v in columns.items()
                                       if not k.endswith(("_std", "_se"))},
                           boundaries, options.top_metrics)
-  marks = milestones(run.steps, columns, boundaries)
+  marks = (lm_metrics.milestones(run.steps, metrics) if is_lm else
+           milestones(run.steps, columns, boundaries))
   atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))
   summary = {"workdir": os.path.abspath(workdir), "stages": boundaries.stages,
              "boundary_steps": list(boundaries.boundary_steps),

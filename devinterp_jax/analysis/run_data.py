@@ -13,7 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from devinterp_jax.data import lm_dataset
 from devinterp_jax.data.regression import RegressionTask
+from devinterp_jax.models.attention_lm import AttentionOnlyLM
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints
@@ -29,14 +31,24 @@ class Run:
   steps: np.ndarray              # scheduled checkpoint steps [C]
   llc: LLCResult | None          # per-checkpoint LLC results ([C] leading axis)
   log: list[dict]                # metrics.jsonl rows
-  model: RegressionTransformer
-  task: RegressionTask
+  model: RegressionTransformer | AttentionOnlyLM
+  task: RegressionTask | None    # LR only
+
+  @property
+  def experiment(self) -> str:
+    return self.config.get("experiment", "icl_regression")
 
   def checkpoints(self, steps=None) -> checkpoints.ParamsSequence:
     """Params at `steps` (default: every scheduled step), restored lazily."""
     abstract = jax.eval_shape(self.model.init_params, jax.random.key(0))
     return checkpoints.ParamsSequence(self.workdir, self.steps if steps is None else steps,
                                       abstract)
+
+  def tokens(self, split: str) -> np.ndarray:
+    """An LM run's token split ('train', 'sgld', 'validation'), int32 [N, T]."""
+    if self.experiment != "lm":
+      raise ValueError(f"{self.workdir!r} is a {self.experiment!r} run, not a language model")
+    return lm_dataset.load_run_tokens(self.config, self.workdir, split)
 
   def logged(self, name: str, steps=None) -> np.ndarray:
     """A logged scalar (e.g. 'eval_loss') at `steps` (NaN where not logged)."""
@@ -48,9 +60,10 @@ class Run:
 def load_run(workdir: str, require_llc: bool = True) -> Run:
   """Loads a run; a missing LLC sweep is an error when `require_llc`."""
   config = run_log.read_config(workdir)
-  if config.get("experiment") not in (None, "icl_regression"):
-    raise ValueError(f"{workdir!r} holds a {config.experiment!r} run; this analysis reads "
-                     "in-context linear regression runs")
+  experiment = config.get("experiment", "icl_regression")
+  if experiment not in ("icl_regression", "lm"):
+    raise ValueError(f"{workdir!r} holds a {experiment!r} run; this analysis reads "
+                     "'icl_regression' and 'lm' runs")
   steps = checkpoints.scheduled_steps(workdir)
   if len(steps) == 0:
     raise checkpoints.CheckpointError(f"no scheduled checkpoints in {workdir!r}")
@@ -66,6 +79,7 @@ def load_run(workdir: str, require_llc: bool = True) -> Run:
                             "(launch/estimate_llc.py or launch/main.py)")
   return Run(workdir=workdir, config=config, steps=steps, llc=llc,
              log=run_log.read_metrics(workdir),
-             model=RegressionTransformer.from_config(config),
-             task=RegressionTask.from_config(config))
+             model=(AttentionOnlyLM.from_config(config) if experiment == "lm" else
+                    RegressionTransformer.from_config(config)),
+             task=None if experiment == "lm" else RegressionTask.from_config(config))
 

@@ -92,8 +92,9 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
                name, len(names or [None]), len(steps), c["num_chains"],
                c["num_burnin_steps"] + c["num_draws"] * c["thinning"])
   result = llc_lib.estimate_llcs(
-      model.loss, checkpoints, experiment.dataset_from_spec(config, data),
-      loss_data=experiment.dataset_from_spec(config, loss_data) if loss_data else None,
+      model.loss, checkpoints, experiment.dataset_from_spec(config, data, workdir=workdir),
+      loss_data=(experiment.dataset_from_spec(config, loss_data, workdir=workdir)
+                 if loss_data else None),
       restrict=(names, masks) if restrict else None,
       num_chains=c["num_chains"], num_draws=c["num_draws"], step_size=c["step_size"],
       localization=c["localization"], nbeta=c["nbeta"], batch_size=c["batch_size"],

@@ -3,7 +3,8 @@
 import importlib
 import types
 
-EXPERIMENTS = {"icl_regression": "devinterp_jax.experiments.icl_regression"}
+EXPERIMENTS = {"icl_regression": "devinterp_jax.experiments.icl_regression",
+               "lm": "devinterp_jax.experiments.lm"}
 
 
 def get(name: str) -> types.ModuleType:

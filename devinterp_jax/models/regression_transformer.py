@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from devinterp_jax.data.regression import to_tokens
+from devinterp_jax.models import attention_core
 
 Params = Any
 
@@ -95,15 +96,8 @@ class CausalSelfAttention(nn.Module):
     # One fused QKV matmul, as in the paper's fused projection.
     qkv_3xBxTxHxE = jnp.einsum("btd,cdhe->cbthe", x_BxTxD, jnp.stack([w_q, w_k, w_v]))
     q, k, v = qkv_3xBxTxHxE
-    logits_BxHxTxS = jnp.einsum("bthe,bshe->bhts", q, k) / jnp.sqrt(E).astype(q.dtype)
-    causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    logits_BxHxTxS = jnp.where(causal_TxS, logits_BxHxTxS, jnp.finfo(q.dtype).min)
-    attn_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
-    z_BxTxHxE = jnp.einsum("bhts,bshe->bthe", attn_BxHxTxS, v)
-    if head_keep_H is not None:
-      z_BxTxHxE = _mean_ablate(z_BxTxHxE, head_keep_H, head_mean_TxHxE)
-    elif head_mean_TxHxE is not None:
-      raise ValueError("head_mean given without head_keep")
+    attn_BxHxTxS, z_BxTxHxE = attention_core.causal_attention(q, k, v, head_keep_H,
+                                                              head_mean_TxHxE)
     if self.attn_out_proj:
       w_o_HxExD = self.param("w_o", init, (H, E, D))
       out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD)
@@ -116,22 +110,6 @@ class CausalSelfAttention(nn.Module):
       w_o_HxExD = jnp.eye(D, dtype=z_BxTxHxE.dtype).reshape(H, E, D)
     contrib_BxTxHxD = jnp.einsum("bthe,hed->bthd", z_BxTxHxE, w_o_HxExD)
     return out_BxTxD, {"attn": attn_BxHxTxS, "z": z_BxTxHxE, "contrib": contrib_BxTxHxD}
-
-
-def _mean_ablate(z_BxTxHxE, head_keep_H, head_mean_TxHxE):
-  """z ← keep·z + (1 − keep)·mean per head; mean None means zero-ablation."""
-  _, T, H, E = z_BxTxHxE.shape
-  keep_H = jnp.asarray(head_keep_H, z_BxTxHxE.dtype)
-  if keep_H.shape != (H,):
-    raise ValueError(f"head_keep of a layer has shape {keep_H.shape}, want (num_heads,) = ({H},)")
-  keep_Hx1 = keep_H[:, None]
-  if head_mean_TxHxE is None:
-    return keep_Hx1 * z_BxTxHxE
-  mean_TxHxE = jnp.asarray(head_mean_TxHxE, z_BxTxHxE.dtype)
-  if mean_TxHxE.shape != (T, H, E):
-    raise ValueError(f"head_mean of a layer has shape {mean_TxHxE.shape}, want (tokens, "
-                     f"num_heads, head_dim) = ({T}, {H}, {E})")
-  return keep_Hx1 * z_BxTxHxE + (1 - keep_Hx1) * mean_TxHxE
 
 
 class Block(nn.Module):
@@ -186,15 +164,7 @@ class RegressionTransformer(nn.Module):
     if T > max_tokens:
       raise ValueError(f"{T} tokens > 2 * max_examples = {max_tokens}")
     L, H, E = self.num_layers, self.num_heads, self.d_model // self.num_heads
-    if head_keep is not None and jnp.shape(head_keep) != (L, H):
-      raise ValueError(f"head_keep has shape {jnp.shape(head_keep)}, want (num_layers, "
-                       f"num_heads) = ({L}, {H})")
-    if head_mean is not None:
-      if head_keep is None:
-        raise ValueError("head_mean given without head_keep")
-      if jnp.shape(head_mean) != (L, T, H, E):
-        raise ValueError(f"head_mean has shape {jnp.shape(head_mean)}, want (num_layers, "
-                         f"tokens, num_heads, head_dim) = ({L}, {T}, {H}, {E})")
+    attention_core.check_args(head_keep, head_mean, L, T, H, E)
     pos_TmaxxD = self.param("pos_embed", torch_uniform(max_tokens), (max_tokens, self.d_model))
     x_BxTxD = Dense(self.d_model, use_bias=False, name="token_embed")(tokens_BxTxV)
     x_BxTxD = x_BxTxD + pos_TmaxxD[:T]

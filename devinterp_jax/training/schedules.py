@@ -34,14 +34,20 @@ def one_cycle_lr(total_steps: int, max_lr: float, pct_start: float = 0.5,
   return schedule
 
 
-def checkpoint_steps(total_steps: int, n_log: int, n_linear: int) -> np.ndarray:
-  """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T].
+def checkpoint_steps(total_steps: int, n_log: int, n_linear: int = 0,
+                     linear_every: int = 0) -> np.ndarray:
+  """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T]
+  (or, with `linear_every`, every multiple of it up to T, as in the LM setting).
 
   For T = 500k and 100 + 100 this gives the paper's 190 unique steps.
   """
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  if n_linear and linear_every:
+    raise ValueError("give n_linear or linear_every, not both")
   log_steps = np.logspace(0, np.log10(total_steps), n_log).astype(int) if n_log else []
   lin_steps = np.linspace(1, total_steps, n_linear).astype(int) if n_linear else []
+  if linear_every:
+    lin_steps = np.arange(linear_every, total_steps + 1, linear_every)
   steps = np.union1d(log_steps, lin_steps).astype(int)
   return steps[(steps >= 1) & (steps <= total_steps)]

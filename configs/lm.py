@@ -1,0 +1,91 @@
+"""Attention-only language models (paper §6, App. C, E, F.1).
+
+Usage:
+  --config=configs/lm.py                    # the paper's 2-layer model (Pile subset via tfds)
+  --config=configs/lm.py:one_layer          # the paper's 1-layer model
+  --config=configs/lm.py:runlocal           # CPU-sized 2-layer run on the synthetic prose corpus
+  --config=configs/lm.py:runlocal_one_layer
+
+Override any field from the command line, e.g. `--config.train.num_steps=1000`.
+Unknown keys are refused (the ConfigDict is locked).
+"""
+
+import ml_collections
+
+from devinterp_jax.analysis import report
+
+VARIANTS = ("", "one_layer", "runlocal", "runlocal_one_layer")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or ""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; use one of {VARIANTS}")
+  config = ml_collections.ConfigDict()
+  config.experiment = "lm"
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=5000, context_length=1024, d_model=256, num_heads=8, num_layers=2,
+  ))
+
+  # source 'tfds': an array_record dataset built by data/lm_dataset.py (train / sgld /
+  # validation splits) under data_dir/name. source 'synthetic': the embedded corpus
+  # ('prose' or 'code') written to <workdir>/data in the same format and read back.
+  config.data = ml_collections.ConfigDict(dict(
+      source="tfds", data_dir="", name="",
+      corpus="prose", corpus_seed=0,
+      copy_prob=0.02,           # prose: chance per position to start a repeated span
+      num_train=20_000, num_sgld=4_000, num_validation=1_000,
+  ))
+
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=50_000, batch_size=100, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.05, grad_clip=1.0,
+      n_log=100, linear_every=100,    # log-spaced plus every 100 steps
+      log_every=100, resume_every=1000, eval_batch_size=256,
+  ))
+
+  # App. F.1: ε = 3e-3, γ = 100 (2 layers; 300 for 1 layer), nβ = B / ln B = 21.7 for
+  # B = 100, 20 chains × 200 draws, no burn-in.
+  config.llc = ml_collections.ConfigDict(dict(
+      num_chains=20, num_draws=200, num_burnin_steps=0, thinning=1,
+      step_size=3e-3, nbeta=21.7, localization=100.0, batch_size=100,
+      seed=0, init_loss_stride=10, mala_stride=10, sampler="sgld",
+      checkpoint_chunk=8, chain_strategy="auto",
+  ))
+  # Refined LLCs (launch/estimate_llc.py --restrict=heads): the rLLC paper's sampler.
+  config.refined = ml_collections.ConfigDict(dict(
+      num_chains=4, num_draws=200, step_size=1e-3, nbeta=30.0, localization=200.0,
+      batch_size=32, checkpoint_chunk=8,
+  ))
+
+  config.analysis = report.default_options()
+  config.analysis.stages.tolerance = 0.05
+  config.analysis.hessian.enabled = False
+  config.analysis.lm = ml_collections.ConfigDict(dict(
+      batch_size=64,            # validation contexts for the loss-based metrics
+      icl_positions=(50, 500),  # ICL score: loss at token 500 minus loss at token 50
+      num_common_ngrams=1000,   # real data: the most frequent n-grams of the training split
+      prev_token_batch=512,     # synthetic sequences for head scores (paper: 10k)
+      prefix_batch=512,
+  ))
+
+  if arg in ("one_layer", "runlocal_one_layer"):
+    config.model.num_layers = 1
+    config.llc.localization = 300.0
+  if arg.startswith("runlocal"):
+    config.model.update(vocab_size=512, context_length=64, d_model=64, num_heads=4)
+    config.data.update(source="synthetic", num_train=20_000, num_sgld=4_000,
+                       num_validation=1_000)
+    config.train.update(num_steps=3000, batch_size=32, n_log=20, linear_every=250,
+                        log_every=100, resume_every=500, eval_batch_size=256)
+    config.llc.update(num_chains=4, num_draws=200, batch_size=32, nbeta=10.0,
+                      step_size=1e-3, checkpoint_chunk=8)
+    config.refined.update(num_chains=3, num_draws=150, checkpoint_chunk=8)
+    # ICL positions as fractions of the context: tokens 3 and 32 of 64.
+    config.analysis.lm.update(batch_size=64, prev_token_batch=256, prefix_batch=256,
+                              icl_positions=(0.05, 0.5))
+    config.analysis.overlap.batch_size = 128
+  config.lock()
+  return config

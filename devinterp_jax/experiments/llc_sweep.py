@@ -1,0 +1,144 @@
+"""The LLC sweep over a run's checkpoints, shared by every experiment.
+
+  estimate_checkpoints(config, loss_fn, dataset, checkpoints, ids, output_dir)
+  estimate_workdir(config, workdir, model, dataset)   # every scheduled checkpoint
+  write_results(workdir, steps, result, ...)          # llc/ files, curve and traces
+  rise_test(llc_mean, llc_sem)
+  run_main_job(config, workdir, experiment)          # train → LLC → results → report
+
+Sampler settings come from `config.llc`; `config.calibration` (when present)
+checks them against the calibration criteria on the first and last checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from devinterp_jax import atomic
+from devinterp_jax.analysis import plots, report
+from devinterp_jax.sampling import calibration
+from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling.results import LLCResult
+from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import run_log
+
+
+def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, checkpoints,
+                         ids, output_dir: str | None) -> LLCResult:
+  """LLCs of any checkpoint sequence with config.llc's sampler settings on `dataset`."""
+  c = config.llc
+  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(checkpoints),
+               c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
+  return llc_lib.estimate_llcs(
+      loss_fn, checkpoints, dataset,
+      num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
+      localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
+      num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
+      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride, sampler=c.sampler,
+      checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
+      checkpoint_ids=ids, output_dir=output_dir)
+
+
+def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
+                     dataset) -> tuple[np.ndarray, LLCResult]:
+  """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
+  steps = checkpointing.scheduled_steps(workdir)
+  if len(steps) == 0:
+    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+  result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
+                                [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
+  return steps, result
+
+
+def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
+                  extra: dict | None = None,
+                  config: ml_collections.ConfigDict | None = None,
+                  loss_label: str = "eval loss", title: str = "LLC over training") -> dict:
+  """Writes llc.npz, llc.csv (one line to load), summary.json, llc_curve.png and
+  llc_traces.png; with `config`, also whether the configured sampler settings
+  pass the calibration criteria on the earliest and latest checkpoints."""
+  out = os.path.join(workdir, "llc")
+  result.save(os.path.join(out, "llc.npz"))
+  metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
+  losses = {k: [metrics.get(int(s), {}).get(k, np.nan) for s in steps]
+            for k in ("train_loss", "eval_loss")}
+  columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,
+                             result.num_valid_chains, losses["train_loss"], losses["eval_loss"]])
+  header = "step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss"
+  rows = [",".join([str(int(row[0]))] + [repr(float(v)) for v in row[1:]]) for row in columns]
+  atomic.write_text(os.path.join(out, "llc.csv"), "\n".join([header, *rows]) + "\n")
+  plots.plot_llc_curve(steps, result.llc_mean, result.llc_std,
+                       [s for s, r in metrics.items() if "eval_loss" in r],
+                       [r["eval_loss"] for r in metrics.values() if "eval_loss" in r],
+                       os.path.join(workdir, "llc_curve.png"), loss_label=loss_label,
+                       title=title)
+  plots.plot_llc_traces(result, os.path.join(workdir, "llc_traces.png"),
+                        labels=[f"step {int(s)}" for s in steps],
+                        title="LLC traces per chain (colour: health status)")
+  check = None
+  if config is not None and "calibration" in config:
+    cal = config.calibration
+    check = calibration.check_settings(result, (0, -1), tuple(cal.mala_band),
+                                       tuple(cal.disqualify))
+    if not check["passes"]:
+      logging.warning("The configured ε, nβ, γ fail the calibration criteria: %s; run "
+                      "launch/calibrate.py", "; ".join(check["reasons"]))
+  mid = len(steps) // 2
+  summary = {"num_checkpoints": int(len(steps)), **rise_test(result.llc_mean, result.llc_sem),
+             "llc_first": float(result.llc_mean[0]), "llc_middle": float(result.llc_mean[mid]),
+             "llc_last": float(result.llc_mean[-1]),
+             "steps_first_middle_last": [int(steps[0]), int(steps[mid]), int(steps[-1])],
+             "diverged_chains": int(result.diverged.sum()),
+             "chain_health": result.health_counts(),
+             "mala_acceptance_mean": (float(np.nanmean(result.mala_acceptance))
+                                      if np.isfinite(result.mala_acceptance).any() else None),
+             "settings_pass_calibration_check": check, **(extra or {})}
+  atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+  return summary
+
+
+def rise_test(llc_mean: np.ndarray, llc_sem: np.ndarray) -> dict:
+  """Mean LLC of the last quarter of checkpoints minus the first quarter, in SEs.
+
+  The standard error of a quarter's mean combines the per-checkpoint standard
+  errors over chains: se = √(Σ sem_i²) / n_quarter.
+  """
+  n = len(llc_mean)
+  q = max(n // 4, 1)
+  first, last = slice(0, q), slice(n - q, n)
+  m_first, m_last = float(np.mean(llc_mean[first])), float(np.mean(llc_mean[last]))
+  se_first = float(np.sqrt(np.sum(np.square(llc_sem[first]))) / q)
+  se_last = float(np.sqrt(np.sum(np.square(llc_sem[last]))) / q)
+  z = (m_last - m_first) / max(np.hypot(se_first, se_last), 1e-12)
+  return {"llc_first_quarter": m_first, "llc_last_quarter": m_last,
+          "rise_in_standard_errors": float(z), "rises": bool(z > 3)}
+
+
+def run_main_job(config: ml_collections.ConfigDict, workdir: str, experiment) -> dict:
+  """The main job of an experiment module (`train`, `estimate`, `write_results`):
+  train, LLCs over all checkpoints, results, and the analysis report
+  (<workdir>/report); returns llc/summary.json's content with the wall times."""
+  t0 = time.time()
+  experiment.train(config, workdir)
+  t_train = time.time() - t0
+  steps, result = experiment.estimate(config, workdir)
+  t_llc = time.time() - t0 - t_train
+  timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1)}
+  summary = experiment.write_results(workdir, steps, result, extra=timings, config=config)
+  t1 = time.time()
+  analysis = report.analyze(workdir, config.analysis)
+  summary.update(analysis_seconds=round(time.time() - t1, 1),
+                 total_seconds=round(time.time() - t0, 1),
+                 stage_boundaries=analysis["boundary_steps"])
+  atomic.write_text(os.path.join(workdir, "llc", "summary.json"), json.dumps(summary, indent=2))
+  logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
+  return summary
