@@ -68,7 +68,7 @@ def test_lm_refined_heads_and_code_data(lm_run):
 def test_lm_data_is_checked(lm_run, tmp_path):
   config, workdir, _ = lm_run
   other = tiny_lm_config()
-  other.data.copy_prob = 0.1
+  other.data.copy_prob = config.data.copy_prob + 0.05
   with pytest.raises(ValueError, match="other settings"):
     lm.prepare_data(other, workdir)
   bad = tiny_lm_config()
