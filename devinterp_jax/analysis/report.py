@@ -485,7 +485,6 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   timings["metrics"] = round(time.time() - t0, 1)
   columns = {"llc_mean": run.llc.llc_mean, "llc_std": run.llc.llc_std,
              "eval_loss": eval_loss, **scalar_columns(metrics)}
-  _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)
   atomic.save_npz(os.path.join(out, "metrics.npz"), steps=run.steps,
                   **{k.replace("/", "__"): np.asarray(v) for k, v in metrics.items()
                      if np.asarray(v).dtype != object})
@@ -518,7 +517,7 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   if head_result is not None:
     figures += head_result.pop("figures")
     columns.update(head_result.pop("columns"))
-    _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)
+  _write_csv(os.path.join(out, "metrics.csv"), run.steps, columns)   # once, with head columns
   if is_lm:
     labels_final = {k: str(v) for k, v in lm_metrics.classify_lm_heads(metrics).items()}
   else:

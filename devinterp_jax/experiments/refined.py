@@ -126,7 +126,8 @@ def restriction_sum(result: LLCResult) -> dict[str, np.ndarray]:
 
 
 def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] | None,
-                  result: LLCResult, masks=None, boundaries=None) -> dict:
+                  result: LLCResult, masks=None, boundaries=None,
+                  extra: dict | None = None) -> dict:
   """Writes <workdir>/<name>/: llc.npz, refined.csv, summary.json, trajectories.png."""
   out = os.path.join(workdir, name)
   os.makedirs(out, exist_ok=True)
@@ -171,6 +172,7 @@ def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] |
     if ok.sum() >= 3 and len(names) >= 3:
       summary["heads"] = heads_analysis.head_summary(steps[ok], mean[:, ok], labels,
                                                      sem_RxN=sem[:, ok])
+  summary.update(extra or {})
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
   return summary
 
@@ -193,9 +195,8 @@ def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str =
   if os.path.exists(stages_path):
     with open(stages_path) as f:
       boundaries = json.load(f).get("boundary_steps")
-  summary = write_refined(workdir, name, steps, names, result, masks, boundaries)
-  summary["seconds"] = round(time.time() - t0, 1)
-  atomic.write_text(os.path.join(workdir, name, "summary.json"), json.dumps(summary, indent=1))
+  summary = write_refined(workdir, name, steps, names, result, masks, boundaries,
+                          extra={"seconds": round(time.time() - t0, 1)})
   logging.info("Refined LLC %s done in %.0fs; final %s", name, summary["seconds"],
                json.dumps(summary["final"]))
   if update_report:
