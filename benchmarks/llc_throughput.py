@@ -1,6 +1,8 @@
 """Throughput of the batched LLC estimator against its lower bound.
 
-For the paper's LR transformer at SGLD batch size B, prints chain-steps per
+For a model at SGLD batch size B (`--model=lr`: the paper's LR transformer;
+`--model=lm`: the LM `runlocal` attention-only transformer on its synthetic
+prose corpus; `--model=lm_paper`: the paper's 2-layer LM, context 1024), prints chain-steps per
 second of the compiled sweep for (checkpoints × chains) configurations, and the
 ratio of its time per chain-step to two lower bounds measured in the same run:
 
@@ -17,6 +19,7 @@ included in the sweep's time.
 
   PYTHONPATH=. python benchmarks/llc_throughput.py                      # B = 1024, 1×1, 1×8, 8×8
   PYTHONPATH=. python benchmarks/llc_throughput.py --batch_size=128 --configs=1x4,4x4
+  PYTHONPATH=. python benchmarks/llc_throughput.py --model=lm --batch_size=32 --configs=1x1,1x4,8x4
 """
 
 import json
@@ -27,10 +30,14 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.timing import scanned_fwd_bwd, time_call
+from configs import lm as lm_configs
+from devinterp_jax.data import synthetic_text
 from devinterp_jax.data.regression import RegressionTask, make_dataset
+from devinterp_jax.models.attention_lm import AttentionOnlyLM
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling.llc import SamplerSettings, make_llc_program
 
+_MODEL = flags.DEFINE_enum("model", "lr", ["lr", "lm", "lm_paper"], "Which model to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 1024, "SGLD minibatch size.")
 _DRAWS = flags.DEFINE_integer("num_draws", 10, "SGLD steps per chain per timed call.")
 _REPS = flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
@@ -42,11 +49,22 @@ _MALA = flags.DEFINE_integer("mala_stride", 0, "MALA acceptance every k-th step 
 _DIAG = flags.DEFINE_bool("diagnostics", False, "Record ‖w − w*‖, ‖∇L‖, ‖η‖ per step.")
 
 
+def _model_and_data(name: str, batch_size: int):
+  """(model, params, data of 16 batches) for --model."""
+  if name == "lr":
+    model = RegressionTransformer()
+    data = make_dataset(jax.random.key(1), RegressionTask(), 16 * batch_size)
+  else:
+    config = lm_configs.get_config("runlocal" if name == "lm" else "")
+    model = AttentionOnlyLM.from_config(config)
+    data = {"tokens": synthetic_text.corpus_from_config(config, "prose").sample(
+        1, 16 * batch_size)}
+  return model, model.init_params(jax.random.key(0)), data
+
+
 def main(argv):
   del argv
-  model = RegressionTransformer()
-  params = model.init_params(jax.random.key(0))
-  data = make_dataset(jax.random.key(1), RegressionTask(), 16 * _BATCH.value)
+  model, params, data = _model_and_data(_MODEL.value, _BATCH.value)
   batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
   fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
   jax.block_until_ready(fwd_bwd(params, batch))
@@ -83,7 +101,7 @@ def main(argv):
       times[k].append(time_call(program, stacked, hypers))
   t_base, t_scan = float(np.median(base)), float(np.median(scan_base))
 
-  print(f"backend={jax.default_backend()} devices={jax.device_count()} "
+  print(f"model={_MODEL.value} backend={jax.default_backend()} devices={jax.device_count()} "
         f"batch={_BATCH.value} draws={_DRAWS.value} reps={_REPS.value}")
   print(f"lower bounds: jitted forward+backward = {t_base * 1e3:.2f} ms; "
         f"per step of a scanned forward+backward = {t_scan * 1e3:.2f} ms")
@@ -104,7 +122,7 @@ def main(argv):
             f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"backend": jax.default_backend(), "batch_size": _BATCH.value,
+      json.dump({"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
                  "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows},
                 f, indent=2)
 

@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0,                    # SGLD seed (same noise/batches at every checkpoint)
       init_loss_stride=10,
       mala_stride=10,            # MALA acceptance every 10th step (0 = off)
+      mala_target="posterior",   # or "loss": nβ L alone (sampling/llc.py MALA_TARGETS)
       sampler="sgld",            # or "rmsprop_sgld"
       checkpoint_chunk=16,
       chain_strategy="auto",

@@ -53,6 +53,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       step_size=3e-3, nbeta=21.7, localization=100.0, batch_size=100,
       seed=0, init_loss_stride=10, mala_stride=10, sampler="sgld",
       checkpoint_chunk=8, chain_strategy="auto",
+      # MALA acceptance of the tempered loss alone: in 10⁵-10⁶ dimensions the
+      # localisation Gaussian dominates the full-potential acceptance of a chain
+      # spreading from w* (docs/lm.md); its bias is εγ/4 in closed form.
+      mala_target="loss",
+  ))
+  # launch/calibrate.py: the App. A.5.3 grid on the earliest and latest checkpoints;
+  # the main job also checks its own ε, nβ, γ against the same criteria.
+  config.calibration = ml_collections.ConfigDict(dict(
+      step_sizes=(3e-4, 1e-3, 3e-3), nbetas=(21.7,), localizations=(100.0, 300.0, 1000.0),
+      num_chains=4, num_draws=200, mala_band=(0.95, 1.0),
+      disqualify=("diverged", "not_converged"),
   ))
   # Refined LLCs (launch/estimate_llc.py --restrict=heads): the rLLC paper's sampler.
   config.refined = ml_collections.ConfigDict(dict(
@@ -81,13 +92,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # within 3000).
     config.data.update(source="synthetic", num_train=20_000, num_sgld=4_000,
                        num_validation=1_000, copy_prob=0.1)
-    config.train.update(num_steps=6000, batch_size=32, n_log=20, linear_every=500,
+    # 19 checkpoints: log-spaced plus every 750 steps (3000, 3750, 4500 span the
+    # induction bump), so the LLC sweep fits the 15-minute job.
+    config.train.update(num_steps=6000, batch_size=32, n_log=12, linear_every=750,
                         log_every=100, resume_every=500, eval_batch_size=256)
-    # Not calibrated yet (docs/lm.md): ε = 5e-5 is the largest tried with MALA
-    # acceptance near 0.8 at nβ = 10; 1e-3 gives 0.55.
-    config.llc.update(num_chains=4, num_draws=200, batch_size=32, nbeta=10.0,
-                      step_size=5e-5, checkpoint_chunk=8)
-    config.refined.update(num_chains=3, num_draws=150, checkpoint_chunk=8)
+    # launch/calibrate.py with the grid below recommends ε = 2e-4, nβ = 10 (≈ B/ln B for
+    # B = 32), γ = 300 on steps 1 and 6000 (docs/lm.md): healthy chains, loss-MALA
+    # acceptance ≥ 0.96; γ = 100 chains do not equilibrate within 200 draws.
+    config.llc.update(num_chains=3, num_draws=200, batch_size=32, nbeta=10.0,
+                      step_size=2e-4, localization=300.0, checkpoint_chunk=10)
+    config.calibration.update(step_sizes=(5e-5, 1e-4, 2e-4), nbetas=(10.0,),
+                              localizations=(300.0, 1000.0), num_chains=2, num_draws=200)
+    # wrLLC of 8 heads × 19 checkpoints in one program: the full model's sampler.
+    config.refined.update(num_chains=2, num_draws=100, step_size=2e-4, nbeta=10.0,
+                          localization=300.0, batch_size=32, checkpoint_chunk=10)
     # ICL positions as fractions of the context: tokens 3 and 32 of 64.
     config.analysis.lm.update(batch_size=64, prev_token_batch=256, prefix_batch=256,
                               icl_positions=(0.05, 0.5))

@@ -113,6 +113,37 @@ def test_mala_acceptance_falls_with_step_size_and_norms_are_recorded():
   assert res.distance.shape == res.loss_trace.shape and (res.grad_norm[..., 1:] > 0).all()
 
 
+def test_mala_target_loss_separates_loss_from_localization():
+  """In d = 10⁴ dimensions the (γ/2)‖w − w*‖² term alone makes the 'posterior'
+  acceptance of a chain leaving w* low (εγ = 0.1), while 'loss' tests only
+  nβ L: ~1 for a nearly flat loss, low for a loss ε cannot resolve."""
+  d = 10_000
+
+  def accept(h, target, eps=1e-3, gamma=100.0):
+    loss = lambda p, b: 0.5 * h * jnp.sum(jnp.square(p["w"]))
+    r = dj.estimate_llc(loss, {"w": jnp.zeros(d)}, lambda key: None, num_chains=2,
+                        num_draws=100, step_size=eps, localization=gamma, nbeta=1.0,
+                        batch_size=1, mala_stride=5, mala_target=target,
+                        chain_strategy="vmap")
+    return float(r.mala_acceptance.mean())
+
+  flat_posterior, flat_loss = accept(1e-3, "posterior"), accept(1e-3, "loss")
+  assert flat_posterior < 0.7 and flat_loss > 0.99
+  # A sharp loss (ε nβ h = 0.3 in 10⁴ dims) is rejected under 'loss' too.
+  assert accept(300.0, "loss", gamma=1.0) < 0.6
+  # Without localisation the two targets are the same test.
+  np.testing.assert_allclose(accept(300.0, "loss", gamma=0.0),
+                             accept(300.0, "posterior", gamma=0.0), atol=1e-6)
+
+
+def test_mala_target_is_checked():
+  loss = lambda p, b: 0.5 * jnp.sum(jnp.square(p["w"]))
+  with np.testing.assert_raises_regex(ValueError, "mala_target"):
+    dj.estimate_llc(loss, {"w": jnp.zeros(3)}, lambda key: None, num_chains=1, num_draws=5,
+                    step_size=1e-3, localization=1.0, nbeta=1.0, batch_size=1,
+                    mala_target="full")
+
+
 def test_diagnostics_off_and_mala_off():
   loss = lambda p, b: 0.5 * jnp.sum(jnp.square(p["w"]))
   res = dj.estimate_llc(loss, {"w": jnp.zeros(3)}, lambda key: None, num_chains=2,

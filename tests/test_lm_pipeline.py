@@ -75,3 +75,16 @@ def test_lm_data_is_checked(lm_run, tmp_path):
   bad.data.source = "tfds"
   with pytest.raises(ValueError, match="data_dir"):
     lm.prepare_data(bad, str(tmp_path))
+
+
+def test_lm_calibration_grid(lm_run):
+  """launch/calibrate.py's grid runs on the LM through the shared sweep code, with
+  the LM's loss-only MALA target, and writes its table."""
+  config, workdir, _ = lm_run
+  config = tiny_lm_config()
+  config.calibration.update(step_sizes=(1e-5, 1e-2), localizations=(300.0,), num_draws=20)
+  result = lm.calibrate(config, workdir)
+  assert result.settings["mala_target"] == "loss"
+  acc = result.mala_acceptance[:, 0, 0]                  # [ε, checkpoint]
+  assert acc.shape == (2, 2) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
+  assert os.path.exists(os.path.join(workdir, "calibration", "calibration.md"))

@@ -232,28 +232,9 @@ def estimate_seeds(config: ml_collections.ConfigDict,
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
-  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints.
-
-  Writes <workdir>/calibration/{calibration.json, calibration.md, *.png}.
-  """
-  model = make_model(config)
-  steps = checkpointing.scheduled_steps(workdir)
-  if len(steps) == 0:
-    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
-  picked = [int(steps[0]), int(steps[-1])]
-  abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
-  checkpoints = checkpointing.ParamsSequence(workdir, picked, abstract)
-  c, cal = config.llc, config.calibration
-  logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
-               len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))
-  return calibration.calibrate(
-      model.loss, [checkpoints[0], checkpoints[1]], sgld_dataset(config),
-      step_sizes=cal.step_sizes, nbetas=cal.nbetas, localizations=cal.localizations,
-      num_chains=cal.num_chains, num_draws=cal.num_draws, batch_size=c.batch_size,
-      seed=c.seed, num_burnin_steps=c.num_burnin_steps, mala_stride=c.mala_stride,
-      sampler=c.sampler, mala_band=tuple(cal.mala_band), disqualify=tuple(cal.disqualify),
-      checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
-      output_dir=os.path.join(workdir, "calibration"))
+  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints;
+  writes <workdir>/calibration/."""
+  return llc_sweep.calibrate_workdir(config, workdir, make_model(config), sgld_dataset(config))
 
 
 write_results = functools.partial(

@@ -2,6 +2,7 @@
 
   estimate_checkpoints(config, loss_fn, dataset, checkpoints, ids, output_dir)
   estimate_workdir(config, workdir, model, dataset)   # every scheduled checkpoint
+  calibrate_workdir(config, workdir, model, dataset)  # App. A.5.3 grid, first + last
   write_results(workdir, steps, result, ...)          # llc/ files, curve and traces
   rise_test(llc_mean, llc_sem)
   run_main_job(config, workdir, experiment)          # train → LLC → results → report
@@ -41,7 +42,8 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
       localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
       num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
-      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride, sampler=c.sampler,
+      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride,
+      mala_target=c.get("mala_target", "posterior"), sampler=c.sampler,
       checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
       checkpoint_ids=ids, output_dir=output_dir)
 
@@ -57,6 +59,35 @@ def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
   result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
                                 [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
   return steps, result
+
+
+def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
+                      dataset) -> calibration.CalibrationResult:
+  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints.
+
+  Writes <workdir>/calibration/{calibration.json, calibration.md, *.png}.
+  """
+  if "calibration" not in config:
+    raise ValueError(f"config of experiment {config.experiment!r} has no 'calibration' "
+                     "section (the grid of step_sizes, nbetas, localizations)")
+  steps = checkpointing.scheduled_steps(workdir)
+  if len(steps) == 0:
+    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+  picked = [int(steps[0]), int(steps[-1])]
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  checkpoints = checkpointing.ParamsSequence(workdir, picked, abstract)
+  c, cal = config.llc, config.calibration
+  logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
+               len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))
+  return calibration.calibrate(
+      model.loss, [checkpoints[0], checkpoints[1]], dataset,
+      step_sizes=cal.step_sizes, nbetas=cal.nbetas, localizations=cal.localizations,
+      num_chains=cal.num_chains, num_draws=cal.num_draws, batch_size=c.batch_size,
+      seed=c.seed, num_burnin_steps=c.num_burnin_steps, mala_stride=c.mala_stride,
+      mala_target=c.get("mala_target", "posterior"),
+      sampler=c.sampler, mala_band=tuple(cal.mala_band), disqualify=tuple(cal.disqualify),
+      checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
+      output_dir=os.path.join(workdir, "calibration"))
 
 
 def write_results(workdir: str, steps: np.ndarray, result: LLCResult,

@@ -157,6 +157,13 @@ def estimate(config: ml_collections.ConfigDict, workdir: str):
                                     sgld_dataset(config, workdir))
 
 
+def calibrate(config: ml_collections.ConfigDict, workdir: str):
+  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints;
+  writes <workdir>/calibration/."""
+  return llc_sweep.calibrate_workdir(config, workdir, make_model(config),
+                                     sgld_dataset(config, workdir))
+
+
 write_results = functools.partial(llc_sweep.write_results, loss_label="validation loss (nats)",
                                   title="Attention-only language model: LLC over training")
 

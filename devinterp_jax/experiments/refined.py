@@ -100,6 +100,7 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
       localization=c["localization"], nbeta=c["nbeta"], batch_size=c["batch_size"],
       seed=c["seed"], num_burnin_steps=c["num_burnin_steps"], thinning=c["thinning"],
       init_loss_stride=c["init_loss_stride"], mala_stride=c["mala_stride"],
+      mala_target=c.get("mala_target", "posterior"),
       sampler=c["sampler"], checkpoint_chunk=c["checkpoint_chunk"],
       chain_strategy=c["chain_strategy"], checkpoint_ids=[int(s) for s in steps],
       output_dir=os.path.join(workdir, name, "chunks"))

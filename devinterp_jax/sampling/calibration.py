@@ -126,7 +126,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
               step_sizes: Sequence[float], nbetas: Sequence[float],
               localizations: Sequence[float], num_chains: int, num_draws: int,
               batch_size: int, seed: int = 0, num_burnin_steps: int = 0,
-              mala_stride: int = 10, sampler: Any = "sgld",
+              mala_stride: int = 10, mala_target: str = "posterior", sampler: Any = "sgld",
               criteria: diagnostics.HealthCriteria | None = None,
               mala_band: tuple[float, float] = (0.95, 1.0),
               disqualify: Sequence[str] = ("diverged", "not_converged"),
@@ -157,7 +157,8 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   settings = llc_lib.SamplerSettings(
       num_chains=num_chains, num_draws=num_draws, step_size=float(step_sizes[0]),
       localization=float(localizations[0]), nbeta=float(nbetas[0]), batch_size=batch_size,
-      seed=seed, num_burnin_steps=num_burnin_steps, mala_stride=mala_stride)
+      seed=seed, num_burnin_steps=num_burnin_steps, mala_stride=mala_stride,
+      mala_target=mala_target)
   grid = list(itertools.product(range(len(step_sizes)), range(len(nbetas)),
                                 range(len(localizations))))
   hypers = {"step_size": jnp.asarray([step_sizes[i] for i, _, _ in grid], jnp.float32),
