@@ -3,6 +3,8 @@
 Reads <workdir> (checkpoints, llc/llc.npz, metrics.jsonl) and writes
 <workdir>/report/: stage boundaries, behavioural and structural metrics,
 Hessian statistics (every figure as PNG, every metric as CSV/JSON) and report.md.
+The options are the run's own (its config.json's `analysis`); --config.<field>
+overrides any of them.
 
   python launch/analyze.py --workdir=/tmp/icl
   python launch/analyze.py --workdir=/tmp/icl --config.hessian.num_hutchinson=64
@@ -15,7 +17,8 @@ from devinterp_jax.analysis import report
 from devinterp_jax.storage.checkpoints import quiet_orbax_logs
 
 _CONFIG = config_flags.DEFINE_config_dict(
-    "config", report.default_options(), "Analysis options (override any field).")
+    "config", report.default_options(),
+    "Analysis options: the run's own, with any field overridden here.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/report).")
 
@@ -23,7 +26,8 @@ _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/rep
 def main(argv):
   del argv
   quiet_orbax_logs()
-  report.analyze(_WORKDIR.value, _CONFIG.value, out_dir=_OUT.value)
+  options = report.options_for_run(_WORKDIR.value, _CONFIG.value)
+  report.analyze(_WORKDIR.value, options, out_dir=_OUT.value)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def test_lm_main_job(lm_run):
   assert res.llc_mean.shape == (len(steps),) and np.all(np.isfinite(res.llc_mean))
   report = json.load(open(os.path.join(workdir, "report", "report.json")))
   assert report["stages"][0]["start_step"] == 1 and report["stages"][-1]["end_step"] == 30
+  assert report["stages"][0]["label"] == "LM1"
   metrics = np.load(os.path.join(workdir, "report", "metrics.npz"))
   assert metrics["steps"].tolist() == steps.tolist()
   for name in ("lm_metrics.png", "stages.png", "overlap.png"):

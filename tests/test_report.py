@@ -49,3 +49,20 @@ def test_analysis_never_imports_training_code():
           "'devinterp_jax.experiments'))]; print(bad); sys.exit(1 if bad else 0)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_options_for_run_start_from_the_runs_config_and_apply_overrides(tmp_path):
+  """launch/analyze.py analyses an LM run with the LM options (no Hessian, the LM
+  metric options) unless a field is overridden on the command line."""
+  from configs import lm as lm_config
+  from devinterp_jax.storage import run_log
+  config = lm_config.get_config("runlocal")
+  run_log.check_or_write_config(str(tmp_path), config.to_json(sort_keys=True))
+  options = report.options_for_run(str(tmp_path))
+  assert options.stages.tolerance == 0.05 and not options.hessian.enabled
+  assert options.lm.icl_positions == (0.05, 0.5)       # LM-only options survive JSON
+  flags = report.default_options()
+  flags.stages.n_restarts = 3                    # an override given on the command line
+  options = report.options_for_run(str(tmp_path), flags)
+  assert options.stages.n_restarts == 3 and not options.hessian.enabled
+  assert options.behaviour.gains == report.default_options().behaviour.gains   # tuple kept

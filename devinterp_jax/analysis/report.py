@@ -44,6 +44,7 @@ from devinterp_jax.analysis import lm_metrics
 from devinterp_jax.analysis.run_data import Run, load_run
 from devinterp_jax.data import synthetic_text
 from devinterp_jax.sampling.results import LLCResult
+from devinterp_jax.storage import run_log
 from devinterp_jax.data.regression import sample_batch
 
 # Key streams for evaluation data (independent of training and SGLD streams).
@@ -59,7 +60,8 @@ def default_options() -> ml_collections.ConfigDict:
       # noise: per-checkpoint GP noise from the LLC's standard error over chains
       # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
       stages=dict(tolerance=0.05, relative_tolerance=True, n_restarts=10,
-                  min_stage_change=0.05, noise="sem"),
+                  min_stage_change=0.05, noise="sem",
+                  label_prefix=""),  # stage labels: "" = by experiment (LR1…, LM1…)
       behaviour=dict(batch_size=2048, gains=(0.5, 1.0, 2.0, 4.0, 8.0)),
       structure=dict(batch_size=256, collapse_threshold=0.1),
       hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
@@ -78,11 +80,15 @@ def _key(options, stream: int) -> jax.Array:
 
 def stage_boundaries(run: Run, options: ml_collections.ConfigDict) -> stages.StageBoundaries:
   """Stage boundaries of the run's LLC curve (App. B.1)."""
-  return fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options)
+  return fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options,
+                    default_prefix=STAGE_PREFIX.get(run.experiment, "S"))
 
 
-def fit_stages(steps, llc_mean, llc_std, llc_sem,
-               options: ml_collections.ConfigDict) -> stages.StageBoundaries:
+STAGE_PREFIX = {"icl_regression": "LR", "lm": "LM"}  # the paper's stage names
+
+
+def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.ConfigDict,
+               default_prefix: str = "LR") -> stages.StageBoundaries:
   """`stages.find_stage_boundaries` with the options' noise model."""
   o = options.stages
   noise = {"sem": llc_sem, "std": llc_std, "fit": None}
@@ -91,7 +97,8 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem,
   return stages.find_stage_boundaries(
       steps, llc_mean, noise[o.noise], tolerance=o.tolerance,
       relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
-      min_stage_change=o.min_stage_change, seed=options.seed)
+      min_stage_change=o.min_stage_change, seed=options.seed,
+      label_prefix=o.get("label_prefix", "") or default_prefix)
 
 
 def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -376,6 +383,9 @@ def overlap_extremes(metrics: Mapping[str, np.ndarray], index: int = -1) -> dict
 def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timings,
               heads: dict | None = None, overlap_final: dict | None = None) -> str:
   llc = run.llc
+  st = boundaries.settings
+  tolerance_note = (f" = {st['tolerance']:.0%} of max |slope|"
+                    if st.get("relative_tolerance") else "")
   lines = [f"# Developmental analysis: `{os.path.abspath(run.workdir)}`", "",
            f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
            f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
@@ -385,7 +395,7 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
            "## Stages", "",
            "Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
            "of the slope or near-plateaus (local minima of |slope| below the tolerance "
-           f"{boundaries.tolerance_used:.3g}).", "",
+           f"{boundaries.tolerance_used:.3g}{tolerance_note}).", "",
            "| stage | start step | end step | ends at | LLC at start → end |",
            "|---|---|---|---|---|"]
   for s in boundaries.stages:
@@ -459,10 +469,44 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
   return "\n".join(lines)
 
 
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def options_for_run(workdir: str,
+                    overrides: ml_collections.ConfigDict | None = None
+                    ) -> ml_collections.ConfigDict:
+  """The analysis options a run was configured with (its config.json's `analysis`,
+  filled in from `default_options()`), then every field of `overrides` that differs
+  from `default_options()` (e.g. the command-line overrides of launch/analyze.py)."""
+  defaults = _flatten(default_options().to_dict())
+  saved = run_log.read_config(workdir).get("analysis")
+  flat = {**defaults, **(_flatten(saved.to_dict()) if saved is not None else {})}
+  if overrides is not None:
+    flat.update({k: v for k, v in _flatten(overrides.to_dict()).items()
+                 if defaults.get(k, object()) != v})
+  nested: dict[str, Any] = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = nested
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = tuple(value) if isinstance(value, list) else value  # JSON has no tuples
+  return ml_collections.ConfigDict(nested)
+
+
 def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
             out_dir: str | None = None) -> dict[str, Any]:
-  """Writes the report directory of a finished run; returns report.json's content."""
-  options = default_options() if options is None else options
+  """Writes the report directory of a finished run; returns report.json's content.
+
+  Default options: the run's own (`options_for_run`)."""
+  options = options_for_run(workdir) if options is None else options
   run = load_run(workdir)
   out = out_dir or os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
