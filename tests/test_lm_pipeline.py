@@ -89,3 +89,22 @@ def test_lm_calibration_grid(lm_run):
   acc = result.mala_acceptance[:, 0, 0]                  # [ε, checkpoint]
   assert acc.shape == (2, 2) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
   assert os.path.exists(os.path.join(workdir, "calibration", "calibration.md"))
+
+
+@pytest.mark.slow
+def test_lm_runlocal_main_job(tmp_path):
+  """The README's LM job: under 15 minutes on 2 CPU cores; n-grams and bigrams are
+  learned before a previous-token head and layer-1 induction heads form; the LLC rises."""
+  summary = lm.run(lm_config.get_config("runlocal"), str(tmp_path))
+  assert summary["total_seconds"] < 900, summary
+  assert summary["rises"] and summary["diverged_chains"] == 0, summary
+  report = json.load(open(os.path.join(str(tmp_path), "report", "report.json")))
+  marks = report["milestones"]
+  assert marks["ngram_2"]["step"] < marks["previous_token"]["step"]
+  assert marks["bigram_gap"]["step"] < marks["induction"]["step"]
+  labels = report["head_labels_last_checkpoint"]
+  assert any(v == "previous_token" for k, v in labels.items() if k.startswith("L0"))
+  assert any(v == "induction" for k, v in labels.items() if k.startswith("L1"))
+  metrics = np.load(os.path.join(str(tmp_path), "report", "metrics.npz"))
+  assert metrics["prefix_score_max"][-1] > 10 * metrics["prefix_chance"][-1]
+  assert len(report["boundary_steps"]) >= 2

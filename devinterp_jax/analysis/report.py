@@ -66,7 +66,9 @@ def default_options() -> ml_collections.ConfigDict:
       structure=dict(batch_size=256, collapse_threshold=0.1),
       hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
                    num_lanczos_iters=32, top_k=3),
-      overlap=dict(enabled=True, batch_size=256),
+      # mask_batch: ablations evaluated at once (None: all 1 + H + H(H−1)/2 + 1 in one
+      # vmap; a number bounds memory: logits [chunk, mask_batch, B, T, V] for the LM).
+      overlap=dict(enabled=True, batch_size=256, mask_batch=None),
       # wrLLC per head, read from <workdir>/<refined> when that sweep exists;
       # num_clusters 0 = chosen by silhouette over k_range.
       heads=dict(refined="wrllc_heads", num_clusters=0, k_range=(2, 4),
@@ -153,7 +155,8 @@ def _generic_metrics(run: Run, options, checkpoints, hessian_batch, overlap_batc
     t0 = time.time()
     o = overlap.overlap_over_checkpoints(run.model.head_activations, run.model.ablated_loss,
                                          checkpoints, overlap_batch,
-                                         checkpoint_chunk=options.checkpoint_chunk)
+                                         checkpoint_chunk=options.checkpoint_chunk,
+                                         mask_batch=options.overlap.get("mask_batch"))
     metrics.update({f"overlap/{k}": v for k, v in o.items()})
     metrics["overlap/names"] = np.array(overlap.head_names(run.model.num_layers,
                                                            run.model.num_heads))
