@@ -5,6 +5,7 @@ Usage:
   --config=configs/lm.py:one_layer          # the paper's 1-layer model
   --config=configs/lm.py:runlocal           # CPU-sized 2-layer run on the synthetic prose corpus
   --config=configs/lm.py:runlocal_one_layer
+  --config=configs/lm.py:runlocal_mixture   # runlocal on prose + code (drLLC prose vs code)
 
 Override any field from the command line, e.g. `--config.train.num_steps=1000`.
 Unknown keys are refused (the ConfigDict is locked).
@@ -14,7 +15,7 @@ import ml_collections
 
 from devinterp_jax.analysis import report
 
-VARIANTS = ("", "one_layer", "runlocal", "runlocal_one_layer")
+VARIANTS = ("", "one_layer", "runlocal", "runlocal_one_layer", "runlocal_mixture")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       source="tfds", data_dir="", name="",
       corpus="prose", corpus_seed=0,
       copy_prob=0.02,           # prose: chance per position to start a repeated span
+      code_fraction=0.5,        # mixture: share of code contexts
       num_train=20_000, num_sgld=4_000, num_validation=1_000,
   ))
 
@@ -113,5 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.analysis.lm.update(batch_size=64, prev_token_batch=256, prefix_batch=256,
                               icl_positions=(0.05, 0.5))
     config.analysis.overlap.batch_size = 128
+  if arg == "runlocal_mixture":
+    # Half prose, half code contexts: the model is trained on both, so the drLLC on
+    # `--data=corpus=prose` vs `--data=corpus=code` compares two near-minima (docs/lm.md).
+    config.data.corpus = "mixture"
   config.lock()
   return config

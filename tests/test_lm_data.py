@@ -30,7 +30,7 @@ def code():
 
 # ----------------------------------------------------------------------------- corpora
 
-@pytest.mark.parametrize("cls", [st.ProseCorpus, st.CodeCorpus])
+@pytest.mark.parametrize("cls", [st.ProseCorpus, st.CodeCorpus, st.MixtureCorpus])
 def test_corpora_are_seeded_and_chunk_independent(cls):
   corpus = cls(vocab_size=V, context_length=T, seed=0)
   a = corpus.sample(3, 50)
@@ -98,6 +98,34 @@ def test_code_brackets_balance_and_distribution_differs(prose, code):
   p_prose = np.bincount(prose[1].ravel(), minlength=V) / prose[1].size
   p_code = np.bincount(tokens.ravel(), minlength=V) / tokens.size
   assert 0.5 * np.abs(p_prose - p_code).sum() > 0.3
+
+
+def test_mixture_holds_whole_prose_and_code_contexts():
+  """Every mixture context is a well-formed code context (balanced brackets) or a
+  prose one, in the configured proportion, and the prose n-grams are planted."""
+  corpus = st.MixtureCorpus(vocab_size=V, context_length=T, seed=0, code_fraction=0.25)
+  tokens, masks = corpus.sample(1, 2000, return_masks=True)
+  is_code = masks["code"][:, 0]
+  assert abs(is_code.mean() - 0.25) < 0.03 and (masks["code"] == is_code[:, None]).all()
+  assert tokens[:, 0].tolist() == [st.BOS_ID] * len(tokens)
+  code = corpus.code
+  pairs = dict(zip(code.open_brackets.tolist(), code.close_brackets.tolist()))
+  depth_ok = []
+  for ctx in tokens[is_code][:200]:
+    stack, ok = [], True
+    for tok in ctx.tolist():
+      if tok in pairs:
+        stack.append(pairs[tok])
+      elif tok in pairs.values():
+        ok = ok and bool(stack) and stack.pop() == tok
+    depth_ok.append(ok and not stack)
+  assert all(depth_ok)
+  # Code-only statistics: keywords are far more frequent in code contexts than in prose.
+  kw = np.isin(tokens, code.keywords)
+  assert kw[is_code].mean() > 3 * kw[~is_code].mean()
+  assert corpus.planted_ngrams is corpus.prose.planted_ngrams
+  with pytest.raises(ValueError, match="code_fraction"):
+    st.MixtureCorpus(code_fraction=1.5)
 
 
 def test_corpus_bad_inputs():

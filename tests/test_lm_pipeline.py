@@ -108,3 +108,22 @@ def test_lm_runlocal_main_job(tmp_path):
   metrics = np.load(os.path.join(str(tmp_path), "report", "metrics.npz"))
   assert metrics["prefix_score_max"][-1] > 10 * metrics["prefix_chance"][-1]
   assert len(report["boundary_steps"]) >= 2
+
+
+def test_mixture_corpus_run_data(tmp_path):
+  """`runlocal_mixture` trains on prose + code; its data marker records code_fraction."""
+  assert lm_config.get_config("runlocal_mixture").data.corpus == "mixture"
+  config = tiny_lm_config()
+  config.data.corpus = "mixture"
+  lm.prepare_data(config, str(tmp_path))
+  train = lm.load_tokens(config, str(tmp_path), "train")
+  assert train.shape == (config.data.num_train, config.model.context_length)
+  other = tiny_lm_config()
+  other.data.update(corpus="mixture", code_fraction=0.2)
+  with pytest.raises(ValueError, match="other settings"):
+    lm.prepare_data(other, str(tmp_path))
+  for name in ("prose", "code", "mixture"):
+    tokens = lm.dataset_from_spec(config, f"corpus={name}")["tokens"]
+    assert tokens.shape == (config.data.num_sgld, config.model.context_length)
+  with pytest.raises(ValueError, match="unknown synthetic corpus"):
+    lm.dataset_from_spec(config, "corpus=poetry")

@@ -19,6 +19,9 @@ that is not inside an insertion draws an action:
     one of its K n-grams uniformly, written at x[t : t+n] (cut at T);
   * else a bigram step x[t] ~ P(· | x[t−1]).
 
+`MixtureCorpus`: prose and code contexts mixed (a Pile-like corpus that contains
+code), for the data-refined prose-vs-code comparison.
+
 `CodeCorpus` (code-like, the rLLC paper's code data). Ids are laid out as
 BOS 0, three bracket pairs 1–6 (`( ) [ ] { }` as (1, 2), (3, 4), (5, 6)),
 8 punctuation tokens 7–14, `num_keywords` keywords, then identifiers. Each
@@ -385,7 +388,50 @@ def induction_fraction(tokens: np.ndarray, chunk: int = 1024) -> float:
   return float(hits / (len(tokens) * (T - 2)))
 
 
-CORPORA = {"prose": ProseCorpus, "code": CodeCorpus}
+@dataclasses.dataclass(frozen=True)
+class MixtureCorpus(_Corpus):
+  """Prose and code contexts in one corpus, like the Pile, which contains code: each
+  context is a `CodeCorpus` context with probability `code_fraction`, else a
+  `ProseCorpus` one (both with this seed). A model trained on it sits near a
+  minimum of both components' losses, so the data-refined LLC on `prose` vs `code`
+  compares two meaningful quantities (the rLLC paper's Pile-vs-code comparison).
+
+  Masks: 'code' marks the code contexts (every position of them).
+  """
+
+  vocab_size: int = 512
+  context_length: int = 64
+  seed: int = 0
+  copy_prob: float = 0.02
+  code_fraction: float = 0.5
+
+  def __post_init__(self):
+    if not 0 <= self.code_fraction <= 1:
+      raise ValueError(f"code_fraction must be in [0, 1], got {self.code_fraction}")
+    prose = ProseCorpus(vocab_size=self.vocab_size, context_length=self.context_length,
+                        seed=self.seed, copy_prob=self.copy_prob)
+    code = CodeCorpus(vocab_size=self.vocab_size, context_length=self.context_length,
+                      seed=self.seed)
+    object.__setattr__(self, "prose", prose)
+    object.__setattr__(self, "code", code)
+    object.__setattr__(self, "planted_ngrams", prose.planted_ngrams)
+
+  prose: ProseCorpus = dataclasses.field(init=False, repr=False, compare=False)
+  code: CodeCorpus = dataclasses.field(init=False, repr=False, compare=False)
+  planted_ngrams: dict = dataclasses.field(init=False, repr=False, compare=False)
+
+  def _sample_chunk(self, rng, n):
+    # Both components sample all n rows from their own child streams, so the first m
+    # contexts do not depend on n (as for the components); the choice picks per row.
+    rng_mix, rng_prose, rng_code = rng.spawn(3)
+    is_code = rng_mix.random(n) < self.code_fraction
+    prose, _ = self.prose._sample_chunk(rng_prose, n)
+    code, _ = self.code._sample_chunk(rng_code, n)
+    x = np.where(is_code[:, None], code, prose).astype(np.int32)
+    return x, {"code": np.repeat(is_code[:, None], self.context_length, axis=1)}
+
+
+CORPORA = {"prose": ProseCorpus, "code": CodeCorpus, "mixture": MixtureCorpus}
 
 
 def corpus_from_config(config, corpus: str | None = None):
@@ -395,8 +441,10 @@ def corpus_from_config(config, corpus: str | None = None):
   if name not in CORPORA:
     raise ValueError(f"unknown synthetic corpus {name!r}; choose from {sorted(CORPORA)}")
   extra = {}
-  if name == "prose" and config.data.get("copy_prob") is not None:
+  if name in ("prose", "mixture") and config.data.get("copy_prob") is not None:
     extra["copy_prob"] = config.data.copy_prob   # repeated spans: the induction incentive
+  if name == "mixture" and config.data.get("code_fraction") is not None:
+    extra["code_fraction"] = config.data.code_fraction
   return CORPORA[name](vocab_size=config.model.vocab_size,
                        context_length=config.model.context_length,
                        seed=config.data.corpus_seed, **extra)

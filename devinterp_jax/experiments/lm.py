@@ -78,6 +78,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
           "copy_prob": config.data.copy_prob,
           "vocab_size": config.model.vocab_size, "context_length": config.model.context_length,
           "num": [config.data.num_train, config.data.num_sgld, config.data.num_validation]}
+  if config.data.corpus == "mixture":
+    spec["code_fraction"] = config.data.code_fraction
   if os.path.exists(marker):
     with open(marker) as f:
       if json.load(f) != spec:
@@ -138,14 +140,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
 def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
                       workdir: str | None = None):
   """SGLD data for refined LLCs: '' (the run's SGLD split) or 'corpus=code' /
-  'corpus=prose' (the embedded synthetic corpus of that kind, same size)."""
+  'corpus=prose' / 'corpus=mixture' (the embedded synthetic corpus of that kind, same
+  size; prose and mixture use the run's copy_prob)."""
   if not spec:
     if workdir is None:
       raise ValueError("the LM's SGLD data lives in the workdir; pass workdir")
     return sgld_dataset(config, workdir)
   field, sep, value = spec.partition("=")
   if field != "corpus" or not sep:
-    raise ValueError(f"bad LM data spec {spec!r}: use 'corpus=prose' or 'corpus=code'")
+    raise ValueError(f"bad LM data spec {spec!r}: use 'corpus=prose', 'corpus=code' or "
+                     "'corpus=mixture'")
   tokens = make_corpus(config, value).sample((config.data.corpus_seed, 1),
                                              config.data.num_sgld)
   return {"tokens": tokens}
