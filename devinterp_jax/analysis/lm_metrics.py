@@ -110,21 +110,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from devinterp_jax.analysis.lr_behaviour import format_step_axis, map_checkpoints  # noqa: E402
+from devinterp_jax.analysis.lr_structure import head_name  # noqa: E402
 from devinterp_jax.analysis.plots import save_figure  # noqa: E402
 from devinterp_jax.data.synthetic_text import BOS_ID  # noqa: E402
 
 Params = Any
-HEAD_LABELS: tuple[str, ...] = ("previous_token", "induction", "other")
 NGRAM_ORDERS: tuple[int, ...] = (2, 3, 4)
 PREV_TOKEN_LENGTH = 64    # probe length cap (paper: lengths 16–64)
 PREFIX_LENGTH = 128       # probe length cap (paper: 128)
 _SHORT_BATCH = 256        # n-gram and [BOS, a] probes per forward pass
 _ATTN_BATCH = 32          # attention-probe sequences per forward pass
-
-
-def head_name(layer: int, head: int) -> str:
-  """"L{layer}H{head}", 0-indexed."""
-  return f"L{layer}H{head}"
 
 
 # ----------------------------------------------------------------------------
@@ -402,27 +397,15 @@ def resolve_positions(positions: Sequence[float | int], length: int) -> tuple[in
 
 
 def _map_rows(f, rows, batch: int):
-  """f over the leading axis of the pytree `rows`, `batch` rows per call (lax.map).
-
-  The last batch is padded with copies of row 0; outputs are cut back to N rows.
-  """
-  leaves = jax.tree.leaves(rows)
-  N = leaves[0].shape[0]
-  b = max(1, min(int(batch), N))
-  nb = -(-N // b)
-  pad = nb * b - N
-
-  def prep(x):
-    if pad:
-      x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
-    return x.reshape(nb, b, *x.shape[1:])
-
-  out = jax.lax.map(f, jax.tree.map(prep, rows))
-  return jax.tree.map(lambda o: o.reshape(nb * b, *o.shape[2:])[:N], out)
+  """f (written for a batch of rows) over the leading axis of the pytree `rows`,
+  `batch` rows per call (`lax.map`'s batch_size)."""
+  N = jax.tree.leaves(rows)[0].shape[0]
+  one_row = lambda row: jax.tree.map(lambda o: o[0], f(jax.tree.map(lambda x: x[None], row)))
+  return jax.lax.map(one_row, rows, batch_size=max(1, min(int(batch), N)))
 
 
-def _log_probs(model, params, tokens, pos_ablation: bool = False):
-  logits = model.logits(params, tokens, pos_ablation=pos_ablation)
+def _log_probs(model, params, tokens):
+  logits = model.logits(params, tokens)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -448,7 +431,7 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
       toks = rows["tokens"]
       logp = _log_probs(model, params, toks)
       res = {"nll": _nll(logp, toks),
-             "nll_abl": _nll(_log_probs(model, params, toks, pos_ablation=True), toks)}
+             "nll_abl": model.per_token_loss(params, toks, pos_ablation=True)}
       if bigram is not None:
         p_hat = bigram["probs"][toks[:, :-1]]                      # [b, T−1, V]
         ce = -jnp.sum(p_hat * logp[:, :-1], axis=-1)
@@ -591,7 +574,7 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
                num_common_ngrams: int = 1000, ngram_orders: Sequence[int] = NGRAM_ORDERS,
                key: jax.Array | None = None, icl_positions: Sequence[float | int] = (0.05, 0.5),
                prev_token_batch: int = 512, prefix_batch: int = 512,
-               head_batch: int | None = None, eval_batch: int = 8, pca_k: int = 8,
+               eval_batch: int = 8, pca_k: int = 8,
                ngram_loss_floor: float = 1e-3, checkpoint_chunk: int = 8
                ) -> dict[str, np.ndarray]:
   """The App. C metrics of every checkpoint (definitions in the module docstring).
@@ -614,8 +597,7 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
       `ngram_orders`; with neither the n-gram entries are left out.
     key: PRNG key of the head-score probes (default key(0)).
     icl_positions: (early, late) as fractions of T or ints (token indices).
-    prev_token_batch, prefix_batch: probe sequences of the two head scores
-      (`head_batch`, if given, sets both).
+    prev_token_batch, prefix_batch: probe sequences of the two head scores.
     eval_batch: validation contexts per forward pass (bounds memory).
     pca_k: explained-variance ratios kept for W_pos.
     ngram_loss_floor: floor of the n-gram loss in the score's denominator.
@@ -636,8 +618,6 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
     raise ValueError(f"validation token ids span [{val.min()}, {val.max()}], outside [0, {V})")
   val = val.astype(np.int32)
   early, late = resolve_positions(icl_positions, T)
-  if head_batch is not None:
-    prev_token_batch = prefix_batch = int(head_batch)
   key = jax.random.key(0) if key is None else key
 
   if train_tokens is not None:

@@ -345,7 +345,9 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 def bigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
   """Plug-in conditional entropy H(x_t | x_{t−1}) (nats) within contexts.
 
-  Biased low when V² is not small next to the number of pairs.
+  Biased low when V² is not small next to the number of pairs. An independent
+  implementation of `lm_metrics.conditional_entropy(*bigram_distribution(...))`
+  (via joint and marginal entropies), which the tests check that one against.
   """
   tokens = np.asarray(tokens, np.int64)
   pair = (tokens[..., :-1] * vocab_size + tokens[..., 1:]).ravel()

@@ -74,12 +74,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   if config.data.source != "synthetic":
     return data_dir
   marker = os.path.join(data_dir, f"{name}.json")
-  spec = {"corpus": config.data.corpus, "corpus_seed": config.data.corpus_seed,
-          "copy_prob": config.data.copy_prob,
-          "vocab_size": config.model.vocab_size, "context_length": config.model.context_length,
-          "num": [config.data.num_train, config.data.num_sgld, config.data.num_validation]}
-  if config.data.corpus == "mixture":
-    spec["code_fraction"] = config.data.code_fraction
+  spec = {**config.data.to_dict(), "vocab_size": config.model.vocab_size,
+          "context_length": config.model.context_length}
   if os.path.exists(marker):
     with open(marker) as f:
       if json.load(f) != spec:
@@ -89,7 +85,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   t0 = time.time()
   lm_dataset.build_synthetic_dataset(
       make_corpus(config), data_dir, name,
-      dict(zip(lm_dataset.SPLITS, spec["num"])), seed=config.data.corpus_seed)
+      dict(zip(lm_dataset.SPLITS, [config.data.num_train, config.data.num_sgld,
+                                   config.data.num_validation])),
+      seed=config.data.corpus_seed)
   atomic.write_text(marker, json.dumps(spec))
   logging.info("Wrote the %s corpus to %s in %.1fs", config.data.corpus, data_dir,
                time.time() - t0)
