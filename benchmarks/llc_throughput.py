@@ -31,6 +31,7 @@ from absl import app, flags
 
 from benchmarks.timing import scanned_fwd_bwd, time_call
 from configs import lm as lm_configs
+from devinterp_jax import atomic
 from devinterp_jax.data import synthetic_text
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
@@ -121,10 +122,9 @@ def main(argv):
       print(f"8 chains vs 1 chain per chain-step ({r['strategy']}): "
             f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x")
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump({"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
-                 "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows},
-                f, indent=2)
+    atomic.write_text(_JSON.value, json.dumps(
+        {"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
+         "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

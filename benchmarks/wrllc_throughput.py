@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.timing import scanned_fwd_bwd, time_call
+from devinterp_jax import atomic
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import restrict
@@ -92,8 +93,7 @@ def main(argv):
         f"({per_head * 1e3:.2f} ms; {out['head_vs_lower_bound']:.2f}x the bound; "
         f"{out['head_vs_full']:.2f}x a full-model chain-step)")
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(out, f, indent=2)
+    atomic.write_text(_JSON.value, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

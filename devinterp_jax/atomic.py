@@ -1,22 +1,63 @@
-"""Atomic file writes: readers see the old file or the new one, never a partial one."""
+"""Atomic file and directory writes: readers see the old version or the new one, never
+a partial one, and a failed write leaves no temporary file behind.
+
+A file is written to a temporary name beside its target, fsynced, renamed over
+the target, and the directory is fsynced so the rename itself survives a power
+loss. A directory (e.g. a report) is built under a temporary name and swapped in
+whole (`replace_dir`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
+import shutil
+import uuid
+from typing import Iterator
 
 import numpy as np
 
 
+# fsync of a directory is not supported everywhere (some network and FUSE mounts).
+_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES,
+                errno.EISDIR}
+
+
+def fsync_dir(path: str) -> None:
+  """Flushes a directory's entries (a rename into it) to disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError as e:
+    if e.errno not in _UNSUPPORTED:
+      raise
+  finally:
+    os.close(fd)
+
+
+def _tmp_name(path: str) -> str:
+  head, tail = os.path.split(os.path.abspath(path))
+  return os.path.join(head, f".{tail}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to a temporary file beside `path`, fsyncs, then renames."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = _tmp_name(path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+  fsync_dir(directory)
 
 
 def write_text(path: str, text: str) -> None:
@@ -27,3 +68,43 @@ def save_npz(path: str, **arrays) -> None:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   write_bytes(path, buf.getvalue())
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> str:
+  """Renders a matplotlib figure to PNG in memory and writes it atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", **savefig_kwargs)
+  write_bytes(path, buf.getvalue())
+  return path
+
+
+@contextlib.contextmanager
+def replace_dir(path: str) -> Iterator[str]:
+  """Yields a fresh temporary directory; on success it replaces `path` whole.
+
+  Everything written into the yielded directory appears at `path` at once:
+  the old directory is renamed aside, the new one renamed into place, and the
+  old one removed. On an exception the temporary directory is removed and
+  `path` is left as it was. A crash between the two renames leaves the old
+  version at `<path>.old…` beside a missing `path` (never a mix of both).
+  """
+  path = os.path.abspath(path.rstrip(os.sep))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = _tmp_name(path)
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    for root, _, _ in os.walk(tmp):
+      fsync_dir(root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(path):
+    old = f"{path}.old{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, old)
+  os.replace(tmp, path)
+  fsync_dir(parent)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from devinterp_jax.analysis import report
-from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+from devinterp_jax.experiments import launcher
 
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", report.default_options(),
@@ -25,9 +25,7 @@ _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/rep
 
 def main(argv):
   del argv
-  quiet_orbax_logs()
-  options = report.options_for_run(_WORKDIR.value, _CONFIG.value)
-  report.analyze(_WORKDIR.value, options, out_dir=_OUT.value)
+  launcher.run(report.analyze_run, _WORKDIR.value, _CONFIG.value, out_dir=_OUT.value)
 
 
 if __name__ == "__main__":

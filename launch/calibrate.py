@@ -11,8 +11,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from devinterp_jax.experiments import registry
-from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+from devinterp_jax.experiments import launcher, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.",
@@ -21,8 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.
 
 def main(argv):
   del argv
-  quiet_orbax_logs()
-  result = registry.get(_CONFIG.value.experiment).calibrate(_CONFIG.value, _WORKDIR.value)
+  result = launcher.run(registry.get(_CONFIG.value.experiment).calibrate, _CONFIG.value,
+                        _WORKDIR.value)
   logging.info("Recommended: %s", json.dumps(result.recommended))
 
 

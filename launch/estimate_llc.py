@@ -18,8 +18,7 @@ Resumable: finished checkpoint chunks are reused.
 from absl import app, flags
 from ml_collections import config_flags
 
-from devinterp_jax.experiments import refined, registry
-from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+from devinterp_jax.experiments import launcher, llc_sweep, refined
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.",
@@ -37,15 +36,11 @@ _LOSS_DATA = flags.DEFINE_string("loss_data", "", "Data-refined LLC: measure the
 
 def main(argv):
   del argv
-  quiet_orbax_logs()
-  config = _CONFIG.value
   if _RESTRICT.value or _DATA.value or _LOSS_DATA.value:
-    refined.run_refined(config, _WORKDIR.value, _RESTRICT.value, _DATA.value, _LOSS_DATA.value,
-                        update_report=_REPORT.value)
-    return
-  experiment = registry.get(config.experiment)
-  steps, result = experiment.estimate(config, _WORKDIR.value)
-  experiment.write_results(_WORKDIR.value, steps, result, config=config)
+    launcher.run(refined.run_refined, _CONFIG.value, _WORKDIR.value, _RESTRICT.value,
+                 _DATA.value, _LOSS_DATA.value, update_report=_REPORT.value)
+  else:
+    launcher.run(llc_sweep.run_sweep, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from devinterp_jax.experiments import registry
-from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+from devinterp_jax.experiments import launcher, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/icl_regression.py:runlocal",
                                           "Experiment config file (file.py[:variant]).")
@@ -16,8 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 def main(argv):
   del argv
-  quiet_orbax_logs()
-  registry.get(_CONFIG.value.experiment).run(_CONFIG.value, _WORKDIR.value)
+  launcher.run(registry.get(_CONFIG.value.experiment).run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,7 @@ Resumable like the main job.
 from absl import app, flags
 from ml_collections import config_flags
 
-from devinterp_jax.experiments import registry
-from devinterp_jax.storage.checkpoints import quiet_orbax_logs
+from devinterp_jax.experiments import launcher, registry
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/icl_regression.py:runlocal_seeds", "Experiment config file.")
@@ -20,8 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all seeds.", requ
 
 def main(argv):
   del argv
-  quiet_orbax_logs()
-  registry.get(_CONFIG.value.experiment).run_seeds(_CONFIG.value, _WORKDIR.value)
+  launcher.run(registry.get(_CONFIG.value.experiment).run_seeds, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,17 @@ def test_normal_crossings_match_quadrature(powers, gamma, eps):
   assert res.mala_acceptance.min() > 0.99
 
 
-def test_prior_sampling_with_zero_nbeta():
-  """nβ = 0: the chain samples N(w*, I/γ), so E‖w − w*‖² = d/γ."""
+def test_prior_sampling_with_a_flat_loss():
+  """A constant loss: the chain samples N(w*, I/γ), so E‖w − w*‖² = d/γ (the recorded
+  distance ‖w − w*‖ per draw; nβ must be > 0, and multiplies a zero gradient)."""
   d, gamma, eps = 20, 10.0, 4e-3
   w_star = {"w": jnp.arange(d, dtype=jnp.float32) / d}
-  sq_dist = lambda p, b: jnp.sum(jnp.square(p["w"] - w_star["w"])) + 0.0 * jnp.sum(b["x"])
+  flat = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * jnp.sum(b["x"])
   data = {"x": jnp.zeros((8, 1))}
-  res = dj.estimate_llc(sq_dist, w_star, data, num_chains=16, num_draws=4000,
-                        num_burnin_steps=1000, step_size=eps, localization=gamma, nbeta=0.0,
+  res = dj.estimate_llc(flat, w_star, data, num_chains=16, num_draws=4000,
+                        num_burnin_steps=1000, step_size=eps, localization=gamma, nbeta=1.0,
                         batch_size=1)
-  measured = res.loss_trace.mean()
+  measured = np.mean(np.square(res.distance))
   # Exact for the discretised OU process: variance 1/(γ(1 − εγ/4)) per coordinate.
   np.testing.assert_allclose(measured, d / (gamma * (1 - eps * gamma / 4)), rtol=0.05)
   np.testing.assert_allclose(measured, d / gamma, rtol=0.05)

@@ -70,24 +70,20 @@ def test_sweep_resumes_from_atomically_written_chunks(tmp_path):
   out = str(tmp_path / "chunks")
   ref = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
                          output_dir=out, **KW)
-  files = sorted(os.listdir(out))
-  assert files == ["llc_chunk_00000.npz", "llc_chunk_00001.npz", "llc_chunk_00002.npz"]
-  os.remove(os.path.join(out, files[1]))  # as if killed before chunk 1 finished
-  kept = os.path.getmtime(os.path.join(out, files[0]))
-
-  class Poisoned(list):  # chunk 0 must come from disk, never recomputed
-    def __getitem__(self, i):
-      if isinstance(i, slice) and i.start == 0:
-        raise AssertionError("finished chunk was recomputed")
-      return super().__getitem__(i)
-
-  res = dj.estimate_llcs(mlp_loss, Poisoned(ckpts), data, num_chains=2, checkpoint_chunk=2,
+  (sweep,) = os.listdir(out)                  # one directory per fingerprint
+  assert sweep == ref.settings["fingerprint"]
+  files = sorted(os.listdir(os.path.join(out, sweep)))
+  assert files == ["llc_chunk_00000.npz", "llc_chunk_00001.npz", "llc_chunk_00002.npz",
+                   "sweep.json"]
+  os.remove(os.path.join(out, sweep, files[1]))  # as if killed before chunk 1 finished
+  kept = os.stat(os.path.join(out, sweep, files[0])).st_mtime_ns
+  res = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
                          output_dir=out, **KW)
   np.testing.assert_array_equal(res.llc_per_chain, ref.llc_per_chain)
-  assert os.path.getmtime(os.path.join(out, files[0])) == kept
-  with pytest.raises(ValueError, match="other settings"):
-    dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
-                     output_dir=out, **{**KW, "nbeta": 51.0})
+  assert os.stat(os.path.join(out, sweep, files[0])).st_mtime_ns == kept  # not recomputed
+  other = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
+                           output_dir=out, **{**KW, "nbeta": 51.0})   # kept apart
+  assert len(os.listdir(out)) == 2 and not np.allclose(other.llc_per_chain, ref.llc_per_chain)
 
 
 def test_diverged_chains_are_flagged_and_excluded():

@@ -57,7 +57,7 @@ def test_options_for_run_start_from_the_runs_config_and_apply_overrides(tmp_path
   from configs import lm as lm_config
   from devinterp_jax.storage import run_log
   config = lm_config.get_config("runlocal")
-  run_log.check_or_write_config(str(tmp_path), config.to_json(sort_keys=True))
+  run_log.check_config(str(tmp_path), config.to_json(sort_keys=True))
   options = report.options_for_run(str(tmp_path))
   assert options.stages.tolerance == 0.05 and not options.hessian.enabled
   assert options.lm.icl_positions == (0.05, 0.5)       # LM-only options survive JSON

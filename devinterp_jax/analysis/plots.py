@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,17 +9,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from devinterp_jax import atomic  # noqa: E402
 from devinterp_jax.sampling.diagnostics import STATUS_NAMES  # noqa: E402
 
 
 def save_figure(fig, path: str) -> str:
-  """Writes `fig` to `path` atomically and closes it."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp, dpi=120, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  """Writes `fig` to `path` atomically (fsynced, `atomic.save_figure`) and closes it."""
+  try:
+    return atomic.save_figure(fig, path, dpi=120, bbox_inches="tight")
+  finally:
+    plt.close(fig)
 
 
 def plot_llc_curve(steps, llc_mean, llc_std, loss_steps, losses, path: str,

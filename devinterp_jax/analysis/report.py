@@ -26,6 +26,7 @@ left out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import heads as heads_lib
 from devinterp_jax.analysis import plots
 from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, overlap, stages
@@ -44,6 +45,7 @@ from devinterp_jax.analysis import lm_metrics
 from devinterp_jax.analysis.run_data import Run, load_run
 from devinterp_jax.data import synthetic_text
 from devinterp_jax.sampling.results import LLCResult
+from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
 from devinterp_jax.data.regression import sample_batch
 
@@ -76,31 +78,93 @@ def default_options() -> ml_collections.ConfigDict:
   ))
 
 
+def validate_options(options: ml_collections.ConfigDict, prefix: str = "analysis") -> None:
+  """Refuses invalid analysis options, naming the key (`config_checks.ConfigError`)."""
+  check = config_checks.check_fields
+  check(options, prefix, {"seed": "int>=0", "checkpoint_chunk": "int>=1", "top_metrics": "int>=0"})
+  check(options.stages, f"{prefix}.stages", {
+      "tolerance": "num>=0", "n_restarts": "int>=0", "min_stage_change": "num>=0",
+      "noise": ("sem", "std", "fit"), "relative_tolerance": (True, False)})
+  check(options.behaviour, f"{prefix}.behaviour", {"batch_size": "int>=1", "gains": "nums>0"})
+  check(options.structure, f"{prefix}.structure",
+        {"batch_size": "int>=1", "collapse_threshold": "num>=0"})
+  check(options.hessian, f"{prefix}.hessian", {
+      "enabled": (True, False), "batch_size": "int>=1", "num_hutchinson": "int>=1",
+      "num_lanczos_iters": "int>=1", "top_k": "int>=1"})
+  if options.hessian.top_k > options.hessian.num_lanczos_iters:
+    config_checks.fail(f"{prefix}.hessian.top_k", options.hessian.top_k,
+                       f"at most num_lanczos_iters = {options.hessian.num_lanczos_iters}")
+  check(options.overlap, f"{prefix}.overlap", {"enabled": (True, False), "batch_size": "int>=1"})
+  if options.overlap.get("mask_batch") is not None:
+    check(options.overlap, f"{prefix}.overlap", {"mask_batch": "int>=1"})
+  check(options.heads, f"{prefix}.heads", {
+      "num_clusters": "int>=0", "normalize": heads_lib.NORMALIZATIONS,
+      "linkage": heads_lib.LINKAGES})
+  k_range = tuple(options.heads.k_range)
+  if len(k_range) != 2 or not all(isinstance(k, int) for k in k_range) or not (
+      2 <= k_range[0] <= k_range[1]):
+    config_checks.fail(f"{prefix}.heads.k_range", k_range, "two integers 2 <= low <= high")
+  if "lm" in options:
+    check(options.lm, f"{prefix}.lm", {
+        "batch_size": "int>=1", "num_common_ngrams": "int>=0", "prev_token_batch": "int>=1",
+        "prefix_batch": "int>=1", "icl_positions": "nums>=0"})
+
+
 def _key(options, stream: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(options.seed), stream)
 
 
 def stage_boundaries(run: Run, options: ml_collections.ConfigDict) -> stages.StageBoundaries:
-  """Stage boundaries of the run's LLC curve (App. B.1)."""
+  """Stage boundaries of the run's LLC curve (App. B.1), fitted to the checkpoints
+  with at least 2 valid chains (`fit_stages`)."""
   return fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options,
-                    default_prefix=STAGE_PREFIX.get(run.experiment, "S"))
+                    default_prefix=STAGE_PREFIX.get(run.experiment, "S"),
+                    num_valid_chains=run.llc.num_valid_chains)
 
 
 STAGE_PREFIX = {"icl_regression": "LR", "lm": "LM"}  # the paper's stage names
+MIN_CHAINS_FOR_STAGES = 2   # an LLC from fewer chains has no standard error
+
+
+class StageFitError(ValueError):
+  """Too few checkpoints with a usable LLC estimate to fit stages."""
 
 
 def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.ConfigDict,
-               default_prefix: str = "LR") -> stages.StageBoundaries:
-  """`stages.find_stage_boundaries` with the options' noise model."""
+               default_prefix: str = "LR", num_valid_chains=None) -> stages.StageBoundaries:
+  """`stages.find_stage_boundaries` with the options' noise model.
+
+  Checkpoints with fewer than 2 valid chains (`num_valid_chains`), or without
+  a finite LLC and standard deviation, have no error bar: they are left out of
+  the fit with a warning naming them, and listed in the result's
+  `settings["excluded_steps"]`. Raises `StageFitError` when fewer than 4
+  checkpoints remain.
+  """
   o = options.stages
+  steps = np.asarray(steps)
   noise = {"sem": llc_sem, "std": llc_std, "fit": None}
   if o.noise not in noise:
     raise ValueError(f"analysis.stages.noise must be one of {sorted(noise)}, got {o.noise!r}")
-  return stages.find_stage_boundaries(
-      steps, llc_mean, noise[o.noise], tolerance=o.tolerance,
+  usable = np.isfinite(np.asarray(llc_mean, float)) & np.isfinite(np.asarray(llc_std, float))
+  if num_valid_chains is not None:
+    usable &= np.asarray(num_valid_chains) >= MIN_CHAINS_FOR_STAGES
+  excluded = [int(s) for s in steps[~usable]]
+  if excluded:
+    logging.warning("Stage fit: leaving out checkpoints at steps %s (fewer than %d valid "
+                    "chains, so no standard error)", excluded, MIN_CHAINS_FOR_STAGES)
+  if usable.sum() < 4:
+    raise StageFitError(
+        f"cannot fit stages: only {int(usable.sum())} of {len(steps)} checkpoints have an LLC "
+        f"from at least {MIN_CHAINS_FOR_STAGES} valid chains (4 are needed); left out: steps "
+        f"{excluded}. Use config.llc.num_chains >= 2, and see llc/summary.json for diverged "
+        f"chains.")
+  pick = lambda a: None if a is None else np.asarray(a, float)[usable]
+  fit = stages.find_stage_boundaries(
+      steps[usable], pick(llc_mean), pick(noise[o.noise]), tolerance=o.tolerance,
       relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
       min_stage_change=o.min_stage_change, seed=options.seed,
       label_prefix=o.get("label_prefix", "") or default_prefix)
+  return dataclasses.replace(fit, settings={**fit.settings, "excluded_steps": excluded})
 
 
 def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -192,7 +256,7 @@ def _lr_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.nd
 
 
 def head_analysis(run: Run, options: ml_collections.ConfigDict,
-                  boundaries: stages.StageBoundaries, metrics: Mapping[str, np.ndarray],
+                  boundaries: stages.StageBoundaries | None, metrics: Mapping[str, np.ndarray],
                   out: str) -> dict[str, Any] | None:
   """wrLLC trajectories, clusters and dispersion of the heads (None without a sweep).
 
@@ -241,7 +305,7 @@ def head_analysis(run: Run, options: ml_collections.ConfigDict,
     spread[name][ok] = part[name]
   columns = {"wrllc_head_mean": spread["mean"], "wrllc_head_variance": spread["variance"]}
   figures.append(("wrllc_dispersion", plot_dispersion_and_overlap(
-      run.steps, spread, metrics, list(boundaries.boundary_steps),
+      run.steps, spread, metrics, [] if boundaries is None else list(boundaries.boundary_steps),
       os.path.join(out, "wrllc_dispersion.png"))))
   summary["settings"] = {k2: res.settings.get(k2) for k2 in
                          ("step_size", "nbeta", "localization", "num_chains", "num_draws",
@@ -317,19 +381,19 @@ def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
 
 
 def milestones(steps: np.ndarray, columns: Mapping[str, np.ndarray],
-               boundaries: stages.StageBoundaries) -> dict[str, Any]:
+               boundaries: stages.StageBoundaries | None) -> dict[str, Any]:
   """The LR developmental milestones the paper reads off its metrics.
 
   task_prior: the checkpoint where the predictions are closest to the
     task-prior prediction (App. D.1.1), with that distance beside the initial one.
   icl_onset: the first checkpoint where ICL_{1:4} has fallen by half of its
     total fall (App. D.1.2: ICL scores falling marks in-context learning).
-  Each milestone names the stage it falls in.
+  Each milestone names the stage it falls in ('?' without a stage fit).
   """
   steps = np.asarray(steps)
 
   def stage_of(step: int) -> str:
-    for s in boundaries.stages:
+    for s in (boundaries.stages if boundaries is not None else []):
       if s["start_step"] <= step <= s["end_step"]:
         return s["label"]
     return "?"
@@ -384,29 +448,38 @@ def overlap_extremes(metrics: Mapping[str, np.ndarray], index: int = -1) -> dict
 
 
 def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timings,
-              heads: dict | None = None, overlap_final: dict | None = None) -> str:
+              heads: dict | None = None, overlap_final: dict | None = None,
+              excluded: list[int] | None = None) -> str:
   llc = run.llc
-  st = boundaries.settings
-  tolerance_note = (f" = {st['tolerance']:.0%} of max |slope|"
-                    if st.get("relative_tolerance") else "")
   lines = [f"# Developmental analysis: `{os.path.abspath(run.workdir)}`", "",
            f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
            f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
            f"(ε = {llc.settings.get('step_size')}, nβ = {llc.settings.get('nbeta')}, "
            f"γ = {llc.settings.get('localization')}); chain health "
            f"{json.dumps(llc.health_counts())}.", "",
-           "## Stages", "",
-           "Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
-           "of the slope or near-plateaus (local minima of |slope| below the tolerance "
-           f"{boundaries.tolerance_used:.3g}{tolerance_note}).", "",
-           "| stage | start step | end step | ends at | LLC at start → end |",
-           "|---|---|---|---|---|"]
-  for s in boundaries.stages:
-    i0 = int(np.searchsorted(run.steps, s["start_step"]))
-    i1 = int(np.searchsorted(run.steps, s["end_step"]))
-    lines.append(f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
-                 f"{s['end_kind'].replace('_', ' ')} | "
-                 f"{llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
+           "## Stages", ""]
+  if excluded:
+    lines += [f"**Left out of the stage fit:** the checkpoints at steps {excluded} have fewer "
+              f"than {MIN_CHAINS_FOR_STAGES} valid chains, so their LLC has no standard error "
+              f"(see the chain health in `llc/summary.json`).", ""]
+  if boundaries is None:
+    lines += ["**Stages were not fitted:** fewer than 4 checkpoints have an LLC from at least "
+              f"{MIN_CHAINS_FOR_STAGES} valid chains.", ""]
+  else:
+    st = boundaries.settings
+    tolerance_note = (f" = {st['tolerance']:.0%} of max |slope|"
+                      if st.get("relative_tolerance") else "")
+    lines += ["Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
+              "of the slope or near-plateaus (local minima of |slope| below the tolerance "
+              f"{boundaries.tolerance_used:.3g}{tolerance_note}).", "",
+              "| stage | start step | end step | ends at | LLC at start → end |",
+              "|---|---|---|---|---|"]
+    for s in boundaries.stages:
+      i0 = int(np.searchsorted(run.steps, s["start_step"]))
+      i1 = int(np.searchsorted(run.steps, s["end_step"]))
+      lines.append(f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
+                   f"{s['end_kind'].replace('_', ' ')} | "
+                   f"{llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
   lines += ["", "## Milestones", ""]
   tp, icl = marks.get("task_prior"), marks.get("icl_onset")
   if tp:
@@ -504,28 +577,63 @@ def options_for_run(workdir: str,
   return ml_collections.ConfigDict(nested)
 
 
+def analyze_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
+                out_dir: str | None = None) -> dict[str, Any]:
+  """launch/analyze.py: the report of a run with its own options and `overrides`
+  (the command line's --config.* fields), validated first."""
+  options = options_for_run(workdir, overrides)
+  validate_options(options, "config")
+  return analyze(workdir, options, out_dir=out_dir)
+
+
 def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
             out_dir: str | None = None) -> dict[str, Any]:
   """Writes the report directory of a finished run; returns report.json's content.
 
-  Default options: the run's own (`options_for_run`)."""
+  Default options: the run's own (`options_for_run`). The directory is built
+  under a temporary name and swapped in whole (`atomic.replace_dir`), so a crash
+  never leaves a mix of an old and a new report. Checkpoints with fewer than 2
+  valid chains are left out of the stage fit and named in the report; with
+  fewer than 4 usable checkpoints the report is written without stages.
+  """
   options = options_for_run(workdir) if options is None else options
-  run = load_run(workdir)
-  out = out_dir or os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
+  validate_options(options)
+  with lock.hold(workdir):
+    run = load_run(workdir)
+    with atomic.replace_dir(out_dir or os.path.join(workdir, "report")) as out:
+      summary = _write_report(run, options, out)
+  logging.info("Report written to %s (stages %s)", out_dir or os.path.join(workdir, "report"),
+               ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
+                         for s in summary["stages"]) or "not fitted")
+  return summary
+
+
+def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dict[str, Any]:
   timings = {}
   t0 = time.time()
-  boundaries = stage_boundaries(run, options)
-  boundaries.save(out)
   eval_loss = run.logged("eval_loss")
   is_lm = run.experiment == "lm"
-  figures = [("stages", stages.plot_stages(
-      boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
-      loss_label="validation loss (nats)" if is_lm else "eval MSE",
-      title="LLC stages (attention-only language model)" if is_lm else
-      "LLC stages (in-context linear regression)"))]
+  figures = []
+  excluded = [int(s) for s in run.steps[run.llc.num_valid_chains < MIN_CHAINS_FOR_STAGES]]
+  try:
+    boundaries = stage_boundaries(run, options)
+    excluded = boundaries.settings.get("excluded_steps", excluded)
+  except StageFitError as e:
+    logging.warning("%s; the report is written without stages", e)
+    boundaries, no_fit_reason = None, str(e)
+  if boundaries is not None:
+    boundaries.save(out)
+    figures.append(("stages", stages.plot_stages(
+        boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
+        loss_label="validation loss (nats)" if is_lm else "eval MSE",
+        title="LLC stages (attention-only language model)" if is_lm else
+        "LLC stages (in-context linear regression)")))
+    logging.info("Stage boundaries at steps %s", list(boundaries.boundary_steps))
+  else:
+    atomic.write_text(os.path.join(out, "stages.json"), json.dumps(
+        {"fitted": False, "reason": no_fit_reason, "boundary_steps": [],
+         "excluded_steps": excluded}, indent=1) + "\n")
   timings["stages"] = round(time.time() - t0, 1)
-  logging.info("Stage boundaries at steps %s", list(boundaries.boundary_steps))
 
   t0 = time.time()
   metrics = compute_metrics(run, options)
@@ -535,7 +643,7 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   atomic.save_npz(os.path.join(out, "metrics.npz"), steps=run.steps,
                   **{k.replace("/", "__"): np.asarray(v) for k, v in metrics.items()
                      if np.asarray(v).dtype != object})
-  edges = list(boundaries.boundary_steps)
+  edges = [] if boundaries is None else list(boundaries.boundary_steps)
   if is_lm:
     figures.append(("lm_metrics", lm_metrics.plot_lm_metrics(
         run.steps, metrics, os.path.join(out, "lm_metrics.png"), boundaries=edges,
@@ -571,15 +679,19 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
     labels = lr_structure.head_labels(metrics)
     labels_final = {k: str(np.asarray(v)[-1]) for k, v in sorted(labels.items())
                     if not k.endswith(("x", "y"))}
-  changes = stage_changes(run.steps, {k: v for k, v in columns.items()
-                                      if not k.endswith(("_std", "_se"))},
-                          boundaries, options.top_metrics)
+  changes = [] if boundaries is None else stage_changes(
+      run.steps, {k: v for k, v in columns.items() if not k.endswith(("_std", "_se"))},
+      boundaries, options.top_metrics)
   marks = (lm_metrics.milestones(run.steps, metrics) if is_lm else
            milestones(run.steps, columns, boundaries))
   atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))
-  summary = {"workdir": os.path.abspath(workdir), "stages": boundaries.stages,
-             "boundary_steps": list(boundaries.boundary_steps),
-             "boundary_kinds": list(boundaries.boundary_kinds), "milestones": marks,
+  summary = {"workdir": os.path.abspath(run.workdir),
+             "stages": [] if boundaries is None else boundaries.stages,
+             "stages_fitted": boundaries is not None,
+             "excluded_checkpoints": excluded,
+             "boundary_steps": edges,
+             "boundary_kinds": [] if boundaries is None else list(boundaries.boundary_kinds),
+             "milestones": marks,
              "head_labels_last_checkpoint": labels_final, "heads": head_result,
              "overlap_last_checkpoint": overlap_final,
              "figures": [os.path.basename(p) for _, p in figures], "timings": timings,
@@ -587,8 +699,5 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   atomic.write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=1))
   atomic.write_text(os.path.join(out, "report.md"),
                     _markdown(run, boundaries, changes, marks, labels_final, figures, timings,
-                              head_result, overlap_final))
-  logging.info("Report written to %s (stages %s)", out,
-               ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
-                         for s in boundaries.stages))
+                              head_result, overlap_final, excluded))
   return summary

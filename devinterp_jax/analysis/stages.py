@@ -223,10 +223,13 @@ def _check_inputs(steps, llc_mean, llc_std) -> tuple[np.ndarray, np.ndarray, np.
   if np.any(np.diff(steps) <= 0):
     raise ValueError("steps must be strictly increasing (sorted, no duplicates)")
   if not np.all(np.isfinite(llc_mean)):
-    raise ValueError("llc_mean must be finite")
+    raise ValueError(f"llc_mean must be finite; it is not at steps "
+                     f"{steps[~np.isfinite(llc_mean)].tolist()} (leave those checkpoints out)")
   if llc_std is not None:
     if not np.all(np.isfinite(llc_std)):
-      raise ValueError("llc_std must be finite")
+      raise ValueError(f"llc_std must be finite; it is not at steps "
+                       f"{steps[~np.isfinite(llc_std)].tolist()} (a checkpoint with fewer "
+                       f"than 2 valid chains has no standard error: leave it out)")
     if np.any(llc_std < 0):
       raise ValueError("llc_std must be non-negative")
   return steps, llc_mean, llc_std

@@ -18,6 +18,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from devinterp_jax import atomic
+
 DEFAULT_BOS = "<|BOS|>"
 # Tried in order by `load_tokenizer(path)` when no bos_token is given.
 BOS_CANDIDATES = (DEFAULT_BOS, "<|endoftext|>", "<s>", "<bos>", "[BOS]", "[CLS]")
@@ -50,8 +52,8 @@ class TextTokenizer:
                                  skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the tokenizer.json (BOS is found again by its token)."""
-    self.tokenizer.save(os.fspath(path))
+    """Writes the tokenizer.json atomically (BOS is found again by its token)."""
+    atomic.write_text(os.fspath(path), self.tokenizer.to_str())
 
 
 def _with_bos(tok: tokenizers.Tokenizer, bos_token: str | None, where: str) -> TextTokenizer:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import seeds as seeds_analysis
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.experiments import llc_sweep
@@ -33,10 +33,38 @@ from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import lock
 from devinterp_jax.training import loop, schedules
 
 # Key streams derived from config.seed.
 _INIT, _DATA, _EVAL, _SGLD_DATA = range(4)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every section before any work starts (`config_checks.ConfigError`)."""
+  check = config_checks.check_fields
+  check(config, "config", {"seed": "int>=0"})
+  check(config.task, "config.task", {"task_size": "int>=1", "max_examples": "int>=1",
+                                     "noise_variance": "num>=0", "num_tasks": "int>=0"})
+  check(config.model, "config.model", {"d_model": "int>=1", "d_mlp": "int>=1",
+                                       "num_heads": "int>=1", "num_layers": "int>=1",
+                                       "attn_out_proj": (True, False),
+                                       "double_residual": (True, False)})
+  if config.model.d_model % config.model.num_heads:
+    config_checks.fail("config.model.num_heads", config.model.num_heads,
+                       f"a divisor of config.model.d_model = {config.model.d_model}")
+  check(config.train, "config.train", {
+      "num_steps": "int>=1", "batch_size": "int>=1", "max_lr": "num>0",
+      "pct_start": "unit_open", "div_factor": "num>0", "final_div_factor": "num>0",
+      "b1": "unit_right_open", "b2": "unit_right_open", "weight_decay": "num>=0",
+      "n_log": "int>=0", "n_linear": "int>=0", "log_every": "int>=0", "resume_every": "int>=0",
+      "eval_batch_size": "int>=1"})
+  if "seeds" in config:
+    seeds = list(config.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(
+        isinstance(x, int) and x >= 0 for x in seeds):
+      config_checks.fail("config.seeds", tuple(seeds), "distinct integers >= 0, at least one")
+  llc_sweep.validate_sampling_sections(config)
 
 
 def make_task(config: ml_collections.ConfigDict) -> RegressionTask:
@@ -72,6 +100,7 @@ def _key(config, stream: int) -> jax.Array:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   """Trains (or resumes) the LR transformer, saving scheduled checkpoints."""
+  validate_config(config)
   model, task = make_model(config), make_task(config)
   eval_batch = sample_batch(_key(config, _EVAL), task, config.train.eval_batch_size)
   eval_loss = jax.jit(model.loss)
@@ -111,9 +140,8 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainSt
   same init key, data stream and eval batch, each with its own checkpoint
   stream and log (the numbers agree up to float reassociation from `vmap`).
   """
+  validate_config(config)
   seeds = [int(s) for s in config.seeds]
-  if len(set(seeds)) != len(seeds) or not seeds:
-    raise ValueError(f"config.seeds must be distinct and non-empty, got {seeds}")
   if config.task.num_tasks:
     raise ValueError("multi-seed training vmaps one data distribution, but "
                      f"task.num_tasks={config.task.num_tasks} draws a different task set per "
@@ -184,6 +212,7 @@ def estimate_checkpoints(config, model, checkpoints, ids, output_dir: str | None
 
 def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, LLCResult]:
   """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
+  validate_config(config)
   return llc_sweep.estimate_workdir(config, workdir, make_model(config), sgld_dataset(config))
 
 
@@ -213,9 +242,17 @@ def estimate_seeds(config: ml_collections.ConfigDict,
   and minibatches, so differences between seeds are differences between the
   trained models. Returns per-seed steps and results.
   """
+  validate_config(config)
+  workdirs = seed_workdirs(workdir, config.seeds)
+  with lock.hold_all([workdir, *workdirs]):
+    for seed, w in zip(config.seeds, workdirs):
+      llc_sweep.check_run_config(seed_config(config, seed), w)
+    return _estimate_seeds(config, workdir, workdirs)
+
+
+def _estimate_seeds(config, workdir, workdirs) -> tuple[list[np.ndarray], list[LLCResult]]:
   model = make_model(config)
   abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
-  workdirs = seed_workdirs(workdir, config.seeds)
   steps = []
   for w in workdirs:
     s = checkpointing.scheduled_steps(w)
@@ -234,6 +271,7 @@ def estimate_seeds(config: ml_collections.ConfigDict,
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
   """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints;
   writes <workdir>/calibration/."""
+  validate_config(config)
   return llc_sweep.calibrate_workdir(config, workdir, make_model(config), sgld_dataset(config))
 
 
@@ -253,6 +291,12 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Several seeds (App. B.4): train `config.seeds` in one vmapped program,
   estimate all their LLCs in one sweep, write each seed's results, and compare
   stage boundaries across seeds (<workdir>/seeds_report)."""
+  validate_config(config)
+  with lock.hold(workdir):
+    return _run_seeds(config, workdir)
+
+
+def _run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   train_seeds(config, workdir)
   t_train = time.time() - t0

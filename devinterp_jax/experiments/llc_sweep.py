@@ -22,13 +22,84 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import plots, report
+from devinterp_jax.experiments import registry
 from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import sgld as sgld_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
+
+
+_SAMPLER_FIELDS = {
+    "num_chains": "int>=1", "num_draws": "int>=1", "num_burnin_steps": "int>=0",
+    "thinning": "int>=1", "step_size": "num>0", "nbeta": "num>0", "localization": "num>=0",
+    "batch_size": "int>=1", "seed": "int>=0", "init_loss_stride": "int>=1",
+    "mala_stride": "int>=0", "checkpoint_chunk": "int>=1", "dataset_size": "int>=1",
+    "chain_strategy": ("auto", "vmap", "map"), "mala_target": llc_lib.MALA_TARGETS,
+}
+_SETTINGS_FIELDS = ("num_chains", "num_draws", "step_size", "localization", "nbeta",
+                    "batch_size", "seed", "num_burnin_steps", "thinning", "init_loss_stride",
+                    "mala_stride", "mala_target")
+
+
+def _check_sampler(settings, prefix: str) -> None:
+  """An LLC sampler section (config.llc, or config.llc with config.refined's overrides)."""
+  config_checks.check_fields(settings, prefix, _SAMPLER_FIELDS)
+  sampler = settings.get("sampler", "sgld")
+  if not isinstance(sampler, str) or sampler not in sgld_lib.SAMPLERS:
+    config_checks.fail(f"{prefix}.sampler", sampler, f"one of {sorted(sgld_lib.SAMPLERS)}")
+  try:
+    llc_lib.SamplerSettings(**{k: settings[k] for k in _SETTINGS_FIELDS if k in settings})
+  except (TypeError, ValueError) as e:
+    raise config_checks.ConfigError(f"{prefix}: {e}") from None
+  if settings.get("num_chains") == 1:
+    logging.warning("%s.num_chains = 1: an LLC from one chain has no standard error, so the "
+                    "stage fit leaves such checkpoints out", prefix)
+
+
+def _check_calibration(cal, prefix: str = "config.calibration") -> None:
+  config_checks.check_fields(cal, prefix, {
+      "step_sizes": "nums>0", "nbetas": "nums>0", "localizations": "nums>=0",
+      "num_chains": "int>=1", "num_draws": "int>=1"})
+  band = cal.get("mala_band", (0.95, 1.0))
+  if (not isinstance(band, (tuple, list)) or len(band) != 2
+      or not all(config_checks.is_number(b) and 0 <= b <= 1 for b in band)
+      or band[0] > band[1]):
+    config_checks.fail(f"{prefix}.mala_band", band, "two numbers 0 <= low <= high <= 1")
+  flags = ("diverged", "not_converged", "escaped", "negative")
+  if any(f not in flags for f in cal.get("disqualify", ())):
+    config_checks.fail(f"{prefix}.disqualify", tuple(cal.disqualify), f"a subset of {list(flags)}")
+
+
+def validate_sampling_sections(config: ml_collections.ConfigDict) -> None:
+  """The sections every setting shares: llc, refined (over llc), calibration, analysis."""
+  if "llc" in config:
+    _check_sampler(config.llc, "config.llc")
+    if "refined" in config:
+      merged = {**config.llc.to_dict(), **config.refined.to_dict()}
+      _check_sampler(merged, "config.refined (over config.llc)")
+  if "calibration" in config:
+    _check_calibration(config.calibration)
+  if "analysis" in config:
+    report.validate_options(config.analysis, "config.analysis")
+
+
+def loss_key(config: ml_collections.ConfigDict) -> str:
+  """The identity of a setting's loss for resuming sweeps: the config without the
+  training and analysis sections (the setting, its model and its data config)."""
+  skip = set(run_log.ANALYSIS_SECTIONS) | {"train"}
+  return json.dumps({k: v for k, v in config.to_dict().items() if k not in skip},
+                    sort_keys=True, default=str)
+
+
+def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a config whose weight-determining sections differ from the run's
+  config.json (e.g. another --config.model.d_model for a run's checkpoints)."""
+  run_log.check_config(workdir, config.to_json(sort_keys=True), write=False)
 
 
 def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, checkpoints,
@@ -45,19 +116,21 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride,
       mala_target=c.get("mala_target", "posterior"), sampler=c.sampler,
       checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
-      checkpoint_ids=ids, output_dir=output_dir)
+      checkpoint_ids=ids, output_dir=output_dir, loss_key=loss_key(config))
 
 
 def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
                      dataset) -> tuple[np.ndarray, LLCResult]:
   """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
-  steps = checkpointing.scheduled_steps(workdir)
-  if len(steps) == 0:
-    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
-  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
-  result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
-                                [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
+  with lock.hold(workdir):
+    check_run_config(config, workdir)
+    steps = checkpointing.scheduled_steps(workdir)
+    if len(steps) == 0:
+      raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+    abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+    checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+    result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
+                                  [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
   return steps, result
 
 
@@ -70,6 +143,12 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
   if "calibration" not in config:
     raise ValueError(f"config of experiment {config.experiment!r} has no 'calibration' "
                      "section (the grid of step_sizes, nbetas, localizations)")
+  with lock.hold(workdir):
+    check_run_config(config, workdir)
+    return _calibrate_workdir(config, workdir, model, dataset)
+
+
+def _calibrate_workdir(config, workdir, model, dataset) -> calibration.CalibrationResult:
   steps = checkpointing.scheduled_steps(workdir)
   if len(steps) == 0:
     raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
@@ -97,11 +176,32 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
   """Writes llc.npz, llc.csv (one line to load), summary.json, llc_curve.png and
   llc_traces.png; with `config`, also whether the configured sampler settings
   pass the calibration criteria on the earliest and latest checkpoints."""
+  with lock.hold(workdir):
+    return _write_results(workdir, steps, result, extra, config, loss_label, title)
+
+
+def logged_losses(workdir: str, steps: np.ndarray) -> dict[str, list[float]]:
+  """train_loss and eval_loss at `steps`: from metrics.jsonl, else from the
+  checkpoint's meta (which holds the same row), else NaN."""
+  metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
+  metas = None
+  out: dict[str, list[float]] = {"train_loss": [], "eval_loss": []}
+  for step in steps:
+    row = metrics.get(int(step), {})
+    if any(k not in row for k in out):
+      if metas is None:
+        metas = checkpointing.read_metas(workdir)
+      row = {**metas.get(int(step), {}), **row}
+    for k in out:
+      out[k].append(float(row.get(k, np.nan)))
+  return out
+
+
+def _write_results(workdir, steps, result, extra, config, loss_label, title) -> dict:
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
-  losses = {k: [metrics.get(int(s), {}).get(k, np.nan) for s in steps]
-            for k in ("train_loss", "eval_loss")}
+  losses = logged_losses(workdir, steps)
   columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,
                              result.num_valid_chains, losses["train_loss"], losses["eval_loss"]])
   header = "step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss"
@@ -132,7 +232,8 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
              "chain_health": result.health_counts(),
              "mala_acceptance_mean": (float(np.nanmean(result.mala_acceptance))
                                       if np.isfinite(result.mala_acceptance).any() else None),
-             "settings_pass_calibration_check": check, **(extra or {})}
+             "settings_pass_calibration_check": check,
+             "fingerprint": result.settings.get("fingerprint"), **(extra or {})}
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
@@ -154,22 +255,38 @@ def rise_test(llc_mean: np.ndarray, llc_sem: np.ndarray) -> dict:
           "rise_in_standard_errors": float(z), "rises": bool(z > 3)}
 
 
+def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The LLC sweep of a trained run (launch/estimate_llc.py): every scheduled
+  checkpoint with config.llc's settings, then the llc/ results; returns the summary."""
+  experiment = registry.get(config.experiment)
+  experiment.validate_config(config)
+  with lock.hold(workdir):
+    t0 = time.time()
+    steps, result = experiment.estimate(config, workdir)
+    return experiment.write_results(workdir, steps, result, config=config,
+                                    extra={"llc_seconds": round(time.time() - t0, 1)})
+
+
 def run_main_job(config: ml_collections.ConfigDict, workdir: str, experiment) -> dict:
   """The main job of an experiment module (`train`, `estimate`, `write_results`):
   train, LLCs over all checkpoints, results, and the analysis report
   (<workdir>/report); returns llc/summary.json's content with the wall times."""
-  t0 = time.time()
-  experiment.train(config, workdir)
-  t_train = time.time() - t0
-  steps, result = experiment.estimate(config, workdir)
-  t_llc = time.time() - t0 - t_train
-  timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1)}
-  summary = experiment.write_results(workdir, steps, result, extra=timings, config=config)
-  t1 = time.time()
-  analysis = report.analyze(workdir, config.analysis)
-  summary.update(analysis_seconds=round(time.time() - t1, 1),
-                 total_seconds=round(time.time() - t0, 1),
-                 stage_boundaries=analysis["boundary_steps"])
-  atomic.write_text(os.path.join(workdir, "llc", "summary.json"), json.dumps(summary, indent=2))
+  experiment.validate_config(config)   # every section, before hours of training
+  with lock.hold(workdir):
+    t0 = time.time()
+    experiment.train(config, workdir)
+    t_train = time.time() - t0
+    steps, result = experiment.estimate(config, workdir)
+    t_llc = time.time() - t0 - t_train
+    timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1)}
+    summary = experiment.write_results(workdir, steps, result, extra=timings, config=config)
+    t1 = time.time()
+    analysis = report.analyze(workdir, config.analysis)
+    summary.update(analysis_seconds=round(time.time() - t1, 1),
+                   total_seconds=round(time.time() - t0, 1),
+                   stage_boundaries=analysis["boundary_steps"],
+                   stages_excluded_checkpoints=analysis.get("excluded_checkpoints", []))
+    atomic.write_text(os.path.join(workdir, "llc", "summary.json"),
+                      json.dumps(summary, indent=2))
   logging.info("Done in %.0fs: %s", summary["total_seconds"], json.dumps(summary))
   return summary

@@ -31,14 +31,37 @@ import numpy as np
 import optax
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, config_checks
 from devinterp_jax.data import lm_dataset, synthetic_text
 from devinterp_jax.experiments import llc_sweep
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
+from devinterp_jax.storage import lock
 from devinterp_jax.training import loop, schedules
 
 # Key streams derived from config.seed.
 _INIT, _DATA = range(2)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every section before any work starts (`config_checks.ConfigError`)."""
+  check = config_checks.check_fields
+  check(config, "config", {"seed": "int>=0"})
+  check(config.model, "config.model", {"vocab_size": "int>=2", "context_length": "int>=2",
+                                       "d_model": "int>=1", "num_heads": "int>=1",
+                                       "num_layers": "int>=1"})
+  if config.model.d_model % config.model.num_heads:
+    config_checks.fail("config.model.num_heads", config.model.num_heads,
+                       f"a divisor of config.model.d_model = {config.model.d_model}")
+  check(config.data, "config.data", {
+      "source": ("tfds", "synthetic"), "corpus": tuple(synthetic_text.CORPORA),
+      "corpus_seed": "int>=0", "copy_prob": "unit", "code_fraction": "unit",
+      "num_train": "int>=1", "num_sgld": "int>=1", "num_validation": "int>=1"})
+  check(config.train, "config.train", {
+      "num_steps": "int>=1", "batch_size": "int>=1", "lr": "num>0", "b1": "unit_right_open",
+      "b2": "unit_right_open", "eps": "num>0", "weight_decay": "num>=0", "grad_clip": "num>0",
+      "n_log": "int>=0", "linear_every": "int>=0", "log_every": "int>=0",
+      "resume_every": "int>=0", "eval_batch_size": "int>=1"})
+  llc_sweep.validate_sampling_sections(config)
 
 
 def make_model(config: ml_collections.ConfigDict) -> AttentionOnlyLM:
@@ -106,6 +129,12 @@ def sgld_dataset(config: ml_collections.ConfigDict, workdir: str) -> dict[str, n
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   """Trains (or resumes) the attention-only LM, saving scheduled checkpoints."""
+  validate_config(config)
+  with lock.hold(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   prepare_data(config, workdir)
   model = make_model(config)
   tokens = jnp.asarray(load_tokens(config, workdir, "train"))
@@ -155,6 +184,7 @@ def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
 
 def estimate(config: ml_collections.ConfigDict, workdir: str):
   """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
+  validate_config(config)
   return llc_sweep.estimate_workdir(config, workdir, make_model(config),
                                     sgld_dataset(config, workdir))
 
@@ -162,6 +192,7 @@ def estimate(config: ml_collections.ConfigDict, workdir: str):
 def calibrate(config: ml_collections.ConfigDict, workdir: str):
   """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints;
   writes <workdir>/calibration/."""
+  validate_config(config)
   return llc_sweep.calibrate_workdir(config, workdir, make_model(config),
                                      sgld_dataset(config, workdir))
 

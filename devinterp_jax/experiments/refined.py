@@ -39,11 +39,12 @@ from absl import logging
 from devinterp_jax import atomic
 from devinterp_jax.analysis import heads as heads_analysis
 from devinterp_jax.analysis import report
-from devinterp_jax.experiments import registry
+from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import lock
 
 
 def refined_name(restrict: str = "", data: str = "", loss_data: str = "") -> str:
@@ -76,6 +77,13 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
   or [N], the stacked restriction masks or None).
   """
   experiment = registry.get(config.experiment)
+  experiment.validate_config(config)
+  with lock.hold(workdir):
+    llc_sweep.check_run_config(config, workdir)
+    return _estimate_refined(config, workdir, experiment, restrict, data, loss_data)
+
+
+def _estimate_refined(config, workdir, experiment, restrict, data, loss_data):
   model = experiment.make_model(config)
   steps = checkpointing.scheduled_steps(workdir)
   if len(steps) == 0:
@@ -103,7 +111,7 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
       mala_target=c.get("mala_target", "posterior"),
       sampler=c["sampler"], checkpoint_chunk=c["checkpoint_chunk"],
       chain_strategy=c["chain_strategy"], checkpoint_ids=[int(s) for s in steps],
-      output_dir=os.path.join(workdir, name, "chunks"))
+      output_dir=os.path.join(workdir, name, "chunks"), loss_key=llc_sweep.loss_key(config))
   return steps, names, result, masks
 
 
@@ -188,6 +196,11 @@ def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str =
   if not (restrict or data or loss_data):
     raise ValueError("a refined LLC needs a restriction, data or loss_data; the plain LLC "
                      "sweep is experiment.estimate")
+  with lock.hold(workdir):
+    return _run_refined(config, workdir, restrict, data, loss_data, update_report)
+
+
+def _run_refined(config, workdir, restrict, data, loss_data, update_report) -> dict:
   t0 = time.time()
   steps, names, result, masks = estimate_refined(config, workdir, restrict, data, loss_data)
   name = refined_name(restrict, data, loss_data)

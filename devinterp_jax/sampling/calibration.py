@@ -161,6 +161,13 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
       mala_target=mala_target)
   grid = list(itertools.product(range(len(step_sizes)), range(len(nbetas)),
                                 range(len(localizations))))
+  for i, j, k in grid:  # every grid point must be a valid setting (finite, nβ > 0, …)
+    try:
+      dataclasses.replace(settings, step_size=float(step_sizes[i]), nbeta=float(nbetas[j]),
+                          localization=float(localizations[k]))
+    except ValueError as e:
+      raise ValueError(f"calibration grid point ε={step_sizes[i]}, nβ={nbetas[j]}, "
+                       f"γ={localizations[k]}: {e}") from None
   hypers = {"step_size": jnp.asarray([step_sizes[i] for i, _, _ in grid], jnp.float32),
             "nbeta": jnp.asarray([nbetas[j] for _, j, _ in grid], jnp.float32),
             "localization": jnp.asarray([localizations[k] for _, _, k in grid], jnp.float32)}

@@ -17,7 +17,10 @@ checkpoints are chunked.
 steps; checkpoints are processed in chunks of `checkpoint_chunk` (the last
 chunk padded so the program compiles once) and, with `output_dir`, each
 finished chunk is written atomically so a killed sweep resumes where it
-stopped. With a `mesh`, each minibatch is sharded along `batch_axis`.
+stopped. Chunks live in `output_dir/<fingerprint>/` (`sweep_identity`: the
+settings, a digest of the data, the loss's identity) and store a digest of
+their checkpoints' params, so no result of other inputs is ever reused. With a
+`mesh`, each minibatch is sharded along `batch_axis`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
+import zipfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -42,6 +47,7 @@ from devinterp_jax.sampling import diagnostics as diagnostics_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import sgld as sgld_lib
 from devinterp_jax.storage import chunks as chunks_lib
+from devinterp_jax.storage import digest as digest_lib
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -86,11 +92,19 @@ class SamplerSettings:
       raise ValueError(f"mala_target must be one of {MALA_TARGETS}, got {self.mala_target!r}")
     if self.num_burnin_steps < 0:
       raise ValueError(f"num_burnin_steps must be >= 0, got {self.num_burnin_steps}")
+    for name in ("step_size", "nbeta", "localization"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+      if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if self.step_size <= 0:
       raise ValueError(f"step_size must be > 0, got {self.step_size}")
-    if self.nbeta < 0 or self.localization < 0:
-      raise ValueError(f"nbeta and localization must be >= 0, got "
-                       f"{self.nbeta}, {self.localization}")
+    if self.nbeta <= 0:
+      raise ValueError(f"nbeta must be > 0, got {self.nbeta}: with nβ = 0 the chain samples "
+                       "the localising Gaussian alone and every LLC is exactly 0")
+    if self.localization < 0:
+      raise ValueError(f"localization must be >= 0, got {self.localization}")
 
   @property
   def num_steps(self) -> int:
@@ -261,9 +275,92 @@ def _resolve_chain_strategy(strategy: str) -> str:
   return strategy
 
 
-def _fingerprint(settings: SamplerSettings, extra: dict) -> str:
-  blob = json.dumps({**dataclasses.asdict(settings), **extra}, sort_keys=True, default=str)
+class ChunkError(ValueError):
+  """A saved chunk of an LLC sweep is unreadable or does not match its sweep."""
+
+
+def _data_identity(data: Any, name: str) -> str | None:
+  """Digest of array data, or the identity of a batch-source callable (None: none)."""
+  if callable(data):
+    ident = digest_lib.callable_identity(data)
+    return None if ident is None else f"callable:{ident}"
+  if not jax.tree.leaves(data):
+    raise ValueError(f"{name} is an empty pytree; pass arrays with a leading sample axis")
+  return "arrays:" + digest_lib.tree_digest(data)
+
+
+def sweep_identity(settings: SamplerSettings, *, loss_fn: LossFn, data: Any,
+                   loss_data: Any = None, loss_key: str | None = None, sampler: str,
+                   chunk: int, ids: Sequence[Any], restrictions: list[str] | None = None,
+                   masks: Any = None) -> dict[str, Any]:
+  """Everything besides the params that determines a sweep's numbers.
+
+  The sampler settings and name, the chunking and checkpoint ids, a digest of
+  `data` (and `loss_data`), the restriction masks, and the identity of the
+  loss: `loss_key` (a user-supplied name) and/or `digest.callable_identity`.
+  Raises when neither identifies the loss or a callable data source.
+  """
+  loss_id = digest_lib.callable_identity(loss_fn)
+  if loss_id is None and loss_key is None:
+    raise ValueError(
+        f"resuming from output_dir needs an identity of the loss, and {loss_fn!r} has none "
+        f"that a rerun could match (a lambda, or a closure over objects without a stable "
+        f"value). Pass loss_key='<a name that changes whenever the loss does>' or a named "
+        f"function.")
+  out = {"settings": dataclasses.asdict(settings), "sampler": sampler, "chunk": int(chunk),
+         "ids": [str(i) for i in ids], "loss": {"key": loss_key, "function": loss_id}}
+  for field, value in (("data", data), ("loss_data", loss_data)):
+    if value is None:
+      continue
+    ident = _data_identity(value, field)
+    if ident is None and loss_key is None:
+      raise ValueError(
+          f"resuming from output_dir needs an identity of {field}, and the batch source "
+          f"{value!r} has none that a rerun could match. Pass loss_key='<a name that "
+          f"changes whenever the loss or the data do>'.")
+    out[field] = ident
+  if masks is not None:
+    out["restrictions"] = list(restrictions or [])
+    out["restriction_digest"] = digest_lib.tree_digest(masks)
+  return out
+
+
+def _fingerprint(identity: dict) -> str:
+  blob = json.dumps(identity, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_chunk(path: str, fingerprint: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path) as z:
+      contents = {k: z[k] for k in z.files}
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise ChunkError(f"{path} is unreadable ({type(e).__name__}: {e}): this saved chunk of "
+                     f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
+                     f"that chunk.") from None
+  if "fingerprint" not in contents or str(contents["fingerprint"]) != fingerprint:
+    raise ChunkError(f"{path} holds results of another sweep than its directory names "
+                     f"(fingerprint {contents.get('fingerprint')!s} vs {fingerprint}). Delete "
+                     f"it and rerun; the sweep recomputes that chunk.")
+  return contents
+
+
+def _check_finite(params: Params, ids: Sequence[Any]) -> None:
+  """Names the checkpoints whose params hold NaN or inf (w* must be finite)."""
+  bad = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    x = np.asarray(leaf)
+    finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    for i in np.flatnonzero(~finite):
+      if i < len(ids):
+        bad.setdefault(ids[i], []).append(
+            f"{jax.tree_util.keystr(path)} ({int(np.isnan(x[i]).sum())} NaN, "
+            f"{int(np.isinf(x[i]).sum())} inf)")
+  if bad:
+    raise ValueError("non-finite w*: " + "; ".join(
+        f"checkpoint {c} has non-finite params in {', '.join(leaves)}"
+        for c, leaves in bad.items()) + ". An LLC needs finite params at the checkpoint; "
+        "check how they were produced (a diverged training run, a corrupted file).")
 
 
 def _auto_mesh(mesh: Mesh) -> Mesh:
@@ -399,7 +496,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                   mesh: Mesh | None = None, batch_axis: str = "data",
                   output_dir: str | None = None, checkpoint_ids: Sequence[Any] | None = None,
                   chain_strategy: str = "auto", progress: bool = True,
-                  restrict: Any = None, loss_data: Any = None) -> results_lib.LLCResult:
+                  restrict: Any = None, loss_data: Any = None,
+                  loss_key: str | None = None) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   Args:
@@ -431,7 +529,11 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       are identical for any chunking). Default: all at once.
     mesh, batch_axis: shard each minibatch along this mesh axis.
     output_dir: write each finished chunk atomically here and reuse chunks
-      already there (resume). Stale chunks from other settings are refused.
+      already there (resume). Chunks live in `output_dir/<fingerprint>/`,
+      where the fingerprint covers the sampler settings, the chunking and ids,
+      a digest of `data` and `loss_data`, the restrictions and the identity
+      of the loss; each chunk also stores a digest of its checkpoints' params,
+      so results of other data, checkpoints or losses are never reused.
     checkpoint_ids: names of the checkpoints (e.g. steps) for warnings and
       the resume fingerprint.
     chain_strategy: 'vmap' (batched chains), 'map' (sequential chains inside
@@ -446,6 +548,10 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     loss_data: data-refined LLC: sample on `data`, but record the losses and
       L(w*) on minibatches of `loss_data` (same form as `data`; one extra
       forward pass per step). Default: `data` itself.
+    loss_key: with `output_dir`, a name for the loss (and for callable data)
+      that changes whenever they do. Named functions and methods of
+      dataclasses (e.g. Flax modules) are identified without it; a lambda or
+      a closure over objects without a stable value needs it.
 
   Returns:
     An `LLCResult` with leading axis [checkpoint] ([restriction, checkpoint]
@@ -464,9 +570,13 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       raise ValueError("checkpoints is empty")
     num_ckpts, get = len(checkpoints), (lambda lo, hi: chunks_lib.stack(checkpoints[lo:hi], lo))
   else:
-    sizes = {np.shape(x)[0] for x in jax.tree.leaves(checkpoints)}
-    if len(sizes) != 1:
-      raise ValueError(f"stacked checkpoints need one leading axis size, got {sorted(sizes)}")
+    if not jax.tree.leaves(checkpoints):
+      raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
+                       "model's params, e.g. a dict of weight arrays")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(checkpoints)}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"stacked checkpoints need one leading axis size, got "
+                       f"{sorted(map(str, sizes))}")
     num_ckpts = sizes.pop()
     get = lambda lo, hi: jax.tree.map(lambda x: x[lo:hi], checkpoints)
   if checkpoint_ids is not None and len(checkpoint_ids) != num_ckpts:
@@ -478,8 +588,10 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   if restrict is not None:
     if isinstance(restrict, tuple) and len(restrict) == 2 and isinstance(restrict[0], list):
       restriction_names, masks = restrict
+      restrict_lib.check_binary(masks)
       masks = jax.tree.map(lambda x: np.asarray(x, np.float32), masks)
     else:
+      restrict_lib.check_binary(restrict)
       masks, single = restrict_lib.stack([restrict]), True
       restriction_names = ["restricted"]
     counts = restrict_lib.num_selected(masks, leading_axes=1)
@@ -492,15 +604,18 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   hypers = {"step_size": jnp.float32(step_size), "nbeta": jnp.float32(nbeta),
             "localization": jnp.float32(localization)}
   name = sampler_name(sampler)
-  extra = {"chunk": chunk, "ids": ids, "sampler": name}
-  if loss_data is not None:
-    extra["loss_data"] = (repr(loss_data) if callable(loss_data) else
-                          [list(np.shape(x)) for x in jax.tree.leaves(loss_data)])
-  if masks is not None:
-    digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(masks)))
-    extra.update(restrictions=restriction_names, restriction_digest=digest.hexdigest()[:16])
-  fingerprint = _fingerprint(settings, extra)
   axis = 0 if masks is None else 1   # the checkpoint axis of the outputs
+  sweep_dir = fingerprint = None
+  if output_dir:
+    identity = sweep_identity(settings, loss_fn=loss_fn, data=data, loss_data=loss_data,
+                              loss_key=loss_key, sampler=name, chunk=chunk, ids=ids,
+                              restrictions=restriction_names, masks=masks)
+    fingerprint = _fingerprint(identity)
+    sweep_dir = os.path.join(output_dir, fingerprint)
+    _note_other_sweeps(output_dir, fingerprint)
+    if not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
+      atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
+                        json.dumps(identity, indent=1, default=str))
 
   starts = list(range(0, num_ckpts, chunk))
   outputs: list[dict[str, np.ndarray]] = []
@@ -508,18 +623,30 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   t0, computed = time.time(), 0
   for i, lo in enumerate(starts):
     hi = min(lo + chunk, num_ckpts)
-    path = os.path.join(output_dir, f"llc_chunk_{i:05d}.npz") if output_dir else None
-    if path and os.path.exists(path):
-      with np.load(path) as z:
-        if str(z["fingerprint"]) != fingerprint:
-          raise ValueError(f"{path} holds results of other settings or checkpoints; "
-                           f"remove {output_dir} or use another output_dir")
-        outputs.append({k: z[k] for k in z.files if k not in ("fingerprint", "num_params")})
-        num_params = int(z["num_params"])
-      continue
     params = get(lo, hi)
+    if not jax.tree.leaves(params):
+      raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
+                       "model's params, e.g. a dict of weight arrays")
+    _check_finite(params, ids[lo:hi])
     if masks is not None and num_params is None:  # the first chunk loaded or computed
       restrict_lib.check(masks, jax.tree.map(lambda x: x[0], params), leading_axes=1)
+    path = os.path.join(sweep_dir, f"llc_chunk_{i:05d}.npz") if sweep_dir else None
+    digests = None
+    if path:
+      digests = np.array([digest_lib.tree_digest(jax.tree.map(lambda x: x[j], params))
+                          for j in range(hi - lo)])
+      if os.path.exists(path):
+        z = _load_chunk(path, fingerprint)
+        if np.array_equal(z.get("params_digest"), digests):
+          outputs.append({k: v for k, v in z.items()
+                          if k not in ("fingerprint", "num_params", "params_digest")})
+          num_params = int(z["num_params"])
+          continue
+        changed = [ids[lo + j] for j in range(hi - lo)
+                   if z.get("params_digest") is None or j >= len(z["params_digest"])
+                   or z["params_digest"][j] != digests[j]]
+        logging.warning("%s was computed on other params for checkpoints %s (they changed "
+                        "since); recomputing it", path, changed)
     num_params = num_sampled_params(params, leading_axes=1)
     params = chunks_lib.pad(params, chunk)  # one shape for every call: one compilation
     raw = program(params, hypers) if masks is None else program(params, hypers, masks)
@@ -527,7 +654,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
            for k, v in jax.device_get(raw).items()}
     if path:
       atomic.save_npz(path, fingerprint=np.array(fingerprint), num_params=np.array(num_params),
-                      **out)
+                      params_digest=digests, **out)
     outputs.append(out)
     computed += hi - lo
     if progress:
@@ -541,6 +668,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   merged = {k: np.concatenate([o[k] for o in outputs], axis=axis) for k in outputs[0]}
   extra_settings = {"chain_strategy": strategy, "checkpoint_chunk": chunk, "sampler": name,
                     "data_refined": loss_data is not None}
+  if fingerprint is not None:
+    extra_settings["fingerprint"] = fingerprint
   labels = [f"checkpoint {c}" for c in ids]
   if masks is not None:
     num_params = counts.reshape(-1, 1, 1)  # d per restriction, broadcast over [R, N, C]
@@ -552,6 +681,22 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   return results_from_outputs(
       merged, settings, nbeta, num_params=num_params, labels=labels, criteria=criteria,
       extra_settings=extra_settings)
+
+
+def _note_other_sweeps(output_dir: str, fingerprint: str) -> None:
+  """Logs the other sweeps kept in `output_dir` (other settings, data or loss)."""
+  if not os.path.isdir(output_dir):
+    return
+  entries = os.listdir(output_dir)
+  legacy = [e for e in entries if e.startswith("llc_chunk_") and e.endswith(".npz")]
+  if legacy:
+    logging.warning("%s holds %d chunks of an older layout without a fingerprint of the data, "
+                    "params and loss; they are not reused", output_dir, len(legacy))
+  others = [e for e in entries if e != fingerprint and
+            os.path.exists(os.path.join(output_dir, e, "sweep.json"))]
+  if others:
+    logging.info("%s also holds %d sweeps of other settings, data or loss (kept apart): %s",
+                 output_dir, len(others), ", ".join(sorted(others)))
 
 
 def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,

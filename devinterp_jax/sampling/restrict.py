@@ -177,6 +177,18 @@ def apply(mask: Params | None, tree: Params) -> Params:
   return jax.tree.map(lambda m, x: (m * x).astype(x.dtype), mask, tree)
 
 
+def check_binary(masks: Params) -> None:
+  """Refuses masks with values other than 0 and 1 (a weighting is not a restriction)."""
+  for path, m in jax.tree_util.tree_leaves_with_path(masks):
+    x = np.asarray(m)
+    bad = ~((x == 0) | (x == 1))
+    if bad.any():
+      values = np.unique(x[bad])[:5]
+      raise ValueError(f"restriction leaf {path_name(path)} has values {values.tolist()} "
+                       f"besides 0 and 1 ({int(bad.sum())} entries); a restriction is a 0/1 "
+                       f"mask selecting the coordinates SGLD moves")
+
+
 def check(mask: Params, params: Params, leading_axes: int = 0) -> None:
   """Names the problem when a restriction does not fit the params."""
   if jax.tree.structure(mask) != jax.tree.structure(params):

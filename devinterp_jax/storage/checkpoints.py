@@ -2,9 +2,20 @@
 
 A workdir's `checkpoints/` holds one Orbax step directory per saved step with
 three items: `params`, `opt_state` (for resuming) and `meta` (JSON: step,
-whether the step is on the analysis schedule, losses). Scheduled steps are
-kept forever (`CustomSteps`); of the other (resume-only) steps only the latest
-is kept (`LatestN(1)`).
+whether the step is on the analysis schedule, losses, and a SHA-256 digest of
+the params and of the optimizer state). Scheduled steps are kept forever
+(`CustomSteps`); of the other (resume-only) steps only the latest is kept
+(`LatestN(1)`).
+
+Every restore checks the stored digest, so a checkpoint whose bytes changed on
+disk is reported as corrupt at its step instead of being sampled. A restore
+that fails because the params do not fit the abstract tree names the leaf and
+both shapes (a model config that differs from the run's).
+
+Step directories are created synchronously in `save` (the writes stay
+asynchronous): a directory that cannot be created raises in the caller at
+once. Created from Orbax's background threads, such an error left threads
+waiting for a signal that never came, and the process hung at exit.
 """
 
 from __future__ import annotations
@@ -16,7 +27,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from devinterp_jax.storage.digest import tree_digest
 
 ITEMS = ("params", "opt_state", "meta")
 
@@ -32,7 +46,11 @@ def quiet_orbax_logs() -> None:
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint is missing or cannot be read."""
+  """A checkpoint is missing, corrupt, cannot be read or does not fit the model."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, read-only, no inodes, …)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,51 +67,128 @@ def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
       enable_async_checkpointing=not read_only,
       create=not read_only,
       read_only=read_only,
+      # Create step directories in `save` itself: see the module docstring.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
          meta: dict) -> None:
-  """Starts an async save of one step (returns before the write finishes)."""
-  manager.save(int(step), force=True, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
+  """Starts an async save of one step (returns before the write finishes).
+
+  Raises `CheckpointSaveError` when the save cannot start or an earlier async
+  save of this manager failed.
+  """
+  meta = dict(meta, step=int(step), params_digest=tree_digest(params),
+              opt_state_digest=tree_digest(opt_state))
+  try:
+    manager.save(int(step), force=True, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta)))
+  except Exception as e:
+    raise CheckpointSaveError(
+        f"a checkpoint save to {manager.directory} failed (raised when saving step {step}; "
+        f"an earlier asynchronous save may be the one that failed): "
+        f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
+        f"space and inodes; a rerun resumes from the last committed checkpoint.") from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the manager's async saves; a failed one raises `CheckpointSaveError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise CheckpointSaveError(
+        f"an asynchronous checkpoint save to {manager.directory} failed: "
+        f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
+        f"space and inodes; a rerun resumes from the last committed checkpoint.") from e
+
+
+def _shape_mismatch(directory: str, step: int, abstract_params: Any) -> str | None:
+  """'leaf p: stored (…), expected (…)' when the saved params do not fit, else None."""
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(directory) / str(step) / "params")
+    stored = getattr(stored, "tree", stored)
+  except Exception:  # no readable metadata: not a shape problem we can name
+    return None
+  is_leaf = lambda x: hasattr(x, "shape")
+  flat_stored = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                 jax.tree_util.tree_flatten_with_path(stored, is_leaf=is_leaf)[0]}
+  flat_expected = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                   jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  if flat_stored == flat_expected:
+    return None
+  for key in sorted(set(flat_stored) | set(flat_expected)):
+    a, b = flat_stored.get(key), flat_expected.get(key)
+    if a != b:
+      return (f"params leaf {key} is stored as {a if a is not None else 'absent'} but the "
+              f"model config builds {b if b is not None else 'no such leaf'}")
+  return None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
-            abstract_opt_state: Any | None = None) -> dict:
-  """Restores `params` (and `opt_state` if its abstract tree is given) + meta."""
+            abstract_opt_state: Any | None = None, verify: bool = True) -> dict:
+  """Restores `params` (and `opt_state` if its abstract tree is given) + meta.
+
+  With `verify`, the restored trees are checked against the digests saved in
+  their meta; a mismatch raises `CheckpointError` ("corrupt at step S").
+  """
   items = {"params": ocp.args.StandardRestore(abstract_params),
            "meta": ocp.args.JsonRestore()}
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+  directory = os.fspath(manager.directory)
   try:
-    return dict(manager.restore(int(step), args=ocp.args.Composite(**items)).items())
+    out = dict(manager.restore(int(step), args=ocp.args.Composite(**items)).items())
   except Exception as e:  # Orbax raises many types for missing/corrupt files.
+    mismatch = _shape_mismatch(directory, int(step), abstract_params)
+    if mismatch:
+      raise CheckpointError(
+          f"checkpoint at step {step} in {directory} does not fit the model: {mismatch}. "
+          f"The model section of the config differs from the one the run was trained "
+          f"with (its config.json); pass the run's model config.") from e
     raise CheckpointError(
-        f"checkpoint at step {step} in {manager.directory} could not be restored "
+        f"checkpoint at step {step} in {directory} could not be restored "
         f"(missing or corrupt): {type(e).__name__}: {e}") from e
+  if verify:
+    for item in ("params", "opt_state"):
+      expected = out["meta"].get(f"{item}_digest")
+      if item in out and expected is not None and tree_digest(out[item]) != expected:
+        raise CheckpointError(
+            f"checkpoint corrupt at step {step} in {directory}: its {item} do not match the "
+            f"SHA-256 digest saved with them, so its bytes changed on disk. It is not used. "
+            f"Restore {os.path.join(directory, str(step))} from a backup, or delete it and "
+            f"every later step and rerun training to rewrite them.")
+  return out
 
 
-def scheduled_steps(workdir: str) -> np.ndarray:
-  """The steps of a workdir saved on the analysis schedule, sorted."""
+def read_metas(workdir: str) -> dict[int, dict]:
+  """The `meta` item of every saved step of a workdir: {step: meta}."""
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoints in {workdir!r} (missing {directory})")
   manager = make_manager(workdir, read_only=True)
-  steps = []
-  for step in manager.all_steps():
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:
-      raise CheckpointError(f"checkpoint metadata at step {step} in {directory} is "
-                            f"unreadable: {type(e).__name__}: {e}") from e
-    if meta.get("scheduled", False):
-      steps.append(int(step))
-  manager.close()
-  return np.array(sorted(steps), dtype=int)
+  metas = {}
+  try:
+    for step in manager.all_steps():
+      try:
+        metas[int(step)] = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception as e:
+        raise CheckpointError(f"checkpoint metadata at step {step} in {directory} is "
+                              f"unreadable: {type(e).__name__}: {e}") from e
+  finally:
+    manager.close()
+  return metas
+
+
+def scheduled_steps(workdir: str) -> np.ndarray:
+  """The steps of a workdir saved on the analysis schedule, sorted."""
+  metas = read_metas(workdir)
+  return np.array(sorted(s for s, m in metas.items() if m.get("scheduled", False)), dtype=int)
 
 
 class ParamsSequence(Sequence):

@@ -1,55 +1,173 @@
-"""A run's workdir files besides checkpoints: config.json and metrics.jsonl."""
+"""A run's workdir files besides checkpoints: config.json and metrics.jsonl.
+
+`config.json` records the run's config. Only the sections that determine the
+trained weights lock the workdir (everything but `ANALYSIS_SECTIONS`): a later
+launch with other LLC, calibration, refined or analysis settings is accepted and
+updates the record, and its LLC results are kept apart from the earlier ones by
+their fingerprint (`sampling/llc.py`).
+
+`metrics.jsonl` is appended one fsynced line at a time (`MetricsLog`). A line
+torn by a crash mid-write can only be the last one; readers drop it with a
+warning, and a resumed run truncates the log to its checkpoint anyway.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any, Sequence
 
 import ml_collections
+from absl import logging
 
 from devinterp_jax import atomic
 
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+
+# Config sections that do not determine the trained weights.
+ANALYSIS_SECTIONS = ("llc", "calibration", "refined", "analysis", "seeds")
+
+
+class RunFileError(ValueError):
+  """A run file (config.json, metrics.jsonl) is unreadable or does not fit."""
+
+
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, METRICS)
+
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The JSONL training log of a workdir (one dict per logged step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  """The JSONL training log of a workdir (one dict per logged step).
+
+  A torn last line (a crash mid-append) is dropped with a warning; a damaged
+  line elsewhere raises `RunFileError` naming the file and line.
+  """
+  path = metrics_path(workdir)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  rows = []
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        raise ValueError(f"not a row with an integer 'step': {line[:80]!r}")
+    except ValueError as e:
+      if i == last:
+        logging.warning("%s: dropping the torn last line %d (%r): a crash interrupted its "
+                        "write; the rerun rewrites it", path, i + 1, line[:80])
+        continue
+      raise RunFileError(
+          f"{path}, line {i + 1}, is not a training-log row ({e}). The log is damaged in "
+          f"the middle, which a crash cannot do: repair or delete that line (every "
+          f"checkpoint's meta also holds its losses).") from None
+    rows.append(row)
+  return rows
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops log lines written after `last_step` (the checkpoint a run resumes from)."""
+  """Keeps the log lines up to `last_step` (the checkpoint a run resumes from;
+  0 for a fresh start), dropping a torn last line; rewritten atomically."""
+  path = metrics_path(workdir)
+  if not os.path.exists(path):
+    return
   rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-  atomic.write_text(os.path.join(workdir, "metrics.jsonl"),
-                    "".join(json.dumps(r) + "\n" for r in rows))
+  atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def check_or_write_config(workdir: str, config_json: str) -> None:
-  """Writes config.json, or refuses a workdir that holds a different config."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
+class MetricsLog:
+  """Appends rows to metrics.jsonl, each line flushed and fsynced."""
+
+  def __init__(self, workdir: str):
+    self.path = metrics_path(workdir)
+    self._file = open(self.path, "a")
+
+  def write(self, row: dict) -> None:
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+    os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix.rstrip("."): d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _load_json(path: str) -> dict:
+  try:
     with open(path) as f:
-      old = json.load(f)
-    new = json.loads(config_json)
-    if old != new:
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(f"workdir {workdir!r} holds a run with a different config "
-                       f"(differs in {diff}); use a new --workdir or the same config")
-  else:
-    atomic.write_text(path, config_json)
+      value = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RunFileError(
+        f"{path} is not valid JSON ({e}): the record of the run's config is damaged. "
+        f"Restore it from a copy of the config the run was trained with, or use a new "
+        f"--workdir.") from None
+  if not isinstance(value, dict):
+    raise RunFileError(f"{path} holds a JSON {type(value).__name__}, not a config object: "
+                       f"the record of the run's config is damaged. Restore it from a copy, "
+                       f"or use a new --workdir.")
+  return value
+
+
+def config_differences(old: dict, new: dict,
+                       ignore: Sequence[str] = ANALYSIS_SECTIONS) -> list[str]:
+  """'key (run: a, given: b)' for every field of the weight-determining sections that
+  differs between two configs (dicts); `ignore` names the top-level sections skipped."""
+  drop = lambda d: {k: v for k, v in d.items() if k not in ignore}
+  a, b = _flatten(drop(old)), _flatten(drop(new))
+  missing = object()
+  out = []
+  for key in sorted(set(a) | set(b)):
+    va, vb = a.get(key, missing), b.get(key, missing)
+    if va != vb:
+      show = lambda v: "absent" if v is missing else json.dumps(v)
+      out.append(f"{key} (run: {show(va)}, given: {show(vb)})")
+  return out
+
+
+def check_config(workdir: str, config_json: str, *, write: bool = True,
+                 ignore: Sequence[str] = ANALYSIS_SECTIONS) -> None:
+  """Refuses a config whose weight-determining sections differ from the run's.
+
+  With `write`, config.json is written if missing, or updated when only the
+  `ignore` sections differ (training and the main job record their config;
+  the LLC launchers only check).
+  """
+  path = os.path.join(workdir, CONFIG)
+  new = json.loads(config_json)
+  if os.path.exists(path):
+    old = _load_json(path)
+    diff = config_differences(old, new, ignore)
+    if diff:
+      raise RunFileError(
+          f"workdir {workdir!r} holds a run trained with a different config: "
+          f"{'; '.join(diff)}. These settings determine the trained weights; use the "
+          f"run's values or a new --workdir.")
+    if not write or old == new:
+      return
+  elif not write:
+    raise RunFileError(f"{path} is missing: {workdir!r} is not a run directory "
+                       "(train it first, e.g. launch/train.py)")
+  atomic.write_text(path, config_json)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (its config.json), as a locked ConfigDict."""
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: {workdir!r} is not a run directory")
-  with open(path) as f:
-    try:
-      config = ml_collections.ConfigDict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from e
+  config = ml_collections.ConfigDict(_load_json(path))
   config.lock()
   return config

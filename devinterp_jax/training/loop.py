@@ -12,7 +12,6 @@ run.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -24,6 +23,7 @@ import optax
 from absl import logging
 
 from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
 
 Params = Any
@@ -147,15 +147,44 @@ def _resume_step(managers) -> int | None:
 
 
 def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
-           config_jsons: list[str], eval_fn, *, seed_axis: bool, loss_fn: LossFn,
-           batch_fn, optimizer, num_steps: int, schedule_steps: Sequence[int],
-           log_every: int, resume_every: int, lr_fn, on_event) -> TrainState:
-  """`train` (one workdir) and `train_seeds` (a seed axis) share this loop."""
-  for workdir, config_json in zip(workdirs, config_jsons):
-    os.makedirs(workdir, exist_ok=True)
-    run_log.check_or_write_config(workdir, config_json)
+           config_jsons: list[str], eval_fn, **kwargs) -> TrainState:
+  """`train` (one workdir) and `train_seeds` (a seed axis) share this loop; every
+  workdir's lock is held for the whole run (`storage/lock.py`)."""
+  with lock.hold_all(workdirs):
+    for workdir, config_json in zip(workdirs, config_jsons):
+      run_log.check_config(workdir, config_json)
+    return _train_locked(workdirs, init_params, data_keys, eval_fn, **kwargs)
+
+
+def _train_locked(workdirs: list[str], init_params: Params, data_keys: jax.Array, eval_fn, *,
+                  seed_axis: bool, loss_fn: LossFn, batch_fn, optimizer, num_steps: int,
+                  schedule_steps: Sequence[int], log_every: int, resume_every: int, lr_fn,
+                  on_event) -> TrainState:
   schedule = set(int(s) for s in schedule_steps)
   managers = [checkpointing.make_manager(w, sorted(schedule)) for w in workdirs]
+  try:
+    state = _run(workdirs, managers, init_params, data_keys, eval_fn, schedule,
+                seed_axis=seed_axis, loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer,
+                num_steps=num_steps, log_every=log_every, resume_every=resume_every,
+                lr_fn=lr_fn, on_event=on_event)
+  except BaseException:
+    # Finish or abandon pending async saves without masking the original error.
+    for manager in managers:
+      try:
+        checkpointing.wait(manager)
+      except checkpointing.CheckpointSaveError as e:
+        logging.error("%s", e)
+      manager.close()
+    raise
+  for manager in managers:  # the last saves must commit: a failure raises here
+    checkpointing.wait(manager)
+    manager.close()
+  return state
+
+
+def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_axis, loss_fn,
+         batch_fn, optimizer, num_steps, log_every, resume_every, lr_fn, on_event
+         ) -> TrainState:
   opt_init = jax.vmap(optimizer.init) if seed_axis else optimizer.init
   state = TrainState(jnp.zeros((), jnp.int32), init_params, opt_init(init_params))
   per_seed = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if seed_axis else (
@@ -169,13 +198,11 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
     state = TrainState(jnp.asarray(latest, jnp.int32),
                        jax.tree.map(stack, *[r["params"] for r in restored]),
                        jax.tree.map(stack, *[r["opt_state"] for r in restored]))
-    for workdir in workdirs:
-      run_log.truncate_metrics(workdir, latest)
     logging.info("Resuming %s from step %d", ", ".join(workdirs), latest)
+  for workdir in workdirs:  # rows logged after the checkpoint (all of them on a fresh start)
+    run_log.truncate_metrics(workdir, 0 if latest is None else latest)
   start = int(state.step)
   if start >= num_steps:
-    for m in managers:
-      m.close()
     return state
 
   def segment_fn(st, end, key):
@@ -192,7 +219,7 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
   num_seeds = len(workdirs)
   t0 = time.time()
   loss_sum, loss_count, last_log_time, last_log_step = np.zeros(num_seeds), 0, t0, start
-  logs = [open(os.path.join(w, "metrics.jsonl"), "a") for w in workdirs]
+  logs = [run_log.MetricsLog(w) for w in workdirs]
   try:
     for end in events:
       prev = int(state.step)
@@ -214,8 +241,7 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
                      time=now - t0)
           if lr_fn is not None:
             row["lr"] = float(lr_fn(int(end) - 1))
-          log.write(json.dumps(row) + "\n")
-          log.flush()
+          log.write(row)
         rate = (end - last_log_step) / max(now - last_log_time, 1e-9)
         logging.info("step %d/%d  loss %s  %.0f steps/s  ETA %.0fs", end, num_steps,
                      " ".join(f"{r['train_loss']:.4f}" for r in rows), rate,
@@ -230,10 +256,7 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
                              per_seed(state.opt_state, i), meta)
       if on_event is not None:
         on_event(int(end))
-  finally:  # also on an exception: finish pending async saves, then close.
+  finally:
     for log in logs:
       log.close()
-    for manager in managers:
-      manager.wait_until_finished()
-      manager.close()
   return state

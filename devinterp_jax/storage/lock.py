@@ -1,0 +1,163 @@
+"""One advisory lock per workdir, held for a run's lifetime.
+
+Every step that writes into a workdir (training, the LLC sweeps, calibration,
+the report) holds `<workdir>/.lock`, so a second launch on a busy workdir fails
+at once with `WorkdirLockedError` naming the holder (pid, host, start time,
+command) instead of doing the work twice or interleaving log rows.
+
+The lock is an `fcntl.flock` on the file, which the kernel releases when the
+holder dies, plus the holder's identity written into the file. A file that
+names a process which no longer runs on this host is a stale lock (a SIGKILLed
+run): it is taken over with a warning. A file that names another host cannot
+be checked from here; it is refused with the command that clears it.
+Locks are re-entrant within a process: the main job holds the lock across
+training, the sweep and the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Iterator
+
+from absl import logging
+
+LOCK_NAME = ".lock"
+
+
+class WorkdirLockedError(RuntimeError):
+  """Another process holds the workdir's lock."""
+
+
+_held: dict[str, tuple[int, int]] = {}   # realpath -> (fd, depth)
+_mutex = threading.Lock()
+
+
+def _start_time(pid: int) -> int | None:
+  """The process's start time in clock ticks since boot (Linux), or None."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return int(f.read().rsplit(")", 1)[1].split()[19])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _pid_alive(pid: int, start_time: int | None = None) -> bool:
+  """Whether `pid` runs here (and, if known, is the same process, not a reused pid)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    pass
+  now = _start_time(pid)
+  return start_time is None or now is None or now == start_time
+
+
+def _read_holder(fd: int) -> dict | None:
+  os.lseek(fd, 0, os.SEEK_SET)
+  raw = b""
+  while chunk := os.read(fd, 65536):
+    raw += chunk
+  if not raw.strip():
+    return None
+  try:
+    holder = json.loads(raw)
+  except ValueError:
+    return {"unreadable": raw[:200].decode(errors="replace")}
+  return holder if isinstance(holder, dict) else {"unreadable": repr(holder)[:200]}
+
+
+def describe(holder: dict | None) -> str:
+  if not holder:
+    return "an unknown process"
+  if "unreadable" in holder:
+    return f"an unknown process (lock file content {holder['unreadable']!r})"
+  started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
+  return (f"pid {holder.get('pid')} on host {holder.get('host')!r} since {started} "
+          f"({' '.join(holder.get('argv', []))[:300]})")
+
+
+def _acquire(path: str, workdir: str) -> int:
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      raise WorkdirLockedError(
+          f"workdir {workdir!r} is in use by {describe(_read_holder(fd))}: a second run on "
+          f"it would repeat the work and mix its files. Wait for that run, stop it, or use "
+          f"another --workdir.") from None
+    holder = _read_holder(fd)
+    me = socket.gethostname()
+    if holder and "unreadable" not in holder and holder.get("pid") != os.getpid():
+      if holder.get("host") == me and _pid_alive(int(holder.get("pid", -1)),
+                                                 holder.get("start_time")):
+        # flock granted although the holder lives: the filesystem ignores flock.
+        raise WorkdirLockedError(
+            f"workdir {workdir!r} is in use by {describe(holder)} (this filesystem does not "
+            f"enforce file locks). Wait for that run, stop it, or use another --workdir.")
+      if holder.get("host") != me:
+        raise WorkdirLockedError(
+            f"workdir {workdir!r} is locked by {describe(holder)}, which this host cannot "
+            f"check. If that run has ended, remove {path} and retry.")
+      logging.warning("Taking over the stale lock of %s on %s (that process is gone).",
+                      describe(holder), workdir)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": me, "time": time.time(),
+                             "start_time": _start_time(os.getpid()),
+                             "argv": sys.argv}).encode())
+    os.fsync(fd)
+    return fd
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[None]:
+  """Holds the lock of `workdir` (created if needed) for the `with` block."""
+  os.makedirs(workdir, exist_ok=True)
+  key = os.path.realpath(workdir)
+  with _mutex:
+    if key in _held:
+      fd, depth = _held[key]
+      _held[key] = (fd, depth + 1)
+    else:
+      _held[key] = (_acquire(os.path.join(key, LOCK_NAME), workdir), 1)
+  try:
+    yield
+  finally:
+    with _mutex:
+      fd, depth = _held[key]
+      if depth > 1:
+        _held[key] = (fd, depth - 1)
+      else:
+        del _held[key]
+        with contextlib.suppress(OSError):
+          os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
+        os.close(fd)           # releases the flock
+
+
+@contextlib.contextmanager
+def hold_all(workdirs) -> Iterator[None]:
+  """Holds the locks of several workdirs (e.g. one per seed)."""
+  with contextlib.ExitStack() as stack:
+    for w in workdirs:
+      stack.enter_context(hold(w))
+    yield
+
+
+def is_held(workdir: str) -> bool:
+  """Whether this process holds the lock of `workdir`."""
+  return os.path.realpath(workdir) in _held
