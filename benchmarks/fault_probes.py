@@ -46,7 +46,8 @@ _JSON = flags.DEFINE_string("json", os.path.join(ROOT, "docs", "reliability.json
 
 def launcher(script: str, workdir: str, *extra: str, prelude: str = "", timeout: float = 600,
              background: bool = False):
-  argv = [os.path.join(ROOT, "launch", script), *TINY, f"--workdir={workdir}", *extra]
+  config = [] if script == "analyze.py" else TINY   # analyze.py reads the run's own config
+  argv = [os.path.join(ROOT, "launch", script), *config, f"--workdir={workdir}", *extra]
   code = (f"import runpy, sys\n{prelude}\nsys.argv = {argv!r}\n"
           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
   cmd = [sys.executable, "-c", code]
@@ -154,7 +155,7 @@ def probe_files(tmp, trained):
   shutil.copytree(trained, w)
   with open(os.path.join(w, "metrics.jsonl"), "a") as f:
     f.write('{"step": 121, "train_lo')
-  for script in ("train.py", "analyze.py"):
+  for script in ("analyze.py", "train.py"):   # analyze first: train rewrites the log
     r = launcher(script, w)
     out.append(("7", f"{script} after a torn last line in metrics.jsonl", r, ""))
   w = os.path.join(tmp, "chunk")

@@ -144,6 +144,58 @@ def test_lambda_loss_needs_a_key_to_resume(tmp_path):
   assert not np.allclose(c.llc_per_chain, a.llc_per_chain)
 
 
+def test_loss_identity_covers_fields_wrappers_defaults_and_globals():
+  """Item 1: what the fingerprint calls the loss changes whenever the loss does: a Flax
+  module's fields, a decorator's argument, a keyword-only default, a global it reads."""
+  import dataclasses
+  import functools
+  from devinterp_jax.storage.digest import callable_identity
+  model = icl_regression.make_model(tiny_config())
+  assert callable_identity(model.loss) == callable_identity(
+      icl_regression.make_model(tiny_config()).loss)
+  assert callable_identity(model.loss) != callable_identity(
+      dataclasses.replace(model, double_residual=False).loss)
+
+  def scaled(s):
+    def wrap(f):
+      @functools.wraps(f)
+      def g(p, b):
+        return s * f(p, b)
+      return g
+    return wrap
+
+  ids = {callable_identity(f) for f in (quad_loss, scaled(2.0)(quad_loss), scaled(3.0)(quad_loss),
+                                        jax.grad(quad_loss), jax.value_and_grad(quad_loss))}
+  assert len(ids) == 5 and None not in ids
+  namespace = {"jnp": jnp, "SCALE": 1.0}
+  exec("def kw(p, b, *, s=1.0):\n  return s * SCALE * jnp.mean(p['w'])", namespace)
+  first = callable_identity(namespace["kw"])
+  namespace["kw"].__kwdefaults__ = {"s": 2.0}
+  second = callable_identity(namespace["kw"])
+  namespace["SCALE"] = 2.0
+  third = callable_identity(namespace["kw"])
+  assert len({first, second, third}) == 3
+  assert callable_identity(lambda p, b: 0.0) is None
+
+
+def test_fingerprint_is_the_same_in_every_process(tmp_path):
+  """Item 1: a resumed sweep in a new process (any hash seed) finds its chunks."""
+  code = ("import jax, json\nfrom tests.helpers import tiny_config\n"
+          "from devinterp_jax.experiments import icl_regression, llc_sweep\n"
+          "from devinterp_jax.sampling import llc\n"
+          "c = tiny_config(); m = icl_regression.make_model(c)\n"
+          "s = llc.SamplerSettings(num_chains=2, num_draws=5, step_size=1e-3, "
+          "localization=1.0, nbeta=2.0, batch_size=4)\n"
+          "for key in (None, llc_sweep.loss_key(c, m.loss)):\n"
+          "  print(llc._fingerprint(llc.sweep_identity(s, loss_fn=m.loss, "
+          "data=icl_regression.sgld_dataset(c), loss_key=key, sampler='sgld', chunk=2, "
+          "ids=[1, 2])))\n")
+  prints = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**ENV, "PYTHONHASHSEED": seed}, cwd=ROOT, timeout=120).stdout
+            for seed in ("1", "2")]
+  assert prints[0] == prints[1] and len(prints[0].split()) == 2
+
+
 def test_killed_sweep_resumes_to_identical_results(tmp_path):
   """Kept behaviour: a sweep killed after its first chunk resumes to the same numbers
   and reuses the finished chunk."""
@@ -235,9 +287,9 @@ def test_second_launch_on_a_busy_workdir_fails_at_once(tmp_path):
   assert lock_file.read_text() == ""                        # released on a clean exit
 
 
-def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path):
-  """Item 2: a live holder is named; a SIGKILLed holder's lock (dead pid, this host)
-  is taken over; a lock of another host is refused with its remedy."""
+def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path, caplog):
+  """Item 2: a live holder is named; a copy of its workdir is free; a SIGKILLed
+  holder's lock (dead pid) and one left by a run on another host are taken over."""
   config, src = trained
   workdir = copy_run(src, tmp_path)
   holder = subprocess.Popen(
@@ -248,17 +300,31 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid} on host"):
       icl_regression.train(config, workdir)
-    with pytest.raises(lock.WorkdirLockedError):
+    with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid}"):
       report.analyze(workdir, config.analysis)
+    copied = copy_run(workdir, tmp_path, "copied")    # its .lock names the live holder
+    icl_regression.train(config, copied)
+    assert "the lock file was copied from another workdir" in caplog.text
   finally:
     holder.kill()
     holder.wait()
-  assert str(holder.pid) in open(os.path.join(workdir, lock.LOCK_NAME)).read()  # stale
-  icl_regression.train(config, workdir)           # taken over: the dead pid holds nothing
-  with open(os.path.join(workdir, lock.LOCK_NAME), "w") as f:
-    json.dump({"pid": 1, "host": "some-other-host", "time": 0, "argv": ["main.py"]}, f)
-  with pytest.raises(lock.WorkdirLockedError, match="some-other-host.*remove .*\\.lock"):
-    icl_regression.train(config, workdir)
+  assert f'"pid": {holder.pid}' in open(os.path.join(workdir, lock.LOCK_NAME)).read()  # stale
+  icl_regression.train(config, workdir)
+  assert "that process is gone" in caplog.text
+  assert open(os.path.join(workdir, lock.LOCK_NAME)).read() == ""  # released on exit
+  with open(os.path.join(workdir, lock.LOCK_NAME), "w") as f:   # preempted elsewhere
+    st = os.stat(os.path.join(workdir, lock.LOCK_NAME))
+    json.dump({"pid": 1, "host": "some-other-host", "time": 0, "argv": ["main.py"],
+               "inode": [st.st_dev, st.st_ino]}, f)
+  icl_regression.train(config, workdir)
+  assert "some-other-host" in caplog.text and "it no longer holds the lock" in caplog.text
+
+
+def test_lock_needs_an_existing_workdir_except_for_training(tmp_path):
+  """A mistyped --workdir for a sweep or report is named, not created."""
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    icl_regression.estimate(tiny_config(), str(tmp_path / "typo"))
+  assert not os.path.exists(tmp_path / "typo")
 
 
 def test_lock_is_reentrant_within_a_process(tmp_path):
@@ -295,6 +361,7 @@ def test_failed_mkdir_of_a_save_exits_nonzero_without_hanging(tmp_path):
   assert out.returncode == 1, out.stderr[-2000:]
   assert "CheckpointSaveError" in out.stderr and "No space left on device" in out.stderr
   assert "a rerun resumes from the last committed checkpoint" in out.stderr
+  assert "still keep the process alive" not in out.stderr   # exited by itself, no watchdog
   assert time.time() - t0 < 120
 
 
@@ -306,6 +373,7 @@ def test_failed_write_of_a_save_exits_and_the_rerun_resumes_exactly(tmp_path):
   out = launch("train.py", workdir, prelude=FSIZE_FAULT, timeout=150)
   assert out.returncode == 1, out.stderr[-2000:]
   assert "CheckpointSaveError" in out.stderr and "File too large" in out.stderr
+  assert "still keep the process alive" not in out.stderr
   again = launch("train.py", workdir, timeout=150)
   assert again.returncode == 0, again.stderr[-2000:]
   config = tiny_config(120)
@@ -586,6 +654,26 @@ def test_corrupted_checkpoint_is_corrupt_at_its_step_and_not_sampled(tmp_path):
                      batch_size=4, progress=False)
 
 
+def test_restore_with_other_dtypes_names_the_dtype_not_corruption(tmp_path):
+  params = {"w": jnp.arange(6.0, dtype=jnp.float32)}
+  manager = checkpointing.make_manager(str(tmp_path), [1])
+  checkpointing.save(manager, 1, params, {"count": jnp.zeros(())}, {"scheduled": True})
+  checkpointing.wait(manager)
+  manager.close()
+  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"\['w'\] is stored as float32 but is restored as float16"):
+    checkpointing.restore(manager, 1, {"w": jax.ShapeDtypeStruct((6,), jnp.float16)})
+  manager.close()
+
+
+def test_scalar_array_hyperparameters_are_accepted():
+  res = dj.estimate_llc(quad_loss, {"w": jnp.ones(3)}, quad_data(), num_chains=2, num_draws=10,
+                        step_size=jnp.float32(1e-3), localization=np.array(1.0),
+                        nbeta=np.float64(10.0), batch_size=8)
+  assert np.isfinite(res.llc_mean) and res.settings["step_size"] == pytest.approx(1e-3)
+
+
 def test_nonfinite_empty_and_nonbinary_inputs_are_named():
   """Item 9: NaN params were "diverged chains", empty params a JAX-internal vmap error,
   and a 0.5 mask was accepted."""
@@ -685,6 +773,17 @@ def test_a_crash_while_writing_the_report_leaves_the_old_report(swept, tmp_path,
     report.analyze(workdir, lean_analysis(tiny_config()))
   assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
   assert not [e for e in os.listdir(workdir) if e.startswith(".report")]
+
+
+def test_report_refuses_to_replace_a_directory_that_is_not_a_report(swept, tmp_path):
+  """Item 10: the report replaces its directory whole, so --out=<not a report> is refused."""
+  config, src, _, _ = swept
+  other = tmp_path / "notes"
+  other.mkdir()
+  (other / "mine.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="refusing to replace .*notes.*no report.json"):
+    report.analyze(src, config.analysis, out_dir=str(other))
+  assert (other / "mine.txt").read_text() == "keep me"
 
 
 def test_no_writer_bypasses_atomic():

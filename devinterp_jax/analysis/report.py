@@ -598,9 +598,15 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   """
   options = options_for_run(workdir) if options is None else options
   validate_options(options)
+  target = out_dir or os.path.join(workdir, "report")
+  if (os.path.isdir(target) and os.listdir(target)
+      and not os.path.exists(os.path.join(target, "report.json"))):
+    raise ValueError(f"refusing to replace {target!r}: it is not empty and holds no "
+                     f"report.json, so it is not a report directory. Pass an empty or new "
+                     f"directory (the report replaces its directory whole).")
   with lock.hold(workdir):
     run = load_run(workdir)
-    with atomic.replace_dir(out_dir or os.path.join(workdir, "report")) as out:
+    with atomic.replace_dir(target) as out:
       summary = _write_report(run, options, out)
   logging.info("Report written to %s (stages %s)", out_dir or os.path.join(workdir, "report"),
                ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"

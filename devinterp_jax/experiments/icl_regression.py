@@ -259,8 +259,10 @@ def _estimate_seeds(config, workdir, workdirs) -> tuple[list[np.ndarray], list[L
     if len(s) == 0:
       raise checkpointing.CheckpointError(f"no scheduled checkpoints in {w!r}; train first")
     steps.append(s)
-  sequence = _ConcatSequence([checkpointing.ParamsSequence(w, s, abstract)
-                              for w, s in zip(workdirs, steps)])
+  parts = [checkpointing.ParamsSequence(w, s, abstract) for w, s in zip(workdirs, steps)]
+  for part in parts:
+    part.verify()
+  sequence = _ConcatSequence(parts)
   ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
   result = estimate_checkpoints(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
   offsets = np.cumsum([0] + [len(s) for s in steps])
@@ -292,7 +294,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
   estimate all their LLCs in one sweep, write each seed's results, and compare
   stage boundaries across seeds (<workdir>/seeds_report)."""
   validate_config(config)
-  with lock.hold(workdir):
+  with lock.hold(workdir, create=True):
     return _run_seeds(config, workdir)
 
 

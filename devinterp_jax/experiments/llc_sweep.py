@@ -30,6 +30,7 @@ from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import sgld as sgld_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
+from devinterp_jax.storage import digest
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
 
@@ -88,12 +89,15 @@ def validate_sampling_sections(config: ml_collections.ConfigDict) -> None:
     report.validate_options(config.analysis, "config.analysis")
 
 
-def loss_key(config: ml_collections.ConfigDict) -> str:
+def loss_key(config: ml_collections.ConfigDict, loss_fn=None) -> str:
   """The identity of a setting's loss for resuming sweeps: the config without the
-  training and analysis sections (the setting, its model and its data config)."""
+  training and analysis sections (the setting, its model and its data config), and
+  the code identity of `loss_fn` where it has one (`digest.callable_identity`)."""
   skip = set(run_log.ANALYSIS_SECTIONS) | {"train"}
-  return json.dumps({k: v for k, v in config.to_dict().items() if k not in skip},
-                    sort_keys=True, default=str)
+  key = json.dumps({k: v for k, v in config.to_dict().items() if k not in skip},
+                   sort_keys=True, default=str)
+  code = None if loss_fn is None else digest.callable_identity(loss_fn)
+  return key if code is None else f"{key}|{code}"
 
 
 def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -116,7 +120,7 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride,
       mala_target=c.get("mala_target", "posterior"), sampler=c.sampler,
       checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
-      checkpoint_ids=ids, output_dir=output_dir, loss_key=loss_key(config))
+      checkpoint_ids=ids, output_dir=output_dir, loss_key=loss_key(config, loss_fn))
 
 
 def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
@@ -129,6 +133,7 @@ def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
       raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
     abstract = jax.eval_shape(model.init_params, jax.random.key(0))
     checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+    checkpoints.verify()
     result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
                                   [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
   return steps, result
@@ -272,7 +277,7 @@ def run_main_job(config: ml_collections.ConfigDict, workdir: str, experiment) ->
   train, LLCs over all checkpoints, results, and the analysis report
   (<workdir>/report); returns llc/summary.json's content with the wall times."""
   experiment.validate_config(config)   # every section, before hours of training
-  with lock.hold(workdir):
+  with lock.hold(workdir, create=True):
     t0 = time.time()
     experiment.train(config, workdir)
     t_train = time.time() - t0

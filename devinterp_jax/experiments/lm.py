@@ -130,7 +130,7 @@ def sgld_dataset(config: ml_collections.ConfigDict, workdir: str) -> dict[str, n
 def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   """Trains (or resumes) the attention-only LM, saving scheduled checkpoints."""
   validate_config(config)
-  with lock.hold(workdir):
+  with lock.hold(workdir, create=True):
     return _train(config, workdir)
 
 

@@ -90,6 +90,7 @@ def _estimate_refined(config, workdir, experiment, restrict, data, loss_data):
     raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
   abstract = jax.eval_shape(model.init_params, jax.random.key(0))
   checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+  checkpoints.verify()
   names, masks = (None, None)
   if restrict:
     names, masks = restrict_lib.from_spec(
@@ -111,7 +112,8 @@ def _estimate_refined(config, workdir, experiment, restrict, data, loss_data):
       mala_target=c.get("mala_target", "posterior"),
       sampler=c["sampler"], checkpoint_chunk=c["checkpoint_chunk"],
       chain_strategy=c["chain_strategy"], checkpoint_ids=[int(s) for s in steps],
-      output_dir=os.path.join(workdir, name, "chunks"), loss_key=llc_sweep.loss_key(config))
+      output_dir=os.path.join(workdir, name, "chunks"),
+      loss_key=llc_sweep.loss_key(config, model.loss))
   return steps, names, result, masks
 
 

@@ -94,9 +94,11 @@ class SamplerSettings:
       raise ValueError(f"num_burnin_steps must be >= 0, got {self.num_burnin_steps}")
     for name in ("step_size", "nbeta", "localization"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+      if (isinstance(value, bool) or np.ndim(value) != 0
+          or not np.issubdtype(np.asarray(value).dtype, np.number)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-      if not math.isfinite(value):
+      object.__setattr__(self, name, float(value))   # e.g. a jnp.float32 scalar
+      if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     if self.step_size <= 0:
       raise ValueError(f"step_size must be > 0, got {self.step_size}")
@@ -297,10 +299,11 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn: LossFn, data: Any,
 
   The sampler settings and name, the chunking and checkpoint ids, a digest of
   `data` (and `loss_data`), the restriction masks, and the identity of the
-  loss: `loss_key` (a user-supplied name) and/or `digest.callable_identity`.
-  Raises when neither identifies the loss or a callable data source.
+  loss: `loss_key` (a user-supplied name, used alone when given) or else
+  `digest.callable_identity`. Raises when neither identifies the loss or a
+  callable data source.
   """
-  loss_id = digest_lib.callable_identity(loss_fn)
+  loss_id = None if loss_key is not None else digest_lib.callable_identity(loss_fn)
   if loss_id is None and loss_key is None:
     raise ValueError(
         f"resuming from output_dir needs an identity of the loss, and {loss_fn!r} has none "
@@ -312,7 +315,8 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn: LossFn, data: Any,
   for field, value in (("data", data), ("loss_data", loss_data)):
     if value is None:
       continue
-    ident = _data_identity(value, field)
+    ident = ("callable:key" if callable(value) and loss_key is not None
+             else _data_identity(value, field))
     if ident is None and loss_key is None:
       raise ValueError(
           f"resuming from output_dir needs an identity of {field}, and the batch source "

@@ -106,8 +106,9 @@ def wait(manager: ocp.CheckpointManager) -> None:
         f"space and inodes; a rerun resumes from the last committed checkpoint.") from e
 
 
-def _shape_mismatch(directory: str, step: int, abstract_params: Any) -> str | None:
-  """'leaf p: stored (…), expected (…)' when the saved params do not fit, else None."""
+def _mismatch(directory: str, step: int, abstract_params: Any) -> str | None:
+  """'params leaf p is stored as …' when the saved params' shapes or dtypes differ
+  from the abstract tree's, else None."""
   try:
     stored = ocp.StandardCheckpointHandler().metadata(
         epath.Path(directory) / str(step) / "params")
@@ -115,17 +116,21 @@ def _shape_mismatch(directory: str, step: int, abstract_params: Any) -> str | No
   except Exception:  # no readable metadata: not a shape problem we can name
     return None
   is_leaf = lambda x: hasattr(x, "shape")
-  flat_stored = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+  describe = lambda x: (tuple(x.shape), np.dtype(x.dtype).name if getattr(x, "dtype", None)
+                        is not None else None)
+  flat_stored = {jax.tree_util.keystr(p): describe(x) for p, x in
                  jax.tree_util.tree_flatten_with_path(stored, is_leaf=is_leaf)[0]}
-  flat_expected = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+  flat_expected = {jax.tree_util.keystr(p): describe(x) for p, x in
                    jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   if flat_stored == flat_expected:
     return None
   for key in sorted(set(flat_stored) | set(flat_expected)):
     a, b = flat_stored.get(key), flat_expected.get(key)
-    if a != b:
-      return (f"params leaf {key} is stored as {a if a is not None else 'absent'} but the "
-              f"model config builds {b if b is not None else 'no such leaf'}")
+    if a is None or b is None or a[0] != b[0]:
+      return (f"params leaf {key} is stored as {a[0] if a else 'absent'} but the "
+              f"model config builds {b[0] if b else 'no such leaf'}")
+    if a[1] is not None and a[1] != b[1]:
+      return f"params leaf {key} is stored as {a[1]} but is restored as {b[1]}"
   return None
 
 
@@ -144,7 +149,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
   try:
     out = dict(manager.restore(int(step), args=ocp.args.Composite(**items)).items())
   except Exception as e:  # Orbax raises many types for missing/corrupt files.
-    mismatch = _shape_mismatch(directory, int(step), abstract_params)
+    mismatch = _mismatch(directory, int(step), abstract_params)
     if mismatch:
       raise CheckpointError(
           f"checkpoint at step {step} in {directory} does not fit the model: {mismatch}. "
@@ -157,6 +162,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
     for item in ("params", "opt_state"):
       expected = out["meta"].get(f"{item}_digest")
       if item in out and expected is not None and tree_digest(out[item]) != expected:
+        mismatch = _mismatch(directory, int(step), abstract_params) if item == "params" else None
+        if mismatch:
+          raise CheckpointError(
+              f"checkpoint at step {step} in {directory}: {mismatch}, so its checksum cannot "
+              f"be checked; restore it with the dtypes it was saved with.")
         raise CheckpointError(
             f"checkpoint corrupt at step {step} in {directory}: its {item} do not match the "
             f"SHA-256 digest saved with them, so its bytes changed on disk. It is not used. "
@@ -215,3 +225,18 @@ class ParamsSequence(Sequence):
     if isinstance(i, slice):
       return [self[j] for j in range(*i.indices(len(self)))]
     return restore(self._manager, self.steps[i], self.abstract_params)["params"]
+
+  def verify(self) -> None:
+    """Restores every step once and checks its digest, so a sweep fails at once, naming
+    every corrupt or unreadable checkpoint, instead of at its k-th chunk."""
+    bad = []
+    for i, step in enumerate(self.steps):
+      try:
+        self[i]
+      except CheckpointError as e:
+        bad.append((step, e))
+    if len(bad) == 1:
+      raise bad[0][1]
+    if bad:
+      raise CheckpointError(f"{len(bad)} checkpoints cannot be used, at steps "
+                            f"{[s for s, _ in bad]}; the first: {bad[0][1]}")

@@ -5,13 +5,15 @@ the report) holds `<workdir>/.lock`, so a second launch on a busy workdir fails
 at once with `WorkdirLockedError` naming the holder (pid, host, start time,
 command) instead of doing the work twice or interleaving log rows.
 
-The lock is an `fcntl.flock` on the file, which the kernel releases when the
-holder dies, plus the holder's identity written into the file. A file that
-names a process which no longer runs on this host is a stale lock (a SIGKILLed
-run): it is taken over with a warning. A file that names another host cannot
-be checked from here; it is refused with the command that clears it.
-Locks are re-entrant within a process: the main job holds the lock across
-training, the sweep and the report.
+The lock is an `fcntl.flock` on the file, which the kernel (or the network
+filesystem) releases when the holder dies, plus the holder's identity written
+into the file (pid, host, start time, command, and the lock file's own inode).
+Once the flock is granted, a holder still named in the file is stale: a
+SIGKILLed run, a run preempted on another host, or a workdir copied with its
+lock file (another inode). It is taken over with a warning. The one exception
+is a live process on this host that holds this very file: then the filesystem
+ignores flock, and the launch is refused. Locks are re-entrant within a
+process: the main job holds the lock across training, the sweep and the report.
 """
 
 from __future__ import annotations
@@ -86,7 +88,12 @@ def describe(holder: dict | None) -> str:
 
 
 def _acquire(path: str, workdir: str) -> int:
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirLockedError(
+        f"cannot create the lock file {path} ({e.strerror}): every step that writes into a "
+        f"workdir holds its lock; make {workdir!r} writable, or copy the run elsewhere.") from e
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,23 +106,25 @@ def _acquire(path: str, workdir: str) -> int:
           f"another --workdir.") from None
     holder = _read_holder(fd)
     me = socket.gethostname()
+    st = os.fstat(fd)
+    inode = [st.st_dev, st.st_ino]
     if holder and "unreadable" not in holder and holder.get("pid") != os.getpid():
-      if holder.get("host") == me and _pid_alive(int(holder.get("pid", -1)),
-                                                 holder.get("start_time")):
+      same_file = holder.get("inode") == inode
+      if (same_file and holder.get("host") == me
+          and _pid_alive(int(holder.get("pid", -1)), holder.get("start_time"))):
         # flock granted although the holder lives: the filesystem ignores flock.
         raise WorkdirLockedError(
             f"workdir {workdir!r} is in use by {describe(holder)} (this filesystem does not "
             f"enforce file locks). Wait for that run, stop it, or use another --workdir.")
-      if holder.get("host") != me:
-        raise WorkdirLockedError(
-            f"workdir {workdir!r} is locked by {describe(holder)}, which this host cannot "
-            f"check. If that run has ended, remove {path} and retry.")
-      logging.warning("Taking over the stale lock of %s on %s (that process is gone).",
-                      describe(holder), workdir)
+      why = ("the lock file was copied from another workdir" if not same_file else
+             "that process is gone" if holder.get("host") == me else
+             "it no longer holds the lock")
+      logging.warning("Taking over the stale lock of %s on %s (%s).", describe(holder),
+                      workdir, why)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": me, "time": time.time(),
-                             "start_time": _start_time(os.getpid()),
+                             "start_time": _start_time(os.getpid()), "inode": inode,
                              "argv": sys.argv}).encode())
     os.fsync(fd)
     return fd
@@ -125,9 +134,14 @@ def _acquire(path: str, workdir: str) -> int:
 
 
 @contextlib.contextmanager
-def hold(workdir: str) -> Iterator[None]:
-  """Holds the lock of `workdir` (created if needed) for the `with` block."""
-  os.makedirs(workdir, exist_ok=True)
+def hold(workdir: str, create: bool = False) -> Iterator[None]:
+  """Holds the lock of `workdir` for the `with` block (`create`: make the workdir
+  first, as training does; otherwise it must exist)."""
+  if create:
+    os.makedirs(workdir, exist_ok=True)
+  elif not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} does not exist (train first, e.g. "
+                            f"launch/train.py, or check the path)")
   key = os.path.realpath(workdir)
   with _mutex:
     if key in _held:
@@ -150,11 +164,11 @@ def hold(workdir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hold_all(workdirs) -> Iterator[None]:
+def hold_all(workdirs, create: bool = False) -> Iterator[None]:
   """Holds the locks of several workdirs (e.g. one per seed)."""
   with contextlib.ExitStack() as stack:
     for w in workdirs:
-      stack.enter_context(hold(w))
+      stack.enter_context(hold(w, create=create))
     yield
 
 

@@ -150,7 +150,7 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
            config_jsons: list[str], eval_fn, **kwargs) -> TrainState:
   """`train` (one workdir) and `train_seeds` (a seed axis) share this loop; every
   workdir's lock is held for the whole run (`storage/lock.py`)."""
-  with lock.hold_all(workdirs):
+  with lock.hold_all(workdirs, create=True):
     for workdir, config_json in zip(workdirs, config_jsons):
       run_log.check_config(workdir, config_json)
     return _train_locked(workdirs, init_params, data_keys, eval_fn, **kwargs)
@@ -174,11 +174,19 @@ def _train_locked(workdirs: list[str], init_params: Params, data_keys: jax.Array
         checkpointing.wait(manager)
       except checkpointing.CheckpointSaveError as e:
         logging.error("%s", e)
-      manager.close()
+      finally:
+        manager.close()
     raise
-  for manager in managers:  # the last saves must commit: a failure raises here
-    checkpointing.wait(manager)
-    manager.close()
+  errors = []
+  for manager in managers:  # the last saves must commit: a failure raises below
+    try:
+      checkpointing.wait(manager)
+    except checkpointing.CheckpointSaveError as e:
+      errors.append(e)
+    finally:
+      manager.close()
+  if errors:
+    raise errors[0]
   return state
 
 
