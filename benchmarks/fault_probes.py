@@ -62,13 +62,23 @@ def launcher(script: str, workdir: str, *extra: str, prelude: str = "", timeout:
   except subprocess.TimeoutExpired as e:
     err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     rc = 124
-  return {"rc": rc, "seconds": round(time.time() - t0, 1), "message": error_line(err)}
+  return {"rc": rc, "seconds": round(time.time() - t0, 1), "message": error_line(err),
+          "warning": warning_line(err)}
 
 
 def damage(path: str, data: bytes) -> None:
   """Overwrites a run's file in place, non-atomically: the fault a probe injects."""
   with open(path, "wb") as f:  # fault injection, not a result writer
     f.write(data)
+
+
+def warning_line(stderr: str) -> str:
+  """The first warning this package logged (absl format: W<mmdd> … <file>.py:<line>])."""
+  ours = ("run_log.py", "lock.py", "report.py", "llc.py", "llc_sweep.py", "checkpoints.py")
+  for line in stderr.splitlines():
+    if line[:1] == "W" and line[1:5].isdigit() and any(f" {m}:" in line for m in ours):
+      return line.split("] ", 1)[-1][:300]
+  return ""
 
 
 def error_line(stderr: str) -> str:
@@ -209,7 +219,8 @@ def main(argv):
         "| item | probe | exit code | seconds | what the user reads | note |",
         "|---|---|---|---|---|---|"]
   for rec in records:
-    msg = rec["message"].replace("|", "\\|") or "(no error)"
+    msg = rec["message"] or (f"warning: {rec['warning']}" if rec.get("warning") else "")
+    msg = msg.replace("|", "\\|") or "(no error)"
     md.append(f"| {rec['item']} | `{rec['probe']}` | {rec['rc']} | {rec['seconds']} | {msg} | "
               f"{rec['note'].replace('|', '/')} |")
   atomic.write_text(_OUT.value, "\n".join(md) + "\n")

@@ -25,7 +25,7 @@ import devinterp_jax as dj
 from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import plots, report
 from devinterp_jax.analysis.run_data import load_run
-from devinterp_jax.experiments import icl_regression, llc_sweep
+from devinterp_jax.experiments import icl_regression
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.storage import checkpoints as checkpointing
