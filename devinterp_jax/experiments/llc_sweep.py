@@ -123,17 +123,27 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       checkpoint_ids=ids, output_dir=output_dir, loss_key=loss_key(config, loss_fn))
 
 
+def scheduled_checkpoints(workdir: str, model, pick=None
+                          ) -> tuple[np.ndarray, checkpointing.ParamsSequence]:
+  """The scheduled steps of `workdir` (`pick(steps)` selects some) and their params,
+  read lazily; every one is verified first, so a sweep fails at once on a corrupt one."""
+  steps = checkpointing.scheduled_steps(workdir)
+  if len(steps) == 0:
+    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
+  if pick is not None:
+    steps = np.asarray(pick(steps), dtype=int)
+  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
+  checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
+  checkpoints.verify()
+  return steps, checkpoints
+
+
 def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
                      dataset) -> tuple[np.ndarray, LLCResult]:
   """LLCs of every scheduled checkpoint in `workdir` (resumes finished chunks)."""
   with lock.hold(workdir):
     check_run_config(config, workdir)
-    steps = checkpointing.scheduled_steps(workdir)
-    if len(steps) == 0:
-      raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
-    abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-    checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
-    checkpoints.verify()
+    steps, checkpoints = scheduled_checkpoints(workdir, model)
     result = estimate_checkpoints(config, model.loss, dataset, checkpoints,
                                   [int(s) for s in steps], os.path.join(workdir, "llc", "chunks"))
   return steps, result
@@ -154,12 +164,8 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
 
 
 def _calibrate_workdir(config, workdir, model, dataset) -> calibration.CalibrationResult:
-  steps = checkpointing.scheduled_steps(workdir)
-  if len(steps) == 0:
-    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
-  picked = [int(steps[0]), int(steps[-1])]
-  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  checkpoints = checkpointing.ParamsSequence(workdir, picked, abstract)
+  picked, checkpoints = scheduled_checkpoints(workdir, model, lambda s: [s[0], s[-1]])
+  picked = [int(s) for s in picked]
   c, cal = config.llc, config.calibration
   logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
                len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))

@@ -43,7 +43,6 @@ from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.results import LLCResult
-from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
 
 
@@ -85,12 +84,8 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
 
 def _estimate_refined(config, workdir, experiment, restrict, data, loss_data):
   model = experiment.make_model(config)
-  steps = checkpointing.scheduled_steps(workdir)
-  if len(steps) == 0:
-    raise checkpointing.CheckpointError(f"no scheduled checkpoints in {workdir!r}; train first")
-  abstract = jax.eval_shape(model.init_params, jax.random.key(0))
-  checkpoints = checkpointing.ParamsSequence(workdir, steps, abstract)
-  checkpoints.verify()
+  steps, checkpoints = llc_sweep.scheduled_checkpoints(workdir, model)
+  abstract = checkpoints.abstract_params
   names, masks = (None, None)
   if restrict:
     names, masks = restrict_lib.from_spec(
