@@ -176,6 +176,8 @@ def test_loss_identity_covers_fields_wrappers_defaults_and_globals():
   third = callable_identity(namespace["kw"])
   assert len({first, second, third}) == 3
   assert callable_identity(lambda p, b: 0.0) is None
+  exec("def f(p, b):\n  return g(p, b)\ndef g(p, b):\n  return f(p, b)", namespace)
+  assert callable_identity(namespace["f"]) is not None      # mutual recursion terminates
 
 
 def test_fingerprint_is_the_same_in_every_process(tmp_path):

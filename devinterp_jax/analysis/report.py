@@ -127,7 +127,12 @@ MIN_CHAINS_FOR_STAGES = 2   # an LLC from fewer chains has no standard error
 
 
 class StageFitError(ValueError):
-  """Too few checkpoints with a usable LLC estimate to fit stages."""
+  """Too few checkpoints with a usable LLC estimate to fit stages; `excluded_steps`
+  names the checkpoints left out."""
+
+  def __init__(self, message: str, excluded_steps: list[int]):
+    super().__init__(message)
+    self.excluded_steps = excluded_steps
 
 
 def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.ConfigDict,
@@ -157,7 +162,7 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.Config
         f"cannot fit stages: only {int(usable.sum())} of {len(steps)} checkpoints have an LLC "
         f"from at least {MIN_CHAINS_FOR_STAGES} valid chains (4 are needed); left out: steps "
         f"{excluded}. Use config.llc.num_chains >= 2, and see llc/summary.json for diverged "
-        f"chains.")
+        f"chains.", excluded)
   pick = lambda a: None if a is None else np.asarray(a, float)[usable]
   fit = stages.find_stage_boundaries(
       steps[usable], pick(llc_mean), pick(noise[o.noise]), tolerance=o.tolerance,
@@ -545,27 +550,17 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
   return "\n".join(lines)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def options_for_run(workdir: str,
                     overrides: ml_collections.ConfigDict | None = None
                     ) -> ml_collections.ConfigDict:
   """The analysis options a run was configured with (its config.json's `analysis`,
   filled in from `default_options()`), then every field of `overrides` that differs
   from `default_options()` (e.g. the command-line overrides of launch/analyze.py)."""
-  defaults = _flatten(default_options().to_dict())
+  defaults = run_log.flatten(default_options().to_dict())
   saved = run_log.read_config(workdir).get("analysis")
-  flat = {**defaults, **(_flatten(saved.to_dict()) if saved is not None else {})}
+  flat = {**defaults, **(run_log.flatten(saved.to_dict()) if saved is not None else {})}
   if overrides is not None:
-    flat.update({k: v for k, v in _flatten(overrides.to_dict()).items()
+    flat.update({k: v for k, v in run_log.flatten(overrides.to_dict()).items()
                  if defaults.get(k, object()) != v})
   nested: dict[str, Any] = {}
   for key, value in flat.items():
@@ -581,13 +576,12 @@ def analyze_run(workdir: str, overrides: ml_collections.ConfigDict | None = None
                 out_dir: str | None = None) -> dict[str, Any]:
   """launch/analyze.py: the report of a run with its own options and `overrides`
   (the command line's --config.* fields), validated first."""
-  options = options_for_run(workdir, overrides)
-  validate_options(options, "config")
-  return analyze(workdir, options, out_dir=out_dir)
+  return analyze(workdir, options_for_run(workdir, overrides), out_dir=out_dir,
+                 option_prefix="config")
 
 
 def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
-            out_dir: str | None = None) -> dict[str, Any]:
+            out_dir: str | None = None, option_prefix: str = "analysis") -> dict[str, Any]:
   """Writes the report directory of a finished run; returns report.json's content.
 
   Default options: the run's own (`options_for_run`). The directory is built
@@ -595,9 +589,10 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   never leaves a mix of an old and a new report. Checkpoints with fewer than 2
   valid chains are left out of the stage fit and named in the report; with
   fewer than 4 usable checkpoints the report is written without stages.
+  `option_prefix` names the options in error messages.
   """
   options = options_for_run(workdir) if options is None else options
-  validate_options(options)
+  validate_options(options, option_prefix)
   target = out_dir or os.path.join(workdir, "report")
   if (os.path.isdir(target) and os.listdir(target)
       and not os.path.exists(os.path.join(target, "report.json"))):
@@ -608,7 +603,7 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
     run = load_run(workdir)
     with atomic.replace_dir(target) as out:
       summary = _write_report(run, options, out)
-  logging.info("Report written to %s (stages %s)", out_dir or os.path.join(workdir, "report"),
+  logging.info("Report written to %s (stages %s)", target,
                ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
                          for s in summary["stages"]) or "not fitted")
   return summary
@@ -620,13 +615,12 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
   eval_loss = run.logged("eval_loss")
   is_lm = run.experiment == "lm"
   figures = []
-  excluded = [int(s) for s in run.steps[run.llc.num_valid_chains < MIN_CHAINS_FOR_STAGES]]
   try:
     boundaries = stage_boundaries(run, options)
-    excluded = boundaries.settings.get("excluded_steps", excluded)
+    excluded = boundaries.settings["excluded_steps"]
   except StageFitError as e:
     logging.warning("%s; the report is written without stages", e)
-    boundaries, no_fit_reason = None, str(e)
+    boundaries, no_fit_reason, excluded = None, str(e), e.excluded_steps
   if boundaries is not None:
     boundaries.save(out)
     figures.append(("stages", stages.plot_stages(

@@ -32,7 +32,6 @@ from devinterp_jax.experiments import llc_sweep
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling.results import LLCResult
-from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
 from devinterp_jax.training import loop, schedules
 
@@ -243,31 +242,21 @@ def estimate_seeds(config: ml_collections.ConfigDict,
   trained models. Returns per-seed steps and results.
   """
   validate_config(config)
+  model = make_model(config)
   workdirs = seed_workdirs(workdir, config.seeds)
   with lock.hold_all([workdir, *workdirs]):
+    steps, parts = [], []
     for seed, w in zip(config.seeds, workdirs):
       llc_sweep.check_run_config(seed_config(config, seed), w)
-    return _estimate_seeds(config, workdir, workdirs)
-
-
-def _estimate_seeds(config, workdir, workdirs) -> tuple[list[np.ndarray], list[LLCResult]]:
-  model = make_model(config)
-  abstract = jax.eval_shape(model.init_params, _key(config, _INIT))
-  steps = []
-  for w in workdirs:
-    s = checkpointing.scheduled_steps(w)
-    if len(s) == 0:
-      raise checkpointing.CheckpointError(f"no scheduled checkpoints in {w!r}; train first")
-    steps.append(s)
-  parts = [checkpointing.ParamsSequence(w, s, abstract) for w, s in zip(workdirs, steps)]
-  for part in parts:
-    part.verify()
-  sequence = _ConcatSequence(parts)
-  ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
-  result = estimate_checkpoints(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
-  offsets = np.cumsum([0] + [len(s) for s in steps])
-  return steps, [result.select(slice(int(a), int(b)))
-                 for a, b in zip(offsets[:-1], offsets[1:])]
+      seed_steps, part = llc_sweep.scheduled_checkpoints(w, model)
+      steps.append(seed_steps)
+      parts.append(part)
+    sequence = _ConcatSequence(parts)
+    ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
+    result = estimate_checkpoints(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
+    offsets = np.cumsum([0] + [len(s) for s in steps])
+    return steps, [result.select(slice(int(a), int(b)))
+                   for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
@@ -295,23 +284,19 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage boundaries across seeds (<workdir>/seeds_report)."""
   validate_config(config)
   with lock.hold(workdir, create=True):
-    return _run_seeds(config, workdir)
-
-
-def _run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  t0 = time.time()
-  train_seeds(config, workdir)
-  t_train = time.time() - t0
-  steps, results = estimate_seeds(config, workdir)
-  t_llc = time.time() - t0 - t_train
-  for seed, seed_dir, s, r in zip(config.seeds, seed_workdirs(workdir, config.seeds), steps,
-                                  results):
-    write_results(seed_dir, s, r, config=seed_config(config, seed))
-  summary = seeds_analysis.analyze_seeds(workdir, config.seeds, config.analysis)
-  summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
-                 total_seconds=round(time.time() - t0, 1))
-  atomic.write_text(os.path.join(workdir, "seeds_report", "seeds.json"),
-                    json.dumps(summary, indent=1))
-  logging.info("Done in %.0fs: mean-curve boundaries %s", summary["total_seconds"],
-               summary["mean_curve"]["boundary_steps"])
-  return summary
+    t0 = time.time()
+    train_seeds(config, workdir)
+    t_train = time.time() - t0
+    steps, results = estimate_seeds(config, workdir)
+    t_llc = time.time() - t0 - t_train
+    for seed, seed_dir, s, r in zip(config.seeds, seed_workdirs(workdir, config.seeds), steps,
+                                    results):
+      write_results(seed_dir, s, r, config=seed_config(config, seed))
+    summary = seeds_analysis.analyze_seeds(workdir, config.seeds, config.analysis)
+    summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
+                   total_seconds=round(time.time() - t0, 1))
+    atomic.write_text(os.path.join(workdir, "seeds_report", "seeds.json"),
+                      json.dumps(summary, indent=1))
+    logging.info("Done in %.0fs: mean-curve boundaries %s", summary["total_seconds"],
+                 summary["mean_curve"]["boundary_steps"])
+    return summary

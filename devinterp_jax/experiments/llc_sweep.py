@@ -13,6 +13,7 @@ checks them against the calibration criteria on the first and last checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -42,9 +43,7 @@ _SAMPLER_FIELDS = {
     "mala_stride": "int>=0", "checkpoint_chunk": "int>=1", "dataset_size": "int>=1",
     "chain_strategy": ("auto", "vmap", "map"), "mala_target": llc_lib.MALA_TARGETS,
 }
-_SETTINGS_FIELDS = ("num_chains", "num_draws", "step_size", "localization", "nbeta",
-                    "batch_size", "seed", "num_burnin_steps", "thinning", "init_loss_stride",
-                    "mala_stride", "mala_target")
+_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(llc_lib.SamplerSettings))
 
 
 def _check_sampler(settings, prefix: str) -> None:
@@ -149,6 +148,7 @@ def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
   return steps, result
 
 
+@lock.holding
 def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
                       dataset) -> calibration.CalibrationResult:
   """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints.
@@ -158,12 +158,7 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
   if "calibration" not in config:
     raise ValueError(f"config of experiment {config.experiment!r} has no 'calibration' "
                      "section (the grid of step_sizes, nbetas, localizations)")
-  with lock.hold(workdir):
-    check_run_config(config, workdir)
-    return _calibrate_workdir(config, workdir, model, dataset)
-
-
-def _calibrate_workdir(config, workdir, model, dataset) -> calibration.CalibrationResult:
+  check_run_config(config, workdir)
   picked, checkpoints = scheduled_checkpoints(workdir, model, lambda s: [s[0], s[-1]])
   picked = [int(s) for s in picked]
   c, cal = config.llc, config.calibration
@@ -180,6 +175,7 @@ def _calibrate_workdir(config, workdir, model, dataset) -> calibration.Calibrati
       output_dir=os.path.join(workdir, "calibration"))
 
 
+@lock.holding
 def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
                   extra: dict | None = None,
                   config: ml_collections.ConfigDict | None = None,
@@ -187,32 +183,10 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
   """Writes llc.npz, llc.csv (one line to load), summary.json, llc_curve.png and
   llc_traces.png; with `config`, also whether the configured sampler settings
   pass the calibration criteria on the earliest and latest checkpoints."""
-  with lock.hold(workdir):
-    return _write_results(workdir, steps, result, extra, config, loss_label, title)
-
-
-def logged_losses(workdir: str, steps: np.ndarray) -> dict[str, list[float]]:
-  """train_loss and eval_loss at `steps`: from metrics.jsonl, else from the
-  checkpoint's meta (which holds the same row), else NaN."""
-  metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
-  metas = None
-  out: dict[str, list[float]] = {"train_loss": [], "eval_loss": []}
-  for step in steps:
-    row = metrics.get(int(step), {})
-    if any(k not in row for k in out):
-      if metas is None:
-        metas = checkpointing.read_metas(workdir)
-      row = {**metas.get(int(step), {}), **row}
-    for k in out:
-      out[k].append(float(row.get(k, np.nan)))
-  return out
-
-
-def _write_results(workdir, steps, result, extra, config, loss_label, title) -> dict:
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
-  losses = logged_losses(workdir, steps)
+  losses = logged_losses(workdir, steps, metrics)
   columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,
                              result.num_valid_chains, losses["train_loss"], losses["eval_loss"]])
   header = "step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss"
@@ -247,6 +221,23 @@ def _write_results(workdir, steps, result, extra, config, loss_label, title) -> 
              "fingerprint": result.settings.get("fingerprint"), **(extra or {})}
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
+
+
+def logged_losses(workdir: str, steps: np.ndarray, metrics: dict[int, dict]
+                  ) -> dict[str, list[float]]:
+  """train_loss and eval_loss at `steps`: from the training log's rows (`metrics`,
+  by step), else from the checkpoint's meta (which holds the same row), else NaN."""
+  metas = None
+  out: dict[str, list[float]] = {"train_loss": [], "eval_loss": []}
+  for step in steps:
+    row = metrics.get(int(step), {})
+    if any(k not in row for k in out):
+      if metas is None:
+        metas = checkpointing.read_metas(workdir)
+      row = {**metas.get(int(step), {}), **row}
+    for k in out:
+      out[k].append(float(row.get(k, np.nan)))
+  return out
 
 
 def rise_test(llc_mean: np.ndarray, llc_sem: np.ndarray) -> dict:

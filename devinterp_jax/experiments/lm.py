@@ -131,37 +131,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   """Trains (or resumes) the attention-only LM, saving scheduled checkpoints."""
   validate_config(config)
   with lock.hold(workdir, create=True):
-    return _train(config, workdir)
+    prepare_data(config, workdir)
+    model = make_model(config)
+    tokens = jnp.asarray(load_tokens(config, workdir, "train"))
+    eval_batch = {"tokens": jnp.asarray(
+        load_tokens(config, workdir, "validation")[:config.train.eval_batch_size])}
+    eval_loss = jax.jit(model.loss)
+    batch_size = config.train.batch_size
 
+    def batch_fn(key):
+      return {"tokens": jnp.take(tokens, jax.random.randint(key, (batch_size,), 0,
+                                                            tokens.shape[0]), axis=0)}
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
-  prepare_data(config, workdir)
-  model = make_model(config)
-  tokens = jnp.asarray(load_tokens(config, workdir, "train"))
-  eval_batch = {"tokens": jnp.asarray(
-      load_tokens(config, workdir, "validation")[:config.train.eval_batch_size])}
-  eval_loss = jax.jit(model.loss)
-  batch_size = config.train.batch_size
-
-  def batch_fn(key):
-    return {"tokens": jnp.take(tokens, jax.random.randint(key, (batch_size,), 0,
-                                                          tokens.shape[0]), axis=0)}
-
-  return loop.train(
-      workdir=workdir,
-      init_params=jax.jit(model.init_params)(_key(config, _INIT)),
-      loss_fn=model.loss,
-      batch_fn=batch_fn,
-      optimizer=make_optimizer(config),
-      num_steps=config.train.num_steps,
-      schedule_steps=schedule_steps(config),
-      data_key=_key(config, _DATA),
-      log_every=config.train.log_every,
-      resume_every=config.train.resume_every,
-      eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
-      lr_fn=lambda step: config.train.lr,
-      config_json=config.to_json(sort_keys=True),
-  )
+    return loop.train(
+        workdir=workdir,
+        init_params=jax.jit(model.init_params)(_key(config, _INIT)),
+        loss_fn=model.loss,
+        batch_fn=batch_fn,
+        optimizer=make_optimizer(config),
+        num_steps=config.train.num_steps,
+        schedule_steps=schedule_steps(config),
+        data_key=_key(config, _DATA),
+        log_every=config.train.log_every,
+        resume_every=config.train.resume_every,
+        eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
+        lr_fn=lambda step: config.train.lr,
+        config_json=config.to_json(sort_keys=True),
+    )
 
 
 def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",

@@ -67,6 +67,7 @@ def sampler_settings(config: ml_collections.ConfigDict) -> dict:
   return settings
 
 
+@lock.holding
 def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str = "",
                      data: str = "", loss_data: str = ""
                      ) -> tuple[np.ndarray, list[str] | None, LLCResult, np.ndarray | None]:
@@ -77,12 +78,7 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
   """
   experiment = registry.get(config.experiment)
   experiment.validate_config(config)
-  with lock.hold(workdir):
-    llc_sweep.check_run_config(config, workdir)
-    return _estimate_refined(config, workdir, experiment, restrict, data, loss_data)
-
-
-def _estimate_refined(config, workdir, experiment, restrict, data, loss_data):
+  llc_sweep.check_run_config(config, workdir)
   model = experiment.make_model(config)
   steps, checkpoints = llc_sweep.scheduled_checkpoints(workdir, model)
   abstract = checkpoints.abstract_params
@@ -183,6 +179,7 @@ def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] |
   return summary
 
 
+@lock.holding
 def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str = "",
                 data: str = "", loss_data: str = "", update_report: bool = False) -> dict:
   """Estimates and writes a refined LLC sweep; returns its summary.
@@ -193,11 +190,6 @@ def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str =
   if not (restrict or data or loss_data):
     raise ValueError("a refined LLC needs a restriction, data or loss_data; the plain LLC "
                      "sweep is experiment.estimate")
-  with lock.hold(workdir):
-    return _run_refined(config, workdir, restrict, data, loss_data, update_report)
-
-
-def _run_refined(config, workdir, restrict, data, loss_data, update_report) -> dict:
   t0 = time.time()
   steps, names, result, masks = estimate_refined(config, workdir, restrict, data, loss_data)
   name = refined_name(restrict, data, loss_data)

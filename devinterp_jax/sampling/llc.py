@@ -281,13 +281,11 @@ class ChunkError(ValueError):
   """A saved chunk of an LLC sweep is unreadable or does not match its sweep."""
 
 
-def _data_identity(data: Any, name: str) -> str | None:
+def _data_identity(data: Any) -> str | None:
   """Digest of array data, or the identity of a batch-source callable (None: none)."""
   if callable(data):
     ident = digest_lib.callable_identity(data)
     return None if ident is None else f"callable:{ident}"
-  if not jax.tree.leaves(data):
-    raise ValueError(f"{name} is an empty pytree; pass arrays with a leading sample axis")
   return "arrays:" + digest_lib.tree_digest(data)
 
 
@@ -316,7 +314,7 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn: LossFn, data: Any,
     if value is None:
       continue
     ident = ("callable:key" if callable(value) and loss_key is not None
-             else _data_identity(value, field))
+             else _data_identity(value))
     if ident is None and loss_key is None:
       raise ValueError(
           f"resuming from output_dir needs an identity of {field}, and the batch source "
@@ -342,11 +340,18 @@ def _load_chunk(path: str, fingerprint: str) -> dict[str, np.ndarray]:
     raise ChunkError(f"{path} is unreadable ({type(e).__name__}: {e}): this saved chunk of "
                      f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
                      f"that chunk.") from None
-  if "fingerprint" not in contents or str(contents["fingerprint"]) != fingerprint:
+  if ("fingerprint" not in contents or str(contents["fingerprint"]) != fingerprint
+      or "params_digest" not in contents):
     raise ChunkError(f"{path} holds results of another sweep than its directory names "
                      f"(fingerprint {contents.get('fingerprint')!s} vs {fingerprint}). Delete "
                      f"it and rerun; the sweep recomputes that chunk.")
   return contents
+
+
+def _require_arrays(params: Params) -> None:
+  if not jax.tree.leaves(params):
+    raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
+                     "model's params, e.g. a dict of weight arrays")
 
 
 def _check_finite(params: Params, ids: Sequence[Any]) -> None:
@@ -574,9 +579,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
       raise ValueError("checkpoints is empty")
     num_ckpts, get = len(checkpoints), (lambda lo, hi: chunks_lib.stack(checkpoints[lo:hi], lo))
   else:
-    if not jax.tree.leaves(checkpoints):
-      raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
-                       "model's params, e.g. a dict of weight arrays")
+    _require_arrays(checkpoints)
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(checkpoints)}
     if len(sizes) != 1 or None in sizes:
       raise ValueError(f"stacked checkpoints need one leading axis size, got "
@@ -628,9 +631,7 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
   for i, lo in enumerate(starts):
     hi = min(lo + chunk, num_ckpts)
     params = get(lo, hi)
-    if not jax.tree.leaves(params):
-      raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
-                       "model's params, e.g. a dict of weight arrays")
+    _require_arrays(params)
     _check_finite(params, ids[lo:hi])
     if masks is not None and num_params is None:  # the first chunk loaded or computed
       restrict_lib.check(masks, jax.tree.map(lambda x: x[0], params), leading_axes=1)
@@ -641,14 +642,12 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                           for j in range(hi - lo)])
       if os.path.exists(path):
         z = _load_chunk(path, fingerprint)
-        if np.array_equal(z.get("params_digest"), digests):
+        changed = [ids[lo + j] for j in np.flatnonzero(z["params_digest"] != digests)]
+        if not changed:
           outputs.append({k: v for k, v in z.items()
                           if k not in ("fingerprint", "num_params", "params_digest")})
           num_params = int(z["num_params"])
           continue
-        changed = [ids[lo + j] for j in range(hi - lo)
-                   if z.get("params_digest") is None or j >= len(z["params_digest"])
-                   or z["params_digest"][j] != digests[j]]
         logging.warning("%s was computed on other params for checkpoints %s (they changed "
                         "since); recomputing it", path, changed)
     num_params = num_sampled_params(params, leading_axes=1)

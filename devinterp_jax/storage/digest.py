@@ -31,20 +31,23 @@ def tree_digest(tree: Any) -> str:
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _value_identity(value: Any, home: str | None = None) -> str | None:
+def _value_identity(value: Any, home: str | None, seen: frozenset[int] = frozenset()
+                    ) -> str | None:
   """A stable text for a closure, default or global value, or None if it has none."""
   if isinstance(value, _PLAIN):
     return repr(value)
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return "array:" + tree_digest(value)
-  if isinstance(value, (tuple, list)):
-    parts = [_value_identity(v, home) for v in value]
-    return None if None in parts else f"{type(value).__name__}({','.join(parts)})"
-  if isinstance(value, (set, frozenset)):
-    parts = [_value_identity(v, home) for v in value]
-    return None if None in parts else f"{type(value).__name__}({','.join(sorted(parts))})"
+  if isinstance(value, (tuple, list, set, frozenset)):
+    parts = [_value_identity(v, home, seen) for v in value]
+    if None in parts:
+      return None
+    if isinstance(value, (set, frozenset)):
+      parts = sorted(parts)
+    return f"{type(value).__name__}({','.join(parts)})"
   if isinstance(value, dict):
-    parts = [(_value_identity(k, home), _value_identity(v, home)) for k, v in value.items()]
+    parts = [(_value_identity(k, home, seen), _value_identity(v, home, seen))
+             for k, v in value.items()]
     if any(k is None or v is None for k, v in parts):
       return None
     return "{" + ",".join(f"{k}:{v}" for k, v in sorted(parts)) + "}"
@@ -52,19 +55,19 @@ def _value_identity(value: Any, home: str | None = None) -> str | None:
     return f"module:{value.__name__}"
   if isinstance(value, type):
     return f"class:{value.__module__}.{value.__qualname__}"
-  if callable(value) and not dataclasses.is_dataclass(value):
-    return _identity(value, home, set())
+  if callable(value):
+    return _identity(value, home, seen)
   if dataclasses.is_dataclass(value):
-    return _dataclass_identity(value, home)
+    return _dataclass_identity(value, home, seen)
   return None
 
 
-def _dataclass_identity(obj: Any, home: str | None) -> str | None:
+def _dataclass_identity(obj: Any, home: str | None, seen: frozenset[int]) -> str | None:
   """A dataclass instance (e.g. a Flax module) by its class and the identity of every
   field (not its repr, which may hold addresses or truncated arrays)."""
   fields = []
   for f in dataclasses.fields(obj):
-    ident = _value_identity(getattr(obj, f.name, None), home)
+    ident = _value_identity(getattr(obj, f.name, None), home, seen)
     if ident is None:
       return None
     fields.append(f"{f.name}={ident}")
@@ -88,13 +91,6 @@ def _code_digest(code: types.CodeType) -> str:
     h.update(_const_text(const).encode())
   h.update(repr(code.co_names).encode())
   return h.hexdigest()[:16]
-
-
-def _cell_is_function(cell) -> bool:
-  try:
-    return isinstance(cell.cell_contents, types.FunctionType)
-  except ValueError:  # an empty cell
-    return False
 
 
 def _class_code(cls: type, home: str | None) -> str:
@@ -122,7 +118,15 @@ def _global_names(code: types.CodeType) -> set[str]:
   return names
 
 
-def _function_identity(fn: types.FunctionType, home: str | None, seen: set[int]) -> str | None:
+def _cell_value(cell) -> Any:
+  try:
+    return cell.cell_contents
+  except ValueError:  # an empty cell
+    return None
+
+
+def _function_identity(fn: types.FunctionType, home: str | None,
+                       seen: frozenset[int]) -> str | None:
   if fn.__name__ == "<lambda>":
     return None
   # The code's own module and name: `functools.wraps` copies the wrapped function's.
@@ -131,40 +135,30 @@ def _function_identity(fn: types.FunctionType, home: str | None, seen: set[int])
   if home is not None and module != home:
     # Library code: identified by its name and the names of the functions it closes
     # over (so jax.grad(f) and jax.value_and_grad(f) differ).
-    inner_names = sorted(
-        f"{c.cell_contents.__globals__.get('__name__')}.{c.cell_contents.__code__.co_name}"
-        for c in fn.__closure__ or ()
-        if _cell_is_function(c))
-    own = name + (f"{{{','.join(inner_names)}}}" if inner_names else "")
+    inner = sorted(f"{v.__globals__.get('__name__')}.{v.__code__.co_name}"
+                   for v in map(_cell_value, fn.__closure__ or ())
+                   if isinstance(v, types.FunctionType))
+    own = name + (f"{{{','.join(inner)}}}" if inner else "")
   else:
-    parts = []
-    for cell in fn.__closure__ or ():
-      try:
-        parts.append(_value_identity(cell.cell_contents, home))
-      except ValueError:            # an empty cell
-        parts.append("empty")
-    parts += [_value_identity(d, home) for d in fn.__defaults__ or ()]
-    parts += [f"{k}={_value_identity(v, home)}" if _value_identity(v, home) is not None
-              else None for k, v in sorted((fn.__kwdefaults__ or {}).items())]
+    values = [_cell_value(c) for c in fn.__closure__ or ()] + list(fn.__defaults__ or ())
+    values += sorted((fn.__kwdefaults__ or {}).items())
+    parts = [_value_identity(v, home, seen) for v in values]
+    if None in parts:
+      return None
     for g in sorted(_global_names(fn.__code__)):
       if g in fn.__globals__:
         value = fn.__globals__[g]
-        if callable(value) and id(value) in seen:
-          parts.append(f"{g}=<recursive>")
-          continue
-        ident = _value_identity(value, home)
+        ident = _value_identity(value, home, seen)
         parts.append(f"{g}={ident if ident is not None else 'object:' + type(value).__qualname__}")
-    if None in parts:
-      return None
     own = (f"{name}:{_code_digest(fn.__code__)}:"
            f"{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}")
   if hasattr(fn, "__wrapped__"):   # functools.wraps: the wrapper and what it wraps
-    inner = _identity(fn.__wrapped__, home, seen)
-    return None if inner is None else f"{own}[{inner}]"
+    inner_id = _identity(fn.__wrapped__, home, seen)
+    return None if inner_id is None else f"{own}[{inner_id}]"
   return own
 
 
-def _identity(fn: Any, home: str | None, seen: set[int]) -> str | None:
+def _identity(fn: Any, home: str | None, seen: frozenset[int]) -> str | None:
   if id(fn) in seen:
     return "<recursive>"
   seen = seen | {id(fn)}
@@ -173,7 +167,7 @@ def _identity(fn: Any, home: str | None, seen: set[int]) -> str | None:
     if isinstance(owner, type):
       owner_id = f"class:{owner.__module__}.{owner.__qualname__}"
     elif dataclasses.is_dataclass(owner):
-      owner_id = _dataclass_identity(owner, home)
+      owner_id = _dataclass_identity(owner, home, seen)
       if owner_id is not None:
         owner_id += f"@{_class_code(type(owner), home)}"
     else:
@@ -182,15 +176,15 @@ def _identity(fn: Any, home: str | None, seen: set[int]) -> str | None:
     return None if owner_id is None or inner is None else f"{owner_id}.{inner}"
   if isinstance(fn, functools.partial):
     inner = _identity(fn.func, home, seen)
-    args = [_value_identity(a, home) for a in fn.args]
-    kwargs = {k: _value_identity(v, home) for k, v in sorted(fn.keywords.items())}
+    args = [_value_identity(a, home, seen) for a in fn.args]
+    kwargs = {k: _value_identity(v, home, seen) for k, v in sorted(fn.keywords.items())}
     if inner is None or None in args or None in kwargs.values():
       return None
     return f"partial({inner},{args},{kwargs})"
   if isinstance(fn, types.FunctionType):
     return _function_identity(fn, home, seen)
   if dataclasses.is_dataclass(fn) and not isinstance(fn, type):   # a callable dataclass
-    owner_id = _dataclass_identity(fn, home)
+    owner_id = _dataclass_identity(fn, home, seen)
     call = _identity(type(fn).__call__, home, seen)
     return None if owner_id is None or call is None else f"{owner_id}.__call__:{call}"
   if hasattr(fn, "__wrapped__"):   # e.g. jax.jit
@@ -218,7 +212,7 @@ def callable_identity(fn: Callable) -> str | None:
     home = (owner if isinstance(owner, type) else type(owner)).__module__
   elif isinstance(fn, functools.partial):
     home = getattr(fn.func, "__module__", None)
-  ident = _identity(fn, home, set())
+  ident = _identity(fn, home, frozenset())
   if ident is None or " at 0x" in ident:
     return None
   return ident

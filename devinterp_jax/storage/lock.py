@@ -21,13 +21,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
+import inspect
 import json
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 
@@ -161,6 +163,21 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
         with contextlib.suppress(OSError):
           os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
         os.close(fd)           # releases the flock
+
+
+def holding(fn: Callable) -> Callable:
+  """Decorates a function whose `workdir` argument must exist: it runs holding that
+  workdir's lock (`hold`)."""
+  signature = inspect.signature(fn)
+  if "workdir" not in signature.parameters:
+    raise TypeError(f"{fn.__qualname__} has no 'workdir' parameter to lock")
+
+  @functools.wraps(fn)
+  def locked(*args, **kwargs):
+    with hold(signature.bind(*args, **kwargs).arguments["workdir"]):
+      return fn(*args, **kwargs)
+
+  return locked
 
 
 @contextlib.contextmanager

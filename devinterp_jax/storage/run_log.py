@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import logging
@@ -96,12 +96,14 @@ class MetricsLog:
     self._file.close()
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(d, dict):
-    return {prefix.rstrip("."): d}
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {'section.field': value}."""
   out = {}
   for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
   return out
 
 
@@ -126,7 +128,7 @@ def config_differences(old: dict, new: dict,
   """'key (run: a, given: b)' for every field of the weight-determining sections that
   differs between two configs (dicts); `ignore` names the top-level sections skipped."""
   drop = lambda d: {k: v for k, v in d.items() if k not in ignore}
-  a, b = _flatten(drop(old)), _flatten(drop(new))
+  a, b = flatten(drop(old)), flatten(drop(new))
   missing = object()
   out = []
   for key in sorted(set(a) | set(b)):

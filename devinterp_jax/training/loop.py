@@ -147,47 +147,38 @@ def _resume_step(managers) -> int | None:
 
 
 def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
-           config_jsons: list[str], eval_fn, **kwargs) -> TrainState:
+           config_jsons: list[str], eval_fn, *, schedule_steps: Sequence[int],
+           **kwargs) -> TrainState:
   """`train` (one workdir) and `train_seeds` (a seed axis) share this loop; every
   workdir's lock is held for the whole run (`storage/lock.py`)."""
   with lock.hold_all(workdirs, create=True):
     for workdir, config_json in zip(workdirs, config_jsons):
       run_log.check_config(workdir, config_json)
-    return _train_locked(workdirs, init_params, data_keys, eval_fn, **kwargs)
+    schedule = set(int(s) for s in schedule_steps)
+    managers = [checkpointing.make_manager(w, sorted(schedule)) for w in workdirs]
+    try:
+      state = _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, **kwargs)
+    except BaseException:
+      _finish_saves(managers, raise_errors=False)   # never mask the original error
+      raise
+    _finish_saves(managers, raise_errors=True)      # the last saves must commit
+    return state
 
 
-def _train_locked(workdirs: list[str], init_params: Params, data_keys: jax.Array, eval_fn, *,
-                  seed_axis: bool, loss_fn: LossFn, batch_fn, optimizer, num_steps: int,
-                  schedule_steps: Sequence[int], log_every: int, resume_every: int, lr_fn,
-                  on_event) -> TrainState:
-  schedule = set(int(s) for s in schedule_steps)
-  managers = [checkpointing.make_manager(w, sorted(schedule)) for w in workdirs]
-  try:
-    state = _run(workdirs, managers, init_params, data_keys, eval_fn, schedule,
-                seed_axis=seed_axis, loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer,
-                num_steps=num_steps, log_every=log_every, resume_every=resume_every,
-                lr_fn=lr_fn, on_event=on_event)
-  except BaseException:
-    # Finish or abandon pending async saves without masking the original error.
-    for manager in managers:
-      try:
-        checkpointing.wait(manager)
-      except checkpointing.CheckpointSaveError as e:
-        logging.error("%s", e)
-      finally:
-        manager.close()
-    raise
+def _finish_saves(managers, raise_errors: bool) -> None:
+  """Waits for every manager's async saves and closes it; a failed save raises
+  (`raise_errors`) or is logged."""
   errors = []
-  for manager in managers:  # the last saves must commit: a failure raises below
+  for manager in managers:
     try:
       checkpointing.wait(manager)
     except checkpointing.CheckpointSaveError as e:
       errors.append(e)
+      logging.error("%s", e)
     finally:
       manager.close()
-  if errors:
+  if errors and raise_errors:
     raise errors[0]
-  return state
 
 
 def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_axis, loss_fn,
