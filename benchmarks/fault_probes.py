@@ -170,7 +170,7 @@ def probe_files(tmp, trained):
     out.append(("7", f"{script} after a torn last line in metrics.jsonl", r, ""))
   w = os.path.join(tmp, "chunk")
   shutil.copytree(trained, w)
-  for chunk in glob.glob(os.path.join(w, "llc", "chunks", "*", "llc_chunk_00000.npz")):
+  for chunk in glob.glob(os.path.join(w, "llc", "chunks", "*", "llc_pair_00000.npz")):
     data = open(chunk, "rb").read()                # every sweep's first chunk, torn
     damage(chunk, data[:len(data) // 2])
   out.append(("9", "estimate_llc.py with a truncated chunk .npz",

@@ -22,6 +22,7 @@ included in the sweep's time.
   PYTHONPATH=. python benchmarks/llc_throughput.py --model=lm --batch_size=32 --configs=1x1,1x4,8x4
 """
 
+import functools
 import json
 import time
 
@@ -36,7 +37,7 @@ from devinterp_jax.data import synthetic_text
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
 from devinterp_jax.models.regression_transformer import RegressionTransformer
-from devinterp_jax.sampling.llc import SamplerSettings, make_llc_program
+from devinterp_jax.sampling.llc import SamplerSettings, SweepOptions, estimate
 
 _MODEL = flags.DEFINE_enum("model", "lr", ["lr", "lm", "lm_paper"], "Which model to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 1024, "SGLD minibatch size.")
@@ -86,11 +87,13 @@ def main(argv):
     n_ckpt, n_chain = map(int, cfg.split("x"))
     settings = SamplerSettings(num_chains=n_chain, num_draws=_DRAWS.value, step_size=3e-4,
                                localization=6.67, nbeta=66.7, batch_size=_BATCH.value,
-                               mala_stride=_MALA.value, diagnostics=_DIAG.value)
+                               mala_stride=_MALA.value, diagnostics=_DIAG.value,
+                               num_burnin_steps=0)
     stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n_ckpt), params)
     for strategy in _STRATEGIES.value:
-      program = make_llc_program(model.loss, data, settings, chain_strategy=strategy)
-      jax.block_until_ready(program(stacked, hypers))  # compile
+      options = SweepOptions(chain_strategy=strategy, progress=False)
+      program = functools.partial(estimate, model.loss, settings=settings, options=options)
+      program(stacked, data)  # compile (cached for the timed calls)
       programs[(cfg, strategy)] = (program, stacked, n_ckpt * n_chain * settings.num_steps)
 
   times = {k: [] for k in programs}
@@ -99,7 +102,7 @@ def main(argv):
     base.append(time_fwd_bwd())
     scan_base.append(time_call(scan_fwd_bwd, params, batch) / _DRAWS.value)
     for k, (program, stacked, _) in programs.items():
-      times[k].append(time_call(program, stacked, hypers))
+      times[k].append(time_call(program, stacked, data))
   t_base, t_scan = float(np.median(base)), float(np.median(scan_base))
 
   print(f"model={_MODEL.value} backend={jax.default_backend()} devices={jax.device_count()} "

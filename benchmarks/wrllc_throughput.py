@@ -29,7 +29,7 @@ from devinterp_jax import atomic
 from devinterp_jax.data.regression import RegressionTask, make_dataset
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import restrict
-from devinterp_jax.sampling.llc import SamplerSettings, make_llc_program
+from devinterp_jax.sampling.llc import Restrictions, SamplerSettings, SweepOptions, estimate
 
 _BATCH = flags.DEFINE_integer("batch_size", 32, "SGLD minibatch size (runlocal: 32).")
 _DRAWS = flags.DEFINE_integer("num_draws", 40, "SGLD steps per chain per timed call.")
@@ -52,17 +52,19 @@ def main(argv):
 
   n, c = _CKPTS.value, _CHAINS.value
   settings = SamplerSettings(num_chains=c, num_draws=_DRAWS.value, step_size=2e-4,
-                             localization=6.67, nbeta=15.4, batch_size=_BATCH.value)
+                             localization=6.67, nbeta=15.4, batch_size=_BATCH.value,
+                             num_burnin_steps=0)
   stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), params)
   names, masks = restrict.all_heads(params)
   r = len(names)
   hypers = {"step_size": np.float32(2e-4), "nbeta": np.float32(15.4),
             "localization": np.float32(6.67)}
-  full = make_llc_program(model.loss, data, settings, chain_strategy=_STRATEGY.value)
-  heads = make_llc_program(model.loss, data, settings, chain_strategy=_STRATEGY.value,
-                           restricted=True)
-  jax.block_until_ready(full(stacked, hypers))
-  jax.block_until_ready(heads(stacked, hypers, masks))
+  options = SweepOptions(chain_strategy=_STRATEGY.value, progress=False)
+  full = lambda stacked, hypers: estimate(model.loss, stacked, data, settings, options)
+  heads = lambda stacked, hypers, masks: estimate(model.loss, stacked, data, settings, options,
+                                                 restrictions=Restrictions(names, masks))
+  full(stacked, hypers)     # compile (cached for the timed calls)
+  heads(stacked, hypers, masks)
 
   t_scan, t_full, t_heads = [], [], []
   for _ in range(_REPS.value):

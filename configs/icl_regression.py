@@ -52,7 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.llc = ml_collections.ConfigDict(dict(
       num_chains=10,
       num_draws=5000,
-      num_burnin_steps=0,        # paper text: 1000; authors' config: likely 0
+      # Paper parity: the text says 1000 burn-in steps, the authors' config likely 0
+      # (../shared/REFERENCE.md); "auto" reads it from the trace (sampling/diagnostics.py).
+      num_burnin_steps="0",
+      block_draws=100,           # draws per compiled block (progress, adaptive length)
+      max_draws=0,               # 0: fixed length; else run until converged, at most this
       thinning=1,
       step_size=3e-4,            # ε
       nbeta=66.7,                # nβ
@@ -100,8 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ε, nβ, batch and chain length as recommended by launch/calibrate.py with the
     # grid below (docs/calibration_runlocal.md): the largest ε with healthy,
     # converged chains and MALA acceptance in [0.95, 1] at steps 1 and 6000.
+    # Burn-in read from the trace; chains continue past 400 draws until the R̂ / ESS /
+    # drift checks pass on the kept draws and every checkpoint shares a 400-draw window.
     config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
-                      nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8)
+                      nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8,
+                      num_burnin_steps="auto", max_draws=1000)
     config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
     # wrLLC of all 8 heads × 21 checkpoints in one program, under 15 minutes on 2 cores:
     # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/refined.md).

@@ -13,7 +13,7 @@ def tiny_config(num_steps: int = 60):
   config.train.update(num_steps=num_steps, batch_size=16, n_log=5, n_linear=3, log_every=10,
                       resume_every=20, eval_batch_size=64)
   config.llc.update(num_chains=2, num_draws=12, batch_size=16, dataset_size=256,
-                    checkpoint_chunk=3, init_loss_stride=4)
+                    checkpoint_chunk=3, init_loss_stride=4, max_draws=0)
   config.analysis.update(checkpoint_chunk=4)
   config.analysis.stages.n_restarts = 2
   config.analysis.behaviour.update(batch_size=64, gains=(0.5, 2.0))

@@ -26,7 +26,7 @@ def mlp_setup(num_ckpts=3):
 
 
 KW = dict(num_draws=40, step_size=1e-3, localization=10.0, nbeta=50.0, batch_size=32,
-          seed=3, progress=False)
+          seed=3, progress=False, num_burnin_steps=0)
 
 
 def test_batched_equals_separate_runs():
@@ -73,8 +73,7 @@ def test_sweep_resumes_from_atomically_written_chunks(tmp_path):
   (sweep,) = os.listdir(out)                  # one directory per fingerprint
   assert sweep == ref.settings["fingerprint"]
   files = sorted(os.listdir(os.path.join(out, sweep)))
-  assert files == ["llc_chunk_00000.npz", "llc_chunk_00001.npz", "llc_chunk_00002.npz",
-                   "sweep.json"]
+  assert files == [f"llc_pair_{i:05d}.npz" for i in range(5)] + ["sweep.json"]
   os.remove(os.path.join(out, sweep, files[1]))  # as if killed before chunk 1 finished
   kept = os.stat(os.path.join(out, sweep, files[0])).st_mtime_ns
   res = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,

@@ -133,7 +133,7 @@ def test_lambda_loss_needs_a_key_to_resume(tmp_path):
     dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out, **SGLD)
   a = dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out,
                        loss_key="quad-v1", **SGLD)
-  chunk = glob.glob(os.path.join(out, "*", "llc_chunk_00000.npz"))[0]
+  chunk = glob.glob(os.path.join(out, "*", "llc_pair_00000.npz"))[0]
   mtime = os.stat(chunk).st_mtime_ns
   b = dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out,
                        loss_key="quad-v1", **SGLD)
@@ -184,13 +184,13 @@ def test_fingerprint_is_the_same_in_every_process(tmp_path):
   """Item 1: a resumed sweep in a new process (any hash seed) finds its chunks."""
   code = ("import jax, json\nfrom tests.helpers import tiny_config\n"
           "from devinterp_jax.experiments import icl_regression, llc_sweep\n"
-          "from devinterp_jax.sampling import llc\n"
+          "from devinterp_jax.sampling import llc, sweep\n"
           "c = tiny_config(); m = icl_regression.make_model(c)\n"
           "s = llc.SamplerSettings(num_chains=2, num_draws=5, step_size=1e-3, "
           "localization=1.0, nbeta=2.0, batch_size=4)\n"
           "for key in (None, llc_sweep.loss_key(c, m.loss)):\n"
-          "  print(llc._fingerprint(llc.sweep_identity(s, loss_fn=m.loss, "
-          "data=icl_regression.sgld_dataset(c), loss_key=key, sampler='sgld', chunk=2, "
+          "  print(sweep.fingerprint(sweep.sweep_identity(s, loss_fn=m.loss, "
+          "data=icl_regression.sgld_dataset(c), loss_key=key, sampler='sgld', "
           "ids=[1, 2])))\n")
   prints = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**ENV, "PYTHONHASHSEED": seed}, cwd=ROOT, timeout=120).stdout
@@ -204,7 +204,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
   out = str(tmp_path / "chunks")
   params = [{"w": jnp.ones(3) * s} for s in (1.0, 1.2, 0.8)]
   full = dj.estimate_llcs(quad_loss, params, quad_data(), output_dir=out, **SGLD)
-  chunks = sorted(glob.glob(os.path.join(out, "*", "llc_chunk_*.npz")))
+  chunks = sorted(glob.glob(os.path.join(out, "*", "llc_pair_*.npz")))
   assert len(chunks) == 3
   mtime = os.stat(chunks[0]).st_mtime_ns
   for path in chunks[1:]:            # as if killed after the first chunk was written
@@ -603,7 +603,7 @@ def test_llc_csv_takes_losses_from_checkpoint_meta_when_the_log_lacks_them(swept
 def test_damaged_chunk_names_its_path_and_the_fix(swept, tmp_path, damage):
   config, src, _, _ = swept
   workdir = copy_run(src, tmp_path)
-  chunk = sorted(glob.glob(os.path.join(workdir, "llc", "chunks", "*", "llc_chunk_*.npz")))[0]
+  chunk = sorted(glob.glob(os.path.join(workdir, "llc", "chunks", "*", "llc_pair_*.npz")))[0]
   data = open(chunk, "rb").read()
   open(chunk, "wb").write(data[:len(data) // 2] if damage == "truncate" else os.urandom(300))
   with pytest.raises(llc_lib.ChunkError,

@@ -13,7 +13,6 @@ checks them against the calibration criteria on the first and last checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -26,8 +25,9 @@ from absl import logging
 from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import plots, report
 from devinterp_jax.experiments import registry
-from devinterp_jax.sampling import calibration
+from devinterp_jax.sampling import calibration, convergence
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import settings as settings_lib
 from devinterp_jax.sampling import sgld as sgld_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
@@ -37,13 +37,13 @@ from devinterp_jax.storage import run_log
 
 
 _SAMPLER_FIELDS = {
-    "num_chains": "int>=1", "num_draws": "int>=1", "num_burnin_steps": "int>=0",
+    "num_chains": "int>=1", "num_draws": "int>=1", "block_draws": "int>=1",
+    "max_draws": "int>=0",
     "thinning": "int>=1", "step_size": "num>0", "nbeta": "num>0", "localization": "num>=0",
     "batch_size": "int>=1", "seed": "int>=0", "init_loss_stride": "int>=1",
     "mala_stride": "int>=0", "checkpoint_chunk": "int>=1", "dataset_size": "int>=1",
     "chain_strategy": ("auto", "vmap", "map"), "mala_target": llc_lib.MALA_TARGETS,
 }
-_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(llc_lib.SamplerSettings))
 
 
 def _check_sampler(settings, prefix: str) -> None:
@@ -52,8 +52,14 @@ def _check_sampler(settings, prefix: str) -> None:
   sampler = settings.get("sampler", "sgld")
   if not isinstance(sampler, str) or sampler not in sgld_lib.SAMPLERS:
     config_checks.fail(f"{prefix}.sampler", sampler, f"one of {sorted(sgld_lib.SAMPLERS)}")
+  if "num_burnin_steps" in settings:
+    try:
+      settings_lib.parse_burnin(settings["num_burnin_steps"])
+    except ValueError:
+      config_checks.fail(f"{prefix}.num_burnin_steps", settings["num_burnin_steps"],
+                         "'auto' or an integer >= 0 (steps before the first draw)")
   try:
-    llc_lib.SamplerSettings(**{k: settings[k] for k in _SETTINGS_FIELDS if k in settings})
+    settings_lib.SamplerSettings.from_config(settings)
   except (TypeError, ValueError) as e:
     raise config_checks.ConfigError(f"{prefix}: {e}") from None
   if settings.get("num_chains") == 1:
@@ -108,18 +114,23 @@ def check_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, checkpoints,
                          ids, output_dir: str | None) -> LLCResult:
   """LLCs of any checkpoint sequence with config.llc's sampler settings on `dataset`."""
-  c = config.llc
-  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d steps", len(checkpoints),
-               c.num_chains, c.num_burnin_steps + c.num_draws * c.thinning)
-  return llc_lib.estimate_llcs(
-      loss_fn, checkpoints, dataset,
-      num_chains=c.num_chains, num_draws=c.num_draws, step_size=c.step_size,
-      localization=c.localization, nbeta=c.nbeta, batch_size=c.batch_size, seed=c.seed,
-      num_burnin_steps=c.num_burnin_steps, thinning=c.thinning,
-      init_loss_stride=c.init_loss_stride, mala_stride=c.mala_stride,
-      mala_target=c.get("mala_target", "posterior"), sampler=c.sampler,
-      checkpoint_chunk=c.checkpoint_chunk, chain_strategy=c.chain_strategy,
-      checkpoint_ids=ids, output_dir=output_dir, loss_key=loss_key(config, loss_fn))
+  settings = settings_lib.SamplerSettings.from_config(config.llc)
+  logging.info("Estimating LLCs for %d checkpoints × %d chains × %d draws%s (burn-in %s)",
+               len(checkpoints), settings.num_chains, settings.num_draws,
+               f" (up to {settings.max_draws} until converged)" if settings.adaptive else "",
+               settings.num_burnin_steps)
+  return llc_lib.estimate(
+      loss_fn, checkpoints, dataset, settings,
+      sweep_options(config.llc, ids=ids, output_dir=output_dir,
+                    loss_key=loss_key(config, loss_fn)),
+      sampler=config.llc.sampler)
+
+
+def sweep_options(section, **kw) -> settings_lib.SweepOptions:
+  """The `SweepOptions` of a config section (checkpoint_chunk, chain_strategy)."""
+  return settings_lib.SweepOptions(checkpoint_chunk=section.get("checkpoint_chunk"),
+                                   chain_strategy=section.get("chain_strategy", "auto"),
+                                   checkpoint_ids=kw.pop("ids", None), **kw)
 
 
 def scheduled_checkpoints(workdir: str, model, pick=None
@@ -187,9 +198,17 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
   losses = logged_losses(workdir, steps, metrics)
-  columns = np.column_stack([steps, result.llc_mean, result.llc_std, result.llc_sem,
-                             result.num_valid_chains, losses["train_loss"], losses["eval_loss"]])
-  header = "step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss"
+  conv = result.convergence or {}
+  nan = np.full(len(steps), np.nan)
+  columns = np.column_stack([
+      steps, result.llc_mean, result.llc_std, result.llc_sem, result.num_valid_chains,
+      losses["train_loss"], losses["eval_loss"],
+      nan if result.burnin is None else result.burnin,
+      conv.get("status", nan), conv.get("llc", nan), conv.get("mcse", nan),
+      conv.get("rhat", nan), conv.get("drift_z", nan), conv.get("burnin", nan),
+      conv.get("num_recorded", nan)])
+  header = ("step,llc_mean,llc_std,llc_sem,num_valid_chains,train_loss,eval_loss,"
+            "window_start,convergence,llc_own,mcse_own,rhat,drift_z,burnin_own,num_recorded")
   rows = [",".join([str(int(row[0]))] + [repr(float(v)) for v in row[1:]]) for row in columns]
   atomic.write_text(os.path.join(out, "llc.csv"), "\n".join([header, *rows]) + "\n")
   plots.plot_llc_curve(steps, result.llc_mean, result.llc_std,
@@ -218,9 +237,34 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
              "mala_acceptance_mean": (float(np.nanmean(result.mala_acceptance))
                                       if np.isfinite(result.mala_acceptance).any() else None),
              "settings_pass_calibration_check": check,
+             "convergence": convergence_summary(steps, result),
              "fingerprint": result.settings.get("fingerprint"), **(extra or {})}
   atomic.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   return summary
+
+
+def convergence_summary(steps: np.ndarray, result: LLCResult) -> dict | None:
+  """Counts per convergence status, and each checkpoint's burn-in, statistics and reason."""
+  conv = result.convergence
+  if conv is None:
+    return None
+  names = convergence.CONVERGENCE_STATUS
+  rows = []
+  for i, step in enumerate(steps):
+    rows.append({"step": int(step), "status": names[int(conv["status"][i])],
+                 "reason": str(conv["reason"][i]), "burnin": int(conv["burnin"][i]),
+                 "draws_recorded": int(conv["num_recorded"][i]),
+                 "draws_kept": int(conv["num_draws"][i]), "llc_own_window": float(conv["llc"][i]),
+                 "mcse": float(conv["mcse"][i]), "rhat": float(conv["rhat"][i]),
+                 "ess_bulk_per_chain": float(conv["ess_bulk_per_chain"][i]),
+                 "ess_tail_per_chain": float(conv["ess_tail_per_chain"][i]),
+                 "drift_z": float(conv["drift_z"][i])})
+  window = None if result.burnin is None else {
+      "start": int(np.max(result.burnin)), "end": int(result.loss_trace.shape[-1])}
+  return {"counts": result.convergence_counts(),
+          "not_converged_steps": [r["step"] for r in rows if r["status"] == "not_converged"],
+          "unchecked_steps": [r["step"] for r in rows if r["status"] == "unchecked"],
+          "common_window": window, "checkpoints": rows}
 
 
 def logged_losses(workdir: str, steps: np.ndarray, metrics: dict[int, dict]

@@ -41,6 +41,7 @@ from devinterp_jax.analysis import heads as heads_analysis
 from devinterp_jax.analysis import report
 from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import settings as settings_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import lock
@@ -58,13 +59,6 @@ def refined_name(restrict: str = "", data: str = "", loss_data: str = "") -> str
   if loss_data:
     parts.append("drllc_" + clean(loss_data))
   return "_".join(parts) or "llc"
-
-
-def sampler_settings(config: ml_collections.ConfigDict) -> dict:
-  """config.llc with config.refined's overrides."""
-  settings = dict(config.llc)
-  settings.update({k: v for k, v in dict(config.get("refined", {})).items()})
-  return settings
 
 
 @lock.holding
@@ -86,25 +80,21 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
   if restrict:
     names, masks = restrict_lib.from_spec(
         jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), restrict)
-  c = sampler_settings(config)
+  settings = settings_lib.SamplerSettings.from_config(config.llc, config.get("refined"))
+  section = {**config.llc.to_dict(), **dict(config.get("refined", {}))}
   name = refined_name(restrict, data, loss_data)
-  logging.info("Refined LLC %s: %d restrictions × %d checkpoints × %d chains × %d steps",
-               name, len(names or [None]), len(steps), c["num_chains"],
-               c["num_burnin_steps"] + c["num_draws"] * c["thinning"])
-  result = llc_lib.estimate_llcs(
+  logging.info("Refined LLC %s: %d restrictions × %d checkpoints × %d chains × %d draws",
+               name, len(names or [None]), len(steps), settings.num_chains, settings.num_draws)
+  result = llc_lib.estimate(
       model.loss, checkpoints, experiment.dataset_from_spec(config, data, workdir=workdir),
+      settings,
+      llc_sweep.sweep_options(section, ids=[int(s) for s in steps],
+                              output_dir=os.path.join(workdir, name, "chunks"),
+                              loss_key=llc_sweep.loss_key(config, model.loss)),
+      sampler=section["sampler"],
+      restrictions=settings_lib.Restrictions(names, masks) if restrict else None,
       loss_data=(experiment.dataset_from_spec(config, loss_data, workdir=workdir)
-                 if loss_data else None),
-      restrict=(names, masks) if restrict else None,
-      num_chains=c["num_chains"], num_draws=c["num_draws"], step_size=c["step_size"],
-      localization=c["localization"], nbeta=c["nbeta"], batch_size=c["batch_size"],
-      seed=c["seed"], num_burnin_steps=c["num_burnin_steps"], thinning=c["thinning"],
-      init_loss_stride=c["init_loss_stride"], mala_stride=c["mala_stride"],
-      mala_target=c.get("mala_target", "posterior"),
-      sampler=c["sampler"], checkpoint_chunk=c["checkpoint_chunk"],
-      chain_strategy=c["chain_strategy"], checkpoint_ids=[int(s) for s in steps],
-      output_dir=os.path.join(workdir, name, "chunks"),
-      loss_key=llc_sweep.loss_key(config, model.loss))
+                 if loss_data else None))
   return steps, names, result, masks
 
 

@@ -28,7 +28,6 @@ import warnings
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from devinterp_jax import atomic
@@ -36,7 +35,6 @@ from devinterp_jax.analysis import plots
 from devinterp_jax.sampling import diagnostics
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling.results import LLCResult
-from devinterp_jax.storage import chunks as chunks_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +123,7 @@ def _check(res: LLCResult, band: tuple, disqualify: Sequence[str]) -> list[str]:
 def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: Any, *,
               step_sizes: Sequence[float], nbetas: Sequence[float],
               localizations: Sequence[float], num_chains: int, num_draws: int,
-              batch_size: int, seed: int = 0, num_burnin_steps: int = 0,
+              batch_size: int, seed: int = 0, num_burnin_steps: int | str = "auto",
               mala_stride: int = 10, mala_target: str = "posterior", sampler: Any = "sgld",
               criteria: diagnostics.HealthCriteria | None = None,
               mala_band: tuple[float, float] = (0.95, 1.0),
@@ -148,11 +146,8 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   if bad:
     raise ValueError(f"unknown health flags in disqualify: {bad}")
   criteria = criteria or diagnostics.HealthCriteria()
-  if isinstance(checkpoints, Sequence):
-    stacked = chunks_lib.stack(list(checkpoints))
-  else:
-    stacked = checkpoints
-  num_ckpts = jax.tree.leaves(stacked)[0].shape[0]
+  num_ckpts = len(checkpoints) if isinstance(checkpoints, Sequence) else \
+      jax.tree.leaves(checkpoints)[0].shape[0]
   ids = list(checkpoint_ids) if checkpoint_ids is not None else list(range(num_ckpts))
   settings = llc_lib.SamplerSettings(
       num_chains=num_chains, num_draws=num_draws, step_size=float(step_sizes[0]),
@@ -161,6 +156,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
       mala_target=mala_target)
   grid = list(itertools.product(range(len(step_sizes)), range(len(nbetas)),
                                 range(len(localizations))))
+  points = []
   for i, j, k in grid:  # every grid point must be a valid setting (finite, nβ > 0, …)
     try:
       dataclasses.replace(settings, step_size=float(step_sizes[i]), nbeta=float(nbetas[j]),
@@ -168,13 +164,14 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
     except ValueError as e:
       raise ValueError(f"calibration grid point ε={step_sizes[i]}, nβ={nbetas[j]}, "
                        f"γ={localizations[k]}: {e}") from None
-  hypers = {"step_size": jnp.asarray([step_sizes[i] for i, _, _ in grid], jnp.float32),
-            "nbeta": jnp.asarray([nbetas[j] for _, j, _ in grid], jnp.float32),
-            "localization": jnp.asarray([localizations[k] for _, _, k in grid], jnp.float32)}
-  program = llc_lib.make_llc_program(loss_fn, data, settings, sampler=sampler,
-                                     chain_strategy=chain_strategy, grid=True)
-  outputs = jax.device_get(program(stacked, hypers))
-  num_params = llc_lib.num_sampled_params(stacked, leading_axes=1)
+    points.append({"step_size": float(step_sizes[i]), "nbeta": float(nbetas[j]),
+                   "localization": float(localizations[k])})
+  # The whole grid × checkpoints in one sweep (pairs), one compiled program.
+  everything = llc_lib.estimate(
+      loss_fn, checkpoints, data, settings,
+      llc_lib.SweepOptions(checkpoint_ids=ids, chain_strategy=chain_strategy, progress=False),
+      sampler=sampler, criteria=criteria, grid=points)
+  num_params = int(np.ravel(everything.settings["num_params"])[0])
 
   shape = (len(step_sizes), len(nbetas), len(localizations))
   llc_mean = np.zeros(shape + (num_ckpts,))
@@ -184,14 +181,8 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   passes = np.zeros(shape, bool)
   reasons = {}
   for g, (i, j, k) in enumerate(grid):
-    label = f"ε={step_sizes[i]:.3g}, nβ={nbetas[j]:.4g}, γ={localizations[k]:.4g}"
-    res = llc_lib.results_from_outputs(
-        {name: v[g] for name, v in outputs.items()},
-        dataclasses.replace(settings, step_size=float(step_sizes[i]), nbeta=float(nbetas[j]),
-                            localization=float(localizations[k])),
-        float(nbetas[j]), num_params=num_params,
-        labels=[f"{label}, checkpoint {c}" for c in ids], criteria=criteria,
-        extra_settings={"sampler": llc_lib.sampler_name(sampler)})
+    res = everything.select(g)
+    res = dataclasses.replace(res, settings={**res.settings, **points[g]})
     llc_mean[i, j, k], llc_std[i, j, k] = res.llc_mean, res.llc_std
     mala[i, j, k] = _mean_acceptance(res)
     status[i, j, k], traces[i, j, k] = res.status, res.llc_trace_mean
@@ -233,10 +224,7 @@ def check_settings(result: LLCResult, indices: Sequence[int] = (0, -1),
   and the latest) of an `LLCResult` with a leading checkpoint axis, at no
   extra cost. Returns {"passes": bool, "reasons": [...], "mala_acceptance": [...]}.
   """
-  picked = LLCResult(**{
-      f.name: (getattr(result, f.name)[list(indices)]
-               if f.name != "settings" and getattr(result, f.name) is not None
-               else getattr(result, f.name)) for f in dataclasses.fields(result)})
+  picked = result.select(list(indices))
   reasons = _check(picked, mala_band, disqualify)
   acc = _mean_acceptance(picked)
   return {"passes": not reasons, "reasons": reasons, "mala_acceptance": acc.tolist(),

@@ -1,4 +1,21 @@
-"""Chain health: divergence, escape, non-convergence and negative estimates (App. A.5.4).
+"""Chain health and convergence (App. A.5.4).
+
+Every checkpoint (every pair of a sweep) gets a burn-in and a convergence status
+from its kept draws (`assess`):
+
+  burn-in        an integer `num_burnin_steps` is applied before recording; with
+                 "auto" the burn-in is read from the chain-mean trace
+                 (`convergence.auto_burnin`: b = MSER-5 over the first half,
+                 burn-in = min(2b, T/2); b beyond the first quarter means the trace
+                 is still relaxing: not converged, whatever the statistics say).
+  converged      on the kept draws of ≥ `min_chains` valid chains, with ≥
+                 `min_draws` draws each: rank-normalised split-R̂ < `rhat_max`,
+                 bulk and tail ESS per chain ≥ `ess_*_min_per_chain`, and the
+                 drift test between the halves |z| ≤ `drift_z_max`
+                 (`convergence.assess`). The MCSE of λ̂ is reported, not tested.
+  not_converged  any of those fails (or the trace is still relaxing).
+  unchecked      fewer than `min_chains` valid chains or `min_draws` kept draws:
+                 never reported as converged.
 
 Every chain gets one status, the worst that applies:
 
@@ -9,24 +26,17 @@ Every chain gets one status, the worst that applies:
                  d/2; the floor keeps ordinary fluctuations of very small models,
                  d ≲ 100, from being called divergence). Excluded from the mean.
   escaped        the loss fell well below L(w*) and stayed there: over the last
-                 quarter of the chain, mean(L_t) − L(w*) < 0 by more than
+                 quarter of the kept draws, mean(L_t) − L(w*) < 0 by more than
                  `escape_z` standard errors and by more than `escape_llc`/nβ.
                  w* is then not a local minimum at this temperature.
-  not_converged  the trace still drifts: the mean loss of the last quarter
-                 differs from that of the third quarter by more than
-                 `drift_rel_tol` of the chain's LLC scale
-                 (max(|λ̂_chain|, `drift_llc_floor`))/nβ, and that change is
-                 significant: for the chain alone (> `drift_z` standard
-                 errors), or shared by the checkpoint's chains (a t-test of the
-                 chains' changes across ≥ 3 chains at two-sided p < 0.001).
+  not_converged  its checkpoint is not converged (above).
   negative       the chain's estimate λ̂ = nβ (mean loss − L(w*)) is below 0.
   ok             none of the above.
 
 Standard errors of quarter means use the chain's integrated autocorrelation
 time τ (estimated on the detrended second halves of the checkpoint's chains):
-se = std·√(τ/n). Chains much shorter than ~50 τ give noisy quarter means and
-are more likely to be flagged not converged. The error of L(w*) is
-that of the mean of the chain's init-loss batches.
+se = std·√(τ/n). The error of L(w*) is that of the mean of the chain's
+init-loss batches.
 """
 
 from __future__ import annotations
@@ -35,35 +45,37 @@ import dataclasses
 
 import numpy as np
 
+from devinterp_jax.sampling import convergence as convergence_lib
+
 STATUS_NAMES = ("ok", "negative", "not_converged", "escaped", "diverged")
 OK, NEGATIVE, NOT_CONVERGED, ESCAPED, DIVERGED = range(len(STATUS_NAMES))
 
 
 @dataclasses.dataclass(frozen=True)
 class HealthCriteria:
-  """Thresholds of the chain-health checks (see the module docstring)."""
+  """Thresholds of the chain-health and convergence checks (module docstring).
+
+  The convergence thresholds are fixed before any job is run against them;
+  their false-alarm rate on stationary traces is measured by
+  benchmarks/convergence_false_alarms.py (docs/convergence_false_alarms.md).
+  """
 
   divergence_llc_factor: float = 1.0
   divergence_llc_floor: float = 100.0
   escape_z: float = 4.0
   escape_llc: float = 0.5
-  drift_z: float = 4.0
-  drift_rel_tol: float = 0.1
-  drift_llc_floor: float = 0.1
+  rhat_max: float = 1.01
+  ess_bulk_min_per_chain: float = 100.0
+  ess_tail_min_per_chain: float = 100.0
+  drift_z_max: float = 3.0
+  min_draws: int = 400
+  min_chains: int = 4
 
-
-# Two-sided p = 0.001 critical values of Student's t by degrees of freedom.
-_T_001 = {1: 636.6, 2: 31.60, 3: 12.92, 4: 8.610, 5: 6.869, 6: 5.959, 7: 5.408, 8: 5.041,
-          9: 4.781, 10: 4.587, 12: 4.318, 15: 4.073, 20: 3.850, 30: 3.646, 60: 3.460,
-          120: 3.373, 10**9: 3.291}
-
-
-def t_critical_001(dof: np.ndarray) -> np.ndarray:
-  """|t| exceeded with probability 0.001 (two-sided), interpolated in 1/dof."""
-  keys = np.array(sorted(_T_001))
-  vals = np.array([_T_001[k] for k in keys])
-  inv = 1.0 / np.maximum(np.asarray(dof, np.float64), 1)
-  return np.interp(inv, 1.0 / keys[::-1], vals[::-1])
+  def convergence(self) -> convergence_lib.ConvergenceCriteria:
+    return convergence_lib.ConvergenceCriteria(
+        rhat_max=self.rhat_max, ess_bulk_min_per_chain=self.ess_bulk_min_per_chain,
+        ess_tail_min_per_chain=self.ess_tail_min_per_chain, drift_z_max=self.drift_z_max,
+        min_draws=self.min_draws, min_chains=self.min_chains)
 
 
 def autocorrelation_time(x: np.ndarray, window_factor: float = 5.0,
@@ -104,26 +116,29 @@ def _quarter_stats(x: np.ndarray, q: int, tau: np.ndarray):
   return seg.mean(-1), se
 
 
-def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
-                 num_params: int, distance: np.ndarray | None = None,
-                 criteria: HealthCriteria = HealthCriteria()) -> dict[str, np.ndarray]:
-  """Health flags and status of every chain.
+def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np.ndarray,
+                 num_params: int | np.ndarray, distance: np.ndarray | None = None,
+                 criteria: HealthCriteria = HealthCriteria(),
+                 not_converged: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Health flags and status of every chain, on its kept draws.
 
   Args:
-    loss_trace: recorded losses [..., C, T].
+    loss_trace: kept losses [..., C, T].
     init_losses: the chain's L_B(w*) samples [..., C, m].
-    nbeta: nβ.
-    num_params: number of sampled coordinates d.
-    distance: optional ‖w_t − w*‖ [..., C, T].
+    nbeta: nβ (or [...] per entry).
+    num_params: number of sampled coordinates d (or [...] per entry).
+    distance: optional ‖w_t − w*‖ [..., C, T] (all recorded draws).
+    not_converged: optional [...] bool, entries whose convergence check failed.
 
   Returns:
     dict of boolean arrays [..., C] (`diverged`, `escaped`, `not_converged`,
     `negative`), `status` (int codes into STATUS_NAMES) and the statistics used
-    (`llc_per_chain`, `drift_z`, `escape_z`, `autocorrelation_time`).
+    (`llc_per_chain`, `escape_z`, `autocorrelation_time`).
   """
   c = criteria
   loss = np.asarray(loss_trace, np.float64)
   init = np.asarray(init_losses, np.float64)
+  nbeta = np.asarray(nbeta, np.float64)[..., None]
   init_loss = init.mean(-1)
   m = init.shape[-1]
   init_se = init.std(-1, ddof=1) / np.sqrt(m) if m > 1 else np.zeros_like(init_loss)
@@ -138,45 +153,77 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     slope = (half * t).sum(-1, keepdims=True) / max((t * t).sum(), 1e-12)
     # A trend is drift, not autocorrelation; the chains of a checkpoint share τ.
     tau = autocorrelation_time(half - slope * t, pool_axis=-2)
-    m3, se3 = _quarter_stats(loss, 2, tau)
     m4, se4 = _quarter_stats(loss, 3, tau)
-    threshold = np.maximum(c.divergence_llc_factor * np.asarray(num_params),
+    threshold = np.maximum(c.divergence_llc_factor * np.asarray(num_params, np.float64),
                            c.divergence_llc_floor)
+    threshold = np.broadcast_to(threshold, llc.shape[:-1])[..., None] if np.ndim(threshold) \
+        else threshold
     blown = nbeta * (m4 - init_loss) > threshold
     diverged = ~finite | blown
-
     below = m4 - init_loss
     escape_z = below / np.maximum(np.hypot(se4, init_se), 1e-30)
     escaped = ~diverged & (escape_z < -c.escape_z) & (nbeta * below < -c.escape_llc)
-
-    drift = m4 - m3
-    drift_z = drift / np.maximum(np.hypot(se3, se4), 1e-30)
-    scale = np.maximum(np.abs(llc), c.drift_llc_floor)
-    big = nbeta * np.abs(drift) > c.drift_rel_tol * scale
-    not_converged = ~diverged & (np.abs(drift_z) > c.drift_z) & big
-    # A drift shared by the chains of a checkpoint: a t-test across independent
-    # chains needs no autocorrelation estimate.
-    valid = ~diverged
-    n = valid.sum(-1)
-    d = np.where(valid, nbeta * drift, 0.0)
-    d_mean = d.sum(-1) / np.maximum(n, 1)
-    d_sd = np.sqrt(np.where(valid, (d - d_mean[..., None]) ** 2, 0.0).sum(-1)
-                   / np.maximum(n - 1, 1))
-    common_t = d_mean / np.maximum(d_sd / np.sqrt(np.maximum(n, 1)), 1e-30)
-    common = (n >= 3) & (np.abs(common_t) > t_critical_001(n - 1))
-    not_converged |= (valid & common[..., None] & big
-                      & (np.sign(drift) == np.sign(d_mean)[..., None]))
+    stuck = np.zeros(llc.shape, bool) if not_converged is None else np.broadcast_to(
+        np.asarray(not_converged, bool)[..., None], llc.shape)
+    not_conv = ~diverged & stuck
     negative = ~diverged & (llc < 0)
 
   status = np.full(llc.shape, OK, np.int8)
-  for flag, code in ((negative, NEGATIVE), (not_converged, NOT_CONVERGED),
+  for flag, code in ((negative, NEGATIVE), (not_conv, NOT_CONVERGED),
                      (escaped, ESCAPED), (diverged, DIVERGED)):
     status = np.where(flag, np.int8(code), status)
   return {"status": status, "diverged": diverged, "escaped": escaped,
-          "not_converged": not_converged, "negative": negative,
-          "llc_per_chain": llc, "drift_z": np.where(finite, drift_z, np.nan),
-          "escape_z": np.where(finite, escape_z, np.nan), "autocorrelation_time": tau,
-          "common_drift_t": common_t}
+          "not_converged": not_conv, "negative": negative,
+          "llc_per_chain": llc, "escape_z": np.where(finite, escape_z, np.nan),
+          "autocorrelation_time": tau}
+
+
+def assess(loss_draws: np.ndarray, init_losses: np.ndarray, nbeta: float, num_params: int,
+           burnin: int | str = "auto", criteria: HealthCriteria = HealthCriteria()) -> dict:
+  """Burn-in, divergence and convergence of one checkpoint's chains.
+
+  Args:
+    loss_draws: every recorded draw [C, T] (after a fixed `num_burnin_steps`).
+    init_losses: L_B(w*) samples [C, m].
+    burnin: "auto" (read from the trace) or an int (already applied: 0 draws).
+
+  Returns a dict: `burnin` (draws dropped), `mser`, `relaxing`, `valid` [C]
+  (not diverged on the kept draws), `status` (CONVERGENCE_STATUS code), `reason`,
+  the statistics `rhat`, `ess_bulk`, `ess_tail` (totals), `*_per_chain`,
+  `drift_z`, `mcse` (of λ̂, in LLC units), `num_draws` (kept), `num_chains`
+  (valid), and `llc` (mean over valid chains of the kept draws).
+  """
+  loss = np.asarray(loss_draws, np.float64)
+  t = loss.shape[-1]
+  finite = np.isfinite(loss).all(-1)
+  if burnin == "auto" and finite.any():
+    ab = convergence_lib.auto_burnin(loss[finite][None])
+    b, mser, relaxing = int(ab["burnin"][0]), int(ab["mser"][0]), bool(ab["relaxing"][0])
+  else:
+    b, mser, relaxing = 0, 0, False
+  kept = loss[:, b:]
+  health = chain_health(kept, init_losses, nbeta, num_params, criteria=criteria)
+  valid = ~health["diverged"]
+  out: dict = {"burnin": b, "mser": mser, "relaxing": relaxing, "valid": valid,
+               "num_recorded": t}
+  conv = convergence_lib.assess(kept[None], criteria.convergence(), valid[None])
+  for k in ("rhat", "ess_bulk", "ess_tail", "ess_bulk_per_chain", "ess_tail_per_chain",
+            "drift_z", "num_draws", "num_chains"):
+    out[k] = conv[k][0].item()
+  out["mcse"] = float(nbeta * conv["mcse"][0])
+  status, reason = int(conv["status"][0]), conv["reasons"][0]
+  if relaxing and valid.any():
+    status = convergence_lib.NOT_CONVERGED
+    reason = "; ".join(r for r in (f"still relaxing (MSER-5 point at draw {mser} of {t}, "
+                                   f"beyond the first quarter)", reason) if r)
+  elif status == convergence_lib.UNCHECKED:
+    reason = (f"{out['num_chains']} valid chains (< {criteria.min_chains})"
+              if out["num_chains"] < criteria.min_chains else
+              f"{out['num_draws']} kept draws (< {criteria.min_draws})")
+  out["status"], out["reason"] = status, reason
+  llc = health["llc_per_chain"]
+  out["llc"] = float(llc[valid].mean()) if valid.any() else float("nan")
+  return out
 
 
 def online_llc(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta: float) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 
 from devinterp_jax import atomic
-from devinterp_jax.sampling import diagnostics
+from devinterp_jax.sampling import convergence, diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,12 @@ class LLCResult:
       (NaN when not measured).
     distance, grad_norm, noise_norm: ‖w_t − w*‖, ‖∇L_B(w_t)‖ and ‖η_t‖ at each
       recorded draw, [..., C, draws], or None when not recorded.
+    burnin: draws of `loss_trace` left out of the estimate, [...]: the start of
+      the window the entries of one curve share (the latest burn-in among them).
+    convergence: per entry, on its own kept draws (`diagnostics.assess`):
+      `status` (codes into `convergence.CONVERGENCE_STATUS`), `rhat`,
+      `ess_bulk`, `ess_tail`, `drift_z`, `mcse` (of λ̂), `burnin` (its own),
+      `num_draws` (kept), `num_recorded`, `llc` (on its own window), [...] each.
     settings: the sampler settings that produced these numbers.
   """
 
@@ -52,6 +58,8 @@ class LLCResult:
   distance: np.ndarray | None = None
   grad_norm: np.ndarray | None = None
   noise_norm: np.ndarray | None = None
+  burnin: np.ndarray | None = None
+  convergence: dict[str, np.ndarray] | None = None
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -82,20 +90,41 @@ class LLCResult:
   def select(self, index) -> "LLCResult":
     """The result for a subset of the leading (checkpoint) axis, e.g. a slice."""
     arrays = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-              for f in dataclasses.fields(self) if f.name != "settings"}
-    return LLCResult(settings=self.settings, **arrays)
+              for f in dataclasses.fields(self) if f.name not in ("settings", "convergence")}
+    conv = None if self.convergence is None else {
+        k: np.asarray(v)[index] for k, v in self.convergence.items()}
+    return LLCResult(settings=self.settings, convergence=conv, **arrays)
+
+  def convergence_counts(self) -> dict[str, int]:
+    """Number of entries per convergence status."""
+    if self.convergence is None:
+      return {}
+    return {name: int(np.sum(self.convergence["status"] == code))
+            for code, name in enumerate(convergence.CONVERGENCE_STATUS)}
+
+  @property
+  def kept_trace(self) -> np.ndarray:
+    """`loss_trace` with the burn-in draws of each entry set to NaN, [..., C, draws]."""
+    if self.burnin is None:
+      return self.loss_trace
+    draws = np.arange(self.loss_trace.shape[-1])
+    cut = np.asarray(self.burnin)[..., None, None]
+    return np.where(draws < cut, np.nan, self.loss_trace)
 
   def save(self, path: str) -> None:
     """Atomically writes an .npz (load with `LLCResult.load`)."""
     arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name != "settings" and getattr(self, f.name) is not None}
+              if f.name not in ("settings", "convergence") and getattr(self, f.name) is not None}
+    arrays.update({f"convergence_{k}": np.asarray(v)
+                   for k, v in (self.convergence or {}).items()})
     atomic.save_npz(path, settings=np.array(json.dumps(self.settings)), **arrays)
 
   @classmethod
   def load(cls, path: str) -> "LLCResult":
     with np.load(path) as z:
-      kw = {k: z[k] for k in z.files if k != "settings"}
-      return cls(settings=json.loads(str(z["settings"])), **kw)
+      kw = {k: z[k] for k in z.files if k != "settings" and not k.startswith("convergence_")}
+      conv = {k[len("convergence_"):]: z[k] for k in z.files if k.startswith("convergence_")}
+      return cls(settings=json.loads(str(z["settings"])), convergence=conv or None, **kw)
 
 
 def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
@@ -109,22 +138,46 @@ def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
 
 
 def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
-              settings: dict, labels: list[str] | None = None, *, num_params: int,
+              settings: dict, labels: list[str] | None = None, *, num_params: int | np.ndarray,
               mala: np.ndarray | None = None, distance: np.ndarray | None = None,
               grad_norm: np.ndarray | None = None, noise_norm: np.ndarray | None = None,
-              criteria: diagnostics.HealthCriteria = diagnostics.HealthCriteria()
-              ) -> LLCResult:
+              criteria: diagnostics.HealthCriteria = diagnostics.HealthCriteria(),
+              burnin: np.ndarray | None = None,
+              convergence_stats: dict[str, np.ndarray] | None = None) -> LLCResult:
   """Builds an LLCResult from traces [..., C, draws] and init losses [..., C, m].
 
-  Diverged chains are left out of the mean and std and named in a warning
-  (`labels[i]` names entry i of the flattened leading axes, e.g. 'step 1200');
-  escaped, non-converged and negative chains are kept and logged.
-  `mala` holds acceptance probabilities [..., C, k] of k measured proposals.
+  `burnin` [...] draws of each entry are left out of its estimate (default 0);
+  `convergence_stats` are the entries' convergence statistics (`diagnostics.assess`),
+  whose not-converged entries mark their chains. Diverged chains are left out of the
+  mean and std and named in a warning (`labels[i]` names entry i of the flattened
+  leading axes, e.g. 'step 1200'); escaped, non-converged and negative chains are
+  kept and logged. `mala` holds acceptance probabilities [..., C, k].
   """
   loss_trace = np.asarray(loss_trace, np.float64)
-  health = diagnostics.chain_health(loss_trace, init_losses, nbeta, num_params,
-                                    distance=distance, criteria=criteria)
-  init_loss = np.asarray(init_losses, np.float64).mean(-1)
+  init_losses = np.asarray(init_losses, np.float64)
+  lead = loss_trace.shape[:-2]
+  b = np.zeros(lead, np.int64) if burnin is None else np.broadcast_to(
+      np.asarray(burnin, np.int64), lead)
+  stuck = None
+  if convergence_stats is not None:
+    stuck = np.asarray(convergence_stats["status"]) == convergence.NOT_CONVERGED
+  nb = np.broadcast_to(np.asarray(nbeta, np.float64), lead)
+  d = np.broadcast_to(np.asarray(num_params), lead)
+  flat_loss = loss_trace.reshape((-1,) + loss_trace.shape[-2:])
+  flat_init = init_losses.reshape((-1,) + init_losses.shape[-2:])
+  flat_dist = None if distance is None else np.asarray(distance).reshape(flat_loss.shape)
+  keys = ("status", "diverged", "escaped", "not_converged", "negative", "llc_per_chain")
+  rows = {k: [] for k in keys}
+  for i in range(flat_loss.shape[0]):
+    bi = int(np.ravel(b)[i])
+    h = diagnostics.chain_health(
+        flat_loss[i, :, bi:], flat_init[i], float(np.ravel(nb)[i]), int(np.ravel(d)[i]),
+        distance=None if flat_dist is None else flat_dist[i], criteria=criteria,
+        not_converged=None if stuck is None else bool(np.ravel(stuck)[i]))
+    for k in keys:
+      rows[k].append(h[k])
+  health = {k: np.stack(v).reshape(lead + (loss_trace.shape[-2],)) for k, v in rows.items()}
+  init_loss = init_losses.mean(-1)
   llc_per_chain = health["llc_per_chain"]
   diverged = health["diverged"]
   ok = ~diverged
@@ -137,10 +190,17 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     warnings.warn("diverged SGLD chains (non-finite or blown-up loss) excluded from the LLC "
                   "mean: " + "; ".join(_labelled(diverged, labels)), RuntimeWarning,
                   stacklevel=3)
-  for flag in ("escaped", "not_converged", "negative"):
+  for flag in ("escaped", "negative"):
     if health[flag].any():
       logging.warning("%d %s SGLD chains (kept in the mean): %s", int(health[flag].sum()),
                       flag.replace("_", "-"), "; ".join(_labelled(health[flag], labels)))
+  if stuck is not None and stuck.any():
+    reasons = convergence_stats.get("reason")
+    named = [f"{labels[i] if labels and i < len(labels) else f'entry {i}'}"
+             + (f" ({np.ravel(reasons)[i]})" if reasons is not None else "")
+             for i in np.flatnonzero(np.ravel(stuck))]
+    logging.warning("%d checkpoints not converged (kept, flagged): %s", len(named),
+                    "; ".join(named))
   if mala is not None and np.size(mala):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of diverged chains
@@ -148,12 +208,18 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
   else:
     mala_acceptance = np.full(llc_per_chain.shape, np.nan)
   as32 = lambda x: None if x is None else np.asarray(x, np.float32)
+  scalar_nbeta = np.ndim(nbeta) == 0 or np.all(np.asarray(nbeta) == np.ravel(nbeta)[0])
   return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=llc_per_chain,
                    loss_trace=loss_trace.astype(np.float32), init_loss=init_loss,
                    diverged=diverged, status=health["status"], escaped=health["escaped"],
                    not_converged=health["not_converged"], negative=health["negative"],
                    mala_acceptance=mala_acceptance, distance=as32(distance),
                    grad_norm=as32(grad_norm), noise_norm=as32(noise_norm),
-                   settings={**settings, "nbeta": float(nbeta), "num_params": np.asarray(num_params).reshape(-1).tolist()
+                   burnin=None if burnin is None else np.asarray(b),
+                   convergence=convergence_stats,
+                   settings={**settings,
+                             "nbeta": float(np.ravel(nbeta)[0]) if scalar_nbeta
+                             else np.asarray(nbeta).tolist(),
+                             "num_params": np.asarray(num_params).reshape(-1).tolist()
                              if np.ndim(num_params) else int(num_params),
                              "health_criteria": dataclasses.asdict(criteria)})

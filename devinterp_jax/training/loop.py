@@ -8,6 +8,14 @@ batch of step s is `batch_fn(fold_in(data_key, s))` whatever happened before.
 A run killed at any point and restarted with the same arguments resumes from
 the latest checkpoint and ends with exactly the parameters of an uninterrupted
 run.
+
+Progress (`devinterp_jax.progress.Progress`): a line with the rate and ETA at
+every log step, and also at any other event (schedule or resume step) once 15 s
+have passed since the last line. The host sees the run only between segments,
+so a segment (at most `log_every` steps) is the granularity: if one segment
+takes longer than 15 s the lines are one per segment. The first segment
+includes compilation and is left out of the rate; the ETA is quoted from the
+second timed segment on.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from devinterp_jax.progress import Progress
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
@@ -217,7 +226,8 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
   events = events[events > start]
   num_seeds = len(workdirs)
   t0 = time.time()
-  loss_sum, loss_count, last_log_time, last_log_step = np.zeros(num_seeds), 0, t0, start
+  loss_sum, loss_count = np.zeros(num_seeds), 0
+  progress = Progress(num_steps, "train", unit="steps").start(start)
   logs = [run_log.MetricsLog(w) for w in workdirs]
   try:
     for end in events:
@@ -233,7 +243,10 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
         evals = eval_fn(state.params)
         for i, row in enumerate(rows):
           row.update({k: float(np.reshape(v, -1)[i]) for k, v in evals.items()})
-      if (log_every and end % log_every == 0) or end in schedule or end == num_steps:
+      log_row = (log_every and end % log_every == 0) or end in schedule or end == num_steps
+      progress.update(int(end), force=bool(log_every and end % log_every == 0),
+                      extra="loss " + " ".join(f"{v / max(loss_count, 1):.4f}" for v in loss_sum))
+      if log_row:
         now = time.time()
         for i, (row, log) in enumerate(zip(rows, logs)):
           row.update(step=int(end), train_loss=loss_sum[i] / max(loss_count, 1),
@@ -241,12 +254,7 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
           if lr_fn is not None:
             row["lr"] = float(lr_fn(int(end) - 1))
           log.write(row)
-        rate = (end - last_log_step) / max(now - last_log_time, 1e-9)
-        logging.info("step %d/%d  loss %s  %.0f steps/s  ETA %.0fs", end, num_steps,
-                     " ".join(f"{r['train_loss']:.4f}" for r in rows), rate,
-                     (num_steps - end) / max(rate, 1e-9))
-        loss_sum, loss_count, last_log_time, last_log_step = (
-            np.zeros(num_seeds), 0, now, end)
+        loss_sum, loss_count = np.zeros(num_seeds), 0
       if end in schedule or end == num_steps or (resume_every and end % resume_every == 0):
         for i, (manager, row) in enumerate(zip(managers, rows)):
           meta = {"scheduled": end in schedule,

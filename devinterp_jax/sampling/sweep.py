@@ -1,0 +1,495 @@
+"""The sweep driver: pairs × chains in blocks, chunked, fingerprinted, resumable, adaptive.
+
+A sweep is a flat list of pairs p = (grid point g, restriction r, checkpoint n),
+each sampled by the same chains (keys `program.chain_keys`). Pairs run in
+chunks of `SweepOptions.checkpoint_chunk` through the cached block program
+(`sampling/program.py`), `SamplerSettings.block_draws` draws per block.
+
+Fixed length (`max_draws=None`): every pair runs `num_draws` draws.
+
+Adaptive (`max_draws` set): every pair first runs `num_draws` draws. Then, after
+each block, the pairs that have not converged (`_assess`: auto burn-in, then
+R̂ / ESS / drift on the kept draws, `diagnostics.HealthCriteria`) continue,
+re-packed into full chunks, until they converge or reach `max_draws`. Finally
+the checkpoints of each (g, r) curve share a window (the latest burn-in to the
+shortest length); where it holds fewer than `min_draws` draws, the short
+checkpoints continue until it does (or they reach `max_draws`).
+
+Resume (`output_dir`): the sweep's files live in `output_dir/<fingerprint>/`
+(`sweep_identity`: settings, criteria, data digest, loss identity, ids,
+restrictions, grid). `llc_pair_<p>.npz` holds pair p's per-step outputs, the
+digest of its checkpoint's params and, for an adaptive sweep, its chain state
+(params, sampler state, step counter), written atomically after every block.
+A killed sweep resumes from each pair's last finished block, and gives the same
+numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from devinterp_jax import atomic, progress as progress_lib
+from devinterp_jax.sampling import convergence as conv
+from devinterp_jax.sampling import diagnostics as diagnostics_lib
+from devinterp_jax.sampling import program as program_lib
+from devinterp_jax.sampling import restrict as restrict_lib
+from devinterp_jax.sampling.settings import AUTO, Restrictions, SamplerSettings, SweepOptions
+from devinterp_jax.storage import chunks as chunks_lib
+from devinterp_jax.storage import digest as digest_lib
+
+Params = Any
+
+
+class ChunkError(ValueError):
+  """A saved file of an LLC sweep is unreadable or does not match its sweep."""
+
+
+@dataclasses.dataclass
+class Pair:
+  """One (grid point, restriction, checkpoint) entry and what it has run."""
+
+  index: int
+  grid: int
+  restriction: int
+  checkpoint: int
+  steps: int = 0
+  outputs: dict[str, np.ndarray] | None = None   # {name: [C, steps]}
+  state: list[np.ndarray] | None = None           # chain-state leaves [C, ...]
+  digest: str | None = None
+  settled: bool = False                           # converged or at max_draws
+
+
+@dataclasses.dataclass
+class SweepOutputs:
+  """What `run` returns: per-pair outputs and the grid of pair indices."""
+
+  pairs: list[Pair]
+  shape: tuple[int, int, int]           # (G, R, N)
+  num_params: np.ndarray                # d per pair [G*R*N]
+  fingerprint: str | None
+  assessments: dict[int, dict]
+
+
+def sweep_identity(settings: SamplerSettings, *, loss_fn, data: Any, loss_data: Any = None,
+                   loss_key: str | None = None, sampler: str, ids: Sequence[Any],
+                   restrictions: Restrictions | None = None, grid: list[dict] | None = None,
+                   criteria: diagnostics_lib.HealthCriteria | None = None) -> dict[str, Any]:
+  """Everything besides the params that determines a sweep's numbers.
+
+  The settings, the sampler, the checkpoint ids, a digest of `data` (and
+  `loss_data`), the restrictions, the hyperparameter grid, the convergence
+  criteria of an adaptive sweep and the identity of the loss: `loss_key` (a
+  user-supplied name, used alone when given) or `digest.callable_identity`.
+  Raises when neither identifies the loss or a callable data source.
+  """
+  loss_id = None if loss_key is not None else digest_lib.callable_identity(loss_fn)
+  if loss_id is None and loss_key is None:
+    raise ValueError(
+        f"resuming from output_dir needs an identity of the loss, and {loss_fn!r} has none "
+        f"that a rerun could match (a lambda, or a closure over objects without a stable "
+        f"value). Pass loss_key='<a name that changes whenever the loss does>' or a named "
+        f"function.")
+  out: dict[str, Any] = {
+      "settings": dataclasses.asdict(settings), "sampler": sampler,
+      "ids": [str(i) for i in ids], "loss": {"key": loss_key, "function": loss_id},
+      "layout": "pairs-v2"}
+  if settings.adaptive or settings.num_burnin_steps == AUTO:
+    out["criteria"] = dataclasses.asdict(criteria or diagnostics_lib.HealthCriteria())
+  for field, value in (("data", data), ("loss_data", loss_data)):
+    if value is None:
+      continue
+    if callable(value):
+      ident = digest_lib.callable_identity(value)
+      ident = "callable:key" if loss_key is not None else (
+          None if ident is None else f"callable:{ident}")
+    else:
+      ident = "arrays:" + digest_lib.tree_digest(value)
+    if ident is None:
+      raise ValueError(
+          f"resuming from output_dir needs an identity of {field}, and the batch source "
+          f"{value!r} has none that a rerun could match. Pass loss_key='<a name that "
+          f"changes whenever the loss or the data do>'.")
+    out[field] = ident
+  if restrictions is not None:
+    out["restrictions"] = list(restrictions.names)
+    out["restriction_digest"] = digest_lib.tree_digest(restrictions.masks)
+  if grid is not None:
+    out["grid"] = grid
+  return out
+
+
+def fingerprint(identity: dict) -> str:
+  blob = json.dumps(identity, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the outputs of a pair.
+
+def draw_index(settings: SamplerSettings, steps: int) -> np.ndarray:
+  return settings.draw_steps(steps)
+
+
+def init_index(settings: SamplerSettings, steps: int) -> np.ndarray:
+  every = settings.thinning * settings.init_loss_stride
+  return np.arange(settings.burnin_steps, steps, every)
+
+
+def mala_index(settings: SamplerSettings, steps: int) -> np.ndarray:
+  if not settings.mala_stride:
+    return np.zeros((0,), np.int64)
+  t = np.arange(steps)
+  return t[(t >= settings.burnin_steps) & (t % settings.mala_stride == 0)]
+
+
+def used_steps(settings: SamplerSettings, pair: Pair) -> int:
+  """The steps whose draws count: all of them, or `num_draws` draws at a fixed length."""
+  return pair.steps if settings.adaptive else min(pair.steps, settings.num_steps)
+
+
+def pair_draws(settings: SamplerSettings, pair: Pair, name: str = "loss") -> np.ndarray:
+  """Pair p's recorded draws of `name`, [C, draws]."""
+  return pair.outputs[name][:, draw_index(settings, used_steps(settings, pair))]
+
+
+def pair_init_losses(settings: SamplerSettings, pair: Pair) -> np.ndarray:
+  return pair.outputs["init_loss"][:, init_index(settings, used_steps(settings, pair))]
+
+
+def assess_pair(settings: SamplerSettings, pair: Pair, nbeta: float, num_params: int,
+                criteria: diagnostics_lib.HealthCriteria) -> dict:
+  """Burn-in and convergence of one pair on its own draws (see `diagnostics.assess`)."""
+  return diagnostics_lib.assess(pair_draws(settings, pair), pair_init_losses(settings, pair),
+                                nbeta, num_params, burnin=settings.num_burnin_steps,
+                                criteria=criteria)
+
+
+def keeps_running(assessment: dict, criteria: diagnostics_lib.HealthCriteria) -> bool:
+  """The adaptive rule: a pair continues (one more block, up to max_draws) unless it
+  has converged, or has too few valid chains for more draws to help."""
+  if assessment["status"] == conv.CONVERGED:
+    return False
+  return not (assessment["status"] == conv.UNCHECKED
+              and assessment["num_chains"] < criteria.min_chains)
+
+
+# ---------------------------------------------------------------------------------------
+# The driver.
+
+def _load_pair(path: str, fp: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path) as z:
+      contents = {k: z[k] for k in z.files}
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise ChunkError(f"{path} is unreadable ({type(e).__name__}: {e}): this saved part of "
+                     f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
+                     f"that part.") from None
+  if str(contents.get("fingerprint")) != fp or "params_digest" not in contents:
+    raise ChunkError(f"{path} holds results of another sweep than its directory names "
+                     f"(fingerprint {contents.get('fingerprint')!s} vs {fp}). Delete it and "
+                     f"rerun; the sweep recomputes that part.")
+  return contents
+
+
+def _save_pair(path: str, fp: str, pair: Pair, keep_state: bool) -> None:
+  arrays = {f"out_{k}": v for k, v in pair.outputs.items()}
+  if keep_state and pair.state is not None:
+    arrays.update({f"state_{i:04d}": x for i, x in enumerate(pair.state)})
+  atomic.save_npz(path, fingerprint=np.array(fp), params_digest=np.array(pair.digest),
+                  steps=np.array(pair.steps), **arrays)
+
+
+def _note_other_sweeps(output_dir: str, fp: str) -> None:
+  if not os.path.isdir(output_dir):
+    return
+  entries = os.listdir(output_dir)
+  if any(e.startswith("llc_chunk_") for e in entries):
+    logging.warning("%s holds chunks of an older layout without a fingerprint of the data, "
+                    "params and loss; they are not reused", output_dir)
+  others = [e for e in entries if e != fp and
+            os.path.exists(os.path.join(output_dir, e, "sweep.json"))]
+  if others:
+    logging.info("%s also holds %d sweeps of other settings, data or loss (kept apart): %s",
+                 output_dir, len(others), ", ".join(sorted(others)))
+
+
+def require_arrays(params: Params) -> None:
+  if not jax.tree.leaves(params):
+    raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
+                     "model's params, e.g. a dict of weight arrays")
+
+
+def check_finite(params: Params, ids: Sequence[Any]) -> None:
+  """Names the checkpoints whose params hold NaN or inf (w* must be finite)."""
+  bad: dict[Any, list[str]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    x = np.asarray(leaf)
+    finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+    for i in np.flatnonzero(~finite):
+      if i < len(ids):
+        bad.setdefault(ids[i], []).append(
+            f"{jax.tree_util.keystr(path)} ({int(np.isnan(x[i]).sum())} NaN, "
+            f"{int(np.isinf(x[i]).sum())} inf)")
+  if bad:
+    raise ValueError("non-finite w*: " + "; ".join(
+        f"checkpoint {c} has non-finite params in {', '.join(leaves)}"
+        for c, leaves in bad.items()) + ". An LLC needs finite params at the checkpoint; "
+        "check how they were produced (a diverged training run, a corrupted file).")
+
+
+class Checkpoints:
+  """Random access to a sweep's checkpoints: a sequence or a stacked pytree."""
+
+  def __init__(self, checkpoints: Sequence[Params] | Params):
+    if isinstance(checkpoints, Sequence):
+      if len(checkpoints) == 0:
+        raise ValueError("checkpoints is empty")
+      self.seq, self.stacked, self.num = checkpoints, None, len(checkpoints)
+    else:
+      require_arrays(checkpoints)
+      sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(checkpoints)}
+      if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"stacked checkpoints need one leading axis size, got "
+                         f"{sorted(map(str, sizes))}")
+      self.seq, self.stacked, self.num = None, checkpoints, sizes.pop()
+    self._cache: dict[int, Params] = {}
+
+  def stack(self, indices: Sequence[int]) -> Params:
+    """Checkpoints `indices` stacked on [len(indices)] (loads each distinct one once)."""
+    unique = sorted(set(indices))
+    if self.stacked is not None:
+      got = {i: jax.tree.map(lambda x: np.asarray(x[i]), self.stacked) for i in unique}
+    else:
+      got = dict(zip(unique, [self.seq[i] for i in unique]))
+      chunks_lib.stack([got[i] for i in unique], unique[0])   # names a misfit
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                        *[got[i] for i in indices])
+
+
+def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: SamplerSettings,
+        options: SweepOptions = SweepOptions(), *, sampler: Any = "sgld",
+        sampler_label: str = "sgld", restrictions: Restrictions | None = None,
+        grid: list[dict] | None = None, loss_data: Any = None,
+        criteria: diagnostics_lib.HealthCriteria | None = None) -> SweepOutputs:
+  """Runs a sweep (see the module docstring) and returns every pair's outputs.
+
+  `grid` is a list of hyperparameter dicts (step_size, nbeta, localization)
+  that replace the settings' values (a calibration grid); default: one point.
+  """
+  criteria = criteria or diagnostics_lib.HealthCriteria()
+  ckpts = Checkpoints(checkpoints)
+  N = ckpts.num
+  ids = list(options.checkpoint_ids) if options.checkpoint_ids is not None else list(range(N))
+  if len(ids) != N:
+    raise ValueError(f"{len(ids)} checkpoint_ids for {N} checkpoints")
+  if not callable(data):
+    from devinterp_jax.sampling import kernel
+    kernel.check_data(data)
+  hyper_grid = grid or [{"step_size": settings.step_size, "nbeta": settings.nbeta,
+                         "localization": settings.localization}]
+  G = len(hyper_grid)
+  comp = None
+  if restrictions is not None:
+    restrictions = restrictions.check()
+    comp = restrict_lib.compact(restrictions.masks)
+  R = 1 if restrictions is None else len(restrictions.names)
+  pairs = [Pair(index=(g * R + r) * N + n, grid=g, restriction=r, checkpoint=n)
+           for g in range(G) for r in range(R) for n in range(N)]
+  first = ckpts.stack([0])
+  require_arrays(first)
+  if restrictions is not None:
+    restrict_lib.check(restrictions.masks, jax.tree.map(lambda x: x[0], first), leading_axes=1)
+    counts = restrict_lib.num_selected(restrictions.masks, leading_axes=1)
+    num_params = np.array([counts[p.restriction] for p in pairs])
+  else:
+    d = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(first))
+    num_params = np.full(len(pairs), d)
+  chunk = chunks_lib.chunk_size(len(pairs), options.checkpoint_chunk)
+
+  prog = program_lib.get_program(
+      loss_fn, settings, data=data, loss_data=loss_data, sampler=sampler,
+      chain_strategy=options.chain_strategy, leaves=None if comp is None else comp.leaves,
+      padded=comp is not None and comp.valid is not None, mesh=options.mesh,
+      batch_axis=options.batch_axis)
+  keys = program_lib.chain_keys(settings.seed, settings.num_chains)
+  data_arg = None if callable(data) else data
+  loss_data_arg = None if (loss_data is None or callable(loss_data)) else loss_data
+  if options.mesh is not None:
+    replicated = NamedSharding(program_lib.auto_mesh(options.mesh), P())
+    data_arg = None if data_arg is None else jax.device_put(data_arg, replicated)
+    loss_data_arg = None if loss_data_arg is None else jax.device_put(loss_data_arg, replicated)
+  else:
+    data_arg = None if data_arg is None else jax.device_put(data_arg)
+    loss_data_arg = None if loss_data_arg is None else jax.device_put(loss_data_arg)
+
+  sweep_dir = fp = None
+  if options.output_dir:
+    identity = sweep_identity(settings, loss_fn=loss_fn, data=data, loss_data=loss_data,
+                              loss_key=options.loss_key, sampler=sampler_label, ids=ids,
+                              restrictions=restrictions, grid=grid, criteria=criteria)
+    fp = fingerprint(identity)
+    sweep_dir = os.path.join(options.output_dir, fp)
+    _note_other_sweeps(options.output_dir, fp)
+    if not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
+      atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
+                        json.dumps(identity, indent=1, default=str))
+  path_of = lambda p: os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
+  digests: dict[int, str] = {}
+
+  def digest_of(n: int) -> str:
+    if n not in digests:
+      digests[n] = digest_lib.tree_digest(jax.tree.map(lambda x: x[0], ckpts.stack([n])))
+    return digests[n]
+
+  if sweep_dir:     # resume what a killed run finished
+    for p in pairs:
+      if os.path.exists(path_of(p)):
+        z = _load_pair(path_of(p), fp)
+        if str(z["params_digest"]) != digest_of(p.checkpoint):
+          logging.warning("%s was computed on other params for checkpoint %s (they changed "
+                          "since); recomputing it", path_of(p), ids[p.checkpoint])
+          continue
+        p.steps, p.digest = int(z["steps"]), str(z["params_digest"])
+        p.outputs = {k[4:]: v for k, v in z.items() if k.startswith("out_")}
+        state = [z[k] for k in sorted(z) if k.startswith("state_")]
+        p.state = state or None
+
+  nbeta_of = lambda p: float(hyper_grid[p.grid]["nbeta"])
+  initial = settings.steps_for(settings.num_draws)
+  max_steps = None if not settings.adaptive else settings.steps_for(settings.max_draws)
+  assessments: dict[int, dict] = {}
+
+  def assess(p: Pair) -> dict:
+    a = assessments.get(p.index)
+    if a is None or a["steps"] != p.steps:
+      a = assess_pair(settings, p, nbeta_of(p), int(num_params[p.index]), criteria)
+      a["steps"] = p.steps
+      assessments[p.index] = a
+    return a
+
+  def target(p: Pair) -> int:
+    """The steps pair p should have run before the next look."""
+    if p.steps < initial:
+      return initial
+    if max_steps is None or p.steps >= max_steps:
+      return p.steps
+    if not keeps_running(assess(p), criteria):
+      return p.steps
+    return min(p.steps + prog.block_steps, max_steps)
+
+  def window_targets() -> dict[int, int]:
+    """Extra steps so every curve's common window holds min_draws draws."""
+    if max_steps is None:
+      return {}
+    extra = {}
+    for g in range(G):
+      for r in range(R):
+        group = [p for p in pairs if p.grid == g and p.restriction == r]
+        start = max(int(assess(p)["burnin"]) for p in group)
+        need = settings.steps_for(start + criteria.min_draws)
+        for p in group:
+          if p.steps < min(need, max_steps):
+            extra[p.index] = min(p.steps + prog.block_steps, max_steps)
+    return extra
+
+  total_estimate = sum(max(initial - p.steps, 0) for p in pairs)
+  tracker = progress_lib.Progress(total=total_estimate * settings.num_chains,
+                                  what="LLC sweep", unit="chain-steps",
+                                  every_s=options.progress_every_s,
+                                  log=logging.info if options.progress else (lambda _: None))
+  tracker.start()
+  done_units = [0]
+
+  while True:
+    todo = {p.index: target(p) for p in pairs if target(p) > p.steps}
+    if not todo:
+      todo = window_targets()
+      if not todo:
+        break
+    extra = sum(t - pairs[i].steps for i, t in todo.items()) * settings.num_chains
+    if done_units[0] + extra > tracker.total:
+      tracker.total = done_units[0] + extra
+    by_start: dict[tuple[int, int], list[Pair]] = {}
+    for i, t in todo.items():
+      by_start.setdefault((pairs[i].steps, t), []).append(pairs[i])
+    for (start, stop), group in sorted(by_start.items()):
+      for lo in range(0, len(group), chunk):
+        members = group[lo:lo + chunk]
+        _run_chunk(prog, members, start, stop, chunk, ckpts, ids, hyper_grid, comp, keys,
+                   data_arg, loss_data_arg, settings, digest_of,
+                   (lambda p: path_of(p)) if sweep_dir else None, fp, tracker, done_units)
+  tracker.update(tracker.total, force=True)
+  for p in pairs:
+    assess(p)
+  if sweep_dir and settings.adaptive:   # finished: the chain states are no longer needed
+    for p in pairs:
+      if p.state is not None:
+        p.state = None
+        _save_pair(path_of(p), fp, p, keep_state=False)
+  return SweepOutputs(pairs=pairs, shape=(G, R, N), num_params=num_params, fingerprint=fp,
+                      assessments=assessments)
+
+
+def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckpts, ids,
+               hyper_grid, comp, keys, data_arg, loss_data_arg, settings: SamplerSettings,
+               digest_of: Callable[[int], str], path_of, fp, tracker, done_units) -> None:
+  """Advances `members` (all at `start` steps) to `stop` steps, block by block."""
+  padded = members + [members[0]] * (chunk - len(members))
+  params_star = ckpts.stack([p.checkpoint for p in padded])
+  require_arrays(params_star)
+  check_finite(params_star, [ids[p.checkpoint] for p in padded])
+  for p in members:
+    p.digest = digest_of(p.checkpoint)
+  hypers = {k: jnp.asarray([float(hyper_grid[p.grid][k]) for p in padded], jnp.float32)
+            for k in ("step_size", "nbeta", "localization")}
+  index = valid = None
+  if comp is not None:
+    index = jnp.asarray(comp.index[[p.restriction for p in padded]])
+    if comp.valid is not None:
+      valid = jnp.asarray(comp.valid[[p.restriction for p in padded]])
+  params_star = jax.device_put(params_star)
+  if start == 0:
+    carry = prog.init(params_star, hypers, index)
+  else:
+    template = jax.eval_shape(prog.init, params_star, hypers, index)
+    leaves_t, treedef = jax.tree.flatten(template)
+    if any(p.state is None for p in members):
+      raise ChunkError(f"pairs {[p.index for p in members if p.state is None]} have run "
+                       f"{start} steps but have no saved chain state to continue from")
+    stacked = [np.stack([p.state[i] for p in padded]) for i in range(len(leaves_t))]
+    carry = treedef.unflatten([jnp.asarray(x, t.dtype) for x, t in zip(stacked, leaves_t)])
+  per_step = len(padded) * settings.num_chains
+  for t0 in range(start, stop, prog.block_steps):
+    base = done_units[0]
+    program_lib.set_progress_hook(
+        lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step
+                                                   * len(members) // len(padded)))
+    try:
+      carry, out = prog.block(carry, jnp.int32(t0), params_star, hypers, keys, data_arg,
+                              loss_data_arg, index, valid)
+      out = jax.device_get(out)
+    finally:
+      program_lib.set_progress_hook(None)
+    done_units[0] = base + prog.block_steps * len(members) * settings.num_chains
+    keep_state = settings.adaptive
+    state_leaves = jax.device_get(jax.tree.leaves(carry)) if keep_state else None
+    for j, p in enumerate(members):
+      new = {k: np.asarray(v[j]) for k, v in out.items()}
+      p.outputs = new if p.outputs is None or p.steps == 0 else {
+          k: np.concatenate([p.outputs[k][:, :p.steps], new[k]], axis=-1) for k in new}
+      p.steps = t0 + prog.block_steps
+      p.state = [np.asarray(x[j]) for x in state_leaves] if keep_state else None
+      if path_of is not None and (keep_state or p.steps >= stop):
+        _save_pair(path_of(p), fp, p, keep_state)
+    tracker.update(done_units[0])
