@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # drift checks pass on the kept draws and every checkpoint shares a 400-draw window.
     config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
                       nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8,
-                      num_burnin_steps="auto", max_draws=1000)
+                      num_burnin_steps="auto", max_draws=800)
     config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
     # wrLLC of all 8 heads × 21 checkpoints in one program, under 15 minutes on 2 cores:
     # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/refined.md).

@@ -81,6 +81,9 @@ class Progress:
     self._t_last: float | None = None     # last update
     self._done_last = 0
     self._t_line: float | None = None     # last logged line
+    # False while more work may be added (an adaptive sweep): reaching `total` then
+    # means "this round is done", not "the job is done".
+    self.final = True
 
   # -- recording -------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class Progress:
     self._t_last, self._done_last = now, int(done)
     if first:        # the interval up to here included compilation: the rate starts now
       self._t_warm, self._done_warm = now, int(done)
-    due = (force or first or done >= self.total
+    due = (force or first or (done >= self.total and self.final)
            or now - self._t_line >= self.every_s)
     if not due:
       return None
@@ -156,7 +159,9 @@ class Progress:
     if extra:
       parts.append(extra)
     rate = self.rate
-    if self._done_last >= self.total:
+    if self._done_last >= self.total and not self.final:
+      parts.append(f"elapsed {format_eta(self.elapsed_s)}, checking convergence")
+    elif self._done_last >= self.total:
       parts.append(f"done in {format_eta(self.elapsed_s)}")
       if rate is not None:
         parts.append(f"{_format_rate(rate)} {self.unit}/s after warm-up")

@@ -52,11 +52,13 @@ OK, NEGATIVE, NOT_CONVERGED, ESCAPED, DIVERGED = range(len(STATUS_NAMES))
 
 
 @dataclasses.dataclass(frozen=True)
-class HealthCriteria:
-  """Thresholds of the chain-health and convergence checks (module docstring).
+class HealthCriteria(convergence_lib.ConvergenceCriteria):
+  """Thresholds of the chain-health checks and (inherited) of the convergence checks
+  (module docstring; `convergence.ConvergenceCriteria`: rhat_max 1.01, bulk and tail
+  ESS ≥ 100 per chain, |drift z| ≤ 3, min_draws 400, min_chains 4).
 
-  The convergence thresholds are fixed before any job is run against them;
-  their false-alarm rate on stationary traces is measured by
+  The convergence thresholds were fixed before any job was run against them; their
+  false-alarm rate on stationary traces is measured by
   benchmarks/convergence_false_alarms.py (docs/convergence_false_alarms.md).
   """
 
@@ -64,18 +66,6 @@ class HealthCriteria:
   divergence_llc_floor: float = 100.0
   escape_z: float = 4.0
   escape_llc: float = 0.5
-  rhat_max: float = 1.01
-  ess_bulk_min_per_chain: float = 100.0
-  ess_tail_min_per_chain: float = 100.0
-  drift_z_max: float = 3.0
-  min_draws: int = 400
-  min_chains: int = 4
-
-  def convergence(self) -> convergence_lib.ConvergenceCriteria:
-    return convergence_lib.ConvergenceCriteria(
-        rhat_max=self.rhat_max, ess_bulk_min_per_chain=self.ess_bulk_min_per_chain,
-        ess_tail_min_per_chain=self.ess_tail_min_per_chain, drift_z_max=self.drift_z_max,
-        min_draws=self.min_draws, min_chains=self.min_chains)
 
 
 def autocorrelation_time(x: np.ndarray, window_factor: float = 5.0,
@@ -206,7 +196,7 @@ def assess(loss_draws: np.ndarray, init_losses: np.ndarray, nbeta: float, num_pa
   valid = ~health["diverged"]
   out: dict = {"burnin": b, "mser": mser, "relaxing": relaxing, "valid": valid,
                "num_recorded": t}
-  conv = convergence_lib.assess(kept[None], criteria.convergence(), valid[None])
+  conv = convergence_lib.assess(kept[None], criteria, valid[None])
   for k in ("rhat", "ess_bulk", "ess_tail", "ess_bulk_per_chain", "ess_tail_per_chain",
             "drift_z", "num_draws", "num_chains"):
     out[k] = conv[k][0].item()

@@ -408,6 +408,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
                                   what="LLC sweep", unit="chain-steps",
                                   every_s=options.progress_every_s,
                                   log=logging.info if options.progress else (lambda _: None))
+  tracker.final = not settings.adaptive
   tracker.start()
   done_units = [0]
 
@@ -429,6 +430,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
         _run_chunk(prog, members, start, stop, chunk, ckpts, ids, hyper_grid, comp, keys,
                    data_arg, loss_data_arg, settings, digest_of,
                    (lambda p: path_of(p)) if sweep_dir else None, fp, tracker, done_units)
+  tracker.final = True
   tracker.update(tracker.total, force=True)
   for p in pairs:
     assess(p)
