@@ -127,16 +127,6 @@ def test_matches_arviz_reference_values(name):
   for f, want in zip(FUNCS, ARVIZ[name]):
     assert float(f(x)) == pytest.approx(want, rel=1e-10), f.__name__
 
-
-def test_matches_arviz_when_installed():
-  diag = pytest.importorskip("arviz.stats.diagnostics")
-  rng = np.random.default_rng(5)
-  for x in (rng.standard_normal((4, 123)), _ar1(rng, (3, 400), 0.95), rng.standard_cauchy((2, 64))):
-    for f, g in zip(FUNCS, (diag._rhat_rank, diag._ess_bulk, diag._ess_tail, diag._ess_mean,
-                            diag._mcse_mean)):
-      assert float(f(x)) == pytest.approx(g(x), rel=1e-10), f.__name__
-
-
 def test_batched_equals_per_entry():
   sets = _reference_sets()
   x = np.stack([sets["shift"], sets["scale"]])[None]   # [1, 2, 4, 300]
