@@ -79,8 +79,6 @@ def main(argv):
     for _ in range(3):
       jax.block_until_ready(fwd_bwd(params, batch))
     return (time.perf_counter() - t0) / 3
-  hypers = {"step_size": np.float32(3e-4), "nbeta": np.float32(66.7),
-            "localization": np.float32(6.67)}
 
   programs = {}
   for cfg in _CONFIGS.value:

@@ -67,7 +67,6 @@ class Pair:
   outputs: dict[str, np.ndarray] | None = None   # {name: [C, steps]}
   state: list[np.ndarray] | None = None           # chain-state leaves [C, ...]
   digest: str | None = None
-  settled: bool = False                           # converged or at max_draws
 
 
 @dataclasses.dataclass
