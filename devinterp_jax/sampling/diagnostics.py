@@ -145,9 +145,7 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float |
     tau = autocorrelation_time(half - slope * t, pool_axis=-2)
     m4, se4 = _quarter_stats(loss, 3, tau)
     threshold = np.maximum(c.divergence_llc_factor * np.asarray(num_params, np.float64),
-                           c.divergence_llc_floor)
-    threshold = np.broadcast_to(threshold, llc.shape[:-1])[..., None] if np.ndim(threshold) \
-        else threshold
+                           c.divergence_llc_floor)[..., None]   # per entry, over its chains
     blown = nbeta * (m4 - init_loss) > threshold
     diverged = ~finite | blown
     below = m4 - init_loss

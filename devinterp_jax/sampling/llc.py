@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import optax
 
-from devinterp_jax.sampling import convergence as convergence_lib
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
+from devinterp_jax.sampling import program as program_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.sampling import sweep as sweep_lib
@@ -158,7 +158,6 @@ def estimate(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any,
                       grid=grid, loss_data=loss_data, criteria=criteria)
   G, R, N = out.shape
   ids = list(options.checkpoint_ids) if options.checkpoint_ids is not None else list(range(N))
-  from devinterp_jax.sampling import program as program_lib
   extra = {"chain_strategy": program_lib.resolve_chain_strategy(options.chain_strategy),
            "checkpoint_chunk": options.checkpoint_chunk, "sampler": sampler_name(sampler),
            "data_refined": loss_data is not None}
@@ -281,5 +280,3 @@ def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,
                       **{"progress": False, **kwargs})
   return res.select(0)
 
-
-CONVERGENCE_STATUS = convergence_lib.CONVERGENCE_STATUS

@@ -111,8 +111,7 @@ def data_signature(data: Any) -> Any:
   if callable(data):
     return ("source", _hashable(data))
   leaves, treedef = jax.tree.flatten(data)
-  return ("arrays", treedef, tuple((tuple(np.shape(x)), str(np.asarray(x).dtype)
-                                    if not hasattr(x, "dtype") else str(x.dtype))
+  return ("arrays", treedef, tuple((tuple(np.shape(x)), str(np.result_type(x)))
                                    for x in leaves))
 
 

@@ -22,7 +22,10 @@ import dataclasses
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import jax
 import numpy as np
+
+from devinterp_jax.sampling import restrict as restrict_lib
 
 Params = Any
 
@@ -172,13 +175,10 @@ class Restrictions(NamedTuple):
 
   @classmethod
   def single(cls, mask: Params, name: str = "restricted") -> "Restrictions":
-    from devinterp_jax.sampling import restrict as restrict_lib
     return cls([name], restrict_lib.stack([mask]))
 
   def check(self) -> "Restrictions":
     """Binary float32 masks with one leading size, each selecting something."""
-    from devinterp_jax.sampling import restrict as restrict_lib
-    import jax
     restrict_lib.check_binary(self.masks)
     masks = jax.tree.map(lambda x: np.asarray(x, np.float32), self.masks)
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(masks)}

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from devinterp_jax import atomic, progress as progress_lib
 from devinterp_jax.sampling import convergence as conv
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
+from devinterp_jax.sampling import kernel
 from devinterp_jax.sampling import program as program_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.settings import AUTO, Restrictions, SamplerSettings, SweepOptions
@@ -262,18 +263,15 @@ class Checkpoints:
         raise ValueError(f"stacked checkpoints need one leading axis size, got "
                          f"{sorted(map(str, sizes))}")
       self.seq, self.stacked, self.num = None, checkpoints, sizes.pop()
-    self._cache: dict[int, Params] = {}
 
   def stack(self, indices: Sequence[int]) -> Params:
     """Checkpoints `indices` stacked on [len(indices)] (loads each distinct one once)."""
-    unique = sorted(set(indices))
     if self.stacked is not None:
-      got = {i: jax.tree.map(lambda x: np.asarray(x[i]), self.stacked) for i in unique}
-    else:
-      got = dict(zip(unique, [self.seq[i] for i in unique]))
-      chunks_lib.stack([got[i] for i in unique], unique[0])   # names a misfit
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                        *[got[i] for i in indices])
+      return jax.tree.map(lambda x: np.asarray(x)[np.asarray(indices)], self.stacked)
+    unique = sorted(set(indices))
+    loaded = chunks_lib.stack([self.seq[i] for i in unique], unique[0])   # names a misfit
+    pos = np.asarray([unique.index(i) for i in indices])
+    return jax.tree.map(lambda x: x[pos], loaded)
 
 
 def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: SamplerSettings,
@@ -293,7 +291,6 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   if len(ids) != N:
     raise ValueError(f"{len(ids)} checkpoint_ids for {N} checkpoints")
   if not callable(data):
-    from devinterp_jax.sampling import kernel
     kernel.check_data(data)
   hyper_grid = grid or [{"step_size": settings.step_size, "nbeta": settings.nbeta,
                          "localization": settings.localization}]
@@ -344,11 +341,12 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
                         json.dumps(identity, indent=1, default=str))
   path_of = lambda p: os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
-  digests: dict[int, str] = {}
+  digests: dict[int, str] = {}   # params digest per checkpoint, computed once
 
-  def digest_of(n: int) -> str:
+  def digest_of(n: int, stacked: Params | None = None, row: int = 0) -> str:
     if n not in digests:
-      digests[n] = digest_lib.tree_digest(jax.tree.map(lambda x: x[0], ckpts.stack([n])))
+      stacked = ckpts.stack([n]) if stacked is None else stacked
+      digests[n] = digest_lib.tree_digest(jax.tree.map(lambda x: x[row], stacked))
     return digests[n]
 
   if sweep_dir:     # resume what a killed run finished
@@ -412,7 +410,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   done_units = [0]
 
   while True:
-    todo = {p.index: target(p) for p in pairs if target(p) > p.steps}
+    todo = {p.index: t for p in pairs if (t := target(p)) > p.steps}
     if not todo:
       todo = window_targets()
       if not todo:
@@ -427,8 +425,8 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       for lo in range(0, len(group), chunk):
         members = group[lo:lo + chunk]
         _run_chunk(prog, members, start, stop, chunk, ckpts, ids, hyper_grid, comp, keys,
-                   data_arg, loss_data_arg, settings, digest_of,
-                   (lambda p: path_of(p)) if sweep_dir else None, fp, tracker, done_units)
+                   data_arg, loss_data_arg, settings, digest_of if sweep_dir else None,
+                   path_of if sweep_dir else None, fp, tracker, done_units)
   tracker.final = True
   tracker.update(tracker.total, force=True)
   for p in pairs:
@@ -444,14 +442,15 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
 def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckpts, ids,
                hyper_grid, comp, keys, data_arg, loss_data_arg, settings: SamplerSettings,
-               digest_of: Callable[[int], str], path_of, fp, tracker, done_units) -> None:
+               digest_of: Callable[..., str] | None, path_of, fp, tracker, done_units) -> None:
   """Advances `members` (all at `start` steps) to `stop` steps, block by block."""
   padded = members + [members[0]] * (chunk - len(members))
   params_star = ckpts.stack([p.checkpoint for p in padded])
   require_arrays(params_star)
   check_finite(params_star, [ids[p.checkpoint] for p in padded])
-  for p in members:
-    p.digest = digest_of(p.checkpoint)
+  if digest_of is not None:
+    for j, p in enumerate(members):
+      p.digest = digest_of(p.checkpoint, params_star, j)
   hypers = {k: jnp.asarray([float(hyper_grid[p.grid][k]) for p in padded], jnp.float32)
             for k in ("step_size", "nbeta", "localization")}
   index = valid = None
@@ -470,27 +469,30 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
                        f"{start} steps but have no saved chain state to continue from")
     stacked = [np.stack([p.state[i] for p in padded]) for i in range(len(leaves_t))]
     carry = treedef.unflatten([jnp.asarray(x, t.dtype) for x, t in zip(stacked, leaves_t)])
-  per_step = len(padded) * settings.num_chains
+  per_step = len(members) * settings.num_chains    # padding is not progress
   for t0 in range(start, stop, prog.block_steps):
     base = done_units[0]
     program_lib.set_progress_hook(
-        lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step
-                                                   * len(members) // len(padded)))
+        lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step))
     try:
       carry, out = prog.block(carry, jnp.int32(t0), params_star, hypers, keys, data_arg,
                               loss_data_arg, index, valid)
       out = jax.device_get(out)
     finally:
       program_lib.set_progress_hook(None)
-    done_units[0] = base + prog.block_steps * len(members) * settings.num_chains
-    keep_state = settings.adaptive
+    done_units[0] = base + prog.block_steps * per_step
+    last = t0 + prog.block_steps >= stop
+    # An adaptive pair may continue later: its state goes to disk after every block
+    # (resume), or is fetched once at the chunk's end when there is no disk.
+    keep_state = settings.adaptive and (path_of is not None or last)
     state_leaves = jax.device_get(jax.tree.leaves(carry)) if keep_state else None
     for j, p in enumerate(members):
       new = {k: np.asarray(v[j]) for k, v in out.items()}
       p.outputs = new if p.outputs is None or p.steps == 0 else {
           k: np.concatenate([p.outputs[k][:, :p.steps], new[k]], axis=-1) for k in new}
       p.steps = t0 + prog.block_steps
-      p.state = [np.asarray(x[j]) for x in state_leaves] if keep_state else None
-      if path_of is not None and (keep_state or p.steps >= stop):
+      if keep_state:
+        p.state = [np.asarray(x[j]) for x in state_leaves]
+      if path_of is not None and (settings.adaptive or last):
         _save_pair(path_of(p), fp, p, keep_state)
     tracker.update(done_units[0])
