@@ -1,12 +1,19 @@
-"""Do stage boundaries survive a different SGLD seed?
+"""Do stage boundaries survive resampling, and a different SGLD seed?
 
-Re-estimates the LLC of every checkpoint of a finished run with other SGLD seeds
-(new noise and minibatches; same ε, nβ, γ, chains, draws), finds the stage
-boundaries of each curve with the run's analysis options, and reports how far
-each boundary moves, in checkpoints. Resumable (chunks under
-<workdir>/llc_sgld_seed_<s>/). Writes <workdir>/stage_stability.json.
+Scores the stage boundaries of a finished run with `report.stage_stability`
+(docs/stages.md): the run's chains bootstrapped jointly across checkpoints ×
+draw windows, every resample refitted with the run's stage options, gives each
+boundary its stability and the criterion's pass/fail. As the stronger test, it
+re-estimates the LLC of every checkpoint with other SGLD seeds (new noise and
+minibatches; same ε, nβ, γ, chains, draws), fits each curve with the same
+options, and reports per boundary the fraction of seeds that have it
+(`seed_stability`, outside the criterion) and how far each boundary moves, in
+checkpoints. Resumable (chunks under <workdir>/llc_sgld_seed_<s>/). Writes
+<workdir>/stage_stability.json.
 
   PYTHONPATH=. python benchmarks/stage_stability.py --workdir=workdirs/icl_runlocal --seeds=1
+
+--seeds= (empty) scores the resampling stability alone (no SGLD runs).
 """
 
 import json
@@ -46,13 +53,15 @@ def main(argv):
   rows = {"workdir": os.path.abspath(_WORKDIR.value), "sgld_seed": int(config.llc.seed),
           "boundary_steps": list(base.boundary_steps), "other_seeds": []}
   model = icl_regression.make_model(config)
-  for seed in [int(s) for s in _SEEDS.value]:
+  seed_results = {}
+  for seed in [int(s) for s in _SEEDS.value if s.strip()]:
     config.llc.seed = seed
     result = icl_regression.estimate_checkpoints(
         config, model, run.checkpoints(), [int(s) for s in run.steps],
         os.path.join(_WORKDIR.value, f"llc_sgld_seed_{seed}", "chunks"))
+    seed_results[f"sgld seed {seed}"] = (run.steps, result)
     other = report.fit_stages(run.steps, result.llc_mean, result.llc_std, result.llc_sem,
-                              options)
+                              options, num_valid_chains=result.num_valid_chains)
     entry = {"sgld_seed": seed, "boundary_steps": list(other.boundary_steps),
              "llc_mean": result.llc_mean.tolist(),
              "max_abs_llc_difference": float(np.max(np.abs(result.llc_mean - run.llc.llc_mean))),
@@ -60,9 +69,24 @@ def main(argv):
     rows["other_seeds"].append(entry)
     logging.info("SGLD seed %d: boundaries %s vs %s (max shift %s checkpoints)", seed,
                  entry["boundary_steps"], rows["boundary_steps"], entry["max_shift_checkpoints"])
+  stability = report.stage_stability(run.steps, run.llc, base, options,
+                                     seed_results=seed_results or None)
+  rows["stability"] = stability.to_dict()
+  logging.info("Stability: %s", stability.summary())
+  for b in stability.boundaries:
+    logging.info("boundary %d at step %d: stability %.3f%s, seed stability %s", b["boundary"],
+                 b["step"], b["stability"], "" if b["stable"] else " (UNSTABLE)",
+                 b["seed_stability"])
   atomic.write_text(os.path.join(_WORKDIR.value, "stage_stability.json"),
                     json.dumps(rows, indent=1))
-  print(json.dumps({k: v for k, v in rows.items()}, indent=1)[:2000])
+  print(json.dumps({"boundary_steps": rows["boundary_steps"],
+                    "summary": stability.summary(), "passes": stability.passes,
+                    "reasons": list(stability.reasons),
+                    "stability": list(stability.stability),
+                    "seed_stability": stability.seed_stability,
+                    "other_seeds": [{k: e[k] for k in ("sgld_seed", "boundary_steps",
+                                                       "max_shift_checkpoints")}
+                                    for e in rows["other_seeds"]]}, indent=1))
 
 
 if __name__ == "__main__":

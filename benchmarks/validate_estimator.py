@@ -7,8 +7,12 @@ protocol (`devinterp_jax.sampling.validation.Protocol`): nβ = n/ln n, γ fixed,
 the band), then a fresh estimate. Writes the table to docs/validation.md and
 the rows to a JSON file after each case, so a killed run resumes.
 
-  PYTHONPATH=. python benchmarks/validate_estimator.py                 # all cases
+  PYTHONPATH=. python benchmarks/validate_estimator.py                 # all cases, SGLD
   PYTHONPATH=. python benchmarks/validate_estimator.py --cases=0,4,14  # a subset
+  PYTHONPATH=. python benchmarks/validate_estimator.py --sampler=sghmc # docs/validation_sghmc.json
+
+Each sampler's rows go to their own JSON (`Protocol.for_sampler`); docs/validation.md
+is rewritten from every sampler's JSON found, with per-sampler columns.
 """
 
 import dataclasses
@@ -23,7 +27,9 @@ from devinterp_jax import atomic
 from devinterp_jax.sampling import validation
 
 _CASES = flags.DEFINE_string("cases", "", "comma-separated indices into validation.CASES")
-_JSON = flags.DEFINE_string("json_out", "docs/validation.json", "rows (resumable)")
+_SAMPLER = flags.DEFINE_string("sampler", "sgld", "sampler of the protocol")
+_JSON = flags.DEFINE_string("json_out", "", "rows (resumable); default "
+                            "docs/validation.json (sgld) or docs/validation_<sampler>.json")
 _MD = flags.DEFINE_string("md_out", "docs/validation.md", "markdown table")
 _DRAWS = flags.DEFINE_integer("num_draws", None, "override Protocol.num_draws")
 
@@ -55,17 +61,17 @@ def _header(protocol: validation.Protocol) -> str:
 
 def main(argv):
   del argv
-  protocol = validation.Protocol()
+  protocol = validation.Protocol.for_sampler(_SAMPLER.value)
+  json_out = _JSON.value or json_path(_SAMPLER.value)
   if _DRAWS.value:
     protocol = dataclasses.replace(protocol, num_draws=_DRAWS.value)
   indices = ([int(i) for i in _CASES.value.split(",")] if _CASES.value
              else range(len(validation.CASES)))
   rows = {}
-  if os.path.exists(_JSON.value):
-    with open(_JSON.value) as f:
+  if os.path.exists(json_out):
+    with open(json_out) as f:
       saved = json.load(f)
-    # Compare through JSON: tuples in the protocol come back as lists.
-    if saved.get("protocol") == json.loads(json.dumps(dataclasses.asdict(protocol))):
+    if same_protocol(saved.get("protocol"), protocol):
       by_name = {c.name: c for c in validation.CASES}
       rows = {r["case"]: validation.with_theory(by_name[r["case"]], r)
               for r in saved["rows"] if r["case"] in by_name}
@@ -79,17 +85,47 @@ def main(argv):
     logging.info("%s: λ=%.3f estimate %.3f ± %.3f (%+.1f %%) ε·nβ=%s in %ss", case.name,
                  row["lambda"], row["llc_mean"], row["llc_std"], 100 * row["rel_error"],
                  row.get("scaled_step_size"), row["seconds"])
-    atomic.write_text(_JSON.value, json.dumps(
+    atomic.write_text(json_out, json.dumps(
         {"protocol": dataclasses.asdict(protocol), "rows": list(rows.values())}, indent=1))
-  ordered = [rows[c.name] for c in validation.CASES if c.name in rows]
-  m1 = [r for r in ordered if r["multiplicity"] == 1]
-  worst = max(m1, key=lambda r: abs(r["rel_error"])) if m1 else None
-  summary = (f"\n\n**{sum(abs(r['rel_error']) <= 0.10 for r in m1)} of {len(m1)} cases with "
-             f"m = 1 are within 10 % of λ**" + (
-                 f"; the largest error is {100 * worst['rel_error']:+.1f} % ({worst['case']})."
-                 if worst else ".") + "\n")
-  atomic.write_text(_MD.value, _header(protocol) + validation.markdown_table(ordered) + summary)
-  print(validation.markdown_table(ordered) + summary)
+  tables = load_all()
+  text = _header(protocol) + validation.comparison_table(tables)
+  atomic.write_text(_MD.value, text)
+  print(text)
+
+
+def json_path(sampler: str) -> str:
+  return "docs/validation.json" if sampler == "sgld" else f"docs/validation_{sampler}.json"
+
+
+def same_protocol(saved: dict | None, protocol: validation.Protocol) -> bool:
+  """Equal through JSON (tuples come back as lists); fields added since a file was
+  written count as equal when they hold their defaults."""
+  if saved is None:
+    return False
+  current = json.loads(json.dumps(dataclasses.asdict(protocol)))
+  defaults = json.loads(json.dumps(dataclasses.asdict(validation.Protocol())))
+  for key in set(current) - set(saved):
+    if current[key] == defaults[key]:
+      del current[key]
+  return saved == current
+
+
+def load_all() -> dict[str, tuple[validation.Protocol, list[dict]]]:
+  """Every sampler's protocol and rows found in docs/, in case order."""
+  by_name = {c.name: c for c in validation.CASES}
+  out = {}
+  for name in validation.samplers.SAMPLERS:
+    path = json_path(name)
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      saved = json.load(f)
+    protocol = validation.Protocol(**{
+        k: tuple(v) if isinstance(v, list) else v for k, v in saved["protocol"].items()})
+    rows = {r["case"]: validation.with_theory(by_name[r["case"]], r, protocol)
+            for r in saved["rows"] if r["case"] in by_name}
+    out[name] = (protocol, [rows[c.name] for c in validation.CASES if c.name in rows])
+  return out
 
 
 if __name__ == "__main__":

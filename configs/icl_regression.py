@@ -43,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       div_factor=249_999.0,
       final_div_factor=249_999.0,
       b1=0.9, b2=0.999, weight_decay=0.0,
-      n_log=100, n_linear=100,   # 190 unique checkpoint steps over [1, 500k]
+      n_log=100, n_linear=100,   # 189 unique checkpoint steps over [1, 500k]
+      paper_parity=False,        # True: the authors' truncated steps (190, 499,999 and 500k)
       log_every=1000,
       resume_every=10_000,       # resume-only checkpoints (latest kept)
       eval_batch_size=2048,
@@ -67,7 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init_loss_stride=10,
       mala_stride=10,            # MALA acceptance every 10th step (0 = off)
       mala_target="posterior",   # or "loss": nβ L alone (sampling/llc.py MALA_TARGETS)
-      sampler="sgld",            # or "rmsprop_sgld"
+      sampler="sgld",            # or "rmsprop_sgld", "sghmc", "sgnht" (docs/samplers.md)
+      friction=0.0,              # sghmc / sgnht friction α per unit time; 0: 2√γ
       checkpoint_chunk=16,
       chain_strategy="auto",
   ))
@@ -82,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_chains=4,
       num_draws=1000,
       mala_band=(0.95, 1.0),
+      margin_se=2.0,             # the step check must clear the band by 2 of its SEs
       disqualify=("diverged", "not_converged"),
   ))
 

@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_steps=50_000, batch_size=100, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, grad_clip=1.0,
       n_log=100, linear_every=100,    # log-spaced plus every 100 steps
+      paper_parity=False,             # True: truncate log-spaced steps as the authors did
       log_every=100, resume_every=1000, eval_batch_size=256,
   ))
 
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_chains=20, num_draws=200, num_burnin_steps="0", thinning=1,
       block_draws=100, max_draws=0,   # see configs/icl_regression.py
       step_size=3e-3, nbeta=21.7, localization=100.0, batch_size=100,
-      seed=0, init_loss_stride=10, mala_stride=10, sampler="sgld",
+      seed=0, init_loss_stride=10, mala_stride=10, sampler="sgld", friction=0.0,
       checkpoint_chunk=8, chain_strategy="auto",
       # MALA acceptance of the tempered loss alone: in 10⁵-10⁶ dimensions the
       # localisation Gaussian dominates the full-potential acceptance of a chain
@@ -65,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the main job also checks its own ε, nβ, γ against the same criteria.
   config.calibration = ml_collections.ConfigDict(dict(
       step_sizes=(3e-4, 1e-3, 3e-3), nbetas=(21.7,), localizations=(100.0, 300.0, 1000.0),
-      num_chains=4, num_draws=200, mala_band=(0.95, 1.0),
+      num_chains=4, num_draws=200, mala_band=(0.95, 1.0), margin_se=2.0,
       disqualify=("diverged", "not_converged"),
   ))
   # Refined LLCs (launch/estimate_llc.py --restrict=heads): the rLLC paper's sampler.
@@ -111,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       step_size=2e-4, localization=300.0, checkpoint_chunk=10,
                       num_burnin_steps="auto")
     config.calibration.update(step_sizes=(5e-5, 1e-4, 2e-4), nbetas=(10.0,),
-                              localizations=(300.0, 1000.0), num_chains=2, num_draws=200)
+                              localizations=(300.0, 1000.0), num_chains=4, num_draws=200)
     # wrLLC of 8 heads × 19 checkpoints in one program: the full model's sampler.
     config.refined.update(num_chains=2, num_draws=100, step_size=2e-4, nbeta=10.0,
                           localization=300.0, batch_size=32, checkpoint_chunk=10)

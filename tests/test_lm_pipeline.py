@@ -15,7 +15,7 @@ def tiny_lm_config(num_steps: int = 30):
   config = lm_config.get_config("runlocal")
   config.model.update(vocab_size=64, context_length=16, d_model=16, num_heads=2, num_layers=2)
   config.data.update(num_train=512, num_sgld=128, num_validation=64)
-  config.train.update(num_steps=num_steps, batch_size=8, n_log=4, linear_every=10,
+  config.train.update(num_steps=num_steps, batch_size=8, n_log=5, linear_every=10,
                       log_every=10, resume_every=10, eval_batch_size=32)
   config.llc.update(num_chains=2, num_draws=8, batch_size=8, checkpoint_chunk=4,
                     init_loss_stride=4, step_size=1e-4)
@@ -43,7 +43,7 @@ def test_lm_main_job(lm_run):
   assert res.llc_mean.shape == (len(steps),) and np.all(np.isfinite(res.llc_mean))
   report = json.load(open(os.path.join(workdir, "report", "report.json")))
   assert report["stages"][0]["start_step"] == 1 and report["stages"][-1]["end_step"] == 30
-  assert report["stages"][0]["label"] == "LM1"
+  assert report["stages"][0]["label"] == "S1"
   metrics = np.load(os.path.join(workdir, "report", "metrics.npz"))
   assert metrics["steps"].tolist() == steps.tolist()
   for name in ("lm_metrics.png", "stages.png", "overlap.png"):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from devinterp_jax.analysis import report, stages
 
@@ -12,7 +13,7 @@ def _boundaries(steps, curve):
   return stages.find_stage_boundaries(steps, curve, n_restarts=1)
 
 
-def test_stage_changes_rank_metrics_by_range_normalised_change():
+def test_stage_changes_rank_metrics_by_change_relative_to_level():
   steps = np.unique(np.round(np.geomspace(1, 1e5, 30)).astype(int))
   x = np.log(steps + 1.0)
   llc = 10 / (1 + np.exp(-(x - np.log(30)) * 3)) + 10 / (1 + np.exp(-(x - np.log(3000)) * 3))
@@ -23,10 +24,95 @@ def test_stage_changes_rank_metrics_by_range_normalised_change():
   changes = report.stage_changes(steps, columns, b, top=5)
   assert [c["label"] for c in changes] == [s["label"] for s in b.stages]
   first = changes[0]["top_changes"]
-  assert first[0]["metric"] == "rises_early" and np.isclose(first[0]["relative_change"], 1.0)
+  assert first[0]["metric"] == "rises_early"
+  # rises_early goes from 1 to its final level: ~100 % of its level (90th percentile of |m|).
+  assert first[0]["relative_change_percent"] == pytest.approx(
+      100 * (b.boundary_steps[0] - 1) / b.boundary_steps[0], rel=1e-9)
+  assert first[0]["score"] == pytest.approx(first[0]["relative_change_percent"] / 100)
   assert all(t["metric"] != "constant" for c in changes for t in c["top_changes"])
   later = [t for c in changes[1:] for t in c["top_changes"] if t["metric"] == "rises_early"]
-  assert all(abs(t["relative_change"]) < 1e-12 for t in later)
+  assert all(abs(t["relative_change_percent"]) < 1e-10 for t in later)
+
+
+def test_small_change_of_a_quiet_metric_ranks_below_a_large_one_and_reads_as_percent():
+  """A 4 % fall of a final layer-norm scale (tiny noise) used to read −1.00 (the whole
+  range of the metric); it ranks below a 60 % fall and reads ≈ −4 %."""
+  steps = np.unique(np.round(np.geomspace(1, 1e4, 24)).astype(int))
+  x = np.log1p(steps)
+  llc = 10 / (1 + np.exp(-(x - 2.5) / 0.3)) + 10 / (1 + np.exp(-(x - 7.0) / 0.3))
+  b = _boundaries(steps, llc)
+  assert len(b.stages) == 2
+  split = b.boundary_indices[0]
+  rng = np.random.default_rng(0)
+  t = np.clip((np.arange(len(steps)) - split) / (len(steps) - 1 - split), 0, 1)
+  ln_scale = 1.0 - 0.04 * t + 1e-5 * rng.standard_normal(len(steps))   # 4 % in stage 2
+  big = 1.0 - 0.6 * t + 1e-3 * rng.standard_normal(len(steps))         # 60 % in stage 2
+  noisy = 1.0 + 0.3 * rng.standard_normal(len(steps))                  # noise only
+  changes = report.stage_changes(steps, {"ln_scale": ln_scale, "big": big, "noisy": noisy}, b)
+  top = {c["metric"]: (k, c) for k, c in enumerate(changes[1]["top_changes"])}
+  assert top["big"][0] < top["ln_scale"][0]
+  small = top["ln_scale"][1]
+  assert small["relative_change_percent"] == pytest.approx(-4.0, abs=0.3)
+  assert small["percent_of_start"] == pytest.approx(-4.0, abs=0.3)
+  assert abs(small["score"]) < 0.05 and not small["within_noise"]
+  assert top["big"][1]["relative_change_percent"] == pytest.approx(-60.0, abs=2.0)
+  assert report.metric_noise(ln_scale) < 1e-4 and report.metric_noise(noisy) > 0.1
+  # Without a trend the noise estimate recovers the std of white noise (second differences).
+  white = np.random.default_rng(1).standard_normal(4000)
+  assert report.metric_noise(white + np.linspace(0, 50, 4000)) == pytest.approx(1.0, rel=0.05)
+
+
+def test_schedule_features_match_the_one_cycle_schedule():
+  """The learning-rate peak the report reads from config.train is the step after the
+  update with the largest learning rate of training/schedules.one_cycle_lr."""
+  import ml_collections
+  from devinterp_jax.training import schedules
+  for total, pct in ((6000, 0.5), (1000, 0.3), (999, 0.37), (40, 0.5)):
+    train = dict(num_steps=total, max_lr=3e-3, pct_start=pct, div_factor=249_999.0,
+                 final_div_factor=249_999.0)
+    lr = np.asarray(schedules.one_cycle_lr(total, 3e-3, pct, 249_999.0, 249_999.0)(
+        np.arange(total)))
+    (feature,) = report.schedule_features(ml_collections.ConfigDict({"train": train}))
+    assert feature["name"] == "learning-rate peak"
+    assert feature["step"] == int(np.argmax(lr)) + 1, (total, pct)
+  from configs import lm as lm_config
+  assert report.schedule_features(lm_config.get_config("runlocal")) == ()   # constant lr
+
+
+def _llc_result(seed=0, chains=4, draws=60):
+  """An LLCResult of 24 checkpoints whose LLC rises, plateaus and rises again."""
+  from devinterp_jax.sampling import results
+  steps = np.unique(np.round(np.geomspace(1, 1e4, 24)).astype(int))
+  x = np.log1p(steps)
+  curve = 40 / (1 + np.exp(-(x - 2.5) / 0.3)) + 40 / (1 + np.exp(-(x - 6.5) / 0.3))
+  rng = np.random.default_rng(seed)
+  llc = curve[:, None] + 0.5 * rng.standard_normal((len(steps), chains))
+  init = rng.normal(1.0, 0.01, (len(steps), chains, 4))
+  trace = (init.mean(-1)[:, :, None] + llc[:, :, None] / 10.0
+           + 0.05 * rng.standard_normal((len(steps), chains, draws)))
+  return steps, results.summarize(trace, init, 10.0, {}, num_params=100,
+                                  burnin=np.full(len(steps), 10))
+
+
+def test_report_stability_uses_the_runs_chains_and_windows():
+  steps, res = _llc_result()
+  options = report.default_options()
+  options.stages.n_restarts = 1
+  fit = report.fit_stages(steps, res.llc_mean, res.llc_std, res.llc_sem, options,
+                          num_valid_chains=res.num_valid_chains)
+  assert [s["label"] for s in fit.stages] == [f"S{i + 1}" for i in range(len(fit.stages))]
+  assert fit.settings["error_bar"] == "SEM"
+  llc, valid = report.chain_llcs(res, steps, fit.steps)
+  np.testing.assert_array_equal(llc[0], res.llc_per_chain)     # the kept window, as stored
+  np.testing.assert_allclose(llc[2], 10.0 * (res.loss_trace[:, :, 35:].astype(float).mean(-1)
+                                              - res.init_loss))   # start +50 %: 10 + 25
+  assert valid.all()
+  _, other = _llc_result(seed=1)
+  st = report.stage_stability(steps, res, fit, options, seed_results={"seed 1": (steps, other)})
+  assert st.num_distinct_chain_resamples == 35 and st.num_fits == 140
+  assert st.passes and all(s >= 0.9 for s in st.stability)
+  assert st.seed_stability == tuple(1.0 for _ in fit.boundary_steps)
+  assert st.settings["n_restarts"] == 1 and st.noise == "sem"
 
 
 def test_milestones_order_task_prior_before_icl():

@@ -130,7 +130,8 @@ def test_gp_smooths_towards_the_truth_and_slope_is_its_derivative(with_std):
 def test_monotone_logistic_has_no_boundaries(name, with_std):
   r = _fit(name, 0, with_std)
   assert r.boundary_indices == () and r.boundary_kinds == ()
-  assert r.stages == [{"label": "LR1", "start_step": 1, "end_step": 100_000, "end_kind": "end"}]
+  assert r.stages == [{"label": "S1", "start_step": 1, "end_step": 100_000, "end_kind": "end",
+                       "end_stability": None, "description": "S1: steps 1–100000"}]
 
 
 def test_deterministic():
@@ -199,7 +200,8 @@ def test_save_round_trip(tmp_path):
   assert len(d["llc_std"]) == len(STEPS) and len(d["slope_grid"]) == len(r.x_grid)
   with open(csv_path) as f:
     rows = list(csv.DictReader(f))
-  assert [row["label"] for row in rows] == ["LR1", "LR2", "LR3", "LR4"]
+  assert [row["label"] for row in rows] == ["S1", "S2", "S3", "S4"]
+  assert all(row["end_stability"] == "" for row in rows)   # no stability analysis here
   assert int(rows[0]["start_step"]) == 1 and int(rows[-1]["end_step"]) == 100_000
   assert [int(row["end_step"]) for row in rows[:-1]] == list(r.boundary_steps)
   assert [int(row["start_step"]) for row in rows[1:]] == list(r.boundary_steps)
@@ -274,7 +276,7 @@ def test_compare_boundaries_tracks_shifts():
   per_seed, reference = _shifted()
   assert all(len(r.boundary_steps) == 2 for r in per_seed + [reference])
   out = compare_boundaries(per_seed, reference)
-  assert [o["boundary"] for o in out] == [1, 2] and out[0]["label"] == "LR1-LR2"
+  assert [o["boundary"] for o in out] == [1, 2] and out[0]["label"] == "S1-S2"
   for o, ref_step in zip(out, reference.boundary_steps):
     assert o["reference_step"] == ref_step and o["count"] == 3 and o["n_seeds"] == 3
     x = np.log1p(o["matched_steps"])
@@ -319,3 +321,203 @@ def test_plot_seed_stages(tmp_path):
   assert _is_png(p)
   with pytest.raises(ValueError, match="labels"):
     plot_seed_stages(per_seed, reference, str(tmp_path / "x.png"), labels=["a"])
+
+
+# ----------------------------------------------------------------------------------------
+# Stability under chain and draw-window resampling.
+#
+# Chains: per-chain LLC = true curve + a smooth chain-specific offset (a chain's noise is
+# shared by all checkpoints) + small independent noise; SGLD loss traces around it, so the
+# draw windows are recomputed from traces as in the report.
+
+S_STEPS = np.unique(np.concatenate([np.logspace(0, 4, 20).astype(int),
+                                    np.linspace(1, 10_000, 8).astype(int)]))
+S_X = np.log1p(S_STEPS)
+S_CHAINS, S_DRAWS, S_NBETA, S_BURNIN = 4, 120, 10.0, 20
+
+
+def _logistic(x, a, c, s):
+  return a / (1.0 + np.exp(-(x - c) / s))
+
+
+def _chain_data(curve, seed, spike=None):
+  """(loss traces [K, C, T], init losses [K, C]); `spike` = (amplitude, centre, width)
+  of a bump in ln step added to chain 0 only."""
+  rng = np.random.default_rng(seed)
+  k, c, span = len(S_STEPS), S_CHAINS, np.ptp(curve)
+  llc = (curve[:, None] + 0.01 * span * rng.standard_normal((k, c))
+         + 0.01 * span * rng.standard_normal(c)[None, :] * np.sin(S_X / 2)[:, None])
+  if spike is not None:
+    a, centre, width = spike
+    llc[:, 0] += a * np.exp(-(S_X - centre) ** 2 / (2 * width ** 2))
+  init = rng.normal(1.0, 0.01, (k, c))
+  trace = (init[:, :, None] + llc[:, :, None] / S_NBETA
+           + 0.02 * span / S_NBETA * rng.standard_normal((k, c, S_DRAWS)))
+  return trace, init
+
+
+def _reference(llc_kc):
+  mean = llc_kc.mean(1)
+  sem = llc_kc.std(1, ddof=1) / np.sqrt(llc_kc.shape[1])
+  return find_stage_boundaries(S_STEPS, mean, sem, n_restarts=2)
+
+
+PLATEAU = _logistic(S_X, 40, 2.5, 0.3) + _logistic(S_X, 40, 6.5, 0.3)
+SINGLE_RISE = _logistic(S_X, 60, 2.5, 0.3)
+SPIKE = (60.0, 6.8, 0.45)     # one chain's bump: 60 LLC units (the curve's range is 60)
+
+
+@functools.lru_cache(maxsize=None)
+def _plateau_case():
+  trace, init = _chain_data(PLATEAU, 0)
+  llc = stages.window_llcs(trace, init, S_NBETA, S_BURNIN)
+  ref = _reference(llc[0])
+  return llc, ref, stages.stage_stability(ref, llc)
+
+
+@functools.lru_cache(maxsize=None)
+def _spike_case():
+  trace, init = _chain_data(SINGLE_RISE, 0, spike=SPIKE)
+  llc = stages.window_llcs(trace, init, S_NBETA, S_BURNIN)
+  ref = _reference(llc[0])
+  return llc, ref, stages.stage_stability(ref, llc)
+
+
+def test_exact_bootstrap_enumerates_every_multiset_with_its_multinomial_weight():
+  from scipy.stats import multinomial
+  counts, weights = stages.chain_multisets(4)
+  assert counts.shape == (35, 4) and stages.num_distinct_resamples(4) == 35
+  assert np.all(counts.sum(1) == 4) and len({tuple(r) for r in counts}) == 35
+  assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+  np.testing.assert_allclose(weights, multinomial.pmf(counts, 4, [0.25] * 4), rtol=1e-12)
+  by = {tuple(r): w for r, w in zip(counts, weights)}
+  assert by[(4, 0, 0, 0)] == pytest.approx(1 / 256) and by[(1, 1, 1, 1)] == pytest.approx(24 / 256)
+  assert by[(2, 1, 1, 0)] == pytest.approx(12 / 256)
+  for c in range(1, 7):
+    assert stages.num_distinct_resamples(c) == len(stages.chain_multisets(c)[0])
+  # C = 6: 462 <= 500 multisets, exact; C = 7: 1716, a fixed-seed random sample.
+  assert stages.chain_resamples(6).exact and len(stages.chain_resamples(6).weights) == 462
+  rnd = stages.chain_resamples(7, num_random=200, seed=3)
+  assert not rnd.exact and rnd.num_distinct == 1716 and rnd.num_drawn == 200
+  assert np.all(rnd.counts.sum(1) == 7) and rnd.weights.sum() == pytest.approx(1.0)
+  again = stages.chain_resamples(7, num_random=200, seed=3)
+  np.testing.assert_array_equal(rnd.counts, again.counts)
+
+
+def test_window_llcs_are_nbeta_times_window_mean_minus_init():
+  rng = np.random.default_rng(0)
+  trace, init = rng.normal(2.0, 0.3, (3, 2, 40)), rng.normal(1.0, 0.1, (3, 2))
+  burnin = np.array([0, 8, 20])
+  w = stages.window_llcs(trace, init, np.array([1.0, 2.0, 3.0]), burnin)
+  assert w.shape == (len(stages.DRAW_WINDOWS), 3, 2)
+  names = [n for n, _, _ in stages.DRAW_WINDOWS]
+  k = 1   # burn-in 8: kept length 32
+  expect = {"kept": trace[k, :, 8:], "start +25%": trace[k, :, 16:],
+            "start +50%": trace[k, :, 24:], "first 75%": trace[k, :, 8:32]}
+  for name, draws in expect.items():
+    np.testing.assert_allclose(w[names.index(name), k], 2.0 * (draws.mean(-1) - init[k]))
+
+
+def test_clear_plateau_is_stable():
+  llc, ref, st = _plateau_case()
+  assert len(ref.boundary_steps) == 1          # the plateau between the two rises
+  assert abs(S_X[ref.boundary_indices[0]] - 4.5) < 0.6
+  assert st.num_distinct_chain_resamples == 35 and st.chain_resampling == "exact"
+  assert st.num_fits == 35 * 4 and len(st.windows) == 4
+  assert st.stability[0] >= 0.9 and st.stable == (True,) and st.passes and st.reasons == ()
+  assert all(v >= 0.8 for v in st.by_window[0].values())
+  # The identity resample with the kept window is the reference curve itself.
+  kw = stages._refit_kwargs(ref.settings)
+  assert stages._fit_resample(S_STEPS, llc[0], np.ones(llc[0].shape, bool),
+                              np.ones(S_CHAINS, np.int64), "sem", kw) == ref.boundary_steps
+  assert sum(st.boundary_count_distribution.values()) == pytest.approx(1.0)
+
+
+def test_boundary_from_one_chains_spike_is_unstable_and_fails_the_criterion():
+  llc, ref, st = _spike_case()
+  spike_index = int(np.argmin(np.abs(S_X - SPIKE[1])))
+  near = [j for j, i in enumerate(ref.boundary_indices) if abs(i - spike_index) <= 1]
+  assert near, (ref.boundary_steps, S_STEPS[spike_index])
+  j = near[0]
+  # The bump exists only when chain 0 is drawn: probability 1 − (3/4)^4 = 0.68.
+  assert st.stability[j] == pytest.approx(1 - 0.75 ** 4, abs=0.05)
+  assert st.stable[j] is False and not st.passes
+  assert any(f"step {ref.boundary_steps[j]}" in r for r in st.reasons)
+  # Unstable boundaries are kept and marked, never pruned.
+  assert st.boundary_steps == ref.boundary_steps
+  marked = dataclasses.replace(ref, stability=st)
+  assert marked.boundaries[j]["stable"] is False
+  assert "unstable" in marked.stages[j]["description"]
+  # Without chain 0 the curve is one monotone rise: resamples that lack it find nothing.
+  assert st.boundary_count_distribution.get(0, 0.0) == pytest.approx(0.75 ** 4, abs=0.05)
+
+
+def test_stability_does_not_depend_on_the_order_of_chains():
+  llc, ref, st = _spike_case()
+  perm = [2, 0, 3, 1]
+  again = stages.stage_stability(ref, llc[:, :, perm])
+  assert again.stability == st.stability and again.by_window == st.by_window
+  assert again.boundary_count_distribution == st.boundary_count_distribution
+  # Random resampling (7 chains, 1716 multisets) too: the chains are ordered canonically.
+  rng = np.random.default_rng(1)
+  seven = llc[0][:, [0, 1, 2, 3, 1, 2, 3]] + 0.2 * rng.standard_normal((len(S_STEPS), 7))
+  a = stages.stage_stability(ref, seven, num_random=12, random_seed=5)
+  b = stages.stage_stability(ref, seven[:, ::-1], num_random=12, random_seed=5)
+  assert a.chain_resampling == "random" and a.num_random_draws == 12
+  assert a.stability == b.stability
+
+
+def test_seed_stability_is_reported_outside_the_criterion():
+  llc, ref, st = _plateau_case()
+  same, init = _chain_data(PLATEAU, 7)           # a re-estimate with another SGLD seed
+  gone, init2 = _chain_data(SINGLE_RISE, 8)      # a re-estimate without the plateau
+  curves = {"seed 1": (S_STEPS, stages.window_llcs(same, init, S_NBETA, S_BURNIN)[0]),
+            "seed 2": (S_STEPS, stages.window_llcs(gone, init2, S_NBETA, S_BURNIN)[0], None)}
+  out = stages.stage_stability(ref, llc, seed_curves=curves)
+  assert out.seed_stability == (0.5,) and out.passes and out.stability == st.stability
+  assert out.seed_matches[0]["seed 2"] is None
+  assert abs(int(np.searchsorted(S_STEPS, out.seed_matches[0]["seed 1"]))
+             - ref.boundary_indices[0]) <= 1
+  assert [s["label"] for s in out.seeds] == ["seed 1", "seed 2"]
+
+
+def test_stability_round_trips_and_marks_the_plot(tmp_path, monkeypatch):
+  _, ref, st = _spike_case()
+  marked = dataclasses.replace(ref, stability=st, schedule_features=(
+      {"name": "learning-rate peak", "step": int(ref.boundary_steps[-1]) + 1},))
+  marked.save(str(tmp_path))
+  back = StageBoundaries.load(str(tmp_path))
+  assert back.stability == st and back.stages == marked.stages
+  d = json.load(open(tmp_path / "stages.json"))
+  assert d["stability_passes"] is False and d["stability"]["passes"] is False
+  assert [b["stability"] for b in d["boundaries"]] == list(st.stability)
+  assert "fails" in d["stability"]["summary"] and "35 chain multisets" in d["stability"]["summary"]
+  # Stage descriptions name a schedule feature a boundary tracks (within ±1 checkpoint).
+  last = marked.stages[len(ref.boundary_steps) - 1]["description"]
+  assert f"tracks the learning-rate peak at step {ref.boundary_steps[-1] + 1}" in last
+  captured = {}
+
+  def capture(fig, path):
+    captured["fig"] = fig
+    return path
+  monkeypatch.setattr(stages, "save_figure", capture)
+  plot_stages(marked, str(tmp_path / "s.png"))
+  fig = captured["fig"]
+  texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+  legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+  bad = [j for j, ok in enumerate(st.stable) if not ok]
+  assert all(f"(unstable {st.stability[j]:.2f})" in texts for j in bad)
+  assert any("± SEM" in t for t in legend) and not any("± std" in t for t in legend)
+  assert "FAILS" in fig.axes[0].get_title()
+  dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
+  assert len(dashed) == len(bad)
+
+
+def test_labels_claim_no_paper_stage():
+  _, ref, st = _plateau_case()
+  text = json.dumps(dataclasses.replace(ref, stability=st).to_dict())
+  text += json.dumps(compare_boundaries([ref], ref))
+  for paper in ("LR1", "LR2", "LM1", "LM2"):
+    assert paper not in text
+  assert [s["label"] for s in ref.stages] == ["S1", "S2"]
+  assert ref.stages[0]["description"].startswith("S1: steps 1–")

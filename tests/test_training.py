@@ -119,15 +119,15 @@ def test_missing_and_corrupt_checkpoints_name_the_problem(reference_run, tmp_pat
   with pytest.raises(checkpointing.CheckpointError, match="no checkpoints"):
     checkpointing.scheduled_steps(str(tmp_path / "nowhere"))
   abstract = jax.eval_shape(icl_regression.make_model(config).init_params, jax.random.key(0))
-  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint for steps \[8\]"):
-    checkpointing.ParamsSequence(ref_dir, [1, 8], abstract)
+  with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint for steps \[7\]"):
+    checkpointing.ParamsSequence(ref_dir, [1, 7], abstract)
   import shutil
   workdir = str(tmp_path / "corrupt")
   shutil.copytree(ref_dir, workdir)
-  params_dir = os.path.join(checkpointing.checkpoint_dir(workdir), "21", "params")
+  params_dir = os.path.join(checkpointing.checkpoint_dir(workdir), "22", "params")
   for root, _, files in os.walk(params_dir):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
-  with pytest.raises(checkpointing.CheckpointError, match="step 21.*missing or corrupt"):
-    checkpointing.ParamsSequence(workdir, [21], abstract)[0]
+  with pytest.raises(checkpointing.CheckpointError, match="step 22.*missing or corrupt"):
+    checkpointing.ParamsSequence(workdir, [22], abstract)[0]

@@ -1,11 +1,13 @@
 """Developmental analysis of finished runs (reads workdirs; never imports training code).
 
   find_stage_boundaries   stage boundaries of an LLC curve (App. B.1)
+  stage_stability         each boundary's stability under chain / draw-window resampling
   report.analyze          the whole report directory of a run
   seeds.analyze_seeds     boundaries per seed and their spread (App. B.4)
 """
 
-from devinterp_jax.analysis.stages import (StageBoundaries, compare_boundaries,
-                                           find_stage_boundaries, plot_stages)
+from devinterp_jax.analysis.stages import (StageBoundaries, StageStability, compare_boundaries,
+                                           find_stage_boundaries, plot_stages, stage_stability)
 
-__all__ = ["StageBoundaries", "compare_boundaries", "find_stage_boundaries", "plot_stages"]
+__all__ = ["StageBoundaries", "StageStability", "compare_boundaries", "find_stage_boundaries",
+           "plot_stages", "stage_stability"]

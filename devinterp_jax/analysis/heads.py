@@ -303,7 +303,7 @@ def _as_stages(boundaries, steps: np.ndarray):
   starts, ends = [int(steps[0])] + b, b + [int(steps[-1])]
   return types.SimpleNamespace(
       boundary_steps=tuple(b),
-      stages=[{"label": f"LR{i + 1}", "start_step": s, "end_step": e}
+      stages=[{"label": f"S{i + 1}", "start_step": s, "end_step": e}
               for i, (s, e) in enumerate(zip(starts, ends))])
 
 

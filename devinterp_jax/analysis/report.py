@@ -3,8 +3,11 @@
 `analyze(workdir)` reads a finished run (checkpoints, `llc/llc.npz`,
 `metrics.jsonl`; see `run_data`) and writes `<workdir>/report/`:
 
-  stages.json, stages.csv     stage boundaries of the LLC curve (`stages`)
-  stages.png                  loss, LLC with stages LR1…LRn shaded, slope (Fig. 1 / B.2)
+  stages.json, stages.csv     stage boundaries of the LLC curve (`stages`), each with its
+                              stability under chain and draw-window resampling
+                              (`stages.stage_stability`) and the criterion's pass/fail
+  stages.png                  loss, LLC ± SEM with stages S1…Sn shaded (neutral labels),
+                              slope (Fig. 1 / B.2); unstable boundaries dashed red
   metrics.csv                 one row per checkpoint: step, LLC, every scalar metric
   metrics.npz                 every metric, structured arrays included ([C, …])
   behaviour.png, structure.png, hessian.png
@@ -17,17 +20,25 @@
   stage_changes.json          per stage, the metrics that changed most in it
   report.json, report.md      the summary a person reads
 
-"Changed most in a stage": each scalar metric m is scaled by its range over
-all checkpoints, and a stage's change is (m(end) − m(start)) / range, so
-metrics in different units compare; the top `top_metrics` by |change| are
-listed per stage. Metrics that are constant over checkpoints (baselines) are
+"Changed most in a stage" (`stage_changes`, docs/stages.md): a metric's change
+Δ = m(end) − m(start) is ranked by score = Δ / max(ℓ_m, σ_m), with ℓ_m its level
+(`metric_level`: 90th percentile of |m| over checkpoints) and σ_m its
+checkpoint-to-checkpoint noise (`metric_noise`), and reported as 100 · score,
+the change in percent of the metric's level. The top `top_metrics` by |score|
+are listed per stage. Metrics that are constant over checkpoints (baselines) are
 left out.
+
+Stage labels are neutral ("S1", "S2", …): they claim no correspondence with the
+paper's LR1–LR5 / LM1–LM5. A stage's description says when a boundary lies
+within ±1 checkpoint of a feature of the run's learning-rate schedule
+(`schedule_features`, read from the run's config).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Mapping
@@ -61,9 +72,15 @@ def default_options() -> ml_collections.ConfigDict:
       top_metrics=6,                # metrics listed per stage in report.md
       # noise: per-checkpoint GP noise from the LLC's standard error over chains
       # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
+      # label_prefix: stage labels f"{prefix}{i}"; "" = "S" (neutral: S1, S2, …).
+      # stability: resample chains (jointly over checkpoints; exact bootstrap up to
+      # max_exact multisets, else num_random draws with `seed`) × draw windows,
+      # refit with these same options; a boundary is stable when a boundary lies
+      # within ±max_distance checkpoints of it in at least `target` of the resamples.
       stages=dict(tolerance=0.05, relative_tolerance=True, n_restarts=10,
-                  min_stage_change=0.05, noise="sem",
-                  label_prefix=""),  # stage labels: "" = by experiment (LR1…, LM1…)
+                  min_stage_change=0.05, noise="sem", label_prefix="",
+                  stability=dict(enabled=True, target=0.8, max_distance=1, max_exact=500,
+                                 num_random=200, seed=0)),
       behaviour=dict(batch_size=2048, gains=(0.5, 1.0, 2.0, 4.0, 8.0)),
       structure=dict(batch_size=256, collapse_threshold=0.1),
       hessian=dict(enabled=True, batch_size=512, num_hutchinson=32,
@@ -85,6 +102,10 @@ def validate_options(options: ml_collections.ConfigDict, prefix: str = "analysis
   check(options.stages, f"{prefix}.stages", {
       "tolerance": "num>=0", "n_restarts": "int>=0", "min_stage_change": "num>=0",
       "noise": ("sem", "std", "fit"), "relative_tolerance": (True, False)})
+  if "stability" in options.stages:
+    check(options.stages.stability, f"{prefix}.stages.stability", {
+        "enabled": (True, False), "target": "unit", "max_distance": "int>=0",
+        "max_exact": "int>=1", "num_random": "int>=1", "seed": "int>=0"})
   check(options.behaviour, f"{prefix}.behaviour", {"batch_size": "int>=1", "gains": "nums>0"})
   check(options.structure, f"{prefix}.structure",
         {"batch_size": "int>=1", "collapse_threshold": "num>=0"})
@@ -116,14 +137,51 @@ def _key(options, stream: int) -> jax.Array:
 
 def stage_boundaries(run: Run, options: ml_collections.ConfigDict) -> stages.StageBoundaries:
   """Stage boundaries of the run's LLC curve (App. B.1), fitted to the checkpoints
-  with at least 2 valid chains (`fit_stages`)."""
-  return fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options,
-                    default_prefix=STAGE_PREFIX.get(run.experiment, "S"),
-                    num_valid_chains=run.llc.num_valid_chains)
+  with at least 2 valid chains (`fit_stages`), with the run's learning-rate
+  schedule features attached (`schedule_features`)."""
+  fit = fit_stages(run.steps, run.llc.llc_mean, run.llc.llc_std, run.llc.llc_sem, options,
+                   num_valid_chains=run.llc.num_valid_chains)
+  return dataclasses.replace(fit, schedule_features=schedule_features(run.config))
 
 
-STAGE_PREFIX = {"icl_regression": "LR", "lm": "LM"}  # the paper's stage names
 MIN_CHAINS_FOR_STAGES = 2   # an LLC from fewer chains has no standard error
+ERROR_BARS = {"sem": "SEM", "std": "std", "fit": None}   # what llc_std holds, per noise model
+
+
+def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], ...]:
+  """Features of the run's learning-rate schedule, as data: ({name, step, note}, …).
+
+  Read from `config.train`: a one-cycle schedule (fields num_steps, max_lr and
+  pct_start, as `training/schedules.one_cycle_lr` takes them) has one, the step of
+  the maximum learning rate, after which linear annealing starts ("learning-rate
+  peak"). The update with optax count c produces checkpoint step c + 1; the
+  learning rate rises linearly over counts [0, pct_start·T − 1] and falls after,
+  so the peak is at count ⌊pct_start·T − 1⌋ or the count after it (whichever has
+  the larger rate). Any other schedule (e.g. a constant `lr`) has none. This
+  mirrors one_cycle_lr without importing training code (tests/test_report.py
+  checks it against the real schedule).
+  """
+  train = config.get("train") if hasattr(config, "get") else None
+  if train is None or not all(k in train for k in ("num_steps", "max_lr", "pct_start")):
+    return ()
+  total, peak = int(train["num_steps"]), float(train["max_lr"])
+  if total < 2:
+    return ()
+  initial = peak / float(train.get("div_factor", 25.0))
+  final = initial / float(train.get("final_div_factor", 1e4))
+  end_1, end_2 = float(train["pct_start"]) * total - 1.0, float(total - 1)
+
+  def lr(count: int) -> float:
+    if count <= end_1:
+      return peak if end_1 <= 0 else (1 - count / end_1) * initial + count / end_1 * peak
+    pct = (count - end_1) / (end_2 - end_1)
+    return (1 - pct) * peak + pct * final
+
+  c0 = max(int(math.floor(end_1)), 0)
+  candidates = [c for c in (c0, c0 + 1) if c <= total - 1]
+  count = max(candidates, key=lambda c: (lr(c), -c))
+  return ({"name": "learning-rate peak", "step": count + 1,
+           "note": "the step of the maximum learning rate; linear annealing starts after it"},)
 
 
 class StageFitError(ValueError):
@@ -136,7 +194,7 @@ class StageFitError(ValueError):
 
 
 def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.ConfigDict,
-               default_prefix: str = "LR", num_valid_chains=None) -> stages.StageBoundaries:
+               default_prefix: str = "S", num_valid_chains=None) -> stages.StageBoundaries:
   """`stages.find_stage_boundaries` with the options' noise model.
 
   Checkpoints with fewer than 2 valid chains (`num_valid_chains`), or without
@@ -169,7 +227,50 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.Config
       relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
       min_stage_change=o.min_stage_change, seed=options.seed,
       label_prefix=o.get("label_prefix", "") or default_prefix)
-  return dataclasses.replace(fit, settings={**fit.settings, "excluded_steps": excluded})
+  return dataclasses.replace(fit, settings={**fit.settings, "excluded_steps": excluded,
+                                            "noise_source": o.noise,
+                                            "error_bar": ERROR_BARS[o.noise]})
+
+
+def chain_llcs(result: LLCResult, all_steps, steps) -> tuple[np.ndarray, np.ndarray]:
+  """Per-chain LLCs of `result` (whose leading axis is `all_steps`) at `steps`, from
+  every draw window of `stages.DRAW_WINDOWS` ([W, K, C]; the kept window is the
+  stored `llc_per_chain`, the others are recomputed from `loss_trace`), and the
+  chains that count there (not diverged) [K, C]."""
+  all_steps, steps = np.asarray(all_steps), np.asarray(steps)
+  idx = np.searchsorted(all_steps, steps)
+  if np.any(idx >= len(all_steps)) or np.any(all_steps[np.minimum(idx, len(all_steps) - 1)]
+                                             != steps):
+    raise ValueError("the stage fit's steps are not all checkpoints of the LLC result")
+  nbeta = np.asarray(result.settings["nbeta"], float)
+  nbeta = nbeta[idx] if nbeta.ndim and nbeta.size == len(all_steps) else nbeta.reshape(-1)[0]
+  burnin = None if result.burnin is None else np.asarray(result.burnin)[idx]
+  llc = stages.window_llcs(result.loss_trace[idx], result.init_loss[idx], nbeta, burnin)
+  llc[0] = result.llc_per_chain[idx]
+  return llc, ~np.asarray(result.diverged)[idx]
+
+
+def stage_stability(run_steps, result: LLCResult, boundaries: stages.StageBoundaries,
+                    options: ml_collections.ConfigDict,
+                    seed_results: Mapping[str, tuple[Any, LLCResult]] | None = None
+                    ) -> stages.StageStability:
+  """`stages.stage_stability` of a fit of `result`'s LLC curve (checkpoints
+  `run_steps`) with the options' noise model and `options.stages.stability`.
+
+  `seed_results`: label → (steps, LLCResult) of the same checkpoints re-estimated
+  with other SGLD seeds (benchmarks/stage_stability.py); they are fitted with the
+  same options and reported as `seed_stability`, outside the criterion.
+  """
+  o = options.stages.get("stability") or default_options().stages.stability
+  llc, valid = chain_llcs(result, run_steps, boundaries.steps)
+  seeds = None
+  if seed_results:
+    seeds = {label: (np.asarray(s), r.llc_per_chain, ~np.asarray(r.diverged))
+             for label, (s, r) in seed_results.items()}
+  return stages.stage_stability(
+      boundaries, llc, valid=valid, noise=options.stages.noise, seed_curves=seeds,
+      target=o.target, max_distance=o.max_distance, max_exact=o.max_exact,
+      num_random=o.num_random, random_seed=o.seed)
 
 
 def compute_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -360,27 +461,79 @@ def scalar_columns(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
           if np.ndim(v) == 1 and np.issubdtype(np.asarray(v).dtype, np.number)}
 
 
+NOISE_MAD_SCALE = 1.4826    # MAD → σ of a normal distribution
+LEVEL_QUANTILE = 90         # the level of a metric: this percentile of |m| over checkpoints
+
+
+def metric_noise(values: np.ndarray) -> float:
+  """A metric's checkpoint-to-checkpoint noise σ: a robust residual around a local
+  linear smooth, 1.4826 · median_k |m_{k−1} − 2 m_k + m_{k+1}| / √6 over its finite
+  values in checkpoint order (a second difference of white noise of std σ has std
+  √6 σ; a linear trend has none). 0 with fewer than 3 finite values."""
+  v = np.asarray(values, float)
+  v = v[np.isfinite(v)]
+  if v.size < 3:
+    return 0.0
+  return float(NOISE_MAD_SCALE * np.median(np.abs(np.diff(v, 2))) / math.sqrt(6.0))
+
+
+def metric_level(values: np.ndarray) -> float:
+  """A metric's level: the 90th percentile of |m| over its finite checkpoints (its
+  typical large magnitude; one spike does not set it)."""
+  v = np.asarray(values, float)
+  v = v[np.isfinite(v)]
+  return float(np.percentile(np.abs(v), LEVEL_QUANTILE)) if v.size else 0.0
+
+
 def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
                   boundaries: stages.StageBoundaries, top: int = 6) -> list[dict[str, Any]]:
-  """Per stage, the metrics with the largest range-normalised change in it."""
+  """Per stage, the metrics whose change in it is largest relative to their level
+  and noise (docs/stages.md).
+
+  For a metric m and a stage from checkpoint i0 to i1: Δ = m[i1] − m[i0];
+  `level` ℓ = `metric_level(m)` (90th percentile of |m| over checkpoints);
+  `noise` σ = `metric_noise(m)`; `score` = Δ / max(ℓ, σ) ranks the metrics (by
+  |score|) and `relative_change_percent` = 100 · score is the change in percent
+  of the metric's level (a 4 % fall of a layer-norm scale near 1 is −4 %).
+  `percent_of_start` = 100 Δ / |m[i0]| (None when |m[i0]| ≤ σ: a start within
+  noise of zero has no meaningful percentage). `noise_units` = |Δ| / (√2 σ) (the
+  std of a difference of two noisy values; None when σ = 0) and `within_noise`
+  (|Δ| ≤ 2 √2 σ) say whether the change stands out of the noise. Metrics
+  constant over checkpoints, or with fewer than 2 finite values, are left out.
+  """
   steps = np.asarray(steps)
+  prepared = {}
+  for name, values in columns.items():
+    values = np.asarray(values, float)
+    finite = values[np.isfinite(values)]
+    if finite.size < 2:
+      continue
+    span = float(finite.max() - finite.min())
+    if span <= 1e-12 * max(1.0, float(np.abs(finite).max())):
+      continue  # constant over training (e.g. baselines)
+    level, noise = metric_level(values), metric_noise(values)
+    scale = max(level, noise)
+    if scale > 0:
+      prepared[name] = (values, level, noise, scale)
   out = []
   for stage in boundaries.stages:
     i0 = int(np.searchsorted(steps, stage["start_step"]))
     i1 = int(np.searchsorted(steps, stage["end_step"]))
     changes = []
-    for name, values in columns.items():
-      finite = values[np.isfinite(values)]
-      if finite.size < 2:
+    for name, (values, level, noise, scale) in prepared.items():
+      start, end = float(values[i0]), float(values[i1])
+      delta = end - start
+      if not np.isfinite(delta):
         continue
-      span = float(finite.max() - finite.min())
-      if span <= 1e-12 * max(1.0, float(np.abs(finite).max())):
-        continue  # constant over training (e.g. baselines)
-      delta = float(values[i1] - values[i0])
-      if np.isfinite(delta):
-        changes.append({"metric": name, "start": float(values[i0]), "end": float(values[i1]),
-                        "change": delta, "relative_change": delta / span})
-    changes.sort(key=lambda c: -abs(c["relative_change"]))
+      changes.append({
+          "metric": name, "start": start, "end": end, "change": delta, "level": level,
+          "noise": noise, "score": delta / scale,
+          "relative_change_percent": 100.0 * delta / scale,
+          "percent_of_start": (100.0 * delta / abs(start)
+                               if abs(start) > noise and start != 0 else None),
+          "noise_units": abs(delta) / (math.sqrt(2.0) * noise) if noise > 0 else None,
+          "within_noise": bool(abs(delta) <= 2.0 * math.sqrt(2.0) * noise)})
+    changes.sort(key=lambda c: -abs(c["score"]))
     out.append({**stage, "top_changes": changes[:top]})
   return out
 
@@ -476,15 +629,33 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
                       if st.get("relative_tolerance") else "")
     lines += ["Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
               "of the slope or near-plateaus (local minima of |slope| below the tolerance "
-              f"{boundaries.tolerance_used:.3g}{tolerance_note}).", "",
-              "| stage | start step | end step | ends at | LLC at start → end |",
-              "|---|---|---|---|---|"]
+              f"{boundaries.tolerance_used:.3g}{tolerance_note}). Labels S1, S2, … are "
+              "neutral: they claim no correspondence with the paper's LR1–LR5 / LM1–LM5.", ""]
+    stab = boundaries.stability
+    if stab is not None:
+      lines += [f"**Stability criterion {'passes' if stab.passes else 'FAILS'}** "
+                f"({stab.summary()}). A boundary's stability is the weighted fraction of "
+                f"resamples (chains bootstrapped jointly across checkpoints × draw windows "
+                f"{', '.join(w['name'] for w in stab.windows)}; every refit with the same "
+                f"options) with a boundary within ±{stab.max_distance} checkpoint of it; "
+                f"target {stab.target:.2f}. Unstable boundaries are kept and marked.", ""]
+      lines += [f"* {r}" for r in stab.reasons] + ([""] if stab.reasons else [])
+    lines += ["| stage | start step | end step | ends at | stability of its end | "
+              "LLC at start → end |", "|---|---|---|---|---|---|"]
     for s in boundaries.stages:
       i0 = int(np.searchsorted(run.steps, s["start_step"]))
       i1 = int(np.searchsorted(run.steps, s["end_step"]))
+      st = s["end_stability"]
+      bad = st is not None and stab is not None and st < stab.target - 1e-12
       lines.append(f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
                    f"{s['end_kind'].replace('_', ' ')} | "
-                   f"{llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
+                   f"{'–' if st is None else (f'**{st:.2f} (unstable)**' if bad else f'{st:.2f}')}"
+                   f" | {llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
+    lines.append("")
+    lines += [f"* {s['description']}" for s in boundaries.stages]
+    if boundaries.schedule_features:
+      lines += ["", "Learning-rate schedule: " + "; ".join(
+          f"{f['name']} at step {int(f['step'])}" for f in boundaries.schedule_features) + "."]
   lines += ["", "## Milestones", ""]
   tp, icl = marks.get("task_prior"), marks.get("icl_onset")
   if tp:
@@ -504,12 +675,20 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
     lines.append(f"* Task-prior stage before the ICL stage: "
                  f"**{'yes' if marks['task_prior_before_icl'] else 'no'}**.")
   lines += ["", "## What changed in each stage", "",
-            "Change = (value at the stage's end − value at its start) / (range of the metric "
-            "over all checkpoints).", ""]
+            "Change Δ = value at the stage's end − value at its start, in % of the metric's "
+            "level (90th percentile of |value| over checkpoints) and ranked by it; when the "
+            "metric's checkpoint-to-checkpoint noise (robust second differences) exceeds its "
+            "level, in % of the noise (docs/stages.md). \"within noise\": |Δ| ≤ 2√2 × "
+            "noise.", ""]
+
+  def change_text(t: dict[str, Any]) -> str:
+    return (f"`{t['metric']}` {t['start']:.3g} → {t['end']:.3g} "
+            f"({t['relative_change_percent']:+.1f} %"
+            f"{', within noise' if t['within_noise'] else ''})")
+
   for c in changes:
     lines.append(f"**{c['label']}** (steps {c['start_step']}–{c['end_step']}): " + "; ".join(
-        f"`{t['metric']}` {t['start']:.3g} → {t['end']:.3g} ({t['relative_change']:+.2f})"
-        for t in c["top_changes"]))
+        change_text(t) for t in c["top_changes"]))
     lines.append("")
   if labels_final:
     lines += ["## Heads at the last checkpoint", "",
@@ -622,6 +801,15 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
     logging.warning("%s; the report is written without stages", e)
     boundaries, no_fit_reason, excluded = None, str(e), e.excluded_steps
   if boundaries is not None:
+    o_st = options.stages.get("stability")
+    if o_st is None or o_st.get("enabled", True):
+      t1 = time.time()
+      boundaries = dataclasses.replace(
+          boundaries, stability=stage_stability(run.steps, run.llc, boundaries, options))
+      timings["stage_stability"] = round(time.time() - t1, 1)
+      logging.info("Stage stability: %s", boundaries.stability.summary())
+      for reason in boundaries.stability.reasons:
+        logging.warning("Unstable stage boundary: %s", reason)
     boundaries.save(out)
     figures.append(("stages", stages.plot_stages(
         boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
@@ -691,6 +879,13 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
              "excluded_checkpoints": excluded,
              "boundary_steps": edges,
              "boundary_kinds": [] if boundaries is None else list(boundaries.boundary_kinds),
+             "boundaries": [] if boundaries is None else boundaries.boundaries,
+             "stage_stability": (None if boundaries is None or boundaries.stability is None
+                                 else boundaries.stability.to_dict()),
+             "stability_passes": (None if boundaries is None or boundaries.stability is None
+                                  else boundaries.stability.passes),
+             "schedule_features": [] if boundaries is None else list(
+                 boundaries.schedule_features),
              "milestones": marks,
              "head_labels_last_checkpoint": labels_final, "heads": head_result,
              "overlap_last_checkpoint": overlap_final,

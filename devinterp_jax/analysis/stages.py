@@ -42,8 +42,21 @@ function of log training time. The procedure:
    merged into its neighbour; lower the option to resolve such stages on clean
    curves.
 
-Stage i (labelled f"{label_prefix}{i}", from 1) runs from the previous boundary
-(or the first checkpoint) to the next boundary (or the last checkpoint).
+Stage i (labelled f"{label_prefix}{i}", from 1; default "S1", "S2", …) runs from the
+previous boundary (or the first checkpoint) to the next boundary (or the last
+checkpoint). The labels are neutral: they claim no correspondence with the
+paper's LR1–LR5 or LM1–LM5. Each stage's `description` names its step range and,
+where one of its boundaries lies within ±1 checkpoint of a feature of the
+learning-rate schedule (`schedule_features`, e.g. the step of the maximum
+learning rate), says so ("tracks the learning-rate peak at step 3000").
+
+Stability (`stage_stability`, docs/stages.md): the boundary finder is re-run,
+with the same options, on resampled LLC curves: chains bootstrapped jointly
+across checkpoints (exactly, over all C(2C−1, C) multisets with their
+multinomial weights, when there are at most `max_exact` of them) × a fixed set
+of draw windows (`DRAW_WINDOWS`). A boundary's stability is the weighted
+fraction of resamples with a boundary within ±1 checkpoint of it; re-estimates
+with other SGLD seeds are scored separately (`seed_stability`).
 
 Multi-seed comparison (App. B.4): `compare_boundaries` matches each boundary of a
 reference fit (e.g. of the LLC averaged over seeds) to the nearest boundary of
@@ -68,11 +81,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -102,6 +116,11 @@ class StageBoundaries:
   tolerance of the near-plateau rule. `pruned_indices` are the candidates that
   the merge rule (`min_stage_change`) did not report; a merged boundary can be
   a checkpoint that was not itself a candidate. `settings` holds the options.
+  `stability` is the boundaries' `StageStability` (None until `stage_stability`
+  has scored them and the caller attached it with `dataclasses.replace`);
+  `schedule_features` are learning-rate schedule features as data, each
+  {"name": e.g. "learning-rate peak", "step": int}, that the stage
+  descriptions mention when a boundary tracks one (within ±1 checkpoint).
   """
 
   steps: np.ndarray
@@ -121,33 +140,89 @@ class StageBoundaries:
   tolerance_used: float
   kernel: str
   pruned_indices: tuple[int, ...] = ()
-  label_prefix: str = "LR"
+  label_prefix: str = "S"
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  stability: StageStability | None = None
+  schedule_features: tuple[dict[str, Any], ...] = ()
+
+  def _tracked(self, index: int) -> list[dict[str, Any]]:
+    """Schedule features within ±1 checkpoint of the boundary at checkpoint `index`:
+    steps[index − 1] ≤ feature step ≤ steps[index + 1]."""
+    lo = int(self.steps[max(index - 1, 0)])
+    hi = int(self.steps[min(index + 1, len(self.steps) - 1)])
+    return [dict(f) for f in self.schedule_features if lo <= int(f["step"]) <= hi]
+
+  @property
+  def boundaries(self) -> list[dict[str, Any]]:
+    """Boundaries in order: {boundary (1-based), step, index, kind, stability,
+    stable, seed_stability (None without a stability analysis or seeds),
+    schedule_features (the features it tracks, within ±1 checkpoint)}."""
+    st = self.stability
+    out = []
+    for j, (i, s, k) in enumerate(zip(self.boundary_indices, self.boundary_steps,
+                                      self.boundary_kinds)):
+      hit = st is not None and j < len(st.boundary_steps) and st.boundary_steps[j] == s
+      out.append({"boundary": j + 1, "step": int(s), "index": int(i), "kind": k,
+                  "stability": float(st.stability[j]) if hit else None,
+                  "stable": bool(st.stable[j]) if hit else None,
+                  "seed_stability": (None if not hit or st.seed_stability is None
+                                     else float(st.seed_stability[j])),
+                  "schedule_features": self._tracked(int(i))})
+    return out
 
   @property
   def stages(self) -> list[dict[str, Any]]:
-    """Stages in order: {label, start_step, end_step, end_kind}.
+    """Stages in order: {label, start_step, end_step, end_kind, end_stability,
+    description}.
 
     `end_kind` is the kind of the boundary that ends the stage, or "end" for
-    the last stage.
+    the last stage; `end_stability` that boundary's stability (None for the
+    last stage or without a stability analysis). `description` gives the step
+    range, the end boundary's stability, and the learning-rate schedule
+    features that a boundary of the stage tracks (within ±1 checkpoint).
     """
     starts = [int(self.steps[0])] + list(self.boundary_steps)
     ends = list(self.boundary_steps) + [int(self.steps[-1])]
     kinds = list(self.boundary_kinds) + ["end"]
-    return [{"label": f"{self.label_prefix}{i + 1}", "start_step": s, "end_step": e,
-             "end_kind": k} for i, (s, e, k) in enumerate(zip(starts, ends, kinds))]
+    bounds = self.boundaries
+    out = []
+    for i, (s, e, k) in enumerate(zip(starts, ends, kinds)):
+      label = f"{self.label_prefix}{i + 1}"
+      end = bounds[i] if i < len(bounds) else None
+      text = f"{label}: steps {s}–{e}"
+      if end is not None:
+        text += f"; ends at a {k.replace('_', ' ')}"
+        if end["stability"] is not None:
+          text += (f" (stability {end['stability']:.2f}"
+                   f"{'' if end['stable'] else ', unstable'})")
+      notes = []
+      for side, b in (("start", bounds[i - 1] if i > 0 else None), ("end", end)):
+        for f in (b or {}).get("schedule_features", []):
+          notes.append(f"its {side} boundary (step {b['step']}) tracks the {f['name']} at "
+                       f"step {int(f['step'])}")
+      if notes:
+        text += "; " + "; ".join(notes)
+      out.append({"label": label, "start_step": s, "end_step": e, "end_kind": k,
+                  "end_stability": None if end is None else end["stability"],
+                  "description": text})
+    return out
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-able dict of every field plus `stages`."""
+    """A JSON-able dict of every field plus `stages`, `boundaries` and
+    `stability_passes` (None without a stability analysis)."""
     out: dict[str, Any] = {}
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if isinstance(value, np.ndarray):
         value = value.tolist()
+      elif isinstance(value, StageStability):
+        value = value.to_dict()
       elif isinstance(value, tuple):
         value = list(value)
       out[field.name] = value
     out["stages"] = self.stages
+    out["boundaries"] = self.boundaries
+    out["stability_passes"] = None if self.stability is None else self.stability.passes
     return out
 
   @classmethod
@@ -166,10 +241,16 @@ class StageBoundaries:
         value = tuple(value or ())
       elif field.name == "tolerance_used":
         value = float(value)
-      elif field.name in ("kernel", "label_prefix"):
+      elif field.name == "label_prefix":
+        value = "S" if value is None else str(value)
+      elif field.name == "kernel":
         value = str(value)
       elif field.name == "settings":
         value = dict(value or {})
+      elif field.name == "stability":
+        value = None if value is None else StageStability.from_dict(value)
+      elif field.name == "schedule_features":
+        value = tuple(dict(f) for f in (value or ()))
       else:
         value = np.asarray(value, dtype=float)
       kwargs[field.name] = value
@@ -178,7 +259,9 @@ class StageBoundaries:
   def save(self, directory: str) -> tuple[str, str]:
     """Writes `stages.json` (everything) and `stages.csv` atomically.
 
-    The CSV has one row per stage: label,start_step,end_step,end_kind.
+    The CSV has one row per stage:
+    label,start_step,end_step,end_kind,end_stability,description
+    (end_stability empty for the last stage or without a stability analysis).
     Returns the two paths.
     """
     json_path = os.path.join(directory, "stages.json")
@@ -186,10 +269,13 @@ class StageBoundaries:
     atomic.write_text(json_path, json.dumps(self.to_dict(), indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "start_step", "end_step", "end_kind"])
+    writer.writerow(["label", "start_step", "end_step", "end_kind", "end_stability",
+                     "description"])
     for stage in self.stages:
+      st = stage["end_stability"]
       writer.writerow([stage["label"], stage["start_step"], stage["end_step"],
-                       stage["end_kind"]])
+                       stage["end_kind"], "" if st is None else f"{st:.4f}",
+                       stage["description"]])
     atomic.write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
@@ -312,7 +398,7 @@ def find_stage_boundaries(
     seed: int = 0,
     min_stage_change: float = 0.05,
     grid_size: int = 512,
-    label_prefix: str = "LR",
+    label_prefix: str = "S",
 ) -> StageBoundaries:
   """Finds LLC plateaus (stage boundaries) over log training time (App. B.1).
 
@@ -336,7 +422,7 @@ def find_stage_boundaries(
       fraction of its range over the checkpoints; candidates closer than that
       are merged (see the module docstring); 0 keeps every candidate.
     grid_size: points of the dense grid kept for plotting.
-    label_prefix: stage labels are f"{label_prefix}{i}".
+    label_prefix: stage labels are f"{label_prefix}{i}" (neutral: "S1", "S2", …).
 
   Returns:
     A `StageBoundaries`.
@@ -435,10 +521,28 @@ def _shade_stages(ax, result: StageBoundaries, label: bool) -> None:
               ha="center", va="top", fontsize=8, fontweight="bold")
 
 
-def _mark_boundaries(ax, result: StageBoundaries, **kwargs) -> None:
-  style = dict(color="black", ls="--", lw=0.9, alpha=0.7) | kwargs
-  for s in result.boundary_steps:
-    ax.axvline(s, **style)
+def _mark_boundaries(ax, result: StageBoundaries, annotate: bool = False, **kwargs) -> None:
+  """Dashed lines at the boundaries; with a stability analysis, stable boundaries
+  are solid and unstable ones dashed red, annotated "(unstable 0.55)" when
+  `annotate` (stable ones with their stability)."""
+  st = result.stability
+  for j, s in enumerate(result.boundary_steps):
+    style = dict(color="black", ls="--", lw=0.9, alpha=0.7)
+    if st is not None and j < len(st.stable):
+      style = (dict(color="black", ls="-", lw=1.0, alpha=0.8) if st.stable[j] else
+               dict(color="tab:red", ls="--", lw=1.3, alpha=0.9))
+    ax.axvline(s, **(style | kwargs))
+    if annotate and st is not None and j < len(st.stable):
+      text = f"{st.stability[j]:.2f}" if st.stable[j] else f"(unstable {st.stability[j]:.2f})"
+      ax.text(s, 0.90, text, transform=ax.get_xaxis_transform(), rotation=90,
+              ha="right", va="top", fontsize=7, color=style["color"],
+              bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
+
+
+def _mark_schedule(ax, result: StageBoundaries, legend: bool) -> None:
+  for f in result.schedule_features:
+    ax.axvline(int(f["step"]), color="tab:green", ls=":", lw=1.4, alpha=0.9,
+               label=f"{f['name']} (step {int(f['step'])})" if legend else None)
 
 
 def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=None,
@@ -446,9 +550,14 @@ def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=Non
   """Loss, LLC with the GP fit and stages, and the slope (paper Fig. 1 / B.2).
 
   Top panel (only when `loss` is given): the loss, log-log. Middle: LLC mean ±
-  `llc_std` with the GP mean (± 2 posterior std), stages shaded and labelled.
-  Bottom: dλ̂/d ln t of the GP mean, the zero line and the ± tolerance band.
-  Boundaries are dashed vertical lines on every panel. Returns `path`.
+  `llc_std` (labelled with `settings["error_bar"]`, default "SEM": the standard
+  error over chains) with the GP mean (± 2 posterior std), stages shaded and
+  labelled. Bottom: dλ̂/d ln t of the GP mean, the zero line and the ± tolerance
+  band. Boundaries are vertical lines on every panel: dashed without a stability
+  analysis; with one (`result.stability`), solid when stable and dashed red
+  "(unstable 0.55)" when not, and the title says whether the criterion passes.
+  Learning-rate schedule features (`schedule_features`) are dotted green lines.
+  Returns `path`.
   """
   import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
 
@@ -471,17 +580,21 @@ def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=Non
     ax_loss.set_ylabel(loss_label)
     _shade_stages(ax_loss, result, label=False)
     _mark_boundaries(ax_loss, result)
+    _mark_schedule(ax_loss, result, legend=False)
     ax_loss.grid(alpha=0.3, which="both")
 
   _shade_stages(ax_llc, result, label=True)
+  error_bar = result.settings.get("error_bar") or "SEM"
   ax_llc.errorbar(steps, result.llc_mean, yerr=result.llc_std, fmt="o", ms=3,
                   color="tab:blue", ecolor="tab:blue", elinewidth=0.8, capsize=1.5,
-                  label=r"$\hat\lambda$" + (" ± std" if result.llc_std is not None else ""))
+                  label=r"$\hat\lambda$" + (f" ± {error_bar}" if result.llc_std is not None
+                                            else ""))
   ax_llc.plot(step_grid, result.gp_mean_grid, color="black", lw=1.5, label="GP mean")
   ax_llc.fill_between(step_grid, result.gp_mean_grid - 2 * result.gp_std_grid,
                       result.gp_mean_grid + 2 * result.gp_std_grid, color="gray", alpha=0.25,
-                      lw=0, label="GP ± 2 std")
-  _mark_boundaries(ax_llc, result)
+                      lw=0, label="GP ± 2 posterior std")
+  _mark_boundaries(ax_llc, result, annotate=True)
+  _mark_schedule(ax_llc, result, legend=True)
   lo = np.min(result.llc_mean - (result.llc_std if result.llc_std is not None else 0))
   hi = np.max(result.llc_mean + (result.llc_std if result.llc_std is not None else 0))
   pad = 0.12 * max(hi - lo, 1e-12)
@@ -497,13 +610,19 @@ def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=Non
   ax_slope.plot(step_grid, result.slope_grid, color="tab:purple", lw=1.3)
   ax_slope.plot(steps, result.slope, "o", ms=3, color="tab:purple")
   _mark_boundaries(ax_slope, result)
+  _mark_schedule(ax_slope, result, legend=False)
   ax_slope.set_ylabel(r"$d\hat\lambda / d\ln t$")
   ax_slope.set_xlabel("training step")
   ax_slope.legend(loc="upper right", fontsize=7)
   ax_slope.grid(alpha=0.3, which="both")
   _set_xscale(ax_slope, scale)
   ax_slope.set_xlim(steps[0], steps[-1])
-  axes[0].set_title(title or "LLC stages")
+  title = title or "LLC stages"
+  if result.stability is not None:
+    st = result.stability
+    title += (f"\nstability criterion {'passes' if st.passes else 'FAILS'} (target "
+              f"{st.target:.2f}, {st.num_fits} resamples)")
+  axes[0].set_title(title, fontsize=10)
   fig.tight_layout()
   return save_figure(fig, path)
 
@@ -519,7 +638,7 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
 
   Returns:
     One dict per reference boundary, in order: `boundary` (1-based),
-    `label` (e.g. "LR1-LR2"), `reference_step`, `reference_kind`,
+    `label` (e.g. "S1-S2"), `reference_step`, `reference_kind`,
     `matched_steps` and `log_distances` (per seed, None if unmatched),
     `count` (seeds matched), `n_seeds`, and over the matched steps `min_step`,
     `max_step`, `geometric_mean_step` (exp(mean ln(step + 1)) − 1) and
@@ -603,3 +722,452 @@ def plot_seed_stages(per_seed: Sequence[StageBoundaries], reference: StageBounda
   axes[0].set_title(title or "LLC stages per seed (dotted red: reference boundaries)")
   fig.tight_layout()
   return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Stability of the boundaries under resampling (docs/stages.md).
+
+# Draw windows: (name, start, end) as fractions of the kept length L = T − burn-in of
+# each checkpoint; the window is draws [burnin + ⌊start·L⌋, burnin + ⌊end·L⌋). The first
+# is the kept window itself (the reference curve).
+DRAW_WINDOWS: tuple[tuple[str, float, float], ...] = (
+    ("kept", 0.0, 1.0),
+    ("start +25%", 0.25, 1.0),
+    ("start +50%", 0.5, 1.0),
+    ("first 75%", 0.0, 0.75),
+)
+STABILITY_TARGET = 0.8
+MIN_RESAMPLE_CHAINS = 2     # a checkpoint's resample needs >= 2 valid chain draws
+NOISE_MODELS = ("sem", "std", "fit")
+
+
+def num_distinct_resamples(num_chains: int) -> int:
+  """Distinct bootstrap resamples (multisets of size C from C chains): C(2C − 1, C)."""
+  if num_chains < 1:
+    raise ValueError(f"num_chains must be >= 1, got {num_chains}")
+  return math.comb(2 * num_chains - 1, num_chains)
+
+
+def chain_multisets(num_chains: int) -> tuple[np.ndarray, np.ndarray]:
+  """Every bootstrap resample of C chains, with its probability (the exact bootstrap).
+
+  Returns (counts [M, C] int: how often each chain is drawn, each row summing to
+  C; weights [M]: the multinomial probability C! / (∏_c n_c!) / C^C of drawing
+  that multiset, summing to 1), with M = C(2C − 1, C) (35 for C = 4).
+  """
+  c = int(num_chains)
+  num_distinct_resamples(c)
+  rows = [np.bincount(np.asarray(combo), minlength=c)
+          for combo in itertools.combinations_with_replacement(range(c), c)]
+  counts = np.stack(rows).astype(np.int64)
+  ways = [math.factorial(c) // math.prod(math.factorial(int(n)) for n in row) for row in counts]
+  total = c ** c
+  return counts, np.array([w / total for w in ways], dtype=float)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainResamples:
+  """The chain resamples a stability analysis uses.
+
+  `counts` [M, C] (each row sums to C), `weights` [M] (sum 1); `exact` when all
+  `num_distinct` = C(2C − 1, C) multisets are enumerated with their multinomial
+  weights, else a fixed-seed random sample of `num_drawn` bootstrap draws
+  (duplicates merged, weight = share of the draws).
+  """
+
+  counts: np.ndarray
+  weights: np.ndarray
+  exact: bool
+  num_distinct: int
+  num_drawn: int
+
+
+def chain_resamples(num_chains: int, *, max_exact: int = 500, num_random: int = 200,
+                    seed: int = 0) -> ChainResamples:
+  """All C(2C − 1, C) multisets when there are at most `max_exact`, else `num_random`
+  bootstrap draws (C chains with replacement) from `numpy.random.default_rng(seed)`."""
+  n = num_distinct_resamples(num_chains)
+  if n <= max_exact:
+    counts, weights = chain_multisets(num_chains)
+    return ChainResamples(counts, weights, True, n, n)
+  if num_random < 1:
+    raise ValueError(f"num_random must be >= 1, got {num_random}")
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, num_chains, size=(num_random, num_chains))
+  counts = np.stack([np.bincount(d, minlength=num_chains) for d in draws])
+  unique, times = np.unique(counts, axis=0, return_counts=True)
+  return ChainResamples(unique.astype(np.int64), times / num_random, False, n, num_random)
+
+
+def window_llcs(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta, burnin=None,
+                windows: Sequence[tuple[str, float, float]] = DRAW_WINDOWS) -> np.ndarray:
+  """Per-chain LLCs from each draw window: nβ (mean loss over the window − L(w*)).
+
+  Args:
+    loss_trace: recorded losses [K, C, T] (all draws, burn-in included).
+    init_loss: L(w*) per chain [K, C].
+    nbeta: nβ, a scalar or [K].
+    burnin: draws left out of the kept window, a scalar or [K] (None: 0).
+    windows: (name, start, end) fractions of the kept length L = T − burnin:
+      draws [burnin + ⌊start·L⌋, burnin + ⌊end·L⌋), at least one draw.
+
+  Returns:
+    [W, K, C]; NaN where a window holds a non-finite loss.
+  """
+  trace = np.asarray(loss_trace, np.float64)
+  if trace.ndim != 3:
+    raise ValueError(f"loss_trace must be [checkpoints, chains, draws], got {trace.shape}")
+  k, _, t = trace.shape
+  init = np.asarray(init_loss, np.float64)
+  if init.shape != trace.shape[:2]:
+    raise ValueError(f"init_loss has shape {init.shape}, expected {trace.shape[:2]}")
+  nb = np.broadcast_to(np.asarray(nbeta, np.float64), (k,))
+  b = np.broadcast_to(np.asarray(0 if burnin is None else burnin, np.int64), (k,))
+  out = np.empty((len(windows), k, trace.shape[1]))
+  for w, (name, lo, hi) in enumerate(windows):
+    if not 0.0 <= lo < hi <= 1.0:
+      raise ValueError(f"window {name!r}: need 0 <= start < end <= 1, got {lo}, {hi}")
+    for i in range(k):
+      length = t - int(b[i])
+      a = int(b[i]) + int(math.floor(lo * length))
+      e = max(int(b[i]) + int(math.floor(hi * length)), a + 1)
+      with np.errstate(invalid="ignore"):
+        out[w, i] = nb[i] * (trace[i, :, a:e].mean(-1) - init[i])
+  return out
+
+
+def _refit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+  """The options of a fit (its `settings`), for refitting resampled curves. The grid
+  only draws the plot (boundaries use the checkpoints), so refits use 2 points."""
+  keys = ("tolerance", "relative_tolerance", "length_scale", "n_restarts", "seed",
+          "min_stage_change", "noise_level")
+  missing = [k for k in keys if k not in settings]
+  if missing:
+    raise ValueError(f"the reference fit's settings lack {missing}; refit it with "
+                     f"find_stage_boundaries")
+  kw = {k: settings[k] for k in keys}
+  for k in ("length_scale_bounds", "amplitude_bounds", "noise_level_bounds"):
+    kw[k] = tuple(settings[k])
+  kw["grid_size"] = 2
+  return kw
+
+
+def _resampled_curve(llc: np.ndarray, valid: np.ndarray, counts: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Mean, std (ddof 1), SEM over the resampled chains, and which checkpoints have
+  >= MIN_RESAMPLE_CHAINS valid draws. llc, valid [K, C]; counts [C]."""
+  n = np.where(valid, counts[None, :], 0).astype(float)            # [K, C]
+  total = n.sum(-1)
+  safe = np.where(valid, llc, 0.0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = (n * safe).sum(-1) / total
+    var = (n * (safe - mean[:, None]) ** 2).sum(-1) / (total - 1)
+  std = np.sqrt(np.maximum(var, 0.0))
+  ok = (total >= MIN_RESAMPLE_CHAINS) & np.isfinite(mean) & np.isfinite(std)
+  return mean, std, std / np.sqrt(np.maximum(total, 1)), ok
+
+
+def _fit_resample(steps, llc, valid, counts, noise: str, kw) -> tuple[int, ...] | None:
+  """Boundary steps of one resampled curve, or None when it cannot be fitted."""
+  mean, std, sem, ok = _resampled_curve(llc, valid, counts)
+  if ok.sum() < 4:
+    return None
+  err = {"sem": sem, "std": std, "fit": None}[noise]
+  try:
+    r = find_stage_boundaries(steps[ok], mean[ok], None if err is None else err[ok], **kw)
+  except (ValueError, np.linalg.LinAlgError):
+    return None
+  return r.boundary_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStability:
+  """How often each boundary of a reference fit survives resampling.
+
+  Per reference boundary (tuples in boundary order): `boundary_steps`,
+  `boundary_indices`, `boundary_kinds`; `stability`, the weighted fraction of
+  resamples (chain resamples × draw windows, each window weighted equally) with
+  a boundary within ±`max_distance` checkpoints of it; `stable` (stability ≥
+  `target`); `by_window`, the stability over the chain resamples of each window;
+  `window_only`, the fraction of windows whose fit with the original chains has
+  it; `seed_stability`, the fraction of SGLD re-estimates (`seeds`) that have it
+  (None without seeds; not part of `passes`) and `seed_matches` (per seed, the
+  matched step or None).
+
+  `passes` is True when every boundary is stable; `reasons` names each that is
+  not. Resampling: `num_chains`, `num_distinct_chain_resamples` (C(2C − 1, C)),
+  `chain_resampling` ("exact" or "random"), `num_chain_resamples` (distinct
+  multisets used), `num_random_draws` (random only), `windows`, `num_fits`,
+  `num_failed_fits` (resamples with fewer than 4 usable checkpoints or a failed
+  GP fit: they support no boundary), `boundary_count_distribution` (number of
+  boundaries → weight), `extra_boundaries` (weighted mean number of resample
+  boundaries farther than `max_distance` from every reference boundary).
+  `noise` is the per-checkpoint noise model of the refits; `settings` the
+  boundary-finder options (the reference's, never retuned).
+  """
+
+  boundary_steps: tuple[int, ...]
+  boundary_indices: tuple[int, ...]
+  boundary_kinds: tuple[str, ...]
+  stability: tuple[float, ...]
+  stable: tuple[bool, ...]
+  by_window: tuple[dict[str, float], ...]
+  window_only: tuple[float, ...]
+  passes: bool
+  reasons: tuple[str, ...]
+  target: float
+  max_distance: int
+  num_chains: int
+  num_distinct_chain_resamples: int
+  chain_resampling: str
+  num_chain_resamples: int
+  num_random_draws: int | None
+  windows: tuple[dict[str, Any], ...]
+  num_fits: int
+  num_failed_fits: int
+  boundary_count_distribution: dict[int, float]
+  extra_boundaries: float
+  noise: str
+  settings: dict[str, Any]
+  seed_stability: tuple[float, ...] | None = None
+  seed_matches: tuple[dict[str, int | None], ...] | None = None
+  seeds: tuple[dict[str, Any], ...] = ()
+
+  @property
+  def boundaries(self) -> list[dict[str, Any]]:
+    """Per boundary: {boundary, step, index, kind, stability, stable, by_window,
+    window_only, seed_stability, seed_matches}."""
+    out = []
+    for j, s in enumerate(self.boundary_steps):
+      out.append({"boundary": j + 1, "step": int(s), "index": int(self.boundary_indices[j]),
+                  "kind": self.boundary_kinds[j], "stability": self.stability[j],
+                  "stable": self.stable[j], "by_window": dict(self.by_window[j]),
+                  "window_only": self.window_only[j],
+                  "seed_stability": (None if self.seed_stability is None
+                                     else self.seed_stability[j]),
+                  "seed_matches": (None if self.seed_matches is None
+                                   else dict(self.seed_matches[j]))})
+    return out
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able: every field (tuples as lists, count keys as strings) plus
+    `boundaries` and a one-line `summary`."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == "boundary_count_distribution":
+        value = {str(k): v for k, v in value.items()}
+      elif isinstance(value, tuple):
+        value = [dict(v) if isinstance(v, Mapping) else v for v in value]
+      out[field.name] = value
+    out["boundaries"] = self.boundaries
+    out["summary"] = self.summary()
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> StageStability:
+    """Inverse of `to_dict` (`boundaries` and `summary` are ignored)."""
+    kw: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+      if field.name not in d:
+        continue
+      v = d[field.name]
+      if field.name == "boundary_count_distribution":
+        v = {int(k): float(x) for k, x in v.items()}
+      elif field.name in ("seed_stability", "seed_matches") and v is None:
+        pass
+      elif isinstance(v, list):
+        v = tuple(dict(x) if isinstance(x, Mapping) else x for x in v)
+      kw[field.name] = v
+    return cls(**kw)
+
+  def summary(self) -> str:
+    """E.g. "passes: 3 boundaries, stability ≥ 0.80 (140 resamples: exact bootstrap over
+    35 chain multisets × 4 draw windows)"."""
+    how = (f"exact bootstrap over all {self.num_distinct_chain_resamples} chain multisets"
+           if self.chain_resampling == "exact" else
+           f"{self.num_random_draws} random bootstrap draws ({self.num_chain_resamples} "
+           f"distinct) of {self.num_distinct_chain_resamples} chain multisets")
+    head = ("passes: no boundaries to score" if not self.boundary_steps else
+            f"passes: all {len(self.boundary_steps)} boundaries have stability ≥ "
+            f"{self.target:.2f}" if self.passes else
+            f"fails: {len(self.reasons)} of {len(self.boundary_steps)} boundaries below "
+            f"{self.target:.2f}")
+    return f"{head} ({self.num_fits} resamples: {how} × {len(self.windows)} draw windows)"
+
+
+def stage_stability(
+    reference: StageBoundaries,
+    llc_per_chain: np.ndarray,
+    *,
+    valid: np.ndarray | None = None,
+    window_names: Sequence[str] | None = None,
+    noise: str = "sem",
+    seed_curves: Mapping[str, tuple] | None = None,
+    target: float = STABILITY_TARGET,
+    max_distance: int = 1,
+    max_exact: int = 500,
+    num_random: int = 200,
+    random_seed: int = 0,
+) -> StageStability:
+  """The stability of each boundary of `reference` under chain and window resampling.
+
+  Every resample re-runs `find_stage_boundaries` with the reference's own
+  options (`reference.settings`; never retuned) on the curve of the resampled
+  chains: per checkpoint, the mean over the resampled valid chains (each chain
+  counted as often as it was drawn) and, as the GP noise, its SEM (`noise="sem"`)
+  or std (`"std"`) over those chains, or a fitted noise (`"fit"`). Chains are
+  resampled jointly across checkpoints: a chain's minibatches and injected
+  noise are shared by all checkpoints, so chain c is drawn at every checkpoint
+  or none. The resamples are every chain multiset with its multinomial weight
+  (`chain_resamples`: exact up to `max_exact` multisets, else `num_random`
+  draws with `random_seed`) × every draw window (leading axis of
+  `llc_per_chain`), windows weighted equally. A boundary's stability is the
+  weighted fraction of resamples with a boundary within ±`max_distance`
+  checkpoints (index distance over `reference.steps`) of it. Boundaries below
+  `target` are kept and marked `stable=False`; then `passes` is False and
+  `reasons` names them. The chains are put in a canonical order first, so the
+  result does not depend on their order.
+
+  Args:
+    reference: the fit whose boundaries are scored (its options are reused).
+    llc_per_chain: per-chain LLCs at `reference.steps`, [K, C], or [W, K, C] with
+      one curve per draw window (`window_llcs`; the first is the kept window).
+    valid: chains that count (not diverged), broadcastable to `llc_per_chain`;
+      non-finite LLCs never count.
+    window_names: names of the W windows (default: `DRAW_WINDOWS`' names when W
+      matches, else "window i").
+    noise: "sem", "std" or "fit", as the reference was fitted.
+    seed_curves: label → (steps, per-chain LLCs [K', C'], valid or None) of LLCs
+      re-estimated with other SGLD seeds; each is fitted with the same options
+      at the reference's steps it holds and scored separately
+      (`seed_stability`, not part of `passes`).
+    target: stability a boundary needs to be `stable`.
+    max_distance: the ±checkpoint window of a match.
+    max_exact, num_random, random_seed: see `chain_resamples`.
+  """
+  if noise not in NOISE_MODELS:
+    raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
+  if (noise == "fit") != (reference.settings.get("noise") == "white_kernel"):
+    raise ValueError(f"noise={noise!r} but the reference was fitted with noise "
+                     f"{reference.settings.get('noise')!r}: score it with its own noise model")
+  if not 0.0 <= target <= 1.0 or max_distance < 0:
+    raise ValueError("target must be in [0, 1] and max_distance >= 0")
+  kw = _refit_kwargs(reference.settings)
+  steps = np.asarray(reference.steps, np.int64)
+  llc = np.asarray(llc_per_chain, np.float64)
+  if llc.ndim == 2:
+    llc = llc[None]
+  if llc.ndim != 3 or llc.shape[1] != len(steps):
+    raise ValueError(f"llc_per_chain must be [K, C] or [W, K, C] with K = {len(steps)} "
+                     f"(the reference's checkpoints), got {np.shape(llc_per_chain)}")
+  ok = np.isfinite(llc) & (True if valid is None else np.broadcast_to(
+      np.asarray(valid, bool), llc.shape))
+  w_count, _, c = llc.shape
+  if window_names is None:
+    window_names = ([w[0] for w in DRAW_WINDOWS] if w_count == len(DRAW_WINDOWS)
+                    else [f"window {i}" for i in range(w_count)])
+  if len(window_names) != w_count:
+    raise ValueError(f"{len(window_names)} window names for {w_count} windows")
+  windows = [next(({"name": n, "start": lo, "end": hi} for n, lo, hi in DRAW_WINDOWS
+                   if n == name), {"name": name}) for name in window_names]
+  # Canonical chain order: sorted by each chain's curve (kept window), so the
+  # resamples — random ones included — do not depend on how the chains are numbered.
+  order = np.lexsort(np.where(ok[0], llc[0], np.inf)[::-1])
+  llc, ok = llc[:, :, order], ok[:, :, order]
+  res = chain_resamples(c, max_exact=max_exact, num_random=num_random, seed=random_seed)
+  ref_idx = np.asarray(reference.boundary_indices, np.int64)
+
+  def positions(found: Sequence[int]) -> np.ndarray:
+    return np.searchsorted(steps, np.asarray(found, np.int64))
+
+  def hits(found: tuple[int, ...] | None) -> np.ndarray:
+    if not found:
+      return np.zeros(len(ref_idx), bool)
+    pos = positions(found)
+    return np.array([np.any(np.abs(pos - i) <= max_distance) for i in ref_idx], bool)
+
+  cache: dict[tuple[int, tuple[int, ...]], tuple[int, ...] | None] = {}
+
+  def fit(w: int, counts: np.ndarray) -> tuple[int, ...] | None:
+    key = (w, tuple(int(x) for x in counts))
+    if key not in cache:
+      cache[key] = _fit_resample(steps, llc[w], ok[w], counts, noise, kw)
+    return cache[key]
+
+  by_window = np.zeros((w_count, len(ref_idx)))
+  dist: dict[int, float] = {}
+  extra = 0.0
+  failed = 0
+  for w in range(w_count):
+    for counts, weight in zip(res.counts, res.weights):
+      found = fit(w, counts)
+      failed += found is None
+      h = hits(found)
+      by_window[w] += weight * h
+      n_found = len(found or ())
+      dist[n_found] = dist.get(n_found, 0.0) + weight / w_count
+      if found:
+        pos = positions(found)
+        far = [p for p in pos if not np.any(np.abs(ref_idx - p) <= max_distance)]
+        extra += weight / w_count * len(far)
+  score = by_window.mean(0)
+  identity = np.ones(c, np.int64)
+  window_only = np.mean([hits(fit(w, identity)) for w in range(w_count)], axis=0) \
+      if len(ref_idx) else np.zeros(0)
+  stable = tuple(bool(s >= target - 1e-12) for s in score)
+  reasons = tuple(
+      f"boundary {j + 1} at step {int(reference.boundary_steps[j])} "
+      f"({reference.boundary_kinds[j].replace('_', ' ')}): stability {score[j]:.2f} < "
+      f"target {target:.2f}" for j in range(len(ref_idx)) if not stable[j])
+
+  seed_stability = seed_matches = None
+  seeds: list[dict[str, Any]] = []
+  if seed_curves:
+    matched = np.zeros((len(seed_curves), len(ref_idx)), bool)
+    per_boundary: list[dict[str, int | None]] = [{} for _ in ref_idx]
+    for s_i, (label, curve) in enumerate(seed_curves.items()):
+      s_steps, s_llc, *rest = curve
+      s_valid = rest[0] if rest else None
+      s_steps = np.asarray(s_steps, np.int64)
+      s_llc = np.asarray(s_llc, np.float64)
+      s_ok = np.isfinite(s_llc) & (True if s_valid is None else np.asarray(s_valid, bool))
+      at = np.searchsorted(s_steps, steps)
+      have = (at < len(s_steps)) & (s_steps[np.minimum(at, len(s_steps) - 1)] == steps)
+      llc_s = np.full((len(steps), s_llc.shape[1]), np.nan)
+      ok_s = np.zeros_like(llc_s, bool)
+      llc_s[have], ok_s[have] = s_llc[at[have]], s_ok[at[have]]
+      found = _fit_resample(steps, llc_s, ok_s, np.ones(s_llc.shape[1], np.int64), noise, kw)
+      seeds.append({"label": str(label), "boundary_steps": None if found is None
+                    else [int(x) for x in found], "failed": found is None,
+                    "missing_steps": [int(x) for x in steps[~have]]})
+      pos = positions(found or ())
+      for j, i in enumerate(ref_idx):
+        near = sorted((abs(int(p) - int(i)), int(steps[p])) for p in pos
+                      if abs(int(p) - int(i)) <= max_distance)
+        matched[s_i, j] = bool(near)
+        per_boundary[j][str(label)] = near[0][1] if near else None
+    seed_stability = tuple(float(x) for x in matched.mean(0))
+    seed_matches = tuple(per_boundary)
+
+  settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()
+              if k != "grid_size"}
+  return StageStability(
+      boundary_steps=tuple(int(s) for s in reference.boundary_steps),
+      boundary_indices=tuple(int(i) for i in ref_idx),
+      boundary_kinds=tuple(reference.boundary_kinds),
+      stability=tuple(float(s) for s in score), stable=stable,
+      by_window=tuple({window_names[w]: float(by_window[w, j]) for w in range(w_count)}
+                      for j in range(len(ref_idx))),
+      window_only=tuple(float(x) for x in window_only),
+      passes=not reasons, reasons=reasons, target=float(target),
+      max_distance=int(max_distance), num_chains=int(c),
+      num_distinct_chain_resamples=res.num_distinct,
+      chain_resampling="exact" if res.exact else "random",
+      num_chain_resamples=len(res.weights),
+      num_random_draws=None if res.exact else res.num_drawn,
+      windows=tuple(windows), num_fits=w_count * len(res.weights), num_failed_fits=int(failed),
+      boundary_count_distribution={k: float(v) for k, v in sorted(dist.items())},
+      extra_boundaries=float(extra),
+      noise=noise, settings=settings, seed_stability=seed_stability,
+      seed_matches=seed_matches, seeds=tuple(seeds))

@@ -57,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "pct_start": "unit_open", "div_factor": "num>0", "final_div_factor": "num>0",
       "b1": "unit_right_open", "b2": "unit_right_open", "weight_decay": "num>=0",
       "n_log": "int>=0", "n_linear": "int>=0", "log_every": "int>=0", "resume_every": "int>=0",
-      "eval_batch_size": "int>=1"})
+      "eval_batch_size": "int>=1", "paper_parity": (True, False)})
   if "seeds" in config:
     seeds = list(config.seeds)
     if not seeds or len(set(seeds)) != len(seeds) or not all(
@@ -90,7 +90,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def schedule_steps(config: ml_collections.ConfigDict) -> np.ndarray:
   return schedules.checkpoint_steps(config.train.num_steps, config.train.n_log,
-                                    config.train.n_linear)
+                                    config.train.n_linear,
+                                    paper_parity=config.train.paper_parity)
 
 
 def _key(config, stream: int) -> jax.Array:

@@ -28,7 +28,7 @@ from devinterp_jax.experiments import registry
 from devinterp_jax.sampling import calibration, convergence
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import settings as settings_lib
-from devinterp_jax.sampling import sgld as sgld_lib
+from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import digest
@@ -38,7 +38,7 @@ from devinterp_jax.storage import run_log
 
 _SAMPLER_FIELDS = {
     "num_chains": "int>=1", "num_draws": "int>=1", "block_draws": "int>=1",
-    "max_draws": "int>=0",
+    "max_draws": "int>=0", "friction": "num>=0",
     "thinning": "int>=1", "step_size": "num>0", "nbeta": "num>0", "localization": "num>=0",
     "batch_size": "int>=1", "seed": "int>=0", "init_loss_stride": "int>=1",
     "mala_stride": "int>=0", "checkpoint_chunk": "int>=1", "dataset_size": "int>=1",
@@ -50,8 +50,8 @@ def _check_sampler(settings, prefix: str) -> None:
   """An LLC sampler section (config.llc, or config.llc with config.refined's overrides)."""
   config_checks.check_fields(settings, prefix, _SAMPLER_FIELDS)
   sampler = settings.get("sampler", "sgld")
-  if not isinstance(sampler, str) or sampler not in sgld_lib.SAMPLERS:
-    config_checks.fail(f"{prefix}.sampler", sampler, f"one of {sorted(sgld_lib.SAMPLERS)}")
+  if not isinstance(sampler, str) or sampler not in samplers_lib.SAMPLERS:
+    config_checks.fail(f"{prefix}.sampler", sampler, f"one of {sorted(samplers_lib.SAMPLERS)}")
   if "num_burnin_steps" in settings:
     try:
       settings_lib.parse_burnin(settings["num_burnin_steps"])
@@ -70,7 +70,7 @@ def _check_sampler(settings, prefix: str) -> None:
 def _check_calibration(cal, prefix: str = "config.calibration") -> None:
   config_checks.check_fields(cal, prefix, {
       "step_sizes": "nums>0", "nbetas": "nums>0", "localizations": "nums>=0",
-      "num_chains": "int>=1", "num_draws": "int>=1"})
+      "num_chains": "int>=4", "num_draws": "int>=1", "margin_se": "num>=0"})
   band = cal.get("mala_band", (0.95, 1.0))
   if (not isinstance(band, (tuple, list)) or len(band) != 2
       or not all(config_checks.is_number(b) and 0 <= b <= 1 for b in band)
@@ -123,7 +123,7 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       loss_fn, checkpoints, dataset, settings,
       sweep_options(config.llc, ids=ids, output_dir=output_dir,
                     loss_key=loss_key(config, loss_fn)),
-      sampler=config.llc.sampler)
+      sampler=samplers_lib.from_config(config.llc))
 
 
 def sweep_options(section, **kw) -> settings_lib.SweepOptions:
@@ -162,7 +162,7 @@ def estimate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
 @lock.holding
 def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
                       dataset) -> calibration.CalibrationResult:
-  """The A.5.3 grid (config.calibration) on the earliest and latest checkpoints.
+  """The A.5.3 grid (config.calibration) on the earliest, a middle and the latest checkpoints.
 
   Writes <workdir>/calibration/{calibration.json, calibration.md, *.png}.
   """
@@ -170,18 +170,20 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
     raise ValueError(f"config of experiment {config.experiment!r} has no 'calibration' "
                      "section (the grid of step_sizes, nbetas, localizations)")
   check_run_config(config, workdir)
-  picked, checkpoints = scheduled_checkpoints(workdir, model, lambda s: [s[0], s[-1]])
+  picked, checkpoints = scheduled_checkpoints(
+      workdir, model, lambda s: [s[i] for i in calibration.spread_indices(len(s))])
   picked = [int(s) for s in picked]
   c, cal = config.llc, config.calibration
   logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
                len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))
   return calibration.calibrate(
-      model.loss, [checkpoints[0], checkpoints[1]], dataset,
+      model.loss, checkpoints, dataset,
       step_sizes=cal.step_sizes, nbetas=cal.nbetas, localizations=cal.localizations,
       num_chains=cal.num_chains, num_draws=cal.num_draws, batch_size=c.batch_size,
       seed=c.seed, num_burnin_steps=c.num_burnin_steps, mala_stride=c.mala_stride,
       mala_target=c.get("mala_target", "posterior"),
-      sampler=c.sampler, mala_band=tuple(cal.mala_band), disqualify=tuple(cal.disqualify),
+      sampler=samplers_lib.from_config(c), mala_band=tuple(cal.mala_band),
+      disqualify=tuple(cal.disqualify), margin_se=float(cal.get("margin_se", 2.0)),
       checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
       output_dir=os.path.join(workdir, "calibration"))
 
@@ -193,7 +195,7 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
                   loss_label: str = "eval loss", title: str = "LLC over training") -> dict:
   """Writes llc.npz, llc.csv (one line to load), summary.json, llc_curve.png and
   llc_traces.png; with `config`, also whether the configured sampler settings
-  pass the calibration criteria on the earliest and latest checkpoints."""
+  pass the calibration criteria on the earliest, a middle and the latest checkpoints."""
   out = os.path.join(workdir, "llc")
   result.save(os.path.join(out, "llc.npz"))
   metrics = {r["step"]: r for r in run_log.read_metrics(workdir)}
@@ -222,8 +224,9 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
   check = None
   if config is not None and "calibration" in config:
     cal = config.calibration
-    check = calibration.check_settings(result, (0, -1), tuple(cal.mala_band),
-                                       tuple(cal.disqualify))
+    check = calibration.check_settings(result, None, tuple(cal.mala_band),
+                                       tuple(cal.disqualify),
+                                       float(cal.get("margin_se", 2.0)))
     if not check["passes"]:
       logging.warning("The configured ε, nβ, γ fail the calibration criteria: %s; run "
                       "launch/calibrate.py", "; ".join(check["reasons"]))

@@ -60,7 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "num_steps": "int>=1", "batch_size": "int>=1", "lr": "num>0", "b1": "unit_right_open",
       "b2": "unit_right_open", "eps": "num>0", "weight_decay": "num>=0", "grad_clip": "num>0",
       "n_log": "int>=0", "linear_every": "int>=0", "log_every": "int>=0",
-      "resume_every": "int>=0", "eval_batch_size": "int>=1"})
+      "resume_every": "int>=0", "eval_batch_size": "int>=1", "paper_parity": (True, False)})
   llc_sweep.validate_sampling_sections(config)
 
 
@@ -81,7 +81,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def schedule_steps(config: ml_collections.ConfigDict) -> np.ndarray:
   return schedules.checkpoint_steps(config.train.num_steps, config.train.n_log,
-                                    linear_every=config.train.linear_every)
+                                    linear_every=config.train.linear_every,
+                                    paper_parity=config.train.paper_parity)
 
 
 def _key(config, stream: int) -> jax.Array:

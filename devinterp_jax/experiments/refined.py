@@ -41,6 +41,7 @@ from devinterp_jax.analysis import heads as heads_analysis
 from devinterp_jax.analysis import report
 from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling import settings as settings_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.results import LLCResult
@@ -91,7 +92,7 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
       llc_sweep.sweep_options(section, ids=[int(s) for s in steps],
                               output_dir=os.path.join(workdir, name, "chunks"),
                               loss_key=llc_sweep.loss_key(config, model.loss)),
-      sampler=section["sampler"],
+      sampler=samplers_lib.from_config(section),
       restrictions=settings_lib.Restrictions(names, masks) if restrict else None,
       loss_data=(experiment.dataset_from_spec(config, loss_data, workdir=workdir)
                  if loss_data else None))

@@ -9,10 +9,21 @@ point, checkpoint and chain in one compiled program, and recommends:
       not converged; escaped and negative chains are reported but do not
       disqualify, since they describe w*, e.g. an untrained checkpoint that is
       not a local minimum, rather than the step size), and
-    * the mean MALA acceptance probability over chains lies in `mala_band`
-      (default [0.95, 1]: at most ~5 % of proposals would be rejected; on the
-      validation models of docs/validation.md this kept the discretisation
-      bias below ~5 %, while a band starting at 0.9 let one case reach +11 %).
+    * the mean acceptance of the sampler's step-size check over chains lies in
+      `mala_band` by a margin of `margin_se` of its own Monte-Carlo standard
+      error (default [0.95, 1] with 2 SE: at most ~5 % of proposals would be
+      rejected; on the validation models of docs/validation.md this kept the
+      discretisation bias below ~5 %, while a band starting at 0.9 let one case
+      reach +11 %). The check is MALA for SGLD samplers and the Metropolis
+      acceptance of one leapfrog step for SGHMC / SGNHT, whose law at
+      equilibrium is MALA's at the same ε (`sampling/underdamped.py`), so one
+      band serves both.
+
+Chains must be converged by the issue-8 criteria (`not_converged`
+disqualifies by default), so calibration runs at least `criteria.min_chains`
+(4) chains. Each grid point also reports the draws its chains would need for
+the criteria's bulk ESS per chain, from its own measured ESS per draw: what a
+smaller ε costs.
   overall: among those, the largest nβ (the estimate is closest to its
     nβ → ∞ limit), then the smallest γ (the widest exploration, paper
     A.5.3), then the largest ε.
@@ -34,6 +45,7 @@ from devinterp_jax import atomic
 from devinterp_jax.analysis import plots
 from devinterp_jax.sampling import diagnostics
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling.results import LLCResult
 
 
@@ -57,6 +69,10 @@ class CalibrationResult:
   mala_band: tuple
   disqualify: tuple
   settings: dict
+  mala_se: np.ndarray | None = None       # [E, B, G, N] MCSE of the mean acceptance
+  draws_needed: np.ndarray | None = None  # [E, B, G, N] draws for the ESS target
+  margin_se: float = 2.0
+  step_check: str = "mala"
 
   def to_json(self) -> dict:
     counts = {}
@@ -70,21 +86,30 @@ class CalibrationResult:
         "mala_acceptance": self.mala_acceptance.tolist(), "passes": self.passes.tolist(),
         "status_counts": counts, "reasons": self.reasons, "per_setting": self.per_setting,
         "recommended": self.recommended, "mala_band": list(self.mala_band),
-        "disqualify": list(self.disqualify), "settings": self.settings}
+        "disqualify": list(self.disqualify), "settings": self.settings,
+        "mala_se": None if self.mala_se is None else self.mala_se.tolist(),
+        "draws_needed": None if self.draws_needed is None else self.draws_needed.tolist(),
+        "margin_se": self.margin_se, "step_check": self.step_check}
 
   def table(self) -> str:
     """A markdown table: one row per grid point."""
     rows = ["| ε | nβ | γ | " + " | ".join(f"λ̂ @ {c}" for c in self.checkpoint_ids)
-            + " | MALA accept | health | passes |", "|" + "---|" * (5 + len(self.checkpoint_ids))]
+            + f" | {self.step_check} acceptance ± SE | draws for ESS target | health | passes |",
+            "|" + "---|" * (6 + len(self.checkpoint_ids))]
     for i, j, k in itertools.product(*map(range, self.passes.shape)):
       llcs = " | ".join(f"{m:.3g} ± {s:.2g}" for m, s in
                         zip(self.llc_mean[i, j, k], self.llc_std[i, j, k]))
-      acc = ", ".join(f"{a:.3f}" for a in self.mala_acceptance[i, j, k])
+      se = (self.mala_se[i, j, k] if self.mala_se is not None
+            else np.full(len(self.checkpoint_ids), np.nan))
+      acc = ", ".join(f"{a:.3f} ± {e:.3f}" for a, e in zip(self.mala_acceptance[i, j, k], se))
+      need = ("" if self.draws_needed is None else
+              ", ".join("—" if not np.isfinite(n) else f"{n:.0f}"
+                        for n in self.draws_needed[i, j, k]))
       counts = diagnostics.status_counts(self.status[i, j, k])
       health = ", ".join(f"{n} {v}" for n, v in counts.items() if v)
       why = "yes" if self.passes[i, j, k] else "no: " + self.reasons.get(f"{i},{j},{k}", "")
       rows.append(f"| {self.step_sizes[i]:.3g} | {self.nbetas[j]:.4g} | "
-                  f"{self.localizations[k]:.4g} | {llcs} | {acc} | {health} | {why} |")
+                  f"{self.localizations[k]:.4g} | {llcs} | {acc} | {need} | {health} | {why} |")
     return "\n".join(rows)
 
   def save(self, directory: str) -> None:
@@ -106,7 +131,8 @@ def _mean_acceptance(res: LLCResult) -> np.ndarray:
     return np.nanmean(np.where(res.diverged, np.nan, res.mala_acceptance), axis=-1)
 
 
-def _check(res: LLCResult, band: tuple, disqualify: Sequence[str]) -> list[str]:
+def _check(res: LLCResult, band: tuple, disqualify: Sequence[str],
+           margin_se: float = 2.0) -> list[str]:
   """Reasons a grid point fails (empty: it passes) over all its checkpoints."""
   reasons = []
   for flag in disqualify:
@@ -114,10 +140,28 @@ def _check(res: LLCResult, band: tuple, disqualify: Sequence[str]) -> list[str]:
     if n:
       reasons.append(f"{n} {flag.replace('_', '-')} chain(s)")
   acc = _mean_acceptance(res)
-  if np.isnan(acc).any() or (acc < band[0]).any() or (acc > band[1]).any():
-    reasons.append("MALA acceptance " + ", ".join(f"{a:.3f}" for a in acc)
-                   + f" outside [{band[0]}, {band[1]}]")
+  se = res.mala_se if res.mala_se is not None else np.full(np.shape(acc), np.nan)
+  se = np.where(np.isfinite(se), se, np.inf if margin_se > 0 else 0.0)
+  low = acc - margin_se * se
+  high = np.where(band[1] >= 1.0, acc, acc + margin_se * se)
+  if np.isnan(acc).any() or (low < band[0]).any() or (high > band[1]).any():
+    reasons.append("step-check acceptance " + ", ".join(
+        f"{a:.3f} ± {e:.3f}" for a, e in zip(np.ravel(acc), np.ravel(se)))
+        + f" not inside [{band[0]}, {band[1]}] by {margin_se:g} SE")
   return reasons
+
+
+def _draws_needed(res: LLCResult, criteria) -> np.ndarray:
+  """Kept draws per chain that reach the criteria's bulk ESS per chain at the measured
+  ESS per draw, [...] (NaN without convergence statistics)."""
+  conv = res.convergence
+  if conv is None or "ess_bulk_per_chain" not in conv:
+    return np.full(np.shape(res.llc_mean), np.nan)
+  per_draw = np.asarray(conv["ess_bulk_per_chain"], np.float64) / np.maximum(
+      np.asarray(conv["num_draws"], np.float64), 1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    need = np.ceil(criteria.ess_bulk_min_per_chain / per_draw)
+  return np.where(np.isfinite(need), np.maximum(need, criteria.min_draws), np.nan)
 
 
 def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: Any, *,
@@ -129,7 +173,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
               mala_band: tuple[float, float] = (0.95, 1.0),
               disqualify: Sequence[str] = ("diverged", "not_converged"),
               checkpoint_ids: Sequence[Any] | None = None, chain_strategy: str = "auto",
-              output_dir: str | None = None) -> CalibrationResult:
+              output_dir: str | None = None, margin_se: float = 2.0) -> CalibrationResult:
   """Sweeps ε × nβ × γ on `checkpoints` in one program and recommends settings.
 
   `checkpoints` is a list of param pytrees (e.g. the earliest and the latest
@@ -146,6 +190,12 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   if bad:
     raise ValueError(f"unknown health flags in disqualify: {bad}")
   criteria = criteria or diagnostics.HealthCriteria()
+  if num_chains < criteria.min_chains:
+    raise ValueError(f"calibration needs num_chains >= {criteria.min_chains} (the "
+                     f"convergence criteria's min_chains) to tell converged chains; got "
+                     f"{num_chains}")
+  if margin_se < 0:
+    raise ValueError(f"margin_se must be >= 0, got {margin_se}")
   num_ckpts = len(checkpoints) if isinstance(checkpoints, Sequence) else \
       jax.tree.leaves(checkpoints)[0].shape[0]
   ids = list(checkpoint_ids) if checkpoint_ids is not None else list(range(num_ckpts))
@@ -176,6 +226,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   shape = (len(step_sizes), len(nbetas), len(localizations))
   llc_mean = np.zeros(shape + (num_ckpts,))
   llc_std, mala = np.zeros_like(llc_mean), np.zeros_like(llc_mean)
+  mala_se, draws_needed = np.zeros_like(llc_mean), np.zeros_like(llc_mean)
   status = np.zeros(shape + (num_ckpts, num_chains), np.int8)
   traces = np.zeros(shape + (num_ckpts, num_draws))
   passes = np.zeros(shape, bool)
@@ -185,8 +236,10 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
     res = dataclasses.replace(res, settings={**res.settings, **points[g]})
     llc_mean[i, j, k], llc_std[i, j, k] = res.llc_mean, res.llc_std
     mala[i, j, k] = _mean_acceptance(res)
+    mala_se[i, j, k] = np.nan if res.mala_se is None else res.mala_se
+    draws_needed[i, j, k] = _draws_needed(res, criteria)
     status[i, j, k], traces[i, j, k] = res.status, res.llc_trace_mean
-    why = _check(res, mala_band, disqualify)
+    why = _check(res, mala_band, disqualify, margin_se)
     passes[i, j, k] = not why
     if why:
       reasons[f"{i},{j},{k}"] = "; ".join(why)
@@ -209,26 +262,39 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
       recommended=recommended, mala_band=tuple(mala_band), disqualify=tuple(disqualify),
       settings={**dataclasses.asdict(settings), "num_params": num_params,
                 "sampler": llc_lib.sampler_name(sampler),
-                "health_criteria": dataclasses.asdict(criteria)})
+                "health_criteria": dataclasses.asdict(criteria)},
+      mala_se=mala_se, draws_needed=draws_needed, margin_se=float(margin_se),
+      step_check=samplers_lib.step_check(sampler))
   if output_dir:
     result.save(output_dir)
   return result
 
 
-def check_settings(result: LLCResult, indices: Sequence[int] = (0, -1),
+def spread_indices(num: int) -> tuple[int, ...]:
+  """The earliest, a middle and the latest of `num` checkpoints (distinct)."""
+  return tuple(dict.fromkeys([0, (num - 1) // 2, num - 1]))
+
+
+def check_settings(result: LLCResult, indices: Sequence[int] | None = None,
                    mala_band: tuple[float, float] = (0.95, 1.0),
-                   disqualify: Sequence[str] = ("diverged", "not_converged")) -> dict:
+                   disqualify: Sequence[str] = ("diverged", "not_converged"),
+                   margin_se: float = 2.0) -> dict:
   """Whether the settings of a finished sweep pass the calibration criteria.
 
-  Applies `calibrate`'s test to checkpoints `indices` (default: the earliest
-  and the latest) of an `LLCResult` with a leading checkpoint axis, at no
-  extra cost. Returns {"passes": bool, "reasons": [...], "mala_acceptance": [...]}.
+  Applies `calibrate`'s test (with its margin) to checkpoints `indices`
+  (default: the earliest, a middle and the latest) of an `LLCResult` with a
+  leading checkpoint axis, at no extra cost. Returns {"passes": bool,
+  "reasons": [...], "mala_acceptance": [...], "mala_se": [...], ...}.
   """
+  if indices is None:
+    indices = spread_indices(int(np.shape(result.llc_mean)[0]))
   picked = result.select(list(indices))
-  reasons = _check(picked, mala_band, disqualify)
+  reasons = _check(picked, mala_band, disqualify, margin_se)
   acc = _mean_acceptance(picked)
+  se = picked.mala_se if picked.mala_se is not None else np.full(np.shape(acc), np.nan)
   return {"passes": not reasons, "reasons": reasons, "mala_acceptance": acc.tolist(),
-          "mala_band": list(mala_band), "disqualify": list(disqualify)}
+          "mala_se": np.asarray(se).tolist(), "indices": [int(i) for i in indices],
+          "margin_se": margin_se, "mala_band": list(mala_band), "disqualify": list(disqualify)}
 
 
 def plot_calibration(result: CalibrationResult, directory: str) -> list[str]:
@@ -247,23 +313,27 @@ def plot_calibration(result: CalibrationResult, directory: str) -> list[str]:
       fail = ~result.passes[:, j, k]
       ax.scatter(result.step_sizes[fail], m[fail], facecolors="white",
                  edgecolors=line.get_color(), zorder=3, s=40)
-      ax_acc.plot(result.step_sizes, result.mala_acceptance[:, j, k, n], marker="o",
-                  color=line.get_color(), label=label)
+      se = (result.mala_se[:, j, k, n] if result.mala_se is not None
+            else np.zeros(len(result.step_sizes)))
+      ax_acc.errorbar(result.step_sizes, result.mala_acceptance[:, j, k, n],
+                      yerr=result.margin_se * np.nan_to_num(se), marker="o", capsize=2,
+                      color=line.get_color(), label=label + f" (±{result.margin_se:g} SE)")
     rec = result.recommended
     if rec:
       for a in (ax, ax_acc):
         a.axvline(rec["step_size"], color="black", ls="--", lw=1, label="recommended ε")
-    ax_acc.axhspan(*result.mala_band, color="tab:green", alpha=0.1, label="MALA band")
+    ax_acc.axhspan(*result.mala_band, color="tab:green", alpha=0.1,
+                   label=f"{result.step_check} band")
     for a in (ax, ax_acc):
       a.set_xscale("log")
       a.grid(alpha=0.3)
       a.set_xlabel("step size ε")
     ax.set_ylabel(r"$\hat\lambda$ (hollow: fails)")
-    ax_acc.set_ylabel("MALA acceptance")
+    ax_acc.set_ylabel(f"{result.step_check} acceptance")
     ax.set_title(f"checkpoint {result.checkpoint_ids[n]}", fontsize=9)
     ax.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
-  fig.suptitle("Calibration: final LLC and MALA acceptance vs step size")
+  fig.suptitle(f"Calibration: final LLC and {result.step_check} acceptance vs step size")
   fig.tight_layout()
   paths.append(plots.save_figure(fig, os.path.join(directory, "calibration_llc_vs_step_size.png")))
 

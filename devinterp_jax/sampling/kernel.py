@@ -1,4 +1,4 @@
-"""One SGLD step of one chain, and everything the step computed (`StepInfo`).
+"""One sampler step of one chain, and everything the step computed (`StepInfo`).
 
 Randomness: step t of a chain with key k uses `fold_in(k, t)` split into a batch
 key and a noise key, with t the chain's global step. So a chain gives the same
@@ -37,6 +37,7 @@ class StepInfo(NamedTuple):
   updates: Params             # Δw = w_{t+1} − w_t
   proposal: Params            # w_{t+1}
   state: Any                  # the sampler state after the update
+  prior_state: Any            # the sampler state before it (e.g. the momentum at w_t)
   batch: Any                  # this step's minibatch
   batch_key: jax.Array        # the key that drew it
   hypers: Mapping[str, jax.Array]  # step_size, nbeta, localization
@@ -54,17 +55,18 @@ def sgld_step(params: Params, state: Any, t: jax.Array, *, chain_key: jax.Array,
               params_star: Params, transform: optax.GradientTransformationExtraArgs,
               loss_fn: LossFn, batch_fn: Callable[[jax.Array], Any],
               hypers: Mapping[str, jax.Array], mask: Any = None) -> StepInfo:
-  """One Langevin update with the sampler `transform` (an optax-style transformation)."""
+  """One update with the sampler `transform` (an optax-style transformation; it is
+  given the restriction `mask` and keeps padded coordinates still)."""
   batch_key, noise_key = step_keys(chain_key, t)
   batch = batch_fn(batch_key)
   loss, grads = jax.value_and_grad(loss_fn)(params, batch)
   grads = restrict_lib.apply(mask, grads)
   updates, new_state = transform.update(grads, state, params, params_star=params_star,
-                                        noise_key=noise_key)
+                                        noise_key=noise_key, mask=mask)
   updates = restrict_lib.apply(mask, updates)   # w − w* is 0 off the mask
   proposal = optax.apply_updates(params, updates)
   return StepInfo(t=t, params=params, params_star=params_star, loss=loss, grads=grads,
-                  updates=updates, proposal=proposal, state=new_state, batch=batch,
+                  updates=updates, proposal=proposal, state=new_state, prior_state=state, batch=batch,
                   batch_key=batch_key, hypers=hypers, mask=mask, loss_fn=loss_fn)
 
 

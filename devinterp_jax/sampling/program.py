@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from devinterp_jax.sampling import kernel
 from devinterp_jax.sampling import observers as observers_lib
 from devinterp_jax.sampling import restrict as restrict_lib
-from devinterp_jax.sampling import sgld as sgld_lib
+from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling.settings import SamplerSettings
 
 CACHE_SIZE = 32
@@ -167,7 +167,7 @@ def get_program(loss_fn: Callable, settings: SamplerSettings, *, data: Any,
   longest (a `valid` mask is passed).
   """
   strategy = resolve_chain_strategy(chain_strategy)
-  factory = sgld_lib.get_sampler(sampler)
+  factory = samplers_lib.get_sampler(sampler)
   if mesh is not None:
     if batch_axis not in mesh.axis_names:
       raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
@@ -217,7 +217,7 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
         lambda t: (t >= burnin) & ((t - burnin) % init_every == 0)))
     if s.mala_stride:
       obs.append(observers_lib.gated(
-          observers_lib.mala(s.mala_target),
+          observers_lib.step_check(samplers_lib.step_check(factory), s.mala_target),
           lambda t: (t >= burnin) & (t % s.mala_stride == 0)))
     return obs
 

@@ -31,8 +31,11 @@ class LLCResult:
     diverged: chains excluded from mean/std (non-finite, or blown up), [..., C].
     status: health code per chain (`diagnostics.STATUS_NAMES`), [..., C].
     escaped, not_converged, negative: health flags, [..., C] (see `diagnostics`).
-    mala_acceptance: mean MALA acceptance probability of the proposals, [..., C]
-      (NaN when not measured).
+    mala_acceptance: mean acceptance of the sampler's step-size check, [..., C]
+      (NaN when not measured): MALA for SGLD samplers, one leapfrog step's
+      Metropolis acceptance for SGHMC / SGNHT (`samplers.step_check`).
+    mala_se: Monte-Carlo standard error of the chains' mean acceptance (ESS of
+      the pooled acceptance samples), [...], or None.
     distance, grad_norm, noise_norm: ‖w_t − w*‖, ‖∇L_B(w_t)‖ and ‖η_t‖ at each
       recorded draw, [..., C, draws], or None when not recorded.
     burnin: draws of `loss_trace` left out of the estimate, [...]: the start of
@@ -61,6 +64,7 @@ class LLCResult:
   burnin: np.ndarray | None = None
   convergence: dict[str, np.ndarray] | None = None
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  mala_se: np.ndarray | None = None
 
   @property
   def num_valid_chains(self) -> np.ndarray:
@@ -125,6 +129,24 @@ class LLCResult:
       kw = {k: z[k] for k in z.files if k != "settings" and not k.startswith("convergence_")}
       conv = {k[len("convergence_"):]: z[k] for k in z.files if k.startswith("convergence_")}
       return cls(settings=json.loads(str(z["settings"])), convergence=conv or None, **kw)
+
+
+def acceptance_se(samples: np.ndarray) -> np.ndarray:
+  """MCSE of the mean of acceptance samples [..., C, k] over chains and samples, [...].
+
+  Per entry, samples that are NaN in any chain (an unmeasured first step) are
+  dropped; an entry with a diverged (all-NaN) chain gets NaN.
+  """
+  x = np.asarray(samples, np.float64)
+  flat = x.reshape((-1,) + x.shape[-2:])
+  out = np.full(flat.shape[0], np.nan)
+  for i, entry in enumerate(flat):
+    kept = entry[:, ~np.isnan(entry).any(axis=0)]
+    if kept.shape[-1] >= 4:
+      with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[i] = float(convergence.mcse_mean(kept))
+  return out.reshape(x.shape[:-2])
 
 
 def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
@@ -205,8 +227,10 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of diverged chains
       mala_acceptance = np.nanmean(np.asarray(mala, np.float64), axis=-1)
+    mala_se = acceptance_se(mala)
   else:
     mala_acceptance = np.full(llc_per_chain.shape, np.nan)
+    mala_se = None
   as32 = lambda x: None if x is None else np.asarray(x, np.float32)
   scalar_nbeta = np.ndim(nbeta) == 0 or np.all(np.asarray(nbeta) == np.ravel(nbeta)[0])
   return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=llc_per_chain,
@@ -216,7 +240,7 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
                    mala_acceptance=mala_acceptance, distance=as32(distance),
                    grad_norm=as32(grad_norm), noise_norm=as32(noise_norm),
                    burnin=None if burnin is None else np.asarray(b),
-                   convergence=convergence_stats,
+                   convergence=convergence_stats, mala_se=mala_se,
                    settings={**settings,
                              "nbeta": float(np.ravel(nbeta)[0]) if scalar_nbeta
                              else np.asarray(nbeta).tolist(),

@@ -23,7 +23,7 @@ Units and meaning of the hyperparameters:
     the chain near the checkpoint w*, in 1/(squared parameter units). With nβ = 0
     the chain samples that prior, E‖w − w*‖² = d/γ.
 
-`update(grads, state, params, *, params_star, noise_key)` returns the updates to
+`update(grads, state, params, *, params_star, noise_key, mask=None)` returns the updates to
 add with `optax.apply_updates`. Hyperparameters may be traced arrays, so one
 compiled program serves a whole calibration grid. Every state carries
 `noise_norm` (‖η‖ of the last update, a cheap diagnostic) and `precond` (the
@@ -33,11 +33,13 @@ diagonal preconditioner used by the last update, or None for plain SGLD), which
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from devinterp_jax.sampling import restrict as restrict_lib
 
 Params = Any
 
@@ -74,8 +76,8 @@ def potential_grad(grads: Params, params: Params, params_star: Params, nbeta, lo
 
 
 def _langevin_updates(grads, params, params_star, noise_key, step_size, nbeta, localization,
-                      precond):
-  xi = tree_normal_like(noise_key, grads)
+                      precond, mask=None):
+  xi = restrict_lib.apply(mask, tree_normal_like(noise_key, grads))
   drift = potential_grad(grads, params, params_star, nbeta, localization)
   if precond is None:
     noise = jax.tree.map(lambda z: jnp.sqrt(step_size) * z, xi)
@@ -96,10 +98,10 @@ def sgld(step_size: float | jax.Array, nbeta: float | jax.Array,
     del params
     return SGLDState(count=jnp.zeros((), jnp.int32), noise_norm=jnp.zeros((), jnp.float32))
 
-  def update_fn(grads, state, params, *, params_star, noise_key, **extra_args):
+  def update_fn(grads, state, params, *, params_star, noise_key, mask=None, **extra_args):
     del extra_args
     updates, noise_norm = _langevin_updates(grads, params, params_star, noise_key, step_size,
-                                            nbeta, localization, None)
+                                            nbeta, localization, None, mask)
     return updates, SGLDState(count=state.count + 1, noise_norm=noise_norm)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -119,14 +121,14 @@ def rmsprop_sgld(step_size: float | jax.Array, nbeta: float | jax.Array,
     return RMSPropSGLDState(count=jnp.zeros((), jnp.int32), noise_norm=jnp.zeros((), jnp.float32),
                             precond=jax.tree.map(jnp.ones_like, params), nu=zeros)
 
-  def update_fn(grads, state, params, *, params_star, noise_key, **extra_args):
+  def update_fn(grads, state, params, *, params_star, noise_key, mask=None, **extra_args):
     del extra_args
     count = state.count + 1
     nu = jax.tree.map(lambda v, g: alpha * v + (1 - alpha) * jnp.square(g), state.nu, grads)
     correction = 1 - alpha ** count.astype(jnp.float32)
     precond = jax.tree.map(lambda v: 1.0 / (eps + jnp.sqrt(v / correction)), nu)
     updates, noise_norm = _langevin_updates(grads, params, params_star, noise_key, step_size,
-                                            nbeta, localization, precond)
+                                            nbeta, localization, precond, mask)
     return updates, RMSPropSGLDState(count=count, noise_norm=noise_norm, precond=precond, nu=nu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -160,15 +162,5 @@ def mala_log_acceptance(params: Params, proposal: Params, u: jax.Array, u_propos
   return jnp.minimum(0.0, jnp.where(jnp.isnan(log_ratio), -jnp.inf, log_ratio))
 
 
-SAMPLERS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
-    "sgld": sgld, "rmsprop_sgld": rmsprop_sgld}
-
-
-def get_sampler(sampler: str | Callable) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """A sampler factory `(step_size, nbeta, localization) -> transformation` by name."""
-  if callable(sampler):
-    return sampler
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} "
-                     f"or pass a factory (step_size, nbeta, localization) -> transformation")
-  return SAMPLERS[sampler]
+sgld.step_check = "mala"  # type: ignore[attr-defined]
+rmsprop_sgld.step_check = "mala"  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from devinterp_jax.models import linear
 from devinterp_jax.sampling import calibration, diagnostics, temperature
 from devinterp_jax.sampling import convergence
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,26 @@ class Protocol:
   # says so instead of the protocol silently stepping ε down.
   disqualify: tuple = ("diverged",)
   seed: int = 0
+  sampler: str = "sgld"         # any name of `samplers.SAMPLERS`
+  friction: float | None = None  # sghmc / sgnht: None = 2√γ
+
+  @classmethod
+  def for_sampler(cls, name: str) -> "Protocol":
+    """The protocol of a sampler. Underdamped chains relax a direction of curvature
+    k ≥ γ in ≈ 1/(√γ √ε) steps instead of 2/(γ ε) (docs/samplers.md), so their final
+    chains have a fixed 20,000 draws: never more gradient evaluations than SGLD's."""
+    if name in ("sghmc", "sgnht"):
+      # The leapfrog check is stricter than SGLD's MALA on chains that have not
+      # equilibrated along the flat directions, so the grid starts lower.
+      return cls(sampler=name, num_draws=20_000, max_draws=20_000, langevin_time=0.0,
+                 scaled_step_sizes=(0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03))
+    return cls(sampler=name)
+
+  def grad_evals(self, num_chains: int, steps: int) -> int:
+    """Forward + backward passes of `num_chains` chains × `steps` steps, with the
+    step check's extra pass every `mala_stride` steps."""
+    checks = -(-steps // self.mala_stride) if self.mala_stride else 0
+    return int(num_chains * (steps + checks))
 
   @property
   def nbeta(self) -> float:
@@ -122,7 +143,7 @@ class Protocol:
   def draws_for(self, scaled_step_size: float) -> int:
     """Final chain length: a fixed Langevin time ε·nβ·draws, so that a small
     calibrated step gets a proportionally longer chain (within the bounds)."""
-    want = int(math.ceil(self.langevin_time / scaled_step_size))
+    want = int(math.ceil(self.langevin_time / scaled_step_size)) if self.langevin_time else 0
     return int(min(max(want, self.num_draws), self.max_draws))
 
 
@@ -134,19 +155,24 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
   nbeta = p.nbeta
   params, data = case.build(jax.random.key(p.seed), p.dataset_size)
   common = dict(batch_size=p.batch_size, mala_stride=p.mala_stride,
-                chain_strategy=chain_strategy)
+                chain_strategy=chain_strategy,
+                sampler=samplers.get_sampler(p.sampler, friction=p.friction))
   cal = calibration.calibrate(
       linear.loss, [params], data, step_sizes=[s / nbeta for s in p.scaled_step_sizes],
       nbetas=[nbeta], localizations=[p.localization], num_chains=p.calibration_chains,
       num_draws=p.calibration_draws, num_burnin_steps=p.calibration_draws // 4,
       seed=p.seed + 1, mala_band=p.mala_band, disqualify=p.disqualify, **common)
+  cal_steps = p.calibration_draws + p.calibration_draws // 4
+  evals = p.grad_evals(p.calibration_chains * len(p.scaled_step_sizes), cal_steps)
   row = {"case": case.name, "family": case.family, "widths": list(case.widths),
          "rank": case.rank, "d": case.num_params, "nbeta": nbeta,
-         "localization": p.localization,
-         "calibration_acceptance": cal.mala_acceptance[:, 0, 0, 0].tolist()}
+         "localization": p.localization, "sampler": p.sampler,
+         "calibration_acceptance": cal.mala_acceptance[:, 0, 0, 0].tolist(),
+         "calibration_grad_evals": evals}
   if cal.recommended is None:
     return with_theory(case, {
         **row, "step_size": None, "llc_mean": math.nan, "llc_std": math.nan,
+        "grad_evals": evals,
         "seconds": round(time.time() - t0, 1),
         "note": "no step size passed calibration: " + "; ".join(cal.reasons.values())})
   # The final chains are longer than the calibration chains and can wander into
@@ -159,6 +185,7 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
                                step_size=eps, localization=p.localization, nbeta=nbeta,
                                num_draws=draws, num_burnin_steps=draws // 4,
                                seed=p.seed + 2, **common)
+    evals += p.grad_evals(p.num_chains, draws + draws // 4)
     check = calibration.check_settings(
         dataclasses.replace(res, **{f.name: np.asarray(getattr(res, f.name))[None]
                                     for f in dataclasses.fields(res)
@@ -174,6 +201,7 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
   return with_theory(case, {
       **row, "step_size": eps, "scaled_step_size": eps * nbeta, "num_draws": draws,
       "final_check_passes": attempts[-1]["passes"], "attempts": attempts,
+      "grad_evals": evals,
       "llc_mean": float(res.llc_mean), "llc_std": float(res.llc_std),
       "llc_sem": float(res.llc_sem), "mala_acceptance": float(np.nanmean(res.mala_acceptance)),
       "health": diagnostics.status_counts(res.status),
@@ -182,30 +210,71 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
       "seconds": round(time.time() - t0, 1)})
 
 
-def with_theory(case: TheoryCase, row: dict) -> dict:
-  """Adds (or refreshes) λ, m, the finite-nβ target and the relative errors."""
+def with_theory(case: TheoryCase, row: dict, protocol: Protocol | None = None) -> dict:
+  """Adds (or refreshes) λ, m, the finite-nβ target and the relative errors; with
+  `protocol`, the gradient evaluations of rows written before they were counted."""
   lam, m = case.theory()
   target = theory.finite_nbeta_target(lam, m, row["nbeta"])
-  return {**row, "lambda": lam, "multiplicity": m, "finite_nbeta_target": target,
-          "rel_error": (row["llc_mean"] - lam) / lam,
-          "rel_error_vs_target": (row["llc_mean"] - target) / target}
+  row = {**row, "lambda": lam, "multiplicity": m, "finite_nbeta_target": target,
+         "rel_error": (row["llc_mean"] - lam) / lam,
+         "rel_error_vs_target": (row["llc_mean"] - target) / target}
+  if protocol is not None and "grad_evals" not in row:
+    p = protocol
+    cal = p.grad_evals(p.calibration_chains * len(p.scaled_step_sizes),
+                       p.calibration_draws + p.calibration_draws // 4)
+    final = 0
+    for attempt in row.get("attempts", []):
+      draws = p.draws_for(attempt["scaled_step_size"])
+      final += p.grad_evals(p.num_chains, draws + draws // 4)
+    row.update(calibration_grad_evals=cal, grad_evals=cal + final)
+  return row
+
+
+def comparison_table(tables: dict[str, tuple[Protocol, list[dict]]]) -> str:
+  """One row per case, a block of columns per sampler; then the 10 % summary."""
+  names = list(tables)
+  cases = [c.name for c in CASES if any(r["case"] == c.name for _, rows in tables.values()
+                                        for r in rows)]
+  by = {n: {r["case"]: r for r in rows} for n, (_, rows) in tables.items()}
+  head = "| case | d | λ | m | " + " | ".join(
+      f"{n}: ε·nβ | {n}: estimate ± std | {n}: error vs λ | {n}: step check | "
+      f"{n}: converged | {n}: grad evals" for n in names) + " |"
+  lines = [head, "|" + "---|" * (4 + 6 * len(names))]
+  for case in cases:
+    first = next(by[n][case] for n in names if case in by[n])
+    cells = [case, str(first["d"]), f"{first['lambda']:.4g}", str(first["multiplicity"])]
+    for n in names:
+      r = by[n].get(case)
+      if r is None:
+        cells += ["not run"] + [""] * 5
+        continue
+      eps = f"{r['scaled_step_size']:.3g}" if r.get("step_size") else "none"
+      if r.get("final_check_passes") is False:
+        eps += " ✗"
+      cells += [eps, f"{r['llc_mean']:.3f} ± {r['llc_std']:.3f}",
+                f"{100 * r['rel_error']:+.1f} %", f"{r.get('mala_acceptance', math.nan):.3f}",
+                r.get("convergence", "—"), f"{r.get('grad_evals', math.nan):.3g}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  summary = []
+  for n in names:
+    m1 = [r for r in by[n].values() if r["multiplicity"] == 1]
+    worst = max(m1, key=lambda r: abs(r["rel_error"])) if m1 else None
+    total_m1 = sum(1 for c in CASES if c.theory()[1] == 1)
+    summary.append(
+        f"- **{n}**: {sum(abs(r['rel_error']) <= 0.10 for r in m1)} of {len(m1)} m = 1 "
+        f"cases run ({total_m1} in the table) within 10 % of λ" + (
+            f"; largest error {100 * worst['rel_error']:+.1f} % ({worst['case']})"
+            if worst else "") + ".")
+  evals = []
+  if len(names) > 1:
+    base = names[0]
+    for n in names[1:]:
+      both = [c for c in cases if c in by[base] and c in by[n]]
+      more = [c for c in both if by[n][c]["grad_evals"] > by[base][c]["grad_evals"]]
+      evals.append(f"- {n} used more gradient evaluations than {base} in {len(more)} of "
+                   f"{len(both)} cases" + (f": {', '.join(more)}" if more else "") + ".")
+  return "\n".join(lines) + "\n\n" + "\n".join(summary + evals) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
-  head = ("| case | d | λ | m | λ − (m−1)/ln nβ | ε·nβ (calibrated) | draws | MALA | "
-          "estimate (mean ± std over chains) | rel. error vs λ | vs target | health | s |")
-  lines = [head, "|" + "---|" * 13]
-  for r in rows:
-    health = ", ".join(f"{k} {v}" for k, v in r.get("health", {}).items() if v)
-    eps = f"{r['scaled_step_size']:.3g}" if r.get("step_size") else "none"
-    if r.get("attempts") and len(r["attempts"]) > 1:
-      eps += " (after " + ", ".join(f"{a['scaled_step_size']:.3g}" for a in r["attempts"][:-1]) + ")"
-    if r.get("final_check_passes") is False:
-      eps += " ✗"
-    lines.append(
-        f"| {r['case']} | {r['d']} | {r['lambda']:.4g} | {r['multiplicity']} | "
-        f"{r['finite_nbeta_target']:.4g} | {eps} | {r.get('num_draws', '')} | "
-        f"{r.get('mala_acceptance', math.nan):.3f} | "
-        f"{r['llc_mean']:.3f} ± {r['llc_std']:.3f} | {100 * r['rel_error']:+.1f} % | "
-        f"{100 * r.get('rel_error_vs_target', math.nan):+.1f} % | {health} | {r['seconds']} |")
-  return "\n".join(lines)
+  return comparison_table({rows[0].get("sampler", "sgld") if rows else "sgld": (Protocol(), rows)})

@@ -28,6 +28,11 @@ CONFIG = "config.json"
 # Config sections that do not determine the trained weights.
 ANALYSIS_SECTIONS = ("llc", "calibration", "refined", "analysis", "seeds")
 
+# Fields added to the locked sections after runs were recorded without them, with the
+# value a config without the field stands for: before `train.paper_parity`, checkpoint
+# steps were truncated (the authors' schedule, `paper_parity=True`).
+LEGACY_FIELDS = {"train.paper_parity": True}
+
 
 class RunFileError(ValueError):
   """A run file (config.json, metrics.jsonl) is unreadable or does not fit."""
@@ -126,9 +131,11 @@ def _load_json(path: str) -> dict:
 def config_differences(old: dict, new: dict,
                        ignore: Sequence[str] = ANALYSIS_SECTIONS) -> list[str]:
   """'key (run: a, given: b)' for every field of the weight-determining sections that
-  differs between two configs (dicts); `ignore` names the top-level sections skipped."""
+  differs between two configs (dicts); `ignore` names the top-level sections skipped.
+  A field of `LEGACY_FIELDS` absent from a config counts as its legacy value."""
   drop = lambda d: {k: v for k, v in d.items() if k not in ignore}
-  a, b = flatten(drop(old)), flatten(drop(new))
+  legacy = {k: v for k, v in LEGACY_FIELDS.items() if k.split(".")[0] not in ignore}
+  a, b = ({**legacy, **flatten(drop(d))} for d in (old, new))
   missing = object()
   out = []
   for key in sorted(set(a) | set(b)):

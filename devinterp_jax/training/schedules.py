@@ -35,18 +35,24 @@ def one_cycle_lr(total_steps: int, max_lr: float, pct_start: float = 0.5,
 
 
 def checkpoint_steps(total_steps: int, n_log: int, n_linear: int = 0,
-                     linear_every: int = 0) -> np.ndarray:
+                     linear_every: int = 0, *, paper_parity: bool = False) -> np.ndarray:
   """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T]
   (or, with `linear_every`, every multiple of it up to T, as in the LM setting).
 
-  For T = 500k and 100 + 100 this gives the paper's 190 unique steps.
+  Each schedule point is rounded to the nearest step (`np.rint`). The authors'
+  code truncated instead (`astype(int)`), which turns the last log-spaced point
+  10^log10(T) = T − ε into T − 1, a near-duplicate beside T, and moves other
+  points down by one (57 for 57.9…). `paper_parity=True` reproduces that
+  truncating schedule exactly. For T = 500k and 100 + 100 this gives 189 unique
+  steps; with `paper_parity=True` the paper's 190, including 499,999.
   """
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps}")
   if n_linear and linear_every:
     raise ValueError("give n_linear or linear_every, not both")
-  log_steps = np.logspace(0, np.log10(total_steps), n_log).astype(int) if n_log else []
-  lin_steps = np.linspace(1, total_steps, n_linear).astype(int) if n_linear else []
+  to_steps = (lambda x: x.astype(int)) if paper_parity else (lambda x: np.rint(x).astype(int))
+  log_steps = to_steps(np.logspace(0, np.log10(total_steps), n_log)) if n_log else []
+  lin_steps = to_steps(np.linspace(1, total_steps, n_linear)) if n_linear else []
   if linear_every:
     lin_steps = np.arange(linear_every, total_steps + 1, linear_every)
   steps = np.union1d(log_steps, lin_steps).astype(int)
