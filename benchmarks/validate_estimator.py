@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 
 from absl import app, flags, logging
 import jax
@@ -88,7 +89,15 @@ def main(argv):
     atomic.write_text(json_out, json.dumps(
         {"protocol": dataclasses.asdict(protocol), "rows": list(rows.values())}, indent=1))
   tables = load_all()
-  text = _header(protocol) + validation.comparison_table(tables)
+  provenance = []
+  for name, (proto, rows) in tables.items():
+    commit = subprocess.run(["git", "log", "-1", "--format=%h %ad", "--date=short", "--",
+                             json_path(name)], capture_output=True, text=True).stdout.strip()
+    provenance.append(f"- `{name}`: {len(rows)} cases from `{json_path(name)}` ("
+                      + (f"last committed at {commit}" if commit else "this run, uncommitted")
+                      + f"); protocol `{json.dumps(dataclasses.asdict(proto))}`")
+  text = (_header(protocol) + "Rows per sampler:\n" + "\n".join(provenance) + "\n\n"
+          + validation.comparison_table(tables))
   atomic.write_text(_MD.value, text)
   print(text)
 

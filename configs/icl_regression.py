@@ -15,8 +15,9 @@ from devinterp_jax.analysis import report
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "runlocal", "runlocal_seeds"):
-    raise ValueError(f"unknown config variant {arg!r}; use '', 'runlocal' or 'runlocal_seeds'")
+  if arg not in (None, "", "runlocal", "runlocal_seeds", "runlocal_constlr"):
+    raise ValueError(f"unknown config variant {arg!r}; use '', 'runlocal', 'runlocal_seeds' "
+                     "or 'runlocal_constlr'")
   config = ml_collections.ConfigDict()
   config.experiment = "icl_regression"
   config.seed = 0  # training seed (init and data); the paper uses 0-4
@@ -101,22 +102,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # launch/analyze.py and the end of the main job: stages, metrics, Hessian, report.
   config.analysis = report.default_options()
 
-  if arg in ("runlocal", "runlocal_seeds"):
+  if arg in ("runlocal", "runlocal_seeds", "runlocal_constlr"):
     config.train.update(num_steps=6000, batch_size=64, n_log=16, n_linear=8,
                         log_every=250, resume_every=1000, eval_batch_size=1024)
-    # ε, nβ, batch and chain length as recommended by launch/calibrate.py with the
-    # grid below (docs/calibration_runlocal.md): the largest ε with healthy,
-    # converged chains and MALA acceptance in [0.95, 1] at steps 1 and 6000.
+    # SGNHT (docs/samplers.md): SGLD at ε = 2e-4 had not converged after 800 draws
+    # (docs/convergence_runlocal.md; its flattest directions relax in ~1,500 steps). ε as
+    # recommended by launch/calibrate.py with the grid below (docs/calibration_runlocal.md):
+    # the largest ε with healthy, converged chains whose leapfrog acceptance clears
+    # [0.95, 1] by 2 SE at the earliest, a middle and the latest checkpoint.
     # Burn-in read from the trace; chains continue past 400 draws until the R̂ / ESS /
     # drift checks pass on the kept draws and every checkpoint shares a 400-draw window.
-    config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=2e-4,
+    config.llc.update(num_chains=4, num_draws=400, batch_size=32, step_size=3e-5,
                       nbeta=15.4, dataset_size=2**14, checkpoint_chunk=8,
-                      num_burnin_steps="auto", max_draws=800)
-    config.calibration.update(step_sizes=(2e-4, 3e-4), nbetas=(15.4, 20.0), num_draws=400)
+                      num_burnin_steps="auto", max_draws=1200, sampler="sgnht")
+    config.calibration.update(step_sizes=(2e-5, 3e-5, 5e-5, 1e-4), nbetas=(15.4,),
+                              num_draws=600)
     # wrLLC of all 8 heads × 21 checkpoints in one program, under 15 minutes on 2 cores:
     # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/refined.md).
     config.refined.update(num_chains=3, num_draws=200, step_size=2e-4, nbeta=15.4,
-                          localization=100.0, checkpoint_chunk=7)
+                          localization=100.0, checkpoint_chunk=7, sampler="sgld")
     # Sized so the whole report takes about a minute on 2 CPU cores.
     config.analysis.behaviour.batch_size = 512
     config.analysis.hessian.update(batch_size=128, num_hutchinson=8, num_lanczos_iters=16,
@@ -126,6 +130,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # one sweep, under 15 minutes on 2 CPU cores. Shorter runs and chains than
     # `runlocal`; ε, nβ, γ and the SGLD batch are the calibrated runlocal values.
     config.train.update(num_steps=4000, n_log=14, n_linear=6)
-    config.llc.update(num_chains=3, num_draws=160, checkpoint_chunk=10)
+    # The SGLD settings its figures were measured with (docs/stages_runlocal.md).
+    config.llc.update(num_chains=3, num_draws=160, checkpoint_chunk=10, sampler="sgld",
+                      step_size=2e-4, max_draws=800)
+  if arg == "runlocal_constlr":
+    # Control: the runlocal job at a constant learning rate (the one-cycle peak, no
+    # warm-up or annealing), to tell which LLC boundaries track the schedule.
+    config.train.update(div_factor=1.0, final_div_factor=1.0)
   config.lock()
   return config

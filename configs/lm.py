@@ -106,16 +106,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # launch/calibrate.py with the grid below recommends ε = 2e-4, nβ = 10 (≈ B/ln B for
     # B = 32), γ = 300 on steps 1 and 6000 (docs/lm.md): healthy chains, loss-MALA
     # acceptance ≥ 0.96; γ = 100 chains do not equilibrate within 200 draws.
-    # 3 chains: the convergence checks need 4, so these checkpoints report "unchecked"
-    # (docs/convergence.md gives the cost of 4); the burn-in is read from the trace.
-    config.llc.update(num_chains=3, num_draws=200, batch_size=32, nbeta=10.0,
+    # 4 chains (the convergence checks need 4), at least 400 draws after a burn-in read
+    # from the trace, continued in blocks of 100 up to 1000 until converged. SGNHT with
+    # friction 10: SGLD left all 19 checkpoints unconverged at 800 draws (docs/lm_runlocal.md),
+    # and the default friction 2√γ = 35 left step 1 unconverged at 800
+    # (benchmarks/sampler_probe.py, docs/sampler_probe_lm.md).
+    config.llc.update(num_chains=4, num_draws=400, batch_size=32, nbeta=10.0,
                       step_size=2e-4, localization=300.0, checkpoint_chunk=10,
-                      num_burnin_steps="auto")
+                      num_burnin_steps="auto", max_draws=1000, sampler="sgnht",
+                      friction=10.0)
     config.calibration.update(step_sizes=(5e-5, 1e-4, 2e-4), nbetas=(10.0,),
                               localizations=(300.0, 1000.0), num_chains=4, num_draws=200)
     # wrLLC of 8 heads × 19 checkpoints in one program: the full model's sampler.
     config.refined.update(num_chains=2, num_draws=100, step_size=2e-4, nbeta=10.0,
-                          localization=300.0, batch_size=32, checkpoint_chunk=10)
+                          localization=300.0, batch_size=32, checkpoint_chunk=10,
+                          sampler="sgld")
     # ICL positions as fractions of the context: tokens 3 and 32 of 64.
     config.analysis.lm.update(batch_size=64, prev_token_batch=256, prefix_batch=256,
                               icl_positions=(0.05, 0.5))

@@ -58,3 +58,46 @@ def test_check_settings_of_a_finished_sweep():
                             localization=1.0, progress=False, **KW)
   out = dj.check_settings(coarse)
   assert not out["passes"] and "MALA" in out["reasons"][0]
+
+
+def test_calibration_needs_four_chains_and_checks_three_spread_checkpoints():
+  import pytest
+  from devinterp_jax.sampling import calibration
+  with pytest.raises(ValueError, match="num_chains >= 4"):
+    dj.calibrate(quad_loss, CKPTS, lambda key: None, step_sizes=[1e-3], nbetas=[10.0],
+                 localizations=[1.0], **{**KW, "num_chains": 2})
+  assert calibration.spread_indices(22) == (0, 10, 21)
+  assert calibration.spread_indices(2) == (0, 1) and calibration.spread_indices(1) == (0,)
+
+
+def test_acceptance_must_clear_the_band_by_two_standard_errors():
+  """A mean acceptance 0.955 with MCSE 0.004 is inside [0.95, 1] but not by 2 SE."""
+  import dataclasses
+  from devinterp_jax.sampling import calibration
+  res = dj.estimate_llcs(quad_loss, CKPTS, lambda key: None, step_size=1e-3, nbeta=100.0,
+                         localization=1.0, progress=False, **KW)
+  edge = dataclasses.replace(res, mala_acceptance=np.full_like(res.mala_acceptance, 0.955),
+                             mala_se=np.full(2, 0.004))
+  assert calibration.check_settings(edge, margin_se=0.0)["passes"]
+  out = calibration.check_settings(edge, margin_se=2.0)
+  assert not out["passes"] and "by 2 SE" in out["reasons"][0] and "MALA" in out["reasons"][0]
+  # An acceptance near 1 never fails the upper edge of a band ending at 1.
+  high = dataclasses.replace(res, mala_acceptance=np.full_like(res.mala_acceptance, 0.999),
+                             mala_se=np.full(2, 0.004))
+  assert calibration.check_settings(high)["passes"]
+
+
+def test_acceptance_standard_error_matches_iid_samples_and_grid_reports_draw_cost():
+  from devinterp_jax.sampling import results
+  rng = np.random.default_rng(0)
+  samples = rng.uniform(0.9, 1.0, size=(3, 4, 500))
+  samples[:, :, 0] = np.nan                     # an unmeasured first step is dropped
+  se = results.acceptance_se(samples)
+  expected = samples[:, :, 1:].reshape(3, -1).std(-1) / np.sqrt(4 * 499)
+  np.testing.assert_allclose(se, expected, rtol=0.15)
+  res = dj.calibrate(quad_loss, CKPTS, lambda key: None, step_sizes=[3e-4, 1e-3],
+                     nbetas=[100.0], localizations=[1.0], **KW)
+  need = res.draws_needed[:, 0, 0]
+  assert np.all(np.isfinite(need)) and np.all(need >= 400)
+  assert need[0].max() > need[1].max()          # a smaller ε needs more draws
+  assert res.step_check == "mala" and res.mala_se.shape == res.mala_acceptance.shape

@@ -73,7 +73,31 @@ def test_config_variants():
 
 @pytest.mark.slow
 def test_runlocal_main_job_llc_rises(tmp_path):
-  """The README's main job: under 10 minutes on 2 CPU cores, and the LLC rises."""
+  """The README's main job: under 10 minutes on 2 CPU cores, every checkpoint converged,
+  every boundary stable in >= 80 % of resamples, the settings pass the calibration check
+  with its margin, and the LLC rises."""
   summary = icl_regression.run(icl_config.get_config("runlocal"), str(tmp_path))
   assert summary["rise_in_standard_errors"] > 3, summary
   assert summary["total_seconds"] < 600, summary
+  assert summary["convergence"]["counts"]["converged"] == summary["num_checkpoints"], summary
+  assert summary["settings_pass_calibration_check"]["passes"], summary
+  stages = json.load(open(os.path.join(str(tmp_path), "report", "stages.json")))
+  assert stages["boundary_steps"] and stages["stability_passes"], stages["stability"]
+
+
+def test_same_config_and_seed_give_an_identical_llc_csv(tmp_path):
+  """Two fresh runs of one tiny config (training, then the adaptive SGNHT sweep) in
+  separate workdirs write byte-identical llc.csv files."""
+  config = tiny_config(30)
+  config.llc.update(max_draws=24, block_draws=6)   # adaptive blocks, as runlocal
+  texts = []
+  for name in ("a", "b"):
+    workdir = str(tmp_path / name)
+    icl_regression.train(config, workdir)
+    steps, result = icl_regression.estimate(config, workdir)
+    icl_regression.write_results(workdir, steps, result, config=config)
+    with open(os.path.join(workdir, "llc", "llc.csv")) as f:
+      texts.append(f.read())
+  assert config.llc.sampler == "sgnht"
+  assert texts[0] == texts[1]
+  assert len(texts[0].splitlines()) == len(icl_regression.schedule_steps(config)) + 1

@@ -170,6 +170,8 @@ def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any]
   initial = peak / float(train.get("div_factor", 25.0))
   final = initial / float(train.get("final_div_factor", 1e4))
   end_1, end_2 = float(train["pct_start"]) * total - 1.0, float(total - 1)
+  if initial == peak == final:   # div_factor = final_div_factor = 1: a constant rate
+    return ()
 
   def lr(count: int) -> float:
     if count <= end_1:

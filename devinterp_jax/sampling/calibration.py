@@ -131,6 +131,17 @@ def _mean_acceptance(res: LLCResult) -> np.ndarray:
     return np.nanmean(np.where(res.diverged, np.nan, res.mala_acceptance), axis=-1)
 
 
+CHECK_NAMES = {"mala": "MALA", "leapfrog": "leapfrog"}
+
+
+def _check_name(res: LLCResult) -> str:
+  """'MALA' or 'leapfrog': the step check of the sampler that produced `res`."""
+  label = str(res.settings.get("sampler", "sgld"))
+  name = label.split("[")[0]
+  kind = samplers_lib.step_check(name) if name in samplers_lib.SAMPLERS else "mala"
+  return CHECK_NAMES[kind]
+
+
 def _check(res: LLCResult, band: tuple, disqualify: Sequence[str],
            margin_se: float = 2.0) -> list[str]:
   """Reasons a grid point fails (empty: it passes) over all its checkpoints."""
@@ -145,7 +156,7 @@ def _check(res: LLCResult, band: tuple, disqualify: Sequence[str],
   low = acc - margin_se * se
   high = np.where(band[1] >= 1.0, acc, acc + margin_se * se)
   if np.isnan(acc).any() or (low < band[0]).any() or (high > band[1]).any():
-    reasons.append("step-check acceptance " + ", ".join(
+    reasons.append(f"{_check_name(res)} acceptance " + ", ".join(
         f"{a:.3f} ± {e:.3f}" for a, e in zip(np.ravel(acc), np.ravel(se)))
         + f" not inside [{band[0]}, {band[1]}] by {margin_se:g} SE")
   return reasons
