@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.update(source="synthetic", num_train=20_000, num_sgld=4_000,
                        num_validation=1_000, copy_prob=0.1)
     # 19 checkpoints: log-spaced plus every 750 steps (3000, 3750, 4500 span the
-    # induction bump), so the LLC sweep fits the 15-minute job.
+    # induction bump), so the converged LLC sweep fits the 25-minute job.
     config.train.update(num_steps=6000, batch_size=32, n_log=12, linear_every=750,
                         log_every=100, resume_every=500, eval_batch_size=256)
     # launch/calibrate.py with the grid below recommends ε = 2e-4, nβ = 10 (≈ B/ln B for

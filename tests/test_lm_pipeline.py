@@ -87,16 +87,21 @@ def test_lm_calibration_grid(lm_run):
   result = lm.calibrate(config, workdir)
   assert result.settings["mala_target"] == "loss"
   acc = result.mala_acceptance[:, 0, 0]                  # [ε, checkpoint]
-  assert acc.shape == (2, 2) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
+  assert len(result.checkpoint_ids) == 3                 # earliest, middle, latest
+  assert acc.shape == (2, 3) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
   assert os.path.exists(os.path.join(workdir, "calibration", "calibration.md"))
 
 
 @pytest.mark.slow
 def test_lm_runlocal_main_job(tmp_path):
-  """The README's LM job: under 15 minutes on 2 CPU cores; n-grams and bigrams are
-  learned before a previous-token head and layer-1 induction heads form; the LLC rises."""
+  """The README's LM job: under 25 minutes on 2 CPU cores with every checkpoint converged
+  and every boundary stable; n-grams and bigrams are learned before a previous-token head
+  and layer-1 induction heads form; the LLC rises."""
   summary = lm.run(lm_config.get_config("runlocal"), str(tmp_path))
-  assert summary["total_seconds"] < 900, summary
+  assert summary["total_seconds"] < 1500, summary
+  assert summary["convergence"]["counts"]["converged"] == summary["num_checkpoints"], summary
+  stages = json.load(open(os.path.join(str(tmp_path), "report", "stages.json")))
+  assert stages["stability_passes"], stages["stability"]
   assert summary["rises"] and summary["diverged_chains"] == 0, summary
   report = json.load(open(os.path.join(str(tmp_path), "report", "report.json")))
   marks = report["milestones"]

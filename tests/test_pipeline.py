@@ -90,6 +90,7 @@ def test_same_config_and_seed_give_an_identical_llc_csv(tmp_path):
   separate workdirs write byte-identical llc.csv files."""
   config = tiny_config(30)
   config.llc.update(max_draws=24, block_draws=6)   # adaptive blocks, as runlocal
+  config.refined.num_draws = 12                     # refined sections merge over llc
   texts = []
   for name in ("a", "b"):
     workdir = str(tmp_path / name)

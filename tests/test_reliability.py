@@ -476,7 +476,7 @@ def test_sampler_hyperparameters_must_be_finite_and_nbeta_positive(field, value,
 def test_calibration_grid_values_are_checked():
   with pytest.raises(ValueError, match="nbeta must be > 0"):
     dj.calibrate(quad_loss, [{"w": jnp.ones(3)}], quad_data(), step_sizes=[1e-3],
-                 nbetas=[0.0], localizations=[1.0], num_chains=2, num_draws=10, batch_size=8)
+                 nbetas=[0.0], localizations=[1.0], num_chains=4, num_draws=10, batch_size=8)
   config = tiny_config()
   config.calibration.nbetas = (15.4, 0.0)
   with pytest.raises(config_checks.ConfigError, match=r"config.calibration.nbetas = "):

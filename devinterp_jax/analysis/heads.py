@@ -302,7 +302,7 @@ def _as_stages(boundaries, steps: np.ndarray):
   b = sorted(int(s) for s in boundaries)
   starts, ends = [int(steps[0])] + b, b + [int(steps[-1])]
   return types.SimpleNamespace(
-      boundary_steps=tuple(b),
+      boundary_steps=tuple(b), stability=None,
       stages=[{"label": f"S{i + 1}", "start_step": s, "end_step": e}
               for i, (s, e) in enumerate(zip(starts, ends))])
 

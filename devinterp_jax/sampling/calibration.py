@@ -95,7 +95,7 @@ class CalibrationResult:
     """A markdown table: one row per grid point."""
     rows = ["| ε | nβ | γ | " + " | ".join(f"λ̂ @ {c}" for c in self.checkpoint_ids)
             + f" | {self.step_check} acceptance ± SE | draws for ESS target | health | passes |",
-            "|" + "---|" * (6 + len(self.checkpoint_ids))]
+            "|" + "---|" * (7 + len(self.checkpoint_ids))]
     for i, j, k in itertools.product(*map(range, self.passes.shape)):
       llcs = " | ".join(f"{m:.3g} ± {s:.2g}" for m, s in
                         zip(self.llc_mean[i, j, k], self.llc_std[i, j, k]))

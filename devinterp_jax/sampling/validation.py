@@ -261,13 +261,17 @@ def comparison_table(tables: dict[str, tuple[Protocol, list[dict]]]) -> str:
   summary = []
   for n in names:
     m1 = [r for r in by[n].values() if r["multiplicity"] == 1]
-    worst = max(m1, key=lambda r: abs(r["rel_error"])) if m1 else None
+    done = [r for r in m1 if math.isfinite(r["rel_error"])]
+    missing = [r["case"] for r in m1 if not math.isfinite(r["rel_error"])]
+    worst = max(done, key=lambda r: abs(r["rel_error"])) if done else None
     total_m1 = sum(1 for c in CASES if c.theory()[1] == 1)
     summary.append(
-        f"- **{n}**: {sum(abs(r['rel_error']) <= 0.10 for r in m1)} of {len(m1)} m = 1 "
+        f"- **{n}**: {sum(abs(r['rel_error']) <= 0.10 for r in done)} of {len(m1)} m = 1 "
         f"cases run ({total_m1} in the table) within 10 % of λ" + (
             f"; largest error {100 * worst['rel_error']:+.1f} % ({worst['case']})"
-            if worst else "") + ".")
+            if worst else "") + (
+            f"; no estimate (no step size passed calibration) for {len(missing)}: "
+            + ", ".join(missing) if missing else "") + ".")
   evals = []
   if len(names) > 1:
     base = names[0]
