@@ -135,11 +135,8 @@ CHECK_NAMES = {"mala": "MALA", "leapfrog": "leapfrog"}
 
 
 def _check_name(res: LLCResult) -> str:
-  """'MALA' or 'leapfrog': the step check of the sampler that produced `res`."""
-  label = str(res.settings.get("sampler", "sgld"))
-  name = label.split("[")[0]
-  kind = samplers_lib.step_check(name) if name in samplers_lib.SAMPLERS else "mala"
-  return CHECK_NAMES[kind]
+  """'MALA' or 'leapfrog': the step check recorded with `res` (`llc.estimate`)."""
+  return CHECK_NAMES[res.settings.get("step_check", "mala")]
 
 
 def _check(res: LLCResult, band: tuple, disqualify: Sequence[str],

@@ -35,6 +35,7 @@ from devinterp_jax.sampling import diagnostics as diagnostics_lib
 from devinterp_jax.sampling import program as program_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import results as results_lib
+from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling import sweep as sweep_lib
 from devinterp_jax.sampling.kernel import batch_fn_from_data
 from devinterp_jax.sampling.program import cache_stats, clear_cache
@@ -160,6 +161,7 @@ def estimate(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any,
   ids = list(options.checkpoint_ids) if options.checkpoint_ids is not None else list(range(N))
   extra = {"chain_strategy": program_lib.resolve_chain_strategy(options.chain_strategy),
            "checkpoint_chunk": options.checkpoint_chunk, "sampler": sampler_name(sampler),
+           "step_check": samplers_lib.step_check(sampler),
            "data_refined": loss_data is not None}
   if out.fingerprint is not None:
     extra["fingerprint"] = out.fingerprint
