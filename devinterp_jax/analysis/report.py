@@ -58,7 +58,6 @@ from devinterp_jax.data import synthetic_text
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
-from devinterp_jax.training import schedules
 from devinterp_jax.data.regression import sample_batch
 
 # Key streams for evaluation data (independent of training and SGLD streams).
@@ -154,20 +153,36 @@ def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any]
 
   Read from `config.train`: a one-cycle schedule (fields num_steps, max_lr and
   pct_start, as `training/schedules.one_cycle_lr` takes them) has one, the step of
-  the maximum learning rate, after which linear annealing starts
-  (`schedules.one_cycle_peak_step`). A constant rate, or any other schedule, has none.
+  the maximum learning rate, after which linear annealing starts ("learning-rate
+  peak"). The update with optax count c produces checkpoint step c + 1; the
+  learning rate rises linearly over counts [0, pct_start·T − 1] and falls after,
+  so the peak is at count ⌊pct_start·T − 1⌋ or the count after it (whichever has
+  the larger rate). Any other schedule (e.g. a constant `lr`) has none. This
+  mirrors one_cycle_lr without importing training code (tests/test_report.py
+  checks it against the real schedule).
   """
   train = config.get("train") if hasattr(config, "get") else None
   if train is None or not all(k in train for k in ("num_steps", "max_lr", "pct_start")):
     return ()
-  if int(train["num_steps"]) < 2:
+  total, peak = int(train["num_steps"]), float(train["max_lr"])
+  if total < 2:
     return ()
-  step = schedules.one_cycle_peak_step(
-      int(train["num_steps"]), float(train["max_lr"]), float(train["pct_start"]),
-      float(train.get("div_factor", 25.0)), float(train.get("final_div_factor", 1e4)))
-  if step is None:
+  initial = peak / float(train.get("div_factor", 25.0))
+  final = initial / float(train.get("final_div_factor", 1e4))
+  end_1, end_2 = float(train["pct_start"]) * total - 1.0, float(total - 1)
+  if initial == peak == final:   # div_factor = final_div_factor = 1: a constant rate
     return ()
-  return ({"name": "learning-rate peak", "step": step,
+
+  def lr(count: int) -> float:
+    if count <= end_1:
+      return peak if end_1 <= 0 else (1 - count / end_1) * initial + count / end_1 * peak
+    pct = (count - end_1) / (end_2 - end_1)
+    return (1 - pct) * peak + pct * final
+
+  c0 = max(int(math.floor(end_1)), 0)
+  candidates = [c for c in (c0, c0 + 1) if c <= total - 1]
+  count = max(candidates, key=lambda c: (lr(c), -c))
+  return ({"name": "learning-rate peak", "step": count + 1,
            "note": "the step of the maximum learning rate; linear annealing starts after it"},)
 
 

@@ -34,19 +34,6 @@ def one_cycle_lr(total_steps: int, max_lr: float, pct_start: float = 0.5,
   return schedule
 
 
-def one_cycle_peak_step(total_steps: int, max_lr: float, pct_start: float = 0.5,
-                        div_factor: float = 25.0, final_div_factor: float = 1e4) -> int | None:
-  """The checkpoint step (optax count + 1) with the largest `one_cycle_lr` rate, after
-  which annealing starts; None for a constant rate (div_factor = final_div_factor = 1)."""
-  if div_factor == 1.0 and final_div_factor == 1.0:
-    return None
-  schedule = one_cycle_lr(total_steps, max_lr, pct_start, div_factor, final_div_factor)
-  c0 = max(int(np.floor(pct_start * total_steps - 1.0)), 0)
-  counts = [c for c in (c0, c0 + 1) if c <= total_steps - 1]
-  rates = [float(schedule(c)) for c in counts]
-  return counts[int(np.argmax(rates))] + 1
-
-
 def checkpoint_steps(total_steps: int, n_log: int, n_linear: int = 0,
                      linear_every: int = 0, *, paper_parity: bool = False) -> np.ndarray:
   """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T]
