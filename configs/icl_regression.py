@@ -71,8 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mala_target="posterior",   # or "loss": nβ L alone (sampling/llc.py MALA_TARGETS)
       sampler="sgld",            # or "rmsprop_sgld", "sghmc", "sgnht" (docs/samplers.md)
       friction=0.0,              # sghmc / sgnht friction α per unit time; 0: 2√γ
-      checkpoint_chunk=16,
+      checkpoint_chunk=16,       # pairs per compiled call, or "auto" (fits device memory)
       chain_strategy="auto",
+      mesh="auto",               # or "none", or e.g. "checkpoint:4,chain:2" (README)
+      compute_dtype="",          # "" (the params' dtype) or e.g. "bfloat16" in the loss
+      matmul_precision="",       # "" (backend default), "default", "high", "highest"
   ))
 
   # launch/calibrate.py: the App. A.5.3 grid on the earliest and latest

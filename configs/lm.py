@@ -56,7 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       block_draws=100, max_draws=0,   # see configs/icl_regression.py
       step_size=3e-3, nbeta=21.7, localization=100.0, batch_size=100,
       seed=0, init_loss_stride=10, mala_stride=10, sampler="sgld", friction=0.0,
-      checkpoint_chunk=8, chain_strategy="auto",
+      checkpoint_chunk=8, chain_strategy="auto", mesh="auto", compute_dtype="",
+      matmul_precision="",   # see configs/icl_regression.py
       # MALA acceptance of the tempered loss alone: in 10⁵-10⁶ dimensions the
       # localisation Gaussian dominates the full-potential acceptance of a chain
       # spreading from w* (docs/lm.md); its bias is εγ/4 in closed form.

@@ -27,6 +27,7 @@ from devinterp_jax.analysis import plots, report
 from devinterp_jax.experiments import registry
 from devinterp_jax.sampling import calibration, convergence
 from devinterp_jax.sampling import llc as llc_lib
+from devinterp_jax.sampling import mesh as mesh_lib
 from devinterp_jax.sampling import settings as settings_lib
 from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling.results import LLCResult
@@ -41,7 +42,7 @@ _SAMPLER_FIELDS = {
     "max_draws": "int>=0", "friction": "num>=0",
     "thinning": "int>=1", "step_size": "num>0", "nbeta": "num>0", "localization": "num>=0",
     "batch_size": "int>=1", "seed": "int>=0", "init_loss_stride": "int>=1",
-    "mala_stride": "int>=0", "checkpoint_chunk": "int>=1", "dataset_size": "int>=1",
+    "mala_stride": "int>=0", "dataset_size": "int>=1",
     "chain_strategy": ("auto", "vmap", "map"), "mala_target": llc_lib.MALA_TARGETS,
 }
 
@@ -49,6 +50,21 @@ _SAMPLER_FIELDS = {
 def _check_sampler(settings, prefix: str) -> None:
   """An LLC sampler section (config.llc, or config.llc with config.refined's overrides)."""
   config_checks.check_fields(settings, prefix, _SAMPLER_FIELDS)
+  chunk = settings.get("checkpoint_chunk")
+  if chunk is not None and chunk != "auto" and not (
+      isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
+    config_checks.fail(f"{prefix}.checkpoint_chunk", chunk, "an integer >= 1 or 'auto'")
+  for key in ("mesh", "compute_dtype", "matmul_precision"):
+    if key in settings:
+      try:
+        if key == "mesh":
+          parse_mesh(settings[key])
+        else:
+          settings_lib.SamplerSettings(num_chains=1, num_draws=1, step_size=1.0,
+                                       localization=0.0, nbeta=1.0, batch_size=1,
+                                       **{key: settings[key] or None})
+      except ValueError as e:
+        config_checks.fail(f"{prefix}.{key}", settings[key], str(e))
   sampler = settings.get("sampler", "sgld")
   if not isinstance(sampler, str) or sampler not in samplers_lib.SAMPLERS:
     config_checks.fail(f"{prefix}.sampler", sampler, f"one of {sorted(samplers_lib.SAMPLERS)}")
@@ -126,10 +142,34 @@ def estimate_checkpoints(config: ml_collections.ConfigDict, loss_fn, dataset, ch
       sampler=samplers_lib.from_config(config.llc))
 
 
+def parse_mesh(spec: str | None):
+  """A config's `mesh`: "auto", "none"/"" (one device) or "axis:size,…" over the
+  sweep axes, e.g. "checkpoint:4,chain:2" (sizes multiply to the device count)."""
+  if spec is None or spec in ("", "none"):
+    return None
+  if spec == "auto":
+    return "auto"
+  if not isinstance(spec, str):
+    raise ValueError(f"mesh must be 'auto', 'none' or 'axis:size,…', got {spec!r}")
+  names, sizes = [], []
+  for part in spec.split(","):
+    name, _, size = part.strip().partition(":")
+    if name not in mesh_lib.SWEEP_AXES or not size.strip().isdigit():
+      raise ValueError(f"mesh {spec!r}: {part.strip()!r} is not 'axis:size' with an axis of "
+                       f"{mesh_lib.SWEEP_AXES}")
+    names.append(name)
+    sizes.append(int(size))
+  if int(np.prod(sizes)) != jax.device_count():
+    raise ValueError(f"mesh {spec!r} has {int(np.prod(sizes))} devices, but "
+                     f"{jax.device_count()} are present")
+  return jax.make_mesh(tuple(sizes), tuple(names))
+
+
 def sweep_options(section, **kw) -> settings_lib.SweepOptions:
-  """The `SweepOptions` of a config section (checkpoint_chunk, chain_strategy)."""
+  """The `SweepOptions` of a config section (checkpoint_chunk, chain_strategy, mesh)."""
   return settings_lib.SweepOptions(checkpoint_chunk=section.get("checkpoint_chunk"),
                                    chain_strategy=section.get("chain_strategy", "auto"),
+                                   mesh=parse_mesh(section.get("mesh", "auto")),
                                    checkpoint_ids=kw.pop("ids", None), **kw)
 
 
@@ -185,7 +225,9 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
       sampler=samplers_lib.from_config(c), mala_band=tuple(cal.mala_band),
       disqualify=tuple(cal.disqualify), margin_se=float(cal.get("margin_se", 2.0)),
       checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
-      output_dir=os.path.join(workdir, "calibration"))
+      output_dir=os.path.join(workdir, "calibration"), mesh=parse_mesh(c.get("mesh", "auto")),
+      compute_dtype=c.get("compute_dtype") or None,
+      matmul_precision=c.get("matmul_precision") or None)
 
 
 @lock.holding

@@ -181,12 +181,15 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
               mala_band: tuple[float, float] = (0.95, 1.0),
               disqualify: Sequence[str] = ("diverged", "not_converged"),
               checkpoint_ids: Sequence[Any] | None = None, chain_strategy: str = "auto",
-              output_dir: str | None = None, margin_se: float = 2.0) -> CalibrationResult:
+              output_dir: str | None = None, margin_se: float = 2.0, mesh: Any = "auto",
+              compute_dtype: str | None = None,
+              matmul_precision: str | None = None) -> CalibrationResult:
   """Sweeps ε × nβ × γ on `checkpoints` in one program and recommends settings.
 
   `checkpoints` is a list of param pytrees (e.g. the earliest and the latest
   of a run) or a stacked pytree; the other arguments are as for
-  `estimate_llcs`. With `output_dir`, writes calibration.json, calibration.md
+  `estimate_llcs`; `mesh` may shard the grid points on a "grid" axis
+  (`sampling/mesh.py`). With `output_dir`, writes calibration.json, calibration.md
   and the figures there.
   """
   step_sizes = np.asarray(sorted(step_sizes), np.float64)
@@ -211,7 +214,7 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
       num_chains=num_chains, num_draws=num_draws, step_size=float(step_sizes[0]),
       localization=float(localizations[0]), nbeta=float(nbetas[0]), batch_size=batch_size,
       seed=seed, num_burnin_steps=num_burnin_steps, mala_stride=mala_stride,
-      mala_target=mala_target)
+      mala_target=mala_target, compute_dtype=compute_dtype, matmul_precision=matmul_precision)
   grid = list(itertools.product(range(len(step_sizes)), range(len(nbetas)),
                                 range(len(localizations))))
   points = []
@@ -227,7 +230,8 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   # The whole grid × checkpoints in one sweep (pairs), one compiled program.
   everything = llc_lib.estimate(
       loss_fn, checkpoints, data, settings,
-      llc_lib.SweepOptions(checkpoint_ids=ids, chain_strategy=chain_strategy, progress=False),
+      llc_lib.SweepOptions(checkpoint_ids=ids, chain_strategy=chain_strategy, progress=False,
+                           mesh=mesh),
       sampler=sampler, criteria=criteria, grid=points)
   num_params = int(np.ravel(everything.settings["num_params"])[0])
 

@@ -200,11 +200,12 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                   block_draws: int = 100, max_draws: int | None = None,
                   sampler: str | SamplerFactory = "sgld",
                   criteria: diagnostics_lib.HealthCriteria | None = None,
-                  checkpoint_chunk: int | None = None, mesh: Any = None,
-                  batch_axis: str = "data", output_dir: str | None = None,
+                  checkpoint_chunk: int | str | None = None, mesh: Any = "auto",
+                  batch_axis: str = "batch", output_dir: str | None = None,
                   checkpoint_ids: Sequence[Any] | None = None, chain_strategy: str = "auto",
                   progress: bool = True, restrict: Any = None, loss_data: Any = None,
-                  loss_key: str | None = None) -> results_lib.LLCResult:
+                  loss_key: str | None = None, compute_dtype: str | None = None,
+                  matmul_precision: str | None = None) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   A thin wrapper of `estimate(loss_fn, checkpoints, data, SamplerSettings(...),
@@ -234,8 +235,13 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     sampler: 'sgld', 'rmsprop_sgld' or a factory
       `(step_size, nbeta, localization) -> transformation`.
     criteria: chain-health and convergence thresholds (`diagnostics.HealthCriteria`).
-    checkpoint_chunk: pairs (checkpoints × restrictions) per compiled call.
-    mesh, batch_axis: shard each minibatch along this mesh axis.
+    checkpoint_chunk: pairs (checkpoints × restrictions) per compiled call, or
+      "auto" (as many as fit in a device's memory).
+    mesh: None, "auto" or a `jax.sharding.Mesh` over the named sweep axes
+      checkpoint / restriction / grid / chain / batch (`sampling/mesh.py`).
+    batch_axis: the mesh axis that shards each minibatch ("batch" or "data").
+    compute_dtype, matmul_precision: the loss's dtype (e.g. "bfloat16"; the chain
+      state stays float32) and matmul precision.
     output_dir: resume directory (`sampling/sweep.py`): results of other
       settings, data, checkpoints or losses are never reused.
     checkpoint_ids: names of the checkpoints (e.g. steps).
@@ -258,7 +264,8 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
                              seed=seed, num_burnin_steps=num_burnin_steps, thinning=thinning,
                              init_loss_stride=init_loss_stride, mala_stride=mala_stride,
                              mala_target=mala_target, diagnostics=diagnostics,
-                             block_draws=block_draws, max_draws=max_draws)
+                             block_draws=block_draws, max_draws=max_draws,
+                             compute_dtype=compute_dtype, matmul_precision=matmul_precision)
   options = SweepOptions(checkpoint_chunk=checkpoint_chunk, output_dir=output_dir,
                          checkpoint_ids=checkpoint_ids, mesh=mesh, batch_axis=batch_axis,
                          chain_strategy=chain_strategy, progress=progress, loss_key=loss_key)

@@ -31,9 +31,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from devinterp_jax.sampling import kernel
+from devinterp_jax.sampling import mesh as mesh_lib
 from devinterp_jax.sampling import observers as observers_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling import samplers as samplers_lib
@@ -125,12 +124,40 @@ def resolve_chain_strategy(strategy: str) -> str:
   return strategy
 
 
-def auto_mesh(mesh: Mesh) -> Mesh:
-  """The same devices and axis names with Auto axis types (for sharding constraints)."""
-  axis_type = getattr(jax.sharding, "AxisType", None)
-  if axis_type is None:  # older JAX: every axis is Auto
-    return mesh
-  return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(mesh.axis_names))
+def at_least_f32(tree: Any) -> Any:
+  """Floating leaves in float32 or wider: the chain state's precision (a bf16
+  checkpoint's √ε noise would fall below bf16's spacing)."""
+  def up(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x
+  return jax.tree.map(up, tree)
+
+
+def with_precision(loss_fn: Callable, compute_dtype: str | None,
+                   matmul_precision: str | None) -> Callable:
+  """`loss_fn` evaluated with float params and batch leaves cast to `compute_dtype`
+  and matmuls at `matmul_precision`; the loss comes back in float32."""
+  if compute_dtype is None and matmul_precision is None:
+    return loss_fn
+  dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+  def cast(tree):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(
+        jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+  def lf(params, batch):
+    if dtype is not None:
+      params, batch = cast(params), cast(batch)
+    if matmul_precision is None:
+      out = loss_fn(params, batch)
+    else:
+      with jax.default_matmul_precision(matmul_precision):
+        out = loss_fn(params, batch)
+    return jnp.asarray(out, jnp.float32)
+
+  return lf
 
 
 class Program(NamedTuple):
@@ -159,37 +186,38 @@ def _progress(t) -> None:
 def get_program(loss_fn: Callable, settings: SamplerSettings, *, data: Any,
                 loss_data: Any = None, sampler: Any = "sgld", chain_strategy: str = "auto",
                 leaves: tuple[int, ...] | None = None, padded: bool = False,
-                mesh: Mesh | None = None, batch_axis: str = "data") -> Program:
+                mesh: mesh_lib.SweepMesh | None = None) -> Program:
   """The cached `Program` for these static inputs (see the module docstring).
 
   `leaves` (restricted sweeps) are the param leaves any restriction touches
   (`restrict.compact`); `padded` whether some restriction is shorter than the
-  longest (a `valid` mask is passed).
+  longest (a `valid` mask is passed). With a `mesh` (`sampling/mesh.py`), the
+  pair axis, the chains and the minibatch are sharded on its named axes; a
+  sharded chain axis is always vmapped.
   """
   strategy = resolve_chain_strategy(chain_strategy)
+  if mesh is not None and mesh.chain_axis is not None:
+    strategy = "vmap"
   factory = samplers_lib.get_sampler(sampler)
-  if mesh is not None:
-    if batch_axis not in mesh.axis_names:
-      raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
-    if settings.batch_size % mesh.shape[batch_axis]:
-      raise ValueError(f"batch_size {settings.batch_size} is not divisible by the "
-                       f"{mesh.shape[batch_axis]} devices of mesh axis {batch_axis!r}")
   key = (_hashable(loss_fn), settings.program_key(), data_signature(data),
          data_signature(loss_data), _hashable(factory), strategy, leaves, padded,
-         _hashable(mesh), batch_axis)
+         None if mesh is None else mesh.key())
   return _CACHE.get(key, lambda: _build(loss_fn, settings, data, loss_data, factory, strategy,
-                                        leaves, padded, mesh, batch_axis))
+                                        leaves, padded, mesh))
 
 
 def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strategy, leaves,
-           padded, mesh, batch_axis) -> Program:
+           padded, mesh: mesh_lib.SweepMesh | None) -> Program:
   s = settings
   burnin, block_steps = s.burnin_steps, s.block_steps
   init_every = s.thinning * s.init_loss_stride
   progress_every = max(1, block_steps // PROGRESS_CALLS_PER_BLOCK)
   source = callable(data)
   loss_source = callable(loss_data)
-  sharding = None if mesh is None else NamedSharding(auto_mesh(mesh), P(batch_axis))
+  loss_fn = with_precision(loss_fn, s.compute_dtype, s.matmul_precision)
+  sharding = None if mesh is None or mesh.batch_axis is None else mesh.batch()
+  pair_axis = None if mesh is None or not mesh.pair_axes else mesh.pair_axes
+  chain_axis = None if mesh is None else mesh.chain_axis
 
   def batches(d):
     fn = kernel.batch_fn_from_data(d, s.batch_size)
@@ -223,11 +251,15 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
 
   def chains(fn, *args):
     if strategy == "vmap":
-      return jax.vmap(fn)(*args)
+      return jax.vmap(fn, spmd_axis_name=chain_axis)(*args)
     return jax.lax.map(lambda a: fn(*a), args)
+
+  def pairs(fn, *args):
+    return jax.vmap(fn, spmd_axis_name=pair_axis)(*args)
 
   def init(params_star_P, hypers_P, index_P):
     _CACHE.traces += 1
+    params_star_P = at_least_f32(params_star_P)
 
     def one(params_star, hypers, index):
       start, _ = chain_model(params_star, index)
@@ -235,11 +267,12 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
       rep = lambda x: jnp.broadcast_to(x, (s.num_chains,) + jnp.shape(x))
       return (jax.tree.map(rep, start), jax.tree.map(rep, transform.init(start)))
 
-    return jax.vmap(one)(params_star_P, hypers_P, index_P)
+    return pairs(one, params_star_P, hypers_P, index_P)
 
   def block(carry_P, t0, params_star_P, hypers_P, chain_keys_C, data_arg, loss_data_arg,
             index_P, valid_P):
     _CACHE.traces += 1
+    params_star_P = at_least_f32(params_star_P)
     d = data if source else data_arg
     ld = loss_data if loss_source else loss_data_arg
     batch_fn = batches(d)
@@ -264,7 +297,7 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
 
         return chains(chain, carry_p[0], carry_p[1], chain_keys_C)
 
-      new_carry, out = jax.vmap(pair)(carry, params_star_P, hypers_P, index_P, valid_P)
+      new_carry, out = pairs(pair, carry, params_star_P, hypers_P, index_P, valid_P)
       jax.lax.cond(t % progress_every == 0, lambda: jax.debug.callback(_progress, t),
                    lambda: None)
       return new_carry, out
@@ -273,11 +306,59 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
     return carry, {k: jnp.moveaxis(v, 0, -1) for k, v in out.items()}   # [P, C, S]
 
   # The chain state is donated: each block overwrites it.
-  return Program(init=jax.jit(init), block=jax.jit(block, donate_argnums=(0,)),
+  if mesh is None:
+    return Program(init=jax.jit(init), block=jax.jit(block, donate_argnums=(0,)),
+                   block_steps=block_steps)
+  state = mesh.pair_chains()
+  return Program(init=jax.jit(init, out_shardings=state),
+                 block=jax.jit(block, donate_argnums=(0,), out_shardings=(state, state)),
                  block_steps=block_steps)
 
 
-def chain_keys(seed: int, num_chains: int) -> jax.Array:
-  """Chain c's key: fold_in(key(seed), c), the same at every checkpoint."""
-  base = jax.random.key(seed)
-  return jax.vmap(lambda c: jax.random.fold_in(base, c))(jnp.arange(num_chains))
+def chain_keys(seed: int, num_chains: int, sharding: Any = None) -> jax.Array:
+  """Chain c's key: fold_in(key(seed), c), the same at every checkpoint (built on
+  the devices of `sharding` when given: a global array across processes)."""
+  def build():
+    base = jax.random.key(seed)
+    return jax.vmap(lambda c: jax.random.fold_in(base, c))(jnp.arange(num_chains))
+  return build() if sharding is None else jax.jit(build, out_shardings=sharding)()
+
+
+class MemoryUse(NamedTuple):
+  """Bytes per device of a compiled block (`compiled.memory_analysis()`)."""
+
+  argument: int
+  output: int
+  temp: int
+  alias: int      # outputs written over donated arguments (the chain state)
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output + self.temp - self.alias
+
+
+def block_memory(prog: Program, *args) -> MemoryUse | None:
+  """The memory of `prog.block` compiled for these (abstract) arguments; None where
+  the backend does not report it."""
+  compiled = prog.block.lower(*args).compile()
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return None
+  return MemoryUse(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
+                   int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes))
+
+
+def device_memory_bytes() -> int:
+  """Memory of one local device: the allocator's limit on accelerators; on CPU the
+  host's physical memory shared by its devices."""
+  dev = jax.local_devices()[0]
+  stats = None
+  try:
+    stats = dev.memory_stats()
+  except Exception:
+    pass
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  import os
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return int(total // max(jax.local_device_count(), 1))

@@ -37,7 +37,11 @@ Params = Any
 #     d ~ 10⁵ dimensions it dominates the 'posterior' acceptance while a chain is still
 #     spreading from w* (docs/lm.md), and 'loss' isolates how well ε resolves the loss.
 MALA_TARGETS = ("posterior", "loss")
+MATMUL_PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 AUTO = "auto"
+# Settings fields left out of a sweep's identity while they hold their default, so
+# sweeps saved before the field existed keep their fingerprint.
+IDENTITY_DEFAULTS = {"compute_dtype": None, "matmul_precision": None}
 
 # Fields passed to the compiled program as arrays (changing them never recompiles).
 TRACED_FIELDS = ("step_size", "nbeta", "localization")
@@ -76,6 +80,8 @@ class SamplerSettings:
   diagnostics: bool = True
   block_draws: int = 100
   max_draws: int | None = None
+  compute_dtype: str | None = None       # e.g. "bfloat16": the loss's dtype (state stays f32)
+  matmul_precision: str | None = None    # "default", "high" or "highest" inside the loss
 
   def __post_init__(self):
     for name in ("num_chains", "num_draws", "batch_size", "thinning", "init_loss_stride",
@@ -111,6 +117,18 @@ class SamplerSettings:
                        "the localising Gaussian alone and every LLC is exactly 0")
     if self.localization < 0:
       raise ValueError(f"localization must be >= 0, got {self.localization}")
+    if self.compute_dtype is not None:
+      try:
+        dtype = np.dtype(jax.numpy.dtype(self.compute_dtype))
+      except TypeError:
+        dtype = None
+      if dtype is None or not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype name such as 'bfloat16' "
+                         f"or 'float32' (or None), got {self.compute_dtype!r}")
+      object.__setattr__(self, "compute_dtype", dtype.name)
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
+                       f"{self.matmul_precision!r}")
 
   @classmethod
   def from_config(cls, section: Mapping[str, Any],
@@ -123,7 +141,15 @@ class SamplerSettings:
     kw = {k: v for k, v in merged.items() if k in names}
     if kw.get("max_draws") == 0:
       kw["max_draws"] = None
+    for name in IDENTITY_DEFAULTS:   # config files spell "unset" as ""
+      if kw.get(name) == "":
+        kw[name] = None
     return cls(**kw)
+
+  def identity(self) -> dict[str, Any]:
+    """The fields as a dict, without new fields at their defaults (`IDENTITY_DEFAULTS`)."""
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if not (k in IDENTITY_DEFAULTS and v == IDENTITY_DEFAULTS[k])}
 
   @property
   def adaptive(self) -> bool:
@@ -196,23 +222,29 @@ class Restrictions(NamedTuple):
 class SweepOptions:
   """How a sweep runs; none of these change its numbers.
 
-  checkpoint_chunk: (restriction, checkpoint) pairs per compiled call; bounds
-    memory. Default: all pairs at once.
+  checkpoint_chunk: (grid, restriction, checkpoint) pairs per compiled call; bounds
+    memory. Default: all pairs at once. "auto": as many as fit in
+    `memory_fraction` of a device's memory (`program.memory_per_chunk`).
   output_dir: resume directory (see `sampling/sweep.py`).
   checkpoint_ids: names of the checkpoints (e.g. steps) for warnings and the
     resume fingerprint.
-  mesh, batch_axis: shard each minibatch along this mesh axis.
+  mesh: None (one device), "auto" (the default) or a `jax.sharding.Mesh` whose
+    axis names are sweep axes (`sampling/mesh.py`: checkpoint, restriction,
+    grid, chain, batch).
+  batch_axis: the mesh axis that shards the minibatch ("batch"; "data" too).
+  memory_fraction: the share of a device's memory `checkpoint_chunk="auto"` fills.
   chain_strategy: 'vmap', 'map' (sequential chains in the program) or 'auto'.
   progress: log progress lines with an ETA (at least every `progress_every_s`).
   loss_key: with `output_dir`, a name of the loss (and of callable data) that
     changes whenever they do; needed for lambdas (see `digest.callable_identity`).
   """
 
-  checkpoint_chunk: int | None = None
+  checkpoint_chunk: int | str | None = None
   output_dir: str | None = None
   checkpoint_ids: Sequence[Any] | None = None
-  mesh: Any = None
-  batch_axis: str = "data"
+  mesh: Any = AUTO
+  batch_axis: str = "batch"
+  memory_fraction: float = 0.6
   chain_strategy: str = "auto"
   progress: bool = True
   progress_every_s: float = 15.0
@@ -222,5 +254,10 @@ class SweepOptions:
     if self.chain_strategy not in ("auto", "vmap", "map"):
       raise ValueError(f"chain_strategy must be 'auto', 'vmap' or 'map', got "
                        f"{self.chain_strategy!r}")
-    if self.checkpoint_chunk is not None and self.checkpoint_chunk < 1:
-      raise ValueError(f"checkpoint_chunk must be >= 1, got {self.checkpoint_chunk}")
+    chunk = self.checkpoint_chunk
+    if chunk is not None and chunk != AUTO and (
+        isinstance(chunk, (bool, str)) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+      raise ValueError(f"checkpoint_chunk must be None, 'auto' or an integer >= 1, got "
+                       f"{chunk!r}")
+    if not 0 < self.memory_fraction <= 1:
+      raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")

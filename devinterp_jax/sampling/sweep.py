@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from devinterp_jax import atomic, progress as progress_lib
+from devinterp_jax import atomic, multihost, progress as progress_lib
 from devinterp_jax.sampling import convergence as conv
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
 from devinterp_jax.sampling import kernel
+from devinterp_jax.sampling import mesh as mesh_lib
 from devinterp_jax.sampling import program as program_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.settings import AUTO, Restrictions, SamplerSettings, SweepOptions
@@ -101,7 +101,7 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn, data: Any, loss_data: 
         f"value). Pass loss_key='<a name that changes whenever the loss does>' or a named "
         f"function.")
   out: dict[str, Any] = {
-      "settings": dataclasses.asdict(settings), "sampler": sampler,
+      "settings": settings.identity(), "sampler": sampler,
       "ids": [str(i) for i in ids], "loss": {"key": loss_key, "function": loss_id},
       "layout": "pairs-v2"}
   if settings.adaptive or settings.num_burnin_steps == AUTO:
@@ -203,6 +203,8 @@ def _load_pair(path: str, fp: str) -> dict[str, np.ndarray]:
 
 
 def _save_pair(path: str, fp: str, pair: Pair, keep_state: bool) -> None:
+  if not multihost.is_leader():   # every process holds the same outputs; one writes
+    return
   arrays = {f"out_{k}": v for k, v in pair.outputs.items()}
   if keep_state and pair.state is not None:
     arrays.update({f"state_{i:04d}": x for i, x in enumerate(pair.state)})
@@ -311,23 +313,30 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   else:
     d = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(first))
     num_params = np.full(len(pairs), d)
-  chunk = chunks_lib.chunk_size(len(pairs), options.checkpoint_chunk)
-
-  prog = program_lib.get_program(
-      loss_fn, settings, data=data, loss_data=loss_data, sampler=sampler,
-      chain_strategy=options.chain_strategy, leaves=None if comp is None else comp.leaves,
-      padded=comp is not None and comp.valid is not None, mesh=options.mesh,
-      batch_axis=options.batch_axis)
-  keys = program_lib.chain_keys(settings.seed, settings.num_chains)
+  wanted = None if options.checkpoint_chunk == AUTO else options.checkpoint_chunk
+  sm = mesh_lib.resolve(options.mesh, num_pairs=chunks_lib.chunk_size(len(pairs), wanted),
+                        num_chains=settings.num_chains, batch_size=settings.batch_size,
+                        batch_axis=options.batch_axis)
+  prog_kw = dict(data=data, loss_data=loss_data, sampler=sampler,
+                 chain_strategy=options.chain_strategy,
+                 leaves=None if comp is None else comp.leaves,
+                 padded=comp is not None and comp.valid is not None, mesh=sm)
+  prog = program_lib.get_program(loss_fn, settings, **prog_kw)
   data_arg = None if callable(data) else data
   loss_data_arg = None if (loss_data is None or callable(loss_data)) else loss_data
-  if options.mesh is not None:
-    replicated = NamedSharding(program_lib.auto_mesh(options.mesh), P())
-    data_arg = None if data_arg is None else jax.device_put(data_arg, replicated)
-    loss_data_arg = None if loss_data_arg is None else jax.device_put(loss_data_arg, replicated)
+  replicated = None if sm is None else sm.replicated()
+  data_arg = None if data_arg is None else put(data_arg, replicated)
+  loss_data_arg = None if loss_data_arg is None else put(loss_data_arg, replicated)
+  keys = program_lib.chain_keys(settings.seed, settings.num_chains,
+                                None if sm is None else sm.chains())
+  if options.checkpoint_chunk == AUTO:
+    chunk = auto_chunk(prog, first, comp, keys, data_arg, loss_data_arg, sm,
+                       num_pairs=len(pairs), fraction=options.memory_fraction)
   else:
-    data_arg = None if data_arg is None else jax.device_put(data_arg)
-    loss_data_arg = None if loss_data_arg is None else jax.device_put(loss_data_arg)
+    chunk = chunks_lib.chunk_size(len(pairs), options.checkpoint_chunk)
+  chunk = mesh_lib.round_chunk(chunk, sm)
+  if sm is not None and options.progress:
+    logging.info("LLC sweep on mesh %s: %d pairs per chunk", sm.describe(), chunk)
 
   sweep_dir = fp = None
   if options.output_dir:
@@ -337,7 +346,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     fp = fingerprint(identity)
     sweep_dir = os.path.join(options.output_dir, fp)
     _note_other_sweeps(options.output_dir, fp)
-    if not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
+    if multihost.is_leader() and not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
       atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
                         json.dumps(identity, indent=1, default=str))
   path_of = lambda p: os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
@@ -350,17 +359,26 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     return digests[n]
 
   if sweep_dir:     # resume what a killed run finished
+    multihost.barrier("sweep_dir")   # the leader made the directory
+    saved = {p.index: _load_pair(path_of(p), fp) for p in pairs if os.path.exists(path_of(p))}
+    # Each process checks the params digests of its share of the checkpoints.
+    mine = sorted({p.checkpoint for p in pairs if p.index in saved
+                   and p.checkpoint % multihost.process_count() == multihost.process_index()})
+    checked = {}
+    for part in multihost.gather("resume_digests", {str(n): digest_of(n) for n in mine}):
+      checked.update({int(n): d for n, d in part.items()})
     for p in pairs:
-      if os.path.exists(path_of(p)):
-        z = _load_pair(path_of(p), fp)
-        if str(z["params_digest"]) != digest_of(p.checkpoint):
-          logging.warning("%s was computed on other params for checkpoint %s (they changed "
-                          "since); recomputing it", path_of(p), ids[p.checkpoint])
-          continue
-        p.steps, p.digest = int(z["steps"]), str(z["params_digest"])
-        p.outputs = {k[4:]: v for k, v in z.items() if k.startswith("out_")}
-        state = [z[k] for k in sorted(z) if k.startswith("state_")]
-        p.state = state or None
+      z = saved.get(p.index)
+      if z is None:
+        continue
+      if str(z["params_digest"]) != checked[p.checkpoint]:
+        logging.warning("%s was computed on other params for checkpoint %s (they changed "
+                        "since); recomputing it", path_of(p), ids[p.checkpoint])
+        continue
+      p.steps, p.digest = int(z["steps"]), str(z["params_digest"])
+      p.outputs = {k[4:]: v for k, v in z.items() if k.startswith("out_")}
+      state = [z[k] for k in sorted(z) if k.startswith("state_")]
+      p.state = state or None
 
   nbeta_of = lambda p: float(hyper_grid[p.grid]["nbeta"])
   initial = settings.steps_for(settings.num_draws)
@@ -413,8 +431,11 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     todo = {p.index: t for p in pairs if (t := target(p)) > p.steps}
     if not todo:
       todo = window_targets()
-      if not todo:
-        break
+    # The leader decides what runs next; every process takes the same branches.
+    todo = {int(i): int(t) for i, t in multihost.agree(
+        "sweep_todo", {str(i): t for i, t in todo.items()}).items()}
+    if not todo:
+      break
     extra = sum(t - pairs[i].steps for i, t in todo.items()) * settings.num_chains
     if done_units[0] + extra > tracker.total:
       tracker.total = done_units[0] + extra
@@ -425,7 +446,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       for lo in range(0, len(group), chunk):
         members = group[lo:lo + chunk]
         _run_chunk(prog, members, start, stop, chunk, ckpts, ids, hyper_grid, comp, keys,
-                   data_arg, loss_data_arg, settings, digest_of if sweep_dir else None,
+                   data_arg, loss_data_arg, settings, sm, sweep_dir is not None,
                    path_of if sweep_dir else None, fp, tracker, done_units)
   tracker.final = True
   tracker.update(tracker.total, force=True)
@@ -436,29 +457,133 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       if p.state is not None:
         p.state = None
         _save_pair(path_of(p), fp, p, keep_state=False)
+  multihost.barrier("sweep_done")      # the leader's files are written
   return SweepOutputs(pairs=pairs, shape=(G, R, N), num_params=num_params, fingerprint=fp,
                       assessments=assessments)
 
 
-def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckpts, ids,
-               hyper_grid, comp, keys, data_arg, loss_data_arg, settings: SamplerSettings,
-               digest_of: Callable[..., str] | None, path_of, fp, tracker, done_units) -> None:
-  """Advances `members` (all at `start` steps) to `stop` steps, block by block."""
-  padded = members + [members[0]] * (chunk - len(members))
-  params_star = ckpts.stack([p.checkpoint for p in padded])
-  require_arrays(params_star)
-  check_finite(params_star, [ids[p.checkpoint] for p in padded])
-  if digest_of is not None:
-    for j, p in enumerate(members):
-      p.digest = digest_of(p.checkpoint, params_star, j)
-  hypers = {k: jnp.asarray([float(hyper_grid[p.grid][k]) for p in padded], jnp.float32)
-            for k in ("step_size", "nbeta", "localization")}
+def abstract_args(prog, chunk: int, first: Params, comp, keys, data_arg, loss_data_arg,
+                  sm: mesh_lib.SweepMesh | None) -> tuple:
+  """Abstract arguments of `prog.block` for a chunk of `chunk` pairs."""
+  def sds(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  pair_sh = None if sm is None else sm.pairs()
+  params = jax.tree.map(lambda x: sds((chunk,) + x.shape[1:], x.dtype, pair_sh), first)
+  hypers = {k: sds((chunk,), np.float32, pair_sh) for k in ("step_size", "nbeta", "localization")}
   index = valid = None
   if comp is not None:
-    index = jnp.asarray(comp.index[[p.restriction for p in padded]])
+    index = sds((chunk,) + comp.index.shape[1:], comp.index.dtype, pair_sh)
     if comp.valid is not None:
-      valid = jnp.asarray(comp.valid[[p.restriction for p in padded]])
-  params_star = jax.device_put(params_star)
+      valid = sds((chunk,) + comp.valid.shape[1:], comp.valid.dtype, pair_sh)
+  state_sh = None if sm is None else sm.pair_chains()
+  carry = jax.tree.map(lambda t: sds(t.shape, t.dtype, state_sh),
+                       jax.eval_shape(prog.init, params, hypers, index))
+  return (carry, jax.ShapeDtypeStruct((), np.int32), params, hypers, keys, data_arg,
+          loss_data_arg, index, valid)
+
+
+def chunk_memory(prog, chunk: int, *args, **kw) -> program_lib.MemoryUse | None:
+  """Bytes per device of one block over `chunk` pairs (see `abstract_args`)."""
+  return program_lib.block_memory(prog, *abstract_args(prog, chunk, *args, **kw))
+
+
+def auto_chunk(prog, first: Params, comp, keys, data_arg, loss_data_arg,
+               sm: mesh_lib.SweepMesh | None, *, num_pairs: int, fraction: float) -> int:
+  """The most pairs per chunk whose block fits in `fraction` of a device's memory.
+
+  Compiles the block at k and 2k pairs (k: the pair-axis devices) and fits
+  memory = fixed + per_pair · pairs (`compiled.memory_analysis()`)."""
+  k = 1 if sm is None else sm.pair_devices
+  args = (first, comp, keys, data_arg, loss_data_arg, sm)
+  m1, m2 = chunk_memory(prog, k, *args), chunk_memory(prog, 2 * k, *args)
+  if m1 is None or m2 is None:
+    logging.warning("the backend reports no compiled memory; checkpoint_chunk='auto' runs "
+                    "all %d pairs at once", num_pairs)
+    return num_pairs
+  per_k = max(m2.total - m1.total, 1)
+  fixed = m1.total - per_k
+  budget = fraction * program_lib.device_memory_bytes()
+  fits = int((budget - fixed) // per_k) * k
+  chunk = max(k, min(fits, num_pairs))
+  logging.info("checkpoint_chunk='auto': %d pairs per chunk (%.1f MiB per %d pairs per "
+               "device, %.1f MiB fixed, budget %.1f MiB)", chunk, per_k / 2**20, k,
+               fixed / 2**20, budget / 2**20)
+  return chunk
+
+
+def put(tree: Any, sharding) -> Any:
+  """Host arrays as device arrays: committed to `sharding` (a global array across
+  processes, each building only its own shards), or on the default device."""
+  if sharding is None:
+    return jax.device_put(tree)
+  return jax.tree.map(lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]), tree)
+
+
+def local_rows(sharding, num: int) -> list[int]:
+  """The rows of a [num, ...] array sharded by `sharding` that this process holds."""
+  if sharding is None:
+    return list(range(num))
+  rows: set[int] = set()
+  for idx in sharding.addressable_devices_indices_map((num,)).values():
+    rows.update(range(*idx[0].indices(num)))
+  return sorted(rows)
+
+
+def _load_chunk(ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_digests: bool
+                ) -> tuple[Params, dict[int, str]]:
+  """The chunk's w* [chunk, ...] as (global) device arrays; each process loads and
+  checks only its own rows. Returns the digests of the members' checkpoints."""
+  n = len(padded)
+  rows = local_rows(sharding, n)
+  local = ckpts.stack([padded[j].checkpoint for j in rows])
+  require_arrays(local)
+  problem = None
+  try:
+    check_finite(local, [ids[padded[j].checkpoint] for j in rows])
+  except ValueError as e:
+    problem = str(e)
+  digests = {padded[j].checkpoint: digest_lib.tree_digest(jax.tree.map(lambda x: x[i], local))
+             for i, j in enumerate(rows)} if with_digests else {}
+  parts = multihost.gather("chunk_rows", {"problem": problem,
+                                          "digests": {str(k): v for k, v in digests.items()}})
+  problems = [q["problem"] for q in parts if q["problem"]]
+  if problems:
+    raise ValueError(" ".join(problems))
+  for q in parts:
+    digests.update({int(k): v for k, v in q["digests"].items()})
+  if sharding is None:
+    return jax.device_put(local), digests
+  pos = {j: i for i, j in enumerate(rows)}
+
+  def leaf(x):
+    return jax.make_array_from_callback(
+        (n,) + x.shape[1:], sharding,
+        lambda idx: x[np.asarray([pos[j] for j in range(*idx[0].indices(n))])][
+            (slice(None),) + tuple(idx[1:])])
+
+  return jax.tree.map(leaf, local), digests
+
+
+def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckpts, ids,
+               hyper_grid, comp, keys, data_arg, loss_data_arg, settings: SamplerSettings,
+               sm: mesh_lib.SweepMesh | None, with_digests: bool, path_of, fp, tracker,
+               done_units) -> None:
+  """Advances `members` (all at `start` steps) to `stop` steps, block by block."""
+  padded = members + [members[0]] * (chunk - len(members))
+  params_star, digests = _load_chunk(ckpts, padded, ids, None if sm is None else sm.pairs(),
+                                     with_digests)
+  if with_digests:
+    for p in members:
+      p.digest = digests[p.checkpoint]
+  pair_sh = None if sm is None else sm.pairs()
+  hypers = put({k: np.asarray([float(hyper_grid[p.grid][k]) for p in padded], np.float32)
+                for k in ("step_size", "nbeta", "localization")}, pair_sh)
+  index = valid = None
+  if comp is not None:
+    index = put(np.asarray(comp.index[[p.restriction for p in padded]]), pair_sh)
+    if comp.valid is not None:
+      valid = put(np.asarray(comp.valid[[p.restriction for p in padded]]), pair_sh)
   if start == 0:
     carry = prog.init(params_star, hypers, index)
   else:
@@ -467,17 +592,18 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
     if any(p.state is None for p in members):
       raise ChunkError(f"pairs {[p.index for p in members if p.state is None]} have run "
                        f"{start} steps but have no saved chain state to continue from")
-    stacked = [np.stack([p.state[i] for p in padded]) for i in range(len(leaves_t))]
-    carry = treedef.unflatten([jnp.asarray(x, t.dtype) for x, t in zip(stacked, leaves_t)])
+    stacked = [np.stack([p.state[i] for p in padded]).astype(t.dtype)
+               for i, t in enumerate(leaves_t)]
+    carry = treedef.unflatten(put(stacked, None if sm is None else sm.pair_chains()))
   per_step = len(members) * settings.num_chains    # padding is not progress
   for t0 in range(start, stop, prog.block_steps):
     base = done_units[0]
     program_lib.set_progress_hook(
         lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step))
     try:
-      carry, out = prog.block(carry, jnp.int32(t0), params_star, hypers, keys, data_arg,
+      carry, out = prog.block(carry, np.int32(t0), params_star, hypers, keys, data_arg,
                               loss_data_arg, index, valid)
-      out = jax.device_get(out)
+      out = multihost.allgather(out)
     finally:
       program_lib.set_progress_hook(None)
     done_units[0] = base + prog.block_steps * per_step
@@ -485,7 +611,7 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
     # An adaptive pair may continue later: its state goes to disk after every block
     # (resume), or is fetched once at the chunk's end when there is no disk.
     keep_state = settings.adaptive and (path_of is not None or last)
-    state_leaves = jax.device_get(jax.tree.leaves(carry)) if keep_state else None
+    state_leaves = multihost.allgather(jax.tree.leaves(carry)) if keep_state else None
     for j, p in enumerate(members):
       new = {k: np.asarray(v[j]) for k, v in out.items()}
       p.outputs = new if p.outputs is None or p.steps == 0 else {
