@@ -119,10 +119,10 @@ class SamplerSettings:
       raise ValueError(f"localization must be >= 0, got {self.localization}")
     if self.compute_dtype is not None:
       try:
-        dtype = np.dtype(jax.numpy.dtype(self.compute_dtype))
+        dtype = jax.numpy.dtype(self.compute_dtype)
       except TypeError:
         dtype = None
-      if dtype is None or not np.issubdtype(dtype, np.floating):
+      if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
         raise ValueError(f"compute_dtype must be a floating dtype name such as 'bfloat16' "
                          f"or 'float32' (or None), got {self.compute_dtype!r}")
       object.__setattr__(self, "compute_dtype", dtype.name)
