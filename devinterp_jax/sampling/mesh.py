@@ -12,7 +12,9 @@ Axis glossary (mesh axis names a sweep understands):
 e.g. `jax.make_mesh((8,), ("checkpoint",))` or `jax.make_mesh((2, 4),
 ("checkpoint", "chain"))`, None (one device), or "auto" (the default):
 
-  * CPU backend: no mesh (fake CPU devices are for tests; chains run as `map`);
+  * CPU backend, one process: no mesh (fake CPU devices are for tests; chains run
+    as `map`); several processes: the global mesh below, so no process repeats
+    another's work;
   * one device: no mesh;
   * several devices (one host or a pod slice's global devices): all devices on
     `checkpoint` when a chunk has at least as many pairs as devices; otherwise
@@ -125,7 +127,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def auto(num_pairs: int, num_chains: int, devices: list | None = None) -> SweepMesh | None:
   """The "auto" mesh for a sweep of `num_pairs` pairs × `num_chains` chains."""
-  if jax.default_backend() == "cpu" and devices is None:
+  if jax.default_backend() == "cpu" and devices is None and jax.process_count() == 1:
     return None
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
