@@ -19,6 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from devinterp_jax import atomic  # noqa: E402
 from tests.test_sharding import SCRIPT  # noqa: E402
 
 ROWS = ["checkpoint", "checkpoint,chain", "chain,checkpoint", "restriction,checkpoint",
@@ -40,8 +41,8 @@ def main() -> None:
   meta = {"date": datetime.date.today().isoformat(), "commit": commit,
           "machine": "2-core CPU, 8 fake devices (--xla_force_host_platform_device_count=8)",
           "wall_s": round(time.time() - start, 1)}
-  with open(os.path.join(ROOT, "docs", "sharding.json"), "w") as f:
-    json.dump({"meta": meta, "results": res}, f, indent=1)
+  atomic.write_text(os.path.join(ROOT, "docs", "sharding.json"),
+                    json.dumps({"meta": meta, "results": res}, indent=1))
   lines = [
       "# Named sweep axes on 8 devices",
       "",
@@ -77,8 +78,7 @@ def main() -> None:
       "Refused meshes: " + "; ".join(f"`{e}`" for e in res.get("errors", [])),
       "",
   ]
-  with open(os.path.join(ROOT, "docs", "sharding.md"), "w") as f:
-    f.write("\n".join(lines))
+  atomic.write_text(os.path.join(ROOT, "docs", "sharding.md"), "\n".join(lines))
   print("\n".join(lines))
 
 
