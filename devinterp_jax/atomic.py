@@ -5,6 +5,12 @@ A file is written to a temporary name beside its target, fsynced, renamed over
 the target, and the directory is fsynced so the rename itself survives a power
 loss. A directory (e.g. a report) is built under a temporary name and swapped in
 whole (`replace_dir`).
+
+In a multi-process run every write here is the leader's alone
+(`multihost.is_leader`): the other processes hold the same results, so they
+skip the write (`replace_dir` hands them a throwaway local directory), and the
+shared filesystem sees each file written once. A caller whose other processes
+read the file back waits at a `multihost.barrier` first.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import errno
 import io
 import os
 import shutil
+import tempfile
 import uuid
 from typing import Iterator
 
 import numpy as np
+
+from devinterp_jax import multihost
 
 
 # fsync of a directory is not supported everywhere (some network and FUSE mounts).
@@ -43,7 +52,10 @@ def _tmp_name(path: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, fsyncs, then renames."""
+  """Writes `data` to a temporary file beside `path`, fsyncs, then renames (the
+  leader only, in a multi-process run)."""
+  if not multihost.is_leader():
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = _tmp_name(path)
@@ -65,13 +77,18 @@ def write_text(path: str, text: str) -> None:
 
 
 def save_npz(path: str, **arrays) -> None:
+  if not multihost.is_leader():
+    return
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   write_bytes(path, buf.getvalue())
 
 
 def save_figure(fig, path: str, **savefig_kwargs) -> str:
-  """Renders a matplotlib figure to PNG in memory and writes it atomically."""
+  """Renders a matplotlib figure to PNG in memory and writes it atomically (the
+  leader only: elsewhere it is not rendered)."""
+  if not multihost.is_leader():
+    return path
   buf = io.BytesIO()
   fig.savefig(buf, format="png", **savefig_kwargs)
   write_bytes(path, buf.getvalue())
@@ -87,7 +104,13 @@ def replace_dir(path: str) -> Iterator[str]:
   old one removed. On an exception the temporary directory is removed and
   `path` is left as it was. A crash between the two renames leaves the old
   version at `<path>.old…` beside a missing `path` (never a mix of both).
+  A non-leader process of a multi-process run gets a local temporary directory
+  that is discarded afterwards; `path` is the leader's to replace.
   """
+  if not multihost.is_leader():
+    with tempfile.TemporaryDirectory(prefix="devinterp-discard-") as tmp:
+      yield tmp
+    return
   path = os.path.abspath(path.rstrip(os.sep))
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)

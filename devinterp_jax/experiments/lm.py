@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from devinterp_jax import atomic, config_checks
+from devinterp_jax import atomic, config_checks, multihost
 from devinterp_jax.data import lm_dataset, synthetic_text
 from devinterp_jax.experiments import llc_sweep
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
@@ -93,7 +93,19 @@ data_location = lm_dataset.run_location
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the synthetic corpus's splits to <workdir>/data once; returns the data dir."""
+  """Writes the synthetic corpus's splits to <workdir>/data once; returns the data dir.
+
+  In a multi-process run the leader writes them and the others wait for it.
+  """
+  if multihost.is_multiprocess():
+    data_dir = (_prepare_data(config, workdir) if multihost.is_leader()
+                else data_location(config, workdir)[0])
+    multihost.barrier("lm_data")
+    return data_dir
+  return _prepare_data(config, workdir)
+
+
+def _prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   data_dir, name = data_location(config, workdir)
   if config.data.source != "synthetic":
     return data_dir

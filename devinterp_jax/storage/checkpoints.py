@@ -16,6 +16,13 @@ Step directories are created synchronously in `save` (the writes stay
 asynchronous): a directory that cannot be created raises in the caller at
 once. Created from Orbax's background threads, such an error left threads
 waiting for a signal that never came, and the process hung at exit.
+
+Multi-device and multi-process runs save global arrays (the training loop's
+replicated params) into the shared workdir: every process calls `save` and
+`wait` (Orbax coordinates the writes; the leader commits). `restore` places
+each leaf on the sharding of its abstract leaf (`jax.ShapeDtypeStruct(...,
+sharding=...)`); a leaf without one is restored onto this process's first
+device, so a checkpoint saved by any device layout restores anywhere.
 """
 
 from __future__ import annotations
@@ -58,8 +65,14 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager that keeps `schedule_steps` and the latest other step."""
+                 read_only: bool = False, name: str | None = None) -> ocp.CheckpointManager:
+  """A manager that keeps `schedule_steps` and the latest other step.
+
+  `name`: distinct for managers that save at the same time in a multi-process
+  run (e.g. one per seed), and the same on every process: it keys Orbax's
+  cross-process barriers, which otherwise collide ("barrier … is already
+  ongoing").
+  """
   policy = pp.AnyPreservationPolicy(
       [pp.CustomSteps([int(s) for s in schedule_steps]), pp.LatestN(1)])
   options = ocp.CheckpointManagerOptions(
@@ -69,6 +82,8 @@ def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
       read_only=read_only,
       # Create step directories in `save` itself: see the module docstring.
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=name),
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
@@ -134,17 +149,33 @@ def _mismatch(directory: str, step: int, abstract_params: Any) -> str | None:
   return None
 
 
+def _placed(abstract: Any) -> Any:
+  """The abstract tree with every leaf that names no sharding put on this process's
+  first device (Orbax would otherwise use the saved layout, which another device
+  count or process count cannot reproduce)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def place(x):
+    if getattr(x, "sharding", None) is not None:
+      return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device)
+
+  return jax.tree.map(place, abstract)
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
             abstract_opt_state: Any | None = None, verify: bool = True) -> dict:
   """Restores `params` (and `opt_state` if its abstract tree is given) + meta.
 
-  With `verify`, the restored trees are checked against the digests saved in
-  their meta; a mismatch raises `CheckpointError` ("corrupt at step S").
+  Leaves restore onto their abstract leaf's sharding, or this process's first
+  device (module docstring). With `verify`, the restored trees are checked
+  against the digests saved in their meta; a mismatch raises `CheckpointError`
+  ("corrupt at step S").
   """
-  items = {"params": ocp.args.StandardRestore(abstract_params),
+  items = {"params": ocp.args.StandardRestore(_placed(abstract_params)),
            "meta": ocp.args.JsonRestore()}
   if abstract_opt_state is not None:
-    items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    items["opt_state"] = ocp.args.StandardRestore(_placed(abstract_opt_state))
   directory = os.fspath(manager.directory)
   try:
     out = dict(manager.restore(int(step), args=ocp.args.Composite(**items)).items())

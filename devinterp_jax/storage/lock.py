@@ -14,6 +14,13 @@ lock file (another inode). It is taken over with a warning. The one exception
 is a live process on this host that holds this very file: then the filesystem
 ignores flock, and the launch is refused. Locks are re-entrant within a
 process: the main job holds the lock across training, the sweep and the report.
+
+A multi-process run (one job, several hosts sharing the workdir) is one holder:
+its leader (process 0) takes the file lock and the other processes take none,
+so they are never refused by their own leader, and a second job on the
+workdir is refused at its leader (which fails, and with it the whole job:
+`multihost`, `experiments/launcher.py`). The non-leaders write no files
+outside Orbax's collective saves, so they need no lock of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from typing import Callable, Iterator
 
 from absl import logging
 
+from devinterp_jax import multihost
+
 LOCK_NAME = ".lock"
 
 
@@ -40,7 +49,7 @@ class WorkdirLockedError(RuntimeError):
   """Another process holds the workdir's lock."""
 
 
-_held: dict[str, tuple[int, int]] = {}   # realpath -> (fd, depth)
+_held: dict[str, tuple[int | None, int]] = {}   # realpath -> (fd or None, depth)
 _mutex = threading.Lock()
 
 
@@ -150,7 +159,9 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
       fd, depth = _held[key]
       _held[key] = (fd, depth + 1)
     else:
-      _held[key] = (_acquire(os.path.join(key, LOCK_NAME), workdir), 1)
+      # Only the leader of a multi-process run locks (module docstring).
+      fd = _acquire(os.path.join(key, LOCK_NAME), workdir) if multihost.is_leader() else None
+      _held[key] = (fd, 1)
   try:
     yield
   finally:
@@ -160,9 +171,10 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
         _held[key] = (fd, depth - 1)
       else:
         del _held[key]
-        with contextlib.suppress(OSError):
-          os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
-        os.close(fd)           # releases the flock
+        if fd is not None:
+          with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
+          os.close(fd)           # releases the flock
 
 
 def holding(fn: Callable) -> Callable:
@@ -190,5 +202,6 @@ def hold_all(workdirs, create: bool = False) -> Iterator[None]:
 
 
 def is_held(workdir: str) -> bool:
-  """Whether this process holds the lock of `workdir`."""
+  """Whether this process holds the lock of `workdir` (a non-leader of a multi-process
+  run: whether it is inside `hold`, its leader holding the file lock)."""
   return os.path.realpath(workdir) in _held

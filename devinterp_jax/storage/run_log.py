@@ -9,6 +9,10 @@ their fingerprint (`sampling/llc.py`).
 `metrics.jsonl` is appended one fsynced line at a time (`MetricsLog`). A line
 torn by a crash mid-write can only be the last one; readers drop it with a
 warning, and a resumed run truncates the log to its checkpoint anyway.
+
+In a multi-process run the leader alone writes both files (`atomic` and
+`MetricsLog` skip the write on the other processes), so each row is written
+once; every process still checks the config, and they reach the same verdict.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, multihost
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -79,26 +83,30 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   """Keeps the log lines up to `last_step` (the checkpoint a run resumes from;
   0 for a fresh start), dropping a torn last line; rewritten atomically."""
   path = metrics_path(workdir)
-  if not os.path.exists(path):
+  if not multihost.is_leader() or not os.path.exists(path):
     return
   rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class MetricsLog:
-  """Appends rows to metrics.jsonl, each line flushed and fsynced."""
+  """Appends rows to metrics.jsonl, each line flushed and fsynced (a no-op on the
+  non-leader processes of a multi-process run)."""
 
   def __init__(self, workdir: str):
     self.path = metrics_path(workdir)
-    self._file = open(self.path, "a")
+    self._file = open(self.path, "a") if multihost.is_leader() else None
 
   def write(self, row: dict) -> None:
+    if self._file is None:
+      return
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,26 @@ so a segment (at most `log_every` steps) is the granularity: if one segment
 takes longer than 15 s the lines are one per segment. The first segment
 includes compilation and is left out of the rate; the ETA is quoted from the
 second timed segment on.
+
+Several devices (`jax.device_count() > 1`, one process or several): the run is
+data parallel over a mesh of all global devices with one axis, "batch". Params
+and optimizer state are replicated (`NamedSharding(mesh, P())`) and each
+step's batch is sharded on "batch" by a `with_sharding_constraint` inside the
+jitted segment; `batch_fn(key)` is a pure function of the key, so every
+process computes the same global batch and only its own shards are
+materialised. `train_seeds` with a seed count divisible by the device count
+shards the seeds over "batch" instead (each device trains whole seeds). A
+batch size that does not divide over the devices (and, with seeds, a seed
+count that does not either) falls back to one device with a warning in a
+single process, and raises `ValueError` naming the sizes in a multi-process
+run, where no one device sees the whole job. The numbers differ from a
+one-device run by float reassociation only (the gradient is summed across
+devices), and a killed run resumes bit-identically under the same process and
+device layout: Orbax saves the global arrays collectively (every process calls
+save and wait) and restores them onto the same shardings, and the leader's
+latest checkpoint step is the one every process resumes from
+(`multihost.agree`). Files besides checkpoints (config.json, metrics.jsonl) are
+written by the leader alone (`storage/run_log.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from devinterp_jax import multihost
 from devinterp_jax.progress import Progress
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
@@ -56,12 +78,22 @@ def train_step(state: TrainState, batch: Any, loss_fn: LossFn,
 
 def train_segment(state: TrainState, end_step: jax.Array, data_key: jax.Array,
                   loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                  batch_fn: Callable[[jax.Array], Any]) -> tuple[TrainState, jax.Array]:
-  """Runs steps state.step … end_step − 1; returns the state and the loss sum."""
+                  batch_fn: Callable[[jax.Array], Any],
+                  batch_sharding: jax.sharding.Sharding | None = None
+                  ) -> tuple[TrainState, jax.Array]:
+  """Runs steps state.step … end_step − 1; returns the state and the loss sum.
+
+  `batch_sharding`: each batch leaf with a leading axis is constrained to it
+  (data parallelism: the leading axis split over devices).
+  """
 
   def body(_, carry):
     st, loss_sum = carry
-    st, loss = train_step(st, batch_fn(jax.random.fold_in(data_key, st.step)), loss_fn, optimizer)
+    batch = batch_fn(jax.random.fold_in(data_key, st.step))
+    if batch_sharding is not None:
+      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
+                           if jnp.ndim(x) else x, batch)
+    st, loss = train_step(st, batch, loss_fn, optimizer)
     return st, loss_sum + loss
 
   return jax.lax.fori_loop(0, end_step - state.step, body, (state, jnp.zeros((), jnp.float32)))
@@ -122,7 +154,8 @@ def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.
   one compilation. `eval_fn` takes the stacked params [S] and returns a dict
   of [S] arrays (e.g. a vmapped loss on per-seed eval batches).
   Resuming restarts every seed from the latest step that all seeds saved (a
-  kill between two seeds' saves can leave them one event apart).
+  kill between two seeds' saves can leave them one event apart; the steps past
+  it are deleted and rewritten).
   Returns the state with the seed axis.
   """
   num_seeds = len(workdirs)
@@ -155,6 +188,62 @@ def _resume_step(managers) -> int | None:
   return max(common)
 
 
+class _Layout(NamedTuple):
+  """A multi-device run: the mesh, and whether its axis splits the seeds (else the batch)."""
+  mesh: jax.sharding.Mesh
+  seeds: bool
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def split(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("batch"))
+
+  def shardings(self, tree: Any) -> Any:
+    """Params / optimizer state: split on their leading seed axis, else replicated."""
+    return jax.tree.map(lambda x: self.split if self.seeds and x.ndim else self.replicated,
+                        tree)
+
+
+def _layout(batch_fn: Callable[[jax.Array], Any], key: jax.Array,
+            num_seeds: int | None) -> _Layout | None:
+  """How the run is spread over `jax.device_count()` devices (None: one device).
+
+  Seeds (`num_seeds`, None without a seed axis) split over the devices when they
+  divide; otherwise every batch leaf's leading axis does. Neither: one device
+  with a warning, or a `ValueError` in a multi-process run.
+  """
+  n = jax.device_count()
+  if n == 1:
+    return None
+  mesh = jax.make_mesh((n,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  if num_seeds is not None and num_seeds % n == 0:
+    return _Layout(mesh, seeds=True)
+  sizes = sorted({x.shape[0] for x in jax.tree.leaves(jax.eval_shape(batch_fn, key)) if x.ndim})
+  if len(sizes) == 1 and sizes[0] % n == 0:
+    return _Layout(mesh, seeds=False)
+  what = (f"batch size {sizes[0]}" if len(sizes) == 1 else
+          f"batch leaves with leading sizes {sizes}" if sizes else "a batch of scalars")
+  if num_seeds is not None:
+    what += f" (nor {num_seeds} seeds)"
+  if multihost.is_multiprocess():
+    raise ValueError(
+        f"data-parallel training over {n} devices in {multihost.process_count()} processes "
+        f"needs a batch size divisible by {n}, got {what}: use a multiple of {n}")
+  logging.warning("%s does not divide over %d devices; training on one device", what, n)
+  return None
+
+
+def _global(tree: Any, shardings: Any) -> Any:
+  """`tree` (the same values on every process) as global arrays on `shardings`."""
+  def put(x, sharding):
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
 def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
            config_jsons: list[str], eval_fn, *, schedule_steps: Sequence[int],
            **kwargs) -> TrainState:
@@ -164,11 +253,17 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
     for workdir, config_json in zip(workdirs, config_jsons):
       run_log.check_config(workdir, config_json)
     schedule = set(int(s) for s in schedule_steps)
-    managers = [checkpointing.make_manager(w, sorted(schedule)) for w in workdirs]
+    managers = [checkpointing.make_manager(w, sorted(schedule), name=f"train_seed{i}")
+                for i, w in enumerate(workdirs)]
     try:
       state = _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, **kwargs)
     except BaseException:
-      _finish_saves(managers, raise_errors=False)   # never mask the original error
+      if multihost.is_multiprocess():
+        # Waiting for the saves is collective: with this process failing, the peers
+        # may never join, so leave now (the launcher exits; committed steps stay).
+        logging.error("Not waiting for checkpoint saves after an error in a multi-process run")
+      else:
+        _finish_saves(managers, raise_errors=False)   # never mask the original error
       raise
     _finish_saves(managers, raise_errors=True)      # the last saves must commit
     return state
@@ -190,22 +285,93 @@ def _finish_saves(managers, raise_errors: bool) -> None:
     raise errors[0]
 
 
+def _initial_state(init_params: Params, opt_init: Callable, layout: _Layout | None
+                   ) -> TrainState:
+  """Step 0: on the default device, or as global arrays on the layout's shardings."""
+  make = lambda p: TrainState(jnp.zeros((), jnp.int32), p, opt_init(p))
+  if layout is None:
+    return make(init_params)
+  shapes = jax.eval_shape(make, init_params)
+  shardings = TrainState(layout.replicated, layout.shardings(shapes.params),
+                         layout.shardings(shapes.opt_state))
+  logging.info("Training data parallel over %d devices in %d process(es), splitting the %s",
+               jax.device_count(), multihost.process_count(),
+               "seeds" if layout.seeds else "batch")
+  return jax.jit(make, out_shardings=shardings)(_global(init_params, shardings.params))
+
+
+def _drop_steps_past(managers, latest: int | None) -> None:
+  """Deletes the steps past the resume point (a seed that saved an event ahead of the
+  others): this run rewrites them, identically, and Orbax refuses to save over them."""
+  stale = multihost.agree("stale_steps", [
+      [int(s) for s in m.all_steps() if s > (latest or 0)] for m in managers])
+  for manager, steps in zip(managers, stale):
+    for step in steps:
+      logging.info("Deleting step %d of %s, past the resume step %s", step,
+                   manager.directory, latest)
+      manager.delete(step)
+
+
+def _restored_state(managers, latest: int, like: TrainState, seed_axis: bool,
+                    layout: _Layout | None) -> TrainState:
+  """The state saved at `latest` (one stream per seed, stacked), placed like `like`."""
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:] if seed_axis else x.shape, x.dtype,
+                                     sharding=layout and layout.replicated),
+      (like.params, like.opt_state))
+  restored = [checkpointing.restore(m, latest, *abstract) for m in managers]
+  parts = ([r["params"] for r in restored], [r["opt_state"] for r in restored])
+  stack = (lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)) if seed_axis else (
+      lambda trees: trees[0])
+  if layout is None:
+    return TrainState(jnp.asarray(latest, jnp.int32), stack(parts[0]), stack(parts[1]))
+  params, opt_state = jax.jit(
+      lambda ps, os_: (stack(ps), stack(os_)),
+      out_shardings=(layout.shardings(like.params), layout.shardings(like.opt_state)))(*parts)
+  return TrainState(_global(np.int32(latest), layout.replicated), params, opt_state)
+
+
+def _segment(loss_fn, optimizer, batch_fn, seed_axis: bool, layout: _Layout | None,
+             like: TrainState, key_impl: Any = None) -> Callable:
+  """The jitted segment (state, end step, keys) -> (state, loss sum). With `key_impl`
+  its keys are raw key data, wrapped inside; with a layout its outputs keep `like`'s
+  shardings (the loss sum replicated)."""
+  batch_sharding = None if layout is None or layout.seeds else layout.split
+
+  def segment_fn(st, end, key):
+    if key_impl is not None:
+      key = jax.random.wrap_key_data(key, impl=key_impl)
+    return train_segment(st, end, key, loss_fn, optimizer, batch_fn, batch_sharding)
+
+  if seed_axis:  # the step counter is shared; params, optimizer state and keys are per seed
+    segment_fn = jax.vmap(segment_fn, in_axes=(TrainState(None, 0, 0), None, 0),
+                          out_axes=(TrainState(None, 0, 0), 0))
+  if layout is None:
+    return jax.jit(segment_fn)
+  return jax.jit(segment_fn, out_shardings=(
+      TrainState(layout.replicated, layout.shardings(like.params),
+                 layout.shardings(like.opt_state)), layout.replicated))
+
+
 def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_axis, loss_fn,
          batch_fn, optimizer, num_steps, log_every, resume_every, lr_fn, on_event
          ) -> TrainState:
-  opt_init = jax.vmap(optimizer.init) if seed_axis else optimizer.init
-  state = TrainState(jnp.zeros((), jnp.int32), init_params, opt_init(init_params))
-  per_seed = (lambda tree, i: jax.tree.map(lambda x: x[i], tree)) if seed_axis else (
-      lambda tree, i: tree)
-  latest = _resume_step(managers)
+  num_seeds = len(workdirs)
+  layout = _layout(batch_fn, data_keys[0] if seed_axis else data_keys,
+                   num_seeds if seed_axis else None)
+  state = _initial_state(init_params, jax.vmap(optimizer.init) if seed_axis else optimizer.init,
+                         layout)
+  if not seed_axis:
+    per_seed = lambda tree, i: tree
+  elif layout is None:
+    per_seed = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+  else:  # each seed's slice, replicated, for its own checkpoint stream
+    per_seed = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
+                       out_shardings=layout.replicated)
+  latest = multihost.agree("resume_step", _resume_step(managers))  # the leader's view
+  _drop_steps_past(managers, latest)
   if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            per_seed((state.params, state.opt_state), 0))
-    restored = [checkpointing.restore(m, latest, *abstract) for m in managers]
-    stack = (lambda *xs: jnp.stack(xs)) if seed_axis else (lambda x: x)
-    state = TrainState(jnp.asarray(latest, jnp.int32),
-                       jax.tree.map(stack, *[r["params"] for r in restored]),
-                       jax.tree.map(stack, *[r["opt_state"] for r in restored]))
+    state = _restored_state(managers, latest, state, seed_axis, layout)
     logging.info("Resuming %s from step %d", ", ".join(workdirs), latest)
   for workdir in workdirs:  # rows logged after the checkpoint (all of them on a fresh start)
     run_log.truncate_metrics(workdir, 0 if latest is None else latest)
@@ -213,18 +379,14 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
   if start >= num_steps:
     return state
 
-  def segment_fn(st, end, key):
-    return train_segment(st, end, key, loss_fn, optimizer, batch_fn)
-
-  if seed_axis:  # the step counter is shared; params, optimizer state and keys are per seed
-    seg = jax.vmap(segment_fn, in_axes=(TrainState(None, 0, 0), None, 0),
-                   out_axes=(TrainState(None, 0, 0), 0))
-  else:
-    seg = segment_fn
-  segment = jax.jit(seg)
+  keys, impl = data_keys, None
+  if layout is not None:   # keys as global arrays: raw key data, wrapped inside the program
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+      keys, impl = jax.random.key_data(keys), jax.random.key_impl(keys)
+    keys = _global(keys, layout.split if layout.seeds else layout.replicated)
+  segment = _segment(loss_fn, optimizer, batch_fn, seed_axis, layout, state, impl)
   events = _event_steps(num_steps, sorted(schedule), log_every, resume_every)
   events = events[events > start]
-  num_seeds = len(workdirs)
   t0 = time.time()
   loss_sum, loss_count = np.zeros(num_seeds), 0
   progress = Progress(num_steps, "train", unit="steps").start(start)
@@ -232,7 +394,7 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
   try:
     for end in events:
       prev = int(state.step)
-      state, seg_loss = segment(state, jnp.asarray(end, jnp.int32), data_keys)
+      state, seg_loss = segment(state, jnp.asarray(end, jnp.int32), keys)
       loss_sum += np.asarray(seg_loss, np.float64).reshape(num_seeds)
       loss_count += int(end) - prev
       if not np.all(np.isfinite(loss_sum)):
@@ -241,6 +403,8 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
       rows = [{} for _ in workdirs]
       if end in schedule and eval_fn is not None:
         evals = eval_fn(state.params)
+        if layout is not None:  # host copies of (possibly split) global arrays
+          evals = multihost.allgather(evals)
         for i, row in enumerate(rows):
           row.update({k: float(np.reshape(v, -1)[i]) for k, v in evals.items()})
       log_row = (log_every and end % log_every == 0) or end in schedule or end == num_steps
