@@ -17,6 +17,9 @@ asynchronous): a directory that cannot be created raises in the caller at
 once. Created from Orbax's background threads, such an error left threads
 waiting for a signal that never came, and the process hung at exit.
 
+A read-only manager (`ParamsSequence`, `read_metas`) is process-local: each
+process restores what it needs without cross-process barriers.
+
 Multi-device and multi-process runs save global arrays (the training loop's
 replicated params) into the shared workdir: every process calls `save` and
 `wait` (Orbax coordinates the writes; the leader commits). `restore` places
@@ -37,6 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from devinterp_jax import multihost
 from devinterp_jax.storage.digest import tree_digest
 
 ITEMS = ("params", "opt_state", "meta")
@@ -64,6 +68,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _local_reads() -> ocp.options.MultiprocessingOptions:
+  """A read-only manager of this process alone: its restores are process-local, so
+  processes restoring different steps (an LLC sweep's own checkpoints) never wait
+  on one another in Orbax's cross-process barriers."""
+  pid = multihost.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid})
+
+
 def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
                  read_only: bool = False, name: str | None = None) -> ocp.CheckpointManager:
   """A manager that keeps `schedule_steps` and the latest other step.
@@ -82,8 +94,8 @@ def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
       read_only=read_only,
       # Create step directories in `save` itself: see the module docstring.
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          barrier_sync_key_prefix=name),
+      multiprocessing_options=_local_reads() if read_only else
+      ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
