@@ -271,13 +271,20 @@ class ParamsSequence(Sequence):
 
   def verify(self) -> None:
     """Restores every step once and checks its digest, so a sweep fails at once, naming
-    every corrupt or unreadable checkpoint, instead of at its k-th chunk."""
+    every corrupt or unreadable checkpoint, instead of at its k-th chunk. In a
+    multi-process run each process checks its share of the steps, and every
+    process raises the same error."""
+    n, k = multihost.process_count(), multihost.process_index()
     bad = []
-    for i, step in enumerate(self.steps):
+    for i in range(k, len(self.steps), n):
       try:
         self[i]
       except CheckpointError as e:
-        bad.append((step, e))
+        bad.append((self.steps[i], e))
+    if n > 1:
+      found = sorted(tuple(x) for part in multihost.gather(
+          "verify_checkpoints", [[s, str(e)] for s, e in bad]) for x in part)
+      bad = [(s, CheckpointError(m)) for s, m in found]
     if len(bad) == 1:
       raise bad[0][1]
     if bad:
