@@ -17,13 +17,26 @@ Each figure is the median of --reps interleaved repetitions; compilation is
 excluded; the init-loss forward passes (every `init_loss_stride`-th draw) are
 included in the sweep's time.
 
+A last row (`--sharded_devices=4`, 0 turns it off) checks correctness, not speed:
+in a subprocess with that many fake CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=N`), a sweep of N distinct
+checkpoints × 2 chains sharded on a `("checkpoint",)` mesh against the same sweep
+on one device (`mesh=None`), both with vmapped chains: the max relative error of
+the loss traces and of the per-chain LLCs (expected ~1e-7: the same computation per
+pair, only XLA's fusion of a sharded program differs). Its timing is recorded but
+means nothing: the fake devices share the host's cores.
+
   PYTHONPATH=. python benchmarks/llc_throughput.py                      # B = 1024, 1×1, 1×8, 8×8
   PYTHONPATH=. python benchmarks/llc_throughput.py --batch_size=128 --configs=1x4,4x4
   PYTHONPATH=. python benchmarks/llc_throughput.py --model=lm --batch_size=32 --configs=1x1,1x4,8x4
+  PYTHONPATH=. python benchmarks/llc_throughput.py --configs=1x1 --reps=1 --sharded_devices=8
 """
 
 import functools
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -49,6 +62,11 @@ _JSON = flags.DEFINE_string("json_out", None, "Also write the table as JSON here
 _MALA = flags.DEFINE_integer("mala_stride", 0, "MALA acceptance every k-th step (0 = off; "
                              "the estimator's default is 10: +1 fwd+bwd per 10 steps).")
 _DIAG = flags.DEFINE_bool("diagnostics", False, "Record ‖w − w*‖, ‖∇L‖, ‖η‖ per step.")
+_SHARDED = flags.DEFINE_integer("sharded_devices", 4, "Fake CPU devices of the sharded "
+                                "correctness row (0 = no such row).")
+_SHARDED_DRAWS = flags.DEFINE_integer("sharded_draws", 20, "Draws of the sharded row.")
+_CHILD = flags.DEFINE_bool("sharded_child", False, "Internal: run the sharded row here and "
+                           "print its JSON (the parent sets XLA_FLAGS).")
 
 
 def _model_and_data(name: str, batch_size: int):
@@ -64,8 +82,59 @@ def _model_and_data(name: str, batch_size: int):
   return model, model.init_params(jax.random.key(0)), data
 
 
+def _sharded_child() -> dict:
+  """The sharded correctness row, run in a process with fake CPU devices."""
+  from devinterp_jax.sampling import mesh as mesh_lib
+  n_dev = jax.device_count()
+  model, _, data = _model_and_data(_MODEL.value, _BATCH.value)
+  ckpts = [model.init_params(k) for k in jax.random.split(jax.random.key(7), n_dev)]
+  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ckpts)
+  settings = SamplerSettings(num_chains=2, num_draws=_SHARDED_DRAWS.value, step_size=3e-4,
+                             localization=6.67, nbeta=66.7, batch_size=_BATCH.value,
+                             mala_stride=_MALA.value, diagnostics=_DIAG.value,
+                             num_burnin_steps=0)
+  mesh = jax.make_mesh((n_dev,), ("checkpoint",))
+  out = {}
+  for name, m in (("single", None), ("sharded", mesh)):
+    options = SweepOptions(mesh=m, chain_strategy="vmap", progress=False)
+    estimate(model.loss, stacked, data, settings, options)   # compile
+    t0 = time.perf_counter()
+    out[name] = estimate(model.loss, stacked, data, settings, options)
+    out[f"{name}_s"] = time.perf_counter() - t0
+  rel = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - b) /
+                                  np.maximum(np.abs(np.asarray(b, np.float64)), 1e-12)))
+  steps = n_dev * settings.num_chains * settings.num_steps
+  return dict(config=f"{n_dev}x{settings.num_chains}",
+              strategy=f"vmap, mesh {mesh_lib.from_mesh(mesh).describe()}",
+              devices=n_dev, fake_cpu_devices=True, num_draws=settings.num_draws,
+              loss_trace_max_rel_err=rel(out["sharded"].loss_trace, out["single"].loss_trace),
+              llc_max_rel_err=rel(out["sharded"].llc_per_chain, out["single"].llc_per_chain),
+              sharded_chain_steps_per_s=steps / out["sharded_s"],
+              single_chain_steps_per_s=steps / out["single_s"],
+              note="correctness row: fake CPU devices share the host's cores; not a speed")
+
+
+def _sharded_row() -> dict:
+  """Runs `_sharded_child` in a subprocess with `--sharded_devices` fake CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={_SHARDED.value}").strip())
+  cmd = [sys.executable, os.path.abspath(__file__), "--sharded_child",
+         f"--model={_MODEL.value}", f"--batch_size={_BATCH.value}",
+         f"--sharded_draws={_SHARDED_DRAWS.value}", f"--mala_stride={_MALA.value}",
+         f"--diagnostics={_DIAG.value}"]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  lines = [x for x in proc.stdout.splitlines() if x.startswith("SHARDED_ROW ")]
+  if proc.returncode or not lines:
+    raise RuntimeError(f"sharded row failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1][len("SHARDED_ROW "):])
+
+
 def main(argv):
   del argv
+  if _CHILD.value:
+    print("SHARDED_ROW " + json.dumps(_sharded_child()), flush=True)
+    return
   model, params, data = _model_and_data(_MODEL.value, _BATCH.value)
   batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
   fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
@@ -122,10 +191,18 @@ def main(argv):
     if r["config"] == "1x8" and r["strategy"] in singles:
       print(f"8 chains vs 1 chain per chain-step ({r['strategy']}): "
             f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x")
+  sharded = None
+  if _SHARDED.value > 1:
+    sharded = _sharded_row()
+    print(f"sharded ({sharded['config']}, {sharded['strategy']}, fake CPU devices): "
+          f"max rel err vs one device: loss traces {sharded['loss_trace_max_rel_err']:.2e}, "
+          f"LLC per chain {sharded['llc_max_rel_err']:.2e} (correctness row, not a speed)")
   if _JSON.value:
-    atomic.write_text(_JSON.value, json.dumps(
-        {"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
-         "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows}, indent=2))
+    out = {"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
+           "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows}
+    if sharded is not None:
+      out["sharded"] = sharded
+    atomic.write_text(_JSON.value, json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

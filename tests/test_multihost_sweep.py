@@ -133,6 +133,7 @@ def reference(tmp_path_factory):
 def test_two_process_sweep_equals_single_process(tmp_path, reference):
   codes, outs, wall = _launch(str(tmp_path), "fixed", 2)
   assert codes == [0, 0], outs
+  print(f"two-process sweep: {wall:.1f} s")
   assert wall < 60, wall
   got = _result(str(tmp_path))
   np.testing.assert_allclose(got["trace"], reference["fixed"]["trace"], rtol=1e-5)
@@ -154,12 +155,15 @@ def test_killed_two_process_sweep_resumes_to_the_same_numbers(tmp_path, referenc
   codes, outs, wall = _launch(str(tmp_path), "killed", 2)
   assert codes[0] == -9 or codes[0] == 137, (codes, outs)   # SIGKILL after chunk 1
   assert codes[1] != 0, (codes, outs)                       # its peer is stopped, no hang
+  print(f"two-process sweep killed after chunk 1: {wall:.1f} s")
   assert wall < 60, wall
   saved = sorted(os.listdir(next(os.path.join(str(tmp_path), "sweep", d) for d in
                                  os.listdir(os.path.join(str(tmp_path), "sweep")))))
   assert sum(n.startswith("llc_pair") for n in saved) == 8
   codes, outs, wall = _launch(str(tmp_path), "fixed", 2)
   assert codes == [0, 0], outs
+  print(f"two-process sweep resumed: {wall:.1f} s")
+  assert wall < 60, wall
   got = _result(str(tmp_path))
   np.testing.assert_allclose(got["trace"], reference["fixed"]["trace"], rtol=1e-5)
   logs = _logs(str(tmp_path))
@@ -170,6 +174,7 @@ def test_killed_two_process_sweep_resumes_to_the_same_numbers(tmp_path, referenc
 def test_two_process_adaptive_sweep_equals_single_process(tmp_path, reference):
   codes, outs, wall = _launch(str(tmp_path), "adaptive", 2)
   assert codes == [0, 0], outs
+  print(f"two-process adaptive sweep: {wall:.1f} s")
   assert wall < 60, wall
   got = _result(str(tmp_path))
   np.testing.assert_array_equal(got["draws"], reference["adaptive"]["draws"])
