@@ -341,7 +341,12 @@ def block_memory(prog: Program, *args) -> MemoryUse | None:
   """The memory of `prog.block` compiled for these (abstract) arguments; None where
   the backend does not report it."""
   compiled = prog.block.lower(*args).compile()
-  ma = compiled.memory_analysis()
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:   # not implemented on some backends / versions
+    return None
+  if isinstance(ma, (list, tuple)):   # one per device program on some versions
+    ma = ma[0] if ma else None
   if ma is None:
     return None
   return MemoryUse(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
