@@ -741,7 +741,6 @@ def lm_row(sz: dict, rep: Report) -> dict:
   t_base = time.perf_counter() - t0
   names, masks = restrict.all_heads(params)
   assert len(names) == LM_SWEEP["num_heads"], names
-  heads = sz["lm_heads"]
   st = SamplerSettings(num_chains=sz["lm_chains"], num_draws=sz["lm_draws"],
                        step_size=LM_SWEEP["step_size"], nbeta=LM_SWEEP["nbeta"],
                        localization=LM_SWEEP["localization"], batch_size=B,

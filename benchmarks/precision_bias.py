@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import report_files
 from devinterp_jax import atomic, theory
 from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import convergence, kernel, program, samplers
@@ -423,11 +424,7 @@ def main(argv):
   del argv
   out_json, out_md = _OUT.value + ".json", _OUT.value + ".md"
   if _MD_ONLY.value:   # the measurements as stored; the caveats' text as in this file
-    with open(out_json) as fh:
-      doc = json.load(fh)
-    doc["caveats"] = CAVEATS
-    atomic.write_text(out_json, json.dumps(doc, indent=1))
-    atomic.write_text(out_md, markdown(doc))
+    report_files.rewrite_markdown(out_json, out_md, CAVEATS, markdown)
     return
   t0 = time.time()
   old = {}

@@ -31,10 +31,9 @@ import hashlib
 import json
 import os
 import zipfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
