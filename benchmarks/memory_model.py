@@ -31,10 +31,7 @@ marginal bytes per chain, the paper chunk (16 checkpoints × 10 chains at batch
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import platform
-import subprocess
 import time
 
 from absl import app, flags, logging
@@ -43,7 +40,6 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import report_files
-from devinterp_jax import atomic
 from devinterp_jax.experiments import registry
 from devinterp_jax.sampling import program, samplers, sweep
 from devinterp_jax.sampling import settings as settings_lib
@@ -328,17 +324,8 @@ def main(argv):
   if _MD_ONLY.value:   # the measurements as stored; the caveats' text as in this file
     report_files.rewrite_markdown(out_json, out_md, CAVEATS, markdown)
     return
-  doc = run(_CONFIG.value)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "devinterp_jax"],
-                         capture_output=True, text=True).stdout.strip()
-  doc = {"date": datetime.date.today().isoformat(),
-         "commit": commit + (" (with uncommitted changes under devinterp_jax/)" if dirty else ""),
-         "machine": f"2-core CPU ({platform.processor() or platform.machine()}, shared)",
-         "jax": jax.__version__, "backend": jax.default_backend(), **doc, "caveats": CAVEATS}
-  atomic.write_text(out_json, json.dumps(doc, indent=1))
-  atomic.write_text(out_md, markdown(doc))
+  doc = {**report_files.provenance(), **run(_CONFIG.value), "caveats": CAVEATS}
+  report_files.write(out_json, out_md, doc, markdown)
   logging.info("wrote %s and %s", out_json, out_md)
 
 

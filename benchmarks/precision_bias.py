@@ -28,12 +28,9 @@ Writes <out>.json and <out>.md (the markdown is generated from the JSON).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import time
 
 from absl import app, flags, logging
@@ -43,7 +40,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import report_files
-from devinterp_jax import atomic, theory
+from devinterp_jax import theory
 from devinterp_jax.experiments import llc_sweep, registry
 from devinterp_jax.sampling import convergence, kernel, program, samplers
 from devinterp_jax.sampling import llc as llc_lib
@@ -433,18 +430,9 @@ def main(argv):
       old = json.load(fh)
   lr = old.get("lr") if _SKIP_LR.value else run_lr(_CONFIG.value, _WORKDIR.value)
   quad = run_quadratic()
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "devinterp_jax"],
-                         capture_output=True, text=True).stdout.strip()
-  doc = {"date": datetime.date.today().isoformat(),
-         "commit": commit + (" (with uncommitted changes under devinterp_jax/)" if dirty else ""),
-         "machine": f"2-core CPU ({platform.processor() or platform.machine()}, shared)",
-         "jax": jax.__version__, "backend": jax.default_backend(),
-         "total_seconds": round(time.time() - t0, 1),
+  doc = {**report_files.provenance(), "total_seconds": round(time.time() - t0, 1),
          "lr": lr, "quadratic": quad, "workarounds": WORKAROUNDS, "caveats": CAVEATS}
-  atomic.write_text(out_json, json.dumps(doc, indent=1))
-  atomic.write_text(out_md, markdown(doc))
+  report_files.write(out_json, out_md, doc, markdown)
   logging.info("wrote %s and %s in %.0f s", out_json, out_md, time.time() - t0)
 
 

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import platform
+import subprocess
 from typing import Any, Callable
 
+import jax
+
 from devinterp_jax import atomic
+
+
+def provenance() -> dict[str, str]:
+  """Where a run happened: date, commit (flagging uncommitted library changes),
+  machine, JAX version and backend."""
+  git = lambda *args: subprocess.run(["git", *args], capture_output=True,
+                                     text=True).stdout.strip()
+  commit = git("rev-parse", "--short", "HEAD")
+  if git("status", "--porcelain", "devinterp_jax"):
+    commit += " (with uncommitted changes under devinterp_jax/)"
+  return {"date": datetime.date.today().isoformat(), "commit": commit,
+          "machine": f"2-core CPU ({platform.processor() or platform.machine()}, shared)",
+          "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def write(out_json: str, out_md: str, doc: dict[str, Any],
