@@ -97,12 +97,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   In a multi-process run the leader writes them and the others wait for it.
   """
-  if multihost.is_multiprocess():
-    data_dir = (_prepare_data(config, workdir) if multihost.is_leader()
-                else data_location(config, workdir)[0])
-    multihost.barrier("lm_data")
-    return data_dir
-  return _prepare_data(config, workdir)
+  data_dir = (_prepare_data(config, workdir) if multihost.is_leader()
+              else data_location(config, workdir)[0])
+  multihost.barrier("lm_data")   # a no-op in a single process
+  return data_dir
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
