@@ -11,6 +11,12 @@ In a multi-process run every write here is the leader's alone
 skip the write (`replace_dir` hands them a throwaway local directory), and the
 shared filesystem sees each file written once. A caller whose other processes
 read the file back waits at a `multihost.barrier` first.
+
+A remote path (`gs://…`; `paths`) has no rename: a file is one object upload,
+which readers see whole or not at all, and `replace_dir` builds the directory
+locally and uploads it file by file, then removes the files the new version
+lacks. There a reader can see a mix of the two versions for the duration of the
+upload; on the local filesystem never.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from devinterp_jax import multihost
+from devinterp_jax import paths
 
 
 # fsync of a directory is not supported everywhere (some network and FUSE mounts).
@@ -55,6 +62,9 @@ def write_bytes(path: str, data: bytes) -> None:
   """Writes `data` to a temporary file beside `path`, fsyncs, then renames (the
   leader only, in a multi-process run)."""
   if not multihost.is_leader():
+    return
+  if not paths.is_local(path):
+    paths.write_object(path, data)
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
@@ -111,6 +121,10 @@ def replace_dir(path: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="devinterp-discard-") as tmp:
       yield tmp
     return
+  if not paths.is_local(path):
+    with _replace_remote_dir(path) as tmp:
+      yield tmp
+    return
   path = os.path.abspath(path.rstrip(os.sep))
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
@@ -131,3 +145,32 @@ def replace_dir(path: str) -> Iterator[str]:
   fsync_dir(parent)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _replace_remote_dir(path: str) -> Iterator[str]:
+  """`replace_dir` for an object store: build locally, upload each file (each
+  upload atomic), then delete the old version's files that the new one lacks."""
+  with tempfile.TemporaryDirectory(prefix="devinterp-upload-") as tmp:
+    yield tmp
+    new = set()
+    for root, _, files in os.walk(tmp):
+      for name in files:
+        rel = os.path.relpath(os.path.join(root, name), tmp)
+        new.add(rel)
+        with open(os.path.join(root, name), "rb") as f:
+          paths.write_object(paths.join(path, *rel.split(os.sep)), f.read())
+    for rel in _remote_files(path):
+      if rel not in new:
+        paths.remove(paths.join(path, *rel.split("/")))
+
+
+def _remote_files(path: str, prefix: str = "") -> list[str]:
+  if not paths.isdir(path):
+    return []
+  out = []
+  for name in paths.listdir(path):
+    full = paths.join(path, name)
+    rel = f"{prefix}{name}"
+    out.extend(_remote_files(full, rel + "/") if paths.isdir(full) else [rel])
+  return out

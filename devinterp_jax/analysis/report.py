@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic, config_checks
+from devinterp_jax import atomic, config_checks, paths
 from devinterp_jax.analysis import heads as heads_lib
 from devinterp_jax.analysis import plots
 from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, overlap, stages
@@ -376,7 +376,7 @@ def head_analysis(run: Run, options: ml_collections.ConfigDict,
   """
   o = options.heads
   path = os.path.join(run.workdir, o.refined, "llc.npz")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     logging.info("No head wrLLC sweep at %s: head figures skipped", path)
     return None
   res = LLCResult.load(path)
@@ -611,7 +611,7 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
               heads: dict | None = None, overlap_final: dict | None = None,
               excluded: list[int] | None = None) -> str:
   llc = run.llc
-  lines = [f"# Developmental analysis: `{os.path.abspath(run.workdir)}`", "",
+  lines = [f"# Developmental analysis: `{paths.absolute(run.workdir)}`", "",
            f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
            f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
            f"(ε = {llc.settings.get('step_size')}, nβ = {llc.settings.get('nbeta')}, "
@@ -775,8 +775,8 @@ def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
   options = options_for_run(workdir) if options is None else options
   validate_options(options, option_prefix)
   target = out_dir or os.path.join(workdir, "report")
-  if (os.path.isdir(target) and os.listdir(target)
-      and not os.path.exists(os.path.join(target, "report.json"))):
+  if (paths.isdir(target) and paths.listdir(target)
+      and not paths.exists(paths.join(target, "report.json"))):
     raise ValueError(f"refusing to replace {target!r}: it is not empty and holds no "
                      f"report.json, so it is not a report directory. Pass an empty or new "
                      f"directory (the report replaces its directory whole).")
@@ -875,7 +875,7 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
   marks = (lm_metrics.milestones(run.steps, metrics) if is_lm else
            milestones(run.steps, columns, boundaries))
   atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))
-  summary = {"workdir": os.path.abspath(run.workdir),
+  summary = {"workdir": paths.absolute(run.workdir),
              "stages": [] if boundaries is None else boundaries.stages,
              "stages_fitted": boundaries is not None,
              "excluded_checkpoints": excluded,

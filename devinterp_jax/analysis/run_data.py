@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from devinterp_jax import paths
 from devinterp_jax.data import lm_dataset
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
@@ -69,7 +70,7 @@ def load_run(workdir: str, require_llc: bool = True) -> Run:
     raise checkpoints.CheckpointError(f"no scheduled checkpoints in {workdir!r}")
   llc_path = os.path.join(workdir, "llc", "llc.npz")
   llc = None
-  if os.path.exists(llc_path):
+  if paths.exists(llc_path):
     llc = LLCResult.load(llc_path)
     if llc.llc_mean.shape != steps.shape:
       raise ValueError(f"{llc_path} holds {llc.llc_mean.shape[0]} checkpoints but the "

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, paths
 from devinterp_jax.analysis import stages
 from devinterp_jax.analysis.report import default_options, fit_stages
 from devinterp_jax.analysis.run_data import load_run
@@ -44,7 +44,7 @@ def analyze_seeds(workdir: str, seeds: Sequence[int],
                          np.sqrt(np.square(sems).sum(0)) / len(runs), options)
   matches = stages.compare_boundaries(per_seed, reference)
   out = os.path.join(workdir, "seeds_report")
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   labels = [f"seed {int(s)}" for s in seeds]
   figure = stages.plot_seed_stages(per_seed, reference, os.path.join(out, "seed_stages.png"),
                                    labels=labels)

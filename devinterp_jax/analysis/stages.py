@@ -95,7 +95,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from threadpoolctl import threadpool_limits
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, paths
 from devinterp_jax.analysis.plots import save_figure
 
 ZERO_CROSSING = "zero_crossing"
@@ -282,8 +282,7 @@ class StageBoundaries:
   @classmethod
   def load(cls, directory: str) -> StageBoundaries:
     """Reads the `stages.json` that `save` wrote."""
-    with open(os.path.join(directory, "stages.json")) as f:
-      return cls.from_dict(json.load(f))
+    return cls.from_dict(json.loads(paths.read_text(os.path.join(directory, "stages.json"))))
 
 
 def _check_inputs(steps, llc_mean, llc_std) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from devinterp_jax import atomic, config_checks, multihost
+from devinterp_jax import atomic, config_checks, multihost, paths
 from devinterp_jax.data import lm_dataset, synthetic_text
 from devinterp_jax.experiments import llc_sweep
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
@@ -110,11 +110,10 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   marker = os.path.join(data_dir, f"{name}.json")
   spec = {**config.data.to_dict(), "vocab_size": config.model.vocab_size,
           "context_length": config.model.context_length}
-  if os.path.exists(marker):
-    with open(marker) as f:
-      if json.load(f) != spec:
-        raise ValueError(f"{data_dir} holds a corpus built with other settings than "
-                         f"{spec}; use another workdir")
+  if paths.exists(marker):
+    if json.loads(paths.read_text(marker)) != spec:
+      raise ValueError(f"{data_dir} holds a corpus built with other settings than "
+                       f"{spec}; use another workdir")
     return data_dir
   t0 = time.time()
   lm_dataset.build_synthetic_dataset(

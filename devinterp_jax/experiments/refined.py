@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, paths
 from devinterp_jax.analysis import heads as heads_analysis
 from devinterp_jax.analysis import report
 from devinterp_jax.experiments import llc_sweep, registry
@@ -123,7 +123,7 @@ def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] |
                   extra: dict | None = None) -> dict:
   """Writes <workdir>/<name>/: llc.npz, refined.csv, summary.json, trajectories.png."""
   out = os.path.join(workdir, name)
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   result.save(os.path.join(out, "llc.npz"))
   mean = result.llc_mean.reshape(-1, len(steps))
   sem = result.llc_sem.reshape(-1, len(steps))
@@ -139,7 +139,7 @@ def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] |
              "mala_acceptance_mean": (float(np.nanmean(result.mala_acceptance))
                                       if np.isfinite(result.mala_acceptance).any() else None)}
   full_path = os.path.join(workdir, "llc", "llc.npz")
-  full = LLCResult.load(full_path) if os.path.exists(full_path) else None
+  full = LLCResult.load(full_path) if paths.exists(full_path) else None
   if full is not None and full.llc_mean.shape != (len(steps),):
     full = None
   if full is not None:
@@ -186,9 +186,8 @@ def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str =
   name = refined_name(restrict, data, loss_data)
   boundaries = None
   stages_path = os.path.join(workdir, "report", "stages.json")
-  if os.path.exists(stages_path):
-    with open(stages_path) as f:
-      boundaries = json.load(f).get("boundary_steps")
+  if paths.exists(stages_path):
+    boundaries = json.loads(paths.read_text(stages_path)).get("boundary_steps")
   summary = write_refined(workdir, name, steps, names, result, masks, boundaries,
                           extra={"seconds": round(time.time() - t0, 1)})
   logging.info("Refined LLC %s done in %.0fs; final %s", name, summary["seconds"],

@@ -11,7 +11,7 @@ import numpy as np
 
 from absl import logging
 
-from devinterp_jax import atomic
+from devinterp_jax import atomic, paths
 from devinterp_jax.sampling import convergence, diagnostics
 
 
@@ -125,10 +125,10 @@ class LLCResult:
 
   @classmethod
   def load(cls, path: str) -> "LLCResult":
-    with np.load(path) as z:
-      kw = {k: z[k] for k in z.files if k != "settings" and not k.startswith("convergence_")}
-      conv = {k[len("convergence_"):]: z[k] for k in z.files if k.startswith("convergence_")}
-      return cls(settings=json.loads(str(z["settings"])), convergence=conv or None, **kw)
+    z = paths.load_npz(path)
+    kw = {k: v for k, v in z.items() if k != "settings" and not k.startswith("convergence_")}
+    conv = {k[len("convergence_"):]: v for k, v in z.items() if k.startswith("convergence_")}
+    return cls(settings=json.loads(str(z["settings"])), convergence=conv or None, **kw)
 
 
 def acceptance_se(samples: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from devinterp_jax import atomic, multihost, progress as progress_lib
+from devinterp_jax import atomic, multihost, paths, progress as progress_lib
 from devinterp_jax.sampling import convergence as conv
 from devinterp_jax.sampling import diagnostics as diagnostics_lib
 from devinterp_jax.sampling import kernel
@@ -188,8 +188,7 @@ def keeps_running(assessment: dict, criteria: diagnostics_lib.HealthCriteria) ->
 
 def _load_pair(path: str, fp: str) -> dict[str, np.ndarray]:
   try:
-    with np.load(path) as z:
-      contents = {k: z[k] for k in z.files}
+    contents = paths.load_npz(path)
   except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
     raise ChunkError(f"{path} is unreadable ({type(e).__name__}: {e}): this saved part of "
                      f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
@@ -212,14 +211,14 @@ def _save_pair(path: str, fp: str, pair: Pair, keep_state: bool) -> None:
 
 
 def _note_other_sweeps(output_dir: str, fp: str) -> None:
-  if not os.path.isdir(output_dir):
+  if not paths.isdir(output_dir):
     return
-  entries = os.listdir(output_dir)
+  entries = paths.listdir(output_dir)
   if any(e.startswith("llc_chunk_") for e in entries):
     logging.warning("%s holds chunks of an older layout without a fingerprint of the data, "
                     "params and loss; they are not reused", output_dir)
   others = [e for e in entries if e != fp and
-            os.path.exists(os.path.join(output_dir, e, "sweep.json"))]
+            paths.exists(paths.join(output_dir, e, "sweep.json"))]
   if others:
     logging.info("%s also holds %d sweeps of other settings, data or loss (kept apart): %s",
                  output_dir, len(others), ", ".join(sorted(others)))
@@ -345,7 +344,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     fp = fingerprint(identity)
     sweep_dir = os.path.join(options.output_dir, fp)
     _note_other_sweeps(options.output_dir, fp)
-    if multihost.is_leader() and not os.path.exists(os.path.join(sweep_dir, "sweep.json")):
+    if multihost.is_leader() and not paths.exists(paths.join(sweep_dir, "sweep.json")):
       atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
                         json.dumps(identity, indent=1, default=str))
   path_of = lambda p: os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
@@ -359,7 +358,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
   if sweep_dir:     # resume what a killed run finished
     multihost.barrier("sweep_dir")   # the leader made the directory
-    saved = {p.index: _load_pair(path_of(p), fp) for p in pairs if os.path.exists(path_of(p))}
+    saved = {p.index: _load_pair(path_of(p), fp) for p in pairs if paths.exists(path_of(p))}
     # Each process checks the params digests of its share of the checkpoints.
     mine = sorted({p.checkpoint for p in pairs if p.index in saved
                    and p.checkpoint % multihost.process_count() == multihost.process_index()})

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from devinterp_jax import multihost
+from devinterp_jax import multihost, paths
 from devinterp_jax.storage.digest import tree_digest
 
 ITEMS = ("params", "opt_state", "meta")
@@ -65,7 +65,7 @@ class CheckpointSaveError(CheckpointError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def _local_reads() -> ocp.options.MultiprocessingOptions:
@@ -221,7 +221,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
 def read_metas(workdir: str) -> dict[int, dict]:
   """The `meta` item of every saved step of a workdir: {step: meta}."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise CheckpointError(f"no checkpoints in {workdir!r} (missing {directory})")
   manager = make_manager(workdir, read_only=True)
   metas = {}

@@ -21,6 +21,15 @@ so they are never refused by their own leader, and a second job on the
 workdir is refused at its leader (which fails, and with it the whole job:
 `multihost`, `experiments/launcher.py`). The non-leaders write no files
 outside Orbax's collective saves, so they need no lock of their own.
+
+An object-store workdir (`gs://…`, `paths`) has no flock. There the lock is a
+lease: the holder writes `.lock` naming itself and renews its time every
+`LEASE_S / 4` seconds from a daemon thread; a launch finding a lease renewed
+within `LEASE_S` is refused, an older one (a holder that died) is taken over
+with a warning. Without a compare-and-swap two launches in the same second
+could both write: each reads the object back after `SETTLE_S` and the one whose
+name is gone steps back. This is weaker than the kernel lock and untested
+against a real bucket (tests/test_paths.py uses an in-memory stand-in).
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Callable, Iterator
 
 from absl import logging
 
-from devinterp_jax import multihost
+from devinterp_jax import multihost, paths
 
 LOCK_NAME = ".lock"
 
@@ -49,7 +59,10 @@ class WorkdirLockedError(RuntimeError):
   """Another process holds the workdir's lock."""
 
 
-_held: dict[str, tuple[int | None, int]] = {}   # realpath -> (fd or None, depth)
+LEASE_S = 120.0  # an object-store lock not renewed for this long is stale
+SETTLE_S = 2.0   # wait before reading an object-store lock back
+
+_held: dict[str, tuple[Callable[[], None] | None, int]] = {}  # key -> (release, depth)
 _mutex = threading.Lock()
 
 
@@ -149,32 +162,99 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
   """Holds the lock of `workdir` for the `with` block (`create`: make the workdir
   first, as training does; otherwise it must exist)."""
   if create:
-    os.makedirs(workdir, exist_ok=True)
-  elif not os.path.isdir(workdir):
+    paths.makedirs(workdir)
+  elif not paths.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train first, e.g. "
                             f"launch/train.py, or check the path)")
-  key = os.path.realpath(workdir)
+  key = paths.canonical(workdir)
   with _mutex:
     if key in _held:
-      fd, depth = _held[key]
-      _held[key] = (fd, depth + 1)
+      release, depth = _held[key]
+      _held[key] = (release, depth + 1)
     else:
       # Only the leader of a multi-process run locks (module docstring).
-      fd = _acquire(os.path.join(key, LOCK_NAME), workdir) if multihost.is_leader() else None
-      _held[key] = (fd, 1)
+      release = None
+      if multihost.is_leader():
+        release = (_file_lock(paths.join(key, LOCK_NAME), workdir) if paths.is_local(key)
+                   else _lease(paths.join(key, LOCK_NAME), workdir))
+      _held[key] = (release, 1)
   try:
     yield
   finally:
     with _mutex:
-      fd, depth = _held[key]
+      release, depth = _held[key]
       if depth > 1:
-        _held[key] = (fd, depth - 1)
+        _held[key] = (release, depth - 1)
       else:
         del _held[key]
-        if fd is not None:
-          with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
-          os.close(fd)           # releases the flock
+        if release is not None:
+          release()
+
+
+def _file_lock(path: str, workdir: str) -> Callable[[], None]:
+  fd = _acquire(path, workdir)
+
+  def release() -> None:
+    with contextlib.suppress(OSError):
+      os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
+    os.close(fd)           # releases the flock
+
+  return release
+
+
+def _read_lease(path: str) -> dict | None:
+  try:
+    holder = json.loads(paths.read_text(path))
+  except FileNotFoundError:
+    return None
+  except (ValueError, UnicodeDecodeError):
+    return {"unreadable": "not JSON"}
+  return holder if isinstance(holder, dict) else {"unreadable": repr(holder)[:80]}
+
+
+def _lease(path: str, workdir: str) -> Callable[[], None]:
+  """The object-store lock (module docstring): returns its release."""
+  if paths.exists(path):
+    holder = _read_lease(path)
+    if holder and "unreadable" not in holder:
+      age = time.time() - float(holder.get("time", 0))
+      if age < float(holder.get("lease_s", LEASE_S)):
+        raise WorkdirLockedError(
+            f"workdir {workdir!r} is in use by {describe(holder)}, whose lease was renewed "
+            f"{age:.0f} s ago: a second run on it would repeat the work and mix its files. "
+            f"Wait for that run, stop it (its lease then expires within "
+            f"{holder.get('lease_s', LEASE_S):.0f} s), or use another --workdir.")
+      logging.warning("Taking over the stale lease of %s on %s (not renewed for %.0f s).",
+                      describe(holder), workdir, age)
+  token = uuid.uuid4().hex
+  record = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+            "token": token, "lease_s": LEASE_S}
+  write = lambda: paths.write_object(path, json.dumps({**record, "time": time.time()}).encode())
+  write()
+  time.sleep(SETTLE_S)
+  holder = _read_lease(path)
+  if not holder or holder.get("token") != token:
+    raise WorkdirLockedError(
+        f"workdir {workdir!r} was locked by {describe(holder or {})} at the same moment; "
+        f"that run keeps it. Wait for it, or use another --workdir.")
+  stop = threading.Event()
+
+  def renew() -> None:
+    while not stop.wait(LEASE_S / 4):
+      with contextlib.suppress(Exception):  # a missed renewal is retried next period
+        write()
+
+  thread = threading.Thread(target=renew, name="devinterp-lock-lease", daemon=True)
+  thread.start()
+
+  def release() -> None:
+    stop.set()
+    thread.join()
+    holder = _read_lease(path)
+    if holder and holder.get("token") == token:
+      paths.remove(path)
+
+  return release
 
 
 def holding(fn: Callable) -> Callable:
@@ -204,4 +284,4 @@ def hold_all(workdirs, create: bool = False) -> Iterator[None]:
 def is_held(workdir: str) -> bool:
   """Whether this process holds the lock of `workdir` (a non-leader of a multi-process
   run: whether it is inside `hold`, its leader holding the file lock)."""
-  return os.path.realpath(workdir) in _held
+  return paths.canonical(workdir) in _held

@@ -8,7 +8,9 @@ their fingerprint (`sampling/llc.py`).
 
 `metrics.jsonl` is appended one fsynced line at a time (`MetricsLog`). A line
 torn by a crash mid-write can only be the last one; readers drop it with a
-warning, and a resumed run truncates the log to its checkpoint anyway.
+warning, and a resumed run truncates the log to its checkpoint anyway. On an
+object store (a `gs://` workdir, `paths`), which cannot append, every write
+rewrites the whole object, so a row is either in the log or not.
 
 In a multi-process run the leader alone writes both files (`atomic` and
 `MetricsLog` skip the write on the other processes), so each row is written
@@ -24,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import logging
 
-from devinterp_jax import atomic, multihost
+from devinterp_jax import atomic, multihost, paths
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -43,7 +45,7 @@ class RunFileError(ValueError):
 
 
 def metrics_path(workdir: str) -> str:
-  return os.path.join(workdir, METRICS)
+  return paths.join(workdir, METRICS)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -53,10 +55,9 @@ def read_metrics(workdir: str) -> list[dict]:
   line elsewhere raises `RunFileError` naming the file and line.
   """
   path = metrics_path(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
+  lines = paths.read_bytes(path).split(b"\n")
   rows = []
   last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   for i, line in enumerate(lines):
@@ -83,7 +84,7 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
   """Keeps the log lines up to `last_step` (the checkpoint a run resumes from;
   0 for a fresh start), dropping a torn last line; rewritten atomically."""
   path = metrics_path(workdir)
-  if not multihost.is_leader() or not os.path.exists(path):
+  if not multihost.is_leader() or not paths.exists(path):
     return
   rows = [r for r in read_metrics(workdir) if r["step"] <= last_step]
   atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -95,9 +96,20 @@ class MetricsLog:
 
   def __init__(self, workdir: str):
     self.path = metrics_path(workdir)
-    self._file = open(self.path, "a") if multihost.is_leader() else None
+    self._file = None
+    self._remote: bytes | None = None   # the whole log, rewritten per row (object stores)
+    if not multihost.is_leader():
+      return
+    if paths.is_local(self.path):
+      self._file = open(self.path, "a")  # pylint: disable=consider-using-with
+    else:
+      self._remote = paths.read_bytes(self.path) if paths.exists(self.path) else b""
 
   def write(self, row: dict) -> None:
+    if self._remote is not None:
+      self._remote += (json.dumps(row) + "\n").encode()
+      atomic.write_bytes(self.path, self._remote)
+      return
     if self._file is None:
       return
     self._file.write(json.dumps(row) + "\n")
@@ -122,8 +134,7 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def _load_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      value = json.load(f)
+    value = json.loads(paths.read_text(path))
   except (ValueError, UnicodeDecodeError) as e:
     raise RunFileError(
         f"{path} is not valid JSON ({e}): the record of the run's config is damaged. "
@@ -162,9 +173,9 @@ def check_config(workdir: str, config_json: str, *, write: bool = True,
   `ignore` sections differ (training and the main job record their config;
   the LLC launchers only check).
   """
-  path = os.path.join(workdir, CONFIG)
+  path = paths.join(workdir, CONFIG)
   new = json.loads(config_json)
-  if os.path.exists(path):
+  if paths.exists(path):
     old = _load_json(path)
     diff = config_differences(old, new, ignore)
     if diff:
@@ -182,8 +193,8 @@ def check_config(workdir: str, config_json: str, *, write: bool = True,
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (its config.json), as a locked ConfigDict."""
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG)
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path} is missing: {workdir!r} is not a run directory")
   config = ml_collections.ConfigDict(_load_json(path))
   config.lock()

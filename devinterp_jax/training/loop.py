@@ -51,7 +51,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from devinterp_jax import multihost
+from devinterp_jax import multihost, paths
 from devinterp_jax.progress import Progress
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
@@ -159,7 +159,7 @@ def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.
   Returns the state with the seed axis.
   """
   num_seeds = len(workdirs)
-  if num_seeds < 1 or len(set(os.path.abspath(w) for w in workdirs)) != num_seeds:
+  if num_seeds < 1 or len(set(paths.absolute(w) for w in workdirs)) != num_seeds:
     raise ValueError(f"workdirs must be distinct and non-empty, got {list(workdirs)}")
   for name, tree in (("init_params", init_params), ("data_keys", data_keys)):
     sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(tree)}
