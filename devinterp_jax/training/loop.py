@@ -40,7 +40,6 @@ written by the leader alone (`storage/run_log.py`).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
