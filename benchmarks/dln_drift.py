@@ -14,7 +14,7 @@ import numpy as np
 
 from devinterp_jax.models import linear
 from devinterp_jax.sampling import llc as llc_lib
-from devinterp_jax.sampling import validation
+from devinterp_jax.experiments import validation
 
 _CASE = flags.DEFINE_string("case", "deep_linear 8×8×6×15×8 r=3", "validation.CASES name")
 _DRAWS = flags.DEFINE_integer("num_draws", 40_000, "SGLD steps per chain (no burn-in)")

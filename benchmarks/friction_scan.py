@@ -18,7 +18,7 @@ from absl import app, flags
 import jax
 
 from devinterp_jax import atomic
-from devinterp_jax.sampling import validation
+from devinterp_jax.experiments import validation
 
 _SAMPLER = flags.DEFINE_string("sampler", "sgnht", "underdamped sampler")
 _CASES = flags.DEFINE_string("cases", "7,12", "indices into validation.CASES")

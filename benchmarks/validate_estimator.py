@@ -2,7 +2,7 @@
 
 Every case (regular models, reduced-rank regressions, deep linear networks of
 depth 3–5, at their most singular true parameter) goes through the same
-protocol (`devinterp_jax.sampling.validation.Protocol`): nβ = n/ln n, γ fixed,
+protocol (`devinterp_jax.experiments.validation.Protocol`): nβ = n/ln n, γ fixed,
 ε chosen by `calibrate` (largest healthy, converged ε with MALA acceptance in
 the band), then a fresh estimate. Writes the table to docs/validation.md and
 the rows to a JSON file after each case, so a killed run resumes.
@@ -25,7 +25,7 @@ from absl import app, flags, logging
 import jax
 
 from devinterp_jax import atomic
-from devinterp_jax.sampling import validation
+from devinterp_jax.experiments import validation
 
 _CASES = flags.DEFINE_string("cases", "", "comma-separated indices into validation.CASES")
 _SAMPLER = flags.DEFINE_string("sampler", "sgld", "sampler of the protocol")

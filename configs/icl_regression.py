@@ -11,7 +11,7 @@ Unknown keys are refused (the ConfigDict is locked).
 
 import ml_collections
 
-from devinterp_jax.analysis import report
+from devinterp_jax.experiments import registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
 
   # launch/analyze.py and the end of the main job: stages, metrics, Hessian, report.
-  config.analysis = report.default_options()
+  config.analysis = registry.analysis_options("icl_regression")
 
   if arg in ("runlocal", "runlocal_seeds", "runlocal_constlr"):
     config.train.update(num_steps=6000, batch_size=64, n_log=16, n_linear=8,

@@ -13,7 +13,7 @@ Unknown keys are refused (the ConfigDict is locked).
 
 import ml_collections
 
-from devinterp_jax.analysis import report
+from devinterp_jax.experiments import registry
 
 VARIANTS = ("", "one_layer", "runlocal", "runlocal_one_layer", "runlocal_mixture")
 
@@ -76,19 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=32, checkpoint_chunk=8,
   ))
 
-  config.analysis = report.default_options()
+  config.analysis = registry.analysis_options("lm")
   config.analysis.stages.tolerance = 0.05
   config.analysis.hessian.enabled = False
   # Ablations 8 at a time: all 38 at once hold [chunk, 38, B, T, V] logits (2.5 GB at
   # runlocal size) and took twice as long (42 s vs 20 s for 8 checkpoints).
   config.analysis.overlap.mask_batch = 8
-  config.analysis.lm = ml_collections.ConfigDict(dict(
-      batch_size=64,            # validation contexts for the loss-based metrics
-      icl_positions=(50, 500),  # ICL score: loss at token 500 minus loss at token 50
-      num_common_ngrams=1000,   # real data: the most frequent n-grams of the training split
-      prev_token_batch=512,     # synthetic sequences for head scores (paper: 10k)
-      prefix_batch=512,
-  ))
 
   if arg in ("one_layer", "runlocal_one_layer"):
     config.model.num_layers = 1

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import devinterp_jax as dj
+from devinterp_jax.viz import llc as llc_viz
 
 H = jnp.linspace(0.5, 2.0, 10)
 
@@ -38,6 +39,11 @@ def test_grid_recommendation_and_outputs(tmp_path):
   assert "not-converged" in res.reasons["0,0,0"]
   on_disk = json.load(open(tmp_path / "calibration.json"))
   assert on_disk["recommended"] == res.recommended
+  # calibrate writes the tables; the figures are the caller's (sampling does not plot).
+  assert sorted(os.listdir(tmp_path)) == ["calibration.json", "calibration.md"]
+  pngs = llc_viz.plot_calibration(res, str(tmp_path))
+  assert [os.path.basename(p) for p in pngs] == ["calibration_llc_vs_step_size.png",
+                                                 "calibration_traces.png"]
   for name in ("calibration.md", "calibration_llc_vs_step_size.png", "calibration_traces.png"):
     assert os.path.getsize(tmp_path / name) > 500
 

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch, to_tokens
+from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
+from devinterp_jax.models.regression_transformer import to_tokens
 
 
 def test_batch_shapes_and_noise_variance():

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import devinterp_jax as dj
-from devinterp_jax.analysis import plots
 from devinterp_jax.sampling import convergence, diagnostics
+from devinterp_jax.viz import llc as llc_viz
 
 
 def _traces(seed=0, t=400):
@@ -167,7 +167,7 @@ def test_trace_plot_is_written(tmp_path):
                          {"w": jnp.zeros((3, 4))}, lambda key: None, num_chains=3,
                          num_draws=100, step_size=1e-3, localization=1.0, nbeta=100.0,
                          batch_size=1, progress=False)
-  path = plots.plot_llc_traces(res, str(tmp_path / "traces.png"), labels=["a", "b", "c"])
+  path = llc_viz.plot_llc_traces(res, str(tmp_path / "traces.png"), labels=["a", "b", "c"])
   assert (tmp_path / "traces.png").stat().st_size > 10_000 and path.endswith("traces.png")
 
 

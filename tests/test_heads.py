@@ -19,8 +19,9 @@ from devinterp_jax.analysis import heads
 from devinterp_jax.analysis.heads import (HeadClusters, choose_num_clusters,
                                           cluster_trajectories, dispersion,
                                           drop_nonfinite_checkpoints, head_summary,
-                                          normalize_trajectories, plot_head_clusters,
-                                          plot_head_trajectories)
+                                          normalize_trajectories)
+from devinterp_jax.viz import heads as heads_viz
+from devinterp_jax.viz.heads import plot_head_clusters, plot_head_trajectories
 
 STEPS = np.unique(np.concatenate([[0], np.logspace(0, 5, 40).astype(int)]))
 X = np.log1p(STEPS)
@@ -251,12 +252,34 @@ def test_plot_head_clusters_writes_png(tmp_path, method):
   c = cluster_trajectories(LLC, NAMES, num_clusters=3, method=method)
   path = plot_head_clusters(STEPS, LLC, NAMES, c, str(tmp_path / method / "clusters.png"))
   _png_ok(path)
+  fig = heads_viz.head_clusters_figure(STEPS, LLC, NAMES, c)
+  for j in range(c.num_clusters):   # each panel: the cluster's normalised heads and mean
+    ys = [line.get_ydata() for line in fig.axes[j].get_lines() if len(line.get_ydata()) > 2]
+    members = np.flatnonzero(c.labels == j)
+    assert len(ys) == len(members) + 1
+    np.testing.assert_allclose(ys[0], normalize_trajectories(LLC, c.normalize)[members[0]])
 
 
-def test_module_does_not_import_training():
+@pytest.mark.parametrize("linkage", ["ward", "average", "single"])
+def test_dendrogram_layout_matches_scipy(linkage):
+  """viz draws the dendrogram itself (no scipy): the same leaves and links as scipy's."""
+  from scipy.cluster import hierarchy
+  c = cluster_trajectories(LLC, NAMES, num_clusters=3, method="hierarchical", linkage=linkage)
+  ref = hierarchy.dendrogram(c.linkage_matrix, no_plot=True)
+  leaves, links = heads_viz.dendrogram_layout(c.linkage_matrix, len(NAMES))
+  assert leaves == ref["leaves"]
+  np.testing.assert_allclose([xs for _, xs, _ in links], ref["icoord"])
+  np.testing.assert_allclose([ys for _, _, ys in links], ref["dcoord"])
+  fig = heads_viz.head_clusters_figure(STEPS, LLC, NAMES, c)
+  dendro = fig.axes[-1]
+  assert [t.get_text() for t in dendro.get_xticklabels()] == [NAMES[i] for i in leaves]
+
+
+def test_module_does_not_import_training():  # nor matplotlib: the figures are in viz
   import ast
   with open(heads.__file__) as f:
     tree = ast.parse(f.read())
   imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
   imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
   assert imported and not any(m.startswith("devinterp_jax.training") for m in imported)
+  assert not any(m.startswith(("matplotlib", "devinterp_jax.viz")) for m in imported)

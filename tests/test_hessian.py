@@ -12,6 +12,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from devinterp_jax.analysis import hessian
+from devinterp_jax.viz import hessian as hessian_viz
 
 DIM = 50
 NUM_DATA = 16
@@ -238,15 +239,23 @@ def test_hessian_stats_rejects_bad_arguments(mlp):
 def test_plot_llc_vs_hessian(tmp_path, mlp):
   stats = {k: v[:3] for k, v in mlp[3].items()}
   steps = np.array([10, 100, 1000])
-  path = hessian.plot_llc_vs_hessian(steps, np.array([1.0, 3.0, 2.5]),
-                                     np.array([0.1, 0.3, 0.2]), stats,
-                                     str(tmp_path / "fig" / "llc_vs_hessian.png"),
-                                     boundaries=(50, 500), title="test")
+  path = hessian_viz.plot_llc_vs_hessian(steps, np.array([1.0, 3.0, 2.5]),
+                                         np.array([0.1, 0.3, 0.2]), stats,
+                                         str(tmp_path / "fig" / "llc_vs_hessian.png"),
+                                         band_label="std over chains", boundaries=(50, 500),
+                                         title="test")
   assert path == str(tmp_path / "fig" / "llc_vs_hessian.png")
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 10_000
   assert os.listdir(tmp_path / "fig") == ["llc_vs_hessian.png"]  # no temp file left
   with pytest.raises(ValueError, match="trace"):
-    hessian.plot_llc_vs_hessian(steps[:2], np.ones(2), np.ones(2), stats,
-                                str(tmp_path / "bad.png"))
+    hessian_viz.plot_llc_vs_hessian(steps[:2], np.ones(2), np.ones(2), stats,
+                                    str(tmp_path / "bad.png"), band_label="std over chains")
+  # The LLC band is labelled by what the caller passes; boundaries once in the legend.
+  fig = hessian_viz.llc_vs_hessian_figure(steps, np.ones(3), np.full(3, 0.1), stats,
+                                          band_label="SEM over chains", boundaries=(50, 500))
+  labels = fig.axes[0].get_legend_handles_labels()[1]
+  assert "± SEM over chains" in labels and not any("std" in t for t in labels)
+  assert labels.count("stage boundary") == 1
+  assert all(ax.get_xscale() == "log" for ax in fig.axes)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from devinterp_jax.data import lm_dataset
+from devinterp_jax.data import documents, lm_dataset
 from devinterp_jax.data import synthetic_text as st
 from devinterp_jax.data import tokenizer as tokenizer_lib
 
@@ -198,13 +198,13 @@ def test_text_dataset_round_trips_and_splits(tok, tmp_path):
   opts = dict(separator="\n\n", sgld_fraction=0.25, validation_fraction=0.25, split_seed=3)
   lm_dataset.build_text_dataset("tiny", files, tmp_path / "tok.json", tmp_path / "a",
                                 context_length=16, **opts)
-  docs = [d for f in files for d in lm_dataset.read_documents(f, separator="\n\n")]
+  docs = [d for f in files for d in documents.read_documents(f, separator="\n\n")]
   assert docs == DOCS
   seen = []
   for split in lm_dataset.SPLITS:
     src = lm_dataset.load_split(tmp_path / "a", "tiny", split)
     got = lm_dataset.load_array(src)
-    mine = [d for d in docs if lm_dataset.document_split(d, 3, 0.25, 0.25) == split]
+    mine = [d for d in docs if documents.document_split(d, 3, 0.25, 0.25) == split]
     stream = np.concatenate([np.append(tok.encode(d), tok.bos_id) for d in mine])
     k = len(stream) // 15
     want = np.concatenate([np.zeros((k, 1), np.int32), stream[:15 * k].reshape(k, 15)], 1)
@@ -268,10 +268,26 @@ def test_dataset_bad_inputs(tok, tmp_path):
     build([str(tmp_path / "x.txt")], sgld_fraction=0.6, validation_fraction=0.5)
   (tmp_path / "y.jsonl").write_text(json.dumps({"body": "hi"}))
   with pytest.raises(ValueError, match="no text field 'text'"):
-    list(lm_dataset.read_documents(tmp_path / "y.jsonl"))
+    list(documents.read_documents(tmp_path / "y.jsonl"))
   with pytest.raises(ValueError, match="split must be"):
     lm_dataset.load_split(tmp_path, "none", "test")
   with pytest.raises(FileNotFoundError, match="no dataset"):
     lm_dataset.load_split(tmp_path, "none", "train")
   with pytest.raises(ValueError, match="batch_size"):
     lm_dataset.batch_at(np.zeros((4, 8), np.int32), 0, 5)
+
+
+def test_a_tokenizers_own_bos_is_recorded_and_read_back(tok, tmp_path):
+  """A dataset built with a tokenizer whose BOS is not 0 stores that id, and an LM run
+  reading it (`run_bos_id`, what the report passes to the LM metrics) gets it back."""
+  import ml_collections
+  files = _write_shards(tmp_path)
+  tok.save(tmp_path / "tok.json")
+  bos_token = tok.tokenizer.id_to_token(7)
+  lm_dataset.build_text_dataset("tiny", files, tmp_path / "tok.json", tmp_path / "d",
+                                context_length=16, bos_token=bos_token)
+  contexts = lm_dataset.load_array(lm_dataset.load_split(tmp_path / "d", "tiny", "train"))
+  assert (contexts[:, 0] == 7).all()
+  config = ml_collections.ConfigDict(dict(data=dict(source="tfds", data_dir=str(tmp_path / "d"),
+                                                    name="tiny")))
+  assert lm_dataset.run_bos_id(config, str(tmp_path)) == 7

@@ -12,6 +12,7 @@ from devinterp_jax.analysis import lm_metrics as lm
 from devinterp_jax.data import synthetic_text
 from devinterp_jax.data.synthetic_text import BOS_ID, ProseCorpus
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
+from devinterp_jax.viz import lm as lm_viz
 
 V, T, D, H, L = 32, 16, 16, 2, 2
 MODEL = AttentionOnlyLM(vocab_size=V, context_length=T, d_model=D, num_heads=H, num_layers=L)
@@ -399,9 +400,40 @@ def test_milestones():
 def test_plot_writes_png(tmp_path, batched):
   path = str(tmp_path / "lm.png")
   steps = np.array([0, 100, 1000])
-  assert lm.plot_lm_metrics(steps, batched, path, boundaries=(50, 500), title="t") == path
+  assert lm_viz.plot_lm_metrics(steps, batched, path, boundaries=(50, 500), title="t") == path
   assert os.path.getsize(path) > 10_000
   steps, metrics = _fake_metrics()
   path2 = str(tmp_path / "partial.png")
-  lm.plot_lm_metrics(steps, metrics, path2)
+  lm_viz.plot_lm_metrics(steps, metrics, path2)
+  fig = lm_viz.lm_metrics_figure(steps, metrics)   # step 0: symlog step axes
+  assert {ax.get_xscale() for ax in fig.axes[:8]} == {"symlog"}
   assert os.path.getsize(path2) > 10_000
+
+
+def test_the_datasets_bos_is_used_not_token_0(data, ckpts):
+  """Relabel the vocabulary so that BOS is token 5 (tokens and the model's embedding and
+  unembedding permuted alike): with bos_id=5 every loss-based metric equals the original,
+  the probes start with 5 and hold no other 5, and bos_id=0 is refused."""
+  bos = 5
+  perm = np.arange(V)
+  perm[[0, bos]] = perm[[bos, 0]]
+  val, train = perm[data["val"]], perm[data["train"]]
+  planted = {n: perm[g] for n, g in CORPUS.planted_ngrams.items()}
+  params = jax.tree.map(np.array, ckpts[0])
+  params["token_embed"]["embedding"] = params["token_embed"]["embedding"][perm]
+  params["unembed"]["kernel"] = params["unembed"]["kernel"][:, perm]
+  params["unembed"]["bias"] = params["unembed"]["bias"][perm]
+  kw = dict(num_common_ngrams=4, key=KEY, checkpoint_chunk=1, eval_batch=5, **PROBES)
+  ref = lm.lm_metrics(MODEL, ckpts[:1], data["val"], train_tokens=data["train"],
+                      common_ngrams=CORPUS.planted_ngrams, **kw)
+  got = lm.lm_metrics(MODEL, [params], val, train_tokens=train, common_ngrams=planted,
+                      bos_id=bos, **kw)
+  for name in ("loss", "bigram_entropy", "bigram_score", "bigram_kl_pos1", "icl_score",
+               "ngram_score_2", "ngram_score_3", "pos_ablated_loss"):
+    np.testing.assert_allclose(got[name], ref[name], rtol=2e-5, atol=1e-6, err_msg=name)
+  probes = lm.head_probe_tokens(KEY, V, T, bos_id=bos, **PROBES)
+  for seqs in probes.values():
+    assert (seqs[:, 0] == bos).all() and not (seqs[:, 1:] == bos).any()
+  assert (probes["prefix"][:, 1:] == 0).any()   # token 0 is an ordinary token now
+  with pytest.raises(ValueError, match="bos_id 0"):
+    lm.lm_metrics(MODEL, [params], val, train_tokens=train, **kw)

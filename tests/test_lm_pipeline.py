@@ -89,7 +89,8 @@ def test_lm_calibration_grid(lm_run):
   acc = result.mala_acceptance[:, 0, 0]                  # [ε, checkpoint]
   assert len(result.checkpoint_ids) == 3                 # earliest, middle, latest
   assert acc.shape == (2, 3) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
-  assert os.path.exists(os.path.join(workdir, "calibration", "calibration.md"))
+  for name in ("calibration.md", "calibration_llc_vs_step_size.png", "calibration_traces.png"):
+    assert os.path.exists(os.path.join(workdir, "calibration", name)), name  # the caller plots
 
 
 @pytest.mark.slow

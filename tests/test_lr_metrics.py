@@ -1,5 +1,6 @@
 """Tests of the LR behavioural and structural metrics (paper App. D)."""
 
+import itertools
 import os
 
 import jax
@@ -10,6 +11,7 @@ from devinterp_jax.analysis import lr_behaviour as lb
 from devinterp_jax.analysis import lr_structure as ls
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.viz import lr as lr_viz
 
 D, K, B = 4, 8, 256
 GAINS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -394,9 +396,10 @@ def test_effective_unembedding_reproduces_prediction_channel(ckpts):
 
 def test_plots_write_pngs(tmp_path, behaviour3, structure3):
   steps = np.array([0, 10, 1000])
-  pb = lb.plot_behaviour(steps, behaviour3, str(tmp_path / "b" / "behaviour.png"),
-                         boundaries=(100,), title="behaviour")
-  ps = ls.plot_structure(steps, structure3, str(tmp_path / "structure.png"), boundaries=(100,))
+  pb = lr_viz.plot_behaviour(steps, behaviour3, str(tmp_path / "b" / "behaviour.png"),
+                             boundaries=(100,), title="behaviour")
+  ps = lr_viz.plot_structure(steps, structure3, str(tmp_path / "structure.png"),
+                             boundaries=(100,))
   for path in (pb, ps):
     assert os.path.getsize(path) > 10_000
     with open(path, "rb") as f:
@@ -404,3 +407,47 @@ def test_plots_write_pngs(tmp_path, behaviour3, structure3):
   assert sorted(os.listdir(tmp_path / "b")) == ["behaviour.png"]
   scalars = lb.scalar_metrics(structure3)
   assert "attn_entropy/L0H1" in scalars and "tok_embed_sv" not in scalars
+
+
+def _curves(ax):
+  """The y data of the data lines of `ax` (axhline / axvline have 2 points)."""
+  return [np.asarray(line.get_ydata(), float) for line in ax.get_lines()
+          if len(line.get_ydata()) > 2]
+
+
+def test_behaviour_figure_draws_identical_series_once(behaviour3):
+  """behaviour.png drew dist_prior on top of dist_zero (and the prior baseline on the
+  zero baseline): with the infinite task prior t̄ = 0 they are the same numbers."""
+  np.testing.assert_array_equal(behaviour3["dist_zero"], behaviour3["dist_prior"])
+  fig = lr_viz.behaviour_figure(np.array([0, 10, 1000]), behaviour3)
+  for ax in fig.axes:
+    for a, b in itertools.combinations(_curves(ax), 2):
+      assert not (a.shape == b.shape and np.array_equal(a, b, equal_nan=True)), ax.get_title()
+  distances = fig.axes[1].get_legend_handles_labels()[1]
+  assert len(distances) == 2 and "to zero prediction = to task prior" in distances[0]
+  baselines = fig.axes[5].get_legend_handles_labels()[1]
+  assert "zero = prior" in baselines and "prior" not in baselines
+
+
+def test_structure_figure_shows_relative_singular_values_and_ln_quantiles(structure3):
+  steps = np.array([0, 10, 1000])
+  fig = lr_viz.structure_figure(steps, structure3)
+  for ax, name in ((fig.axes[0], "tok_embed_sv"), (fig.axes[1], "pos_embed_sv")):
+    sv = np.asarray(structure3[name], float)
+    curves = _curves(ax)   # s_k / s_1 for k >= 2: a collapse shows even while s_1 grows
+    assert len(curves) == sv.shape[1] - 1
+    for k, y in enumerate(curves, start=1):
+      np.testing.assert_allclose(y, sv[:, k] / sv[:, 0], rtol=1e-6)
+    assert ax.get_legend_handles_labels()[1][0] == "$s_{2} / s_1$"
+  # The collapsed fractions stay 0 here, but the panel shows the moving percentiles.
+  norms = [k.split("/", 1)[1] for k in structure3 if k.startswith("ln_collapse/")]
+  assert norms and all(np.all(np.asarray(structure3[f"ln_collapse/{n}"]) == 0) for n in norms)
+  ln = fig.axes[5]
+  by_label = dict(zip(ln.get_legend_handles_labels()[1], ln.get_legend_handles_labels()[0]))
+  for n in norms:
+    for q in ("10", "50"):
+      y = np.asarray(by_label[f"{n} q{q}"].get_ydata(), float)
+      np.testing.assert_allclose(y, structure3[f"ln_scale_q{q}/{n}"], rtol=1e-6)
+    assert np.ptp(by_label[f"{n} q10"].get_ydata()) > 0
+  assert "unembed w_eff q50" in by_label
+

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from devinterp_jax.data.regression import RegressionTask, sample_batch, to_tokens
+from devinterp_jax.data.regression import RegressionTask, sample_batch
+from devinterp_jax.models.regression_transformer import to_tokens
 from devinterp_jax.models.regression_transformer import RegressionTransformer, param_count
 
 

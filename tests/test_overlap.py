@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from devinterp_jax.analysis import overlap
-from devinterp_jax.data.regression import RegressionTask, to_tokens
+from devinterp_jax.data.regression import RegressionTask
+from devinterp_jax.models.regression_transformer import to_tokens
 from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.viz import figures as viz_figures
+from devinterp_jax.viz import overlap as overlap_viz
 
 BETA = 40.0  # attention logit of a head's target: softmax is one-hot to ~1e-17
 T_TOY = 8
@@ -325,8 +328,8 @@ def test_over_checkpoints_regression_transformer(tmp_path):
   names = overlap.head_names(MODEL.num_layers, MODEL.num_heads)
   cols = overlap.scalar_columns(stacked, names)
   assert cols["delta/L1H0"].shape == (3,) and cols["robustness"].shape == (3,)
-  path = overlap.plot_overlap([10, 100, 1000], stacked, names, str(tmp_path / "o.png"),
-                              boundaries=[50])
+  path = overlap_viz.plot_overlap([10, 100, 1000], stacked, names, str(tmp_path / "o.png"),
+                                  boundaries=[50])
   assert (tmp_path / "o.png").stat().st_size > 0 and path.endswith("o.png")
 
 
@@ -338,3 +341,54 @@ def test_lr_overlap_builds_the_evaluation_batch():
   assert metrics["overlap"].shape == (2, 4, 4) and np.isfinite(metrics["clean_loss"]).all()
   with pytest.raises(ValueError, match="does not fit"):
     overlap.lr_overlap(MODEL, [_params(1)], RegressionTask(task_size=3), jax.random.key(0))
+
+
+def _overlap_run(R=8, C=5):
+  """Metrics of C checkpoints × R heads shaped like `overlap_over_checkpoints`: the
+  first checkpoint barely reacts to ablation (Δ_all 1 % of the max) and spikes to
+  O = 2.58; the last has O down to −2.2."""
+  rng = np.random.default_rng(0)
+  o = rng.uniform(-0.5, 0.8, size=(C, R, R))
+  o[-1, 0, 1] = o[-1, 1, 0] = -2.2
+  o[0, 2, 3] = o[0, 3, 2] = 2.58
+  for c in range(C):
+    np.fill_diagonal(o[c], np.nan)
+  upper = o[(slice(None), *np.triu_indices(R, k=1))]
+  delta_all = np.array([0.01, 0.3, 0.6, 0.9, 1.0])
+  return np.array([0, 10, 100, 1000, 10000]), {
+      "overlap": o, "s_attn": rng.uniform(-1, 1, (C, R, R)), "s_out": rng.uniform(-1, 1, (C, R, R)),
+      "overlap_mean": np.nanmean(upper, 1), "overlap_max": np.nanmax(upper, 1),
+      "robustness": rng.uniform(-1, 1, C), "delta_all": delta_all}
+
+
+def test_overlap_figure_spans_the_data_masks_weak_ablations_and_stays_readable():
+  steps, metrics = _overlap_run()
+  names = overlap.head_names(2, 4)
+  fig = overlap_viz.overlap_figure(steps, metrics, names, boundaries=[50])
+  o_img = fig.axes[0].images[0]
+  assert o_img.get_clim() == pytest.approx((-2.2, 2.2))   # was clipped at ±1
+  assert fig.axes[1].images[0].get_clim() == (-1.0, 1.0)   # correlations: their range
+  # At most ~1400 px wide (was 2349 × 570) and each heatmap cell at least 0.3 inch.
+  width, height = fig.get_size_inches() * viz_figures.DPI
+  assert width <= 1400 and height <= 1200
+  fig.canvas.draw()
+  cell = fig.axes[0].get_window_extent().width / fig.dpi / len(names)
+  assert cell >= 0.3, cell
+  # Weak-ablation checkpoints (|Δ_all| < 5 % of the max) are masked, hatched, and named.
+  np.testing.assert_array_equal(overlap_viz.weak_ablation_mask(metrics["delta_all"]),
+                                [True, False, False, False, False])
+  ax = fig.axes[3]
+  lines = {line.get_label(): np.asarray(line.get_ydata(), float) for line in ax.get_lines()}
+  assert np.isnan(lines["max off-diagonal O"][0]) and np.nanmax(lines["max off-diagonal O"]) < 2
+  np.testing.assert_allclose(lines["max off-diagonal O"][1:], metrics["overlap_max"][1:])
+  assert any(p.get_hatch() == "///" for p in ax.patches)
+  assert "hatched: 1 checkpoint with Δ_all < 5% of max" in ax.get_title()
+  assert "masked" not in fig.axes[0].get_title()   # the last checkpoint is not weak
+  # Without Δ_all nothing is masked; a weak last checkpoint hatches the O heatmap.
+  unmasked = overlap_viz.overlap_figure(steps, {k: v for k, v in metrics.items()
+                                                if k != "delta_all"}, names)
+  assert not [p for p in unmasked.axes[3].patches if p.get_hatch()]
+  weak_last = overlap_viz.overlap_figure(steps, {**metrics, "delta_all": metrics["delta_all"][::-1]},
+                                         names)
+  assert "masked: weak ablation" in weak_last.axes[0].get_title()
+

@@ -23,13 +23,14 @@ import pytest
 
 import devinterp_jax as dj
 from devinterp_jax import atomic, config_checks
-from devinterp_jax.analysis import plots, report
+from devinterp_jax.analysis import report
 from devinterp_jax.analysis.run_data import load_run
 from devinterp_jax.experiments import icl_regression
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock, run_log
+from devinterp_jax.viz import figures as viz_figures
 from tests.helpers import restore_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -739,8 +740,8 @@ def test_atomic_writes_fsync_the_directory_and_cover_figures(tmp_path, monkeypat
   monkeypatch.setattr(atomic, "write_bytes", lambda p, d: (writes.append(p), real_write(p, d)))
   atomic.write_text(str(tmp_path / "a.txt"), "x")
   assert dirs == [str(tmp_path)]
-  fig = plots.plt.figure()
-  plots.save_figure(fig, str(tmp_path / "f.png"))
+  fig, _ = viz_figures.figure(figsize=(2, 2))
+  viz_figures.save(fig, str(tmp_path / "f.png"))
   assert writes[-1] == str(tmp_path / "f.png")
   assert open(tmp_path / "f.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

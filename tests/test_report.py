@@ -1,11 +1,13 @@
 """The analysis report's pure pieces, and the analysis layer's independence from training."""
 
+import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from devinterp_jax import config_checks
 from devinterp_jax.analysis import report, stages
 
 
@@ -139,7 +141,8 @@ def test_analysis_never_imports_training_code():
 
 def test_options_for_run_start_from_the_runs_config_and_apply_overrides(tmp_path):
   """launch/analyze.py analyses an LM run with the LM options (no Hessian, the LM
-  metric options) unless a field is overridden on the command line."""
+  metric options) unless a field is overridden on the command line, and then exactly
+  the fields given are applied: one equal to its default included."""
   from configs import lm as lm_config
   from devinterp_jax.storage import run_log
   config = lm_config.get_config("runlocal")
@@ -147,8 +150,44 @@ def test_options_for_run_start_from_the_runs_config_and_apply_overrides(tmp_path
   options = report.options_for_run(str(tmp_path))
   assert options.stages.tolerance == 0.05 and not options.hessian.enabled
   assert options.lm.icl_positions == (0.05, 0.5)       # LM-only options survive JSON
-  flags = report.default_options()
-  flags.stages.n_restarts = 3                    # an override given on the command line
-  options = report.options_for_run(str(tmp_path), flags)
+  options = report.options_for_run(str(tmp_path), {"stages.n_restarts": 3})
   assert options.stages.n_restarts == 3 and not options.hessian.enabled
   assert options.behaviour.gains == report.default_options().behaviour.gains   # tuple kept
+  # The LM config turns the Hessian off; True is the default, and still applies.
+  assert report.default_options().hessian.enabled
+  options = report.options_for_run(str(tmp_path), {"hessian.enabled": True})
+  assert options.hessian.enabled
+  with pytest.raises(config_checks.ConfigError, match="config.lm.nope"):
+    report.options_for_run(str(tmp_path), {"lm.nope": 1})
+
+
+def test_analyze_flag_passes_exactly_the_given_overrides(tmp_path):
+  """The analyze launcher's flag holds every setting's sections (so --config.lm.* is
+  accepted) and hands over only the fields on the command line
+  (`config_flags.get_override_values`), in a fresh process as the launcher runs."""
+  from configs import lm as lm_config
+  from devinterp_jax.storage import run_log
+  config = lm_config.get_config("runlocal")
+  run_log.check_config(str(tmp_path), config.to_json(sort_keys=True))
+  code = f"""
+import json, sys
+from absl import flags
+from ml_collections import config_flags
+from devinterp_jax.analysis import report
+from devinterp_jax.experiments import analyze
+argv = ["analyze", "--config.hessian.enabled=True", "--config.lm.batch_size=8"]
+config_flags.DEFINE_config_dict("config", analyze.flag_options(), sys_argv=argv)
+flags.FLAGS(argv)
+overrides = config_flags.get_override_values(flags.FLAGS["config"])
+options = report.options_for_run({str(tmp_path)!r}, overrides)
+print(json.dumps([overrides, options.hessian.enabled, options.lm.batch_size,
+                  options.lm.prev_token_batch]))
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  overrides, hessian_on, batch, prev = json.loads(out.stdout.strip().splitlines()[-1])
+  assert overrides == {"hessian.enabled": True, "lm.batch_size": 8}
+  assert hessian_on and batch == 8 and prev == config.analysis.lm.prev_token_batch
+
+

@@ -2,7 +2,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from devinterp_jax.training.schedules import checkpoint_steps, one_cycle_lr
+from devinterp_jax.training.schedules import checkpoint_steps, log_points, one_cycle_lr
 
 
 def test_one_cycle_matches_pytorch_linear_by_hand():
@@ -25,7 +25,7 @@ def test_paper_lr_schedule_endpoints():
 
 def _schedule_points(total_steps, n_log, n_linear=0, linear_every=0):
   """The real-valued schedule points before rounding."""
-  points = [np.logspace(0, np.log10(total_steps), n_log), np.linspace(1, total_steps, n_linear)]
+  points = [log_points(total_steps, n_log), np.linspace(1, total_steps, n_linear)]
   if linear_every:
     points.append(np.arange(linear_every, total_steps + 1, linear_every, dtype=float))
   return np.concatenate(points)
@@ -77,7 +77,7 @@ def test_lr_runlocal_schedules():
   config.train.paper_parity = True
   assert icl_regression.schedule_steps(config).tolist() == [
       1, 3, 5, 10, 18, 32, 57, 103, 184, 330, 589, 858, 1053, 1715, 1881, 2572, 3359, 3429,
-      4286, 5143, 5999, 6000]
+      4286, 5143, 6000]   # 10^log10(6000) is 6000.000000000003: no 5999 (test_log_points…)
   seeds = icl_config.get_config("runlocal_seeds")
   assert len(icl_regression.schedule_steps(seeds)) == 18
   seeds.train.paper_parity = True
@@ -95,7 +95,10 @@ def test_lm_runlocal_schedule():
       1, 2, 5, 11, 24, 52, 115, 254, 559, 750, 1234, 1500, 2250, 2721, 3000, 3750, 4500,
       5250, 6000]
   config.train.paper_parity = True
-  assert len(lm.schedule_steps(config)) == 20 and 5999 in lm.schedule_steps(config)
+  parity = lm.schedule_steps(config)
+  points = np.concatenate([log_points(6000, config.train.n_log), np.arange(750, 6001, 750)])
+  np.testing.assert_array_equal(parity, np.unique(points.astype(int)))
+  assert len(parity) == 19 and 5999 not in parity
 
 
 def test_paper_parity_is_validated_and_locks_the_run():
@@ -125,3 +128,18 @@ def test_schedule_validation():
     one_cycle_lr(1, 0.1)
   with pytest.raises(ValueError):
     checkpoint_steps(0, 10, 10)
+
+
+def test_log_points_are_exact_powers_whatever_the_platforms_pow():
+  """Each point is 10^y for the float64 y, computed exactly and rounded once, so a
+  truncated schedule does not depend on the NumPy build's `pow` (which gave 5999.999…
+  for 10^log10(6000) on one build and 6000.000000000003, the exact value, on another)."""
+  import decimal
+  import math
+  decimal.getcontext().prec = 60
+  for total_steps, n in ((6000, 12), (6000, 21), (500_000, 100), (30, 4)):
+    ys = np.linspace(0.0, math.log10(total_steps), n)
+    exact = [float(decimal.Decimal(10) ** decimal.Decimal(float(y))) for y in ys]
+    np.testing.assert_array_equal(log_points(total_steps, n), exact)
+  assert log_points(6000, 21)[-1] > 6000 and log_points(500_000, 100)[-1] < 500_000
+  assert log_points(6000, 21)[0] == 1.0

@@ -16,8 +16,9 @@ import pytest
 
 from devinterp_jax.analysis import stages
 from devinterp_jax.analysis.stages import (NEAR_PLATEAU, ZERO_CROSSING, StageBoundaries,
-                                           compare_boundaries, find_stage_boundaries,
-                                           plot_seed_stages, plot_stages)
+                                           compare_boundaries, find_stage_boundaries)
+from devinterp_jax.viz import stages as stages_viz
+from devinterp_jax.viz.stages import plot_seed_stages, plot_stages
 
 
 def _schedule(total: int = 100_000, n_log: int = 30, n_linear: int = 15) -> np.ndarray:
@@ -251,6 +252,31 @@ def test_plot_stages(tmp_path):
   assert _is_png(plot_stages(r0, str(tmp_path / "no_loss.png")))
   with pytest.raises(ValueError, match="loss_steps"):
     plot_stages(r, str(tmp_path / "x.png"), loss=loss)
+  fig0 = stages_viz.stages_figure(r0)   # step 0 is drawn where it is: symlog
+  assert {ax.get_xscale() for ax in fig0.axes} == {"symlog"} and fig0.axes[-1].get_xlim()[0] == 0
+
+
+def _legend(ax):
+  return ax.get_legend_handles_labels()[1]
+
+
+def test_stage_error_bars_are_labelled_by_what_llc_std_holds():
+  """stages.png called the error bars "± std" where they were the standard error over
+  chains: the label names what `llc_std` holds (`settings["error_bar"]`, or the
+  `error_bar` argument), and says "as given" when nothing says so."""
+  r = _fit("four", 0, True)
+  sem = dataclasses.replace(r, settings={**r.settings, "error_bar": "SEM"})
+  std = dataclasses.replace(r, settings={**r.settings, "error_bar": "std"})
+  llc_axis = -2   # the LLC panel (above the slope)
+  assert r"$\hat\lambda$ ± SEM over chains" in _legend(stages_viz.stages_figure(sem).axes[llc_axis])
+  assert r"$\hat\lambda$ ± std over chains" in _legend(stages_viz.stages_figure(std).axes[llc_axis])
+  unnamed = _legend(stages_viz.stages_figure(r).axes[llc_axis])
+  assert r"$\hat\lambda$ ± llc_std (as given)" in unnamed
+  assert r"$\hat\lambda$ ± SEM over chains" in _legend(
+      stages_viz.stages_figure(r, error_bar="SEM").axes[llc_axis])
+  fitted = dataclasses.replace(r, llc_std=None)   # noise fitted: no error bars, no "±"
+  assert not any("±" in t and "lambda" in t for t in _legend(
+      stages_viz.stages_figure(fitted).axes[llc_axis]))
 
 
 def _shifted_fits(shifts, seed0=10):
@@ -481,7 +507,7 @@ def test_seed_stability_is_reported_outside_the_criterion():
   assert [s["label"] for s in out.seeds] == ["seed 1", "seed 2"]
 
 
-def test_stability_round_trips_and_marks_the_plot(tmp_path, monkeypatch):
+def test_stability_round_trips_and_marks_the_plot(tmp_path):
   _, ref, st = _spike_case()
   marked = dataclasses.replace(ref, stability=st, schedule_features=(
       {"name": "learning-rate peak", "step": int(ref.boundary_steps[-1]) + 1},))
@@ -495,14 +521,7 @@ def test_stability_round_trips_and_marks_the_plot(tmp_path, monkeypatch):
   # Stage descriptions name a schedule feature a boundary tracks (within ±1 checkpoint).
   last = marked.stages[len(ref.boundary_steps) - 1]["description"]
   assert f"tracks the learning-rate peak at step {ref.boundary_steps[-1] + 1}" in last
-  captured = {}
-
-  def capture(fig, path):
-    captured["fig"] = fig
-    return path
-  monkeypatch.setattr(stages, "save_figure", capture)
-  plot_stages(marked, str(tmp_path / "s.png"))
-  fig = captured["fig"]
+  fig = stages_viz.stages_figure(marked, error_bar="SEM")
   texts = [t.get_text() for ax in fig.axes for t in ax.texts]
   legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
   bad = [j for j, ok in enumerate(st.stable) if not ok]

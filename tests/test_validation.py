@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from devinterp_jax.sampling import validation
+from devinterp_jax.experiments import validation
 
 # The benchmark's protocols with shorter chains and a coarser grid (CI budget).
 FAST = {

@@ -4,10 +4,12 @@
   stage_stability         each boundary's stability under chain / draw-window resampling
   report.analyze          the whole report directory of a run
   seeds.analyze_seeds     boundaries per seed and their spread (App. B.4)
+
+The figures are drawn by `devinterp_jax.viz` (analysis computes, viz draws).
 """
 
 from devinterp_jax.analysis.stages import (StageBoundaries, StageStability, compare_boundaries,
-                                           find_stage_boundaries, plot_stages, stage_stability)
+                                           find_stage_boundaries, stage_stability)
 
 __all__ = ["StageBoundaries", "StageStability", "compare_boundaries", "find_stage_boundaries",
-           "plot_stages", "stage_stability"]
+           "stage_stability"]

@@ -1,4 +1,4 @@
-"""Head-level weight-refined LLC (wrLLC): normalisation, clustering, dispersion, plots.
+"""Head-level weight-refined LLC (wrLLC): normalisation, clustering, dispersion.
 
 Input is the wrLLC of R attention heads (names such as 'L0H1') at N
 checkpoints, `llc_RxN` (e.g. `LLCResult.llc_mean` of a per-head restriction,
@@ -9,9 +9,9 @@ Missing values. A checkpoint where all chains of a head diverged has a NaN
 mean. `normalize_trajectories`, `cluster_trajectories`, `choose_num_clusters`,
 `dispersion` and `head_summary` refuse non-finite values with a ValueError
 that names the heads and steps (checkpoint indices) concerned; drop such
-checkpoints explicitly with `drop_nonfinite_checkpoints` first. Only
-`plot_head_trajectories` accepts them: lines break at the gap and its
-dispersion panel uses the checkpoints where every head is finite.
+checkpoints explicitly with `drop_nonfinite_checkpoints` first. Only the figure
+`devinterp_jax.viz.heads.plot_head_trajectories` accepts them: lines break at the
+gap and its dispersion panel uses the checkpoints where every head is finite.
 
 Normalisation (per head, over checkpoints; `NORMALIZATIONS`):
   none     the raw wrLLC.
@@ -33,17 +33,17 @@ method or seed.
 Usage:
   steps, llc, sem, dropped = drop_nonfinite_checkpoints(steps, llc, sem)
   km = cluster_trajectories(llc, names, num_clusters=3)
+  summary = head_summary(steps, llc, names)   # JSON-able
+  # the figures (devinterp_jax.viz.heads):
   plot_head_trajectories(steps, llc, names, sem_RxN=sem, boundaries=stage_result,
                          clusters=km, path=f"{out}/heads.png")
   plot_head_clusters(steps, llc, names, km, f"{out}/head_clusters.png")
-  summary = head_summary(steps, llc, names)   # JSON-able
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import warnings
 from typing import Any, Sequence
 
@@ -53,10 +53,6 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from threadpoolctl import threadpool_limits
-
-from devinterp_jax.analysis.plots import save_figure
-from devinterp_jax.analysis.stages import (StageBoundaries, _mark_boundaries, _plot_x,
-                                           _set_xscale, _shade_stages)
 
 NORMALIZATIONS = ("none", "zscore", "max", "final", "minmax")
 CLUSTER_METHODS = ("kmeans", "hierarchical")
@@ -293,176 +289,6 @@ def dispersion(llc_RxN) -> dict[str, np.ndarray]:
   with np.errstate(divide="ignore", invalid="ignore"):
     cv_N = np.where(mean_N != 0, std_N / np.abs(mean_N), np.nan)
   return {"mean": mean_N, "variance": var_N, "std": std_N, "cv": cv_N}
-
-
-def _as_stages(boundaries, steps: np.ndarray):
-  """A StageBoundaries, or boundary steps turned into something with `.stages`."""
-  if boundaries is None or isinstance(boundaries, StageBoundaries):
-    return boundaries
-  b = sorted(int(s) for s in boundaries)
-  starts, ends = [int(steps[0])] + b, b + [int(steps[-1])]
-  return types.SimpleNamespace(
-      boundary_steps=tuple(b), stability=None,
-      stages=[{"label": f"S{i + 1}", "start_step": s, "end_step": e}
-              for i, (s, e) in enumerate(zip(starts, ends))])
-
-
-def _head_styles(names: list[str], clusters: HeadClusters | None) -> list[dict[str, Any]]:
-  """Colour by cluster (line style varies within one), else one colour per head."""
-  import matplotlib.pyplot as plt
-
-  if clusters is None:
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    return [dict(color=cmap(i % cmap.N), ls="-", label=n) for i, n in enumerate(names)]
-  if tuple(names) != clusters.names:
-    raise ValueError("clusters were computed for other heads: "
-                     f"{list(clusters.names)} != {names}")
-  cmap, dashes = plt.get_cmap("tab10"), ("-", "--", ":", "-.")
-  seen: dict[int, int] = {}
-  out = []
-  for n, l in zip(names, clusters.labels.tolist()):
-    j = seen.get(l, 0)
-    seen[l] = j + 1
-    out.append(dict(color=cmap(l % 10), ls=dashes[j % len(dashes)], label=f"{n} (c{l})"))
-  return out
-
-
-def plot_head_trajectories(steps, llc_RxN, names: Sequence[str], *, sem_RxN=None,
-                           boundaries: StageBoundaries | Sequence[int] | None = None,
-                           clusters: HeadClusters | None = None, path: str,
-                           title: str = "") -> str:
-  """wrLLC per head over log step, and the across-head dispersion.
-
-  Top: one line per head (± `sem_RxN` band), coloured by cluster when
-  `clusters` is given (legend names the heads), stages shaded and labelled
-  between `boundaries` (a `StageBoundaries`, or boundary steps: stages
-  LR1, LR2, … from the first to the last checkpoint). Bottom: mean
-  ± std across heads and, on a twin axis, the variance, over the checkpoints
-  where every head is finite. Step 0 switches the x axis to symlog (as
-  `stages.plot_stages`). NaN values leave gaps. Returns `path`.
-  """
-  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
-
-  x, names = _check_llc(llc_RxN, names, allow_nonfinite=True)
-  steps = _check_steps(steps, x.shape[1])
-  if sem_RxN is not None:
-    sem_RxN = np.asarray(sem_RxN, dtype=float)
-    if sem_RxN.shape != x.shape:
-      raise ValueError(f"sem_RxN has shape {sem_RxN.shape}, llc_RxN {x.shape}")
-  styles = _head_styles(names, clusters)
-  stages = _as_stages(boundaries, steps)
-  xs, scale = _plot_x(steps)
-
-  fig, (ax, ax_d) = plt.subplots(2, 1, figsize=(9, 7.2), sharex=True,
-                                 gridspec_kw={"height_ratios": [1.6, 1]})
-  for a in (ax, ax_d):
-    if stages is not None:
-      _shade_stages(a, stages, label=a is ax)
-      _mark_boundaries(a, stages)
-    a.grid(alpha=0.3, which="both")
-  for r, style in enumerate(styles):
-    ax.plot(xs, x[r], marker=".", ms=3, lw=1.3, **style)
-    if sem_RxN is not None:
-      ax.fill_between(xs, x[r] - sem_RxN[r], x[r] + sem_RxN[r], color=style["color"],
-                      alpha=0.15, lw=0)
-  finite = x[np.isfinite(x)]
-  if finite.size:
-    lo, hi = float(finite.min()), float(finite.max())
-    pad = 0.1 * max(hi - lo, 1e-12)
-    ax.set_ylim(lo - pad, hi + 2 * pad)  # room for the stage labels
-  ax.set_ylabel(r"wrLLC $\hat\lambda$ per head")
-  ax.legend(fontsize=7, ncol=max(1, math.ceil(len(names) / 12)), loc="center left",
-            bbox_to_anchor=(1.01, 0.5), title="head (cluster)" if clusters else "head",
-            title_fontsize=7)
-  ax.set_title(title or "wrLLC per head" + (f" ({clusters.method} clusters, "
-                                            f"{clusters.normalize})" if clusters else ""))
-
-  ok_N = np.all(np.isfinite(x), axis=0)
-  if ok_N.any():
-    d = dispersion(x[:, ok_N])
-    ax_d.plot(xs[ok_N], d["mean"], color="black", lw=1.5, label="mean over heads")
-    ax_d.fill_between(xs[ok_N], d["mean"] - d["std"], d["mean"] + d["std"], color="gray",
-                      alpha=0.3, lw=0, label="± std over heads")
-    ax_v = ax_d.twinx()
-    ax_v.plot(xs[ok_N], d["variance"], color="tab:red", lw=1.2, ls="--",
-              label="variance (ddof=0)")
-    ax_v.set_ylabel("variance across heads", color="tab:red")
-    h1, l1 = ax_d.get_legend_handles_labels()
-    h2, l2 = ax_v.get_legend_handles_labels()
-    ax_d.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-  ax_d.set_ylabel("wrLLC across heads")
-  ax_d.set_xlabel("training step")
-  _set_xscale(ax_d, scale)
-  ax_d.set_xlim(xs[0], xs[-1])
-  fig.tight_layout()
-  return save_figure(fig, path)
-
-
-def plot_head_clusters(steps, llc_RxN, names: Sequence[str], clusters: HeadClusters,
-                       path: str, title: str = "") -> str:
-  """Normalised trajectories per cluster (one panel each, cluster mean in black).
-
-  For hierarchical clusters a dendrogram panel follows, cut (dashed line) into
-  `clusters.num_clusters` clusters: links and leaf names inside one cluster
-  take its colour, the links above the cut are gray. Returns `path`.
-  """
-  import matplotlib.colors
-  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
-
-  x, names = _check_llc(llc_RxN, names)
-  steps = _check_steps(steps, x.shape[1])
-  styles = _head_styles(names, clusters)
-  norm_RxN = normalize_trajectories(x, clusters.normalize, names)
-  xs, scale = _plot_x(steps)
-  k = clusters.num_clusters
-  cols = min(3, k)
-  rows = -(-k // cols)
-  dendro = clusters.linkage_matrix is not None
-  fig = plt.figure(figsize=(4.2 * cols if not dendro else max(4.2 * cols, 8),
-                            3.0 * rows + (3.2 if dendro else 0) + 0.4))
-  grid = fig.add_gridspec(rows + int(dendro), cols)
-  first = None
-  for j in range(k):
-    ax = fig.add_subplot(grid[j // cols, j % cols], sharex=first, sharey=first)
-    first = first or ax
-    for r in np.flatnonzero(clusters.labels == j):
-      ax.plot(xs, norm_RxN[r], lw=1.0, alpha=0.8, **styles[r])
-    ax.plot(xs, clusters.centers[j], color="black", lw=2.2, label="cluster mean")
-    _set_xscale(ax, scale)
-    ax.set_xlim(xs[0], xs[-1])
-    ax.set_title(f"cluster {j} ({int(np.sum(clusters.labels == j))} heads)", fontsize=9)
-    ax.set_xlabel("training step", fontsize=8)
-    ax.set_ylabel(f"wrLLC ({clusters.normalize})", fontsize=8)
-    ax.legend(fontsize=6, loc="best")
-    ax.grid(alpha=0.3, which="both")
-  if dendro:
-    ax = fig.add_subplot(grid[rows, :])
-    z = clusters.linkage_matrix
-    cut = (0.5 * (z[-k, 2] + z[-k + 1, 2]) if 1 < k < len(names)
-           else (z[-1, 2] * 1.01 if k == 1 else 0.0))
-    r = len(names)
-    leaves: list[list[int]] = [[i] for i in range(r)]
-    for a, b in z[:, :2].astype(int):
-      leaves.append(leaves[a] + leaves[b])
-
-    def link_colour(i: int) -> str:  # a link inside one cluster takes the cluster's colour
-      labs = set(clusters.labels[leaves[i]].tolist())
-      return (matplotlib.colors.to_hex(plt.get_cmap("tab10")(labs.pop() % 10))
-              if len(labs) == 1 else "gray")
-
-    hierarchy.dendrogram(z, labels=list(names), ax=ax, link_color_func=link_colour,
-                         leaf_font_size=8)
-    for tick in ax.get_xticklabels():
-      j = names.index(tick.get_text())
-      tick.set_color(styles[j]["color"])
-    if 1 < k < len(names):
-      ax.axhline(cut, color="black", ls="--", lw=0.8)
-    ax.set_ylabel(f"{clusters.linkage} distance", fontsize=8)
-    ax.set_title(f"dendrogram ({clusters.linkage} linkage, cut at {k} clusters)", fontsize=9)
-  fig.suptitle(title or f"{clusters.method} clusters of wrLLC trajectories "
-               f"({clusters.normalize})", fontsize=10)
-  fig.tight_layout()
-  return save_figure(fig, path)
 
 
 def _jfloat(v) -> float | None:

@@ -35,16 +35,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from absl import logging
+from jax.flatten_util import ravel_pytree
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
-
-from devinterp_jax.analysis import plots  # noqa: E402
-from devinterp_jax.storage import chunks  # noqa: E402
+from devinterp_jax.storage import chunks
 
 Params = Any
 LossFn = Callable[[Params, Any], jax.Array]
@@ -291,62 +286,3 @@ def _stats_chunk(loss_fn, num_hutchinson, num_lanczos_iters, top_k, params, batc
   """`_stats_single` vmapped over the leading checkpoint axis of `params`."""
   single = functools.partial(_stats_single, loss_fn, num_hutchinson, num_lanczos_iters, top_k)
   return jax.vmap(single, in_axes=(0, None, None, None))(params, batch, trace_key, lanczos_key)
-
-
-def plot_llc_vs_hessian(steps, llc_mean, llc_std, stats: dict[str, np.ndarray], path: str,
-                        *, boundaries: Sequence[float] = (), title: str = "") -> str:
-  """LLC beside Hessian trace and top eigenvalues over log step (paper Fig. B.4).
-
-  Three stacked panels sharing a log step axis (non-positive steps are not
-  drawn): LLC mean ± std, Hutchinson trace ± standard error, and the top
-  eigenvalue(s). Dashed vertical lines mark `boundaries` (e.g. LLC stage
-  boundaries) on every panel.
-
-  Args:
-    steps: [C] training steps of the checkpoints.
-    llc_mean: [C] LLC means.
-    llc_std: [C] LLC standard deviations over chains.
-    stats: the dict of `hessian_stats` (`trace`, `trace_se`, `top_eigenvalues`).
-    path: PNG path (written atomically).
-    boundaries: steps at which to draw vertical dashed lines.
-    title: figure title.
-
-  Returns:
-    `path`.
-  """
-  steps, llc_mean, llc_std = (np.asarray(x, dtype=float) for x in (steps, llc_mean, llc_std))
-  trace = np.asarray(stats["trace"], dtype=float)
-  trace_se = np.asarray(stats.get("trace_se", np.zeros_like(trace)), dtype=float)
-  top = np.asarray(stats["top_eigenvalues"], dtype=float)
-  top = top[:, None] if top.ndim == 1 else top
-  n = len(steps)
-  for name, arr in (("llc_mean", llc_mean), ("llc_std", llc_std), ("trace", trace),
-                    ("trace_se", trace_se), ("top_eigenvalues", top)):
-    if len(arr) != n:
-      raise ValueError(f"{name} has {len(arr)} entries for {n} steps")
-  fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-  ax = axes[0]
-  ax.plot(steps, llc_mean, color="tab:blue", marker=".", label=r"LLC $\hat\lambda$")
-  ax.fill_between(steps, llc_mean - llc_std, llc_mean + llc_std, color="tab:blue", alpha=0.25,
-                  label="± std over chains")
-  ax.set_ylabel(r"LLC $\hat\lambda$")
-  ax = axes[1]
-  ax.plot(steps, trace, color="tab:red", marker=".", label="Hessian trace (Hutchinson)")
-  ax.fill_between(steps, trace - trace_se, trace + trace_se, color="tab:red", alpha=0.25,
-                  label="± standard error")
-  ax.set_ylabel("tr H")
-  ax = axes[2]
-  colors = plt.cm.viridis(np.linspace(0, 0.85, top.shape[1]))
-  for k in range(top.shape[1]):
-    ax.plot(steps, top[:, k], color=colors[k], marker=".", label=rf"$\lambda_{{{k + 1}}}$")
-  ax.set_ylabel("top eigenvalues (Lanczos)")
-  ax.set_xlabel("training step")
-  for ax in axes:
-    ax.set_xscale("log")
-    for i, b in enumerate(boundaries):
-      ax.axvline(b, color="gray", ls="--", lw=1, label="stage boundary" if i == 0 else None)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
-  axes[0].set_title(title or "LLC vs Hessian curvature")
-  fig.tight_layout()
-  return plots.save_figure(fig, path)

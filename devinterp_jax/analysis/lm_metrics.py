@@ -92,7 +92,7 @@ z W_OV), W_QK = W_Q W_Kᵀ [D, D] (scores x_q W_QK x_kᵀ):
 
 `classify_lm_heads` labels heads 'previous_token' / 'induction' / 'other';
 `milestones` gives the steps at which the metrics cross their thresholds;
-`plot_lm_metrics` draws them over training.
+`devinterp_jax.viz.lm.plot_lm_metrics` draws them over training.
 """
 
 from __future__ import annotations
@@ -103,16 +103,11 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from devinterp_jax.analysis.lr_behaviour import format_step_axis, map_checkpoints  # noqa: E402
-from devinterp_jax.analysis.lr_structure import head_name  # noqa: E402
-from devinterp_jax.analysis.plots import save_figure  # noqa: E402
-from devinterp_jax.data.synthetic_text import BOS_ID  # noqa: E402
+from devinterp_jax.analysis.lr_behaviour import map_checkpoints
+from devinterp_jax.analysis.lr_structure import head_name
+from devinterp_jax.data.synthetic_text import BOS_ID
 
 Params = Any
 NGRAM_ORDERS: tuple[int, ...] = (2, 3, 4)
@@ -223,9 +218,10 @@ _common_ngrams = common_ngrams  # `lm_metrics` shadows the name with its argumen
 
 
 def head_probe_tokens(key: jax.Array, vocab_size: int, context_length: int,
-                      prev_token_batch: int = 512, prefix_batch: int = 512
-                      ) -> dict[str, np.ndarray]:
+                      prev_token_batch: int = 512, prefix_batch: int = 512, *,
+                      bos_id: int = BOS_ID) -> dict[str, np.ndarray]:
   """The synthetic sequences of the head scores (module docstring), from `key` only.
+  The random tokens r_i are never `bos_id` (the dataset's BOS, `lm_dataset` metadata).
 
   Returns:
     {'prev_token': int32 [B1, min(context_length, 64)] = [BOS, r_1..], 'prefix':
@@ -238,17 +234,21 @@ def head_probe_tokens(key: jax.Array, vocab_size: int, context_length: int,
     raise ValueError(f"context_length must be >= 5 for the head probes, got {context_length}")
   if prev_token_batch < 1 or prefix_batch < 1:
     raise ValueError(f"probe batches must be >= 1, got {prev_token_batch}, {prefix_batch}")
+  if not 0 <= bos_id < V:
+    raise ValueError(f"bos_id {bos_id} is outside the vocabulary [0, {V})")
+  # Draws over the V − 1 non-BOS ids: i -> i, or i + 1 from BOS on.
+  skip_bos = lambda ids: (ids + (ids >= bos_id)).astype(np.int32)  # noqa: E731
   k_prev, k_block = jax.random.split(key)
   p1 = min(int(context_length), PREV_TOKEN_LENGTH)
-  body = np.asarray(jax.random.randint(k_prev, (prev_token_batch, p1 - 1), 1, V), np.int32)
-  prev = np.concatenate([np.full((prev_token_batch, 1), BOS_ID, np.int32), body], axis=1)
+  body = skip_bos(np.asarray(jax.random.randint(k_prev, (prev_token_batch, p1 - 1), 0, V - 1)))
+  prev = np.concatenate([np.full((prev_token_batch, 1), bos_id, np.int32), body], axis=1)
   m = (min(int(context_length), PREFIX_LENGTH) - 1) // 2
   if m <= V - 1:  # distinct tokens: the first occurrence of each is unique
     noise = jax.random.uniform(k_block, (prefix_batch, V - 1))
-    block = np.asarray(jnp.argsort(noise, axis=1)[:, :m] + 1, np.int32)
+    block = skip_bos(np.asarray(jnp.argsort(noise, axis=1)[:, :m]))
   else:
-    block = np.asarray(jax.random.randint(k_block, (prefix_batch, m), 1, V), np.int32)
-  prefix = np.concatenate([np.full((prefix_batch, 1), BOS_ID, np.int32), block, block], axis=1)
+    block = skip_bos(np.asarray(jax.random.randint(k_block, (prefix_batch, m), 0, V - 1)))
+  prefix = np.concatenate([np.full((prefix_batch, 1), bos_id, np.int32), block, block], axis=1)
   return {"prev_token": prev, "prefix": prefix}
 
 
@@ -490,7 +490,8 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
   return fn
 
 
-def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int) -> dict[str, Any]:
+def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int,
+                 bos_id: int) -> dict[str, Any]:
   """P̂, the validation mask and floor, and the [BOS, a] rows with weights and entropies."""
   probs = np.asarray(probs, np.float32)
   if probs.shape != (vocab_size, vocab_size):
@@ -501,7 +502,7 @@ def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int) -> dict[st
   mask = seen[prev_tok].astype(np.float32)                          # [N, T−1]
   floor = float(np.sum(mask * ent[prev_tok]) / max(mask.sum(), 1.0))
   counts = np.bincount(val[:, 1:-1].ravel(), minlength=vocab_size).astype(np.float64)
-  counts[BOS_ID] = 0.0
+  counts[bos_id] = 0.0
   counts[~seen] = 0.0
   a = np.flatnonzero(counts > 0)
   weights = counts[a] / counts[a].sum() if a.size else np.zeros(0)
@@ -510,7 +511,8 @@ def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int) -> dict[st
 
 
 def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | None, T: int,
-                context_length: int, vocab_size: int) -> tuple[list[int], dict | None]:
+                context_length: int, vocab_size: int, bos_id: int
+                ) -> tuple[list[int], dict | None]:
   """The n-gram rows [BOS, g_1..g_n] and the [BOS, a] rows, padded with BOS to one length.
 
   'last' is the index of the predicted token (n, or 2 for [BOS, a, ·] whose
@@ -532,11 +534,11 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
       raise ValueError(f"n = {n} needs validation contexts of >= {n + 1} tokens, got {T}")
     if arr.min() < 0 or arr.max() >= vocab_size:
       raise ValueError(f"{n}-gram ids outside [0, {vocab_size})")
-    s = np.full((len(arr), seq_len), BOS_ID, np.int32)
+    s = np.full((len(arr), seq_len), bos_id, np.int32)
     s[:, 1:n + 1] = arr
     seqs.append(s)
     last.append(np.full(len(arr), n))
-  pos1 = np.full((len(a), seq_len), BOS_ID, np.int32)
+  pos1 = np.full((len(a), seq_len), bos_id, np.int32)
   pos1[:, 1] = a
   seqs.append(pos1)
   last.append(np.full(len(a), 2))
@@ -557,11 +559,11 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
                   "pos1_entropy": pos1_entropy}
 
 
-def _probe_data(probes: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _probe_data(probes: Mapping[str, np.ndarray], bos_id: int) -> dict[str, Any]:
   """Both head probes as one batch padded to one length (BOS after the end)."""
   prev, pre = probes["prev_token"], probes["prefix"]
   P = max(prev.shape[1], pre.shape[1])
-  pad = lambda x: np.pad(x, ((0, 0), (0, P - x.shape[1])), constant_values=BOS_ID)  # noqa: E731
+  pad = lambda x: np.pad(x, ((0, 0), (0, P - x.shape[1])), constant_values=bos_id)  # noqa: E731
   n1, n2 = len(prev), len(pre)
   return {"tokens": np.concatenate([pad(prev), pad(pre)]).astype(np.int32),
           "is_prev": np.concatenate([np.full(n1, 1.0 / n1), np.zeros(n2)]).astype(np.float32),
@@ -575,8 +577,8 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
                key: jax.Array | None = None, icl_positions: Sequence[float | int] = (0.05, 0.5),
                prev_token_batch: int = 512, prefix_batch: int = 512,
                eval_batch: int = 8, pca_k: int = 8,
-               ngram_loss_floor: float = 1e-3, checkpoint_chunk: int = 8
-               ) -> dict[str, np.ndarray]:
+               ngram_loss_floor: float = 1e-3, checkpoint_chunk: int = 8,
+               bos_id: int = BOS_ID) -> dict[str, np.ndarray]:
   """The App. C metrics of every checkpoint (definitions in the module docstring).
 
   Args:
@@ -602,6 +604,9 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
     pca_k: explained-variance ratios kept for W_pos.
     ngram_loss_floor: floor of the n-gram loss in the score's denominator.
     checkpoint_chunk: checkpoints per compiled call.
+    bos_id: the dataset's BOS token (its `lm_dataset.dataset_metadata`; the synthetic
+      corpus's is 0, a loaded tokenizer's is its own): the probes' first token, the
+      padding, and the token left out of the n-gram and [BOS, a] statistics.
 
   Returns:
     dict name -> np.ndarray with leading axis [C].
@@ -616,6 +621,11 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
                      f"2 <= T <= context_length = {T_ctx}")
   if val.min() < 0 or val.max() >= V:
     raise ValueError(f"validation token ids span [{val.min()}, {val.max()}], outside [0, {V})")
+  if np.any(val[:, 0] != bos_id):
+    first = np.unique(val[:, 0])[:5].tolist()
+    raise ValueError(f"validation contexts must start with BOS = bos_id {bos_id}, but start "
+                     f"with {first}: pass the dataset's bos_id (its metadata's; a loaded "
+                     f"tokenizer's BOS is its own, not 0)")
   val = val.astype(np.int32)
   early, late = resolve_positions(icl_positions, T)
   key = jax.random.key(0) if key is None else key
@@ -629,21 +639,22 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
       if bigram_probs is None:
         bigram_probs = probs
     if common_ngrams is None:
-      common_ngrams = {int(n): _common_ngrams(train, int(n), num_common_ngrams)
+      common_ngrams = {int(n): _common_ngrams(train, int(n), num_common_ngrams,
+                                              exclude=(bos_id,))
                        for n in ngram_orders}
   if common_ngrams is not None:
     common_ngrams = {int(n): g for n, g in common_ngrams.items() if len(np.asarray(g))}
 
-  probes = head_probe_tokens(key, V, T_ctx, prev_token_batch, prefix_batch)
+  probes = head_probe_tokens(key, V, T_ctx, prev_token_batch, prefix_batch, bos_id=bos_id)
   prev_length = probes["prev_token"].shape[1]
   block_length = (probes["prefix"].shape[1] - 1) // 2
-  data: dict[str, Any] = {"val": val, "probes": _probe_data(probes)}
+  data: dict[str, Any] = {"val": val, "probes": _probe_data(probes, bos_id)}
   floor, bg = None, None
   if bigram_probs is not None:
-    bg = _bigram_data(val, bigram_probs, V)
+    bg = _bigram_data(val, bigram_probs, V, bos_id)
     floor = bg.pop("floor")
     data["bigram"] = {"probs": bg["probs"], "mask": bg["mask"]}
-  orders, short = _short_data(common_ngrams, bg, T, T_ctx, V)
+  orders, short = _short_data(common_ngrams, bg, T, T_ctx, V, bos_id)
   if short is not None:
     data["short"] = short
   k = max(1, min(int(pca_k), T_ctx, int(model.d_model)))
@@ -821,122 +832,3 @@ def milestones(steps: Any, metrics: Mapping[str, Any], *, bigram_fraction: float
     out[key] = {"step": step_at(i), "head": best, "threshold": thr,
                 "value": None if i is None else float(flat[i].max()), "heads": heads}
   return out
-
-
-# ----------------------------------------------------------------------------
-# Plot.
-# ----------------------------------------------------------------------------
-
-
-def _head_panel(ax, steps, arr_CxLxH, chance, title):
-  arr = np.asarray(arr_CxLxH)
-  _, L, H = arr.shape
-  colors = plt.cm.tab10(np.linspace(0, 1, 10))
-  styles = ("-", "--", ":", "-.")
-  for l in range(L):
-    for h in range(H):
-      ax.plot(steps, arr[:, l, h], color=colors[h % 10], ls=styles[l % 4], lw=1.2,
-              label=head_name(l, h))
-  if chance is not None:
-    ax.axhline(float(np.asarray(chance).ravel()[0]), color="gray", lw=0.8, ls=":",
-               label="chance")
-  ax.set_ylim(-0.02, 1.02)
-  ax.legend(fontsize=6, ncol=2)
-  ax.set_title(title)
-
-
-def plot_lm_metrics(steps: Any, metrics: Mapping[str, Any], path: str, *,
-                    boundaries: Sequence[float] = (), title: str = "") -> str:
-  """Nine panels over log step (stage boundaries dashed): loss vs bigram entropy and
-  the bigram score; n-gram scores; ICL score; positional-ablation loss increase;
-  previous-token and prefix-matching scores per head (line style = layer); W_pos
-  PCA variance; K-composition (layer 0 → 1, the 6 largest at the end); the
-  per-position loss of a few checkpoints. Writes a PNG.
-  """
-  steps = np.asarray(steps)
-  fig, axes = plt.subplots(3, 3, figsize=(16, 12))
-  ax = axes[0, 0]
-  for name, label, kw in (("loss", "validation loss", {}),
-                          ("bigram_score", "bigram score (CE to empirical bigram)", {}),
-                          ("bigram_entropy", "bigram entropy (train)", {"ls": "--"})):
-    if name in metrics:
-      ax.plot(steps, metrics[name], label=label, **kw)
-  if "bigram_kl_pos1" in metrics:
-    ax2 = ax.twinx()
-    ax2.plot(steps, metrics["bigram_kl_pos1"], color="tab:red", alpha=0.6, lw=1)
-    ax2.set_ylabel("KL to bigram at [BOS, a] (red)", fontsize=7, color="tab:red")
-  ax.set_title("loss vs bigram statistics (nats)")
-  ax = axes[0, 1]
-  for name in sorted(k for k in metrics if k.startswith("ngram_score_")):
-    ax.plot(steps, metrics[name], marker=".", label=f"n = {name[len('ngram_score_'):]}")
-  ax.axhline(1, color="gray", lw=0.8)
-  ax.set_title("n-gram score: val loss at n / n-gram loss")
-  ax = axes[0, 2]
-  if "icl_score" in metrics:
-    label = "ICL score"
-    if "icl_early_position" in metrics and "icl_late_position" in metrics:
-      p0 = int(np.asarray(metrics["icl_early_position"])[0])
-      p1 = int(np.asarray(metrics["icl_late_position"])[0])
-      label = f"L(token {p1}) − L(token {p0})"
-    ax.plot(steps, metrics["icl_score"], marker=".", label=label)
-  ax.axhline(0, color="gray", lw=0.8)
-  ax.set_title("ICL score")
-  ax = axes[1, 0]
-  if "pos_ablation_loss_mean" in metrics:
-    ax.plot(steps, metrics["pos_ablation_loss_mean"], marker=".",
-            label="mean over positions")
-  if "pos_ablation_loss" in metrics:
-    arr = np.asarray(metrics["pos_ablation_loss"])
-    for p in sorted({1, 2, 4, arr.shape[1] // 2, arr.shape[1]}):
-      if 1 <= p <= arr.shape[1]:
-        ax.plot(steps, arr[:, p - 1], lw=0.8, alpha=0.7, label=f"token {p}")
-  ax.axhline(0, color="gray", lw=0.8)
-  ax.set_title("W_pos mean-ablation: loss increase (nats)")
-  if "prev_token_score" in metrics:
-    _head_panel(axes[1, 1], steps, metrics["prev_token_score"],
-                metrics.get("prev_token_chance"), "previous-token score per head")
-  else:
-    axes[1, 1].set_title("previous-token score per head")
-  if "prefix_score" in metrics:
-    _head_panel(axes[1, 2], steps, metrics["prefix_score"], metrics.get("prefix_chance"),
-                "prefix-matching score per head")
-  else:
-    axes[1, 2].set_title("prefix-matching score per head")
-  ax = axes[2, 0]
-  for i in (1, 2, 3):
-    if f"pos_pca_top{i}" in metrics:
-      ax.plot(steps, metrics[f"pos_pca_top{i}"], label=f"top {i} PCs")
-  ax.set_ylim(-0.02, 1.02)
-  ax.set_title("W_pos PCA: cumulative explained variance")
-  ax = axes[2, 1]
-  if "comp_k" in metrics:
-    comp = np.asarray(metrics["comp_k"])
-    _, H0, H1 = comp.shape
-    flat = comp.reshape(len(steps), -1)
-    top = np.argsort(-np.nan_to_num(flat[-1]))[:6]
-    ax.plot(steps, np.median(flat, axis=1), color="k", ls="--", label="median pair")
-    for j in top:
-      ax.plot(steps, flat[:, j], label=f"{head_name(0, j // H1)}→{head_name(1, j % H1)}")
-  ax.set_title("K-composition (layer 0 → layer 1)")
-  for ax in list(axes[:2].flat) + [axes[2, 0], axes[2, 1]]:
-    format_step_axis(ax, steps, boundaries)
-    if steps.size > 1 and steps.min() < steps.max():
-      ax.set_xlim(steps.min(), steps.max())
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=6, ncol=2 if ax in (axes[1, 1], axes[1, 2]) else 1)
-  ax = axes[2, 2]
-  if "loss_per_position" in metrics:
-    lpp = np.asarray(metrics["loss_per_position"])
-    idx = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(idx)))
-    pos = np.arange(1, lpp.shape[1] + 1)
-    for c, i in zip(colors, idx):
-      ax.plot(pos, lpp[i], color=c, label=f"step {steps[i]}")
-    ax.set_xscale("log")
-    ax.set_xlabel("token position")
-    ax.legend(fontsize=6)
-  ax.set_title("validation loss per position")
-  ax.grid(alpha=0.3, which="both")
-  fig.suptitle(title or "LM developmental metrics (App. C)")
-  fig.tight_layout()
-  return save_figure(fig, path)

@@ -56,16 +56,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from devinterp_jax.analysis.plots import save_figure  # noqa: E402
-from devinterp_jax.data.regression import RegressionTask, sample_batch  # noqa: E402
-from devinterp_jax.models.regression_transformer import RegressionTransformer  # noqa: E402
-from devinterp_jax.storage import chunks  # noqa: E402
+from devinterp_jax.data.regression import RegressionTask, sample_batch
+from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.storage import chunks
 
 Params = Any
 DEFAULT_GAINS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -362,91 +357,3 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
     for k in range(K):
       out[f"{name}_loss_k{k + 1}"] = np.full(num_ckpts, loss_K[k], np.float32)
   return out
-
-
-# ----------------------------------------------------------------------------
-# Plots.
-# ----------------------------------------------------------------------------
-
-
-def format_step_axis(ax, steps: Any, boundaries: Sequence[float] = ()) -> None:
-  """Log step axis (symlog when a step is <= 0) with dashed stage boundaries."""
-  steps = np.asarray(steps, np.float64)
-  if steps.size and np.min(steps) <= 0:
-    ax.set_xscale("symlog", linthresh=1.0)
-  else:
-    ax.set_xscale("log")
-  for b in boundaries:
-    ax.axvline(b, color="k", ls="--", lw=0.8, alpha=0.6)
-  ax.set_xlabel("training step")
-  ax.grid(alpha=0.3, which="both")
-
-
-def _gain_columns(metrics: Mapping[str, np.ndarray], kind: str) -> list[tuple[float, str]]:
-  prefix = f"nmse_ood_{kind}_g"
-  cols = [(float(k[len(prefix):]), k) for k in metrics if k.startswith(prefix)]
-  return sorted(cols)
-
-
-def plot_behaviour(steps: Any, metrics: Mapping[str, np.ndarray], path: str, *,
-                   boundaries: Sequence[float] = (), title: str = "") -> str:
-  """Six panels over log step: ICL scores; distances to the zero / task-prior /
-  ridge predictions; per-prediction losses; OOD NMSE per gain for inputs and for
-  tasks; the last checkpoint's losses vs k beside the baselines. Writes a PNG.
-  """
-  steps = np.asarray(steps)
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-  ax = axes[0, 0]
-  for name, label in (("icl_1_4", r"ICL$_{1:4} = L_4 - L_1$"),
-                      ("icl_4_8", r"ICL$_{4:8} = L_8 - L_4$")):
-    if name in metrics and np.any(np.isfinite(metrics[name])):
-      ax.plot(steps, metrics[name], marker=".", label=label)
-  ax.axhline(0, color="gray", lw=0.8)
-  ax.set_title("ICL scores")
-  ax = axes[0, 1]
-  for name, label in (("dist_zero", "to zero prediction"),
-                      ("dist_prior", r"to task prior $\bar t\cdot x$"),
-                      ("dist_ridge", "to ridge"), ("dist_dmmse", "to dMMSE")):
-    if name in metrics:
-      ax.plot(steps, metrics[name], marker=".", label=label)
-  ax.set_yscale("log")
-  ax.set_title("mean squared distance of predictions")
-  ax = axes[0, 2]
-  try:
-    losses_CxK = per_prediction(metrics, "loss")
-  except KeyError:
-    losses_CxK = np.zeros((len(steps), 0))
-  colors = plt.cm.viridis(np.linspace(0, 1, max(losses_CxK.shape[1], 1)))
-  for k in range(losses_CxK.shape[1]):
-    ax.plot(steps, losses_CxK[:, k], color=colors[k], label=f"$L_{{{k + 1}}}$")
-  ax.set_yscale("log")
-  ax.set_title("per-prediction loss")
-  for ax, kind, label in ((axes[1, 0], "x", "inputs"), (axes[1, 1], "t", "tasks")):
-    cols = _gain_columns(metrics, kind)
-    colors = plt.cm.plasma(np.linspace(0, 0.9, max(len(cols), 1)))
-    for (g, name), c in zip(cols, colors):
-      ax.plot(steps, metrics[name], color=c, marker=".", label=f"g = {g:g}")
-    ax.axhline(1, color="gray", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_title(f"OOD {label}: MSE / MSE(zero prediction)")
-  for ax in list(axes[0]) + list(axes[1, :2]):
-    format_step_axis(ax, steps, boundaries)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-  ax = axes[1, 2]
-  if losses_CxK.shape[1]:
-    ks = np.arange(1, losses_CxK.shape[1] + 1)
-    ax.plot(ks, losses_CxK[-1], marker="o", label=f"model (step {steps[-1]})")
-    for name in ("zero", "prior", "ridge", "dmmse"):
-      try:
-        ax.plot(ks, per_prediction(metrics, f"{name}_loss")[-1], ls="--", label=name)
-      except KeyError:
-        pass
-    ax.set_yscale("log")
-    ax.set_xlabel("prediction index k")
-    ax.legend(fontsize=7)
-  ax.set_title("loss vs k (last checkpoint) and baselines")
-  ax.grid(alpha=0.3, which="both")
-  fig.suptitle(title or "LR behavioural metrics")
-  fig.tight_layout()
-  return save_figure(fig, path)

@@ -86,17 +86,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import jax.scipy.special  # noqa: F401  (xlogy)
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from devinterp_jax.analysis.lr_behaviour import (evaluation_data, format_step_axis,  # noqa: E402
-                                                 map_checkpoints)
-from devinterp_jax.analysis.plots import save_figure  # noqa: E402
-from devinterp_jax.data.regression import RegressionTask  # noqa: E402
-from devinterp_jax.models.regression_transformer import RegressionTransformer  # noqa: E402
+from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
+from devinterp_jax.data.regression import RegressionTask
+from devinterp_jax.models.regression_transformer import RegressionTransformer
 
 Params = Any
 QUERY_TYPES: tuple[str, ...] = ("", "x", "y")  # name suffixes: all, x-token, y-token queries
@@ -430,65 +424,3 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
   for j, q in enumerate(quantiles):
     out[f"unembed_eff_q{_percent_name(q)}"] = raw["unembed_eff_quantiles"][:, j]
   return out
-
-
-# ----------------------------------------------------------------------------
-# Plots.
-# ----------------------------------------------------------------------------
-
-
-def plot_structure(steps: Any, metrics: Mapping[str, np.ndarray], path: str, *,
-                   boundaries: Sequence[float] = (), title: str = "") -> str:
-  """Six panels over log step: token and positional embedding singular values;
-  embedding-subspace alignment; attention entropy per head (solid: x-queries,
-  dashed: y-queries); attention variability per head; LayerNorm and unembedding
-  collapse. Writes a PNG.
-  """
-  steps = np.asarray(steps)
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-  for ax, name, label in ((axes[0, 0], "tok_embed_sv", "token embedding"),
-                          (axes[0, 1], "pos_embed_sv", "positional embedding")):
-    if name in metrics:
-      sv_CxR = np.asarray(metrics[name])
-      colors = plt.cm.viridis(np.linspace(0, 0.9, sv_CxR.shape[1]))
-      for i in range(sv_CxR.shape[1]):
-        ax.plot(steps, sv_CxR[:, i], color=colors[i], label=f"$s_{{{i + 1}}}$")
-      ax.set_yscale("log")
-      if sv_CxR.shape[1] <= 8:
-        ax.legend(fontsize=7)
-    ax.set_title(f"{label} singular values")
-  ax = axes[0, 2]
-  for name, lbl in (("embed_alignment", r"mean $\cos^2$ of principal angles"),
-                    ("embed_alignment_max_cos", r"max $\cos$")):
-    if name in metrics:
-      ax.plot(steps, metrics[name], marker=".", label=lbl)
-  ax.set_ylim(-0.02, 1.02)
-  ax.legend(fontsize=7)
-  ax.set_title("token / positional embedding subspace alignment")
-  for ax, score, label in ((axes[1, 0], "attn_entropy", "normalised attention entropy"),
-                           (axes[1, 1], "attn_variability", "attention variability")):
-    if score in metrics:
-      arr_CxLxHxQ = np.asarray(metrics[score])
-      _, L, H, _ = arr_CxLxHxQ.shape
-      colors = plt.cm.tab20(np.linspace(0, 1, max(L * H, 2)))
-      for l in range(L):
-        for h in range(H):
-          c = colors[l * H + h]
-          ax.plot(steps, arr_CxLxHxQ[:, l, h, 1], color=c, label=head_name(l, h))
-          ax.plot(steps, arr_CxLxHxQ[:, l, h, 2], color=c, ls="--")
-      ax.set_ylim(-0.02, 1.02)
-      ax.legend(fontsize=6, ncol=2, title="solid x, dashed y", title_fontsize=6)
-    ax.set_title(label)
-  ax = axes[1, 2]
-  for name in [k for k in metrics if k.startswith("ln_collapse/")]:
-    ax.plot(steps, metrics[name], label=name[len("ln_collapse/"):])
-  if "unembed_collapse" in metrics:
-    ax.plot(steps, metrics["unembed_collapse"], color="k", lw=2, label="unembed w_eff")
-  ax.set_ylim(-0.02, 1.02)
-  ax.legend(fontsize=6)
-  ax.set_title("collapsed fraction of LayerNorm scales / w_eff")
-  for ax in axes.flat:
-    format_step_axis(ax, steps, boundaries)
-  fig.suptitle(title or "LR structural metrics")
-  fig.tight_layout()
-  return save_figure(fig, path)

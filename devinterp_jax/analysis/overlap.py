@@ -46,7 +46,8 @@ The functions are model-agnostic; a model provides
 (`RegressionTransformer.head_activations` / `.ablated_loss`). All ablations of
 one checkpoint (1 clean + R single + R(R−1)/2 pairs + 1 all) run as one `vmap`
 over keep-masks; `overlap_over_checkpoints` vmaps over stacked checkpoint chunks
-(`lr_behaviour.map_checkpoints`, one compile).
+(`lr_behaviour.map_checkpoints`, one compile). `devinterp_jax.viz.overlap` draws
+them, masking the checkpoints where ablating every head barely changes the loss.
 """
 
 from __future__ import annotations
@@ -56,17 +57,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from devinterp_jax.analysis.lr_behaviour import (evaluation_data, format_step_axis,  # noqa: E402
-                                                 map_checkpoints)
-from devinterp_jax.analysis.plots import save_figure  # noqa: E402
-from devinterp_jax.data.regression import RegressionTask  # noqa: E402
-from devinterp_jax.models.regression_transformer import RegressionTransformer  # noqa: E402
+from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
+from devinterp_jax.data.regression import RegressionTask
+from devinterp_jax.models.regression_transformer import RegressionTransformer
 
 Params = Any
 HeadActivationsFn = Callable[[Params, Any], Mapping[str, jax.Array]]
@@ -274,44 +269,3 @@ def lr_overlap(model: RegressionTransformer, checkpoints: Sequence[Params],
                                      checkpoint_chunk=checkpoint_chunk, atol=atol, rtol=rtol,
                                      mask_batch=mask_batch)
   return metrics, head_names(model.num_layers, model.num_heads)
-
-
-def _heatmap(ax, matrix_RxR, names: Sequence[str], title: str) -> None:
-  cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
-  matrix_RxR = np.asarray(matrix_RxR, np.float64)
-  im = ax.imshow(np.ma.masked_invalid(matrix_RxR), cmap=cmap, vmin=-1, vmax=1)
-  R = len(names)
-  ax.set_xticks(range(R), names, rotation=90, fontsize=7)
-  ax.set_yticks(range(R), names, fontsize=7)
-  if R <= 12:
-    for i in range(R):
-      for j in range(R):
-        if np.isfinite(matrix_RxR[i, j]):
-          ax.text(j, i, f"{matrix_RxR[i, j]:.2f}", ha="center", va="center", fontsize=6)
-  ax.set_title(title)
-  plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-
-
-def plot_overlap(steps: Any, metrics: Mapping[str, np.ndarray], names: Sequence[str],
-                 path: str, *, boundaries: Sequence[float] | None = (),
-                 title: str = "") -> str:
-  """Four panels: the last checkpoint's O, S_attn and S_out as heatmaps (NaN
-  grey), and mean / max off-diagonal O and the robustness over log step with
-  stage boundaries as dashed lines. Writes a PNG.
-  """
-  steps = np.asarray(steps)
-  fig, axes = plt.subplots(1, 4, figsize=(20, 4.8))
-  for ax, key, label in ((axes[0], "overlap", "overlap O"), (axes[1], "s_attn", "S_attn"),
-                         (axes[2], "s_out", "S_out")):
-    _heatmap(ax, np.asarray(metrics[key])[-1], names, f"{label} (step {steps[-1]})")
-  ax = axes[3]
-  for key, label in (("overlap_mean", "mean off-diagonal O"),
-                     ("overlap_max", "max off-diagonal O"), ("robustness", "robustness")):
-    ax.plot(steps, metrics[key], marker=".", label=label)
-  ax.axhline(0, color="gray", lw=0.8)
-  format_step_axis(ax, steps, boundaries or ())
-  ax.legend(fontsize=7)
-  ax.set_title(r"overlap and robustness $1 - \sum_i \Delta_i / \Delta_{all}$")
-  fig.suptitle(title or "functional overlap of attention heads (mean-ablation)")
-  fig.tight_layout()
-  return save_figure(fig, path)

@@ -50,7 +50,6 @@ from absl import logging
 
 from devinterp_jax import atomic, config_checks, paths
 from devinterp_jax.analysis import heads as heads_lib
-from devinterp_jax.analysis import plots
 from devinterp_jax.analysis import hessian, lr_behaviour, lr_structure, overlap, stages
 from devinterp_jax.analysis import lm_metrics
 from devinterp_jax.analysis.run_data import Run, load_run
@@ -59,6 +58,12 @@ from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
 from devinterp_jax.data.regression import sample_batch
+from devinterp_jax.viz import heads as heads_viz
+from devinterp_jax.viz import hessian as hessian_viz
+from devinterp_jax.viz import lm as lm_viz
+from devinterp_jax.viz import lr as lr_viz
+from devinterp_jax.viz import overlap as overlap_viz
+from devinterp_jax.viz import stages as stages_viz
 
 # Key streams for evaluation data (independent of training and SGLD streams).
 _BEHAVIOUR, _STRUCTURE, _HESSIAN, _OVERLAP = range(4)
@@ -299,7 +304,7 @@ def _lm_metrics(run: Run, options: ml_collections.ConfigDict) -> dict[str, np.nd
       common_ngrams=common, num_common_ngrams=o.num_common_ngrams,
       key=_key(options, _BEHAVIOUR), icl_positions=tuple(o.icl_positions),
       prev_token_batch=o.prev_token_batch, prefix_batch=o.prefix_batch,
-      checkpoint_chunk=options.checkpoint_chunk))
+      checkpoint_chunk=options.checkpoint_chunk, bos_id=run.bos_id()))
   logging.info("LM metrics of %d checkpoints: %.1fs", len(checkpoints), time.time() - t0)
   batch = {"tokens": validation[:options.hessian.batch_size]}
   metrics.update(_generic_metrics(run, options, checkpoints, batch,
@@ -397,12 +402,12 @@ def head_analysis(run: Run, options: ml_collections.ConfigDict,
                                                 normalize=o.normalize, linkage=o.linkage,
                                                 seed=options.seed)
               for m in heads_lib.CLUSTER_METHODS} if k >= 2 else {}
-  figures = [("heads", heads_lib.plot_head_trajectories(
+  figures = [("heads", heads_viz.plot_head_trajectories(
       run.steps, mean, names, sem_RxN=sem, boundaries=boundaries,
       clusters=clusters.get("hierarchical"), path=os.path.join(out, "heads.png"),
       title="wrLLC per head (colour: hierarchical cluster)"))]
   if clusters:
-    figures.append(("head_clusters", heads_lib.plot_head_clusters(
+    figures.append(("head_clusters", heads_viz.plot_head_clusters(
         steps, mean_ok, names, clusters["hierarchical"], os.path.join(out, "head_clusters.png"),
         title=f"Head wrLLC trajectories, {o.normalize}-normalised, hierarchical ({o.linkage})")))
   ok = np.all(np.isfinite(mean), axis=0)
@@ -412,7 +417,7 @@ def head_analysis(run: Run, options: ml_collections.ConfigDict,
     spread[name] = np.full(len(run.steps), np.nan)
     spread[name][ok] = part[name]
   columns = {"wrllc_head_mean": spread["mean"], "wrllc_head_variance": spread["variance"]}
-  figures.append(("wrllc_dispersion", plot_dispersion_and_overlap(
+  figures.append(("wrllc_dispersion", heads_viz.plot_dispersion_and_overlap(
       run.steps, spread, metrics, [] if boundaries is None else list(boundaries.boundary_steps),
       os.path.join(out, "wrllc_dispersion.png"))))
   summary["settings"] = {k2: res.settings.get(k2) for k2 in
@@ -421,40 +426,6 @@ def head_analysis(run: Run, options: ml_collections.ConfigDict,
   summary["chain_health"] = res.health_counts()
   atomic.write_text(os.path.join(out, "heads_summary.json"), json.dumps(summary, indent=1))
   return {**summary, "figures": figures, "columns": columns}
-
-
-def plot_dispersion_and_overlap(steps, spread: Mapping[str, np.ndarray],
-                                metrics: Mapping[str, np.ndarray], boundaries, path: str) -> str:
-  """wrLLC mean and variance across heads, beside overlap and robustness (log step)."""
-  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
-  steps = np.asarray(steps)
-  x = np.maximum(steps, 1)
-  have_overlap = "overlap/overlap_mean" in metrics
-  fig, axes = plt.subplots(1, 2 if have_overlap else 1, figsize=(12 if have_overlap else 6, 4),
-                           squeeze=False)
-  ax = axes[0, 0]
-  ax.plot(x, spread["mean"], "k-o", ms=3, label="mean across heads")
-  ax.set_ylabel("wrLLC mean across heads")
-  ax2 = ax.twinx()
-  ax2.plot(x, spread["variance"], "C3-s", ms=3, label="variance across heads")
-  ax2.set_ylabel("wrLLC variance across heads", color="C3")
-  ax.set_title("wrLLC dispersion across heads")
-  panels = [ax]
-  if have_overlap:
-    ax = axes[0, 1]
-    ax.plot(x, metrics["overlap/overlap_mean"], "C0-o", ms=3, label="mean off-diagonal O")
-    ax.plot(x, metrics["overlap/overlap_max"], "C1-^", ms=3, label="max off-diagonal O")
-    ax.plot(x, metrics["overlap/robustness"], "C2-s", ms=3, label="robustness")
-    ax.set_title("Functional overlap (mean ablation)")
-    ax.legend(fontsize=8)
-    panels.append(ax)
-  for ax in panels:
-    ax.set_xscale("log")
-    ax.set_xlabel("training step")
-    for b in boundaries:
-      ax.axvline(max(b, 1), color="grey", ls="--", lw=0.8)
-  fig.tight_layout()
-  return plots.save_figure(fig, path)
 
 
 def scalar_columns(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -731,18 +702,26 @@ def _markdown(run: Run, boundaries, changes, marks, labels_final, figures, timin
   return "\n".join(lines)
 
 
-def options_for_run(workdir: str,
-                    overrides: ml_collections.ConfigDict | None = None
+def options_for_run(workdir: str, overrides: Mapping[str, Any] | None = None
                     ) -> ml_collections.ConfigDict:
   """The analysis options a run was configured with (its config.json's `analysis`,
-  filled in from `default_options()`), then every field of `overrides` that differs
-  from `default_options()` (e.g. the command-line overrides of launch/analyze.py)."""
+  filled in from `default_options()`), with exactly `overrides` applied on top.
+
+  `overrides` is flat, {"hessian.enabled": True, "lm.batch_size": 8}: the fields the
+  user set (`config_flags.get_override_values` in launch/analyze.py). Each is applied
+  whatever its value, so an override equal to a default still replaces the run's
+  own setting. A field the run's options lack is refused, naming it.
+  """
   defaults = run_log.flatten(default_options().to_dict())
   saved = run_log.read_config(workdir).get("analysis")
   flat = {**defaults, **(run_log.flatten(saved.to_dict()) if saved is not None else {})}
-  if overrides is not None:
-    flat.update({k: v for k, v in run_log.flatten(overrides.to_dict()).items()
-                 if defaults.get(k, object()) != v})
+  for key, value in (overrides or {}).items():
+    if key not in flat:
+      sections = sorted({k.split(".")[0] for k in flat})
+      raise config_checks.ConfigError(
+          f"--config.{key}={value!r} does not apply to the run at {workdir!r}: its analysis "
+          f"options have no field {key!r} (their sections: {', '.join(sections)}).")
+    flat[key] = value
   nested: dict[str, Any] = {}
   for key, value in flat.items():
     *parents, leaf = key.split(".")
@@ -751,14 +730,6 @@ def options_for_run(workdir: str,
       node = node.setdefault(p, {})
     node[leaf] = tuple(value) if isinstance(value, list) else value  # JSON has no tuples
   return ml_collections.ConfigDict(nested)
-
-
-def analyze_run(workdir: str, overrides: ml_collections.ConfigDict | None = None,
-                out_dir: str | None = None) -> dict[str, Any]:
-  """launch/analyze.py: the report of a run with its own options and `overrides`
-  (the command line's --config.* fields), validated first."""
-  return analyze(workdir, options_for_run(workdir, overrides), out_dir=out_dir,
-                 option_prefix="config")
 
 
 def analyze(workdir: str, options: ml_collections.ConfigDict | None = None,
@@ -813,7 +784,7 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
       for reason in boundaries.stability.reasons:
         logging.warning("Unstable stage boundary: %s", reason)
     boundaries.save(out)
-    figures.append(("stages", stages.plot_stages(
+    figures.append(("stages", stages_viz.plot_stages(
         boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps, loss=eval_loss,
         loss_label="validation loss (nats)" if is_lm else "eval MSE",
         title="LLC stages (attention-only language model)" if is_lm else
@@ -835,26 +806,26 @@ def _write_report(run: Run, options: ml_collections.ConfigDict, out: str) -> dic
                      if np.asarray(v).dtype != object})
   edges = [] if boundaries is None else list(boundaries.boundary_steps)
   if is_lm:
-    figures.append(("lm_metrics", lm_metrics.plot_lm_metrics(
+    figures.append(("lm_metrics", lm_viz.plot_lm_metrics(
         run.steps, metrics, os.path.join(out, "lm_metrics.png"), boundaries=edges,
         title="Language-model development (App. C)")))
   else:
-    figures.append(("behaviour", lr_behaviour.plot_behaviour(
+    figures.append(("behaviour", lr_viz.plot_behaviour(
         run.steps, metrics, os.path.join(out, "behaviour.png"), boundaries=edges,
         title="Behaviour (App. D.1)")))
-    figures.append(("structure", lr_structure.plot_structure(
+    figures.append(("structure", lr_viz.plot_structure(
         run.steps, metrics, os.path.join(out, "structure.png"), boundaries=edges,
         title="Structure (App. D.2)")))
   if options.hessian.enabled:
-    figures.append(("hessian", hessian.plot_llc_vs_hessian(
+    figures.append(("hessian", hessian_viz.plot_llc_vs_hessian(
         run.steps, run.llc.llc_mean, run.llc.llc_std,
         {"trace": metrics["hessian_trace"], "trace_se": metrics["hessian_trace_se"],
          "top_eigenvalues": metrics["hessian_top_eigenvalues"]},
-        os.path.join(out, "hessian.png"), boundaries=edges,
+        os.path.join(out, "hessian.png"), band_label="std over chains", boundaries=edges,
         title="LLC vs Hessian curvature (App. B.5)")))
   if options.overlap.enabled:
     o = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("overlap/")}
-    figures.append(("overlap", overlap.plot_overlap(
+    figures.append(("overlap", overlap_viz.plot_overlap(
         run.steps, o, [str(n) for n in o["names"]], os.path.join(out, "overlap.png"),
         boundaries=edges, title="Functional overlap of heads (mean ablation)")))
   overlap_final = overlap_extremes(metrics) if options.overlap.enabled else None

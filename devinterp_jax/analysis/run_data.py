@@ -51,6 +51,12 @@ class Run:
       raise ValueError(f"{self.workdir!r} is a {self.experiment!r} run, not a language model")
     return lm_dataset.load_run_tokens(self.config, self.workdir, split)
 
+  def bos_id(self) -> int:
+    """An LM run's BOS token id, as its dataset's metadata records it."""
+    if self.experiment != "lm":
+      raise ValueError(f"{self.workdir!r} is a {self.experiment!r} run, not a language model")
+    return lm_dataset.run_bos_id(self.config, self.workdir)
+
   def logged(self, name: str, steps=None) -> np.ndarray:
     """A logged scalar (e.g. 'eval_loss') at `steps` (NaN where not logged)."""
     by_step = {int(r["step"]): r for r in self.log}

@@ -22,6 +22,7 @@ from devinterp_jax import atomic, paths
 from devinterp_jax.analysis import stages
 from devinterp_jax.analysis.report import default_options, fit_stages
 from devinterp_jax.analysis.run_data import load_run
+from devinterp_jax.viz import stages as stages_viz
 
 
 def analyze_seeds(workdir: str, seeds: Sequence[int],
@@ -46,8 +47,8 @@ def analyze_seeds(workdir: str, seeds: Sequence[int],
   out = os.path.join(workdir, "seeds_report")
   paths.makedirs(out)
   labels = [f"seed {int(s)}" for s in seeds]
-  figure = stages.plot_seed_stages(per_seed, reference, os.path.join(out, "seed_stages.png"),
-                                   labels=labels)
+  figure = stages_viz.plot_seed_stages(per_seed, reference,
+                                       os.path.join(out, "seed_stages.png"), labels=labels)
   summary = {"seeds": [int(s) for s in seeds],
              "mean_curve": {"boundary_steps": list(reference.boundary_steps),
                             "boundary_kinds": list(reference.boundary_kinds),

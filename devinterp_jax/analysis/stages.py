@@ -60,8 +60,8 @@ with other SGLD seeds are scored separately (`seed_stability`).
 
 Multi-seed comparison (App. B.4): `compare_boundaries` matches each boundary of a
 reference fit (e.g. of the LLC averaged over seeds) to the nearest boundary of
-every seed in ln step and summarises the spread; `plot_seed_stages` draws one
-row per seed plus one for the reference.
+every seed in ln step and summarises the spread; `plot_seed_stages` (in
+`devinterp_jax.viz.stages`) draws one row per seed plus one for the reference.
 
 Usage on the `llc/llc.csv` of the main job (drop rows without a finite mean):
 
@@ -69,7 +69,9 @@ Usage on the `llc/llc.csv` of the main job (drop rows without a finite mean):
   ok = np.isfinite(t["llc_mean"])
   r = find_stage_boundaries(t["step"][ok], t["llc_mean"][ok], t["llc_sem"][ok])
   r.save(out_dir)
-  plot_stages(r, f"{out_dir}/stages.png", loss_steps=t["step"], loss=t["eval_loss"])
+  from devinterp_jax.viz.stages import plot_stages   # the figure lives in viz
+  plot_stages(r, f"{out_dir}/stages.png", loss_steps=t["step"], loss=t["eval_loss"],
+              error_bar="SEM")   # what llc_std holds here
 
 `llc_std` is the noise of the LLC *estimate* at each checkpoint: the standard
 error over chains fits that meaning; the std over chains is larger by √chains
@@ -96,7 +98,6 @@ from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 from threadpoolctl import threadpool_limits
 
 from devinterp_jax import atomic, paths
-from devinterp_jax.analysis.plots import save_figure
 
 ZERO_CROSSING = "zero_crossing"
 NEAR_PLATEAU = "near_plateau"
@@ -496,136 +497,6 @@ def find_stage_boundaries(
       settings=settings)
 
 
-def _plot_x(steps: np.ndarray) -> tuple[np.ndarray, str]:
-  """Plot coordinates of `steps` and the x scale ("log", or "symlog" with step 0)."""
-  steps = np.asarray(steps, dtype=float)
-  return steps, ("symlog" if np.any(steps <= 0) else "log")
-
-
-def _set_xscale(ax, scale: str) -> None:
-  if scale == "symlog":
-    ax.set_xscale("symlog", linthresh=1.0)
-  else:
-    ax.set_xscale("log")
-
-
-def _shade_stages(ax, result: StageBoundaries, label: bool) -> None:
-  colours = ("#dde8f5", "#f5eadd")
-  for i, stage in enumerate(result.stages):
-    ax.axvspan(stage["start_step"], stage["end_step"], color=colours[i % 2], alpha=0.6, lw=0,
-               zorder=0)
-    if label:
-      lo, hi = max(stage["start_step"], 1), max(stage["end_step"], 1)
-      ax.text(math.sqrt(lo * hi), 0.98, stage["label"], transform=ax.get_xaxis_transform(),
-              ha="center", va="top", fontsize=8, fontweight="bold")
-
-
-def _mark_boundaries(ax, result: StageBoundaries, annotate: bool = False, **kwargs) -> None:
-  """Dashed lines at the boundaries; with a stability analysis, stable boundaries
-  are solid and unstable ones dashed red, annotated "(unstable 0.55)" when
-  `annotate` (stable ones with their stability)."""
-  st = result.stability
-  for j, s in enumerate(result.boundary_steps):
-    style = dict(color="black", ls="--", lw=0.9, alpha=0.7)
-    if st is not None and j < len(st.stable):
-      style = (dict(color="black", ls="-", lw=1.0, alpha=0.8) if st.stable[j] else
-               dict(color="tab:red", ls="--", lw=1.3, alpha=0.9))
-    ax.axvline(s, **(style | kwargs))
-    if annotate and st is not None and j < len(st.stable):
-      text = f"{st.stability[j]:.2f}" if st.stable[j] else f"(unstable {st.stability[j]:.2f})"
-      ax.text(s, 0.90, text, transform=ax.get_xaxis_transform(), rotation=90,
-              ha="right", va="top", fontsize=7, color=style["color"],
-              bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
-
-
-def _mark_schedule(ax, result: StageBoundaries, legend: bool) -> None:
-  for f in result.schedule_features:
-    ax.axvline(int(f["step"]), color="tab:green", ls=":", lw=1.4, alpha=0.9,
-               label=f"{f['name']} (step {int(f['step'])})" if legend else None)
-
-
-def plot_stages(result: StageBoundaries, path: str, *, loss_steps=None, loss=None,
-                loss_label: str = "loss", title: str = "") -> str:
-  """Loss, LLC with the GP fit and stages, and the slope (paper Fig. 1 / B.2).
-
-  Top panel (only when `loss` is given): the loss, log-log. Middle: LLC mean ±
-  `llc_std` (labelled with `settings["error_bar"]`, default "SEM": the standard
-  error over chains) with the GP mean (± 2 posterior std), stages shaded and
-  labelled. Bottom: dλ̂/d ln t of the GP mean, the zero line and the ± tolerance
-  band. Boundaries are vertical lines on every panel: dashed without a stability
-  analysis; with one (`result.stability`), solid when stable and dashed red
-  "(unstable 0.55)" when not, and the title says whether the criterion passes.
-  Learning-rate schedule features (`schedule_features`) are dotted green lines.
-  Returns `path`.
-  """
-  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
-
-  with_loss = loss is not None
-  if with_loss and loss_steps is None:
-    raise ValueError("loss needs loss_steps")
-  rows = 3 if with_loss else 2
-  fig, axes = plt.subplots(rows, 1, figsize=(8, 2.6 * rows + 0.6), sharex=True,
-                           gridspec_kw={"height_ratios": [1] * (rows - 2) + [1.4, 1]})
-  ax_llc, ax_slope = axes[-2], axes[-1]
-  steps, scale = _plot_x(result.steps)
-  step_grid = np.expm1(result.x_grid)
-
-  if with_loss:
-    ax_loss = axes[0]
-    ls, lv = np.asarray(loss_steps, dtype=float), np.asarray(loss, dtype=float)
-    ax_loss.plot(ls, lv, color="tab:red", lw=1.2)
-    if np.all(lv[np.isfinite(lv)] > 0):
-      ax_loss.set_yscale("log")
-    ax_loss.set_ylabel(loss_label)
-    _shade_stages(ax_loss, result, label=False)
-    _mark_boundaries(ax_loss, result)
-    _mark_schedule(ax_loss, result, legend=False)
-    ax_loss.grid(alpha=0.3, which="both")
-
-  _shade_stages(ax_llc, result, label=True)
-  error_bar = result.settings.get("error_bar") or "SEM"
-  ax_llc.errorbar(steps, result.llc_mean, yerr=result.llc_std, fmt="o", ms=3,
-                  color="tab:blue", ecolor="tab:blue", elinewidth=0.8, capsize=1.5,
-                  label=r"$\hat\lambda$" + (f" ± {error_bar}" if result.llc_std is not None
-                                            else ""))
-  ax_llc.plot(step_grid, result.gp_mean_grid, color="black", lw=1.5, label="GP mean")
-  ax_llc.fill_between(step_grid, result.gp_mean_grid - 2 * result.gp_std_grid,
-                      result.gp_mean_grid + 2 * result.gp_std_grid, color="gray", alpha=0.25,
-                      lw=0, label="GP ± 2 posterior std")
-  _mark_boundaries(ax_llc, result, annotate=True)
-  _mark_schedule(ax_llc, result, legend=True)
-  lo = np.min(result.llc_mean - (result.llc_std if result.llc_std is not None else 0))
-  hi = np.max(result.llc_mean + (result.llc_std if result.llc_std is not None else 0))
-  pad = 0.12 * max(hi - lo, 1e-12)
-  ax_llc.set_ylim(lo - pad, hi + 2 * pad)  # room for the stage labels
-  ax_llc.set_ylabel(r"LLC $\hat\lambda$")
-  ax_llc.legend(loc="lower right", fontsize=7)
-  ax_llc.grid(alpha=0.3, which="both")
-
-  _shade_stages(ax_slope, result, label=False)
-  ax_slope.axhspan(-result.tolerance_used, result.tolerance_used, color="tab:green", alpha=0.2,
-                   lw=0, label=f"± tolerance ({result.tolerance_used:.3g})")
-  ax_slope.axhline(0.0, color="gray", lw=0.8)
-  ax_slope.plot(step_grid, result.slope_grid, color="tab:purple", lw=1.3)
-  ax_slope.plot(steps, result.slope, "o", ms=3, color="tab:purple")
-  _mark_boundaries(ax_slope, result)
-  _mark_schedule(ax_slope, result, legend=False)
-  ax_slope.set_ylabel(r"$d\hat\lambda / d\ln t$")
-  ax_slope.set_xlabel("training step")
-  ax_slope.legend(loc="upper right", fontsize=7)
-  ax_slope.grid(alpha=0.3, which="both")
-  _set_xscale(ax_slope, scale)
-  ax_slope.set_xlim(steps[0], steps[-1])
-  title = title or "LLC stages"
-  if result.stability is not None:
-    st = result.stability
-    title += (f"\nstability criterion {'passes' if st.passes else 'FAILS'} (target "
-              f"{st.target:.2f}, {st.num_fits} resamples)")
-  axes[0].set_title(title, fontsize=10)
-  fig.tight_layout()
-  return save_figure(fig, path)
-
-
 def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoundaries, *,
                        max_log_distance: float = math.log(3.0)) -> list[dict[str, Any]]:
   """Matches every reference boundary to the nearest boundary of each seed (App. B.4).
@@ -678,49 +549,6 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
         "log_step_std": float(lm.std()) if m.size else None,
     })
   return out
-
-
-def plot_seed_stages(per_seed: Sequence[StageBoundaries], reference: StageBoundaries, path: str,
-                     labels: Sequence[str] | None = None, title: str = "") -> str:
-  """One row per seed plus one for the reference: LLC, GP mean and boundaries.
-
-  Each row shades and marks (dashed black) its own stages; the reference
-  boundaries are drawn dotted red on every row so the spread is visible.
-  Returns `path`.
-  """
-  import matplotlib.pyplot as plt  # plots.py has selected the Agg backend
-
-  if labels is not None and len(labels) != len(per_seed):
-    raise ValueError(f"{len(labels)} labels for {len(per_seed)} seeds")
-  results = list(per_seed) + [reference]
-  names = list(labels) if labels is not None else [f"seed {i}" for i in range(len(per_seed))]
-  names.append("reference")
-  fig, axes = plt.subplots(len(results), 1, figsize=(8, 1.7 * len(results) + 0.8), sharex=True,
-                           squeeze=False)
-  axes = axes[:, 0]
-  scale = "log"
-  for ax, result, name in zip(axes, results, names):
-    steps, row_scale = _plot_x(result.steps)
-    scale = "symlog" if row_scale == "symlog" else scale
-    _shade_stages(ax, result, label=True)
-    ax.errorbar(steps, result.llc_mean, yerr=result.llc_std, fmt="o", ms=2.5, color="tab:blue",
-                elinewidth=0.7, capsize=0)
-    ax.plot(np.expm1(result.x_grid), result.gp_mean_grid, color="black", lw=1.2)
-    _mark_boundaries(ax, reference, color="tab:red", ls=":", lw=1.4, alpha=0.9)
-    _mark_boundaries(ax, result)
-    lo, hi = float(np.min(result.llc_mean)), float(np.max(result.llc_mean))
-    pad = 0.12 * max(hi - lo, 1e-12)
-    ax.set_ylim(lo - pad, hi + 2.5 * pad)
-    ax.set_ylabel(name, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-  _set_xscale(axes[-1], scale)
-  lo = min(float(r.steps[0]) for r in results)
-  hi = max(float(r.steps[-1]) for r in results)
-  axes[-1].set_xlim(lo if scale == "symlog" else max(lo, 1.0), hi)
-  axes[-1].set_xlabel("training step")
-  axes[0].set_title(title or "LLC stages per seed (dotted red: reference boundaries)")
-  fig.tight_layout()
-  return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -102,11 +102,3 @@ def make_dataset(key: jax.Array, task: RegressionTask, num_samples: int,
     size = min(chunk_size, num_samples - start)
     parts.append(sample_batch(jax.random.fold_in(key, c), task, size))
   return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-
-def to_tokens(xs_BxKxD: jax.Array, ys_BxK: jax.Array) -> jax.Array:
-  """Interleaves x-tokens [0, x] and y-tokens [y, 0…0]: [B, 2K, D + 1]."""
-  B, K, D = xs_BxKxD.shape
-  x_tok = jnp.concatenate([jnp.zeros((B, K, 1), xs_BxKxD.dtype), xs_BxKxD], -1)
-  y_tok = jnp.concatenate([ys_BxK[..., None], jnp.zeros((B, K, D), ys_BxK.dtype)], -1)
-  return jnp.stack([x_tok, y_tok], axis=2).reshape(B, 2 * K, D + 1)

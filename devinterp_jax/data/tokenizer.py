@@ -19,6 +19,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from devinterp_jax import atomic
+from devinterp_jax.data import documents
 
 DEFAULT_BOS = "<|BOS|>"
 # Tried in order by `load_tokenizer(path)` when no bos_token is given.
@@ -79,12 +80,11 @@ def load_tokenizer(path: str | os.PathLike, bos_token: str | None = None) -> Tex
 
 
 def _texts(texts_or_files: Iterable[str | os.PathLike], text_field: str) -> Iterator[str]:
-  from devinterp_jax.data import lm_dataset  # pylint: disable=g-import-not-at-top
   for item in texts_or_files:
     if isinstance(item, str):
       yield item
     elif isinstance(item, os.PathLike):
-      yield from lm_dataset.read_documents(item, text_field=text_field)
+      yield from documents.read_documents(item, text_field=text_field)
     else:
       raise ValueError(f"train_bpe takes texts (str) and files (os.PathLike, e.g. "
                        f"pathlib.Path), got {type(item).__name__}")
@@ -97,7 +97,7 @@ def train_bpe(texts_or_files: Iterable[str | os.PathLike], vocab_size: int,
 
   Items of `texts_or_files` that are `str` are texts; `os.PathLike` items
   (e.g. `pathlib.Path`) are .txt / .jsonl / .parquet files read as documents
-  by `lm_dataset.read_documents`. The vocabulary holds BOS, the 256 byte
+  by `documents.read_documents`. The vocabulary holds BOS, the 256 byte
   tokens and merges; it can come out smaller when the corpus has too few
   distinct pairs of frequency >= `min_frequency`.
   """

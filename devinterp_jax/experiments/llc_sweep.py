@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from devinterp_jax import atomic, config_checks
-from devinterp_jax.analysis import plots, report
+from devinterp_jax.analysis import report
 from devinterp_jax.experiments import registry
 from devinterp_jax.sampling import calibration, convergence
 from devinterp_jax.sampling import llc as llc_lib
@@ -35,6 +35,7 @@ from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import digest
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
+from devinterp_jax.viz import llc as llc_viz
 
 
 _SAMPLER_FIELDS = {
@@ -216,7 +217,8 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
   c, cal = config.llc, config.calibration
   logging.info("Calibrating on steps %s: %d step sizes × %d nβ × %d γ", picked,
                len(cal.step_sizes), len(cal.nbetas), len(cal.localizations))
-  return calibration.calibrate(
+  out = os.path.join(workdir, "calibration")
+  result = calibration.calibrate(
       model.loss, checkpoints, dataset,
       step_sizes=cal.step_sizes, nbetas=cal.nbetas, localizations=cal.localizations,
       num_chains=cal.num_chains, num_draws=cal.num_draws, batch_size=c.batch_size,
@@ -225,9 +227,11 @@ def calibrate_workdir(config: ml_collections.ConfigDict, workdir: str, model,
       sampler=samplers_lib.from_config(c), mala_band=tuple(cal.mala_band),
       disqualify=tuple(cal.disqualify), margin_se=float(cal.get("margin_se", 2.0)),
       checkpoint_ids=[f"step {s}" for s in picked], chain_strategy=c.chain_strategy,
-      output_dir=os.path.join(workdir, "calibration"), mesh=parse_mesh(c.get("mesh", "auto")),
+      output_dir=out, mesh=parse_mesh(c.get("mesh", "auto")),
       compute_dtype=c.get("compute_dtype") or None,
       matmul_precision=c.get("matmul_precision") or None)
+  llc_viz.plot_calibration(result, out)
+  return result
 
 
 @lock.holding
@@ -255,14 +259,14 @@ def write_results(workdir: str, steps: np.ndarray, result: LLCResult,
             "window_start,convergence,llc_own,mcse_own,rhat,drift_z,burnin_own,num_recorded")
   rows = [",".join([str(int(row[0]))] + [repr(float(v)) for v in row[1:]]) for row in columns]
   atomic.write_text(os.path.join(out, "llc.csv"), "\n".join([header, *rows]) + "\n")
-  plots.plot_llc_curve(steps, result.llc_mean, result.llc_std,
-                       [s for s, r in metrics.items() if "eval_loss" in r],
-                       [r["eval_loss"] for r in metrics.values() if "eval_loss" in r],
-                       os.path.join(workdir, "llc_curve.png"), loss_label=loss_label,
-                       title=title)
-  plots.plot_llc_traces(result, os.path.join(workdir, "llc_traces.png"),
-                        labels=[f"step {int(s)}" for s in steps],
-                        title="LLC traces per chain (colour: health status)")
+  llc_viz.plot_llc_curve(steps, result.llc_mean, result.llc_std,
+                         [s for s, r in metrics.items() if "eval_loss" in r],
+                         [r["eval_loss"] for r in metrics.values() if "eval_loss" in r],
+                         os.path.join(workdir, "llc_curve.png"), band_label="std over chains",
+                         loss_label=loss_label, title=title)
+  llc_viz.plot_llc_traces(result, os.path.join(workdir, "llc_traces.png"),
+                          labels=[f"step {int(s)}" for s in steps],
+                          title="LLC traces per chain (colour: health status)")
   check = None
   if config is not None and "calibration" in config:
     cal = config.calibration

@@ -46,6 +46,7 @@ from devinterp_jax.sampling import settings as settings_lib
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import lock
+from devinterp_jax.viz import heads as heads_viz
 
 
 def refined_name(restrict: str = "", data: str = "", loss_data: str = "") -> str:
@@ -158,7 +159,7 @@ def write_refined(workdir: str, name: str, steps: np.ndarray, names: list[str] |
   atomic.write_text(os.path.join(out, "refined.csv"), "\n".join(lines) + "\n")
   if names and len(names) > 1:
     ok = np.all(np.isfinite(mean), axis=0)
-    heads_analysis.plot_head_trajectories(
+    heads_viz.plot_head_trajectories(
         steps, mean, labels, sem_RxN=sem, boundaries=boundaries,
         path=os.path.join(out, "trajectories.png"),
         title=f"Refined LLC per restriction ({name})")

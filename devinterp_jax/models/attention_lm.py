@@ -45,7 +45,7 @@ keys lose positional information; `pos_ablated_loss` is the paper's
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -54,8 +54,8 @@ import numpy as np
 
 from devinterp_jax.models import attention_core
 from devinterp_jax.models.regression_transformer import param_count
+from devinterp_jax.typing import Params
 
-Params = Any
 __all__ = ["AttentionOnlyLM", "ShortformerAttention", "Block", "param_count"]
 
 

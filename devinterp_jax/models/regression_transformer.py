@@ -31,16 +31,21 @@ embedded in D), so that Σ_h contrib equals the attention block's output.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from devinterp_jax.data.regression import to_tokens
 from devinterp_jax.models import attention_core
+from devinterp_jax.typing import Params
 
-Params = Any
+
+def to_tokens(xs_BxKxD: jax.Array, ys_BxK: jax.Array) -> jax.Array:
+  """The model's input sequence: x-tokens [0, x] and y-tokens [y, 0…0] interleaved,
+  [B, 2K, D + 1] (the model owns its tokenization; the data are (xs, ys) only)."""
+  B, K, D = xs_BxKxD.shape
+  x_tok = jnp.concatenate([jnp.zeros((B, K, 1), xs_BxKxD.dtype), xs_BxKxD], -1)
+  y_tok = jnp.concatenate([ys_BxK[..., None], jnp.zeros((B, K, D), ys_BxK.dtype)], -1)
+  return jnp.stack([x_tok, y_tok], axis=2).reshape(B, 2 * K, D + 1)
 
 
 def torch_uniform(fan_in: int):

@@ -42,7 +42,6 @@ import jax
 import numpy as np
 
 from devinterp_jax import atomic
-from devinterp_jax.analysis import plots
 from devinterp_jax.sampling import diagnostics
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import samplers as samplers_lib
@@ -113,7 +112,8 @@ class CalibrationResult:
     return "\n".join(rows)
 
   def save(self, directory: str) -> None:
-    """calibration.json, calibration.md, and the figures, written atomically."""
+    """calibration.json and calibration.md, written atomically. The figures are the
+    caller's: `devinterp_jax.viz.llc.plot_calibration(result, directory)`."""
     atomic.write_text(os.path.join(directory, "calibration.json"),
                       json.dumps(self.to_json(), indent=2))
     rec = self.recommended
@@ -121,7 +121,6 @@ class CalibrationResult:
                                if rec else "none of the grid passes") + "\n\n")
     atomic.write_text(os.path.join(directory, "calibration.md"),
                       "# LLC calibration\n\n" + head + self.table() + "\n")
-    plot_calibration(self, directory)
 
 
 def _mean_acceptance(res: LLCResult) -> np.ndarray:
@@ -189,8 +188,9 @@ def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: A
   `checkpoints` is a list of param pytrees (e.g. the earliest and the latest
   of a run) or a stacked pytree; the other arguments are as for
   `estimate_llcs`; `mesh` may shard the grid points on a "grid" axis
-  (`sampling/mesh.py`). With `output_dir`, writes calibration.json, calibration.md
-  and the figures there.
+  (`sampling/mesh.py`). With `output_dir`, writes calibration.json and calibration.md
+  there (`CalibrationResult.save`); draw the figures with
+  `devinterp_jax.viz.llc.plot_calibration(result, output_dir)`.
   """
   step_sizes = np.asarray(sorted(step_sizes), np.float64)
   nbetas = np.asarray(nbetas, np.float64)
@@ -307,64 +307,3 @@ def check_settings(result: LLCResult, indices: Sequence[int] | None = None,
   return {"passes": not reasons, "reasons": reasons, "mala_acceptance": acc.tolist(),
           "mala_se": np.asarray(se).tolist(), "indices": [int(i) for i in indices],
           "margin_se": margin_se, "mala_band": list(mala_band), "disqualify": list(disqualify)}
-
-
-def plot_calibration(result: CalibrationResult, directory: str) -> list[str]:
-  """calibration_llc_vs_step_size.png and calibration_traces.png."""
-  plt = plots.plt
-  E, B, G, N = result.llc_mean.shape
-  paths = []
-  fig, axes = plt.subplots(2, N, figsize=(4.5 * N, 7), squeeze=False)
-  for n in range(N):
-    ax, ax_acc = axes[0, n], axes[1, n]
-    for j, k in itertools.product(range(B), range(G)):
-      label = f"nβ={result.nbetas[j]:.4g}" + (f", γ={result.localizations[k]:.4g}" if G > 1 else "")
-      m, s = result.llc_mean[:, j, k, n], result.llc_std[:, j, k, n]
-      line, = ax.plot(result.step_sizes, m, marker="o", label=label)
-      ax.fill_between(result.step_sizes, m - s, m + s, color=line.get_color(), alpha=0.2)
-      fail = ~result.passes[:, j, k]
-      ax.scatter(result.step_sizes[fail], m[fail], facecolors="white",
-                 edgecolors=line.get_color(), zorder=3, s=40)
-      se = (result.mala_se[:, j, k, n] if result.mala_se is not None
-            else np.zeros(len(result.step_sizes)))
-      ax_acc.errorbar(result.step_sizes, result.mala_acceptance[:, j, k, n],
-                      yerr=result.margin_se * np.nan_to_num(se), marker="o", capsize=2,
-                      color=line.get_color(), label=label + f" (±{result.margin_se:g} SE)")
-    rec = result.recommended
-    if rec:
-      for a in (ax, ax_acc):
-        a.axvline(rec["step_size"], color="black", ls="--", lw=1, label="recommended ε")
-    ax_acc.axhspan(*result.mala_band, color="tab:green", alpha=0.1,
-                   label=f"{result.step_check} band")
-    for a in (ax, ax_acc):
-      a.set_xscale("log")
-      a.grid(alpha=0.3)
-      a.set_xlabel("step size ε")
-    ax.set_ylabel(r"$\hat\lambda$ (hollow: fails)")
-    ax_acc.set_ylabel(f"{result.step_check} acceptance")
-    ax.set_title(f"checkpoint {result.checkpoint_ids[n]}", fontsize=9)
-    ax.legend(fontsize=7)
-    ax_acc.legend(fontsize=7)
-  fig.suptitle(f"Calibration: final LLC and {result.step_check} acceptance vs step size")
-  fig.tight_layout()
-  paths.append(plots.save_figure(fig, os.path.join(directory, "calibration_llc_vs_step_size.png")))
-
-  fig, axes = plt.subplots(B * G, N, figsize=(4.5 * N, 3.2 * B * G), squeeze=False)
-  draws = np.arange(1, result.llc_trace_mean.shape[-1] + 1)
-  cmap = plt.get_cmap("viridis")
-  for (row, (j, k)), n in itertools.product(
-      enumerate(itertools.product(range(B), range(G))), range(N)):
-    ax = axes[row, n]
-    for i in range(E):
-      ax.plot(draws, result.llc_trace_mean[i, j, k, n], color=cmap(i / max(E - 1, 1)),
-              ls="-" if result.passes[i, j, k] else ":", label=f"ε={result.step_sizes[i]:.3g}")
-    ax.set_title(f"checkpoint {result.checkpoint_ids[n]}, nβ={result.nbetas[j]:.4g}, "
-                 f"γ={result.localizations[k]:.4g}", fontsize=8)
-    ax.set_xlabel("draw")
-    ax.set_ylabel(r"running mean $\hat\lambda_t$")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  fig.suptitle("Calibration: online LLC (mean over chains; dotted: fails)")
-  fig.tight_layout()
-  paths.append(plots.save_figure(fig, os.path.join(directory, "calibration_traces.png")))
-  return paths

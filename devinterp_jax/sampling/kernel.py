@@ -21,9 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from devinterp_jax.sampling import restrict as restrict_lib
-
-Params = Any
-LossFn = Callable[[Params, Any], jax.Array]
+from devinterp_jax.typing import LossFn, Params
 
 
 class StepInfo(NamedTuple):

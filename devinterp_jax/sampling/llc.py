@@ -42,9 +42,8 @@ from devinterp_jax.sampling.program import cache_stats, clear_cache
 from devinterp_jax.sampling.settings import (MALA_TARGETS, Restrictions, SamplerSettings,
                                              SweepOptions)
 from devinterp_jax.sampling.sweep import ChunkError, sweep_identity
+from devinterp_jax.typing import LossFn, Params
 
-Params = Any
-LossFn = Callable[[Params, Any], jax.Array]
 SamplerFactory = Callable[..., optax.GradientTransformationExtraArgs]
 __all__ = ["MALA_TARGETS", "ChunkError", "Restrictions", "SamplerSettings", "SweepOptions",
            "batch_fn_from_data", "cache_stats", "clear_cache", "estimate", "estimate_llc",

@@ -25,13 +25,13 @@ Selectors (all return a mask tree for one params pytree):
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from devinterp_jax.typing import Params
 
-Params = Any
 # Leaf name -> head axis, in the models' explicit-head-axis convention.
 HEAD_AXES = {"w_q": 1, "w_k": 1, "w_v": 1, "w_o": 0, "b_q": 0, "b_k": 0, "b_v": 0}
 

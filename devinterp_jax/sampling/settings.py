@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 from devinterp_jax.sampling import restrict as restrict_lib
+from devinterp_jax.typing import Params
 
-Params = Any
 
 # What the MALA acceptance diagnostic tests (`SamplerSettings.mala_target`):
 #   'posterior': the sampled potential nβ L_B + (γ/2)‖w − w*‖², the proposal the chain made;

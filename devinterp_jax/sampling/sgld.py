@@ -40,8 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from devinterp_jax.sampling import restrict as restrict_lib
-
-Params = Any
+from devinterp_jax.typing import Params
 
 
 class SGLDState(NamedTuple):

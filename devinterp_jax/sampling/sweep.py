@@ -47,8 +47,7 @@ from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.settings import AUTO, Restrictions, SamplerSettings, SweepOptions
 from devinterp_jax.storage import chunks as chunks_lib
 from devinterp_jax.storage import digest as digest_lib
-
-Params = Any
+from devinterp_jax.typing import Params
 
 
 class ChunkError(ValueError):

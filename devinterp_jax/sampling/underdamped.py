@@ -84,8 +84,7 @@ import optax
 
 from devinterp_jax.sampling import restrict as restrict_lib
 from devinterp_jax.sampling.sgld import potential_grad, tree_norm, tree_normal_like
-
-Params = Any
+from devinterp_jax.typing import Params
 
 
 class SGHMCState(NamedTuple):

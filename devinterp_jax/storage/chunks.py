@@ -9,12 +9,11 @@ analysis metrics (behaviour, structure, Hessian) all batch this way.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-
-Params = Any
+from devinterp_jax.typing import Params
 
 
 def stack(trees: Sequence[Params], first_index: int = 0) -> Params:

@@ -55,9 +55,7 @@ from devinterp_jax.progress import Progress
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock
 from devinterp_jax.storage import run_log
-
-Params = Any
-LossFn = Callable[[Params, Any], jax.Array]
+from devinterp_jax.typing import LossFn, Params
 
 
 class TrainState(NamedTuple):
