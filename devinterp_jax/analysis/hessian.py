@@ -40,9 +40,8 @@ from absl import logging
 from jax.flatten_util import ravel_pytree
 
 from devinterp_jax.storage import chunks
+from devinterp_jax.typing import LossFn, Params
 
-Params = Any
-LossFn = Callable[[Params, Any], jax.Array]
 MatVec = Callable[[jax.Array], jax.Array]
 
 # Key offsets used by `hessian_stats`: the Hutchinson probes use

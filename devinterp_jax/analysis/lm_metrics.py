@@ -108,8 +108,8 @@ import numpy as np
 from devinterp_jax.analysis.lr_behaviour import map_checkpoints
 from devinterp_jax.analysis.lr_structure import head_name
 from devinterp_jax.data.synthetic_text import BOS_ID
+from devinterp_jax.typing import Params
 
-Params = Any
 NGRAM_ORDERS: tuple[int, ...] = (2, 3, 4)
 PREV_TOKEN_LENGTH = 64    # probe length cap (paper: lengths 16–64)
 PREFIX_LENGTH = 128       # probe length cap (paper: 128)

@@ -61,8 +61,8 @@ import numpy as np
 from devinterp_jax.data.regression import RegressionTask, sample_batch
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.storage import chunks
+from devinterp_jax.typing import Params
 
-Params = Any
 DEFAULT_GAINS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
 _DMMSE_CHUNK_ELEMENTS = 1 << 24  # B·K·M elements per dMMSE block (float64)
 

@@ -91,8 +91,8 @@ import numpy as np
 from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.typing import Params
 
-Params = Any
 QUERY_TYPES: tuple[str, ...] = ("", "x", "y")  # name suffixes: all, x-token, y-token queries
 ATTENTION_SCORES: tuple[str, ...] = ("entropy", "variability", "self", "prev_token", "prev_x",
                                      "prev_y", "x_mass", "y_mass")

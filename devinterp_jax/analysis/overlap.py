@@ -62,8 +62,8 @@ import numpy as np
 from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
+from devinterp_jax.typing import Params
 
-Params = Any
 HeadActivationsFn = Callable[[Params, Any], Mapping[str, jax.Array]]
 AblatedLossFn = Callable[[Params, Any, jax.Array, jax.Array], jax.Array]
 DEFAULT_ATOL = 1e-6
