@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import shutil
 from typing import IO, Any
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -74,11 +73,6 @@ def dirname(path: str | os.PathLike) -> str:
   if is_local(path):
     return os.path.dirname(os.path.abspath(_local(path)))
   return posixpath.dirname(absolute(path))
-
-
-def basename(path: str | os.PathLike) -> str:
-  return posixpath.basename(absolute(path)) if not is_local(path) else os.path.basename(
-      os.path.abspath(_local(path)))
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -141,16 +135,6 @@ def remove(path: str | os.PathLike) -> None:
     p = _remote(path)
     if p.exists():
       p.unlink()
-
-
-def rmtree(path: str | os.PathLike) -> None:
-  """Removes a directory tree; a missing one is not an error."""
-  if is_local(path):
-    shutil.rmtree(_local(path), ignore_errors=True)
-  else:
-    p = _remote(path)
-    if p.exists():
-      p.rmtree()
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, Any]:
