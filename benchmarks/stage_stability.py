@@ -46,9 +46,10 @@ def _max_shift(steps: np.ndarray, a: list[int], b: list[int]) -> dict:
 def main(argv):
   del argv
   quiet_orbax_logs()
-  run = load_run(_WORKDIR.value)
+  run = load_run(_WORKDIR.value, icl_regression.SETTING)
+  run_llc = run.require_llc()
   config = ml_collections.ConfigDict(run.config.to_dict())
-  options = report.default_options()   # today's stage options (the run may predate them)
+  options = report.default_options(icl_regression.SETTING)   # today's stage options (the run may predate them)
   base = report.stage_boundaries(run, options)
   rows = {"workdir": os.path.abspath(_WORKDIR.value), "sgld_seed": int(config.llc.seed),
           "boundary_steps": list(base.boundary_steps), "other_seeds": []}
@@ -64,12 +65,12 @@ def main(argv):
                               options, num_valid_chains=result.num_valid_chains)
     entry = {"sgld_seed": seed, "boundary_steps": list(other.boundary_steps),
              "llc_mean": result.llc_mean.tolist(),
-             "max_abs_llc_difference": float(np.max(np.abs(result.llc_mean - run.llc.llc_mean))),
+             "max_abs_llc_difference": float(np.max(np.abs(result.llc_mean - run_llc.llc_mean))),
              **_max_shift(run.steps, list(base.boundary_steps), list(other.boundary_steps))}
     rows["other_seeds"].append(entry)
     logging.info("SGLD seed %d: boundaries %s vs %s (max shift %s checkpoints)", seed,
                  entry["boundary_steps"], rows["boundary_steps"], entry["max_shift_checkpoints"])
-  stability = report.stage_stability(run.steps, run.llc, base, options,
+  stability = report.stage_stability(run.steps, run_llc, base, options,
                                      seed_results=seed_results or None)
   rows["stability"] = stability.to_dict()
   logging.info("Stability: %s", stability.summary())

@@ -53,3 +53,9 @@ class HeadModel(Protocol):
                    head_mean_LxTxHxE: jax.Array) -> jax.Array:
     """The loss with the heads where `head_keep` is 0 replaced by their mean output."""
     ...
+
+
+def head_name(layer: int, head: int, query_type: str = "") -> str:
+  """"L{layer}H{head}{query_type}", 0-indexed: the one naming of heads (the LR's
+  query types are "x" and "y")."""
+  return f"L{layer}H{head}{query_type}"

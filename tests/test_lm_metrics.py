@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from devinterp_jax.analysis import lm_metrics as lm
+from devinterp_jax.experiments.lm import metrics as lm
 from devinterp_jax.data import synthetic_text
 from devinterp_jax.data.synthetic_text import BOS_ID, ProseCorpus
 from devinterp_jax.models.attention_lm import AttentionOnlyLM

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from devinterp_jax.analysis import lr_behaviour as lb
-from devinterp_jax.analysis import lr_structure as ls
+from devinterp_jax.analysis import batching
+from devinterp_jax.experiments.icl_regression import behaviour as lb
+from devinterp_jax.experiments.icl_regression import structure as ls
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.viz import lr as lr_viz
@@ -91,11 +92,11 @@ def test_structure_chunked_equals_single(ckpts, structure3):
 
 def test_map_checkpoints_rejects_bad_input(ckpts):
   with pytest.raises(TypeError):
-    lb.map_checkpoints(lambda p, d: {"a": p["pos_embed"].sum()}, ckpts[0])
+    batching.map_checkpoints(lambda p, d: {"a": p["pos_embed"].sum()}, ckpts[0])
   bad = _copy(ckpts[1])
   bad["pos_embed"] = bad["pos_embed"][:, :8]
   with pytest.raises(ValueError, match="checkpoint 1"):
-    lb.map_checkpoints(lambda p, d: {"a": p["pos_embed"].sum()}, [ckpts[0], bad])
+    batching.map_checkpoints(lambda p, d: {"a": p["pos_embed"].sum()}, [ckpts[0], bad])
 
 
 # ----------------------------------------------------------------------------

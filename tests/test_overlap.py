@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from devinterp_jax.analysis import overlap
+from devinterp_jax.experiments.icl_regression import behaviour as lr_behaviour
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import to_tokens
 from devinterp_jax.models.regression_transformer import RegressionTransformer
@@ -335,12 +336,12 @@ def test_over_checkpoints_regression_transformer(tmp_path):
 
 def test_lr_overlap_builds_the_evaluation_batch():
   # Two checkpoints and 32 sequences: the shapes (and program) of the test above.
-  metrics, names = overlap.lr_overlap(MODEL, [_params(1, head_scale=3.0), _params(2)], TASK,
+  metrics, names = lr_behaviour.lr_overlap(MODEL, [_params(1, head_scale=3.0), _params(2)], TASK,
                                       jax.random.key(0), batch_size=32)
   assert names == ["L0H0", "L0H1", "L1H0", "L1H1"]
   assert metrics["overlap"].shape == (2, 4, 4) and np.isfinite(metrics["clean_loss"]).all()
   with pytest.raises(ValueError, match="does not fit"):
-    overlap.lr_overlap(MODEL, [_params(1)], RegressionTask(task_size=3), jax.random.key(0))
+    lr_behaviour.lr_overlap(MODEL, [_params(1)], RegressionTask(task_size=3), jax.random.key(0))
 
 
 def _overlap_run(R=8, C=5):

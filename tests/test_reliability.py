@@ -25,7 +25,9 @@ import devinterp_jax as dj
 from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import report
 from devinterp_jax.analysis.run_data import load_run
+from devinterp_jax.analysis import sections
 from devinterp_jax.experiments import icl_regression
+from devinterp_jax.experiments.icl_regression.setting import SETTING as LR
 from devinterp_jax.sampling import llc as llc_lib
 from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.storage import checkpoints as checkpointing
@@ -304,7 +306,7 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path,
     with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid} on host"):
       icl_regression.train(config, workdir)
     with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid}"):
-      report.analyze(workdir, config.analysis)
+      report.analyze(workdir, LR, config.analysis)
     copied = copy_run(workdir, tmp_path, "copied")    # its .lock names the live holder
     icl_regression.train(config, copied)
     assert "the lock file was copied from another workdir" in caplog.text
@@ -423,7 +425,7 @@ def test_report_leaves_out_a_single_chain_checkpoint_and_names_it(swept, tmp_pat
   config, src, steps, result = swept
   workdir = copy_run(src, tmp_path)
   _one_chain_at(result, 2).save(os.path.join(workdir, "llc", "llc.npz"))
-  summary = report.analyze(workdir, lean_analysis(tiny_config()))
+  summary = report.analyze(workdir, LR, lean_analysis(tiny_config()))
   bad = int(steps[2])
   assert summary["excluded_checkpoints"] == [bad] and summary["stages_fitted"]
   stages_json = json.load(open(os.path.join(workdir, "report", "stages.json")))
@@ -547,7 +549,7 @@ def test_torn_last_log_line_is_dropped_and_the_run_resumes(trained, tmp_path, ca
   icl_regression.train(config, workdir)
   assert open(run_log.metrics_path(workdir)).read().endswith("}\n")
   assert run_log.read_metrics(workdir) == rows
-  assert load_run(workdir, require_llc=False).log == rows
+  assert load_run(workdir, LR, require_llc=False).log == rows
 
 
 def test_damaged_log_line_in_the_middle_names_file_and_line(trained, tmp_path):
@@ -764,16 +766,16 @@ def test_a_crash_while_writing_the_report_leaves_the_old_report(swept, tmp_path,
   """Item 10: the report directory is written aside and swapped in whole."""
   config, src, _, _ = swept
   workdir = copy_run(src, tmp_path)
-  report.analyze(workdir, lean_analysis(tiny_config()))
+  report.analyze(workdir, LR, lean_analysis(tiny_config()))
   out = os.path.join(workdir, "report")
   before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
 
   def crash(*a, **k):
     raise RuntimeError("killed mid-report")
 
-  monkeypatch.setattr(report, "compute_metrics", crash)   # after stages.json was written
+  monkeypatch.setattr(sections.Context, "checkpoints", crash)   # after stages.json was written
   with pytest.raises(RuntimeError, match="killed mid-report"):
-    report.analyze(workdir, lean_analysis(tiny_config()))
+    report.analyze(workdir, LR, lean_analysis(tiny_config()))
   assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
   assert not [e for e in os.listdir(workdir) if e.startswith(".report")]
 
@@ -785,7 +787,7 @@ def test_report_refuses_to_replace_a_directory_that_is_not_a_report(swept, tmp_p
   other.mkdir()
   (other / "mine.txt").write_text("keep me")
   with pytest.raises(ValueError, match="refusing to replace .*notes.*no report.json"):
-    report.analyze(src, config.analysis, out_dir=str(other))
+    report.analyze(src, LR, config.analysis, out_dir=str(other))
   assert (other / "mine.txt").read_text() == "keep me"
 
 

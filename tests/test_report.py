@@ -125,16 +125,28 @@ def test_milestones_order_task_prior_before_icl():
              "mse": np.array([5.0, 4.2, 4.1, 2.0, 1.0]),
              "prior_loss_k1": np.full(5, 4.1),
              "icl_1_4": np.array([0.0, 0.0, -0.1, -1.5, -2.0])}
-  marks = report.milestones(steps, columns, b)
+  from devinterp_jax.experiments.icl_regression import sections as lr_sections
+  stage_of = lambda t: next(s["label"] for s in b.stages if s["start_step"] <= t <= s["end_step"])
+  marks = lr_sections.milestones(steps, columns, stage_of)
+  assert marks["task_prior"]["stage"] == stage_of(100)
+  assert any("Task-prior stage before the ICL stage: **yes**" in line
+             for line in lr_sections.milestone_lines(marks))
   assert marks["task_prior"]["step"] == 100
   assert marks["icl_onset"]["step"] == 1000       # first step below half the total fall
   assert marks["task_prior_before_icl"] is True
 
 
-def test_analysis_never_imports_training_code():
-  code = ("import sys; import devinterp_jax.analysis.report, devinterp_jax.analysis.seeds; "
-          "bad = [m for m in sys.modules if m.startswith(('devinterp_jax.training', "
-          "'devinterp_jax.experiments'))]; print(bad); sys.exit(1 if bad else 0)")
+@pytest.mark.parametrize("name", sorted(__import__(
+    "devinterp_jax.experiments.registry", fromlist=["SETTINGS"]).SETTINGS))
+def test_no_settings_analysis_imports_training_code(name):
+  """The report of every setting (the generic analysis, the setting's `SETTING`, its
+  sections and options) loads no training code and no pipeline."""
+  code = ("import sys; import devinterp_jax.analysis.report as r, devinterp_jax.analysis.seeds; "
+          "from devinterp_jax.experiments import registry; "
+          f"s = registry.setting({name!r}); r.validate_options(r.default_options(s), 'a', s); "
+          "bad = [m for m in sys.modules if m.startswith('devinterp_jax.training') or "
+          "m.endswith(('.pipeline', '.llc_sweep', '.launcher', '.refined'))]; "
+          "print(bad); sys.exit(1 if bad else 0)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.returncode == 0, out.stdout + out.stderr
 
@@ -147,18 +159,21 @@ def test_options_for_run_start_from_the_runs_config_and_apply_overrides(tmp_path
   from devinterp_jax.storage import run_log
   config = lm_config.get_config("runlocal")
   run_log.check_config(str(tmp_path), config.to_json(sort_keys=True))
-  options = report.options_for_run(str(tmp_path))
+  from devinterp_jax.experiments import registry
+  lm = registry.setting("lm")
+  options = report.options_for_run(str(tmp_path), setting=lm)
   assert options.stages.tolerance == 0.05 and not options.hessian.enabled
+  assert tuple(options.sections) == lm.default_sections
   assert options.lm.icl_positions == (0.05, 0.5)       # LM-only options survive JSON
-  options = report.options_for_run(str(tmp_path), {"stages.n_restarts": 3})
+  options = report.options_for_run(str(tmp_path), {"stages.n_restarts": 3}, lm)
   assert options.stages.n_restarts == 3 and not options.hessian.enabled
-  assert options.behaviour.gains == report.default_options().behaviour.gains   # tuple kept
+  assert "behaviour" not in options       # the LR's sections are not the LM run's
   # The LM config turns the Hessian off; True is the default, and still applies.
   assert report.default_options().hessian.enabled
-  options = report.options_for_run(str(tmp_path), {"hessian.enabled": True})
+  options = report.options_for_run(str(tmp_path), {"hessian.enabled": True}, lm)
   assert options.hessian.enabled
   with pytest.raises(config_checks.ConfigError, match="config.lm.nope"):
-    report.options_for_run(str(tmp_path), {"lm.nope": 1})
+    report.options_for_run(str(tmp_path), {"lm.nope": 1}, lm)
 
 
 def test_analyze_flag_passes_exactly_the_given_overrides(tmp_path):
@@ -179,7 +194,8 @@ argv = ["analyze", "--config.hessian.enabled=True", "--config.lm.batch_size=8"]
 config_flags.DEFINE_config_dict("config", analyze.flag_options(), sys_argv=argv)
 flags.FLAGS(argv)
 overrides = config_flags.get_override_values(flags.FLAGS["config"])
-options = report.options_for_run({str(tmp_path)!r}, overrides)
+from devinterp_jax.experiments import registry
+options = report.options_for_run({str(tmp_path)!r}, overrides, registry.setting('lm'))
 print(json.dumps([overrides, options.hessian.enabled, options.lm.batch_size,
                   options.lm.prev_token_batch]))
 """

@@ -240,8 +240,8 @@ def hessian_stats(loss_fn: LossFn, params_list: Sequence[Params], batch: Any, *,
     checkpoint_chunk: checkpoints per compiled call.
 
   Returns:
-    numpy arrays `trace` [C], `trace_se` [C] (Hutchinson standard error),
-    `top_eigenvalues` [C, top_k] (descending) and `min_eigenvalue` [C] (the
+    numpy arrays `trace` [N], `trace_se` [N] (Hutchinson standard error),
+    `top_eigenvalues` [N, top_k] (descending) and `min_eigenvalue` [N] (the
     smallest Ritz value, an upper bound on the most negative eigenvalue).
   """
   num_ckpts = len(params_list)

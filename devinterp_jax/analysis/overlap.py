@@ -46,7 +46,7 @@ The functions are model-agnostic; a model provides
 (`RegressionTransformer.head_activations` / `.ablated_loss`). All ablations of
 one checkpoint (1 clean + R single + R(R−1)/2 pairs + 1 all) run as one `vmap`
 over keep-masks; `overlap_over_checkpoints` vmaps over stacked checkpoint chunks
-(`lr_behaviour.map_checkpoints`, one compile). `devinterp_jax.viz.overlap` draws
+(`batching.map_checkpoints`, one compile). `devinterp_jax.viz.overlap` draws
 them, masking the checkpoints where ablating every head barely changes the loss.
 """
 
@@ -59,10 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
-from devinterp_jax.data.regression import RegressionTask
-from devinterp_jax.models.regression_transformer import RegressionTransformer
-from devinterp_jax.typing import Params
+from devinterp_jax.analysis.batching import map_checkpoints
+from devinterp_jax.typing import Params, head_name
 
 HeadActivationsFn = Callable[[Params, Any], Mapping[str, jax.Array]]
 AblatedLossFn = Callable[[Params, Any, jax.Array, jax.Array], jax.Array]
@@ -75,7 +73,7 @@ _DEGENERATE_VAR = 1e-12  # relative variance below which a correlation is NaN
 
 def head_names(num_layers: int, num_heads: int) -> list[str]:
   """['L0H0', 'L0H1', …]: the R = L·H heads, layer-major."""
-  return [f"L{l}H{h}" for l in range(num_layers) for h in range(num_heads)]
+  return [head_name(l, h) for l in range(num_layers) for h in range(num_heads)]
 
 
 def ablation_masks(num_layers: int, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,8 +232,8 @@ def overlap_over_checkpoints(head_activations_fn: HeadActivationsFn,
   """`overlap_metrics` of every checkpoint, `checkpoint_chunk` at a time.
 
   Each chunk is stacked (the last padded) and evaluated by one jitted `vmap`
-  over checkpoints (`lr_behaviour.map_checkpoints`); every checkpoint sees the
-  same `batch`. Returns the entries of `overlap_metrics` with a leading [C].
+  over checkpoints (`batching.map_checkpoints`); every checkpoint sees the
+  same `batch`. Returns the entries of `overlap_metrics` with a leading [N].
   """
   fn = _checkpoint_fn(head_activations_fn, ablated_loss_fn, float(atol), float(rtol),
                       None if mask_batch is None else int(mask_batch))
@@ -244,28 +242,8 @@ def overlap_over_checkpoints(head_activations_fn: HeadActivationsFn,
 
 def scalar_columns(metrics: Mapping[str, np.ndarray],
                    names: Sequence[str]) -> dict[str, np.ndarray]:
-  """CSV columns [C]: the scalar entries and `delta/{name}` per head."""
+  """CSV columns [N]: the scalar entries and `delta/{name}` per head."""
   out = {k: np.asarray(metrics[k]) for k in SCALAR_KEYS}
   for r, name in enumerate(names):
     out[f"delta/{name}"] = np.asarray(metrics["delta"])[:, r]
   return out
-
-
-def lr_overlap(model: RegressionTransformer, checkpoints: Sequence[Params],
-               task: RegressionTask, key: jax.Array, batch_size: int = 256, *,
-               checkpoint_chunk: int = 8, atol: float = DEFAULT_ATOL,
-               rtol: float = DEFAULT_RTOL,
-               mask_batch: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-  """Overlap metrics of regression-transformer checkpoints and the head names.
-
-  The evaluation batch is `lr_behaviour.evaluation_data(task, key, batch_size)`
-  (the behaviour / structure metrics' batch for equal key and size).
-  """
-  if task.task_size != model.task_size or task.max_examples > model.max_examples:
-    raise ValueError(f"task {task} does not fit the model {model}")
-  data = evaluation_data(task, key, batch_size)
-  metrics = overlap_over_checkpoints(model.head_activations, model.ablated_loss, checkpoints,
-                                     {"xs": data["xs"], "ys": data["ys"]},
-                                     checkpoint_chunk=checkpoint_chunk, atol=atol, rtol=rtol,
-                                     mask_batch=mask_batch)
-  return metrics, head_names(model.num_layers, model.num_heads)

@@ -21,25 +21,27 @@ from absl import logging
 from devinterp_jax import atomic, paths
 from devinterp_jax.analysis import stages
 from devinterp_jax.analysis.report import default_options, fit_stages
-from devinterp_jax.analysis.run_data import load_run
+from devinterp_jax.analysis.run_data import Setting, load_run
 from devinterp_jax.viz import stages as stages_viz
 
 
-def analyze_seeds(workdir: str, seeds: Sequence[int],
+def analyze_seeds(workdir: str, seeds: Sequence[int], setting: Setting,
                   options: ml_collections.ConfigDict | None = None) -> dict[str, Any]:
-  """Per-seed and mean-curve stage boundaries with their spread across seeds."""
-  options = default_options() if options is None else options
-  runs = [load_run(os.path.join(workdir, f"seed_{int(s)}")) for s in seeds]
+  """Per-seed and mean-curve stage boundaries with their spread across seeds (runs of
+  `setting`)."""
+  options = default_options(setting) if options is None else options
+  runs = [load_run(os.path.join(workdir, f"seed_{int(s)}"), setting) for s in seeds]
+  llcs = [r.require_llc() for r in runs]
   common = sorted(set.intersection(*[set(int(t) for t in r.steps) for r in runs]))
   if len(common) < 4:
     raise ValueError(f"the seeds share only {len(common)} checkpoint steps; need >= 4")
-  per_seed = [fit_stages(r.steps, r.llc.llc_mean, r.llc.llc_std, r.llc.llc_sem, options)
-              for r in runs]
+  per_seed = [fit_stages(r.steps, llc.llc_mean, llc.llc_std, llc.llc_sem, options)
+              for r, llc in zip(runs, llcs)]
   idx = [np.searchsorted(r.steps, common) for r in runs]
-  curves = np.stack([r.llc.llc_mean[i] for r, i in zip(runs, idx)])         # [S, C]
+  curves = np.stack([llc.llc_mean[i] for llc, i in zip(llcs, idx)])         # [S, C]
   # The mean curve's sampling error (chains) and its std over chains, pooled.
-  sems = np.stack([r.llc.llc_sem[i] for r, i in zip(runs, idx)])
-  stds = np.stack([r.llc.llc_std[i] for r, i in zip(runs, idx)])
+  sems = np.stack([llc.llc_sem[i] for llc, i in zip(llcs, idx)])
+  stds = np.stack([llc.llc_std[i] for llc, i in zip(llcs, idx)])
   mean = curves.mean(0)
   reference = fit_stages(np.array(common), mean, np.sqrt(np.square(stds).mean(0)),
                          np.sqrt(np.square(sems).sum(0)) / len(runs), options)

@@ -631,15 +631,15 @@ def window_llcs(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta, burnin=Non
   """Per-chain LLCs from each draw window: nβ (mean loss over the window − L(w*)).
 
   Args:
-    loss_trace: recorded losses [K, C, T] (all draws, burn-in included).
-    init_loss: L(w*) per chain [K, C].
-    nbeta: nβ, a scalar or [K].
-    burnin: draws left out of the kept window, a scalar or [K] (None: 0).
+    loss_trace: recorded losses [N, C, I] (all draws, burn-in included).
+    init_loss: L(w*) per chain [N, C].
+    nbeta: nβ, a scalar or [N].
+    burnin: draws left out of the kept window, a scalar or [N] (None: 0).
     windows: (name, start, end) fractions of the kept length L = T − burnin:
       draws [burnin + ⌊start·L⌋, burnin + ⌊end·L⌋), at least one draw.
 
   Returns:
-    [W, K, C]; NaN where a window holds a non-finite loss.
+    [W, N, C]; NaN where a window holds a non-finite loss.
   """
   trace = np.asarray(loss_trace, np.float64)
   if trace.ndim != 3:
@@ -682,8 +682,8 @@ def _refit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
 def _resampled_curve(llc: np.ndarray, valid: np.ndarray, counts: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Mean, std (ddof 1), SEM over the resampled chains, and which checkpoints have
-  >= MIN_RESAMPLE_CHAINS valid draws. llc, valid [K, C]; counts [C]."""
-  n = np.where(valid, counts[None, :], 0).astype(float)            # [K, C]
+  >= MIN_RESAMPLE_CHAINS valid draws. llc, valid [N, C]; counts [C]."""
+  n = np.where(valid, counts[None, :], 0).astype(float)            # [N, C]
   total = n.sum(-1)
   safe = np.where(valid, llc, 0.0)
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -858,14 +858,14 @@ def stage_stability(
 
   Args:
     reference: the fit whose boundaries are scored (its options are reused).
-    llc_per_chain: per-chain LLCs at `reference.steps`, [K, C], or [W, K, C] with
+    llc_per_chain: per-chain LLCs at `reference.steps`, [N, C], or [W, N, C] with
       one curve per draw window (`window_llcs`; the first is the kept window).
     valid: chains that count (not diverged), broadcastable to `llc_per_chain`;
       non-finite LLCs never count.
     window_names: names of the W windows (default: `DRAW_WINDOWS`' names when W
       matches, else "window i").
     noise: "sem", "std" or "fit", as the reference was fitted.
-    seed_curves: label → (steps, per-chain LLCs [K', C'], valid or None) of LLCs
+    seed_curves: label → (steps, per-chain LLCs [N', C'], valid or None) of LLCs
       re-estimated with other SGLD seeds; each is fitted with the same options
       at the reference's steps it holds and scored separately
       (`seed_stability`, not part of `passes`).
@@ -886,7 +886,7 @@ def stage_stability(
   if llc.ndim == 2:
     llc = llc[None]
   if llc.ndim != 3 or llc.shape[1] != len(steps):
-    raise ValueError(f"llc_per_chain must be [K, C] or [W, K, C] with K = {len(steps)} "
+    raise ValueError(f"llc_per_chain must be [N, C] or [W, N, C] with N = {len(steps)} "
                      f"(the reference's checkpoints), got {np.shape(llc_per_chain)}")
   ok = np.isfinite(llc) & (True if valid is None else np.broadcast_to(
       np.asarray(valid, bool), llc.shape))

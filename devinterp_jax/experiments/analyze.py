@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from devinterp_jax.analysis import report
+from devinterp_jax.analysis import report, run_data
 from devinterp_jax.experiments import registry
 
 
@@ -25,5 +25,6 @@ def analyze_run(workdir: str, overrides: Mapping[str, Any] | None = None,
                 out_dir: str | None = None) -> dict[str, Any]:
   """Writes `<workdir>/report` (or `out_dir`) with the run's options and `overrides`
   (flat, {"hessian.enabled": True}); returns report.json's content."""
-  return report.analyze(workdir, report.options_for_run(workdir, overrides),
+  setting = registry.setting(run_data.run_experiment(workdir))
+  return report.analyze(workdir, setting, report.options_for_run(workdir, overrides, setting),
                         out_dir=out_dir, option_prefix="config")

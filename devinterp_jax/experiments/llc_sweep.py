@@ -108,7 +108,8 @@ def validate_sampling_sections(config: ml_collections.ConfigDict) -> None:
   if "calibration" in config:
     _check_calibration(config.calibration)
   if "analysis" in config:
-    report.validate_options(config.analysis, "config.analysis")
+    report.validate_options(config.analysis, "config.analysis",
+                            registry.setting(config.get("experiment", "icl_regression")))
 
 
 def loss_key(config: ml_collections.ConfigDict, loss_fn=None) -> str:
@@ -376,7 +377,7 @@ def run_main_job(config: ml_collections.ConfigDict, workdir: str, experiment) ->
     timings = {"train_seconds": round(t_train, 1), "llc_seconds": round(t_llc, 1)}
     summary = experiment.write_results(workdir, steps, result, extra=timings, config=config)
     t1 = time.time()
-    analysis = report.analyze(workdir, config.analysis)
+    analysis = report.analyze(workdir, registry.setting(config.experiment), config.analysis)
     summary.update(analysis_seconds=round(time.time() - t1, 1),
                    total_seconds=round(time.time() - t0, 1),
                    stage_boundaries=analysis["boundary_steps"],

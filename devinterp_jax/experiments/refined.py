@@ -194,5 +194,5 @@ def run_refined(config: ml_collections.ConfigDict, workdir: str, restrict: str =
   logging.info("Refined LLC %s done in %.0fs; final %s", name, summary["seconds"],
                json.dumps(summary["final"]))
   if update_report:
-    report.analyze(workdir, config.analysis)
+    report.analyze(workdir, registry.setting(config.experiment), config.analysis)
   return summary

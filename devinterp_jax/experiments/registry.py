@@ -1,33 +1,52 @@
-"""Maps a config's `experiment` name to its pipeline module."""
+"""The one registry of settings: a config's `experiment` name → its package.
+
+A setting is a package under `devinterp_jax/experiments/<name>/` with
+`setting.py` (`SETTING`, what the analysis needs: no training code) and
+`pipeline.py` (train, estimate, calibrate, run: what the launchers call).
+Adding a setting is one folder plus one line here (CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
 
 import importlib
 import types
 
 import ml_collections
 
-EXPERIMENTS = {"icl_regression": "devinterp_jax.experiments.icl_regression",
-               "lm": "devinterp_jax.experiments.lm"}
+from devinterp_jax.analysis.run_data import Setting
+
+SETTINGS = {"icl_regression": "devinterp_jax.experiments.icl_regression",
+            "lm": "devinterp_jax.experiments.lm",
+            "teacher_student": "devinterp_jax.experiments.teacher_student"}
+
+
+def _package(name: str) -> str:
+  if name not in SETTINGS:
+    raise ValueError(f"unknown experiment {name!r}; known: {sorted(SETTINGS)}")
+  return SETTINGS[name]
 
 
 def get(name: str) -> types.ModuleType:
-  if name not in EXPERIMENTS:
-    raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
-  return importlib.import_module(EXPERIMENTS[name])
+  """The pipeline module of setting `name` (train, estimate, calibrate, run, …)."""
+  return importlib.import_module(f"{_package(name)}.pipeline")
+
+
+def setting(name: str) -> Setting:
+  """The analysis view of setting `name` (`<package>.setting.SETTING`)."""
+  return importlib.import_module(f"{_package(name)}.setting").SETTING
 
 
 def analysis_options(name: str | None = None) -> ml_collections.ConfigDict:
   """The analysis options of setting `name`: the generic report options plus the
-  sections the setting adds (its module's `analysis_options()`, if it has one).
-  Without a name, those of every setting merged: launch/analyze.py's flag, which
-  is defined before the run (and so its setting) is known."""
-  from devinterp_jax.analysis import report  # pylint: disable=g-import-not-at-top
+  setting's own sections (`report.default_options`). Without a name, those of
+  every setting merged: launch/analyze.py's flag, which is defined before the run
+  (and so its setting) is known; the run's own `sections` list then applies."""
+  from devinterp_jax.analysis import report
+  if name is not None:
+    return report.default_options(setting(name))
   options = report.default_options()
-  for n in ([name] if name is not None else EXPERIMENTS):
-    extra = getattr(get(n), "analysis_options", None)
-    if extra is not None:
-      for section, fields in extra().items():
-        if section in options:
-          raise ValueError(f"setting {n!r} redefines the generic analysis section "
-                           f"{section!r}")
-        options[section] = fields
+  for n in SETTINGS:
+    for key, value in report.default_options(setting(n)).items():
+      if key not in options:
+        options[key] = value
   return options

@@ -241,7 +241,7 @@ def plot_head_clusters(steps, llc_RxN, names: Sequence[str], clusters: Any, path
 def dispersion_and_overlap_figure(steps, spread: Mapping[str, np.ndarray],
                                   metrics: Mapping[str, np.ndarray],
                                   boundaries: Sequence[float] = ()) -> Figure:
-  """wrLLC mean and variance across heads (`spread`: "mean", "variance" [C]), beside the
+  """wrLLC mean and variance across heads (`spread`: "mean", "variance" [N]), beside the
   overlap and robustness (`metrics["overlap/…"]`, weak-ablation checkpoints masked as
   in `viz.overlap`) over log step."""
   steps = np.asarray(steps)

@@ -19,9 +19,9 @@ def llc_vs_hessian_figure(steps, llc_mean, llc_band, stats: dict[str, np.ndarray
   lines mark `boundaries` (e.g. LLC stage boundaries) on every panel.
 
   Args:
-    steps: [C] training steps of the checkpoints.
-    llc_mean: [C] LLC means.
-    llc_band: [C] half-width of the LLC band; `band_label` says what it is.
+    steps: [N] training steps of the checkpoints.
+    llc_mean: [N] LLC means.
+    llc_band: [N] half-width of the LLC band; `band_label` says what it is.
     stats: the dict of `hessian_stats` (`trace`, `trace_se`, `top_eigenvalues`).
     boundaries: steps at which to draw vertical dashed lines.
     title: figure title.

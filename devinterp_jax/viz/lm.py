@@ -1,4 +1,4 @@
-"""Language-model figure (App. C; `analysis/lm_metrics.py` computes the metrics)."""
+"""Language-model figure (App. C; `experiments/lm/metrics.py` computes the metrics)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from devinterp_jax.typing import head_name
 from devinterp_jax.viz import figures
 
 
-def head_name(layer: int, head: int) -> str:
-  """"L{layer}H{head}", 0-indexed (as `analysis.lr_structure.head_name`)."""
-  return f"L{layer}H{head}"
-
-
-def _head_panel(ax, steps, arr_CxLxH, chance, title):
-  arr = np.asarray(arr_CxLxH)
+def _head_panel(ax, steps, arr_NxLxH, chance, title):
+  arr = np.asarray(arr_NxLxH)
   _, L, H = arr.shape
   colors = figures.colormap("tab10")(np.linspace(0, 1, 10))
   styles = ("-", "--", ":", "-.")

@@ -1,8 +1,8 @@
 """In-context linear regression figures: behaviour (App. D.1) and structure (App. D.2).
 
-`metrics` are the flat dicts of `analysis.lr_behaviour.behaviour_metrics` and
-`analysis.lr_structure.structure_metrics` (every entry has the leading checkpoint
-axis [C]).
+`metrics` are the flat dicts of `experiments.icl_regression.behaviour.behaviour_metrics` and
+`experiments.icl_regression.structure.structure_metrics` (every entry has the leading checkpoint
+axis [N]).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from devinterp_jax.viz import figures
 
 
 def _per_prediction(metrics: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
-  """`{name}_k1 … {name}_kK` stacked into [C, K], or None without `{name}_k1`."""
+  """`{name}_k1 … {name}_kK` stacked into [N, K], or None without `{name}_k1`."""
   cols, k = [], 1
   while f"{name}_k{k}" in metrics:
     cols.append(np.asarray(metrics[f"{name}_k{k}"], np.float64))
@@ -73,11 +73,11 @@ def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   ax.set_yscale("log")
   ax.set_title("mean squared distance of predictions")
   ax = axes[0, 2]
-  losses_CxK = _per_prediction(metrics, "loss")
-  losses_CxK = np.zeros((len(steps), 0)) if losses_CxK is None else losses_CxK
-  colors = figures.colormap("viridis")(np.linspace(0, 1, max(losses_CxK.shape[1], 1)))
-  for k in range(losses_CxK.shape[1]):
-    ax.plot(steps, losses_CxK[:, k], color=colors[k], label=f"$L_{{{k + 1}}}$")
+  losses_NxK = _per_prediction(metrics, "loss")
+  losses_NxK = np.zeros((len(steps), 0)) if losses_NxK is None else losses_NxK
+  colors = figures.colormap("viridis")(np.linspace(0, 1, max(losses_NxK.shape[1], 1)))
+  for k in range(losses_NxK.shape[1]):
+    ax.plot(steps, losses_NxK[:, k], color=colors[k], label=f"$L_{{{k + 1}}}$")
   ax.set_yscale("log")
   ax.set_title("per-prediction loss")
   for ax, kind, label in ((axes[1, 0], "x", "inputs"), (axes[1, 1], "t", "tasks")):
@@ -93,9 +93,9 @@ def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
   ax = axes[1, 2]
-  if losses_CxK.shape[1]:
-    ks = np.arange(1, losses_CxK.shape[1] + 1)
-    ax.plot(ks, losses_CxK[-1], marker="o", label=f"model (step {steps[-1]})")
+  if losses_NxK.shape[1]:
+    ks = np.arange(1, losses_NxK.shape[1] + 1)
+    ax.plot(ks, losses_NxK[-1], marker="o", label=f"model (step {steps[-1]})")
     baselines = [(name, b[-1]) for name in ("zero", "prior", "ridge", "dmmse")
                  if (b := _per_prediction(metrics, f"{name}_loss")) is not None]
     for label, values in distinct_series(baselines):
@@ -135,14 +135,14 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   for ax, name, label in ((axes[0, 0], "tok_embed_sv", "token embedding"),
                           (axes[0, 1], "pos_embed_sv", "positional embedding")):
     if name in metrics:
-      sv_CxR = np.asarray(metrics[name], np.float64)
+      sv_NxR = np.asarray(metrics[name], np.float64)
       with np.errstate(divide="ignore", invalid="ignore"):
-        rel_CxR = sv_CxR / sv_CxR[:, :1]
-      colors = figures.colormap("viridis")(np.linspace(0, 0.9, sv_CxR.shape[1]))
-      for i in range(1, sv_CxR.shape[1]):
-        ax.plot(steps, rel_CxR[:, i], color=colors[i], label=f"$s_{{{i + 1}}} / s_1$")
+        rel_NxR = sv_NxR / sv_NxR[:, :1]
+      colors = figures.colormap("viridis")(np.linspace(0, 0.9, sv_NxR.shape[1]))
+      for i in range(1, sv_NxR.shape[1]):
+        ax.plot(steps, rel_NxR[:, i], color=colors[i], label=f"$s_{{{i + 1}}} / s_1$")
       ax.set_yscale("log")
-      if sv_CxR.shape[1] <= 9:
+      if sv_NxR.shape[1] <= 9:
         ax.legend(fontsize=7)
     ax.set_title(f"{label}: singular values / largest")
   ax = axes[0, 2]
@@ -156,14 +156,14 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   for ax, score, label in ((axes[1, 0], "attn_entropy", "normalised attention entropy"),
                            (axes[1, 1], "attn_variability", "attention variability")):
     if score in metrics:
-      arr_CxLxHxQ = np.asarray(metrics[score])
-      _, L, H, _ = arr_CxLxHxQ.shape
+      arr_NxLxHxQ = np.asarray(metrics[score])
+      _, L, H, _ = arr_NxLxHxQ.shape
       colors = figures.colormap("tab20")(np.linspace(0, 1, max(L * H, 2)))
       for l in range(L):
         for h in range(H):
           c = colors[l * H + h]
-          ax.plot(steps, arr_CxLxHxQ[:, l, h, 1], color=c, label=f"L{l}H{h}")
-          ax.plot(steps, arr_CxLxHxQ[:, l, h, 2], color=c, ls="--")
+          ax.plot(steps, arr_NxLxHxQ[:, l, h, 1], color=c, label=f"L{l}H{h}")
+          ax.plot(steps, arr_NxLxHxQ[:, l, h, 2], color=c, ls="--")
       ax.set_ylim(-0.02, 1.02)
       ax.legend(fontsize=6, ncol=2, title="solid x, dashed y", title_fontsize=6)
     ax.set_title(label)

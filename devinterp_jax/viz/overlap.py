@@ -27,7 +27,7 @@ MAX_ANNOTATED_HEADS = 12   # heatmaps with at most this many heads print their v
 
 
 def weak_ablation_mask(delta_all: Any, fraction: float = WEAK_ABLATION_FRACTION) -> np.ndarray:
-  """[C] True where |Δ_all| < `fraction` × max over checkpoints of |Δ_all|, or Δ_all is
+  """[N] True where |Δ_all| < `fraction` × max over checkpoints of |Δ_all|, or Δ_all is
   not finite (see the module docstring)."""
   d = np.abs(np.asarray(delta_all, np.float64)).reshape(-1)
   finite = np.isfinite(d)
@@ -73,7 +73,7 @@ def shade_masked(ax, steps: Any, mask: np.ndarray) -> None:
 
 
 def masked(values: Any, mask: np.ndarray) -> np.ndarray:
-  """`values` [C] as floats with NaN at the masked checkpoints."""
+  """`values` [N] as floats with NaN at the masked checkpoints."""
   return np.where(mask, np.nan, np.asarray(values, np.float64))
 
 

@@ -8,9 +8,9 @@ program that vmaps over checkpoints (the last chunk is padded so that one
 shape compiles).
 
 `behaviour_metrics` returns a flat `dict[str, np.ndarray]`; every entry has the
-leading checkpoint axis [C] and nothing else, so the dict is a CSV table
+leading checkpoint axis [N] and nothing else, so the dict is a CSV table
 (per-prediction quantities are separate columns `<name>_k{k}`, k 1-indexed;
-`per_prediction(metrics, name)` stacks them back to [C, K]). Entries:
+`per_prediction(metrics, name)` stacks them back to [N, K]). Entries:
 
   loss_k{k}          L_k: MSE of the model's k-th prediction, mean over the batch.
   mse                mean_k L_k (the training loss on this batch).
@@ -29,7 +29,7 @@ leading checkpoint axis [C] and nothing else, so the dict is a CSV table
   nmse_ood_t_g{g}    NMSE on "OOD tasks" (D.1.3): t → g·t with the original
                      x_k, so y_k = (g t)·x_k + ε_k.
   zero_loss_k{k}     baselines on the in-distribution batch, constant over
-  prior_loss_k{k}    checkpoints (repeated along [C] to keep one layout): the zero
+  prior_loss_k{k}    checkpoints (repeated along [N] to keep one layout): the zero
   ridge_loss_k{k}    predictor (= E[y_k²]), the task-prior predictor t̄·x_k, the
   dmmse_loss_k{k}    ridge posterior mean under the prior t ~ N(0, I_D) with noise
                      σ² (Bayes-optimal for the infinite prior) and, for a finite
@@ -52,7 +52,7 @@ Reconstructed definitions (the paper text lost the symbols):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,62 +60,21 @@ import numpy as np
 
 from devinterp_jax.data.regression import RegressionTask, sample_batch
 from devinterp_jax.models.regression_transformer import RegressionTransformer
-from devinterp_jax.storage import chunks
+from devinterp_jax.analysis import overlap
+from devinterp_jax.analysis.batching import map_checkpoints
 from devinterp_jax.typing import Params
 
 DEFAULT_GAINS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
 _DMMSE_CHUNK_ELEMENTS = 1 << 24  # B·K·M elements per dMMSE block (float64)
 
 
-# ----------------------------------------------------------------------------
-# Checkpoint batching shared with lr_structure.
-# ----------------------------------------------------------------------------
-
-
-def map_checkpoints(fn: Callable[[Params, Any], Mapping[str, jax.Array]],
-                    params_list: Sequence[Params], data: Any = None, *,
-                    checkpoint_chunk: int = 8) -> dict[str, np.ndarray]:
-  """Runs `fn(params, data)` for every checkpoint, `checkpoint_chunk` at a time.
-
-  `params_list` is indexed chunk by chunk (it may load lazily). Each chunk is
-  stacked, the last one padded by repeating its last checkpoint, and evaluated
-  by one jitted `vmap` over checkpoints, so a single shape compiles. `fn` should
-  be the same object across calls (e.g. cached) for jit to reuse its program.
-
-  Args:
-    fn: pure function of one checkpoint's params and the shared `data`,
-      returning a dict of arrays.
-    params_list: the checkpoints' param pytrees (same structure and shapes).
-    data: pytree shared by every checkpoint (passed, not closed over).
-    checkpoint_chunk: checkpoints per compiled call.
-
-  Returns:
-    The dict of `fn`'s outputs with a leading checkpoint axis [C].
-  """
-  if isinstance(params_list, Mapping):
-    raise TypeError("params_list must be a sequence of param pytrees, got a mapping "
-                    "(wrap a single checkpoint as [params])")
-  chunk = chunks.chunk_size(len(params_list), checkpoint_chunk)
-  program = _vmapped(fn)
-  outputs = []
-  for lo, hi, stacked in chunks.iterate(params_list, chunk):
-    out = jax.device_get(program(stacked, data))
-    outputs.append({k: np.asarray(v)[:hi - lo] for k, v in out.items()})
-  return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-
-
-@functools.lru_cache(maxsize=32)
-def _vmapped(fn):
-  return jax.jit(jax.vmap(fn, in_axes=(0, None)))
-
-
 def scalar_metrics(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The entries with shape [C] (the CSV columns), in insertion order."""
+  """The entries with shape [N] (the CSV columns), in insertion order."""
   return {k: v for k, v in metrics.items() if np.ndim(v) == 1}
 
 
 def per_prediction(metrics: Mapping[str, np.ndarray], name: str = "loss") -> np.ndarray:
-  """Stacks `{name}_k1 … {name}_kK` into [C, K]."""
+  """Stacks `{name}_k1 … {name}_kK` into [N, K]."""
   k = 1
   cols = []
   while f"{name}_k{k}" in metrics:
@@ -294,16 +253,16 @@ def _behaviour_fn(model: RegressionTransformer, gains: tuple[float, ...]):
   return fn
 
 
-def icl_scores(losses_CxK: Any) -> dict[str, np.ndarray]:
-  """ICL_{1:4} = L_4 − L_1 and ICL_{4:8} = L_8 − L_4 (1-indexed) from [C, K] losses.
+def icl_scores(losses_NxK: Any) -> dict[str, np.ndarray]:
+  """ICL_{1:4} = L_4 − L_1 and ICL_{4:8} = L_8 − L_4 (1-indexed) from [N, K] losses.
 
-  Returns {'icl_1_4': [C], 'icl_4_8': [C]}, NaN where K is too small.
+  Returns {'icl_1_4': [N], 'icl_4_8': [N]}, NaN where K is too small.
   """
-  losses = np.asarray(losses_CxK)
-  nan_C = np.full(losses.shape[:-1], np.nan, losses.dtype)
+  losses = np.asarray(losses_NxK)
+  nan_N = np.full(losses.shape[:-1], np.nan, losses.dtype)
   K = losses.shape[-1]
-  return {"icl_1_4": losses[..., 3] - losses[..., 0] if K >= 4 else nan_C,
-          "icl_4_8": losses[..., 7] - losses[..., 3] if K >= 8 else nan_C.copy()}
+  return {"icl_1_4": losses[..., 3] - losses[..., 0] if K >= 4 else nan_N,
+          "icl_4_8": losses[..., 7] - losses[..., 3] if K >= 8 else nan_N.copy()}
 
 
 def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params],
@@ -323,7 +282,7 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
     checkpoint_chunk: checkpoints per compiled call.
 
   Returns:
-    Flat dict name -> [C] array (per-prediction entries `<name>_k{k}`, 1-indexed).
+    Flat dict name -> [N] array (per-prediction entries `<name>_k{k}`, 1-indexed).
   """
   if task.task_size != model.task_size or task.max_examples > model.max_examples:
     raise ValueError(f"task (D={task.task_size}, K={task.max_examples}) does not fit the model "
@@ -357,3 +316,23 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
     for k in range(K):
       out[f"{name}_loss_k{k + 1}"] = np.full(num_ckpts, loss_K[k], np.float32)
   return out
+
+
+def lr_overlap(model: RegressionTransformer, checkpoints: Sequence[Params],
+               task: RegressionTask, key: jax.Array, batch_size: int = 256, *,
+               checkpoint_chunk: int = 8, atol: float = overlap.DEFAULT_ATOL,
+               rtol: float = overlap.DEFAULT_RTOL,
+               mask_batch: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Overlap metrics of regression-transformer checkpoints and the head names.
+
+  The evaluation batch is `evaluation_data(task, key, batch_size)`
+  (the behaviour / structure metrics' batch for equal key and size).
+  """
+  if task.task_size != model.task_size or task.max_examples > model.max_examples:
+    raise ValueError(f"task {task} does not fit the model {model}")
+  data = evaluation_data(task, key, batch_size)
+  metrics = overlap.overlap_over_checkpoints(model.head_activations, model.ablated_loss, checkpoints,
+                                     {"xs": data["xs"], "ys": data["ys"]},
+                                     checkpoint_chunk=checkpoint_chunk, atol=atol, rtol=rtol,
+                                     mask_batch=mask_batch)
+  return metrics, overlap.head_names(model.num_layers, model.num_heads)

@@ -1,24 +1,24 @@
 """Structural metrics of in-context linear regression checkpoints (paper App. D.2).
 
-Same batching as `lr_behaviour`: checkpoints are indexed `checkpoint_chunk` at a
+Same batching as `behaviour`: checkpoints are indexed `checkpoint_chunk` at a
 time, stacked (the last chunk padded) and evaluated by one jitted program that
 vmaps over checkpoints. Weight metrics need no data; attention metrics use the
-batch `lr_behaviour.evaluation_data(task, key, batch_size)` (=
+batch `behaviour.evaluation_data(task, key, batch_size)` (=
 `sample_batch(key, task, batch_size, with_tasks=True)`), the same for every
 checkpoint and the same as the behavioural metrics' for equal key and size.
 
 `structure_metrics` returns `dict[str, np.ndarray]` whose entries all have the
-leading checkpoint axis [C]. Entries of shape [C] are scalar columns (CSV them
-with `lr_behaviour.scalar_metrics`); the others are structured arrays.
+leading checkpoint axis [N]. Entries of shape [N] are scalar columns (CSV them
+with `behaviour.scalar_metrics`); the others are structured arrays.
 Layers and heads are 0-indexed (`L0H1` = layer 0, head 1); the attention suffix
 "" means all query positions, "x" the x-token queries and "y" the y-token
 queries (the paper splits each head into an x part and a y part, D.2.3).
 
 Embeddings (D.2.1–2):
-  tok_embed_sv [C, r], tok_embed_sv_{i}   singular values of token_embed/kernel
+  tok_embed_sv [N, r], tok_embed_sv_{i}   singular values of token_embed/kernel
                                            [V, d_model], descending, i 1-indexed.
-  pos_embed_sv [C, r], pos_embed_sv_{i}   singular values of pos_embed [2K, d_model].
-  {tok,pos}_embed_var_frac [C, r]         s_i² / Σ s² (variance explained).
+  pos_embed_sv [N, r], pos_embed_sv_{i}   singular values of pos_embed [2K, d_model].
+  {tok,pos}_embed_var_frac [N, r]         s_i² / Σ s² (variance explained).
   {tok,pos}_embed_rank                    #{i: s_i > sv_threshold · s_1}.
   {tok,pos}_embed_erank                   entropy effective rank exp(−Σ p log p),
                                            p_i = s_i / Σ s (Roy & Vetterli).
@@ -30,7 +30,7 @@ Embeddings (D.2.1–2):
                                            for random subspaces. k = `subspace_dim`
                                            (default min(V, 2K, d_model)).
   embed_alignment_max_cos                 cosine of the smallest principal angle.
-  embed_alignment_cos [C, k]              all principal cosines, descending.
+  embed_alignment_cos [N, k]              all principal cosines, descending.
 
 Attention (D.2.3), α = attention pattern [B, H, T, S] of a layer; query t,
 key s; "valid" queries are t ≥ 1 (more than one attended position):
@@ -48,23 +48,23 @@ key s; "valid" queries are t ≥ 1 (more than one attended position):
                                  x-query this is also the previous token).
   attn_x_mass/…                  mean Σ_{s x-token} α_ts (x-attention score).
   attn_y_mass/…                  mean Σ_{s y-token} α_ts = 1 − x-mass.
-  Each also as a structured array `attn_<score>` [C, L, H, 3] (last axis: all,
-  x, y). `classify_heads` labels heads from these scores ([C, L, H, 3] strings
+  Each also as a structured array `attn_<score>` [N, L, H, 3] (last axis: all,
+  x, y). `classify_heads` labels heads from these scores ([N, L, H, 3] strings
   from `HEAD_LABELS`, thresholds documented there); `head_labels` returns them as
-  flat `head_class/L{l}H{h}{q}` -> [C] string columns.
+  flat `head_class/L{l}H{h}{q}` -> [N] string columns.
 
 Layer norms (D.2.5) for every LayerNorm n in block_{l}/ln_1, block_{l}/ln_2, ln_f:
   ln_collapse/{n}                fraction of |scale| ≤ collapse_threshold (times
                                  max |scale| when collapse_relative, the default).
   ln_scale_q{p}/{n}              p-th percentile of |scale| (p in `quantiles`).
   ln_scale_mean/{n}, ln_bias_std/{n}   mean scale, standard deviation of the bias.
-  ln_scale/{n}, ln_bias/{n} [C, d_model]   the raw vectors.
+  ln_scale/{n}, ln_bias/{n} [N, d_model]   the raw vectors.
 
 Unembedding (D.2.4): the prediction channel 0 reads
   ŷ = (γ_f ⊙ LN₀(h))·W[:, 0] + β_f·W[:, 0] + b_0 = w_eff·LN₀(h) + b_eff,
   with LN₀ the normalisation without affine part, γ_f, β_f the ln_f scale and
   bias, W the unembed kernel [d_model, V] and b its bias:
-  unembed_eff_weight [C, d_model]   w_eff = γ_f ⊙ W[:, 0].
+  unembed_eff_weight [N, d_model]   w_eff = γ_f ⊙ W[:, 0].
   unembed_eff_bias                  b_eff = β_f·W[:, 0] + b_0.
   unembed_collapse                  collapse fraction of w_eff (as ln_collapse).
   unembed_w0_collapse               collapse fraction of W[:, 0] alone.
@@ -88,7 +88,9 @@ import jax.numpy as jnp
 import jax.scipy.special  # noqa: F401  (xlogy)
 import numpy as np
 
-from devinterp_jax.analysis.lr_behaviour import evaluation_data, map_checkpoints
+from devinterp_jax.analysis.batching import map_checkpoints
+from devinterp_jax.typing import head_name
+from devinterp_jax.experiments.icl_regression.behaviour import evaluation_data
 from devinterp_jax.data.regression import RegressionTask
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.typing import Params
@@ -263,7 +265,7 @@ def classify_heads(scores: Mapping[str, Any], *, hard_threshold: float = 0.8,
 
   Args:
     scores: arrays [..., H, 3] keyed by score name, with or without the "attn_"
-      prefix (so a `structure_metrics` dict works: labels [C, L, H, 3]).
+      prefix (so a `structure_metrics` dict works: labels [N, L, H, 3]).
 
   Returns:
     String array of labels with the scores' shape.
@@ -286,16 +288,11 @@ def classify_heads(scores: Mapping[str, Any], *, hard_threshold: float = 0.8,
                    default="mixed").astype(str)
 
 
-def head_name(layer: int, head: int, query_type: str = "") -> str:
-  """"L{layer}H{head}{query_type}", 0-indexed."""
-  return f"L{layer}H{head}{query_type}"
-
-
 def head_labels(metrics: Mapping[str, np.ndarray], **thresholds) -> dict[str, np.ndarray]:
-  """Flat `head_class/L{l}H{h}{q}` -> [C] labels from `structure_metrics` output."""
-  labels_CxLxHxQ = classify_heads(metrics, **thresholds)
-  _, L, H, _ = labels_CxLxHxQ.shape
-  return {f"head_class/{head_name(l, h, q)}": labels_CxLxHxQ[:, l, h, i]
+  """Flat `head_class/L{l}H{h}{q}` -> [N] labels from `structure_metrics` output."""
+  labels_NxLxHxQ = classify_heads(metrics, **thresholds)
+  _, L, H, _ = labels_NxLxHxQ.shape
+  return {f"head_class/{head_name(l, h, q)}": labels_NxLxHxQ[:, l, h, i]
           for l in range(L) for h in range(H) for i, q in enumerate(QUERY_TYPES)}
 
 
@@ -373,7 +370,7 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
     quantiles: percentiles of |scale| reported per LayerNorm and for w_eff.
 
   Returns:
-    Dict name -> array with leading axis [C]; [C]-shaped entries are the CSV
+    Dict name -> array with leading axis [N]; [N]-shaped entries are the CSV
     columns, the others structured.
   """
   with_attention = task is not None and key is not None
@@ -404,12 +401,12 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
   if with_attention:
     L, H = raw["attn_entropy"].shape[1:3]
     for score in ATTENTION_SCORES:
-      arr_CxLxHxQ = raw[f"attn_{score}"]
-      out[f"attn_{score}"] = arr_CxLxHxQ
+      arr_NxLxHxQ = raw[f"attn_{score}"]
+      out[f"attn_{score}"] = arr_NxLxHxQ
       for l in range(L):
         for h in range(H):
           for i, qt in enumerate(QUERY_TYPES):
-            out[f"attn_{score}/{head_name(l, h, qt)}"] = arr_CxLxHxQ[:, l, h, i]
+            out[f"attn_{score}/{head_name(l, h, qt)}"] = arr_NxLxHxQ[:, l, h, i]
   for n in layer_norm_names(model.num_layers):
     out[f"ln_collapse/{n}"] = raw[f"ln_collapse/{n}"]
     for j, q in enumerate(quantiles):

@@ -29,6 +29,7 @@ from devinterp_jax import atomic, config_checks
 from devinterp_jax.analysis import seeds as seeds_analysis
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.experiments import llc_sweep
+from devinterp_jax.experiments.icl_regression.setting import SETTING
 from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.sampling import calibration
 from devinterp_jax.sampling.results import LLCResult
@@ -293,7 +294,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for seed, seed_dir, s, r in zip(config.seeds, seed_workdirs(workdir, config.seeds), steps,
                                     results):
       write_results(seed_dir, s, r, config=seed_config(config, seed))
-    summary = seeds_analysis.analyze_seeds(workdir, config.seeds, config.analysis)
+    summary = seeds_analysis.analyze_seeds(workdir, config.seeds, SETTING, config.analysis)
     summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
                    total_seconds=round(time.time() - t0, 1))
     atomic.write_text(os.path.join(workdir, "seeds_report", "seeds.json"),

@@ -4,7 +4,7 @@ Every metric is computed on the same data for every checkpoint: validation
 contexts `validation_tokens` int [N, T] (BOS at position 0), probe sequences
 drawn once from `key`, and statistics of the training tokens computed once on
 the host. Checkpoints are evaluated `checkpoint_chunk` at a time in one jitted
-program that vmaps over checkpoints (`lr_behaviour.map_checkpoints`); inside it
+program that vmaps over checkpoints (`batching.map_checkpoints`); inside it
 the sequences go through the model `eval_batch` / `_SHORT_BATCH` /
 `_ATTN_BATCH` at a time (`lax.map`), so memory is bounded whatever N.
 
@@ -13,7 +13,7 @@ of predicting x_p from x_0..x_{p−1}, i.e. `per_token_loss[:, p − 1]`. Layers
 and heads are 0-indexed (`L0H1` = layer 0, head 1).
 
 `lm_metrics` returns `dict[str, np.ndarray]`, every entry with the leading
-checkpoint axis [C]; entries of shape [C] are the CSV columns (per-head scores
+checkpoint axis [N]; entries of shape [N] are the CSV columns (per-head scores
 also appear flat as `<name>/L{l}H{h}`). Entries:
 
 Bigram statistics (C.1.1). P̂(b | a) is the plug-in bigram distribution of the
@@ -21,7 +21,7 @@ training tokens (pairs within contexts, BOS as a predecessor included; rows of
 predecessors never seen are undefined), H_a = H(P̂(· | a)).
   loss                  mean validation next-token loss over all positions.
   bigram_entropy        plug-in H(x_t | x_{t−1}) of the training tokens
-                        (= `synthetic_text.bigram_entropy`), constant over [C].
+                        (= `synthetic_text.bigram_entropy`), constant over [N].
   bigram_gap            loss − bigram_entropy.
   bigram_score          the paper's score: mean over validation positions t
                         (0 ≤ t ≤ T−2, x_t a seen predecessor) of the cross-entropy
@@ -48,19 +48,19 @@ ICL score (C.1.3, REFERENCE.md):
   icl_early_position, icl_late_position   p_early, p_late (constant); fractions f
                         of `icl_positions` map to p = clip(round(f·T), 1, T−1)
                         (51, 512 at T = 1024); pass ints (50, 500) for absolute tokens.
-  loss_per_position [C, T−1]   mean validation loss at tokens 1 … T−1.
+  loss_per_position [N, T−1]   mean validation loss at tokens 1 … T−1.
 Positional embedding (C.2.1):
   pos_ablated_loss      mean validation loss with W_pos replaced by its mean over all
                         context_length positions (`model.logits(pos_ablation=True)`).
-  pos_ablation_loss [C, T−1]   per-position ablated − clean loss (tokens 1 … T−1).
+  pos_ablation_loss [N, T−1]   per-position ablated − clean loss (tokens 1 … T−1).
   pos_ablation_loss_mean       its mean over positions (= pos_ablated_loss − loss).
-  pos_pca_var_ratio [C, k]     PCA explained-variance ratios of W_pos
+  pos_pca_var_ratio [N, k]     PCA explained-variance ratios of W_pos
                         [context_length, D] (rows centred over positions),
                         s_i² / Σ_j s_j² over all components, descending.
   pos_pca_top1/2/3      cumulative ratio of the top 1/2/3 components.
-  pos_embed_norm [C, context_length]   ‖W_pos[t]‖₂.
+  pos_embed_norm [N, context_length]   ‖W_pos[t]‖₂.
 Attention heads (C.2.3–4), α the attention pattern of a head (query t, key s):
-  prev_token_score [C, L, H]   mean α_{t, t−1} over `prev_token_batch` sequences
+  prev_token_score [N, L, H]   mean α_{t, t−1} over `prev_token_batch` sequences
                         [BOS, r_1..r_{P−1}] of P = min(context_length, 64) tokens,
                         r_i uniform over 1..V−1, and over the queries t with
                         max(2, P/4 − 1) ≤ t ≤ P − 1. By causality, query t sees exactly
@@ -68,7 +68,7 @@ Attention heads (C.2.3–4), α the attention pattern of a head (query t, key s)
                         score on sequences of uniformly random length P/4 … P (16–64 at
                         P = 64), with prefixes shared; t ≥ 2 leaves out the BOS key.
   prev_token_chance     mean over those queries of 1/(t + 1) (uniform causal attention).
-  prefix_score [C, L, H]   the standard induction test: `prefix_batch` sequences
+  prefix_score [N, L, H]   the standard induction test: `prefix_batch` sequences
                         [BOS, r_1..r_m, r_1..r_m], P = min(context_length, 128),
                         m = (P − 1) // 2, the block's tokens distinct (drawn without
                         replacement from 1..V−1 when m < V). Mean attention from the
@@ -81,9 +81,9 @@ Attention heads (C.2.3–4), α the attention pattern of a head (query t, key s)
 Composition (C.2.2; Elhage et al. 2021), layer-0 head i → layer-1 head j, from the
 weights only in the row-vector residual basis: W_OV = W_V W_O [D, D] (a head writes
 z W_OV), W_QK = W_Q W_Kᵀ [D, D] (scores x_q W_QK x_kᵀ):
-  comp_q [C, H, H]      ‖W_OV^i W_QK^j‖_F / (‖W_OV^i‖_F ‖W_QK^j‖_F)  (queries read i)
-  comp_k [C, H, H]      ‖W_QK^j (W_OV^i)ᵀ‖_F / (…)                    (keys read i)
-  comp_v [C, H, H]      ‖W_OV^i W_OV^j‖_F / (‖W_OV^i‖_F ‖W_OV^j‖_F)  (values read i)
+  comp_q [N, H, H]      ‖W_OV^i W_QK^j‖_F / (‖W_OV^i‖_F ‖W_QK^j‖_F)  (queries read i)
+  comp_k [N, H, H]      ‖W_QK^j (W_OV^i)ᵀ‖_F / (…)                    (keys read i)
+  comp_v [N, H, H]      ‖W_OV^i W_OV^j‖_F / (‖W_OV^i‖_F ‖W_OV^j‖_F)  (values read i)
   comp_k/L0H{i}_L1H{j}  the K-composition as flat columns (paper Fig. C.4).
   Each lies in [0, 1] (submultiplicativity), 1 only for rank-1 matrices whose
   written and read directions coincide; 0/0 gives 0. LayerNorm (its scales, its
@@ -105,8 +105,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from devinterp_jax.analysis.lr_behaviour import map_checkpoints
-from devinterp_jax.analysis.lr_structure import head_name
+from devinterp_jax.analysis.batching import map_checkpoints
+from devinterp_jax.typing import head_name
 from devinterp_jax.data.synthetic_text import BOS_ID
 from devinterp_jax.typing import Params
 
@@ -609,7 +609,7 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
       padding, and the token left out of the n-gram and [BOS, a] statistics.
 
   Returns:
-    dict name -> np.ndarray with leading axis [C].
+    dict name -> np.ndarray with leading axis [N].
   """
   V, T_ctx = int(model.vocab_size), int(model.context_length)
   val = np.asarray(validation_tokens)
@@ -746,11 +746,11 @@ def classify_lm_heads(metrics: Mapping[str, Any], *, checkpoint: int | None = -1
                       ) -> dict[str, Any]:
   """{'L0H1': label} at checkpoint index `checkpoint` (default the last).
 
-  With `checkpoint=None`: {'L0H1': [C] labels} over all checkpoints. Rules in
+  With `checkpoint=None`: {'L0H1': [N] labels} over all checkpoints. Rules in
   `head_label_array`.
   """
   labels = head_label_array(metrics, prev_threshold=prev_threshold,
-                            prefix_threshold=prefix_threshold)  # [C, L, H]
+                            prefix_threshold=prefix_threshold)  # [N, L, H]
   _, L, H = labels.shape
   if checkpoint is None:
     return {head_name(l, h): labels[:, l, h] for l in range(L) for h in range(H)}
@@ -813,7 +813,7 @@ def milestones(steps: Any, metrics: Mapping[str, Any], *, bigram_fraction: float
                                       ("induction", "prefix_score", prefix_threshold, 1)):
     if name not in metrics:
       continue
-    arr = np.asarray(metrics[name], np.float64)[:, first_layer:]  # [C, L', H]
+    arr = np.asarray(metrics[name], np.float64)[:, first_layer:]  # [N, L', H]
     if arr.shape[1] == 0:
       out[key] = {"step": None, "head": None, "threshold": thr, "heads": {}}
       continue

@@ -64,18 +64,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   llc_sweep.validate_sampling_sections(config)
 
 
-def analysis_options() -> ml_collections.ConfigDict:
-  """This setting's own analysis section (`config.analysis.lm`), beside the generic
-  report options (`registry.analysis_options`)."""
-  return ml_collections.ConfigDict(dict(lm=dict(
-      batch_size=64,            # validation contexts for the loss-based metrics
-      icl_positions=(50, 500),  # ICL score: loss at token 500 minus loss at token 50
-      num_common_ngrams=1000,   # real data: the most frequent n-grams of the training split
-      prev_token_batch=512,     # synthetic sequences for head scores (paper: 10k)
-      prefix_batch=512,
-  )))
-
-
 def make_model(config: ml_collections.ConfigDict) -> AttentionOnlyLM:
   return AttentionOnlyLM.from_config(config)
 
