@@ -172,7 +172,7 @@ class RegressionTransformer(nn.Module):
     attention_core.check_args(head_keep, head_mean, L, T, H, E)
     pos_TmaxxD = self.param("pos_embed", torch_uniform(max_tokens), (max_tokens, self.d_model))
     x_BxTxD = Dense(self.d_model, use_bias=False, name="token_embed")(tokens_BxTxV)
-    x_BxTxD = x_BxTxD + pos_TmaxxD[:T]
+    x_BxTxD = x_BxTxD + pos_TmaxxD[None, :T]
     per_layer = []
     for layer in range(self.num_layers):
       keep_H = None if head_keep is None else head_keep[layer]

@@ -133,9 +133,10 @@ def milestone_lines(marks: Mapping[str, Any]) -> list[str]:
       lines.append(f"* **Teacher recovered**: not reached ({r['recovered_final']} of "
                    f"{r['num_teacher_units']} teacher units at the last checkpoint).")
     else:
+      within = "" if r["threshold"] is None else f" within cosine {r['threshold']:g}"
       lines.append(f"* **Teacher recovered** ({r['stage']}): every one of the "
-                   f"{r['num_teacher_units']} teacher units has a student unit within cosine "
-                   f"{r['threshold']:g} from step {r['step']}.")
+                   f"{r['num_teacher_units']} teacher units has a student unit{within} from "
+                   f"step {r['step']}.")
   return lines
 
 
@@ -149,7 +150,7 @@ def _teacher(ctx: Context) -> Output:
                               checkpoint_chunk=ctx.options.checkpoint_chunk)
   fig = ts_viz.plot_teacher_student(
       run.steps, {**ctx.columns, **metrics}, ctx.path("teacher_student.png"),
-      boundaries=ctx.edges, align_threshold=o.align_threshold,
+      boundaries=ctx.edges, align_threshold=o.align_threshold, num_params=run.model.num_params,
       title=f"Student {run.model.widths} vs teacher {task.teacher_widths}")
   marks = milestones(run.steps, metrics, ctx.stage_of, o.align_threshold)
   d = run.model.num_params
