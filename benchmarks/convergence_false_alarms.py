@@ -10,7 +10,7 @@ well the MSER-5 auto burn-in removes a planted transient.
 
 AR(1) chains start in the stationary distribution, φ = (τ − 1)/(τ + 1). Every seed is one
 independent look with the default `ConvergenceCriteria`. Writes --json and --md
-(default docs/convergence_false_alarms.{json,md}).
+(default docs/results/convergence_false_alarms.{json,md}).
 
   PYTHONPATH=. python benchmarks/convergence_false_alarms.py     # ~5 minutes on 2 CPU cores
 """
@@ -198,8 +198,9 @@ def main() -> None:
   p.add_argument("--seeds_b", type=int, default=2000, help="seeds of case (b), τ = 50")
   p.add_argument("--seeds_planted", type=int, default=2000, help="seeds of case (c)")
   p.add_argument("--batch", type=int, default=100, help="seeds per vectorised batch of (b)")
-  p.add_argument("--json", default=os.path.join(ROOT, "docs", "convergence_false_alarms.json"))
-  p.add_argument("--md", default=os.path.join(ROOT, "docs", "convergence_false_alarms.md"))
+  out = os.path.join(ROOT, "docs", "results", "convergence_false_alarms")
+  p.add_argument("--json", default=out + ".json")
+  p.add_argument("--md", default=out + ".md")
   args = p.parse_args()
   t0 = time.time()
   cases = [false_alarms("a", 1.2, 4, 400, args.seeds_a, 1000, seed=1),

@@ -35,7 +35,7 @@ finishes (a timeout still leaves the finished rows):
   error of the loss traces) and the all-reduce ops in the compiled HLO.
 
 Finally it writes `device_<backend>.md` under `$OUT` and (with --docs_dir, default
-`docs` when it exists) under the repository's docs/.
+`docs/results` when it exists) under the repository's docs/results/.
 
 Timings are the best of --reps calls of the compiled block (compilation excluded;
 MALA every 10th step and chain diagnostics on, as in the estimator's defaults).
@@ -96,7 +96,7 @@ def parse_args(argv=None):
   p.add_argument("--commit", default=None, help="git commit (default: git rev-parse HEAD, "
                  "else $DEVICE_CHECK_COMMIT)")
   p.add_argument("--docs_dir", default=None, help="also write device_<backend>.md here "
-                 "(default: ./docs when it exists; '' to skip)")
+                 "(default: ./docs/results when it exists; '' to skip)")
   p.add_argument("--budget_s", type=float, default=None,
                  help="skip rows not yet started after this many seconds (default: 210 "
                  "on accelerators, none on CPU)")
@@ -689,8 +689,8 @@ def main(argv=None):
   rep.flush()
   final = markdown(rep.data)
   paths = [os.path.join(args.out, f"device_{backend}.md")]
-  docs = args.docs_dir if args.docs_dir is not None else ("docs" if os.path.isdir("docs")
-                                                           else "")
+  docs = args.docs_dir if args.docs_dir is not None else (
+      "docs/results" if os.path.isdir("docs/results") else "")
   if docs:
     paths.append(os.path.join(docs, f"device_{backend}.md"))
   for p in paths:

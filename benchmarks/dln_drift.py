@@ -2,7 +2,7 @@
 
 Runs SGLD from the most singular true parameter of one validation case at the protocol's
 nβ and the smallest calibrated step, for two localisations γ, and prints the distance
-from w* and the running LLC over the chain (docs/estimator.md, "Results and the
+from w* and the running LLC over the chain (docs/reference/estimator.md, "Results and the
 deep-linear-network limitation").
 
   PYTHONPATH=. python benchmarks/dln_drift.py --case="deep_linear 8×8×6×15×8 r=3"

@@ -11,7 +11,7 @@
     final λ̂ in units of its MCSE (mean = bias, fraction within 3 MCSE), and the same for
     a fixed 800 draws; with burn-in 0 the fraction of 400-draw traces flagged.
 
-  PYTHONPATH=. python benchmarks/engine.py      # writes docs/engine.{json,md}
+  PYTHONPATH=. python benchmarks/engine.py      # writes docs/results/engine.{json,md}
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def adaptive(n_seeds: int, seed: int = 0) -> dict:
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--seeds", type=int, default=500)
-  ap.add_argument("--out", default=os.path.join(ROOT, "docs", "engine"))
+  ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "engine"))
   args = ap.parse_args()
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()

@@ -3,7 +3,7 @@
 Each probe runs the real launchers (`launch/*.py`) in subprocesses on the issue's tiny
 config, injects one fault (a changed setting, a second launch, a failing save, a torn
 log line, a damaged file, a bad value) and records the exit code, the wall time and the
-error line the user reads. The table goes to --out (default docs/reliability.md) and
+error line the user reads. The table goes to --out (default docs/results/reliability.md) and
 the raw records to --json. `tests/test_reliability.py` asserts the same behaviours.
 
   PYTHONPATH=. python benchmarks/fault_probes.py      # ~6 minutes on 2 CPU cores
@@ -40,8 +40,9 @@ MKDIR_FAULT = ("import errno, os\n_mkdir = os.mkdir\n"
                "    raise OSError(errno.ENOSPC, 'No space left on device', os.fspath(path))\n"
                "  return _mkdir(path, *a, **k)\nos.mkdir = mkdir\n")
 
-_OUT = flags.DEFINE_string("out", os.path.join(ROOT, "docs", "reliability.md"), "Markdown table.")
-_JSON = flags.DEFINE_string("json", os.path.join(ROOT, "docs", "reliability.json"), "Raw records.")
+_RESULTS = os.path.join(ROOT, "docs", "results")
+_OUT = flags.DEFINE_string("out", os.path.join(_RESULTS, "reliability.md"), "Markdown table.")
+_JSON = flags.DEFINE_string("json", os.path.join(_RESULTS, "reliability.json"), "Raw records.")
 
 
 def launcher(script: str, workdir: str, *extra: str, prelude: str = "", timeout: float = 600,

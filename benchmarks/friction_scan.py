@@ -3,7 +3,7 @@
 Runs the validation protocol of a sampler (`validation.Protocol.for_sampler`, with
 shorter chains and a 3-point grid) on a few theory cases at several frictions, and
 writes the calibrated ε, the step-check acceptance over the grid, the error against
-λ and the convergence verdict per (case, friction) to docs/friction_scan.{md,json}.
+λ and the convergence verdict per (case, friction) to docs/results/friction_scan.{md,json}.
 
   PYTHONPATH=. python benchmarks/friction_scan.py
   PYTHONPATH=. python benchmarks/friction_scan.py --cases=7,12 --frictions=2,20,100
@@ -23,7 +23,7 @@ from devinterp_jax.experiments import validation
 _SAMPLER = flags.DEFINE_string("sampler", "sgnht", "underdamped sampler")
 _CASES = flags.DEFINE_string("cases", "7,12", "indices into validation.CASES")
 _FRICTIONS = flags.DEFINE_string("frictions", "2,20,100", "frictions α (per unit time)")
-_OUT = flags.DEFINE_string("out", "docs/friction_scan", "output path without extension")
+_OUT = flags.DEFINE_string("out", "docs/results/friction_scan", "output path without extension")
 
 
 def main(argv):

@@ -10,7 +10,7 @@ top-level imports.
   # today's tree against the commit before the change (a git worktree):
   git worktree add /tmp/before <commit>
   PYTHONPATH=. python benchmarks/import_time.py --tree=before=/tmp/before --tree=after=. \
-      --reps=3 --out=docs/import_time
+      --reps=3 --out=docs/results/import_time
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
   parser.add_argument("--tree", action="append", required=True,
                       help="NAME=DIR: a source tree holding devinterp_jax/ (repeatable)")
   parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--out", default="docs/import_time")
+  parser.add_argument("--out", default="docs/results/import_time")
   args = parser.parse_args()
   trees = dict(t.split("=", 1) for t in args.tree)
   walls: dict[str, list[float]] = {n: [] for n in trees}

@@ -6,7 +6,7 @@ draws recorded and kept, R̂, bulk/tail ESS per chain, the drift z, the MCSE and
 status, plus the common window and the sweep's wall time.
 
   PYTHONPATH=. python benchmarks/runlocal_convergence.py --workdir=workdirs/icl_runlocal \
-      --out=docs/convergence_runlocal.md
+      --out=docs/results/convergence_runlocal.md
 """
 
 from __future__ import annotations

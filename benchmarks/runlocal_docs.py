@@ -11,9 +11,9 @@ With --calibration, writes the calibration page from <workdir>/calibration/.
       --workdir=workdirs/icl_runlocal 2> workdirs/icl_runlocal/job_time.log
   PYTHONPATH=. python benchmarks/runlocal_docs.py --workdir=workdirs/icl_runlocal \
       --time_log=workdirs/icl_runlocal/job_time.log --control=workdirs/icl_runlocal_constlr \
-      --out=docs/runlocal.md
+      --out=docs/results/runlocal.md
   PYTHONPATH=. python benchmarks/runlocal_docs.py --workdir=workdirs/icl_runlocal \
-      --calibration --out=docs/calibration_runlocal.md
+      --calibration --out=docs/results/calibration_runlocal.md
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def run_page(args) -> str:
             f"{llcs.max():.2f}. R̂ {min(rh):.4f}–{max(rh):.4f}, bulk ESS/chain "
             f"{min(eb):.0f}–{max(eb):.0f}, drift z {min(dz):+.2f} to {max(dz):+.2f}. The "
             "adaptive chains stop at the first block where every criterion passes, so "
-            "values just inside a threshold are expected (docs/convergence.md).", "",
+            "values just inside a threshold are expected (docs/reference/convergence.md).", "",
             "| step | λ̂ ± SEM | status | R̂ | bulk ESS/chain | tail ESS/chain | drift z | "
             "burn-in | recorded | kept |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r, c in zip(rows, conv["checkpoints"]):

@@ -7,7 +7,7 @@ step-check acceptance ± MCSE. Writes Markdown (and JSON) from the runs.
 
   PYTHONPATH=. python benchmarks/sampler_probe.py --config=configs/lm.py:runlocal \
       --workdir=workdirs/lm_runlocal --steps=1,2,6000 \
-      --probes=sgnht:2e-4,sgnht:2e-4:10 --max_draws=1000 --out=docs/sampler_probe_lm
+      --probes=sgnht:2e-4,sgnht:2e-4:10 --max_draws=1000 --out=docs/results/sampler_probe_lm
 """
 
 from __future__ import annotations

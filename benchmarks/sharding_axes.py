@@ -2,7 +2,7 @@
 
 Runs the script of tests/test_sharding.py (equality, all-reduce / all-gather
 counts in the optimised HLO, devices spanned by the outputs) and writes
-docs/sharding.json and docs/sharding.md from its output.
+docs/results/sharding.json and docs/results/sharding.md from its output.
 
   PYTHONPATH=. python benchmarks/sharding_axes.py
 """
@@ -41,7 +41,7 @@ def main() -> None:
   meta = {"date": datetime.date.today().isoformat(), "commit": commit,
           "machine": "2-core CPU, 8 fake devices (--xla_force_host_platform_device_count=8)",
           "wall_s": round(time.time() - start, 1)}
-  atomic.write_text(os.path.join(ROOT, "docs", "sharding.json"),
+  atomic.write_text(os.path.join(ROOT, "docs", "results", "sharding.json"),
                     json.dumps({"meta": meta, "results": res}, indent=1))
   lines = [
       "# Named sweep axes on 8 devices",
@@ -78,7 +78,7 @@ def main() -> None:
       "Refused meshes: " + "; ".join(f"`{e}`" for e in res.get("errors", [])),
       "",
   ]
-  atomic.write_text(os.path.join(ROOT, "docs", "sharding.md"), "\n".join(lines))
+  atomic.write_text(os.path.join(ROOT, "docs", "results", "sharding.md"), "\n".join(lines))
   print("\n".join(lines))
 
 

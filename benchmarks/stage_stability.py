@@ -1,7 +1,7 @@
 """Do stage boundaries survive resampling, and a different SGLD seed?
 
 Scores the stage boundaries of a finished run with `report.stage_stability`
-(docs/stages.md): the run's chains bootstrapped jointly across checkpoints ×
+(docs/reference/stages.md): the run's chains bootstrapped jointly across checkpoints ×
 draw windows, every resample refitted with the run's stage options, gives each
 boundary its stability and the criterion's pass/fail. As the stronger test, it
 re-estimates the LLC of every checkpoint with other SGLD seeds (new noise and

@@ -2,7 +2,7 @@
 same session, one after the other on an idle machine) and writes a markdown table.
 
   PYTHONPATH=. python benchmarks/throughput_compare.py --old=old.json --new=new.json \
-      --old_label=b602539 --new_label=HEAD --out=docs/benchmark_llc_throughput_compare.md
+      --old_label=b602539 --new_label=HEAD --out=docs/results/benchmark_llc_throughput_compare.md
 """
 
 from __future__ import annotations

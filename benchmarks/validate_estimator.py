@@ -4,15 +4,17 @@ Every case (regular models, reduced-rank regressions, deep linear networks of
 depth 3–5, at their most singular true parameter) goes through the same
 protocol (`devinterp_jax.experiments.validation.Protocol`): nβ = n/ln n, γ fixed,
 ε chosen by `calibrate` (largest healthy, converged ε with MALA acceptance in
-the band), then a fresh estimate. Writes the table to docs/validation.md and
+the band), then a fresh estimate. Writes the table to docs/results/validation.md and
 the rows to a JSON file after each case, so a killed run resumes.
 
   PYTHONPATH=. python benchmarks/validate_estimator.py                 # all cases, SGLD
   PYTHONPATH=. python benchmarks/validate_estimator.py --cases=0,4,14  # a subset
-  PYTHONPATH=. python benchmarks/validate_estimator.py --sampler=sghmc # docs/validation_sghmc.json
+  PYTHONPATH=. python benchmarks/validate_estimator.py --sampler=sghmc # its own JSON
 
-Each sampler's rows go to their own JSON (`Protocol.for_sampler`); docs/validation.md
-is rewritten from every sampler's JSON found, with per-sampler columns.
+Each sampler's rows go to their own JSON (`Protocol.for_sampler`):
+docs/results/validation.json for SGLD, docs/results/validation_<sampler>.json for the
+others. docs/results/validation.md is rewritten from every sampler's JSON found, with
+per-sampler columns.
 """
 
 import dataclasses
@@ -30,8 +32,9 @@ from devinterp_jax.experiments import validation
 _CASES = flags.DEFINE_string("cases", "", "comma-separated indices into validation.CASES")
 _SAMPLER = flags.DEFINE_string("sampler", "sgld", "sampler of the protocol")
 _JSON = flags.DEFINE_string("json_out", "", "rows (resumable); default "
-                            "docs/validation.json (sgld) or docs/validation_<sampler>.json")
-_MD = flags.DEFINE_string("md_out", "docs/validation.md", "markdown table")
+                            "docs/results/validation.json (sgld) or "
+                            "docs/results/validation_<sampler>.json")
+_MD = flags.DEFINE_string("md_out", "docs/results/validation.md", "markdown table")
 _DRAWS = flags.DEFINE_integer("num_draws", None, "override Protocol.num_draws")
 
 
@@ -91,8 +94,10 @@ def main(argv):
   tables = load_all()
   provenance = []
   for name, (proto, rows) in tables.items():
-    commit = subprocess.run(["git", "log", "-1", "--format=%h %ad", "--date=short", "--",
-                             json_path(name)], capture_output=True, text=True).stdout.strip()
+    # --follow and A/M only: the last commit that changed the rows, not a move of the file.
+    commit = subprocess.run(["git", "log", "-1", "--follow", "--diff-filter=AM",
+                             "--format=%h %ad", "--date=short", "--", json_path(name)],
+                            capture_output=True, text=True).stdout.strip()
     provenance.append(f"- `{name}`: {len(rows)} cases from `{json_path(name)}` ("
                       + (f"last committed at {commit}" if commit else "this run, uncommitted")
                       + f"); protocol `{json.dumps(dataclasses.asdict(proto))}`")
@@ -103,7 +108,8 @@ def main(argv):
 
 
 def json_path(sampler: str) -> str:
-  return "docs/validation.json" if sampler == "sgld" else f"docs/validation_{sampler}.json"
+  return ("docs/results/validation.json" if sampler == "sgld"
+          else f"docs/results/validation_{sampler}.json")
 
 
 def same_protocol(saved: dict | None, protocol: validation.Protocol) -> bool:
@@ -120,7 +126,7 @@ def same_protocol(saved: dict | None, protocol: validation.Protocol) -> bool:
 
 
 def load_all() -> dict[str, tuple[validation.Protocol, list[dict]]]:
-  """Every sampler's protocol and rows found in docs/, in case order."""
+  """Every sampler's protocol and rows found in docs/results/, in case order."""
   by_name = {c.name: c for c in validation.CASES}
   out = {}
   for name in validation.samplers.SAMPLERS:

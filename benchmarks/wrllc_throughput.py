@@ -15,7 +15,8 @@ Each figure is the median of --reps interleaved repetitions, compilation
 excluded; chain diagnostics and MALA (every 10th step) are on, as in the
 estimator's defaults.
 
-  PYTHONPATH=. python benchmarks/wrllc_throughput.py --json_out=docs/benchmark_wrllc_cpu.json
+  PYTHONPATH=. python benchmarks/wrllc_throughput.py \
+      --json_out=docs/results/benchmark_wrllc_cpu.json
 """
 
 import json

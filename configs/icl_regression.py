@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       init_loss_stride=10,
       mala_stride=10,            # MALA acceptance every 10th step (0 = off)
       mala_target="posterior",   # or "loss": nβ L alone (sampling/llc.py MALA_TARGETS)
-      sampler="sgld",            # or "rmsprop_sgld", "sghmc", "sgnht" (docs/samplers.md)
+      sampler="sgld",            # or "rmsprop_sgld", "sghmc", "sgnht" (docs/reference/samplers.md)
       friction=0.0,              # sghmc / sgnht friction α per unit time; 0: 2√γ
       checkpoint_chunk=16,       # pairs per compiled call, or "auto" (fits device memory)
       chain_strategy="auto",
@@ -95,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Refined LLCs (launch/estimate_llc.py --restrict=heads / --loss_data=...): these
   # fields override config.llc. Defaults: the refined-LLC paper's (language-model)
   # sampler, ε = 1e-3, nβ = 30, γ = 200, 4 chains × 200 draws, batch 32. On the LR
-  # runlocal checkpoints ε = 1e-3 gives MALA acceptance 0.54-0.63 (docs/refined.md):
+  # runlocal checkpoints ε = 1e-3 gives MALA acceptance 0.54-0.63 (docs/reference/refined.md):
   # calibrate before a full-scale LR run.
   config.refined = ml_collections.ConfigDict(dict(
       num_chains=4, num_draws=200, step_size=1e-3, nbeta=30.0, localization=200.0,
@@ -108,9 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg in ("runlocal", "runlocal_seeds", "runlocal_constlr"):
     config.train.update(num_steps=6000, batch_size=64, n_log=16, n_linear=8,
                         log_every=250, resume_every=1000, eval_batch_size=1024)
-    # SGNHT (docs/samplers.md): SGLD at ε = 2e-4 had not converged after 800 draws
-    # (docs/convergence_runlocal.md; its flattest directions relax in ~1,500 steps). ε as
-    # recommended by launch/calibrate.py with the grid below (docs/calibration_runlocal.md):
+    # SGNHT (docs/reference/samplers.md): SGLD at ε = 2e-4 had not converged after 800 draws
+    # (docs/results/convergence_runlocal.md; its flattest directions relax in ~1,500 steps). ε as
+    # recommended by launch/calibrate.py with the grid below (docs/results/calibration_runlocal.md):
     # the largest ε with healthy, converged chains whose leapfrog acceptance clears
     # [0.95, 1] by 2 SE at the earliest, a middle and the latest checkpoint.
     # Burn-in read from the trace; chains continue past 400 draws until the R̂ / ESS /
@@ -121,7 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.calibration.update(step_sizes=(2e-5, 3e-5, 5e-5, 1e-4), nbetas=(15.4,),
                               num_draws=600)
     # wrLLC of all 8 heads × 21 checkpoints in one program, under 15 minutes on 2 cores:
-    # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/refined.md).
+    # the full model's ε and nβ, γ = 100 (MALA acceptance 0.93-0.96; docs/reference/refined.md).
     config.refined.update(num_chains=3, num_draws=200, step_size=2e-4, nbeta=15.4,
                           localization=100.0, checkpoint_chunk=7, sampler="sgld")
     # Sized so the whole report takes about a minute on 2 CPU cores.
@@ -133,7 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # one sweep, under 15 minutes on 2 CPU cores. Shorter runs and chains than
     # `runlocal`; ε, nβ, γ and the SGLD batch are the calibrated runlocal values.
     config.train.update(num_steps=4000, n_log=14, n_linear=6)
-    # The SGLD settings its figures were measured with (docs/stages_runlocal.md).
+    # The SGLD settings its figures were measured with (docs/reference/stages_runlocal.md).
     config.llc.update(num_chains=3, num_draws=160, checkpoint_chunk=10, sampler="sgld",
                       step_size=2e-4, max_draws=800)
   if arg == "runlocal_constlr":

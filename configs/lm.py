@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       matmul_precision="",   # see configs/icl_regression.py
       # MALA acceptance of the tempered loss alone: in 10⁵-10⁶ dimensions the
       # localisation Gaussian dominates the full-potential acceptance of a chain
-      # spreading from w* (docs/lm.md); its bias is εγ/4 in closed form.
+      # spreading from w* (docs/reference/lm.md); its bias is εγ/4 in closed form.
       mala_target="loss",
   ))
   # launch/calibrate.py: the App. A.5.3 grid on the earliest and latest checkpoints;
@@ -89,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.startswith("runlocal"):
     config.model.update(vocab_size=512, context_length=64, d_model=64, num_heads=4)
     # copy_prob 0.1: repeated spans strong enough that a previous-token head and
-    # layer-1 induction heads form within 6000 steps (docs/lm.md; 0.02 and 0.06 did not
+    # layer-1 induction heads form within 6000 steps (docs/reference/lm.md; 0.02 and 0.06 did not
     # within 3000).
     config.data.update(source="synthetic", num_train=20_000, num_sgld=4_000,
                        num_validation=1_000, copy_prob=0.1)
@@ -98,13 +98,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=6000, batch_size=32, n_log=12, linear_every=750,
                         log_every=100, resume_every=500, eval_batch_size=256)
     # launch/calibrate.py with the grid below recommends ε = 2e-4, nβ = 10 (≈ B/ln B for
-    # B = 32), γ = 300 on steps 1 and 6000 (docs/lm.md): healthy chains, loss-MALA
+    # B = 32), γ = 300 on steps 1 and 6000 (docs/reference/lm.md): healthy chains, loss-MALA
     # acceptance ≥ 0.96; γ = 100 chains do not equilibrate within 200 draws.
     # 4 chains (the convergence checks need 4), at least 400 draws after a burn-in read
     # from the trace, continued in blocks of 100 up to 1000 until converged. SGNHT with
-    # friction 10: SGLD left all 19 checkpoints unconverged at 800 draws (docs/lm_runlocal.md),
-    # and the default friction 2√γ = 35 left step 1 unconverged at 800
-    # (benchmarks/sampler_probe.py, docs/sampler_probe_lm.md).
+    # friction 10: SGLD left all 19 checkpoints unconverged at 800 draws
+    # (docs/results/lm_runlocal.md), and the default friction 2√γ = 35 left step 1
+    # unconverged at 800
+    # (benchmarks/sampler_probe.py, docs/results/sampler_probe_lm.md).
     config.llc.update(num_chains=4, num_draws=400, batch_size=32, nbeta=10.0,
                       step_size=2e-4, localization=300.0, checkpoint_chunk=10,
                       num_burnin_steps="auto", max_draws=1000, sampler="sgnht",
@@ -121,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.analysis.overlap.batch_size = 128
   if arg == "runlocal_mixture":
     # Half prose, half code contexts: the model is trained on both, so the drLLC on
-    # `--data=corpus=prose` vs `--data=corpus=code` compares two near-minima (docs/lm.md).
+    # `--data=corpus=prose` vs `--data=corpus=code` compares two near-minima (docs/reference/lm.md).
     config.data.corpus = "mixture"
   config.lock()
   return config

@@ -33,6 +33,19 @@ LossFn = Callable[[Params, Batch], jax.Array]
 """A pure `loss_fn(params, batch) -> scalar`: the estimator's only view of a model."""
 
 
+class Model(Protocol):
+  """What the generic analysis needs of any setting's model (`Setting.make_model`):
+  its parameter initialisation and its loss. The Hessian section needs no more."""
+
+  def init_params(self, key: jax.Array) -> Params:
+    """Parameters of the model's shapes (the abstract tree for checkpoint restores)."""
+    ...
+
+  def loss(self, params: Params, batch: Batch) -> jax.Array:
+    """The training loss on `batch`."""
+    ...
+
+
 class HeadModel(Protocol):
   """A model whose attention heads the head analyses can read and ablate
   (`analysis.overlap`, `analysis.heads`); `RegressionTransformer` and

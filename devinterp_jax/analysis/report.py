@@ -18,7 +18,7 @@
   stage_changes.json          per stage, the metrics that changed most in it
   report.json, report.md      the summary a person reads
 
-"Changed most in a stage" (`stage_changes`, docs/stages.md): a metric's change
+"Changed most in a stage" (`stage_changes`, docs/reference/stages.md): a metric's change
 Δ = m(end) − m(start) is ranked by score = Δ / max(ℓ_m, σ_m), with ℓ_m its level
 (`metric_level`: 90th percentile of |m| over checkpoints) and σ_m its
 checkpoint-to-checkpoint noise (`metric_noise`), and reported as 100 · score,
@@ -299,7 +299,7 @@ def metric_level(values: np.ndarray) -> float:
 def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
                   boundaries: stages.StageBoundaries, top: int = 6) -> list[dict[str, Any]]:
   """Per stage, the metrics whose change in it is largest relative to their level
-  and noise (docs/stages.md).
+  and noise (docs/reference/stages.md).
 
   For a metric m and a stage from checkpoint i0 to i1: Δ = m[i1] − m[i0];
   `level` ℓ = `metric_level(m)` (90th percentile of |m| over checkpoints);
@@ -590,7 +590,7 @@ def _markdown(run: Run, boundaries, changes, mark_lines, labels_final, section_l
             "Change Δ = value at the stage's end − value at its start, in % of the metric's "
             "level (90th percentile of |value| over checkpoints) and ranked by it; when the "
             "metric's checkpoint-to-checkpoint noise (robust second differences) exceeds its "
-            "level, in % of the noise (docs/stages.md). \"within noise\": |Δ| ≤ 2√2 × "
+            "level, in % of the noise (docs/reference/stages.md). \"within noise\": |Δ| ≤ 2√2 × "
             "noise.", ""]
 
   def change_text(t: dict[str, Any]) -> str:

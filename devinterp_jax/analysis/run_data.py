@@ -25,7 +25,7 @@ from devinterp_jax import paths
 from devinterp_jax.sampling.results import LLCResult
 from devinterp_jax.storage import checkpoints
 from devinterp_jax.storage import run_log
-from devinterp_jax.typing import Batch, HeadModel
+from devinterp_jax.typing import Batch, Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Setting:
   """A model family as the analysis sees it.
 
   name: the config's `experiment` value.
-  make_model: config → model (a `HeadModel`: loss, head activations, ablations).
+  make_model: config → model (a `typing.Model`; the head sections "overlap" and
+    "heads" need a `typing.HeadModel`).
   eval_batch: (run, key, size, purpose) → a batch of `size` evaluation samples
     for a generic section; `purpose` is the section's name ("hessian", "overlap").
   sections: the setting's own report sections, by name (`analysis.sections.Section`;
@@ -45,7 +46,7 @@ class Setting:
   """
 
   name: str
-  make_model: Callable[[ml_collections.ConfigDict], HeadModel]
+  make_model: Callable[[ml_collections.ConfigDict], Model]
   eval_batch: Callable[[Run, jax.Array, int, str], Batch]
   sections: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # name → Section
   default_sections: tuple[str, ...] = ("hessian", "overlap", "heads")

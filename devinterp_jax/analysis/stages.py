@@ -50,7 +50,7 @@ where one of its boundaries lies within ±1 checkpoint of a feature of the
 learning-rate schedule (`schedule_features`, e.g. the step of the maximum
 learning rate), says so ("tracks the learning-rate peak at step 3000").
 
-Stability (`stage_stability`, docs/stages.md): the boundary finder is re-run,
+Stability (`stage_stability`, docs/reference/stages.md): the boundary finder is re-run,
 with the same options, on resampled LLC curves: chains bootstrapped jointly
 across checkpoints (exactly, over all C(2C−1, C) multisets with their
 multinomial weights, when there are at most `max_exact` of them) × a fixed set
@@ -552,7 +552,7 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
 
 
 # ----------------------------------------------------------------------------------------
-# Stability of the boundaries under resampling (docs/stages.md).
+# Stability of the boundaries under resampling (docs/reference/stages.md).
 
 # Draw windows: (name, start, end) as fractions of the kept length L = T − burn-in of
 # each checkpoint; the window is draws [burnin + ⌊start·L⌋, burnin + ⌊end·L⌋). The first

@@ -21,7 +21,7 @@ than one restriction trajectories.png (`analysis.heads`).
 Sum over disjoint restrictions: the per-chain sum Σ_r λ̂_r (chain c of every
 restriction shares its noise and minibatches, so the sum's standard error is
 taken over chains, not added in quadrature). It is reported beside the full
-LLC, which it need not equal: see docs/refined.md.
+LLC, which it need not equal: see docs/reference/refined.md.
 """
 
 from __future__ import annotations

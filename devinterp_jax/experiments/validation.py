@@ -79,7 +79,7 @@ def deep_linear(widths, r: int) -> TheoryCase:
   return TheoryCase("deep_linear", tuple(widths), r)
 
 
-# The benchmark's table (docs/validation.md).
+# The benchmark's table (docs/results/validation.md).
 CASES = (
     regular(2, 2), regular(4, 4), regular(8, 8), regular(16, 16),
     reduced_rank(5, 4, 5, 0), reduced_rank(4, 3, 8, 0), reduced_rank(8, 3, 4, 0),
@@ -111,7 +111,7 @@ class Protocol:
   max_attempts: int = 3         # final runs verified, stepping down the passing ε
   # Step sizes are judged by MALA acceptance and divergence. Convergence (R̂ / ESS /
   # drift, `diagnostics.assess`) is reported for the final chains, not required: the
-  # deep linear networks' flat directions mix slowly (docs/estimator.md), and the row
+  # deep linear networks' flat directions mix slowly (docs/reference/estimator.md), and the row
   # says so instead of the protocol silently stepping ε down.
   disqualify: tuple = ("diverged",)
   seed: int = 0
@@ -121,13 +121,13 @@ class Protocol:
   @classmethod
   def for_sampler(cls, name: str) -> "Protocol":
     """The protocol of a sampler. Underdamped chains relax a direction of curvature
-    k ≥ γ in ≈ 1/(√γ √ε) steps instead of 2/(γ ε) (docs/samplers.md), so their final
+    k ≥ γ in ≈ 1/(√γ √ε) steps instead of 2/(γ ε) (docs/reference/samplers.md), so their final
     chains have a fixed 20,000 draws: never more gradient evaluations than SGLD's."""
     if name in ("sghmc", "sgnht"):
       # Friction 20, not the default 2√γ = 2: at nβ = 1688 and batch 256 the minibatch
-      # noise of nβ ∇L_B heats the stiff directions by ≈ h V / (2α) (docs/samplers.md;
+      # noise of nβ ∇L_B heats the stiff directions by ≈ h V / (2α) (docs/reference/samplers.md;
       # benchmarks/friction_scan.py). The grid starts lower than SGLD's: the leapfrog
-      # check reads lower than SGLD's MALA on these models (docs/validation.md).
+      # check reads lower than SGLD's MALA on these models (docs/results/validation.md).
       return cls(sampler=name, num_draws=20_000, max_draws=20_000, langevin_time=0.0,
                  scaled_step_sizes=(0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03),
                  friction=20.0)

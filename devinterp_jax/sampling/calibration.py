@@ -12,7 +12,7 @@ point, checkpoint and chain in one compiled program, and recommends:
     * the mean acceptance of the sampler's step-size check over chains lies in
       `mala_band` by a margin of `margin_se` of its own Monte-Carlo standard
       error (default [0.95, 1] with 2 SE: at most ~5 % of proposals would be
-      rejected; on the validation models of docs/validation.md this kept the
+      rejected; on the validation models of docs/results/validation.md this kept the
       discretisation bias below ~5 %, while a band starting at 0.9 let one case
       reach +11 %). The check is MALA for SGLD samplers and the Metropolis
       acceptance of one leapfrog step for SGHMC / SGNHT, whose law at

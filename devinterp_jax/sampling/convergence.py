@@ -295,7 +295,7 @@ class ConvergenceCriteria:
   """Thresholds of `assess` for the kept draws of one entry.
 
   `min_draws` (kept draws per chain before any look) must be ≥ 1; the measured
-  false-alarm rate (docs/convergence_false_alarms.md) holds for ≥ 400 draws and
+  false-alarm rate (docs/results/convergence_false_alarms.md) holds for ≥ 400 draws and
   ESS per chain well above the minima.
   """
 

@@ -59,7 +59,7 @@ class HealthCriteria(convergence_lib.ConvergenceCriteria):
 
   The convergence thresholds were fixed before any job was run against them; their
   false-alarm rate on stationary traces is measured by
-  benchmarks/convergence_false_alarms.py (docs/convergence_false_alarms.md).
+  benchmarks/convergence_false_alarms.py (docs/results/convergence_false_alarms.md).
   """
 
   divergence_llc_factor: float = 1.0

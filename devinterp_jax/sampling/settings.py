@@ -35,7 +35,7 @@ from devinterp_jax.typing import Params
 #     localisation drift (same noise). The localisation term is an isotropic Gaussian
 #     whose discretisation bias is known in closed form (variance × 1/(1 − εγ/4)); in
 #     d ~ 10⁵ dimensions it dominates the 'posterior' acceptance while a chain is still
-#     spreading from w* (docs/lm.md), and 'loss' isolates how well ε resolves the loss.
+#     spreading from w* (docs/reference/lm.md), and 'loss' isolates how well ε resolves the loss.
 MALA_TARGETS = ("posterior", "loss")
 MATMUL_PRECISIONS = (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 AUTO = "auto"

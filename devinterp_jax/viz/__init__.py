@@ -9,6 +9,7 @@
   overlap   plot_overlap
   lr        plot_behaviour, plot_structure (in-context linear regression)
   lm        plot_lm_metrics (language model)
+  teacher_student  plot_teacher_student (ReLU MLP teacher–student)
 
 Each `plot_*(…, path)` writes a PNG and returns `path`; the matching `*_figure(…)`
 returns the `matplotlib.figure.Figure` instead, for notebooks and tests. The
