@@ -59,12 +59,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError("--num_processes/--process_id need --coordinator_address "
                        "(or --multihost for a TPU pod slice, where JAX detects them)")
     return False
-  if coordinator_address is not None and (num_processes is None or process_id is None):
-    raise ValueError(f"coordinator_address {coordinator_address!r} needs num_processes and "
-                     f"process_id, got {num_processes!r} and {process_id!r}")
-  if coordinator_address is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-  kw = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise ValueError(f"coordinator_address {coordinator_address!r} needs num_processes and "
+                       f"process_id, got {num_processes!r} and {process_id!r}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  kw: dict[str, Any] = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
             shutdown_timeout_seconds=int(shutdown_timeout_s),
             initialization_timeout=int(initialization_timeout_s))
   if coordinator_address is None:

@@ -117,6 +117,7 @@ class Progress:
     self._t_last, self._done_last = now, int(done)
     if first:        # the interval up to here included compilation: the rate starts now
       self._t_warm, self._done_warm = now, int(done)
+    assert self._t_line is not None   # set by start
     due = (force or first or (done >= self.total and self.final)
            or now - self._t_line >= self.every_s)
     if not due:
@@ -131,7 +132,7 @@ class Progress:
   @property
   def elapsed_s(self) -> float:
     """Wall time since `start` (at the last update)."""
-    if self._t_start is None:
+    if self._t_start is None or self._t_last is None:   # start sets both
       return 0.0
     return self._t_last - self._t_start
 

@@ -43,7 +43,7 @@ def _open_binary(path: epath.Path, compression: str | None):
         yield g
     elif compression == ".zst":
       try:
-        import zstandard  # pylint: disable=g-import-not-at-top
+        import zstandard  # pyright: ignore[reportMissingImports]  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         raise ImportError(f"{path}: reading .zst needs the `zstandard` package "
                           f"(pip install zstandard)") from e

@@ -122,13 +122,23 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
     _check_config(config)
     super().__init__(config=config, **kwargs)
 
+  def _config(self) -> TextShardsConfig | SyntheticConfig:
+    cfg = self.builder_config
+    assert isinstance(cfg, (TextShardsConfig, SyntheticConfig))   # _check_config
+    return cfg
+
+  def _text_config(self) -> TextShardsConfig:
+    cfg = self.builder_config
+    assert isinstance(cfg, TextShardsConfig)   # only text shards read files
+    return cfg
+
   @functools.cached_property
   def _tokenizer(self) -> tokenizer_lib.TextTokenizer:
-    cfg = self.builder_config
+    cfg = self._text_config()
     return tokenizer_lib.load_tokenizer(cfg.tokenizer_path, cfg.bos_token)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    cfg = self.builder_config
+    cfg = self._config()
     if isinstance(cfg, SyntheticConfig):
       T, meta = cfg.corpus.context_length, {
           "vocab_size": cfg.corpus.vocab_size, "bos_id": synthetic_text.BOS_ID,
@@ -148,7 +158,7 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing downloads
-    cfg = self.builder_config
+    cfg = self._config()
     if isinstance(cfg, SyntheticConfig):
       return {s: self._generate_examples(s) for s in SPLITS if s in cfg.num_contexts}
     files = expand_files(cfg.files)
@@ -157,10 +167,12 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, files: list[str] | None = None):
     if isinstance(self.builder_config, SyntheticConfig):
       return self._synthetic(split)
+    assert files is not None   # _split_generators passes the text shards' files
     return self._text(files, split)
 
   def _synthetic(self, split: str):
     cfg = self.builder_config
+    assert isinstance(cfg, SyntheticConfig)
     i = 0
     for chunk in cfg.corpus.iter_chunks((cfg.seed, SPLITS.index(split)),
                                         cfg.num_contexts[split]):
@@ -169,7 +181,7 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
         i += 1
 
   def _text(self, files: list[str], split: str):
-    cfg = self.builder_config
+    cfg = self._text_config()
     tok = self._tokenizer
 
     def docs():
@@ -260,7 +272,7 @@ def batch_indices(num_records: int, step: int, batch_size: int, seed: int = 0) -
   return _permutation(num_records, seed, epoch)[k * batch_size:(k + 1) * batch_size]
 
 
-def gather(source, indices: Sequence[int]) -> np.ndarray:
+def gather(source, indices: Sequence[int] | np.ndarray) -> np.ndarray:
   """Contexts `indices` of a data source (or an int array [N, T]): int32 [len, T]."""
   if isinstance(source, np.ndarray):
     return source[np.asarray(indices)].astype(np.int32)

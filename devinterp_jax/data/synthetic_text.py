@@ -71,7 +71,8 @@ def _seed_words(seed: Any) -> list[int]:
       raise ValueError(f"seed must be >= 0, got {seed}")
     return words
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+  if jax.dtypes.issubdtype(  # pyright: ignore[reportPrivateImportUsage]  (public jax API)
+      seed.dtype, jax.dtypes.prng_key):
     seed = jax.random.key_data(seed)
   return [int(w) for w in np.asarray(seed, dtype=np.uint32).ravel()]
 

@@ -45,10 +45,11 @@ keys lose positional information; `pos_ablated_loss` is the paper's
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, cast
 
 import flax.linen as nn
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -212,14 +213,15 @@ class AttentionOnlyLM(nn.Module):
   def logits(self, params: Params, tokens_BxT: jax.Array, head_keep=None, head_mean=None,
              pos_ablation: bool = False) -> jax.Array:
     """Next-token logits [B, T, V]."""
-    return self.apply({"params": params}, tokens_BxT, head_keep=head_keep,
-                      head_mean=head_mean, pos_ablation=pos_ablation)
+    # flax types apply's result as Any | (Any, mutated variables); no mutable here.
+    return cast(jax.Array, self.apply({"params": params}, tokens_BxT, head_keep=head_keep,
+                                      head_mean=head_mean, pos_ablation=pos_ablation))
 
   def attention_patterns(self, params: Params, tokens_BxT: jax.Array,
                          pos_ablation: bool = False) -> jax.Array:
     """Attention patterns attn [L, B, H, T, S] (rows sum to 1, zero above the diagonal)."""
-    _, attn_LxBxHxTxS = self.apply({"params": params}, tokens_BxT, return_attention=True,
-                                   pos_ablation=pos_ablation)
+    _, attn_LxBxHxTxS = cast(tuple[jax.Array, jax.Array], self.apply(
+        {"params": params}, tokens_BxT, return_attention=True, pos_ablation=pos_ablation))
     return attn_LxBxHxTxS
 
   def per_token_loss(self, params: Params, tokens_BxT: jax.Array, head_keep=None,
@@ -257,7 +259,8 @@ class AttentionOnlyLM(nn.Module):
     Returns {'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}
     (the `head_activations_fn` of `analysis.overlap`).
     """
-    _, heads = self.apply({"params": params}, _tokens(batch), return_heads=True)
+    _, heads = cast(tuple[jax.Array, dict[str, jax.Array]], self.apply(
+        {"params": params}, _tokens(batch), return_heads=True))
     return heads
 
   def ablated_loss(self, params: Params, batch: Mapping[str, jax.Array], head_keep_LxH,

@@ -31,6 +31,8 @@ embedded in D), so that Σ_h contrib equals the attention block's output.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -206,8 +208,9 @@ class RegressionTransformer(nn.Module):
 
     `head_keep` [L, H], `head_mean` [L, 2K, H, E]: mean-ablation (module docstring).
     """
-    out = self.apply({"params": params}, to_tokens(xs_BxKxD, ys_BxK), return_attention,
-                     head_keep, head_mean)
+    # flax types apply's result as Any | (Any, mutated variables); no mutable here.
+    out = cast(Any, self.apply({"params": params}, to_tokens(xs_BxKxD, ys_BxK),
+                               return_attention, head_keep, head_mean))
     out_BxTxV, attn = out if return_attention else (out, None)
     preds_BxK = out_BxTxV[:, 0::2, 0]
     return (preds_BxK, attn) if return_attention else preds_BxK
@@ -229,8 +232,8 @@ class RegressionTransformer(nn.Module):
     Returns {'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}
     (the `head_activations_fn` of `analysis.overlap`).
     """
-    _, heads = self.apply({"params": params}, to_tokens(batch["xs"], batch["ys"]),
-                          return_heads=True)
+    _, heads = cast(tuple[jax.Array, dict[str, jax.Array]], self.apply(
+        {"params": params}, to_tokens(batch["xs"], batch["ys"]), return_heads=True))
     return heads
 
   def ablated_loss(self, params: Params, batch, head_keep_LxH, head_mean_LxTxHxE) -> jax.Array:

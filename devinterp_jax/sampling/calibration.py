@@ -172,8 +172,8 @@ def _draws_needed(res: LLCResult, criteria) -> np.ndarray:
 
 
 def calibrate(loss_fn: llc_lib.LossFn, checkpoints: Sequence[Any] | Any, data: Any, *,
-              step_sizes: Sequence[float], nbetas: Sequence[float],
-              localizations: Sequence[float], num_chains: int, num_draws: int,
+              step_sizes: Sequence[float] | np.ndarray, nbetas: Sequence[float] | np.ndarray,
+              localizations: Sequence[float] | np.ndarray, num_chains: int, num_draws: int,
               batch_size: int, seed: int = 0, num_burnin_steps: int | str = "auto",
               mala_stride: int = 10, mala_target: str = "posterior", sampler: Any = "sgld",
               criteria: diagnostics.HealthCriteria | None = None,

@@ -100,7 +100,7 @@ def rank_normalize(x: np.ndarray) -> np.ndarray:
   flat = x.reshape(*x.shape[:-2], -1)
   s = flat.shape[-1]
   z = ndtri((_average_ranks(flat) - 0.375) / (s + 0.25)).reshape(x.shape)
-  bad = ~np.isfinite(flat).all(-1)
+  bad = np.asarray(~np.isfinite(flat).all(-1))
   return np.where(bad[..., None, None], np.nan, z) if bad.any() else z
 
 
@@ -143,7 +143,7 @@ def _ess_chains(x: np.ndarray) -> np.ndarray:
   shape = x.shape[:-2]
   if n < 4 or m < 1:
     return np.full(shape, np.nan)
-  finite = np.isfinite(x).all((-2, -1))
+  finite = np.asarray(np.isfinite(x).all((-2, -1)))
   x = np.where(finite[..., None, None], x, 0.0)
   constant = (x.max((-2, -1)) - x.min((-2, -1))) < np.finfo(np.float64).resolution
   acov = _autocov(x)                                   # [..., M, N]
@@ -373,7 +373,7 @@ def assess(loss_trace: np.ndarray, criteria: ConvergenceCriteria = ConvergenceCr
     stats = {k: np.array([r[k] for r in rows], np.float64).reshape(shape) for k in _STATS}
     chains = flat_v.sum(-1).reshape(shape).astype(np.int64)
   safe = np.maximum(chains, 1)
-  out = dict(stats)
+  out: dict = dict(stats)   # the stats and their int / str fields
   out["ess_bulk_per_chain"] = stats["ess_bulk"] / safe
   out["ess_tail_per_chain"] = stats["ess_tail"] / safe
   out["num_draws"] = np.full(shape, t, np.int64)

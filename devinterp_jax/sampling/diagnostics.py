@@ -109,7 +109,7 @@ def _quarter_stats(x: np.ndarray, q: int, tau: np.ndarray):
 def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np.ndarray,
                  num_params: int | np.ndarray, distance: np.ndarray | None = None,
                  criteria: HealthCriteria = HealthCriteria(),
-                 not_converged: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 not_converged: bool | np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Health flags and status of every chain, on its kept draws.
 
   Args:

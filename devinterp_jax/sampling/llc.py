@@ -93,6 +93,7 @@ def result_from_sweep(out: sweep_lib.SweepOutputs, settings: SamplerSettings, *,
   arrays: dict[str, list] = {}
   conv: dict[str, list] = {k: [] for k in _CONV_FIELDS + ("status", "reason")}
   for p in out.pairs:
+    assert p.outputs is not None   # a finished sweep
     cut = {k: v[:, :steps_end] for k, v in p.outputs.items()}
     draws = sweep_lib.draw_index(settings, steps_end)
     arrays.setdefault("loss", []).append(cut["loss"][:, draws])

@@ -164,7 +164,7 @@ class Program(NamedTuple):
   """A compiled sweep block and the init of its chain state (both jitted)."""
 
   init: Callable     # (params_star[P], hypers[P], index[P, k] | None) -> carry[P, C]
-  block: Callable    # see the module docstring
+  block: jax.stages.Wrapped   # jitted (`.lower` in block_memory); see the module docstring
   block_steps: int
 
 

@@ -25,7 +25,7 @@ Selectors (all return a mask tree for one params pytree):
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,7 @@ def by_head(params: Params, layer: int, head: int, layer_prefix: str = "block_{l
       axis = HEAD_AXES[leaf]
       if not 0 <= head < np.shape(x)[axis]:
         raise ValueError(f"head {head} out of range for {name} of shape {np.shape(x)}")
-      index = [slice(None)] * np.ndim(x)
+      index: list[slice | int] = [slice(None)] * np.ndim(x)
       index[axis] = head
       m[tuple(index)] = 1.0
     return m
@@ -167,7 +167,8 @@ def num_selected(mask: Params, leading_axes: int = 0) -> np.ndarray | int:
   leaves = [np.asarray(x) for x in jax.tree.leaves(mask)]
   if leading_axes == 0:
     return int(sum(x.sum() for x in leaves))
-  return sum(x.reshape(x.shape[0], -1).sum(-1) for x in leaves).astype(int)
+  per_leaf = (x.reshape(x.shape[0], -1).sum(-1) for x in leaves)
+  return cast(np.ndarray, sum(per_leaf)).astype(int)   # a sum of arrays [R]
 
 
 def apply(mask: Params | None, tree: Params) -> Params:
@@ -211,7 +212,7 @@ class Compaction(NamedTuple):
   """
 
   leaves: tuple[int, ...]
-  index: np.ndarray
+  index: np.ndarray   # pyright: ignore[reportIncompatibleMethodOverride]  (not tuple.index)
   valid: np.ndarray | None
 
 

@@ -93,8 +93,9 @@ class LLCResult:
 
   def select(self, index) -> "LLCResult":
     """The result for a subset of the leading (checkpoint) axis, e.g. a slice."""
-    arrays = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-              for f in dataclasses.fields(self) if f.name not in ("settings", "convergence")}
+    arrays: dict[str, Any] = {
+        f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+        for f in dataclasses.fields(self) if f.name not in ("settings", "convergence")}
     conv = None if self.convergence is None else {
         k: np.asarray(v)[index] for k, v in self.convergence.items()}
     return LLCResult(settings=self.settings, convergence=conv, **arrays)
@@ -139,7 +140,7 @@ def acceptance_se(samples: np.ndarray) -> np.ndarray:
   """
   x = np.asarray(samples, np.float64)
   flat = x.reshape((-1,) + x.shape[-2:])
-  out = np.full(flat.shape[0], np.nan)
+  out = np.full(len(flat), np.nan)
   for i, entry in enumerate(flat):
     kept = entry[:, ~np.isnan(entry).any(axis=0)]
     if kept.shape[-1] >= 4:
@@ -159,7 +160,7 @@ def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
   return out
 
 
-def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
+def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np.ndarray,
               settings: dict, labels: list[str] | None = None, *, num_params: int | np.ndarray,
               mala: np.ndarray | None = None, distance: np.ndarray | None = None,
               grad_norm: np.ndarray | None = None, noise_norm: np.ndarray | None = None,
@@ -190,7 +191,7 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
   flat_dist = None if distance is None else np.asarray(distance).reshape(flat_loss.shape)
   keys = ("status", "diverged", "escaped", "not_converged", "negative", "llc_per_chain")
   rows = {k: [] for k in keys}
-  for i in range(flat_loss.shape[0]):
+  for i in range(len(flat_loss)):
     bi = int(np.ravel(b)[i])
     h = diagnostics.chain_health(
         flat_loss[i, :, bi:], flat_init[i], float(np.ravel(nb)[i]), int(np.ravel(d)[i]),
@@ -217,6 +218,7 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float,
       logging.warning("%d %s SGLD chains (kept in the mean): %s", int(health[flag].sum()),
                       flag.replace("_", "-"), "; ".join(_labelled(health[flag], labels)))
   if stuck is not None and stuck.any():
+    assert convergence_stats is not None   # stuck comes from it
     reasons = convergence_stats.get("reason")
     named = [f"{labels[i] if labels and i < len(labels) else f'entry {i}'}"
              + (f" ({np.ravel(reasons)[i]})" if reasons is not None else "")

@@ -211,7 +211,7 @@ class Restrictions(NamedTuple):
     if sizes != {len(self.names)}:
       raise ValueError(f"{len(self.names)} restriction names for masks with leading sizes "
                        f"{sorted(map(str, sizes))}")
-    counts = restrict_lib.num_selected(masks, leading_axes=1)
+    counts = np.asarray(restrict_lib.num_selected(masks, leading_axes=1))
     if np.any(counts == 0):
       raise ValueError(f"restrictions {[n for n, c in zip(self.names, counts) if c == 0]} "
                        "select no coordinate")

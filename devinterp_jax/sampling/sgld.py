@@ -44,13 +44,13 @@ from devinterp_jax.typing import Params
 
 
 class SGLDState(NamedTuple):
-  count: jax.Array
+  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
   noise_norm: jax.Array
   precond: Any = None
 
 
 class RMSPropSGLDState(NamedTuple):
-  count: jax.Array
+  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
   noise_norm: jax.Array
   precond: Any
   nu: Any
@@ -103,7 +103,9 @@ def sgld(step_size: float | jax.Array, nbeta: float | jax.Array,
                                             nbeta, localization, None, mask)
     return updates, SGLDState(count=state.count + 1, noise_norm=noise_norm)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
+  return optax.GradientTransformationExtraArgs(
+      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def rmsprop_sgld(step_size: float | jax.Array, nbeta: float | jax.Array,
@@ -130,7 +132,9 @@ def rmsprop_sgld(step_size: float | jax.Array, nbeta: float | jax.Array,
                                             nbeta, localization, precond, mask)
     return updates, RMSPropSGLDState(count=count, noise_norm=noise_norm, precond=precond, nu=nu)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
+  return optax.GradientTransformationExtraArgs(
+      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def mala_log_acceptance(params: Params, proposal: Params, u: jax.Array, u_proposal: jax.Array,

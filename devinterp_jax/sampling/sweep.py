@@ -156,13 +156,19 @@ def used_steps(settings: SamplerSettings, pair: Pair) -> int:
   return pair.steps if settings.adaptive else min(pair.steps, settings.num_steps)
 
 
+def _outputs(pair: Pair) -> dict[str, np.ndarray]:
+  if pair.outputs is None:
+    raise ValueError(f"pair {pair.index} has no outputs: it has not run")
+  return pair.outputs
+
+
 def pair_draws(settings: SamplerSettings, pair: Pair, name: str = "loss") -> np.ndarray:
   """Pair p's recorded draws of `name`, [C, draws]."""
-  return pair.outputs[name][:, draw_index(settings, used_steps(settings, pair))]
+  return _outputs(pair)[name][:, draw_index(settings, used_steps(settings, pair))]
 
 
 def pair_init_losses(settings: SamplerSettings, pair: Pair) -> np.ndarray:
-  return pair.outputs["init_loss"][:, init_index(settings, used_steps(settings, pair))]
+  return _outputs(pair)["init_loss"][:, init_index(settings, used_steps(settings, pair))]
 
 
 def assess_pair(settings: SamplerSettings, pair: Pair, nbeta: float, num_params: int,
@@ -202,7 +208,7 @@ def _load_pair(path: str, fp: str) -> dict[str, np.ndarray]:
 def _save_pair(path: str, fp: str, pair: Pair, keep_state: bool) -> None:
   if not multihost.is_leader():   # every process holds the same outputs; one writes
     return
-  arrays = {f"out_{k}": v for k, v in pair.outputs.items()}
+  arrays = {f"out_{k}": v for k, v in _outputs(pair).items()}
   if keep_state and pair.state is not None:
     arrays.update({f"state_{i:04d}": x for i, x in enumerate(pair.state)})
   atomic.save_npz(path, fingerprint=np.array(fp), params_digest=np.array(pair.digest),
@@ -235,7 +241,7 @@ def check_finite(params: Params, ids: Sequence[Any]) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     x = np.asarray(leaf)
     finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
-    for i in np.flatnonzero(~finite):
+    for i in np.flatnonzero(~finite).tolist():
       if i < len(ids):
         bad.setdefault(ids[i], []).append(
             f"{jax.tree_util.keystr(path)} ({int(np.isnan(x[i]).sum())} NaN, "
@@ -261,12 +267,15 @@ class Checkpoints:
       if len(sizes) != 1 or None in sizes:
         raise ValueError(f"stacked checkpoints need one leading axis size, got "
                          f"{sorted(map(str, sizes))}")
-      self.seq, self.stacked, self.num = None, checkpoints, sizes.pop()
+      num = sizes.pop()
+      assert num is not None   # checked just above
+      self.seq, self.stacked, self.num = None, checkpoints, num
 
   def stack(self, indices: Sequence[int]) -> Params:
     """Checkpoints `indices` stacked on [len(indices)] (loads each distinct one once)."""
     if self.stacked is not None:
       return jax.tree.map(lambda x: np.asarray(x)[np.asarray(indices)], self.stacked)
+    assert self.seq is not None   # one of seq and stacked is set
     unique = sorted(set(indices))
     loaded = chunks_lib.stack([self.seq[i] for i in unique], unique[0])   # names a misfit
     pos = np.asarray([unique.index(i) for i in indices])
@@ -305,16 +314,17 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   require_arrays(first)
   if restrictions is not None:
     restrict_lib.check(restrictions.masks, jax.tree.map(lambda x: x[0], first), leading_axes=1)
-    counts = restrict_lib.num_selected(restrictions.masks, leading_axes=1)
+    counts = np.asarray(restrict_lib.num_selected(restrictions.masks, leading_axes=1))
     num_params = np.array([counts[p.restriction] for p in pairs])
   else:
     d = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(first))
     num_params = np.full(len(pairs), d)
-  wanted = None if options.checkpoint_chunk == AUTO else options.checkpoint_chunk
+  # None, AUTO or an integer (SweepOptions checks): a str is AUTO.
+  wanted = None if isinstance(options.checkpoint_chunk, str) else options.checkpoint_chunk
   sm = mesh_lib.resolve(options.mesh, num_pairs=chunks_lib.chunk_size(len(pairs), wanted),
                         num_chains=settings.num_chains, batch_size=settings.batch_size,
                         batch_axis=options.batch_axis)
-  prog_kw = dict(data=data, loss_data=loss_data, sampler=sampler,
+  prog_kw: dict[str, Any] = dict(data=data, loss_data=loss_data, sampler=sampler,
                  chain_strategy=options.chain_strategy,
                  leaves=None if comp is None else comp.leaves,
                  padded=comp is not None and comp.valid is not None, mesh=sm)
@@ -330,7 +340,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     chunk = auto_chunk(prog, first, comp, keys, data_arg, loss_data_arg, sm,
                        num_pairs=len(pairs), fraction=options.memory_fraction)
   else:
-    chunk = chunks_lib.chunk_size(len(pairs), options.checkpoint_chunk)
+    chunk = chunks_lib.chunk_size(len(pairs), wanted)
   chunk = mesh_lib.round_chunk(chunk, sm)
   if sm is not None and options.progress:
     logging.info("LLC sweep on mesh %s: %d pairs per chunk", sm.describe(), chunk)
@@ -346,7 +356,11 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     if multihost.is_leader() and not paths.exists(paths.join(sweep_dir, "sweep.json")):
       atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
                         json.dumps(identity, indent=1, default=str))
-  path_of = lambda p: os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
+
+  def path_of(p: Pair) -> str:
+    assert sweep_dir is not None   # used only with an output_dir
+    return os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
+
   digests: dict[int, str] = {}   # params digest per checkpoint, computed once
 
   def digest_of(n: int, stacked: Params | None = None, row: int = 0) -> str:
@@ -357,6 +371,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
   if sweep_dir:     # resume what a killed run finished
     multihost.barrier("sweep_dir")   # the leader made the directory
+    assert fp is not None   # set with sweep_dir
     saved = {p.index: _load_pair(path_of(p), fp) for p in pairs if paths.exists(path_of(p))}
     # Each process checks the params digests of its share of the checkpoints.
     mine = sorted({p.checkpoint for p in pairs if p.index in saved
@@ -379,7 +394,8 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
   nbeta_of = lambda p: float(hyper_grid[p.grid]["nbeta"])
   initial = settings.steps_for(settings.num_draws)
-  max_steps = None if not settings.adaptive else settings.steps_for(settings.max_draws)
+  max_steps = (None if settings.max_draws is None     # not settings.adaptive
+               else settings.steps_for(settings.max_draws))
   assessments: dict[int, dict] = {}
 
   def assess(p: Pair) -> dict:
@@ -450,6 +466,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   for p in pairs:
     assess(p)
   if sweep_dir and settings.adaptive:   # finished: the chain states are no longer needed
+    assert fp is not None   # set with sweep_dir
     for p in pairs:
       if p.state is not None:
         p.state = None
@@ -554,10 +571,11 @@ def _load_chunk(ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_dige
   pos = {j: i for i, j in enumerate(rows)}
 
   def leaf(x):
-    return jax.make_array_from_callback(
-        (n,) + x.shape[1:], sharding,
-        lambda idx: x[np.asarray([pos[j] for j in range(*idx[0].indices(n))])][
-            (slice(None),) + tuple(idx[1:])])
+    def rows_of(idx: tuple[slice, ...] | None):
+      assert idx is not None   # a sharding's index of the shard (jax types it Optional)
+      return x[np.asarray([pos[j] for j in range(*idx[0].indices(n))])][
+          (slice(None),) + tuple(idx[1:])]
+    return jax.make_array_from_callback((n,) + x.shape[1:], sharding, rows_of)
 
   return jax.tree.map(leaf, local), digests
 
@@ -586,10 +604,11 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
   else:
     template = jax.eval_shape(prog.init, params_star, hypers, index)
     leaves_t, treedef = jax.tree.flatten(template)
-    if any(p.state is None for p in members):
+    states = [p.state for p in padded if p.state is not None]
+    if len(states) < len(padded):   # padded repeats members[0]
       raise ChunkError(f"pairs {[p.index for p in members if p.state is None]} have run "
                        f"{start} steps but have no saved chain state to continue from")
-    stacked = [np.stack([p.state[i] for p in padded]).astype(t.dtype)
+    stacked = [np.stack([s[i] for s in states]).astype(t.dtype)
                for i, t in enumerate(leaves_t)]
     carry = treedef.unflatten(put(stacked, None if sm is None else sm.pair_chains()))
   per_step = len(members) * settings.num_chains    # padding is not progress
@@ -614,7 +633,7 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
       p.outputs = new if p.outputs is None or p.steps == 0 else {
           k: np.concatenate([p.outputs[k][:, :p.steps], new[k]], axis=-1) for k in new}
       p.steps = t0 + prog.block_steps
-      if keep_state:
+      if state_leaves is not None:   # keep_state
         p.state = [np.asarray(x[j]) for x in state_leaves]
       if path_of is not None and (settings.adaptive or last):
         _save_pair(path_of(p), fp, p, keep_state)

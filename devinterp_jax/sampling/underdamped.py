@@ -76,7 +76,7 @@ reads too low.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -88,14 +88,14 @@ from devinterp_jax.typing import Params
 
 
 class SGHMCState(NamedTuple):
-  count: jax.Array
+  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
   noise_norm: jax.Array       # ‖h·√(1 − c²) ξ‖, the injected noise in position units
   momentum: Params            # p after the step (float32 or wider)
   precond: Any = None
 
 
 class SGNHTState(NamedTuple):
-  count: jax.Array
+  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
   noise_norm: jax.Array
   momentum: Params
   thermostat: jax.Array       # ξ, per unit time, one scalar per chain
@@ -129,7 +129,7 @@ def _start_momentum(state_momentum, count, key, mask):
 def _count(mask, params) -> jax.Array:
   if mask is None:
     return jnp.asarray(sum(x.size for x in jax.tree.leaves(params)), jnp.float32)
-  return sum(jnp.sum(m.astype(jnp.float32)) for m in jax.tree.leaves(mask))
+  return cast(jax.Array, sum(jnp.sum(m.astype(jnp.float32)) for m in jax.tree.leaves(mask)))
 
 
 def _kick(p, grads, params, params_star, nbeta, localization, h):
@@ -169,7 +169,9 @@ def sghmc(step_size: float | jax.Array, nbeta: float | jax.Array,
     return _updates(w, params), SGHMCState(count=state.count + 1,
                                            noise_norm=h * tree_norm(noise), momentum=p)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
+  return optax.GradientTransformationExtraArgs(
+      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _thermostat_step(xi, p, h, d):
@@ -216,7 +218,9 @@ def sgnht(step_size: float | jax.Array, nbeta: float | jax.Array,
         count=state.count + 1, noise_norm=h * tree_norm(noise), momentum=p,
         thermostat=xi.astype(state.thermostat.dtype))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
+  return optax.GradientTransformationExtraArgs(
+      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def leapfrog_log_acceptance(params: Params, momentum: Params, u: jax.Array, grad_u: Params,

@@ -39,8 +39,9 @@ def _value_identity(value: Any, home: str | None, seen: frozenset[int] = frozens
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     return "array:" + tree_digest(value)
   if isinstance(value, (tuple, list, set, frozenset)):
-    parts = [_value_identity(v, home, seen) for v in value]
-    if None in parts:
+    idents = [_value_identity(v, home, seen) for v in value]
+    parts = [p for p in idents if p is not None]
+    if len(parts) < len(idents):
       return None
     if isinstance(value, (set, frozenset)):
       parts = sorted(parts)
@@ -153,7 +154,7 @@ def _function_identity(fn: types.FunctionType, home: str | None,
     own = (f"{name}:{_code_digest(fn.__code__)}:"
            f"{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}")
   if hasattr(fn, "__wrapped__"):   # functools.wraps: the wrapper and what it wraps
-    inner_id = _identity(fn.__wrapped__, home, seen)
+    inner_id = _identity(getattr(fn, "__wrapped__"), home, seen)
     return None if inner_id is None else f"{own}[{inner_id}]"
   return own
 
@@ -188,7 +189,7 @@ def _identity(fn: Any, home: str | None, seen: frozenset[int]) -> str | None:
     call = _identity(type(fn).__call__, home, seen)
     return None if owner_id is None or call is None else f"{owner_id}.__call__:{call}"
   if hasattr(fn, "__wrapped__"):   # e.g. jax.jit
-    inner = _identity(fn.__wrapped__, home, seen)
+    inner = _identity(getattr(fn, "__wrapped__"), home, seen)
     return None if inner is None else f"{type(fn).__qualname__}({inner})"
   return None
 

@@ -289,8 +289,8 @@ def _initial_state(init_params: Params, opt_init: Callable, layout: _Layout | No
   if layout is None:
     return make(init_params)
   shapes = jax.eval_shape(make, init_params)
-  shardings = TrainState(layout.replicated, layout.shardings(shapes.params),
-                         layout.shardings(shapes.opt_state))
+  shardings = TrainState._make((layout.replicated, layout.shardings(shapes.params),
+                                layout.shardings(shapes.opt_state)))   # of shardings, not arrays
   logging.info("Training data parallel over %d devices in %d process(es), splitting the %s",
                jax.device_count(), multihost.process_count(),
                "seeds" if layout.seeds else "batch")
@@ -341,13 +341,13 @@ def _segment(loss_fn, optimizer, batch_fn, seed_axis: bool, layout: _Layout | No
     return train_segment(st, end, key, loss_fn, optimizer, batch_fn, batch_sharding)
 
   if seed_axis:  # the step counter is shared; params, optimizer state and keys are per seed
-    segment_fn = jax.vmap(segment_fn, in_axes=(TrainState(None, 0, 0), None, 0),
-                          out_axes=(TrainState(None, 0, 0), 0))
+    axes = TrainState._make((None, 0, 0))   # the vmap axis of each field
+    segment_fn = jax.vmap(segment_fn, in_axes=(axes, None, 0), out_axes=(axes, 0))
   if layout is None:
     return jax.jit(segment_fn)
   return jax.jit(segment_fn, out_shardings=(
-      TrainState(layout.replicated, layout.shardings(like.params),
-                 layout.shardings(like.opt_state)), layout.replicated))
+      TrainState._make((layout.replicated, layout.shardings(like.params),   # of shardings
+                        layout.shardings(like.opt_state))), layout.replicated))
 
 
 def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_axis, loss_fn,
@@ -378,7 +378,8 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
 
   keys, impl = data_keys, None
   if layout is not None:   # keys as global arrays: raw key data, wrapped inside the program
-    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    if jax.dtypes.issubdtype(  # pyright: ignore[reportPrivateImportUsage]  (public jax API)
+        keys.dtype, jax.dtypes.prng_key):
       keys, impl = jax.random.key_data(keys), jax.random.key_impl(keys)
     keys = _global(keys, layout.split if layout.seeds else layout.replicated)
   segment = _segment(loss_fn, optimizer, batch_fn, seed_axis, layout, state, impl)
