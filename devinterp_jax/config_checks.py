@@ -15,7 +15,10 @@ Rules (`check_fields`): 'int>=0', 'int>=1', 'int>=2', 'int>=4', 'num>0', 'num>=0
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+  from ml_collections import ConfigDict
 
 
 class ConfigError(ValueError):
@@ -56,7 +59,7 @@ def fail(key: str, value: Any, what: str) -> None:
                     f"file or on the command line ({flag}).")
 
 
-def check_fields(section: Mapping, prefix: str,
+def check_fields(section: Mapping | ConfigDict, prefix: str,
                  spec: Mapping[str, Any]) -> None:
   """Checks the fields of `section` named in `spec` (absent fields are skipped)."""
   for key, rule in spec.items():

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 from scipy.cluster import hierarchy
@@ -228,7 +228,9 @@ def cluster_trajectories(llc_RxN, names: Sequence[str], *, num_clusters: int,
   if method == "kmeans":
     with threadpool_limits(limits=1), warnings.catch_warnings():
       warnings.simplefilter("ignore", ConvergenceWarning)  # reported below as fewer clusters
-      raw = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit_predict(x_RxN)
+      # scikit-learn is untyped: pyright infers `n_init: str` from its "auto" default.
+      kmeans = cast(Any, KMeans)(n_clusters=num_clusters, n_init=10, random_state=seed)
+      raw = kmeans.fit_predict(x_RxN)
   elif num_heads == 1:
     raw = np.zeros(1, dtype=np.int64)
   else:

@@ -59,10 +59,11 @@ def available_sections(setting: Setting | None = None) -> dict[str, sections_lib
   """The sections a report of `setting` can run: the generic ones and the setting's
   own (a setting may not reuse a generic name)."""
   out = dict(sections_lib.GENERIC)
-  for name, section in (setting.sections.items() if setting is not None else ()):
-    if name in out or name in _CORE_OPTIONS:
-      raise ValueError(f"setting {setting.name!r} redefines the analysis section {name!r}")
-    out[name] = section
+  if setting is not None:
+    for name, section in setting.sections.items():
+      if name in out or name in _CORE_OPTIONS:
+        raise ValueError(f"setting {setting.name!r} redefines the analysis section {name!r}")
+      out[name] = section
   return out
 
 
@@ -216,8 +217,8 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.Config
         f"chains.", excluded)
   pick = lambda a: None if a is None else np.asarray(a, float)[usable]
   fit = stages.find_stage_boundaries(
-      steps[usable], pick(llc_mean), pick(noise[o.noise]), tolerance=o.tolerance,
-      relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
+      steps[usable], np.asarray(llc_mean, float)[usable], pick(noise[o.noise]),
+      tolerance=o.tolerance, relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
       min_stage_change=o.min_stage_change, seed=options.seed,
       label_prefix=o.get("label_prefix", "") or default_prefix)
   return dataclasses.replace(fit, settings={**fit.settings, "excluded_steps": excluded,
@@ -443,11 +444,11 @@ def _fit(run: Run, options: ml_collections.ConfigDict, out: str, timings: dict[s
   o_st = options.stages.get("stability")
   if o_st is None or o_st.get("enabled", True):
     t1 = time.time()
-    boundaries = dataclasses.replace(
-        boundaries, stability=stage_stability(run.steps, llc, boundaries, options))
+    stability = stage_stability(run.steps, llc, boundaries, options)
+    boundaries = dataclasses.replace(boundaries, stability=stability)
     timings["stage_stability"] = round(time.time() - t1, 1)
-    logging.info("Stage stability: %s", boundaries.stability.summary())
-    for reason in boundaries.stability.reasons:
+    logging.info("Stage stability: %s", stability.summary())
+    for reason in stability.reasons:
       logging.warning("Unstable stage boundary: %s", reason)
   boundaries.save(out)
   title = f"LLC stages ({run.setting.description})" if run.setting.description else "LLC stages"

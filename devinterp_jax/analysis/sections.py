@@ -203,8 +203,8 @@ def overlap_extremes(metrics: Mapping[str, np.ndarray], index: int = -1) -> dict
   i, j = np.triu_indices(len(names), k=1)
   vals = o[i, j]
   ok = np.isfinite(vals)
-  out = {"robustness": float(metrics["overlap/robustness"][index]),
-         "overlap_mean": float(metrics["overlap/overlap_mean"][index])}
+  out: dict[str, Any] = {"robustness": float(metrics["overlap/robustness"][index]),
+                         "overlap_mean": float(metrics["overlap/overlap_mean"][index])}
   if ok.any():
     hi, lo = np.nanargmax(np.where(ok, vals, -np.inf)), np.nanargmin(np.where(ok, vals, np.inf))
     s_attn = np.asarray(metrics["overlap/s_attn"])[index]

@@ -88,7 +88,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 from scipy.linalg import solve_triangular
@@ -162,12 +162,13 @@ class StageBoundaries:
     out = []
     for j, (i, s, k) in enumerate(zip(self.boundary_indices, self.boundary_steps,
                                       self.boundary_kinds)):
-      hit = st is not None and j < len(st.boundary_steps) and st.boundary_steps[j] == s
+      hit = (st if st is not None and j < len(st.boundary_steps) and st.boundary_steps[j] == s
+             else None)   # the stability analysis, where it covers boundary j
       out.append({"boundary": j + 1, "step": int(s), "index": int(i), "kind": k,
-                  "stability": float(st.stability[j]) if hit else None,
-                  "stable": bool(st.stable[j]) if hit else None,
-                  "seed_stability": (None if not hit or st.seed_stability is None
-                                     else float(st.seed_stability[j])),
+                  "stability": float(hit.stability[j]) if hit is not None else None,
+                  "stable": bool(hit.stable[j]) if hit is not None else None,
+                  "seed_stability": (None if hit is None or hit.seed_stability is None
+                                     else float(hit.seed_stability[j])),
                   "schedule_features": self._tracked(int(i))})
     return out
 
@@ -198,7 +199,9 @@ class StageBoundaries:
                    f"{'' if end['stable'] else ', unstable'})")
       notes = []
       for side, b in (("start", bounds[i - 1] if i > 0 else None), ("end", end)):
-        for f in (b or {}).get("schedule_features", []):
+        if b is None:
+          continue
+        for f in b.get("schedule_features", []):
           notes.append(f"its {side} boundary (step {b['step']}) tracks the {f['name']} at "
                        f"step {int(f['step'])}")
       if notes:
@@ -241,6 +244,8 @@ class StageBoundaries:
       elif field.name == "boundary_kinds":
         value = tuple(value or ())
       elif field.name == "tolerance_used":
+        if value is None:
+          raise ValueError("StageBoundaries.from_dict: the dict has no tolerance_used")
         value = float(value)
       elif field.name == "label_prefix":
         value = "S" if value is None else str(value)
@@ -449,8 +454,10 @@ def find_stage_boundaries(
     kernel, alpha = signal + WhiteKernel(noise_level, noise_level_bounds), 1e-10
   else:
     kernel, alpha = signal, np.maximum((llc_std / y_scale) ** 2, _MIN_NOISE_VAR)
-  gp = GaussianProcessRegressor(kernel=kernel, alpha=alpha, normalize_y=False,
-                                n_restarts_optimizer=n_restarts, random_state=seed)
+  # scikit-learn is untyped: pyright infers `alpha: float` from its default (a per-point array
+  # is documented too) and a union for the fitted `kernel_`; the GP is used untyped.
+  gp = cast(Any, GaussianProcessRegressor)(kernel=kernel, alpha=alpha, normalize_y=False,
+                                            n_restarts_optimizer=n_restarts, random_state=seed)
   # Tiny matrices: extra BLAS threads only contend. Restarts that stop at a
   # bound or end "ABNORMAL" are expected; the best restart is kept.
   with threadpool_limits(limits=1), warnings.catch_warnings():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -61,9 +62,9 @@ def _check_sampler(settings, prefix: str) -> None:
         if key == "mesh":
           parse_mesh(settings[key])
         else:
+          override: dict[str, Any] = {key: settings[key] or None}   # a dtype or precision
           settings_lib.SamplerSettings(num_chains=1, num_draws=1, step_size=1.0,
-                                       localization=0.0, nbeta=1.0, batch_size=1,
-                                       **{key: settings[key] or None})
+                                       localization=0.0, nbeta=1.0, batch_size=1, **override)
       except ValueError as e:
         config_checks.fail(f"{prefix}.{key}", settings[key], str(e))
   sampler = settings.get("sampler", "sgld")
@@ -110,6 +111,22 @@ def validate_sampling_sections(config: ml_collections.ConfigDict) -> None:
   if "analysis" in config:
     report.validate_options(config.analysis, "config.analysis",
                             registry.setting(config.get("experiment", "icl_regression")))
+
+
+def parse_data_spec(spec: str, fields: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+  """A data spec 'field=value,…' (`--data=`, `--loss_data=`) as typed overrides
+  {field: fields[field](value)}; an unknown field or a bad value is refused, naming it."""
+  overrides = {}
+  for item in spec.split(","):
+    field, sep, value = item.partition("=")
+    if not sep or field.strip() not in fields:
+      raise ValueError(f"bad data spec {item!r} in {spec!r}: use comma-separated "
+                       f"field=value with fields {sorted(fields)}")
+    try:
+      overrides[field.strip()] = fields[field.strip()](value)
+    except ValueError as e:
+      raise ValueError(f"bad value in data spec {item!r}: {e}") from e
+  return overrides
 
 
 def loss_key(config: ml_collections.ConfigDict, loss_fn=None) -> str:

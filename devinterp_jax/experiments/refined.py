@@ -79,9 +79,11 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
   steps, checkpoints = llc_sweep.scheduled_checkpoints(workdir, model)
   abstract = checkpoints.abstract_params
   names, masks = (None, None)
+  restrictions = None
   if restrict:
     names, masks = restrict_lib.from_spec(
         jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract), restrict)
+    restrictions = settings_lib.Restrictions(names, masks)
   settings = settings_lib.SamplerSettings.from_config(config.llc, config.get("refined"))
   section = {**config.llc.to_dict(), **dict(config.get("refined", {}))}
   name = refined_name(restrict, data, loss_data)
@@ -94,7 +96,7 @@ def estimate_refined(config: ml_collections.ConfigDict, workdir: str, restrict: 
                               output_dir=os.path.join(workdir, name, "chunks"),
                               loss_key=llc_sweep.loss_key(config, model.loss)),
       sampler=samplers_lib.from_config(section),
-      restrictions=settings_lib.Restrictions(names, masks) if restrict else None,
+      restrictions=restrictions,
       loss_data=(experiment.dataset_from_spec(config, loss_data, workdir=workdir)
                  if loss_data else None))
   return steps, names, result, masks

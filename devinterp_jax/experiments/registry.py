@@ -9,7 +9,9 @@ Adding a setting is one folder plus one line here (CONTRIBUTING.md).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import types
+from typing import Any, Callable
 
 import ml_collections
 
@@ -50,3 +52,23 @@ def analysis_options(name: str | None = None) -> ml_collections.ConfigDict:
       if key not in options:
         options[key] = value
   return options
+
+
+def forward_to_pipeline(package: str) -> Callable[[str], Any]:
+  """A setting package's module `__getattr__`: a submodule by its name, else the
+  attribute of `<package>.pipeline`, imported on first use (so `icl_regression.run`
+  works while the analysis, which imports only `<package>.setting`, never loads the
+  pipeline and its training code)."""
+
+  def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+      raise AttributeError(name)
+    if importlib.util.find_spec(f"{package}.{name}") is not None:   # a submodule
+      return importlib.import_module(f"{package}.{name}")
+    pipeline = importlib.import_module(f"{package}.pipeline")
+    try:
+      return getattr(pipeline, name)
+    except AttributeError:
+      raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+  return __getattr__

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -54,7 +55,9 @@ class TheoryCase:
     if self.family == "regular":
       lam, m = theory.regular(self.num_params)
     elif self.family == "reduced_rank":
-      lam, m = theory.reduced_rank_regression(*self.widths, self.rank)
+      input_width, hidden_width, output_width = self.widths
+      lam, m = theory.reduced_rank_regression(input_width, hidden_width, output_width,
+                                              self.rank)
     elif self.family == "deep_linear":
       lam, m = theory.deep_linear_network(self.widths, self.rank)
     else:
@@ -157,9 +160,9 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
   p = protocol
   nbeta = p.nbeta
   params, data = case.build(jax.random.key(p.seed), p.dataset_size)
-  common = dict(batch_size=p.batch_size, mala_stride=p.mala_stride,
-                chain_strategy=chain_strategy,
-                sampler=samplers.get_sampler(p.sampler, friction=p.friction))
+  common: dict[str, Any] = dict(batch_size=p.batch_size, mala_stride=p.mala_stride,
+                                chain_strategy=chain_strategy,
+                                sampler=samplers.get_sampler(p.sampler, friction=p.friction))
   cal = calibration.calibrate(
       linear.loss, [params], data, step_sizes=[s / nbeta for s in p.scaled_step_sizes],
       nbetas=[nbeta], localizations=[p.localization], num_chains=p.calibration_chains,
@@ -182,6 +185,7 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
   # stiffer regions; verify them with the same criteria and step down the grid.
   passing = [float(e) for e in cal.step_sizes[cal.passes[:, 0, 0]]][::-1]
   attempts = []
+  final = None   # (eps, draws, res) of the last attempt
   for eps in passing[:p.max_attempts]:
     draws = p.draws_for(eps * nbeta)
     res = llc_lib.estimate_llc(linear.loss, params, data, num_chains=p.num_chains,
@@ -199,8 +203,15 @@ def run_case(case: TheoryCase, protocol: Protocol = Protocol(),
         indices=(0,), mala_band=p.mala_band, disqualify=p.disqualify)
     attempts.append({"scaled_step_size": eps * nbeta, "llc_mean": float(res.llc_mean),
                      "passes": check["passes"], "reasons": check["reasons"]})
+    final = (eps, draws, res)
     if check["passes"]:
       break
+  if final is None:
+    raise ValueError(f"no final estimate was attempted: max_attempts = {p.max_attempts} "
+                     f"(must be >= 1), {len(passing)} calibrated step sizes passed")
+  eps, draws, res = final
+  if res.convergence is None:
+    raise ValueError(f"{case.name}: the final estimate has no convergence diagnostics")
   return with_theory(case, {
       **row, "step_size": eps, "scaled_step_size": eps * nbeta, "num_draws": draws,
       "final_check_passes": attempts[-1]["passes"], "attempts": attempts,

@@ -251,7 +251,7 @@ class ParamsSequence(Sequence):
   holds only the current chunk in memory.
   """
 
-  def __init__(self, workdir: str, steps: Sequence[int], abstract_params: Any):
+  def __init__(self, workdir: str, steps: Sequence[int] | np.ndarray, abstract_params: Any):
     self.workdir = workdir
     self.steps = [int(s) for s in steps]
     self.abstract_params = jax.tree.map(

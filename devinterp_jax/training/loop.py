@@ -106,10 +106,10 @@ def _event_steps(num_steps: int, schedule: Sequence[int], log_every: int,
 
 def train(*, workdir: str, init_params: Params, loss_fn: LossFn,
           batch_fn: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
-          num_steps: int, schedule_steps: Sequence[int], data_key: jax.Array,
+          num_steps: int, schedule_steps: Sequence[int] | np.ndarray, data_key: jax.Array,
           log_every: int = 100, resume_every: int = 1000,
           eval_fn: Callable[[Params], dict] | None = None,
-          lr_fn: Callable[[int], float] | None = None,
+          lr_fn: Callable[[int], float | jax.Array] | None = None,
           config_json: str = "{}",
           on_event: Callable[[int], None] | None = None) -> TrainState:
   """Trains to `num_steps`, checkpointing `schedule_steps`; resumes if possible.
@@ -137,10 +137,10 @@ def train(*, workdir: str, init_params: Params, loss_fn: LossFn,
 def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.Array,
                 loss_fn: LossFn, batch_fn: Callable[[jax.Array], Any],
                 optimizer: optax.GradientTransformation, num_steps: int,
-                schedule_steps: Sequence[int], log_every: int = 100,
+                schedule_steps: Sequence[int] | np.ndarray, log_every: int = 100,
                 resume_every: int = 1000,
                 eval_fn: Callable[[Params], dict] | None = None,
-                lr_fn: Callable[[int], float] | None = None,
+                lr_fn: Callable[[int], float | jax.Array] | None = None,
                 config_jsons: Sequence[str] | None = None,
                 on_event: Callable[[int], None] | None = None) -> TrainState:
   """Trains several seeds in one program: `vmap` over a leading seed axis [S].
@@ -242,7 +242,7 @@ def _global(tree: Any, shardings: Any) -> Any:
 
 
 def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
-           config_jsons: list[str], eval_fn, *, schedule_steps: Sequence[int],
+           config_jsons: list[str], eval_fn, *, schedule_steps: Sequence[int] | np.ndarray,
            **kwargs) -> TrainState:
   """`train` (one workdir) and `train_seeds` (a seed axis) share this loop; every
   workdir's lock is held for the whole run (`storage/lock.py`)."""

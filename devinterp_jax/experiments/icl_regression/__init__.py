@@ -10,20 +10,6 @@
 pipeline module's, loaded on first use (the analysis imports only `setting`).
 """
 
-from __future__ import annotations
+from devinterp_jax.experiments import registry
 
-import importlib
-import importlib.util
-from typing import Any
-
-
-def __getattr__(name: str) -> Any:
-  if name.startswith("__"):
-    raise AttributeError(name)
-  if importlib.util.find_spec(f"{__name__}.{name}") is not None:   # a submodule
-    return importlib.import_module(f"{__name__}.{name}")
-  pipeline = importlib.import_module(f"{__name__}.pipeline")
-  try:
-    return getattr(pipeline, name)
-  except AttributeError:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = registry.forward_to_pipeline(__name__)

@@ -295,8 +295,9 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
   program_data = {"xs": data["xs"], "signal": data["signal"], "noise": data["noise"],
                   "baselines": {k: v.astype(np.float32) for k, v in baselines.items()
                                 if k != "zero"}}
-  raw = map_checkpoints(_behaviour_fn(model, gains), params_list, program_data,
-                        checkpoint_chunk=checkpoint_chunk)
+  # lru_cache key: flax makes every Module a dataclass(unsafe_hash=True), which pyright misses.
+  fn = _behaviour_fn(model, gains)  # pyright: ignore[reportArgumentType]  (hashable)
+  raw = map_checkpoints(fn, params_list, program_data, checkpoint_chunk=checkpoint_chunk)
   num_ckpts, K = raw["loss_K"].shape
   out: dict[str, np.ndarray] = {}
   for k in range(K):

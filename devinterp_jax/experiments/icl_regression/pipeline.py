@@ -191,17 +191,7 @@ def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
   del workdir
   task = make_task(config)
   if spec:
-    overrides = {}
-    for item in spec.split(","):
-      field, sep, value = item.partition("=")
-      if not sep or field.strip() not in DATA_FIELDS:
-        raise ValueError(f"bad data spec {item!r} in {spec!r}: use comma-separated "
-                         f"field=value with fields {sorted(DATA_FIELDS)}")
-      try:
-        overrides[field.strip()] = DATA_FIELDS[field.strip()](value)
-      except ValueError as e:
-        raise ValueError(f"bad value in data spec {item!r}: {e}") from e
-    task = dataclasses.replace(task, **overrides)
+    task = dataclasses.replace(task, **llc_sweep.parse_data_spec(spec, DATA_FIELDS))
   return make_dataset(_key(config, _SGLD_DATA), task, config.llc.dataset_size)
 
 

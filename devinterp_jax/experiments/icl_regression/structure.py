@@ -337,6 +337,8 @@ def _structure_fn(model: RegressionTransformer, sv_threshold: float, subspace_di
     out["unembed_eff_norm"] = jnp.linalg.norm(w_eff_D)
     if with_attention:
       _, attn_LxBxHxTxS = model.predict(params, data["xs"], data["ys"], return_attention=True)
+      if attn_LxBxHxTxS is None:
+        raise RuntimeError("model.predict(return_attention=True) returned no attention weights")
       for score, value_LxHxQ in _attention_scores(attn_LxBxHxTxS).items():
         out[f"attn_{score}"] = value_LxHxQ
     return out
@@ -380,12 +382,14 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
     raise ValueError(f"subspace_dim must be in [1, {min(V, T, D)}], got {subspace_dim}")
   quantiles = tuple(float(q) for q in quantiles)
   data = None
-  if with_attention:
+  if task is not None and key is not None:   # with_attention
     if task.task_size != model.task_size or task.max_examples > model.max_examples:
       raise ValueError("task does not fit the model")
     batch = evaluation_data(task, key, batch_size)
     data = {"xs": batch["xs"], "ys": batch["ys"]}
-  fn = _structure_fn(model, float(sv_threshold), k, float(collapse_threshold),
+  # lru_cache key: flax makes every Module a dataclass(unsafe_hash=True), which pyright misses.
+  fn = _structure_fn(model,  # pyright: ignore[reportArgumentType]  (hashable)
+                     float(sv_threshold), k, float(collapse_threshold),
                      bool(collapse_relative), quantiles, with_attention)
   raw = map_checkpoints(fn, params_list, data, checkpoint_chunk=checkpoint_chunk)
   out: dict[str, np.ndarray] = {}

@@ -528,8 +528,9 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
     raise ValueError(f"{max(orders)}-grams need {seq_len} tokens with BOS; the context holds "
                      f"{context_length}")
   seqs, last = [], []
+  gram_rows: Mapping[int, Any] = grams or {}   # orders is empty without grams
   for n in orders:
-    arr = np.asarray(grams[n], np.int64).reshape(-1, n)
+    arr = np.asarray(gram_rows[n], np.int64).reshape(-1, n)
     if n > T - 1:
       raise ValueError(f"n = {n} needs validation contexts of >= {n + 1} tokens, got {T}")
     if arr.min() < 0 or arr.max() >= vocab_size:
@@ -551,7 +552,7 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
     lo += size
   pos1_weights = np.zeros(R, np.float32)
   pos1_entropy = np.zeros(R, np.float32)
-  if a.size:
+  if bigram is not None and a.size:   # a is empty without bigram
     pos1_weights[lo:] = bigram["pos1_weights"]
     pos1_entropy[lo:] = bigram["pos1_entropy"]
   return orders, {"seqs": np.concatenate(seqs), "last": np.concatenate(last).astype(np.int32),
@@ -672,6 +673,8 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
     out["bigram_entropy"] = const(bigram_entropy)
     out["bigram_gap"] = out["loss"] - out["bigram_entropy"]
   if "bigram_score" in raw:
+    if bg is None:   # the program scores bigrams only with data["bigram"]
+      raise RuntimeError("the LM metrics returned a bigram score without bigram data")
     out["bigram_score"] = f32(raw["bigram_score"])
     out["bigram_score_floor"] = const(floor)
     out["bigram_kl"] = out["bigram_score"] - out["bigram_score_floor"]
