@@ -153,13 +153,18 @@ def test_two_process_sweep_equals_single_process(tmp_path, reference):
 
 def test_killed_two_process_sweep_resumes_to_the_same_numbers(tmp_path, reference):
   codes, outs, wall = _launch(str(tmp_path), "killed", 2)
-  assert codes[0] == -9 or codes[0] == 137, (codes, outs)   # SIGKILL after chunk 1
-  assert codes[1] != 0, (codes, outs)                       # its peer is stopped, no hang
+  # Both processes SIGKILL themselves after their 8th pair save (the first chunk). Which
+  # dies first is a race: the other is then either killed by its own SIGKILL or aborted
+  # by the runtime when its peer disappears (SIGABRT, -6). Neither exits 0 or hangs.
+  killed, aborted = (-9, 137), (-6, 134)
+  assert all(c in killed + aborted for c in codes), (codes, outs)
+  assert any(c in killed for c in codes), (codes, outs)
   print(f"two-process sweep killed after chunk 1: {wall:.1f} s")
   assert wall < 60, wall
   saved = sorted(os.listdir(next(os.path.join(str(tmp_path), "sweep", d) for d in
                                  os.listdir(os.path.join(str(tmp_path), "sweep")))))
-  assert sum(n.startswith("llc_pair") for n in saved) == 8
+  num_saved = sum(n.startswith("llc_pair") for n in saved)
+  assert 1 <= num_saved <= 8, saved        # an aborted leader may not finish its 8th write
   codes, outs, wall = _launch(str(tmp_path), "fixed", 2)
   assert codes == [0, 0], outs
   print(f"two-process sweep resumed: {wall:.1f} s")
@@ -167,8 +172,8 @@ def test_killed_two_process_sweep_resumes_to_the_same_numbers(tmp_path, referenc
   got = _result(str(tmp_path))
   np.testing.assert_allclose(got["trace"], reference["fixed"]["trace"], rtol=1e-5)
   logs = _logs(str(tmp_path))
-  # The resumed run computes (and writes) only the second chunk's 8 pairs.
-  assert sum("llc_pair" in w for w in logs[0]["writes"]) == 8, logs[0]["writes"]
+  # The resumed run computes (and writes) only the pairs not on disk.
+  assert sum("llc_pair" in w for w in logs[0]["writes"]) == 16 - num_saved, logs[0]["writes"]
 
 
 def test_two_process_adaptive_sweep_equals_single_process(tmp_path, reference):
