@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.
 
 def main(argv):
   del argv
-  result = launcher.run(registry.get(_CONFIG.value.experiment).calibrate, _CONFIG.value,
+  result = launcher.run(registry.job(_CONFIG.value.experiment, "calibrate"), _CONFIG.value,
                         _WORKDIR.value)
   logging.info("Recommended: %s", json.dumps(result.recommended))
 

@@ -15,7 +15,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 def main(argv):
   del argv
-  launcher.run(registry.get(_CONFIG.value.experiment).run, _CONFIG.value, _WORKDIR.value)
+  launcher.run(registry.job(_CONFIG.value.experiment, "run"), _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all seeds.", requ
 
 def main(argv):
   del argv
-  launcher.run(registry.get(_CONFIG.value.experiment).run_seeds, _CONFIG.value, _WORKDIR.value)
+  launcher.run(registry.job(_CONFIG.value.experiment, "run_seeds"), _CONFIG.value,
+               _WORKDIR.value)
 
 
 if __name__ == "__main__":

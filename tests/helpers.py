@@ -1,5 +1,7 @@
 """Tiny configs for fast tests (the runlocal config shrunk by overriding fields)."""
 
+import os
+
 import jax
 
 from configs import icl_regression
@@ -31,3 +33,9 @@ def restore_params(workdir: str, config, step: int | None = None):
   params = checkpoints.restore(manager, step, abstract)["params"]
   manager.close()
   return params
+
+
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a subprocess: this session's (tests/conftest.py) plus `flags`, so a
+  subprocess compiles as the test process does and their numbers can be compared."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()

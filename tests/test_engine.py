@@ -1,5 +1,6 @@
 """The estimator engine: cached programs with explicit inputs, blocks, adaptive length."""
 
+import collections.abc
 import os
 
 import jax
@@ -99,6 +100,46 @@ def test_chain_in_blocks_repacked_and_padded_equals_one_call(tmp_path):
                       SweepOptions(progress=False), criteria=crit)
     np.testing.assert_allclose(alone.pairs[0].outputs["loss"], p.outputs["loss"][:, :n],
                                rtol=1e-6)
+
+
+class CountingSequence(collections.abc.Sequence):
+  """A checkpoint sequence that counts its reads (as `ParamsSequence` reads disk)."""
+
+  def __init__(self, trees):
+    self.trees, self.reads = trees, 0
+
+  def __len__(self):
+    return len(self.trees)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.trees[i]
+
+
+def test_adaptive_sweep_reads_each_checkpoint_once_and_the_cache_changes_no_number():
+  """The rounds of an adaptive sweep reuse checkpoints read in earlier rounds (within
+  `checkpoint_cache_bytes`); with no cache every round reads again. Same numbers."""
+  data = make_data(5)
+  w = least_squares(data)
+  trees = [w, {"w": w["w"] + 0.3}, {"w": w["w"] * 0.5}]
+  s = SamplerSettings(num_chains=2, num_draws=100, step_size=1e-4, localization=1.0,
+                      nbeta=200.0, batch_size=32, num_burnin_steps=0, block_draws=50,
+                      max_draws=300)
+  crit = diagnostics.HealthCriteria(min_draws=250)   # kept draws: rounds past num_draws
+  runs = {}
+  for cache in (2**20, 0):
+    seq = CountingSequence(trees)
+    out = sweep.run(lin_loss, seq, data, s, SweepOptions(checkpoint_chunk=2, progress=False,
+                                                         checkpoint_cache_bytes=cache),
+                    criteria=crit)
+    runs[cache] = (seq.reads, [p.outputs["loss"] for p in out.pairs], [p.steps for p in out.pairs])
+  (cached_reads, cached_loss, steps), (uncached_reads, uncached_loss, _) = runs[2**20], runs[0]
+  assert max(steps) > s.steps_for(s.num_draws)     # several rounds ran
+  assert cached_reads == len(trees) and uncached_reads > 2 * len(trees)
+  for a, b in zip(cached_loss, uncached_loss):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="checkpoint_cache_bytes"):
+    SweepOptions(checkpoint_cache_bytes=-1)
 
 
 def test_adaptive_sweep_resumes_from_its_last_block(tmp_path, monkeypatch):

@@ -124,8 +124,8 @@ def mlp_init(seed):
 
 
 def mlp_loss(params, batch):
-  h = jnp.tanh(batch["x"] @ params["dense1"]["w"] + params["dense1"]["b"])
-  out = (h @ params["dense2"]["w"] + params["dense2"]["b"])[:, 0]
+  h = jnp.tanh(batch["x"] @ params["dense1"]["w"] + params["dense1"]["b"][None])
+  out = (h @ params["dense2"]["w"] + params["dense2"]["b"][None])[:, 0]
   return 0.5 * jnp.mean((out - batch["y"]) ** 2)
 
 

@@ -17,8 +17,10 @@ def tiny_lm_config(num_steps: int = 30):
   config.data.update(num_train=512, num_sgld=128, num_validation=64)
   config.train.update(num_steps=num_steps, batch_size=8, n_log=5, linear_every=10,
                       log_every=10, resume_every=10, eval_batch_size=32)
+  # Adaptive as runlocal, but at most 3 blocks of 8 draws (runlocal's max_draws=1000
+  # would continue these unconverged tiny chains for up to 124 blocks).
   config.llc.update(num_chains=2, num_draws=8, batch_size=8, checkpoint_chunk=4,
-                    init_loss_stride=4, step_size=1e-4)
+                    init_loss_stride=4, step_size=1e-4, max_draws=24)
   config.refined.update(num_chains=2, num_draws=8, batch_size=8, checkpoint_chunk=4)
   config.analysis.update(checkpoint_chunk=4)
   config.analysis.stages.n_restarts = 2

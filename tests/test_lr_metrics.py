@@ -142,7 +142,7 @@ def test_constant_prediction_on_finite_task_set(ckpts):
   ys = data["ys"].astype(np.float64)
   np.testing.assert_allclose(lb.per_prediction(m, "loss")[0], np.mean((ys - c) ** 2, 0),
                              rtol=1e-5)
-  np.testing.assert_allclose(m["dist_zero"], c ** 2, rtol=1e-6)
+  np.testing.assert_allclose(m["dist_zero"], c ** 2, rtol=1e-5)   # a float32 mean, as above
   t_bar = np.asarray(task.task_set(), np.float64).mean(0)
   np.testing.assert_allclose(lb.task_prior_mean(task), t_bar)
   prior_BxK = np.einsum("bkd,d->bk", data["xs"], t_bar)

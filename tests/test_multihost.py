@@ -39,6 +39,7 @@ import pytest
 
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import run_log
+from tests.helpers import xla_flags
 
 pytestmark = pytest.mark.multiprocess  # two jax.distributed processes × 4 fake CPU devices
 
@@ -70,7 +71,7 @@ def free_port() -> int:
 def env(tmp_path_factory):
   """Fake devices, and a compilation cache the scenarios' later jobs reuse."""
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-              XLA_FLAGS="--xla_force_host_platform_device_count=4",
+              XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -197,7 +198,7 @@ def test_every_file_besides_checkpoints_is_written_once_by_the_leader(mlp):
 def test_seeds_split_over_devices_resume_bit_identically(env, tmp_path):
   """4 seeds over 2 processes × 2 devices: one seed per device; killed and resumed,
   each seed's checkpoints equal the uninterrupted job's."""
-  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(env, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
   runs = killed_and_resumed(env, tmp_path, "--seeds=4")
   assert all("splitting the seeds" in p.out for p in runs["first"] + runs["second"])
   for seed in range(4):

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import xla_flags
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +96,7 @@ def _launch(tmp, mode: str, nproc: int, timeout_s: int = 60):
   with open(script, "w") as f:
     f.write(WORKER)
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // nproc}",
+             XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={8 // nproc}"),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port = str(_free_port())
   start = time.time()
@@ -206,7 +208,7 @@ def test_two_process_main_job_end_to_end(tmp_path):
   """launch/main.py (train → LLC on the global mesh → report) on two processes: each
   restores only its own checkpoints (process-local Orbax reads, no cross-process
   barrier), and both finish with the leader's results in the shared workdir."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port, workdir = str(_free_port()), str(tmp_path / "w")
   start = time.time()

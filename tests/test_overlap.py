@@ -31,7 +31,7 @@ def _toy_heads(params, tokens_BxTxF):
   T = tokens_BxTxF.shape[1]
   content_BxHxS = jnp.einsum("bsf,hf->bhs", tokens_BxTxF, params["content_w"])
   logits_BxHxTxS = (params["pos_logits"][None, :, None, :T] + content_BxHxS[:, :, None, :]
-                    + jnp.zeros((T, 1)))
+                    + jnp.zeros((1, 1, T, 1)))
   logits_BxHxTxS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits_BxHxTxS, -jnp.inf)
   attn_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
   v_BxSxH = jnp.einsum("bsf,hf->bsh", tokens_BxTxF, params["value_w"])
@@ -41,14 +41,14 @@ def _toy_heads(params, tokens_BxTxF):
 
 def toy_activations(params, batch):
   attn, z = _toy_heads(params, batch["tokens"])
-  contrib = z * params["readout"][:, None]
+  contrib = z * params["readout"][None, None, :, None]
   return {"attn": attn[None], "z": z[None], "contrib": contrib[None]}
 
 
 def _toy_loss(params, batch, keep_1xH, mean_1xTxHx1, saturating):
   _, z_BxTxHx1 = _toy_heads(params, batch["tokens"])
-  keep_Hx1 = keep_1xH[0][:, None]
-  z_BxTxHx1 = keep_Hx1 * z_BxTxHx1 + (1 - keep_Hx1) * mean_1xTxHx1[0]
+  keep_1x1xHx1 = keep_1xH[0][None, None, :, None]
+  z_BxTxHx1 = keep_1x1xHx1 * z_BxTxHx1 + (1 - keep_1x1xHx1) * mean_1xTxHx1
   pred_B = z_BxTxHx1[:, -1, :, 0] @ params["readout"]
   if saturating:
     pred_B = jnp.clip(pred_B, -1.0, 1.0)
@@ -292,7 +292,7 @@ def _toy_checkpoints():
   for sharpness, readout in ((1.0, [1.0, 1.0, 1.0]), (0.1, [1.0, 0.5, 2.0]),
                              (0.03, [2.0, -1.0, 0.3])):
     p = toy_params(*heads)
-    out.append({**p, "pos_logits": sharpness * p["pos_logits"] + jnp.arange(T_TOY) * 0.2,
+    out.append({**p, "pos_logits": sharpness * p["pos_logits"] + jnp.arange(T_TOY)[None] * 0.2,
                 "content_w": sharpness * p["content_w"], "readout": jnp.asarray(readout)})
   return out
 

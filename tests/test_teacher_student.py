@@ -13,7 +13,7 @@ import pytest
 from configs import teacher_student as ts_config
 from devinterp_jax import config_checks
 from devinterp_jax.data.teacher_student import TeacherStudentTask, sample_batch
-from devinterp_jax.experiments import teacher_student
+from devinterp_jax.experiments import registry, teacher_student
 from devinterp_jax.experiments.teacher_student import sections
 from devinterp_jax.models.mlp import ReLUMLP, layer_name
 from devinterp_jax.sampling import llc as llc_lib
@@ -185,3 +185,14 @@ def test_milestones_read_the_fit_and_the_recovery():
   marks = sections.milestones(steps, metrics, align_threshold=0.95)
   assert marks["teacher_recovered"]["step"] is None
   assert any("not reached" in line for line in sections.milestone_lines(marks))
+
+
+def test_a_launcher_job_the_setting_lacks_names_the_setting_and_its_jobs():
+  """launch/seeds.py on a setting with no multi-seed job: a clear error, not an
+  AttributeError from inside the launcher."""
+  with pytest.raises(ValueError, match=r"setting 'teacher_student' \(config.experiment\) has "
+                     r"no 'run_seeds' job; its pipeline has \['calibrate', 'estimate', 'run', "
+                     r"'train'\]"):
+    registry.job("teacher_student", "run_seeds")
+  assert registry.job("teacher_student", "run") is teacher_student.run
+  assert callable(registry.job("icl_regression", "run_seeds"))

@@ -33,6 +33,19 @@ def get(name: str) -> types.ModuleType:
   return importlib.import_module(f"{_package(name)}.pipeline")
 
 
+def job(name: str, job_name: str) -> Callable[..., Any]:
+  """Job `job_name` (e.g. "run_seeds") of setting `name`'s pipeline; a clear error
+  naming the setting and the jobs it has when it has no such job."""
+  pipeline = get(name)
+  fn = getattr(pipeline, job_name, None)
+  if not callable(fn):
+    jobs = sorted(j for j in ("train", "estimate", "calibrate", "run", "run_seeds")
+                  if callable(getattr(pipeline, j, None)))
+    raise ValueError(f"setting {name!r} (config.experiment) has no {job_name!r} job; its "
+                     f"pipeline has {jobs}")
+  return fn
+
+
 def setting(name: str) -> Setting:
   """The analysis view of setting `name` (`<package>.setting.SETTING`)."""
   return importlib.import_module(f"{_package(name)}.setting").SETTING

@@ -49,11 +49,11 @@ def mean_ablate(z_BxTxHxE, head_keep_H, head_mean_TxHxE):
   keep_H = jnp.asarray(head_keep_H, z_BxTxHxE.dtype)
   if keep_H.shape != (H,):
     raise ValueError(f"head_keep of a layer has shape {keep_H.shape}, want (num_heads,) = ({H},)")
-  keep_Hx1 = keep_H[:, None]
+  keep_1x1xHx1 = keep_H[None, None, :, None]
   if head_mean_TxHxE is None:
-    return keep_Hx1 * z_BxTxHxE
+    return keep_1x1xHx1 * z_BxTxHxE
   mean_TxHxE = jnp.asarray(head_mean_TxHxE, z_BxTxHxE.dtype)
   if mean_TxHxE.shape != (T, H, E):
     raise ValueError(f"head_mean of a layer has shape {mean_TxHxE.shape}, want (tokens, "
                      f"num_heads, head_dim) = ({T}, {H}, {E})")
-  return keep_Hx1 * z_BxTxHxE + (1 - keep_Hx1) * mean_TxHxE
+  return keep_1x1xHx1 * z_BxTxHxE + (1 - keep_1x1xHx1) * mean_TxHxE[None]

@@ -88,12 +88,12 @@ class ShortformerAttention(nn.Module):
     b_v = self.param("b_v", zeros, (H, E))
     w_o_HxExD = self.param("w_o", w_init, (H, E, D))
     b_o_D = self.param("b_o", zeros, (D,))
-    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", qk_in_BxTxD, w_q) + b_q
-    k_BxSxHxE = jnp.einsum("bsd,dhe->bshe", qk_in_BxTxD, w_k) + b_k
-    v_BxSxHxE = jnp.einsum("bsd,dhe->bshe", v_in_BxTxD, w_v) + b_v
+    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", qk_in_BxTxD, w_q) + b_q[None, None]
+    k_BxSxHxE = jnp.einsum("bsd,dhe->bshe", qk_in_BxTxD, w_k) + b_k[None, None]
+    v_BxSxHxE = jnp.einsum("bsd,dhe->bshe", v_in_BxTxD, w_v) + b_v[None, None]
     attn_BxHxTxS, z_BxTxHxE = attention_core.causal_attention(
         q_BxTxHxE, k_BxSxHxE, v_BxSxHxE, head_keep_H, head_mean_TxHxE)
-    out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD) + b_o_D
+    out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD) + b_o_D[None, None]
     if not return_heads:
       return out_BxTxD, attn_BxHxTxS
     contrib_BxTxHxD = jnp.einsum("bthe,hed->bthd", z_BxTxHxE, w_o_HxExD)
@@ -116,7 +116,7 @@ class Block(nn.Module):
     """
     ln = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")
     return ShortformerAttention(self.num_heads, self.init_std, name="attn")(
-        ln(x_BxTxD + pos_TxD), ln(x_BxTxD), head_keep_H, head_mean_TxHxE, return_heads)
+        ln(x_BxTxD + pos_TxD[None]), ln(x_BxTxD), head_keep_H, head_mean_TxHxE, return_heads)
 
 
 class AttentionOnlyLM(nn.Module):

@@ -72,7 +72,8 @@ class Dense(nn.Module):
     kernel = self.param("kernel", torch_uniform(fan_in), (fan_in, self.features))
     y = x @ kernel
     if self.use_bias:
-      y = y + self.param("bias", torch_uniform(fan_in), (self.features,))
+      bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+      y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)   # explicit: no rank promotion
     return y
 
 

@@ -237,6 +237,10 @@ class SweepOptions:
   progress: log progress lines with an ETA (at least every `progress_every_s`).
   loss_key: with `output_dir`, a name of the loss (and of callable data) that
     changes whenever they do; needed for lambdas (see `digest.callable_identity`).
+  checkpoint_cache_bytes: host memory for checkpoints read from a sequence (e.g. a
+    `ParamsSequence` on disk), kept between the rounds of an adaptive sweep so each
+    checkpoint is read and checked once; least recently used ones are dropped
+    beyond it (0: read at every round).
   """
 
   checkpoint_chunk: int | str | None = None
@@ -249,6 +253,7 @@ class SweepOptions:
   progress: bool = True
   progress_every_s: float = 15.0
   loss_key: str | None = None
+  checkpoint_cache_bytes: int = 2**30
 
   def __post_init__(self):
     if self.chain_strategy not in ("auto", "vmap", "map"):
@@ -261,3 +266,7 @@ class SweepOptions:
                        f"{chunk!r}")
     if not 0 < self.memory_fraction <= 1:
       raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+    if isinstance(self.checkpoint_cache_bytes, bool) or not isinstance(
+        self.checkpoint_cache_bytes, (int, np.integer)) or self.checkpoint_cache_bytes < 0:
+      raise ValueError(f"checkpoint_cache_bytes must be an integer >= 0, got "
+                       f"{self.checkpoint_cache_bytes!r}")

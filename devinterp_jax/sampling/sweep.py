@@ -26,6 +26,7 @@ numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -254,9 +255,16 @@ def check_finite(params: Params, ids: Sequence[Any]) -> None:
 
 
 class Checkpoints:
-  """Random access to a sweep's checkpoints: a sequence or a stacked pytree."""
+  """Random access to a sweep's checkpoints: a sequence or a stacked pytree.
 
-  def __init__(self, checkpoints: Sequence[Params] | Params):
+  Checkpoints read from a sequence are kept on the host, least recently used
+  dropped first, within `cache_bytes`, so the rounds of an adaptive sweep read
+  (and digest-check) each checkpoint once."""
+
+  def __init__(self, checkpoints: Sequence[Params] | Params, cache_bytes: int = 0):
+    self._cache: collections.OrderedDict[int, Params] = collections.OrderedDict()
+    self._cache_bytes, self._cached = int(cache_bytes), 0
+    self.reads = 0   # reads from the sequence (cache misses)
     if isinstance(checkpoints, Sequence):
       if len(checkpoints) == 0:
         raise ValueError("checkpoints is empty")
@@ -271,13 +279,29 @@ class Checkpoints:
       assert num is not None   # checked just above
       self.seq, self.stacked, self.num = None, checkpoints, num
 
+  def _read(self, i: int) -> Params:
+    hit = self._cache.get(i)
+    if hit is not None:
+      self._cache.move_to_end(i)
+      return hit
+    assert self.seq is not None   # only sequences are read
+    self.reads += 1
+    tree = self.seq[i]
+    size = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+    if size <= self._cache_bytes:
+      tree = jax.tree.map(np.asarray, tree)   # on the host: no device memory is held
+      self._cache[i], self._cached = tree, self._cached + size
+      while self._cached > self._cache_bytes:
+        _, old = self._cache.popitem(last=False)
+        self._cached -= sum(int(x.nbytes) for x in jax.tree.leaves(old))
+    return tree
+
   def stack(self, indices: Sequence[int]) -> Params:
     """Checkpoints `indices` stacked on [len(indices)] (loads each distinct one once)."""
     if self.stacked is not None:
       return jax.tree.map(lambda x: np.asarray(x)[np.asarray(indices)], self.stacked)
-    assert self.seq is not None   # one of seq and stacked is set
     unique = sorted(set(indices))
-    loaded = chunks_lib.stack([self.seq[i] for i in unique], unique[0])   # names a misfit
+    loaded = chunks_lib.stack([self._read(i) for i in unique], unique[0])   # names a misfit
     pos = np.asarray([unique.index(i) for i in indices])
     return jax.tree.map(lambda x: x[pos], loaded)
 
@@ -293,7 +317,7 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
   that replace the settings' values (a calibration grid); default: one point.
   """
   criteria = criteria or diagnostics_lib.HealthCriteria()
-  ckpts = Checkpoints(checkpoints)
+  ckpts = Checkpoints(checkpoints, options.checkpoint_cache_bytes)
   N = ckpts.num
   ids = list(options.checkpoint_ids) if options.checkpoint_ids is not None else list(range(N))
   if len(ids) != N:

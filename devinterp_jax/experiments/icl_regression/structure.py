@@ -219,13 +219,15 @@ def _attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
   def mean_over(per_query_BxHxT, mask_QxT):
     num = jnp.einsum("...bht,qt->...hq", per_query_BxHxT, mask_QxT)
     den = B * mask_QxT.sum(-1)
+    den = den.reshape((1,) * (num.ndim - 1) + den.shape)   # [..., 1, Q]
     return jnp.where(den > 0, num / np.where(den > 0, den, 1.0), jnp.nan)
 
   def to_target(target_T):
     return jnp.einsum("...ts,ts->...t", attn, _target_one_hot(target_T, T, S))
 
   log_n_T = np.log(np.maximum(t + 1, 2)).astype(np.float32)  # t = 0 is masked out anyway
-  entropy_BxHxT = -jnp.sum(jax.scipy.special.xlogy(attn, attn), axis=-1) / log_n_T
+  entropy_BxHxT = -jnp.sum(jax.scipy.special.xlogy(attn, attn), axis=-1) / log_n_T.reshape(
+      (1,) * (attn.ndim - 2) + log_n_T.shape)
   mean_pattern = jnp.mean(attn, axis=-4, keepdims=True)
   abs_dev_BxHxT = jnp.sum(jnp.abs(attn - mean_pattern), axis=-1)
   mass_BxHxT = jnp.sum(attn, axis=-1)
