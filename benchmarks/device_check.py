@@ -45,7 +45,7 @@ tokens are uniform random ids.
 
 import os
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # before jax is imported
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before jax is imported
 
 import argparse
 import datetime
@@ -75,13 +75,28 @@ from devinterp_jax.training.schedules import checkpoint_steps
 
 # The paper's LR sweep (configs/icl_regression.py): 100 log + 100 linear checkpoint steps
 # over 500k, 10 chains × 5000 draws, no burn-in, batch 1024.
-LR_SWEEP = dict(num_chains=10, num_draws=5000, step_size=3e-4, nbeta=66.7, localization=6.67,
-                batch_size=1024, checkpoint_chunk=16)
+LR_SWEEP = dict(
+  num_chains=10,
+  num_draws=5000,
+  step_size=3e-4,
+  nbeta=66.7,
+  localization=6.67,
+  batch_size=1024,
+  checkpoint_chunk=16,
+)
 # The rLLC paper's all-heads wrLLC sweep of the 2-layer LM (configs/lm.py `refined`):
 # 16 heads × 107 checkpoints × 4 chains × 200 draws at batch 32.
-LM_SWEEP = dict(num_heads=16, num_checkpoints=107, num_chains=4, num_draws=200,
-                step_size=1e-3, nbeta=30.0, localization=200.0, batch_size=32,
-                checkpoint_chunk=8)
+LM_SWEEP = dict(
+  num_heads=16,
+  num_checkpoints=107,
+  num_chains=4,
+  num_draws=200,
+  step_size=1e-3,
+  nbeta=30.0,
+  localization=200.0,
+  batch_size=32,
+  checkpoint_chunk=8,
+)
 # The paper's 2-layer attention-only LM (configs/lm.py default; 3,355,016 params).
 LM_MODEL = dict(vocab_size=5000, context_length=1024, d_model=256, num_heads=8, num_layers=2)
 ALL_REDUCE = re.compile(r"all-reduce(?:-start)?\(")
@@ -89,18 +104,37 @@ ALL_REDUCE = re.compile(r"all-reduce(?:-start)?\(")
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/device_check"),
-                 help="output directory (JSON + markdown, written row by row)")
-  p.add_argument("--quick", default="auto", choices=["auto", "yes", "no"],
-                 help="reduced sizes; auto: on the CPU backend")
-  p.add_argument("--commit", default=None, help="git commit (default: git rev-parse HEAD, "
-                 "else $DEVICE_CHECK_COMMIT)")
-  p.add_argument("--docs_dir", default=None, help="also write device_<backend>.md here "
-                 "(default: ./docs/results when it exists; '' to skip)")
-  p.add_argument("--budget_s", type=float, default=None,
-                 help="skip rows not yet started after this many seconds (default: 210 "
-                 "on accelerators, none on CPU)")
-  p.add_argument("--reps", type=int, default=None, help="timed calls per row (the best is reported)")
+  p.add_argument(
+    "--out",
+    default=os.environ.get("OUT", "/tmp/device_check"),
+    help="output directory (JSON + markdown, written row by row)",
+  )
+  p.add_argument(
+    "--quick",
+    default="auto",
+    choices=["auto", "yes", "no"],
+    help="reduced sizes; auto: on the CPU backend",
+  )
+  p.add_argument(
+    "--commit",
+    default=None,
+    help="git commit (default: git rev-parse HEAD, else $DEVICE_CHECK_COMMIT)",
+  )
+  p.add_argument(
+    "--docs_dir",
+    default=None,
+    help="also write device_<backend>.md here (default: ./docs/results when it exists; '' to skip)",
+  )
+  p.add_argument(
+    "--budget_s",
+    type=float,
+    default=None,
+    help="skip rows not yet started after this many seconds (default: 210 "
+    "on accelerators, none on CPU)",
+  )
+  p.add_argument(
+    "--reps", type=int, default=None, help="timed calls per row (the best is reported)"
+  )
   p.add_argument("--batch_size", type=int, default=None, help="LR SGLD batch")
   p.add_argument("--num_draws", type=int, default=None, help="LR steps per timed block")
   p.add_argument("--checkpoints", type=int, default=None, help="LR pairs per block")
@@ -109,22 +143,56 @@ def parse_args(argv=None):
   p.add_argument("--lm_draws", type=int, default=None, help="LM steps per timed block")
   p.add_argument("--lm_heads", type=int, default=None, help="restrictions (heads) timed")
   p.add_argument("--lm_chains", type=int, default=None)
-  p.add_argument("--skip", default="", help="comma-separated row groups to skip: "
-                 "lr,estimate,memory,lm,sharding")
+  p.add_argument(
+    "--skip", default="", help="comma-separated row groups to skip: lr,estimate,memory,lm,sharding"
+  )
   return p.parse_args(argv)
 
 
 def sizes(args, quick: bool) -> dict:
   """The sizes of this run: the paper's where a GPU allows, reduced on CPU."""
-  full = dict(batch_size=1024, num_draws=100, checkpoints=16, chains=10, reps=3,
-              lm_batch_size=32, lm_draws=20, lm_heads=16, lm_chains=4, lm_chunk=8,
-              shard_checkpoints=None, shard_chains=2, shard_draws=50)
-  small = dict(batch_size=256, num_draws=10, checkpoints=1, chains=4, reps=3,
-               lm_batch_size=2, lm_draws=4, lm_heads=2, lm_chains=2, lm_chunk=2,
-               shard_checkpoints=None, shard_chains=2, shard_draws=10)
+  full = dict(
+    batch_size=1024,
+    num_draws=100,
+    checkpoints=16,
+    chains=10,
+    reps=3,
+    lm_batch_size=32,
+    lm_draws=20,
+    lm_heads=16,
+    lm_chains=4,
+    lm_chunk=8,
+    shard_checkpoints=None,
+    shard_chains=2,
+    shard_draws=50,
+  )
+  small = dict(
+    batch_size=256,
+    num_draws=10,
+    checkpoints=1,
+    chains=4,
+    reps=3,
+    lm_batch_size=2,
+    lm_draws=4,
+    lm_heads=2,
+    lm_chains=2,
+    lm_chunk=2,
+    shard_checkpoints=None,
+    shard_chains=2,
+    shard_draws=10,
+  )
   s = dict(small if quick else full)
-  for k in ("batch_size", "num_draws", "checkpoints", "chains", "reps", "lm_batch_size",
-            "lm_draws", "lm_heads", "lm_chains"):
+  for k in (
+    "batch_size",
+    "num_draws",
+    "checkpoints",
+    "chains",
+    "reps",
+    "lm_batch_size",
+    "lm_draws",
+    "lm_heads",
+    "lm_chains",
+  ):
     if getattr(args, k) is not None:
       s[k] = getattr(args, k)
   s["lm_chunk"] = min(s["lm_chunk"], s["lm_heads"])
@@ -134,15 +202,24 @@ def sizes(args, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------
 # Environment.
 
+
 def git_commit(flag: str | None) -> tuple[str, bool | None]:
   """(commit, dirty): the flag, else `git rev-parse HEAD`, else $DEVICE_CHECK_COMMIT."""
   if flag:
     return flag, None
   try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         check=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    sha = subprocess.run(
+      ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()
+    dirty = (
+      subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+      ).stdout.strip()
+      != ""
+    )
     return sha, dirty
   except Exception:
     return os.environ.get("DEVICE_CHECK_COMMIT", "unknown"), None
@@ -153,23 +230,30 @@ def environment(commit_flag: str | None) -> dict:
   sha, dirty = git_commit(commit_flag)
   try:
     import jaxlib
+
     jaxlib_version = jaxlib.__version__
   except Exception:
     jaxlib_version = None
   return dict(
-      backend=jax.default_backend(), device_kind=dev.device_kind,
-      device_count=jax.device_count(), local_device_count=jax.local_device_count(),
-      platform_version=str(getattr(getattr(dev, "client", None), "platform_version",
-                                   "")).strip(),
-      jax=jax.__version__, jaxlib=jaxlib_version, python=platform.python_version(),
-      host=platform.node(), cpu_count=os.cpu_count(),
-      date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      commit=sha, dirty=dirty, xla_flags=os.environ.get("XLA_FLAGS", ""),
-      preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
-      default_matmul_precision=str(getattr(jax.config, "jax_default_matmul_precision",
-                                           None)),
-      fake_devices="xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""),
-      load_start=load_average())
+    backend=jax.default_backend(),
+    device_kind=dev.device_kind,
+    device_count=jax.device_count(),
+    local_device_count=jax.local_device_count(),
+    platform_version=str(getattr(getattr(dev, "client", None), "platform_version", "")).strip(),
+    jax=jax.__version__,
+    jaxlib=jaxlib_version,
+    python=platform.python_version(),
+    host=platform.node(),
+    cpu_count=os.cpu_count(),
+    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    commit=sha,
+    dirty=dirty,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    preallocate=os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
+    default_matmul_precision=str(getattr(jax.config, "jax_default_matmul_precision", None)),
+    fake_devices="xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""),
+    load_start=load_average(),
+  )
 
 
 def load_average() -> list[float] | None:
@@ -209,8 +293,9 @@ def memory_use(compiled) -> dict | None:
     v = getattr(ma, f"{k}_size_in_bytes", None)
     if v is not None:
       out[k] = int(v)
-  out["total"] = out.get("argument", 0) + out.get("output", 0) + out.get("temp", 0) - out.get(
-      "alias", 0)
+  out["total"] = (
+    out.get("argument", 0) + out.get("output", 0) + out.get("temp", 0) - out.get("alias", 0)
+  )
   return out
 
 
@@ -227,8 +312,7 @@ def make_mesh(shape, names):
   devices = jax.devices()[:n]
   try:
     axis_type = jax.sharding.AxisType
-    return jax.make_mesh(shape, names, devices=devices,
-                         axis_types=(axis_type.Auto,) * len(names))
+    return jax.make_mesh(shape, names, devices=devices, axis_types=(axis_type.Auto,) * len(names))
   except Exception:
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), names)
 
@@ -236,35 +320,55 @@ def make_mesh(shape, names):
 # ---------------------------------------------------------------------------------------
 # The compiled block program, timed directly (as `sweep.run` calls it, without the driver).
 
+
 class Block:
   """`prog.block` over pairs = restrictions × checkpoints, compiled once; `run()` advances
   every chain of every pair by `block_steps` steps from w* (fresh state each call)."""
 
-  def __init__(self, loss_fn, settings: SamplerSettings, stacked, data, *,
-               strategy: str = "auto", sm: mesh_lib.SweepMesh | None = None,
-               restrictions: Restrictions | None = None):
+  def __init__(
+    self,
+    loss_fn,
+    settings: SamplerSettings,
+    stacked,
+    data,
+    *,
+    strategy: str = "auto",
+    sm: mesh_lib.SweepMesh | None = None,
+    restrictions: Restrictions | None = None,
+  ):
     comp = None if restrictions is None else restrict.compact(restrictions.check().masks)
     n = jax.tree.leaves(stacked)[0].shape[0]
     r = 1 if restrictions is None else len(restrictions.names)
     pairs = [(ri, ni) for ri in range(r) for ni in range(n)]
     self.num_pairs, self.settings = len(pairs), settings
     self.prog = program_lib.get_program(
-        loss_fn, settings, data=data, chain_strategy=strategy, mesh=sm,
-        leaves=None if comp is None else comp.leaves,
-        padded=comp is not None and comp.valid is not None)
+      loss_fn,
+      settings,
+      data=data,
+      chain_strategy=strategy,
+      mesh=sm,
+      leaves=None if comp is None else comp.leaves,
+      padded=comp is not None and comp.valid is not None,
+    )
     pair_sh = None if sm is None else sm.pairs()
     rows = np.asarray([ni for _, ni in pairs])
     self.params = sweep_lib.put(jax.tree.map(lambda x: np.asarray(x)[rows], stacked), pair_sh)
-    self.hypers = sweep_lib.put({k: np.full(len(pairs), getattr(settings, k), np.float32)
-                                 for k in ("step_size", "nbeta", "localization")}, pair_sh)
+    self.hypers = sweep_lib.put(
+      {
+        k: np.full(len(pairs), getattr(settings, k), np.float32)
+        for k in ("step_size", "nbeta", "localization")
+      },
+      pair_sh,
+    )
     self.index = self.valid = None
     if comp is not None:
       ridx = [ri for ri, _ in pairs]
       self.index = sweep_lib.put(np.asarray(comp.index[ridx]), pair_sh)
       if comp.valid is not None:
         self.valid = sweep_lib.put(np.asarray(comp.valid[ridx]), pair_sh)
-    self.keys = program_lib.chain_keys(settings.seed, settings.num_chains,
-                                       None if sm is None else sm.chains())
+    self.keys = program_lib.chain_keys(
+      settings.seed, settings.num_chains, None if sm is None else sm.chains()
+    )
     self.data = sweep_lib.put(data, None if sm is None else sm.replicated())
     t0 = time.perf_counter()
     self.compiled = self.prog.block.lower(*self._args(self._carry())).compile()
@@ -275,8 +379,17 @@ class Block:
     return jax.block_until_ready(self.prog.init(self.params, self.hypers, self.index))
 
   def _args(self, carry):
-    return (carry, np.int32(0), self.params, self.hypers, self.keys, self.data, None,
-            self.index, self.valid)
+    return (
+      carry,
+      np.int32(0),
+      self.params,
+      self.hypers,
+      self.keys,
+      self.data,
+      None,
+      self.index,
+      self.valid,
+    )
 
   def run(self):
     """(seconds, outputs) of one block call; the state's init is not timed."""
@@ -287,13 +400,19 @@ class Block:
     return time.perf_counter() - t0, out
 
   def time(self, reps: int) -> dict:
-    self.run()   # warm-up: first-call allocations
+    self.run()  # warm-up: first-call allocations
     ts = [self.run()[0] for _ in range(reps)]
-    t = float(np.min(ts))   # best of reps: other work on a shared host only adds time
-    return dict(seconds_best=t, seconds_median=float(np.median(ts)), seconds=ts,
-                chain_steps=self.chain_steps, chain_steps_per_s=self.chain_steps / t,
-                ms_per_chain_step=1e3 * t / self.chain_steps, compile_s=self.compile_s,
-                memory_analysis=memory_use(self.compiled))
+    t = float(np.min(ts))  # best of reps: other work on a shared host only adds time
+    return dict(
+      seconds_best=t,
+      seconds_median=float(np.median(ts)),
+      seconds=ts,
+      chain_steps=self.chain_steps,
+      chain_steps_per_s=self.chain_steps / t,
+      ms_per_chain_step=1e3 * t / self.chain_steps,
+      compile_s=self.compile_s,
+      memory_analysis=memory_use(self.compiled),
+    )
 
 
 def stack(params, n: int):
@@ -308,15 +427,28 @@ def rel_err(a, b) -> float:
 # ---------------------------------------------------------------------------------------
 # Output.
 
+
 class Report:
   """Rows written to JSON + markdown after each one finishes."""
 
   def __init__(self, out_dir: str, env: dict, sz: dict, quick: bool):
     self.out_dir, self.t_start = out_dir, time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    self.data = dict(env=env, sizes=sz, quick=quick, bounds={}, lr=[], estimate=None,
-                     memory=None, lm=None, sharding=[], projections={}, skipped=[],
-                     errors=[], wall_s=None)
+    self.data = dict(
+      env=env,
+      sizes=sz,
+      quick=quick,
+      bounds={},
+      lr=[],
+      estimate=None,
+      memory=None,
+      lm=None,
+      sharding=[],
+      projections={},
+      skipped=[],
+      errors=[],
+      wall_s=None,
+    )
 
   @property
   def elapsed(self) -> float:
@@ -349,138 +481,208 @@ def markdown(d: dict) -> str:
   backend = e["backend"]
   lines = [f"# Device check: {backend} ({e['device_kind']})", ""]
   if backend == "cpu":
-    lines += ["**This is the CPU backend" + (
+    lines += [
+      "**This is the CPU backend"
+      + (
         f" with {e['device_count']} fake devices (`--xla_force_host_platform_device_count`)"
-        if e["fake_devices"] else "") + ", not a GPU.** The fake devices share the host's "
-        f"{e['cpu_count']} cores, so sharded rows check correctness and the compiled "
-        "program, not speed; sizes are reduced (`--quick`).", ""]
-  dirty = {True: " (with uncommitted changes in the working tree)", False: "",
-           None: ""}[e["dirty"]]
+        if e["fake_devices"]
+        else ""
+      )
+      + ", not a GPU.** The fake devices share the host's "
+      f"{e['cpu_count']} cores, so sharded rows check correctness and the compiled "
+      "program, not speed; sizes are reduced (`--quick`).",
+      "",
+    ]
+  dirty = {True: " (with uncommitted changes in the working tree)", False: "", None: ""}[e["dirty"]]
   lines += [
-      "Generated by `benchmarks/device_check.py` (the command is in its docstring).", "",
-      f"* device: {e['device_kind']} × {e['device_count']} ({backend}; "
-      f"{e['platform_version'] or 'no platform version'})",
-      f"* JAX {e['jax']} (jaxlib {e['jaxlib']}), Python {e['python']}",
-      f"* date: {e['date']}; commit `{e['commit']}`{dirty}",
-      f"* XLA_FLAGS=`{e['xla_flags']}`; XLA_PYTHON_CLIENT_PREALLOCATE={e['preallocate']}; "
-      f"default matmul precision: {e['default_matmul_precision']}",
-      f"* host load average (1/5/15 min) at the start {e.get('load_start')}, at the end "
-      f"{e.get('load_now')} on {e['cpu_count']} cores (other work shares the machine)",
-      f"* wall time of the whole check: {_f(d['wall_s'], '.0f')} s"
-      + ("" if not d["skipped"] else f"; skipped (time budget or --skip): "
-         f"{', '.join(d['skipped'])}"), ""]
+    "Generated by `benchmarks/device_check.py` (the command is in its docstring).",
+    "",
+    f"* device: {e['device_kind']} × {e['device_count']} ({backend}; "
+    f"{e['platform_version'] or 'no platform version'})",
+    f"* JAX {e['jax']} (jaxlib {e['jaxlib']}), Python {e['python']}",
+    f"* date: {e['date']}; commit `{e['commit']}`{dirty}",
+    f"* XLA_FLAGS=`{e['xla_flags']}`; XLA_PYTHON_CLIENT_PREALLOCATE={e['preallocate']}; "
+    f"default matmul precision: {e['default_matmul_precision']}",
+    f"* host load average (1/5/15 min) at the start {e.get('load_start')}, at the end "
+    f"{e.get('load_now')} on {e['cpu_count']} cores (other work shares the machine)",
+    f"* wall time of the whole check: {_f(d['wall_s'], '.0f')} s"
+    + ("" if not d["skipped"] else f"; skipped (time budget or --skip): {', '.join(d['skipped'])}"),
+    "",
+  ]
   if d["errors"]:
     lines += ["Errors:", ""] + [f"* {x['row']}: `{x['error']}`" for x in d["errors"]] + [""]
 
   b = d["bounds"]
-  lines += ["## LR transformer, one device", "",
-            f"The paper's LR transformer (51,717 params), SGLD batch {s['batch_size']}"
-            + ("" if s["batch_size"] == 1024 else " (reduced from 1024)")
-            + f", {s['num_draws']} steps per timed block, best of {s['reps']} calls, "
-            "MALA every 10th step and diagnostics on.", ""]
+  lines += [
+    "## LR transformer, one device",
+    "",
+    f"The paper's LR transformer (51,717 params), SGLD batch {s['batch_size']}"
+    + ("" if s["batch_size"] == 1024 else " (reduced from 1024)")
+    + f", {s['num_draws']} steps per timed block, best of {s['reps']} calls, "
+    "MALA every 10th step and diagnostics on.",
+    "",
+  ]
   if b:
-    lines += [f"Bounds at the same batch: one jitted forward+backward = "
-              f"**{_f(b.get('fwd_bwd_ms'), '.3f')} ms** (mean of 3 calls); per step of a "
-              f"scanned forward+backward = **{_f(b.get('scan_fwd_bwd_ms'), '.3f')} ms**.", ""]
+    lines += [
+      f"Bounds at the same batch: one jitted forward+backward = "
+      f"**{_f(b.get('fwd_bwd_ms'), '.3f')} ms** (mean of 3 calls); per step of a "
+      f"scanned forward+backward = **{_f(b.get('scan_fwd_bwd_ms'), '.3f')} ms**.",
+      "",
+    ]
   if d["lr"]:
-    lines += ["| row | pairs × chains | chains | compute | matmul precision | chain-steps/s "
-              "| ms / chain-step | ÷ fwd+bwd | ÷ scanned | compile s | block memory MiB "
-              "| paper LR sweep (189) h |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "| row | pairs × chains | chains | compute | matmul precision | chain-steps/s "
+      "| ms / chain-step | ÷ fwd+bwd | ÷ scanned | compile s | block memory MiB "
+      "| paper LR sweep (189) h |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in d["lr"]:
       ma = r.get("memory_analysis") or {}
       lines.append(
-          f"| {r['name']} | {r['pairs']}×{r['chains']} | {r['strategy']} | {r['compute']} | "
-          f"{r['precision']} | {_f(r['chain_steps_per_s'], '.1f')} | "
-          f"{_f(r['ms_per_chain_step'], '.4g')} | {_f(r.get('ratio'), '.3f')} | "
-          f"{_f(r.get('ratio_scan'), '.3f')} | {_f(r['compile_s'], '.1f')} | "
-          f"{_mib(ma.get('total'))} | {_f(r.get('lr_sweep_h'), '.3g')} |")
+        f"| {r['name']} | {r['pairs']}×{r['chains']} | {r['strategy']} | {r['compute']} | "
+        f"{r['precision']} | {_f(r['chain_steps_per_s'], '.1f')} | "
+        f"{_f(r['ms_per_chain_step'], '.4g')} | {_f(r.get('ratio'), '.3f')} | "
+        f"{_f(r.get('ratio_scan'), '.3f')} | {_f(r['compile_s'], '.1f')} | "
+        f"{_mib(ma.get('total'))} | {_f(r.get('lr_sweep_h'), '.3g')} |"
+      )
     lines.append("")
     rows = {r["name"]: r for r in d["lr"]}
     auto = d.get("auto_strategy")
     ref = rows.get(f"{auto} f32")
     notes = []
     if "vmap f32" in rows and "map f32" in rows:
-      notes.append(f"map vs vmap chains: {rows['map f32']['ms_per_chain_step'] / rows['vmap f32']['ms_per_chain_step']:.2f}× the time per chain-step")
-    for name, what in (("bf16 compute", "bf16 vs f32 compute"),
-                       ("precision highest", "highest vs default matmul precision")):
+      notes.append(
+        f"map vs vmap chains: {rows['map f32']['ms_per_chain_step'] / rows['vmap f32']['ms_per_chain_step']:.2f}× the time per chain-step"
+      )
+    for name, what in (
+      ("bf16 compute", "bf16 vs f32 compute"),
+      ("precision highest", "highest vs default matmul precision"),
+    ):
       if ref and name in rows:
-        notes.append(f"{what} ({auto} chains): "
-                     f"{rows[name]['ms_per_chain_step'] / ref['ms_per_chain_step']:.2f}× the "
-                     "time per chain-step")
+        notes.append(
+          f"{what} ({auto} chains): "
+          f"{rows[name]['ms_per_chain_step'] / ref['ms_per_chain_step']:.2f}× the "
+          "time per chain-step"
+        )
     for r in d["lr"]:
       if r.get("loss_rel_vs_f32") is not None:
-        notes.append(f"{r['name']}: each chain's mean recorded loss vs the vmap f32 row "
-                     f"(same keys): max rel. diff {r['loss_rel_vs_f32']:.2e}")
+        notes.append(
+          f"{r['name']}: each chain's mean recorded loss vs the vmap f32 row "
+          f"(same keys): max rel. diff {r['loss_rel_vs_f32']:.2e}"
+        )
     lines += [f"* {x}" for x in notes] + ([""] if notes else [])
   if d["estimate"]:
     r = d["estimate"]
-    lines += [f"End to end, `llc.estimate` (best of 2 calls) of the {r['of']} row ({r['pairs']} "
-              f"checkpoint(s) × {r['chains']} chains × {r['draws']} draws, driver and "
-              f"diagnostics included, compiled beforehand): {r['seconds']:.3f} s = "
-              f"{r['chain_steps_per_s']:.1f} chain-steps/s, {r['vs_block']:.2f}× the "
-              "block's time.", ""]
+    lines += [
+      f"End to end, `llc.estimate` (best of 2 calls) of the {r['of']} row ({r['pairs']} "
+      f"checkpoint(s) × {r['chains']} chains × {r['draws']} draws, driver and "
+      f"diagnostics included, compiled beforehand): {r['seconds']:.3f} s = "
+      f"{r['chain_steps_per_s']:.1f} chain-steps/s, {r['vs_block']:.2f}× the "
+      "block's time.",
+      "",
+    ]
   if d["memory"]:
     m = d["memory"]
-    lines += ["## Memory", "",
-              f"`sweep.chunk_memory` (from `compiled.memory_analysis()`) of the "
-              f"{m['of']} block, bytes per device:", "",
-              "| pairs per chunk | argument MiB | output MiB | temp MiB | alias MiB | total MiB |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+      "## Memory",
+      "",
+      f"`sweep.chunk_memory` (from `compiled.memory_analysis()`) of the "
+      f"{m['of']} block, bytes per device:",
+      "",
+      "| pairs per chunk | argument MiB | output MiB | temp MiB | alias MiB | total MiB |",
+      "|---|---|---|---|---|---|",
+    ]
     for c in m["chunks"]:
       u = c["use"] or {}
-      lines.append(f"| {c['chunk']} | {_mib(u.get('argument'))} | {_mib(u.get('output'))} | "
-                   f"{_mib(u.get('temp'))} | {_mib(u.get('alias'))} | {_mib(u.get('total'))} |")
+      lines.append(
+        f"| {c['chunk']} | {_mib(u.get('argument'))} | {_mib(u.get('output'))} | "
+        f"{_mib(u.get('temp'))} | {_mib(u.get('alias'))} | {_mib(u.get('total'))} |"
+      )
     lines.append("")
     if m.get("per_pair_mib") is not None:
-      lines += [f"Per extra pair: {m['per_pair_mib']:.2f} MiB; device memory "
-                f"{_mib(m.get('device_bytes'))} MiB; `checkpoint_chunk=\"auto\"` "
-                f"(memory_fraction 0.6) would run {m.get('auto_chunk')} pairs per chunk.", ""]
+      lines += [
+        f"Per extra pair: {m['per_pair_mib']:.2f} MiB; device memory "
+        f'{_mib(m.get("device_bytes"))} MiB; `checkpoint_chunk="auto"` '
+        f"(memory_fraction 0.6) would run {m.get('auto_chunk')} pairs per chunk.",
+        "",
+      ]
     stats = m.get("memory_stats")
-    lines += [("Allocator (`device.memory_stats()`; the peak is the process's so far: "
-               "after the LR and LM rows): " + ", ".join(
-        f"{k} {_mib(v)} MiB" for k, v in stats.items())) if stats else
-              "`device.memory_stats()`: not reported by this backend.", ""]
+    lines += [
+      (
+        "Allocator (`device.memory_stats()`; the peak is the process's so far: "
+        "after the LR and LM rows): " + ", ".join(f"{k} {_mib(v)} MiB" for k, v in stats.items())
+      )
+      if stats
+      else "`device.memory_stats()`: not reported by this backend.",
+      "",
+    ]
   if d["lm"]:
     r = d["lm"]
-    lines += ["## LM: all-heads wrLLC of the paper's 2-layer LM", "",
-              f"Attention-only LM (V={LM_MODEL['vocab_size']}, T={LM_MODEL['context_length']},"
-              f" D={LM_MODEL['d_model']}, {LM_MODEL['num_layers']}×{LM_MODEL['num_heads']} "
-              f"heads; 3,355,016 params), SGLD batch {r['batch_size']}"
-              + ("" if r["batch_size"] == LM_SWEEP["batch_size"] else
-                 f" (reduced from {LM_SWEEP['batch_size']})")
-              + f", {r['heads']} of 16 heads × 1 checkpoint × {r['chains']} chains, "
-              f"{r['chunk']} pairs per block, {r['draws']} steps per block.", ""]
+    lines += [
+      "## LM: all-heads wrLLC of the paper's 2-layer LM",
+      "",
+      f"Attention-only LM (V={LM_MODEL['vocab_size']}, T={LM_MODEL['context_length']},"
+      f" D={LM_MODEL['d_model']}, {LM_MODEL['num_layers']}×{LM_MODEL['num_heads']} "
+      f"heads; 3,355,016 params), SGLD batch {r['batch_size']}"
+      + (
+        ""
+        if r["batch_size"] == LM_SWEEP["batch_size"]
+        else f" (reduced from {LM_SWEEP['batch_size']})"
+      )
+      + f", {r['heads']} of 16 heads × 1 checkpoint × {r['chains']} chains, "
+      f"{r['chunk']} pairs per block, {r['draws']} steps per block.",
+      "",
+    ]
     if "error" not in r:
       ma = r.get("memory_analysis") or {}
-      lines += [f"* bound: jitted forward+backward at batch {r['batch_size']}: "
-                f"{_f(r.get('fwd_bwd_ms'), '.4g')} ms",
-                f"* restricted block: **{r['chain_steps_per_s']:.2f} head·chain-steps/s** "
-                f"({r['ms_per_chain_step']:.4g} ms each, {_f(r.get('ratio'), '.3f')}× the "
-                f"full fwd+bwd), compile {r['compile_s']:.1f} s, block memory "
-                f"{_mib(ma.get('total'))} MiB" + (
-                    f", allocator peak so far {_mib(r['memory_stats']['peak_bytes_in_use'])} "
-                    "MiB" if (r.get("memory_stats") or {}).get("peak_bytes_in_use") else ""),
-                "* pairs per block tried (compiled memory, MiB): " + ", ".join(
-                    f"{t['chunk']}: {_mib((t['memory'] or {}).get('total'))}"
-                    for t in r.get("chunks_tried", [])),
-                f"* projected all-heads sweep (16 × 107 × 4 × 200 = "
-                f"{r['sweep_chain_steps']:,} head·chain-steps): **{r['sweep_h']:.3g} h**"
-                + ("" if r["batch_size"] == LM_SWEEP["batch_size"] else
-                   f" at batch {r['batch_size']}, not the paper's 32"), ""]
+      lines += [
+        f"* bound: jitted forward+backward at batch {r['batch_size']}: "
+        f"{_f(r.get('fwd_bwd_ms'), '.4g')} ms",
+        f"* restricted block: **{r['chain_steps_per_s']:.2f} head·chain-steps/s** "
+        f"({r['ms_per_chain_step']:.4g} ms each, {_f(r.get('ratio'), '.3f')}× the "
+        f"full fwd+bwd), compile {r['compile_s']:.1f} s, block memory "
+        f"{_mib(ma.get('total'))} MiB"
+        + (
+          f", allocator peak so far {_mib(r['memory_stats']['peak_bytes_in_use'])} MiB"
+          if (r.get("memory_stats") or {}).get("peak_bytes_in_use")
+          else ""
+        ),
+        "* pairs per block tried (compiled memory, MiB): "
+        + ", ".join(
+          f"{t['chunk']}: {_mib((t['memory'] or {}).get('total'))}"
+          for t in r.get("chunks_tried", [])
+        ),
+        f"* projected all-heads sweep (16 × 107 × 4 × 200 = "
+        f"{r['sweep_chain_steps']:,} head·chain-steps): **{r['sweep_h']:.3g} h**"
+        + (
+          ""
+          if r["batch_size"] == LM_SWEEP["batch_size"]
+          else f" at batch {r['batch_size']}, not the paper's 32"
+        ),
+        "",
+      ]
   if d["sharding"]:
-    lines += ["## Sharded sweeps", "",
-              f"{s.get('shard_checkpoints')} checkpoints × {s['shard_chains']} chains × "
-              f"{s['shard_draws']} steps, vmapped chains; equality: `llc.estimate` on the "
-              "mesh vs `mesh=None`, max relative error of the loss traces.", ""]
+    lines += [
+      "## Sharded sweeps",
+      "",
+      f"{s.get('shard_checkpoints')} checkpoints × {s['shard_chains']} chains × "
+      f"{s['shard_draws']} steps, vmapped chains; equality: `llc.estimate` on the "
+      "mesh vs `mesh=None`, max relative error of the loss traces.",
+      "",
+    ]
     if "single" in d["bounds"]:
       lines += [f"Single device, same sizes: {d['bounds']['single']:.1f} chain-steps/s.", ""]
-    lines += ["| mesh | chain-steps/s | max rel err (loss trace) | max rel err (LLC per chain) "
-              "| all-reduce ops in HLO |", "|---|---|---|---|---|"]
+    lines += [
+      "| mesh | chain-steps/s | max rel err (loss trace) | max rel err (LLC per chain) "
+      "| all-reduce ops in HLO |",
+      "|---|---|---|---|---|",
+    ]
     for r in d["sharding"]:
-      lines.append(f"| {r['mesh']} | {_f(r.get('chain_steps_per_s'), '.1f')} | "
-                   f"{_f(r.get('loss_rel_err'), '.2e')} | {_f(r.get('llc_rel_err'), '.2e')} | "
-                   f"{_f(r.get('all_reduce'), 'd')} |")
+      lines.append(
+        f"| {r['mesh']} | {_f(r.get('chain_steps_per_s'), '.1f')} | "
+        f"{_f(r.get('loss_rel_err'), '.2e')} | {_f(r.get('llc_rel_err'), '.2e')} | "
+        f"{_f(r.get('all_reduce'), 'd')} |"
+      )
     lines.append("")
   p = d["projections"]
   if p:
@@ -494,11 +696,18 @@ def markdown(d: dict) -> str:
 # ---------------------------------------------------------------------------------------
 # The rows.
 
+
 def lr_settings(sz, **kw) -> SamplerSettings:
-  base = dict(num_chains=sz["chains"], num_draws=sz["num_draws"],
-              step_size=LR_SWEEP["step_size"], localization=LR_SWEEP["localization"],
-              nbeta=LR_SWEEP["nbeta"], batch_size=sz["batch_size"], num_burnin_steps=0,
-              block_draws=sz["num_draws"])
+  base = dict(
+    num_chains=sz["chains"],
+    num_draws=sz["num_draws"],
+    step_size=LR_SWEEP["step_size"],
+    localization=LR_SWEEP["localization"],
+    nbeta=LR_SWEEP["nbeta"],
+    batch_size=sz["batch_size"],
+    num_burnin_steps=0,
+    block_draws=sz["num_draws"],
+  )
   base.update(kw)
   return SamplerSettings(**base)
 
@@ -534,8 +743,11 @@ def main(argv=None):
   skip = {x for x in args.skip.split(",") if x}
   env = environment(args.commit)
   rep = Report(args.out, env, sz, quick)
-  print(f"device check: {env['device_kind']} × {env['device_count']} ({backend}), "
-        f"JAX {env['jax']}, quick={quick}, out={args.out}", flush=True)
+  print(
+    f"device check: {env['device_kind']} × {env['device_count']} ({backend}), "
+    f"JAX {env['jax']}, quick={quick}, out={args.out}",
+    flush=True,
+  )
   rep.flush()
 
   def row(name: str, group: str):
@@ -570,12 +782,12 @@ def main(argv=None):
   auto_strategy = program_lib.resolve_chain_strategy("auto")
   rep.data["auto_strategy"] = auto_strategy
   N, C = sz["checkpoints"], sz["chains"]
-  variants = [   # (name, pairs, chains, strategy, compute_dtype, matmul_precision)
-      ("vmap f32", N, C, "vmap", None, None),
-      ("map f32", N, C, "map", None, None),
-      ("bf16 compute", N, C, auto_strategy, "bfloat16", None),
-      ("precision highest", N, C, auto_strategy, None, "highest"),
-      ("1×1 vmap f32", 1, 1, "vmap", None, None),
+  variants = [  # (name, pairs, chains, strategy, compute_dtype, matmul_precision)
+    ("vmap f32", N, C, "vmap", None, None),
+    ("map f32", N, C, "map", None, None),
+    ("bf16 compute", N, C, auto_strategy, "bfloat16", None),
+    ("precision highest", N, C, auto_strategy, None, "highest"),
+    ("1×1 vmap f32", 1, 1, "vmap", None, None),
   ]
   if N == 1 and C == 1:
     variants = variants[:-1]
@@ -592,20 +804,30 @@ def main(argv=None):
       _, out = blk.run()
       outputs[name] = np.asarray(out["loss"], np.float64)
       per = r["ms_per_chain_step"] / 1e3
-      r.update(name=name, pairs=n, chains=c, strategy=strategy,
-               compute=dtype or "float32", precision=precision or "default",
-               ratio=per / (bounds["fwd_bwd_ms"] / 1e3) if "fwd_bwd_ms" in bounds else None,
-               ratio_scan=(per / (bounds["scan_fwd_bwd_ms"] / 1e3)
-                           if "scan_fwd_bwd_ms" in bounds else None),
-               lr_sweep_h=lr_sweep[False] / r["chain_steps_per_s"] / 3600,
-               lr_sweep_parity_h=lr_sweep[True] / r["chain_steps_per_s"] / 3600)
+      r.update(
+        name=name,
+        pairs=n,
+        chains=c,
+        strategy=strategy,
+        compute=dtype or "float32",
+        precision=precision or "default",
+        ratio=per / (bounds["fwd_bwd_ms"] / 1e3) if "fwd_bwd_ms" in bounds else None,
+        ratio_scan=(
+          per / (bounds["scan_fwd_bwd_ms"] / 1e3) if "scan_fwd_bwd_ms" in bounds else None
+        ),
+        lr_sweep_h=lr_sweep[False] / r["chain_steps_per_s"] / 3600,
+        lr_sweep_parity_h=lr_sweep[True] / r["chain_steps_per_s"] / 3600,
+      )
       ref = outputs.get("vmap f32")
       if ref is not None and name != "vmap f32" and ref.shape == outputs[name].shape:
         r["loss_rel_vs_f32"] = rel_err(outputs[name].mean(-1), ref.mean(-1))
-      r["memory_stats"] = memory_stats()   # the process's peak so far
+      r["memory_stats"] = memory_stats()  # the process's peak so far
       rep.data["lr"].append(r)
-      print(f"  {r['chain_steps_per_s']:.1f} chain-steps/s, {r['ms_per_chain_step']:.4g} "
-            f"ms/chain-step, compile {r['compile_s']:.1f} s", flush=True)
+      print(
+        f"  {r['chain_steps_per_s']:.1f} chain-steps/s, {r['ms_per_chain_step']:.4g} "
+        f"ms/chain-step, compile {r['compile_s']:.1f} s",
+        flush=True,
+      )
     except Exception as e:
       failed(f"LR {name}", e)
     lr_projection(rep, lr_sweep)
@@ -630,7 +852,7 @@ def main(argv=None):
       st = lr_settings(sz)
       opts = SweepOptions(mesh=None, chain_strategy="vmap", progress=False)
       stacked = stack(params, N)
-      estimate(model.loss, stacked, data, st, opts)   # compile
+      estimate(model.loss, stacked, data, st, opts)  # compile
       ts = []
       for _ in range(2):
         t0 = time.perf_counter()
@@ -638,9 +860,15 @@ def main(argv=None):
         ts.append(time.perf_counter() - t0)
       t = min(ts)
       steps = N * C * st.num_steps
-      rep.data["estimate"] = dict(of="vmap f32", pairs=N, chains=C, draws=st.num_draws,
-                                  seconds=t, chain_steps_per_s=steps / t,
-                                  vs_block=t / main_row["seconds_best"])
+      rep.data["estimate"] = dict(
+        of="vmap f32",
+        pairs=N,
+        chains=C,
+        draws=st.num_draws,
+        seconds=t,
+        chain_steps_per_s=steps / t,
+        vs_block=t / main_row["seconds_best"],
+      )
     except Exception as e:
       failed("LR estimate end to end", e)
     rep.flush()
@@ -658,17 +886,34 @@ def main(argv=None):
       rows = []
       for k in chunks:
         use = sweep_lib.chunk_memory(prog, k, first, None, keys, data_arg, None, None)
-        rows.append(dict(chunk=k, use=None if use is None else dict(
-            argument=use.argument, output=use.output, temp=use.temp, alias=use.alias,
-            total=use.total)))
-      m = dict(of=f"{strategy} f32 ({C} chains)", chunks=rows,
-               memory_stats=memory_stats(), device_bytes=program_lib.device_memory_bytes())
+        rows.append(
+          dict(
+            chunk=k,
+            use=None
+            if use is None
+            else dict(
+              argument=use.argument,
+              output=use.output,
+              temp=use.temp,
+              alias=use.alias,
+              total=use.total,
+            ),
+          )
+        )
+      m = dict(
+        of=f"{strategy} f32 ({C} chains)",
+        chunks=rows,
+        memory_stats=memory_stats(),
+        device_bytes=program_lib.device_memory_bytes(),
+      )
       if rows[0]["use"] and rows[1]["use"]:
-        per = (rows[1]["use"]["total"] - rows[0]["use"]["total"]) / (rows[1]["chunk"]
-                                                                     - rows[0]["chunk"])
+        per = (rows[1]["use"]["total"] - rows[0]["use"]["total"]) / (
+          rows[1]["chunk"] - rows[0]["chunk"]
+        )
         m["per_pair_mib"] = per / 2**20
-        m["auto_chunk"] = sweep_lib.auto_chunk(prog, first, None, keys, data_arg, None, None,
-                                               num_pairs=10**6, fraction=0.6)
+        m["auto_chunk"] = sweep_lib.auto_chunk(
+          prog, first, None, keys, data_arg, None, None, num_pairs=10**6, fraction=0.6
+        )
       rep.data["memory"] = m
     except Exception as e:
       failed("memory", e)
@@ -689,8 +934,11 @@ def main(argv=None):
   rep.flush()
   final = markdown(rep.data)
   paths = [os.path.join(args.out, f"device_{backend}.md")]
-  docs = args.docs_dir if args.docs_dir is not None else (
-      "docs/results" if os.path.isdir("docs/results") else "")
+  docs = (
+    args.docs_dir
+    if args.docs_dir is not None
+    else ("docs/results" if os.path.isdir("docs/results") else "")
+  )
   if docs:
     paths.append(os.path.join(docs, f"device_{backend}.md"))
   for p in paths:
@@ -711,27 +959,30 @@ def lr_projection(rep: Report, lr_sweep: dict) -> None:
     if r is None:
       continue
     p[f"paper LR sweep, {label}"] = (
-        f"{lr_sweep[False]:,} chain-steps (189 checkpoints × 10 × 5000) at "
-        f"{r['chain_steps_per_s']:.1f} chain-steps/s ({r['name']}, {r['pairs']}×{r['chains']}"
-        f", batch {batch}{lr_note}"
-        f") = **{r['lr_sweep_h']:.3g} h** (190 with paper_parity: "
-        f"{r['lr_sweep_parity_h']:.3g} h)")
+      f"{lr_sweep[False]:,} chain-steps (189 checkpoints × 10 × 5000) at "
+      f"{r['chain_steps_per_s']:.1f} chain-steps/s ({r['name']}, {r['pairs']}×{r['chains']}"
+      f", batch {batch}{lr_note}"
+      f") = **{r['lr_sweep_h']:.3g} h** (190 with paper_parity: "
+      f"{r['lr_sweep_parity_h']:.3g} h)"
+    )
   lm = rep.data.get("lm")
   if lm and "sweep_h" in lm:
     lm_note = "" if lm["batch_size"] == LM_SWEEP["batch_size"] else ", not the paper's 32"
     p["rLLC paper all-heads wrLLC of the 2-layer LM"] = (
-        f"{lm['sweep_chain_steps']:,} head·chain-steps at {lm['chain_steps_per_s']:.2f}/s "
-        f"(batch {lm['batch_size']}"
-        f"{lm_note}) = "
-        f"**{lm['sweep_h']:.3g} h**")
+      f"{lm['sweep_chain_steps']:,} head·chain-steps at {lm['chain_steps_per_s']:.2f}/s "
+      f"(batch {lm['batch_size']}"
+      f"{lm_note}) = "
+      f"**{lm['sweep_h']:.3g} h**"
+    )
 
 
 def lm_row(sz: dict, rep: Report) -> dict:
   model = AttentionOnlyLM(**LM_MODEL)
   params = model.init_params(jax.random.key(0))
   B, T = sz["lm_batch_size"], LM_MODEL["context_length"]
-  tokens = jax.random.randint(jax.random.key(1), (16 * B, T), 0, LM_MODEL["vocab_size"],
-                              dtype=jnp.int32)
+  tokens = jax.random.randint(
+    jax.random.key(1), (16 * B, T), 0, LM_MODEL["vocab_size"], dtype=jnp.int32
+  )
   data = {"tokens": np.asarray(tokens)}
   batch = {"tokens": tokens[:B]}
   fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
@@ -741,12 +992,19 @@ def lm_row(sz: dict, rep: Report) -> dict:
   t_base = time.perf_counter() - t0
   names, masks = restrict.all_heads(params)
   assert len(names) == LM_SWEEP["num_heads"], names
-  st = SamplerSettings(num_chains=sz["lm_chains"], num_draws=sz["lm_draws"],
-                       step_size=LM_SWEEP["step_size"], nbeta=LM_SWEEP["nbeta"],
-                       localization=LM_SWEEP["localization"], batch_size=B,
-                       num_burnin_steps=0, block_draws=sz["lm_draws"], mala_target="loss")
+  st = SamplerSettings(
+    num_chains=sz["lm_chains"],
+    num_draws=sz["lm_draws"],
+    step_size=LM_SWEEP["step_size"],
+    nbeta=LM_SWEEP["nbeta"],
+    localization=LM_SWEEP["localization"],
+    batch_size=B,
+    num_burnin_steps=0,
+    block_draws=sz["lm_draws"],
+    mala_target="loss",
+  )
   device_bytes = program_lib.device_memory_bytes()
-  budget = 0.6 * device_bytes    # SweepOptions.memory_fraction's default
+  budget = 0.6 * device_bytes  # SweepOptions.memory_fraction's default
 
   def block_of(k):
     sel = Restrictions(names[:k], jax.tree.map(lambda m: np.asarray(m)[:k], masks))
@@ -773,14 +1031,31 @@ def lm_row(sz: dict, rep: Report) -> dict:
   # one block of `chunk` heads; the sweep runs ceil(16·107 / chunk) such blocks per
   # 200/lm_draws steps: the head·chain-step rate is what carries over.
   per = r["ms_per_chain_step"] / 1e3
-  total = LM_SWEEP["num_heads"] * LM_SWEEP["num_checkpoints"] * LM_SWEEP["num_chains"] * \
-      LM_SWEEP["num_draws"]
-  r.update(batch_size=B, heads=chunk, chunk=chunk, chains=st.num_chains, draws=st.num_draws,
-           fwd_bwd_ms=1e3 * t_base, ratio=per / t_base, sweep_chain_steps=total,
-           sweep_h=total / r["chain_steps_per_s"] / 3600, chunks_tried=tried,
-           strategy=program_lib.resolve_chain_strategy("auto"), memory_stats=memory_stats())
-  print(f"  LM: {r['chain_steps_per_s']:.2f} head-chain-steps/s, fwd+bwd {t_base * 1e3:.1f} "
-        f"ms, projected {r['sweep_h']:.3g} h", flush=True)
+  total = (
+    LM_SWEEP["num_heads"]
+    * LM_SWEEP["num_checkpoints"]
+    * LM_SWEEP["num_chains"]
+    * LM_SWEEP["num_draws"]
+  )
+  r.update(
+    batch_size=B,
+    heads=chunk,
+    chunk=chunk,
+    chains=st.num_chains,
+    draws=st.num_draws,
+    fwd_bwd_ms=1e3 * t_base,
+    ratio=per / t_base,
+    sweep_chain_steps=total,
+    sweep_h=total / r["chain_steps_per_s"] / 3600,
+    chunks_tried=tried,
+    strategy=program_lib.resolve_chain_strategy("auto"),
+    memory_stats=memory_stats(),
+  )
+  print(
+    f"  LM: {r['chain_steps_per_s']:.2f} head-chain-steps/s, fwd+bwd {t_base * 1e3:.1f} "
+    f"ms, projected {r['sweep_h']:.3g} h",
+    flush=True,
+  )
   return r
 
 
@@ -789,19 +1064,20 @@ def sharding_rows(rep: Report, sz: dict, model, params, data, row, failed) -> No
   N = sz["shard_checkpoints"] or D
   C = sz["shard_chains"]
   rep.data["sizes"]["shard_checkpoints"] = N
-  st = lr_settings(sz, num_chains=C, num_draws=sz["shard_draws"],
-                   block_draws=sz["shard_draws"])
+  st = lr_settings(sz, num_chains=C, num_draws=sz["shard_draws"], block_draws=sz["shard_draws"])
   # Distinct checkpoints, so that a mis-sharded pair would show.
   keys = jax.random.split(jax.random.key(7), N)
-  ckpts = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                       *[model.init_params(k) for k in keys])
+  ckpts = jax.tree.map(
+    lambda *xs: np.stack([np.asarray(x) for x in xs]), *[model.init_params(k) for k in keys]
+  )
   opts = lambda m: SweepOptions(mesh=m, chain_strategy="vmap", progress=False)
   if not row("sharding: single-device reference", "sharding"):
     return
   try:
     base = estimate(model.loss, ckpts, data, st, opts(None))
     rep.data["bounds"]["single"] = Block(model.loss, st, ckpts, data, strategy="vmap").time(
-        max(1, sz["reps"] - 1))["chain_steps_per_s"]
+      max(1, sz["reps"] - 1)
+    )["chain_steps_per_s"]
   except Exception as e:
     failed("sharding: single-device reference", e)
     return
@@ -821,12 +1097,17 @@ def sharding_rows(rep: Report, sz: dict, model, params, data, row, failed) -> No
       sm = mesh_lib.from_mesh(m)
       blk = Block(model.loss, st, ckpts, data, strategy="vmap", sm=sm)
       t = blk.time(max(1, sz["reps"] - 1))
-      rep.data["sharding"].append(dict(
+      rep.data["sharding"].append(
+        dict(
           mesh=" × ".join(f"{a}={n}" for a, n in zip(names, shape)),
-          chain_steps_per_s=t["chain_steps_per_s"], compile_s=t["compile_s"],
+          chain_steps_per_s=t["chain_steps_per_s"],
+          compile_s=t["compile_s"],
           loss_rel_err=rel_err(res.loss_trace, base.loss_trace),
           llc_rel_err=rel_err(res.llc_per_chain, base.llc_per_chain),
-          all_reduce=count_all_reduce(blk.compiled), memory_analysis=t["memory_analysis"]))
+          all_reduce=count_all_reduce(blk.compiled),
+          memory_analysis=t["memory_analysis"],
+        )
+      )
       print(f"  {rep.data['sharding'][-1]}", flush=True)
     except Exception as e:
       failed(name, e)

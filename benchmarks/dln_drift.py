@@ -31,14 +31,26 @@ def main(argv):
   marks = [m for m in (1000, 5000, 10_000, 20_000, 40_000, 80_000) if m <= _DRAWS.value]
   print(f"{case.name}: λ = {case.theory()[0]}, nβ = {nbeta:.1f}, ε·nβ = {_SCALED_STEP.value}")
   for gamma in [float(g) for g in _GAMMAS.value]:
-    res = llc_lib.estimate_llc(linear.loss, params, data, num_chains=4,
-                               step_size=_SCALED_STEP.value / nbeta, localization=gamma,
-                               nbeta=nbeta, num_draws=_DRAWS.value, seed=p.seed + 2,
-                               batch_size=p.batch_size, mala_stride=20, chain_strategy="vmap")
+    res = llc_lib.estimate_llc(
+      linear.loss,
+      params,
+      data,
+      num_chains=4,
+      step_size=_SCALED_STEP.value / nbeta,
+      localization=gamma,
+      nbeta=nbeta,
+      num_draws=_DRAWS.value,
+      seed=p.seed + 2,
+      batch_size=p.batch_size,
+      mala_stride=20,
+      chain_strategy="vmap",
+    )
     dist = np.asarray(res.distance).mean(0)
     trace = np.asarray(res.llc_trace_mean)
-    print(f"γ = {gamma:g}: LLC {float(res.llc_mean):.2f}, MALA "
-          f"{np.nanmean(res.mala_acceptance):.3f}, health {res.health_counts()}")
+    print(
+      f"γ = {gamma:g}: LLC {float(res.llc_mean):.2f}, MALA "
+      f"{np.nanmean(res.mala_acceptance):.3f}, health {res.health_counts()}"
+    )
     for m in marks:
       print(f"  draws {m:6d}: ‖w − w*‖ {dist[m - 1]:.2f}   online LLC {trace[m - 1]:.2f}")
 

@@ -26,10 +26,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import report_files  # noqa: E402
 
-HEAVY = ("matplotlib", "sklearn", "scipy", "flax", "optax", "orbax", "tensorflow_datasets",
-         "ml_collections", "jax")
-PROBE = ("import sys, json, devinterp_jax; "
-         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+HEAVY = (
+  "matplotlib",
+  "sklearn",
+  "scipy",
+  "flax",
+  "optax",
+  "orbax",
+  "tensorflow_datasets",
+  "ml_collections",
+  "jax",
+)
+PROBE = (
+  f"import sys, json, devinterp_jax; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+)
 
 
 def _env(tree: str) -> dict[str, str]:
@@ -40,27 +50,38 @@ def _env(tree: str) -> dict[str, str]:
 
 def _wall(tree: str) -> float:
   t0 = time.perf_counter()
-  subprocess.run([sys.executable, "-c", "import devinterp_jax"], env=_env(tree), check=True,
-                 cwd="/", capture_output=True)
+  subprocess.run(
+    [sys.executable, "-c", "import devinterp_jax"],
+    env=_env(tree),
+    check=True,
+    cwd="/",
+    capture_output=True,
+  )
   return time.perf_counter() - t0
 
 
 def _importtime(tree: str) -> tuple[float, list[tuple[str, float]]]:
   """(cumulative s of devinterp_jax, the 12 slowest modules it imports directly or one
   level down, in s)."""
-  out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import devinterp_jax"],
-                       env=_env(tree), check=True, cwd="/", capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-X", "importtime", "-c", "import devinterp_jax"],
+    env=_env(tree),
+    check=True,
+    cwd="/",
+    capture_output=True,
+    text=True,
+  )
   total, top = 0.0, []
   for line in out.stderr.splitlines():
     if not line.startswith("import time:") or "|" not in line:
       continue
-    _, cumulative, raw = line[len("import time:"):].split("|")
+    _, cumulative, raw = line[len("import time:") :].split("|")
     cumulative, name = cumulative.strip(), raw.strip()
     if not cumulative.isdigit():
       continue
     if name == "devinterp_jax":
       total = int(cumulative) / 1e6
-    depth = (len(raw) - len(raw.lstrip()) - 1) // 2   # nested imports are indented
+    depth = (len(raw) - len(raw.lstrip()) - 1) // 2  # nested imports are indented
     if 1 <= depth <= 2:
       top.append((name, int(cumulative) / 1e6))
   top.sort(key=lambda x: -x[1])
@@ -69,8 +90,12 @@ def _importtime(tree: str) -> tuple[float, list[tuple[str, float]]]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--tree", action="append", required=True,
-                      help="NAME=DIR: a source tree holding devinterp_jax/ (repeatable)")
+  parser.add_argument(
+    "--tree",
+    action="append",
+    required=True,
+    help="NAME=DIR: a source tree holding devinterp_jax/ (repeatable)",
+  )
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--out", default="docs/results/import_time")
   args = parser.parse_args()
@@ -81,35 +106,62 @@ def main() -> None:
       walls[name].append(_wall(tree))
   rows = []
   for name, tree in trees.items():
-    loaded = subprocess.run([sys.executable, "-c", PROBE], env=_env(tree), check=True,
-                            cwd="/", capture_output=True, text=True).stdout.strip()
+    loaded = subprocess.run(
+      [sys.executable, "-c", PROBE],
+      env=_env(tree),
+      check=True,
+      cwd="/",
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
     cumulative, top = _importtime(tree)
-    commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "devinterp_jax"],
-                           capture_output=True, text=True).stdout.strip()
-    rows.append({"tree": name, "commit": commit + (" + uncommitted" if dirty else ""),
-                 "walls_s": walls[name], "best_s": min(walls[name]),
-                 "median_s": statistics.median(walls[name]),
-                 "importtime_cumulative_s": cumulative, "loaded": loaded, "slowest": top})
+    commit = subprocess.run(
+      ["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "-C", tree, "status", "--porcelain", "devinterp_jax"], capture_output=True, text=True
+    ).stdout.strip()
+    rows.append(
+      {
+        "tree": name,
+        "commit": commit + (" + uncommitted" if dirty else ""),
+        "walls_s": walls[name],
+        "best_s": min(walls[name]),
+        "median_s": statistics.median(walls[name]),
+        "importtime_cumulative_s": cumulative,
+        "loaded": loaded,
+        "slowest": top,
+      }
+    )
     print(f"{name}: best {min(walls[name]):.2f} s of {args.reps}, loads {loaded}", flush=True)
   load = os.getloadavg()
-  doc = {"provenance": report_files.provenance(), "reps": args.reps,
-         "load_average_1_5_15": [round(x, 2) for x in load], "rows": rows}
+  doc = {
+    "provenance": report_files.provenance(),
+    "reps": args.reps,
+    "load_average_1_5_15": [round(x, 2) for x in load],
+    "rows": rows,
+  }
   report_files.write(args.out + ".json", args.out + ".md", doc, _markdown)
 
 
 def _markdown(doc) -> str:
   p = doc["provenance"]
-  lines = ["# Import time of `import devinterp_jax`", "",
-           f"Generated by `benchmarks/import_time.py` ({p['date']}, {p['machine']}, JAX "
-           f"{p['jax']}; load average after the run {doc['load_average_1_5_15']}). Each tree "
-           f"was timed in {doc['reps']} fresh interpreters, alternating between trees.", "",
-           "| tree | commit | best wall | median wall | `-X importtime` cumulative | "
-           "heavy modules loaded |", "|---|---|---|---|---|---|"]
+  lines = [
+    "# Import time of `import devinterp_jax`",
+    "",
+    f"Generated by `benchmarks/import_time.py` ({p['date']}, {p['machine']}, JAX "
+    f"{p['jax']}; load average after the run {doc['load_average_1_5_15']}). Each tree "
+    f"was timed in {doc['reps']} fresh interpreters, alternating between trees.",
+    "",
+    "| tree | commit | best wall | median wall | `-X importtime` cumulative | "
+    "heavy modules loaded |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in doc["rows"]:
-    lines.append(f"| {r['tree']} | {r['commit']} | {r['best_s']:.2f} s | {r['median_s']:.2f} s "
-                 f"| {r['importtime_cumulative_s']:.2f} s | {r['loaded']} |")
+    lines.append(
+      f"| {r['tree']} | {r['commit']} | {r['best_s']:.2f} s | {r['median_s']:.2f} s "
+      f"| {r['importtime_cumulative_s']:.2f} s | {r['loaded']} |"
+    )
   for r in doc["rows"]:
     lines += ["", f"Slowest imports under `devinterp_jax`, two levels deep ({r['tree']}):", ""]
     lines += [f"- `{n}` {t:.2f} s" for n, t in r["slowest"]]

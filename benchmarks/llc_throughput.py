@@ -59,14 +59,22 @@ _REPS = flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reporte
 _CONFIGS = flags.DEFINE_list("configs", ["1x1", "1x8", "8x8"], "checkpoints x chains.")
 _STRATEGIES = flags.DEFINE_list("strategies", ["vmap", "map"], "Chain strategies to time.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the table as JSON here.")
-_MALA = flags.DEFINE_integer("mala_stride", 0, "MALA acceptance every k-th step (0 = off; "
-                             "the estimator's default is 10: +1 fwd+bwd per 10 steps).")
+_MALA = flags.DEFINE_integer(
+  "mala_stride",
+  0,
+  "MALA acceptance every k-th step (0 = off; "
+  "the estimator's default is 10: +1 fwd+bwd per 10 steps).",
+)
 _DIAG = flags.DEFINE_bool("diagnostics", False, "Record ‖w − w*‖, ‖∇L‖, ‖η‖ per step.")
-_SHARDED = flags.DEFINE_integer("sharded_devices", 4, "Fake CPU devices of the sharded "
-                                "correctness row (0 = no such row).")
+_SHARDED = flags.DEFINE_integer(
+  "sharded_devices", 4, "Fake CPU devices of the sharded correctness row (0 = no such row)."
+)
 _SHARDED_DRAWS = flags.DEFINE_integer("sharded_draws", 20, "Draws of the sharded row.")
-_CHILD = flags.DEFINE_bool("sharded_child", False, "Internal: run the sharded row here and "
-                           "print its JSON (the parent sets XLA_FLAGS).")
+_CHILD = flags.DEFINE_bool(
+  "sharded_child",
+  False,
+  "Internal: run the sharded row here and print its JSON (the parent sets XLA_FLAGS).",
+)
 
 
 def _model_and_data(name: str, batch_size: int):
@@ -77,57 +85,81 @@ def _model_and_data(name: str, batch_size: int):
   else:
     config = lm_configs.get_config("runlocal" if name == "lm" else "")
     model = AttentionOnlyLM.from_config(config)
-    data = {"tokens": synthetic_text.corpus_from_config(config, "prose").sample(
-        1, 16 * batch_size)}
+    data = {"tokens": synthetic_text.corpus_from_config(config, "prose").sample(1, 16 * batch_size)}
   return model, model.init_params(jax.random.key(0)), data
 
 
 def _sharded_child() -> dict:
   """The sharded correctness row, run in a process with fake CPU devices."""
   from devinterp_jax.sampling import mesh as mesh_lib
+
   n_dev = jax.device_count()
   model, _, data = _model_and_data(_MODEL.value, _BATCH.value)
   ckpts = [model.init_params(k) for k in jax.random.split(jax.random.key(7), n_dev)]
   stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ckpts)
-  settings = SamplerSettings(num_chains=2, num_draws=_SHARDED_DRAWS.value, step_size=3e-4,
-                             localization=6.67, nbeta=66.7, batch_size=_BATCH.value,
-                             mala_stride=_MALA.value, diagnostics=_DIAG.value,
-                             num_burnin_steps=0)
+  settings = SamplerSettings(
+    num_chains=2,
+    num_draws=_SHARDED_DRAWS.value,
+    step_size=3e-4,
+    localization=6.67,
+    nbeta=66.7,
+    batch_size=_BATCH.value,
+    mala_stride=_MALA.value,
+    diagnostics=_DIAG.value,
+    num_burnin_steps=0,
+  )
   mesh = jax.make_mesh((n_dev,), ("checkpoint",))
   out = {}
   for name, m in (("single", None), ("sharded", mesh)):
     options = SweepOptions(mesh=m, chain_strategy="vmap", progress=False)
-    estimate(model.loss, stacked, data, settings, options)   # compile
+    estimate(model.loss, stacked, data, settings, options)  # compile
     t0 = time.perf_counter()
     out[name] = estimate(model.loss, stacked, data, settings, options)
     out[f"{name}_s"] = time.perf_counter() - t0
-  rel = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - b) /
-                                  np.maximum(np.abs(np.asarray(b, np.float64)), 1e-12)))
+  rel = lambda a, b: float(
+    np.max(
+      np.abs(np.asarray(a, np.float64) - b) / np.maximum(np.abs(np.asarray(b, np.float64)), 1e-12)
+    )
+  )
   steps = n_dev * settings.num_chains * settings.num_steps
-  return dict(config=f"{n_dev}x{settings.num_chains}",
-              strategy=f"vmap, mesh {mesh_lib.from_mesh(mesh).describe()}",
-              devices=n_dev, fake_cpu_devices=True, num_draws=settings.num_draws,
-              loss_trace_max_rel_err=rel(out["sharded"].loss_trace, out["single"].loss_trace),
-              llc_max_rel_err=rel(out["sharded"].llc_per_chain, out["single"].llc_per_chain),
-              sharded_chain_steps_per_s=steps / out["sharded_s"],
-              single_chain_steps_per_s=steps / out["single_s"],
-              note="correctness row: fake CPU devices share the host's cores; not a speed")
+  return dict(
+    config=f"{n_dev}x{settings.num_chains}",
+    strategy=f"vmap, mesh {mesh_lib.from_mesh(mesh).describe()}",
+    devices=n_dev,
+    fake_cpu_devices=True,
+    num_draws=settings.num_draws,
+    loss_trace_max_rel_err=rel(out["sharded"].loss_trace, out["single"].loss_trace),
+    llc_max_rel_err=rel(out["sharded"].llc_per_chain, out["single"].llc_per_chain),
+    sharded_chain_steps_per_s=steps / out["sharded_s"],
+    single_chain_steps_per_s=steps / out["single_s"],
+    note="correctness row: fake CPU devices share the host's cores; not a speed",
+  )
 
 
 def _sharded_row() -> dict:
   """Runs `_sharded_child` in a subprocess with `--sharded_devices` fake CPU devices."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={_SHARDED.value}").strip())
-  cmd = [sys.executable, os.path.abspath(__file__), "--sharded_child",
-         f"--model={_MODEL.value}", f"--batch_size={_BATCH.value}",
-         f"--sharded_draws={_SHARDED_DRAWS.value}", f"--mala_stride={_MALA.value}",
-         f"--diagnostics={_DIAG.value}"]
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_SHARDED.value}"
+    ).strip(),
+  )
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    "--sharded_child",
+    f"--model={_MODEL.value}",
+    f"--batch_size={_BATCH.value}",
+    f"--sharded_draws={_SHARDED_DRAWS.value}",
+    f"--mala_stride={_MALA.value}",
+    f"--diagnostics={_DIAG.value}",
+  ]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   lines = [x for x in proc.stdout.splitlines() if x.startswith("SHARDED_ROW ")]
   if proc.returncode or not lines:
     raise RuntimeError(f"sharded row failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-  return json.loads(lines[-1][len("SHARDED_ROW "):])
+  return json.loads(lines[-1][len("SHARDED_ROW ") :])
 
 
 def main(argv):
@@ -136,7 +168,7 @@ def main(argv):
     print("SHARDED_ROW " + json.dumps(_sharded_child()), flush=True)
     return
   model, params, data = _model_and_data(_MODEL.value, _BATCH.value)
-  batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
+  batch = jax.tree.map(lambda x: x[: _BATCH.value], data)
   fwd_bwd = jax.jit(jax.value_and_grad(model.loss))
   jax.block_until_ready(fwd_bwd(params, batch))
 
@@ -152,10 +184,17 @@ def main(argv):
   programs = {}
   for cfg in _CONFIGS.value:
     n_ckpt, n_chain = map(int, cfg.split("x"))
-    settings = SamplerSettings(num_chains=n_chain, num_draws=_DRAWS.value, step_size=3e-4,
-                               localization=6.67, nbeta=66.7, batch_size=_BATCH.value,
-                               mala_stride=_MALA.value, diagnostics=_DIAG.value,
-                               num_burnin_steps=0)
+    settings = SamplerSettings(
+      num_chains=n_chain,
+      num_draws=_DRAWS.value,
+      step_size=3e-4,
+      localization=6.67,
+      nbeta=66.7,
+      batch_size=_BATCH.value,
+      mala_stride=_MALA.value,
+      diagnostics=_DIAG.value,
+      num_burnin_steps=0,
+    )
     stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n_ckpt), params)
     for strategy in _STRATEGIES.value:
       options = SweepOptions(chain_strategy=strategy, progress=False)
@@ -172,34 +211,60 @@ def main(argv):
       times[k].append(time_call(program, stacked, data))
   t_base, t_scan = float(np.median(base)), float(np.median(scan_base))
 
-  print(f"model={_MODEL.value} backend={jax.default_backend()} devices={jax.device_count()} "
-        f"batch={_BATCH.value} draws={_DRAWS.value} reps={_REPS.value}")
-  print(f"lower bounds: jitted forward+backward = {t_base * 1e3:.2f} ms; "
-        f"per step of a scanned forward+backward = {t_scan * 1e3:.2f} ms")
-  print(f"{'ckpt x chains':>13} {'strategy':>8} {'chain-steps/s':>14} {'ms/chain-step':>14} "
-        f"{'ratio vs fwd+bwd':>17} {'ratio vs scan':>14}")
+  print(
+    f"model={_MODEL.value} backend={jax.default_backend()} devices={jax.device_count()} "
+    f"batch={_BATCH.value} draws={_DRAWS.value} reps={_REPS.value}"
+  )
+  print(
+    f"lower bounds: jitted forward+backward = {t_base * 1e3:.2f} ms; "
+    f"per step of a scanned forward+backward = {t_scan * 1e3:.2f} ms"
+  )
+  print(
+    f"{'ckpt x chains':>13} {'strategy':>8} {'chain-steps/s':>14} {'ms/chain-step':>14} "
+    f"{'ratio vs fwd+bwd':>17} {'ratio vs scan':>14}"
+  )
   rows = []
   for (cfg, strategy), (_, _, n_chain_steps) in programs.items():
     t = float(np.median(times[(cfg, strategy)]))
     per = t / n_chain_steps
-    rows.append(dict(config=cfg, strategy=strategy, chain_steps_per_s=n_chain_steps / t,
-                     ms_per_chain_step=per * 1e3, ratio=per / t_base, ratio_scan=per / t_scan))
-    print(f"{cfg:>13} {strategy:>8} {n_chain_steps / t:14.1f} {per * 1e3:14.2f} "
-          f"{per / t_base:17.3f} {per / t_scan:14.3f}")
+    rows.append(
+      dict(
+        config=cfg,
+        strategy=strategy,
+        chain_steps_per_s=n_chain_steps / t,
+        ms_per_chain_step=per * 1e3,
+        ratio=per / t_base,
+        ratio_scan=per / t_scan,
+      )
+    )
+    print(
+      f"{cfg:>13} {strategy:>8} {n_chain_steps / t:14.1f} {per * 1e3:14.2f} "
+      f"{per / t_base:17.3f} {per / t_scan:14.3f}"
+    )
   singles = {r["strategy"]: r for r in rows if r["config"] == "1x1"}
   for r in rows:
     if r["config"] == "1x8" and r["strategy"] in singles:
-      print(f"8 chains vs 1 chain per chain-step ({r['strategy']}): "
-            f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x")
+      print(
+        f"8 chains vs 1 chain per chain-step ({r['strategy']}): "
+        f"{r['ms_per_chain_step'] / singles[r['strategy']]['ms_per_chain_step']:.3f}x"
+      )
   sharded = None
   if _SHARDED.value > 1:
     sharded = _sharded_row()
-    print(f"sharded ({sharded['config']}, {sharded['strategy']}, fake CPU devices): "
-          f"max rel err vs one device: loss traces {sharded['loss_trace_max_rel_err']:.2e}, "
-          f"LLC per chain {sharded['llc_max_rel_err']:.2e} (correctness row, not a speed)")
+    print(
+      f"sharded ({sharded['config']}, {sharded['strategy']}, fake CPU devices): "
+      f"max rel err vs one device: loss traces {sharded['loss_trace_max_rel_err']:.2e}, "
+      f"LLC per chain {sharded['llc_max_rel_err']:.2e} (correctness row, not a speed)"
+    )
   if _JSON.value:
-    out = {"model": _MODEL.value, "backend": jax.default_backend(), "batch_size": _BATCH.value,
-           "fwd_bwd_ms": t_base * 1e3, "scan_fwd_bwd_ms": t_scan * 1e3, "rows": rows}
+    out = {
+      "model": _MODEL.value,
+      "backend": jax.default_backend(),
+      "batch_size": _BATCH.value,
+      "fwd_bwd_ms": t_base * 1e3,
+      "scan_fwd_bwd_ms": t_scan * 1e3,
+      "rows": rows,
+    }
     if sharded is not None:
       out["sharded"] = sharded
     atomic.write_text(_JSON.value, json.dumps(out, indent=2))

@@ -21,6 +21,7 @@ def scanned_fwd_bwd(loss_fn, length: int):
     def body(p, _):
       loss, grads = jax.value_and_grad(loss_fn)(p, b)
       return jax.tree.map(lambda w, g: w - 1e-12 * g, p, grads), loss
+
     return jax.lax.scan(body, p, None, length=length)[1]
 
   return jax.jit(run)

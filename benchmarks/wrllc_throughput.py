@@ -46,25 +46,35 @@ def main(argv):
   model = RegressionTransformer()
   params = model.init_params(jax.random.key(0))
   data = make_dataset(jax.random.key(1), RegressionTask(), 2**14)
-  batch = jax.tree.map(lambda x: x[:_BATCH.value], data)
+  batch = jax.tree.map(lambda x: x[: _BATCH.value], data)
 
   scan_fwd_bwd = scanned_fwd_bwd(model.loss, _DRAWS.value)
   jax.block_until_ready(scan_fwd_bwd(params, batch))
 
   n, c = _CKPTS.value, _CHAINS.value
-  settings = SamplerSettings(num_chains=c, num_draws=_DRAWS.value, step_size=2e-4,
-                             localization=6.67, nbeta=15.4, batch_size=_BATCH.value,
-                             num_burnin_steps=0)
+  settings = SamplerSettings(
+    num_chains=c,
+    num_draws=_DRAWS.value,
+    step_size=2e-4,
+    localization=6.67,
+    nbeta=15.4,
+    batch_size=_BATCH.value,
+    num_burnin_steps=0,
+  )
   stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * n), params)
   names, masks = restrict.all_heads(params)
   r = len(names)
-  hypers = {"step_size": np.float32(2e-4), "nbeta": np.float32(15.4),
-            "localization": np.float32(6.67)}
+  hypers = {
+    "step_size": np.float32(2e-4),
+    "nbeta": np.float32(15.4),
+    "localization": np.float32(6.67),
+  }
   options = SweepOptions(chain_strategy=_STRATEGY.value, progress=False)
   full = lambda stacked, hypers: estimate(model.loss, stacked, data, settings, options)
-  heads = lambda stacked, hypers, masks: estimate(model.loss, stacked, data, settings, options,
-                                                 restrictions=Restrictions(names, masks))
-  full(stacked, hypers)     # compile (cached for the timed calls)
+  heads = lambda stacked, hypers, masks: estimate(
+    model.loss, stacked, data, settings, options, restrictions=Restrictions(names, masks)
+  )
+  full(stacked, hypers)  # compile (cached for the timed calls)
   heads(stacked, hypers, masks)
 
   t_scan, t_full, t_heads = [], [], []
@@ -76,25 +86,39 @@ def main(argv):
   full_steps = n * c * settings.num_steps
   head_steps = r * full_steps
   per_full, per_head = t_full / full_steps, t_heads / head_steps
-  out = dict(backend=jax.default_backend(), batch_size=_BATCH.value, num_heads=r,
-             num_checkpoints=n, num_chains=c, num_draws=_DRAWS.value,
-             chain_strategy=_STRATEGY.value, num_params=restrict.num_selected(
-                 jax.tree.map(np.ones_like, params)),
-             head_params=int(restrict.num_selected(masks, leading_axes=1)[0]),
-             scan_fwd_bwd_ms=t_scan * 1e3,
-             full_chain_steps_per_s=full_steps / t_full, full_ms_per_chain_step=per_full * 1e3,
-             head_chain_steps_per_s=head_steps / t_heads,
-             head_ms_per_chain_step=per_head * 1e3,
-             head_vs_full=per_head / per_full, head_vs_lower_bound=per_head / t_scan,
-             full_vs_lower_bound=per_full / t_scan)
-  print(f"backend={out['backend']} batch={_BATCH.value} draws={_DRAWS.value} "
-        f"heads={r} checkpoints={n} chains={c} reps={_REPS.value}")
+  out = dict(
+    backend=jax.default_backend(),
+    batch_size=_BATCH.value,
+    num_heads=r,
+    num_checkpoints=n,
+    num_chains=c,
+    num_draws=_DRAWS.value,
+    chain_strategy=_STRATEGY.value,
+    num_params=restrict.num_selected(jax.tree.map(np.ones_like, params)),
+    head_params=int(restrict.num_selected(masks, leading_axes=1)[0]),
+    scan_fwd_bwd_ms=t_scan * 1e3,
+    full_chain_steps_per_s=full_steps / t_full,
+    full_ms_per_chain_step=per_full * 1e3,
+    head_chain_steps_per_s=head_steps / t_heads,
+    head_ms_per_chain_step=per_head * 1e3,
+    head_vs_full=per_head / per_full,
+    head_vs_lower_bound=per_head / t_scan,
+    full_vs_lower_bound=per_full / t_scan,
+  )
+  print(
+    f"backend={out['backend']} batch={_BATCH.value} draws={_DRAWS.value} "
+    f"heads={r} checkpoints={n} chains={c} reps={_REPS.value}"
+  )
   print(f"lower bound: per step of a scanned forward+backward = {t_scan * 1e3:.2f} ms")
-  print(f"full model : {out['full_chain_steps_per_s']:.1f} chain-steps/s "
-        f"({per_full * 1e3:.2f} ms; {out['full_vs_lower_bound']:.2f}x the bound)")
-  print(f"all heads  : {out['head_chain_steps_per_s']:.1f} head-chain-steps/s "
-        f"({per_head * 1e3:.2f} ms; {out['head_vs_lower_bound']:.2f}x the bound; "
-        f"{out['head_vs_full']:.2f}x a full-model chain-step)")
+  print(
+    f"full model : {out['full_chain_steps_per_s']:.1f} chain-steps/s "
+    f"({per_full * 1e3:.2f} ms; {out['full_vs_lower_bound']:.2f}x the bound)"
+  )
+  print(
+    f"all heads  : {out['head_chain_steps_per_s']:.1f} head-chain-steps/s "
+    f"({per_head * 1e3:.2f} ms; {out['head_vs_lower_bound']:.2f}x the bound; "
+    f"{out['head_vs_full']:.2f}x a full-model chain-step)"
+  )
   if _JSON.value:
     atomic.write_text(_JSON.value, json.dumps(out, indent=2))
 

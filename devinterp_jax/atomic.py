@@ -37,8 +37,14 @@ from devinterp_jax import paths
 
 
 # fsync of a directory is not supported everywhere (some network and FUSE mounts).
-_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES,
-                errno.EISDIR}
+_UNSUPPORTED = {
+  errno.EINVAL,
+  errno.ENOTSUP,
+  errno.EOPNOTSUPP,
+  errno.EBADF,
+  errno.EACCES,
+  errno.EISDIR,
+}
 
 
 def fsync_dir(path: str) -> None:

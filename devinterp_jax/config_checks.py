@@ -34,33 +34,40 @@ def is_number(v: Any) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-
 _RULES = {
-    "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "int>=1": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "int>=2": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-    "int>=4": (lambda v: _is_int(v) and v >= 4, "an integer >= 4"),
-    "num>0": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
-    "num>=0": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
-    "unit": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "unit_open": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "unit_right_open": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "nums>0": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-               and all(is_number(x) and x > 0 for x in v), "a non-empty list of finite numbers > 0"),
-    "nums>=0": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0
-                and all(is_number(x) and x >= 0 for x in v),
-                "a non-empty list of finite numbers >= 0"),
+  "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+  "int>=1": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+  "int>=2": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+  "int>=4": (lambda v: _is_int(v) and v >= 4, "an integer >= 4"),
+  "num>0": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
+  "num>=0": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+  "unit": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+  "unit_open": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+  "unit_right_open": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+  "nums>0": (
+    lambda v: (
+      isinstance(v, (tuple, list)) and len(v) > 0 and all(is_number(x) and x > 0 for x in v)
+    ),
+    "a non-empty list of finite numbers > 0",
+  ),
+  "nums>=0": (
+    lambda v: (
+      isinstance(v, (tuple, list)) and len(v) > 0 and all(is_number(x) and x >= 0 for x in v)
+    ),
+    "a non-empty list of finite numbers >= 0",
+  ),
 }
 
 
 def fail(key: str, value: Any, what: str) -> None:
   flag = f"--{key}=..." if key.startswith("config.") else key
-  raise ConfigError(f"{key} = {value!r} is invalid: it must be {what}. Fix it in the config "
-                    f"file or on the command line ({flag}).")
+  raise ConfigError(
+    f"{key} = {value!r} is invalid: it must be {what}. Fix it in the config "
+    f"file or on the command line ({flag})."
+  )
 
 
-def check_fields(section: Mapping | ConfigDict, prefix: str,
-                 spec: Mapping[str, Any]) -> None:
+def check_fields(section: Mapping | ConfigDict, prefix: str, spec: Mapping[str, Any]) -> None:
   """Checks the fields of `section` named in `spec` (absent fields are skipped)."""
   for key, rule in spec.items():
     if key not in section:

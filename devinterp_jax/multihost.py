@@ -41,10 +41,16 @@ class PeerError(RuntimeError):
   """Another process of this multi-process run failed or timed out."""
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False,
-               heartbeat_timeout_s: int = 100, shutdown_timeout_s: int = 300,
-               initialization_timeout_s: int = 300) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  auto: bool = False,
+  heartbeat_timeout_s: int = 100,
+  shutdown_timeout_s: int = 300,
+  initialization_timeout_s: int = 300,
+) -> bool:
   """Calls `jax.distributed.initialize` (returns whether it did).
 
   With a coordinator address, `num_processes` and `process_id` are required
@@ -56,18 +62,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return False
   if coordinator_address is None and not auto:
     if num_processes not in (None, 1) or process_id not in (None, 0):
-      raise ValueError("--num_processes/--process_id need --coordinator_address "
-                       "(or --multihost for a TPU pod slice, where JAX detects them)")
+      raise ValueError(
+        "--num_processes/--process_id need --coordinator_address "
+        "(or --multihost for a TPU pod slice, where JAX detects them)"
+      )
     return False
   if coordinator_address is not None:
     if num_processes is None or process_id is None:
-      raise ValueError(f"coordinator_address {coordinator_address!r} needs num_processes and "
-                       f"process_id, got {num_processes!r} and {process_id!r}")
+      raise ValueError(
+        f"coordinator_address {coordinator_address!r} needs num_processes and "
+        f"process_id, got {num_processes!r} and {process_id!r}"
+      )
     if not 0 <= process_id < num_processes:
       raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-  kw: dict[str, Any] = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s),
-            shutdown_timeout_seconds=int(shutdown_timeout_s),
-            initialization_timeout=int(initialization_timeout_s))
+  kw: dict[str, Any] = dict(
+    heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+    shutdown_timeout_seconds=int(shutdown_timeout_s),
+    initialization_timeout=int(initialization_timeout_s),
+  )
   if coordinator_address is None:
     jax.distributed.initialize(**kw)
   else:
@@ -81,6 +93,7 @@ def _started() -> bool:
   `jax.distributed.initialize` refuses to run, so a write before any JAX work (a
   file-only tool, a launcher before `initialize`) counts as single-process."""
   from jax._src import xla_bridge
+
   return jax.distributed.is_initialized() or xla_bridge.backends_are_initialized()
 
 
@@ -103,10 +116,13 @@ def is_leader() -> bool:
 
 def _client():
   from jax._src import distributed  # the store and barriers have no public API yet
+
   client = distributed.global_state.client
   if client is None:
-    raise RuntimeError("a multi-process run without jax.distributed.initialize: call "
-                       "devinterp_jax.multihost.initialize first")
+    raise RuntimeError(
+      "a multi-process run without jax.distributed.initialize: call "
+      "devinterp_jax.multihost.initialize first"
+    )
   return client
 
 
@@ -128,9 +144,11 @@ def _raise_peer(what: str, err: Exception) -> None:
   posted = _peer_error()
   if posted:
     raise PeerError(f"{what}: another process failed: {posted}") from None
-  raise PeerError(f"{what} did not complete within {TIMEOUT_S:.0f}s on process "
-                  f"{process_index()} of {process_count()} ({type(err).__name__}: {err}); "
-                  f"a peer is stuck or gone") from None
+  raise PeerError(
+    f"{what} did not complete within {TIMEOUT_S:.0f}s on process "
+    f"{process_index()} of {process_count()} ({type(err).__name__}: {err}); "
+    f"a peer is stuck or gone"
+  ) from None
 
 
 def agree(name: str, value: Any = None, timeout_s: float | None = None) -> Any:
@@ -145,7 +163,7 @@ def agree(name: str, value: Any = None, timeout_s: float | None = None) -> Any:
   timeout_ms = int(1000 * (TIMEOUT_S if timeout_s is None else timeout_s))
   step_ms = 2000
   waited = 0
-  while True:   # poll in slices, so a posted error ends the wait early
+  while True:  # poll in slices, so a posted error ends the wait early
     try:
       return json.loads(client.blocking_key_value_get(key, min(step_ms, timeout_ms - waited)))
     except Exception as e:
@@ -171,8 +189,9 @@ def gather(name: str, value: Any, timeout_s: float | None = None) -> list[Any]:
     waited, step_ms = 0, 2000
     while True:
       try:
-        out.append(json.loads(client.blocking_key_value_get(
-            f"{key}/{i}", min(step_ms, timeout_ms - waited))))
+        out.append(
+          json.loads(client.blocking_key_value_get(f"{key}/{i}", min(step_ms, timeout_ms - waited)))
+        )
         break
       except Exception as e:
         waited += step_ms
@@ -198,7 +217,8 @@ def fail(error: BaseException) -> None:
     return
   try:
     _client().key_value_set(
-        _ERROR_KEY, f"process {process_index()}: {type(error).__name__}: {error}"[:2000])
+      _ERROR_KEY, f"process {process_index()}: {type(error).__name__}: {error}"[:2000]
+    )
   except Exception:
     pass
 
@@ -208,6 +228,12 @@ def allgather(tree: Any) -> Any:
   if not is_multiprocess():
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
+
   return jax.tree.map(
-      lambda x: multihost_utils.process_allgather(x, tiled=True)
-      if isinstance(x, jax.Array) and not x.is_fully_addressable else jax.device_get(x), tree)
+    lambda x: (
+      multihost_utils.process_allgather(x, tiled=True)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable
+      else jax.device_get(x)
+    ),
+    tree,
+  )

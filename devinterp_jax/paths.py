@@ -43,11 +43,12 @@ def is_local(path: str | os.PathLike) -> bool:
 
 def _local(path: str | os.PathLike) -> str:
   p = os.fspath(path)
-  return p[len("file://"):] if p.startswith("file://") else p
+  return p[len("file://") :] if p.startswith("file://") else p
 
 
 def _remote(path: str | os.PathLike) -> Any:
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   return epath.Path(os.fspath(path))
 
 
@@ -141,5 +142,6 @@ def load_npz(path: str | os.PathLike) -> dict[str, Any]:
   """The arrays of an .npz file, read whole (np.load on local and remote paths)."""
   import io  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   with np.load(io.BytesIO(read_bytes(path))) as z:
     return {k: z[k] for k in z.files}

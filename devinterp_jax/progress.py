@@ -65,9 +65,15 @@ class Progress:
     clock: seconds, monotonic (tests inject a fake one).
   """
 
-  def __init__(self, total: int, what: str, unit: str = "steps", every_s: float = 15.0,
-               log: Callable[[str], None] = logging.info,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    total: int,
+    what: str,
+    unit: str = "steps",
+    every_s: float = 15.0,
+    log: Callable[[str], None] = logging.info,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.total = int(total)
     self.what = what
     self.unit = unit
@@ -76,11 +82,11 @@ class Progress:
     self._clock = clock
     self._t_start: float | None = None
     self._done_start = 0
-    self._t_warm: float | None = None     # end of warm-up (compilation)
+    self._t_warm: float | None = None  # end of warm-up (compilation)
     self._done_warm = 0
-    self._t_last: float | None = None     # last update
+    self._t_last: float | None = None  # last update
     self._done_last = 0
-    self._t_line: float | None = None     # last logged line
+    self._t_line: float | None = None  # last logged line
     # False while more work may be added (an adaptive sweep): reaching `total` then
     # means "this round is done", not "the job is done".
     self.final = True
@@ -115,11 +121,12 @@ class Progress:
     now = self._clock()
     first = self._t_warm is None
     self._t_last, self._done_last = now, int(done)
-    if first:        # the interval up to here included compilation: the rate starts now
+    if first:  # the interval up to here included compilation: the rate starts now
       self._t_warm, self._done_warm = now, int(done)
-    assert self._t_line is not None   # set by start
-    due = (force or first or (done >= self.total and self.final)
-           or now - self._t_line >= self.every_s)
+    assert self._t_line is not None  # set by start
+    due = (
+      force or first or (done >= self.total and self.final) or now - self._t_line >= self.every_s
+    )
     if not due:
       return None
     self._t_line = now
@@ -132,7 +139,7 @@ class Progress:
   @property
   def elapsed_s(self) -> float:
     """Wall time since `start` (at the last update)."""
-    if self._t_start is None or self._t_last is None:   # start sets both
+    if self._t_start is None or self._t_last is None:  # start sets both
       return 0.0
     return self._t_last - self._t_start
 

@@ -98,11 +98,13 @@ def deep_linear_network(widths: Sequence[int], r: int) -> tuple[Fraction, int]:
   s = sum(deltas[i] for i in sigma)
   big_m = -(-s // ell)  # ⌈S/ℓ⌉
   a = s - (big_m - 1) * ell
-  pairs = sum(deltas[i] * deltas[j] for x, i in enumerate(sigma) for j in sigma[x + 1:])
-  lam = (Fraction(-r * r + r * (widths[0] + widths[-1]), 2)
-         + Fraction(a * (ell - a), 4 * ell)
-         - Fraction(ell * (ell - 1), 4) * Fraction(s, ell) ** 2
-         + Fraction(pairs, 2))
+  pairs = sum(deltas[i] * deltas[j] for x, i in enumerate(sigma) for j in sigma[x + 1 :])
+  lam = (
+    Fraction(-r * r + r * (widths[0] + widths[-1]), 2)
+    + Fraction(a * (ell - a), 4 * ell)
+    - Fraction(ell * (ell - 1), 4) * Fraction(s, ell) ** 2
+    + Fraction(pairs, 2)
+  )
   return lam, a * (ell - a) + 1
 
 

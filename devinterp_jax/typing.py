@@ -62,13 +62,14 @@ class HeadModel(Protocol):
     """{'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}."""
     ...
 
-  def ablated_loss(self, params: Params, batch: Batch, head_keep_LxH: jax.Array,
-                   head_mean_LxTxHxE: jax.Array) -> jax.Array:
+  def ablated_loss(
+    self, params: Params, batch: Batch, head_keep_LxH: jax.Array, head_mean_LxTxHxE: jax.Array
+  ) -> jax.Array:
     """The loss with the heads where `head_keep` is 0 replaced by their mean output."""
     ...
 
 
 def head_name(layer: int, head: int, query_type: str = "") -> str:
-  """"L{layer}H{head}{query_type}", 0-indexed: the one naming of heads (the LR's
+  """ "L{layer}H{head}{query_type}", 0-indexed: the one naming of heads (the LR's
   query types are "x" and "y")."""
   return f"L{layer}H{head}{query_type}"

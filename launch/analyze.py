@@ -18,8 +18,10 @@ from ml_collections import config_flags
 from devinterp_jax.experiments import analyze, launcher
 
 _CONFIG = config_flags.DEFINE_config_dict(
-    "config", analyze.flag_options(),
-    "Analysis options: the run's own, with the fields given here overridden.")
+  "config",
+  analyze.flag_options(),
+  "Analysis options: the run's own, with the fields given here overridden.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Report directory (default <workdir>/report).")
 

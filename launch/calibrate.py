@@ -14,14 +14,14 @@ from ml_collections import config_flags
 from devinterp_jax.experiments import launcher, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.", required=True)
 
 
 def main(argv):
   del argv
-  result = launcher.run(registry.job(_CONFIG.value.experiment, "calibrate"), _CONFIG.value,
-                        _WORKDIR.value)
+  result = launcher.run(
+    registry.job(_CONFIG.value.experiment, "calibrate"), _CONFIG.value, _WORKDIR.value
+  )
   logging.info("Recommended: %s", json.dumps(result.recommended))
 
 

@@ -21,24 +21,44 @@ from ml_collections import config_flags
 from devinterp_jax.experiments import launcher, llc_sweep, refined
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.",
-                               required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.", required=True)
 _RESTRICT = flags.DEFINE_string(
-    "restrict", "", "Weight restriction: 'heads', 'layers', 'groups', 'group:<name>', "
-    "'layer:<l>', 'head:<l>:<h>' or a parameter-path regex. Empty: the whole model.")
-_DATA = flags.DEFINE_string("data", "", "SGLD data: '' (the config's) or field=value "
-                            "overrides, e.g. 'num_tasks=16' (see dataset_from_spec).")
-_REPORT = flags.DEFINE_bool("report", False, "After a refined sweep, rewrite the analysis "
-                            "report (<workdir>/report) so that it includes the head figures.")
-_LOSS_DATA = flags.DEFINE_string("loss_data", "", "Data-refined LLC: measure the loss on "
-                                 "this data (same syntax as --data), e.g. 'input_gain=2'.")
+  "restrict",
+  "",
+  "Weight restriction: 'heads', 'layers', 'groups', 'group:<name>', "
+  "'layer:<l>', 'head:<l>:<h>' or a parameter-path regex. Empty: the whole model.",
+)
+_DATA = flags.DEFINE_string(
+  "data",
+  "",
+  "SGLD data: '' (the config's) or field=value "
+  "overrides, e.g. 'num_tasks=16' (see dataset_from_spec).",
+)
+_REPORT = flags.DEFINE_bool(
+  "report",
+  False,
+  "After a refined sweep, rewrite the analysis "
+  "report (<workdir>/report) so that it includes the head figures.",
+)
+_LOSS_DATA = flags.DEFINE_string(
+  "loss_data",
+  "",
+  "Data-refined LLC: measure the loss on this data (same syntax as --data), e.g. 'input_gain=2'.",
+)
 
 
 def main(argv):
   del argv
   if _RESTRICT.value or _DATA.value or _LOSS_DATA.value:
-    launcher.run(refined.run_refined, _CONFIG.value, _WORKDIR.value, _RESTRICT.value,
-                 _DATA.value, _LOSS_DATA.value, update_report=_REPORT.value)
+    launcher.run(
+      refined.run_refined,
+      _CONFIG.value,
+      _WORKDIR.value,
+      _RESTRICT.value,
+      _DATA.value,
+      _LOSS_DATA.value,
+      update_report=_REPORT.value,
+    )
   else:
     launcher.run(llc_sweep.run_sweep, _CONFIG.value, _WORKDIR.value)
 

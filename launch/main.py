@@ -1,6 +1,6 @@
 """The main job: train, estimate LLCs over every checkpoint, write results and plots.
 
-  python launch/main.py --config=configs/icl_regression.py:runlocal --workdir=/tmp/icl
+python launch/main.py --config=configs/icl_regression.py:runlocal --workdir=/tmp/icl
 """
 
 from absl import app, flags
@@ -8,8 +8,9 @@ from ml_collections import config_flags
 
 from devinterp_jax.experiments import launcher, registry
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/icl_regression.py:runlocal",
-                                          "Experiment config file (file.py[:variant]).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/icl_regression.py:runlocal", "Experiment config file (file.py[:variant])."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
 
 

@@ -13,14 +13,14 @@ from ml_collections import config_flags
 from devinterp_jax.experiments import launcher, registry
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/icl_regression.py:runlocal_seeds", "Experiment config file.")
+  "config", "configs/icl_regression.py:runlocal_seeds", "Experiment config file."
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all seeds.", required=True)
 
 
 def main(argv):
   del argv
-  launcher.run(registry.job(_CONFIG.value.experiment, "run_seeds"), _CONFIG.value,
-               _WORKDIR.value)
+  launcher.run(registry.job(_CONFIG.value.experiment, "run_seeds"), _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

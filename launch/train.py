@@ -1,6 +1,6 @@
 """Trains a model and streams checkpoints to --workdir (resumes if killed).
 
-  python launch/train.py --config=configs/icl_regression.py --workdir=/tmp/icl
+python launch/train.py --config=configs/icl_regression.py --workdir=/tmp/icl
 """
 
 from absl import app, flags

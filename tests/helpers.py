@@ -12,10 +12,24 @@ from devinterp_jax.storage import checkpoints
 def tiny_config(num_steps: int = 60):
   config = icl_regression.get_config("runlocal")
   config.model.update(d_model=16, d_mlp=16, num_heads=2, num_layers=1)
-  config.train.update(num_steps=num_steps, batch_size=16, n_log=5, n_linear=3, log_every=10,
-                      resume_every=20, eval_batch_size=64)
-  config.llc.update(num_chains=2, num_draws=12, batch_size=16, dataset_size=256,
-                    checkpoint_chunk=3, init_loss_stride=4, max_draws=0)
+  config.train.update(
+    num_steps=num_steps,
+    batch_size=16,
+    n_log=5,
+    n_linear=3,
+    log_every=10,
+    resume_every=20,
+    eval_batch_size=64,
+  )
+  config.llc.update(
+    num_chains=2,
+    num_draws=12,
+    batch_size=16,
+    dataset_size=256,
+    checkpoint_chunk=3,
+    init_loss_stride=4,
+    max_draws=0,
+  )
   config.analysis.update(checkpoint_chunk=4)
   config.analysis.stages.n_restarts = 2
   config.analysis.behaviour.update(batch_size=64, gains=(0.5, 2.0))

@@ -25,8 +25,13 @@ def _ar1(rng: np.random.Generator, shape: tuple[int, ...], phi: float) -> np.nda
   return x
 
 
-def _planted(rng: np.random.Generator, n: int, t: int, lam: float = 40.0,
-             tau: tuple[float, float] = (46.0, 80.0)) -> np.ndarray:
+def _planted(
+  rng: np.random.Generator,
+  n: int,
+  t: int,
+  lam: float = 40.0,
+  tau: tuple[float, float] = (46.0, 80.0),
+) -> np.ndarray:
   """Per-draw LLC-unit traces [n, 4, t]: λ − A·exp(−t/τ) + white noise (sd 10), as runlocal's."""
   amp = rng.uniform(26.0, 41.0, (n, 1, 1))
   tc = rng.uniform(*tau, (n, 1, 1))
@@ -39,26 +44,53 @@ def _reference_sets() -> dict[str, np.ndarray]:
   ar = np.zeros((4, 601))
   for t in range(1, 601):
     ar[:, t] = 0.8 * ar[:, t - 1] + e[:, t]
-  return {"iid": rng.normal(size=(4, 500)),
-          "ar_odd": ar,
-          "shift": rng.normal(size=(4, 300)) + np.array([[0.0], [0.0], [0.0], [0.4]]),
-          "scale": rng.normal(size=(4, 300)) * np.array([[1.0], [1.0], [1.0], [2.5]]),
-          "ties": np.round(rng.standard_t(4, size=(3, 250)), 1)}
+  return {
+    "iid": rng.normal(size=(4, 500)),
+    "ar_odd": ar,
+    "shift": rng.normal(size=(4, 300)) + np.array([[0.0], [0.0], [0.0], [0.4]]),
+    "scale": rng.normal(size=(4, 300)) * np.array([[1.0], [1.0], [1.0], [2.5]]),
+    "ties": np.round(rng.standard_t(4, size=(3, 250)), 1),
+  }
 
 
 # ArviZ 0.23.4 (`_rhat_rank`, `_ess_bulk`, `_ess_tail`, `_ess_mean`, `_mcse_mean`) on
 # `_reference_sets()`: (rhat, ess_bulk, ess_tail, ess_mean, mcse_mean).
 ARVIZ = {
-    "iid": (1.0014782025916529, 1858.2209899033505, 2012.307714495613, 1860.6889156532354,
-            0.02323128538043425),
-    "ar_odd": (1.0053816264476527, 240.30069754344933, 559.2682801902945, 239.37909802356612,
-               0.11220048708379317),
-    "shift": (1.0097405505168293, 1174.0351046492663, 1088.5923297698093, 1170.0482018753758,
-              0.02903161412284862),
-    "scale": (1.0906072954856683, 1176.284323180544, 77.05308878847661, 1186.0248588243533,
-              0.04401019874370452),
-    "ties": (1.0025947000570723, 745.8419659882476, 669.6186752188553, 768.6426610352406,
-             0.05460569683764654),
+  "iid": (
+    1.0014782025916529,
+    1858.2209899033505,
+    2012.307714495613,
+    1860.6889156532354,
+    0.02323128538043425,
+  ),
+  "ar_odd": (
+    1.0053816264476527,
+    240.30069754344933,
+    559.2682801902945,
+    239.37909802356612,
+    0.11220048708379317,
+  ),
+  "shift": (
+    1.0097405505168293,
+    1174.0351046492663,
+    1088.5923297698093,
+    1170.0482018753758,
+    0.02903161412284862,
+  ),
+  "scale": (
+    1.0906072954856683,
+    1176.284323180544,
+    77.05308878847661,
+    1186.0248588243533,
+    0.04401019874370452,
+  ),
+  "ties": (
+    1.0025947000570723,
+    745.8419659882476,
+    669.6186752188553,
+    768.6426610352406,
+    0.05460569683764654,
+  ),
 }
 FUNCS = (cv.rhat, cv.ess_bulk, cv.ess_tail, cv.ess_mean, cv.mcse_mean)
 
@@ -83,7 +115,7 @@ def test_ndtri_known_quantiles():
   assert cv.ndtri(1e-300) == pytest.approx(-37.0470962993612, rel=1e-12)
   p = np.concatenate([np.logspace(-200, -1, 300), np.linspace(0.01, 0.99, 301)])
   # Dyadic p, so that 1 − p is exact.
-  sym = np.concatenate([2.0 ** -np.arange(2, 52), np.arange(1, 2 ** 20, 997) / 2 ** 20])
+  sym = np.concatenate([2.0 ** -np.arange(2, 52), np.arange(1, 2**20, 997) / 2**20])
   np.testing.assert_allclose(cv.ndtri(1 - sym), -cv.ndtri(sym), rtol=1e-9, atol=1e-12)
   # Φ(Φ⁻¹(p)) = p, with Φ from math.erfc.
   phi = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in cv.ndtri(p)])
@@ -101,8 +133,8 @@ def test_rank_normalize_is_standard_normal_and_rank_based():
   z = cv.rank_normalize(x)
   assert z.shape == x.shape
   assert abs(z.mean()) < 1e-12 and 0.98 < z.std() < 1.0
-  assert abs(np.mean(z ** 4) - 3.0) < 0.1
-  np.testing.assert_allclose(cv.rank_normalize(np.log(x)), z)   # monotone invariant
+  assert abs(np.mean(z**4) - 3.0) < 0.1
+  np.testing.assert_allclose(cv.rank_normalize(np.log(x)), z)  # monotone invariant
   # Blom's offsets: the smallest of S draws maps to Φ⁻¹((1 − 3/8)/(S + 1/4)).
   assert z.min() == pytest.approx(cv.ndtri(0.625 / 2000.25))
   ties = cv.rank_normalize(np.array([[1.0, 2.0, 2.0, 3.0]]))
@@ -127,9 +159,10 @@ def test_matches_arviz_reference_values(name):
   for f, want in zip(FUNCS, ARVIZ[name]):
     assert float(f(x)) == pytest.approx(want, rel=1e-10), f.__name__
 
+
 def test_batched_equals_per_entry():
   sets = _reference_sets()
-  x = np.stack([sets["shift"], sets["scale"]])[None]   # [1, 2, 4, 300]
+  x = np.stack([sets["shift"], sets["scale"]])[None]  # [1, 2, 4, 300]
   for f, col in zip(FUNCS, range(5)):
     np.testing.assert_allclose(f(x), [[ARVIZ["shift"][col], ARVIZ["scale"][col]]], rtol=1e-10)
 
@@ -159,8 +192,8 @@ def test_rhat_detects_shifted_means_and_unequal_scales():
   assert cv.rhat(shifted) > 1.1
   scaled = rng.standard_normal((4, 1000)) * np.array([[1.0], [1.0], [1.0], [4.0]])
   bulk = cv._rhat_chains(cv.rank_normalize(cv.split_chains(scaled)))
-  assert bulk < 1.01          # the locations agree: the classic (bulk) R̂ is blind to it
-  assert cv.rhat(scaled) > 1.05   # the folded R̂ sees the different scales
+  assert bulk < 1.01  # the locations agree: the classic (bulk) R̂ is blind to it
+  assert cv.rhat(scaled) > 1.05  # the folded R̂ sees the different scales
 
 
 def test_drift_z():
@@ -178,10 +211,10 @@ def test_mser_truncation_finds_a_planted_step():
   y[:, :120] += 3.0
   d = cv.mser_truncation(y)
   assert d.shape == (50,) and d.dtype.kind == "i"
-  assert np.all(d % 5 == 0) and np.all(d >= 120)     # never stops inside the step
+  assert np.all(d % 5 == 0) and np.all(d >= 120)  # never stops inside the step
   assert np.median(d) == 120 and np.mean(d <= 140) >= 0.9
   assert np.all(cv.mser_truncation(0.3 * rng.standard_normal((50, 600))) <= 300)
-  assert cv.mser_truncation(y, max_fraction=0.1).max() <= 60   # the search window
+  assert cv.mser_truncation(y, max_fraction=0.1).max() <= 60  # the search window
 
 
 def test_auto_burnin_rule_and_relaxing():
@@ -189,10 +222,11 @@ def test_auto_burnin_rule_and_relaxing():
   y = _planted(rng, 100, 800)
   b = cv.auto_burnin(y)
   assert set(b) == {"burnin", "mser", "relaxing"}
-  np.testing.assert_array_equal(b["burnin"], np.where(b["relaxing"], 400,
-                                                      np.minimum(2 * b["mser"], 400)))
+  np.testing.assert_array_equal(
+    b["burnin"], np.where(b["relaxing"], 400, np.minimum(2 * b["mser"], 400))
+  )
   np.testing.assert_array_equal(b["relaxing"], b["mser"] > 200)
-  assert np.all(b["burnin"] >= 100)     # the transient (A e^{-t/τ} with τ ≥ 46) is cut
+  assert np.all(b["burnin"] >= 100)  # the transient (A e^{-t/τ} with τ ≥ 46) is cut
   slow = 40.0 - 35.0 * np.exp(-np.arange(400) / 400.0) + 10.0 * rng.standard_normal((20, 4, 400))
   assert np.all(cv.auto_burnin(slow)["relaxing"])
 
@@ -227,7 +261,7 @@ def test_false_alarm_rate_of_stationary_traces():
 def test_assess_status_valid_mask_and_reasons():
   rng = np.random.default_rng(10)
   x = rng.standard_normal((2, 5, 400))
-  x[0, 4] += 3.0                                  # one chain elsewhere
+  x[0, 4] += 3.0  # one chain elsewhere
   r = cv.assess(x)
   assert r["status"].shape == (2,)
   assert [cv.CONVERGENCE_STATUS[s] for s in r["status"]] == ["not_converged", "converged"]
@@ -245,7 +279,7 @@ def test_assess_status_valid_mask_and_reasons():
   for k in ("rhat", "ess_bulk", "ess_tail", "drift_z", "mcse"):
     assert m[k][0] == pytest.approx(ref[k]), k
 
-  valid[1, 1:] = False                            # 1 valid chain < min_chains
+  valid[1, 1:] = False  # 1 valid chain < min_chains
   assert cv.assess(x, valid=valid)["status"][1] == cv.UNCHECKED
   assert cv.assess(x[..., :399])["status"].tolist() == [cv.UNCHECKED] * 2
   loose = cv.ConvergenceCriteria(min_draws=200)
@@ -268,7 +302,7 @@ def test_criteria_validation():
   with pytest.raises(ValueError):
     cv.ConvergenceCriteria(rhat_max=1.0)
   with pytest.raises(Exception):
-    cv.ConvergenceCriteria().rhat_max = 2.0    # frozen
+    cv.ConvergenceCriteria().rhat_max = 2.0  # frozen
 
 
 def test_real_runlocal_traces():
@@ -287,5 +321,5 @@ def test_real_runlocal_traces():
   assert np.all(b["relaxing"][late]) and not np.any(b["relaxing"][steps <= 330])
   loose = cv.ConvergenceCriteria(min_draws=1)
   for i in range(len(steps)):
-    kept = cv.assess(loss[i, :, b["burnin"][i]:], loose)
+    kept = cv.assess(loss[i, :, b["burnin"][i] :], loose)
     assert kept["status"] == cv.CONVERGED, (steps[i], kept["reasons"])

@@ -19,7 +19,7 @@ def test_batch_shapes_and_noise_variance():
 
 def test_tokens_interleave_x_and_y():
   xs = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
-  ys = jnp.array([[10., 11., 12.], [13., 14., 15.]])
+  ys = jnp.array([[10.0, 11.0, 12.0], [13.0, 14.0, 15.0]])
   toks = to_tokens(xs, ys)
   assert toks.shape == (2, 6, 5)
   np.testing.assert_array_equal(toks[1, 2], [0, *xs[1, 1]])  # x-token [0, x]
@@ -31,8 +31,9 @@ def test_finite_task_set_is_used():
   b = sample_batch(jax.random.key(1), task, 256, with_tasks=True)
   distinct = np.unique(np.asarray(b["tasks"]).round(6), axis=0)
   assert len(distinct) == 3
-  np.testing.assert_allclose(np.sort(distinct, 0), np.sort(np.asarray(task.task_set()), 0),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.sort(distinct, 0), np.sort(np.asarray(task.task_set()), 0), atol=1e-5
+  )
 
 
 def test_dataset_is_seeded_and_chunk_independent():

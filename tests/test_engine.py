@@ -28,8 +28,15 @@ def least_squares(data):
   return {"w": jnp.asarray(np.linalg.lstsq(x, y, rcond=None)[0], jnp.float32)}
 
 
-SETTINGS = SamplerSettings(num_chains=4, num_draws=200, step_size=1e-3, localization=1.0,
-                           nbeta=200.0, batch_size=32, num_burnin_steps=0)
+SETTINGS = SamplerSettings(
+  num_chains=4,
+  num_draws=200,
+  step_size=1e-3,
+  localization=1.0,
+  nbeta=200.0,
+  batch_size=32,
+  num_burnin_steps=0,
+)
 
 
 def test_repeat_and_new_seed_calls_compile_nothing():
@@ -39,12 +46,14 @@ def test_repeat_and_new_seed_calls_compile_nothing():
   dj.estimate(lin_loss, ckpts, data, SETTINGS, opts)
   before = program.cache_stats()
   again = dj.estimate(lin_loss, ckpts, data, SETTINGS, opts)
-  reseeded = dj.estimate(lin_loss, ckpts, data,
-                         SamplerSettings(**{**SETTINGS.__dict__, "seed": 7}), opts)
-  other_hypers = dj.estimate(lin_loss, ckpts, data,
-                             SamplerSettings(**{**SETTINGS.__dict__, "nbeta": 150.0}), opts)
+  reseeded = dj.estimate(
+    lin_loss, ckpts, data, SamplerSettings(**{**SETTINGS.__dict__, "seed": 7}), opts
+  )
+  other_hypers = dj.estimate(
+    lin_loss, ckpts, data, SamplerSettings(**{**SETTINGS.__dict__, "nbeta": 150.0}), opts
+  )
   after = program.cache_stats()
-  assert after.traces == before.traces          # nothing traced, so nothing compiled
+  assert after.traces == before.traces  # nothing traced, so nothing compiled
   assert after.hits == before.hits + 3 and after.misses == before.misses
   assert not np.allclose(reseeded.loss_trace, again.loss_trace)
   assert not np.allclose(other_hypers.llc_mean, again.llc_mean)
@@ -62,7 +71,7 @@ def test_same_shaped_data_is_an_input_not_a_constant():
   res_a = dj.estimate(lin_loss, [w], a, SETTINGS, opts)
   traces = program.cache_stats().traces
   res_b = dj.estimate(lin_loss, [w], b, SETTINGS, opts)
-  assert program.cache_stats().traces == traces        # reused the program
+  assert program.cache_stats().traces == traces  # reused the program
   program.clear_cache()
   fresh_b = dj.estimate(lin_loss, [w], b, SETTINGS, opts)
   np.testing.assert_array_equal(res_b.loss_trace, fresh_b.loss_trace)
@@ -78,28 +87,45 @@ def test_chain_in_blocks_repacked_and_padded_equals_one_call(tmp_path):
   data = make_data(3)
   w = least_squares(data)
   ckpts = [w, {"w": w["w"] + 0.3}, {"w": w["w"] * 0.5}]
-  adaptive = SamplerSettings(num_chains=4, num_draws=100, step_size=1e-4, localization=1.0,
-                             nbeta=200.0, batch_size=32, num_burnin_steps=0, block_draws=50,
-                             max_draws=400)
+  adaptive = SamplerSettings(
+    num_chains=4,
+    num_draws=100,
+    step_size=1e-4,
+    localization=1.0,
+    nbeta=200.0,
+    batch_size=32,
+    num_burnin_steps=0,
+    block_draws=50,
+    max_draws=400,
+  )
   crit = diagnostics.HealthCriteria(min_draws=100)
-  res = dj.estimate(lin_loss, ckpts, data, adaptive,
-                    SweepOptions(checkpoint_chunk=2, progress=False), criteria=crit)
+  res = dj.estimate(
+    lin_loss, ckpts, data, adaptive, SweepOptions(checkpoint_chunk=2, progress=False), criteria=crit
+  )
   lengths = res.convergence["num_recorded"]
-  assert len(set(lengths.tolist())) > 1 or lengths.max() > 100   # some pairs continued
-  out = sweep.run(lin_loss, ckpts, data, adaptive, SweepOptions(checkpoint_chunk=2,
-                  progress=False), criteria=crit)
+  assert len(set(lengths.tolist())) > 1 or lengths.max() > 100  # some pairs continued
+  out = sweep.run(
+    lin_loss, ckpts, data, adaptive, SweepOptions(checkpoint_chunk=2, progress=False), criteria=crit
+  )
   for p in out.pairs:
     n = len(sweep.draw_index(adaptive, p.steps))
-    single = SamplerSettings(**{**adaptive.__dict__, "num_draws": n, "block_draws": n,
-                                "max_draws": None})
-    one = sweep.run(lin_loss, [ckpts[p.checkpoint]] * 2, data, single,
-                    SweepOptions(checkpoint_chunk=2, progress=False), criteria=crit)
+    single = SamplerSettings(
+      **{**adaptive.__dict__, "num_draws": n, "block_draws": n, "max_draws": None}
+    )
+    one = sweep.run(
+      lin_loss,
+      [ckpts[p.checkpoint]] * 2,
+      data,
+      single,
+      SweepOptions(checkpoint_chunk=2, progress=False),
+      criteria=crit,
+    )
     for name in ("loss", "init_loss", "mala", "distance"):
       np.testing.assert_array_equal(one.pairs[0].outputs[name], p.outputs[name][:, :n])
-    alone = sweep.run(lin_loss, [ckpts[p.checkpoint]], data, single,
-                      SweepOptions(progress=False), criteria=crit)
-    np.testing.assert_allclose(alone.pairs[0].outputs["loss"], p.outputs["loss"][:, :n],
-                               rtol=1e-6)
+    alone = sweep.run(
+      lin_loss, [ckpts[p.checkpoint]], data, single, SweepOptions(progress=False), criteria=crit
+    )
+    np.testing.assert_allclose(alone.pairs[0].outputs["loss"], p.outputs["loss"][:, :n], rtol=1e-6)
 
 
 class CountingSequence(collections.abc.Sequence):
@@ -122,19 +148,32 @@ def test_adaptive_sweep_reads_each_checkpoint_once_and_the_cache_changes_no_numb
   data = make_data(5)
   w = least_squares(data)
   trees = [w, {"w": w["w"] + 0.3}, {"w": w["w"] * 0.5}]
-  s = SamplerSettings(num_chains=2, num_draws=100, step_size=1e-4, localization=1.0,
-                      nbeta=200.0, batch_size=32, num_burnin_steps=0, block_draws=50,
-                      max_draws=300)
-  crit = diagnostics.HealthCriteria(min_draws=250)   # kept draws: rounds past num_draws
+  s = SamplerSettings(
+    num_chains=2,
+    num_draws=100,
+    step_size=1e-4,
+    localization=1.0,
+    nbeta=200.0,
+    batch_size=32,
+    num_burnin_steps=0,
+    block_draws=50,
+    max_draws=300,
+  )
+  crit = diagnostics.HealthCriteria(min_draws=250)  # kept draws: rounds past num_draws
   runs = {}
   for cache in (2**20, 0):
     seq = CountingSequence(trees)
-    out = sweep.run(lin_loss, seq, data, s, SweepOptions(checkpoint_chunk=2, progress=False,
-                                                         checkpoint_cache_bytes=cache),
-                    criteria=crit)
+    out = sweep.run(
+      lin_loss,
+      seq,
+      data,
+      s,
+      SweepOptions(checkpoint_chunk=2, progress=False, checkpoint_cache_bytes=cache),
+      criteria=crit,
+    )
     runs[cache] = (seq.reads, [p.outputs["loss"] for p in out.pairs], [p.steps for p in out.pairs])
   (cached_reads, cached_loss, steps), (uncached_reads, uncached_loss, _) = runs[2**20], runs[0]
-  assert max(steps) > s.steps_for(s.num_draws)     # several rounds ran
+  assert max(steps) > s.steps_for(s.num_draws)  # several rounds ran
   assert cached_reads == len(trees) and uncached_reads > 2 * len(trees)
   for a, b in zip(cached_loss, uncached_loss):
     np.testing.assert_array_equal(a, b)
@@ -146,8 +185,16 @@ def test_adaptive_sweep_resumes_from_its_last_block(tmp_path, monkeypatch):
   data = make_data(4)
   w = least_squares(data)
   ckpts = [w, {"w": w["w"] + 0.3}]
-  s = SamplerSettings(num_chains=4, num_draws=100, step_size=1e-4, localization=1.0,
-                      nbeta=200.0, batch_size=32, block_draws=50, max_draws=300)
+  s = SamplerSettings(
+    num_chains=4,
+    num_draws=100,
+    step_size=1e-4,
+    localization=1.0,
+    nbeta=200.0,
+    batch_size=32,
+    block_draws=50,
+    max_draws=300,
+  )
   crit = diagnostics.HealthCriteria(min_draws=100)
   opts = SweepOptions(progress=False, output_dir=str(tmp_path / "sweep"))
   ref = dj.estimate(lin_loss, ckpts, data, s, SweepOptions(progress=False), criteria=crit)
@@ -165,7 +212,7 @@ def test_adaptive_sweep_resumes_from_its_last_block(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "_run_chunk", real)
   (fp,) = os.listdir(opts.output_dir)
   files = [f for f in os.listdir(os.path.join(opts.output_dir, fp)) if f.startswith("llc_pair")]
-  assert files    # finished blocks were saved, with their chain state
+  assert files  # finished blocks were saved, with their chain state
   res = dj.estimate(lin_loss, ckpts, data, s, opts, criteria=crit)
   np.testing.assert_array_equal(res.loss_trace, ref.loss_trace)
   np.testing.assert_array_equal(res.llc_per_chain, ref.llc_per_chain)
@@ -180,14 +227,23 @@ def test_auto_burnin_is_recorded_and_a_transient_is_flagged():
   to the exact d/2."""
   d = 10
   loss = lambda p, b: 0.5 * jnp.sum(jnp.square(p["w"]))
-  base = dict(num_chains=4, num_draws=800, step_size=2e-4, localization=0.0, nbeta=100.0,
-              batch_size=1, block_draws=200)
+  base = dict(
+    num_chains=4,
+    num_draws=800,
+    step_size=2e-4,
+    localization=0.0,
+    nbeta=100.0,
+    batch_size=1,
+    block_draws=200,
+  )
   opts = SweepOptions(progress=False, chain_strategy="vmap")
-  zero = dj.estimate(loss, [{"w": jnp.zeros(d)}], lambda k: None,
-                     SamplerSettings(**base, num_burnin_steps=0), opts).select(0)
+  zero = dj.estimate(
+    loss, [{"w": jnp.zeros(d)}], lambda k: None, SamplerSettings(**base, num_burnin_steps=0), opts
+  ).select(0)
   assert zero.convergence["status"] == convergence.NOT_CONVERGED
-  auto = dj.estimate(loss, [{"w": jnp.zeros(d)}], lambda k: None,
-                     SamplerSettings(**base), opts).select(0)
+  auto = dj.estimate(
+    loss, [{"w": jnp.zeros(d)}], lambda k: None, SamplerSettings(**base), opts
+  ).select(0)
   assert 0 < int(auto.burnin) <= 400 and auto.convergence["burnin"] == auto.burnin
   assert abs(auto.llc_mean - d / 2) < abs(zero.llc_mean - d / 2)
   assert abs(auto.llc_mean - d / 2) < 3 * auto.llc_sem
@@ -198,6 +254,7 @@ def test_progress_lines_come_from_inside_a_block():
   data = make_data(5)
   s = SamplerSettings(**{**SETTINGS.__dict__, "num_draws": 400, "block_draws": 400})
   from devinterp_jax import progress as progress_lib
+
   real = progress_lib.Progress
 
   class Recording(real):
@@ -217,15 +274,28 @@ def test_progress_lines_come_from_inside_a_block():
 
 def test_settings_from_config_and_bad_inputs():
   import ml_collections
-  section = ml_collections.ConfigDict(dict(
-      num_chains=4, num_draws=400, step_size=1e-3, nbeta=10.0, localization=1.0,
-      batch_size=32, num_burnin_steps="auto", max_draws=0, checkpoint_chunk=4,
-      dataset_size=100))
+
+  section = ml_collections.ConfigDict(
+    dict(
+      num_chains=4,
+      num_draws=400,
+      step_size=1e-3,
+      nbeta=10.0,
+      localization=1.0,
+      batch_size=32,
+      num_burnin_steps="auto",
+      max_draws=0,
+      checkpoint_chunk=4,
+      dataset_size=100,
+    )
+  )
   s = SamplerSettings.from_config(section, overrides={"num_chains": 2, "max_draws": 800})
   assert s.num_chains == 2 and s.max_draws == 800 and s.num_burnin_steps == "auto"
   assert SamplerSettings.from_config(section).max_draws is None
-  assert SamplerSettings.from_config({**section.to_dict(), "num_burnin_steps": "100"}
-                                     ).num_burnin_steps == 100
+  assert (
+    SamplerSettings.from_config({**section.to_dict(), "num_burnin_steps": "100"}).num_burnin_steps
+    == 100
+  )
   with pytest.raises(ValueError, match="num_burnin_steps"):
     SamplerSettings.from_config({**section.to_dict(), "num_burnin_steps": "soon"})
   with pytest.raises(ValueError, match="max_draws"):
@@ -241,6 +311,7 @@ def test_adaptive_rule_on_planted_transients_is_unbiased():
   real runlocal traces: λ̂ within 3 MCSE of the truth in ≥ 95 % of seeds, bias ≤ 1 MCSE;
   with burn-in 0 the 400-draw traces are flagged."""
   from benchmarks import engine
+
   r = engine.adaptive(150, seed=1)
   assert r["adaptive_within_3_mcse"] >= 0.95, r
   assert abs(r["adaptive_bias_mcse"]) <= 1.0, r
@@ -261,4 +332,4 @@ def test_real_runlocal_traces_burnin_and_flags():
     auto = diagnostics.assess(z["loss_trace"][i], init[i], nbeta, 100, burnin="auto")
     assert zero["status"] == convergence.NOT_CONVERGED
     assert auto["burnin"] >= 100
-    assert auto["llc"] > zero["llc"]   # the transient from w* reads low
+    assert auto["llc"] > zero["llc"]  # the transient from w* reads low

@@ -16,10 +16,15 @@ import numpy as np
 import pytest
 
 from devinterp_jax.analysis import heads
-from devinterp_jax.analysis.heads import (HeadClusters, choose_num_clusters,
-                                          cluster_trajectories, dispersion,
-                                          drop_nonfinite_checkpoints, head_summary,
-                                          normalize_trajectories)
+from devinterp_jax.analysis.heads import (
+  HeadClusters,
+  choose_num_clusters,
+  cluster_trajectories,
+  dispersion,
+  drop_nonfinite_checkpoints,
+  head_summary,
+  normalize_trajectories,
+)
 from devinterp_jax.viz import heads as heads_viz
 from devinterp_jax.viz.heads import plot_head_clusters, plot_head_trajectories
 
@@ -32,9 +37,9 @@ def _logistic(c, s=0.4):
 
 
 SHAPES = {
-    "early": 50 * _logistic(3.0),
-    "late": 50 * _logistic(8.0),
-    "rise_fall": 60 * _logistic(4.5) - 30 * _logistic(8.5),
+  "early": 50 * _logistic(3.0),
+  "late": 50 * _logistic(8.0),
+  "rise_fall": 60 * _logistic(4.5) - 30 * _logistic(8.5),
 }
 
 
@@ -48,8 +53,20 @@ def _planted(shape_of_head, scales, noise=0.02, seed=0):
 
 
 # 12 heads, 3 shapes interleaved; planted labels numbered by first appearance.
-SHAPE_OF = ["late", "early", "late", "rise_fall", "early", "rise_fall", "late", "early",
-            "rise_fall", "late", "rise_fall", "early"]
+SHAPE_OF = [
+  "late",
+  "early",
+  "late",
+  "rise_fall",
+  "early",
+  "rise_fall",
+  "late",
+  "early",
+  "rise_fall",
+  "late",
+  "rise_fall",
+  "early",
+]
 NAMES = [f"L{i // 4}H{i % 4}" for i in range(len(SHAPE_OF))]
 SCALES = np.linspace(0.8, 1.25, len(SHAPE_OF))[np.random.default_rng(1).permutation(12)]
 LLC = _planted(SHAPE_OF, SCALES)
@@ -79,8 +96,9 @@ def test_relabelling_is_deterministic_across_seeds_and_orders():
   b = cluster_trajectories(LLC, NAMES, num_clusters=3, seed=7)
   np.testing.assert_array_equal(a.labels, b.labels)
   # Reversing the heads gives the same partition, numbered by the new first head.
-  r = cluster_trajectories(LLC[::-1], NAMES[::-1], num_clusters=3, method="hierarchical",
-                           linkage="average")
+  r = cluster_trajectories(
+    LLC[::-1], NAMES[::-1], num_clusters=3, method="hierarchical", linkage="average"
+  )
   first_seen = {}
   expected_rev = [first_seen.setdefault(l, len(first_seen)) for l in EXPECTED[::-1].tolist()]
   np.testing.assert_array_equal(r.labels, expected_rev)
@@ -122,8 +140,13 @@ def test_normalisations_properties_and_scale_invariance():
   assert none is not LLC
   scaled = LLC * np.array([3.0, 0.2] * 6)[:, None]
   for m in ("zscore", "max", "final", "minmax"):
-    np.testing.assert_allclose(normalize_trajectories(scaled, m), normalize_trajectories(LLC, m),
-                               rtol=1e-10, atol=1e-12, err_msg=m)
+    np.testing.assert_allclose(
+      normalize_trajectories(scaled, m),
+      normalize_trajectories(LLC, m),
+      rtol=1e-10,
+      atol=1e-12,
+      err_msg=m,
+    )
   const = normalize_trajectories(np.full((2, 5), 3.0), "zscore")  # constant head → 0
   np.testing.assert_array_equal(const, 0.0)
 
@@ -145,8 +168,12 @@ def test_choose_num_clusters_finds_planted_k(method):
   assert k == 3 and sorted(scores) == [2, 3, 4, 5, 6, 7]
   assert scores[3] == max(scores.values()) and scores[3] > max(scores[2], scores[4]) + 0.05
   two = ["early", "late"] * 4
-  k2, _ = choose_num_clusters(_planted(two, np.linspace(0.8, 1.2, 8), seed=5),
-                              [f"h{i}" for i in range(8)], k_range=(2, 6), method=method)
+  k2, _ = choose_num_clusters(
+    _planted(two, np.linspace(0.8, 1.2, 8), seed=5),
+    [f"h{i}" for i in range(8)],
+    k_range=(2, 6),
+    method=method,
+  )
   assert k2 == 2
 
 
@@ -168,9 +195,11 @@ def test_errors_name_the_problem():
   bad = LLC.copy()
   bad[5, 7] = np.nan
   bad[9, 30] = np.inf
-  for fn in (lambda: normalize_trajectories(bad, "zscore", NAMES),
-             lambda: cluster_trajectories(bad, NAMES, num_clusters=3),
-             lambda: head_summary(STEPS, bad, NAMES)):
+  for fn in (
+    lambda: normalize_trajectories(bad, "zscore", NAMES),
+    lambda: cluster_trajectories(bad, NAMES, num_clusters=3),
+    lambda: head_summary(STEPS, bad, NAMES),
+  ):
     with pytest.raises(ValueError, match=r"L1H1 at checkpoint indices \[7\].*L2H1 .*\[30\]"):
       fn()
   with pytest.raises(ValueError, match=r"non-finite.*\[7\]"):
@@ -227,8 +256,15 @@ def test_plot_head_trajectories_writes_png(tmp_path):
   path = str(tmp_path / "a" / "heads.png")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    out = plot_head_trajectories(STEPS, gappy, NAMES, sem_RxN=np.full(LLC.shape, 1.0),
-                                 boundaries=[20, 3000], clusters=c, path=path)
+    out = plot_head_trajectories(
+      STEPS,
+      gappy,
+      NAMES,
+      sem_RxN=np.full(LLC.shape, 1.0),
+      boundaries=[20, 3000],
+      clusters=c,
+      path=path,
+    )
   assert out == path
   _png_ok(path)
   path2 = str(tmp_path / "b" / "heads_plain.png")  # no step 0 → log axis; no clusters/sem
@@ -240,10 +276,12 @@ def test_plot_head_trajectories_writes_png(tmp_path):
 
 def test_plot_head_trajectories_with_stage_boundaries(tmp_path):
   from devinterp_jax.analysis.stages import find_stage_boundaries
+
   mean = LLC.mean(0)
   stages = find_stage_boundaries(STEPS, mean, np.full_like(mean, 0.3), n_restarts=1)
-  path = plot_head_trajectories(STEPS, LLC, NAMES, boundaries=stages,
-                                path=str(tmp_path / "s" / "heads.png"))
+  path = plot_head_trajectories(
+    STEPS, LLC, NAMES, boundaries=stages, path=str(tmp_path / "s" / "heads.png")
+  )
   _png_ok(path)
 
 
@@ -253,7 +291,7 @@ def test_plot_head_clusters_writes_png(tmp_path, method):
   path = plot_head_clusters(STEPS, LLC, NAMES, c, str(tmp_path / method / "clusters.png"))
   _png_ok(path)
   fig = heads_viz.head_clusters_figure(STEPS, LLC, NAMES, c)
-  for j in range(c.num_clusters):   # each panel: the cluster's normalised heads and mean
+  for j in range(c.num_clusters):  # each panel: the cluster's normalised heads and mean
     ys = [line.get_ydata() for line in fig.axes[j].get_lines() if len(line.get_ydata()) > 2]
     members = np.flatnonzero(c.labels == j)
     assert len(ys) == len(members) + 1
@@ -264,6 +302,7 @@ def test_plot_head_clusters_writes_png(tmp_path, method):
 def test_dendrogram_layout_matches_scipy(linkage):
   """viz draws the dendrogram itself (no scipy): the same leaves and links as scipy's."""
   from scipy.cluster import hierarchy
+
   c = cluster_trajectories(LLC, NAMES, num_clusters=3, method="hierarchical", linkage=linkage)
   ref = hierarchy.dendrogram(c.linkage_matrix, no_plot=True)
   leaves, links = heads_viz.dendrogram_layout(c.linkage_matrix, len(NAMES))
@@ -277,6 +316,7 @@ def test_dendrogram_layout_matches_scipy(linkage):
 
 def test_module_does_not_import_training():  # nor matplotlib: the figures are in viz
   import ast
+
   with open(heads.__file__) as f:
     tree = ast.parse(f.read())
   imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]

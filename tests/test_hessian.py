@@ -33,8 +33,8 @@ def _quadratic_problem(eigenvalues, seed=0):
   y = rng.normal(size=NUM_DATA)
   batch = {k: jnp.asarray(v, jnp.float32) for k, v in (("a", a), ("x", x), ("y", y))}
   exact = a.astype(np.float32).astype(np.float64) + (
-      x.astype(np.float32).astype(np.float64).T @ x.astype(np.float32).astype(np.float64)
-      / NUM_DATA)
+    x.astype(np.float32).astype(np.float64).T @ x.astype(np.float32).astype(np.float64) / NUM_DATA
+  )
   return batch, exact, jnp.asarray(rng.normal(size=DIM), jnp.float32)
 
 
@@ -47,15 +47,14 @@ def quadratic():
 
 def hutchinson_se_exact(h, num_samples):
   """Exact std of the Rademacher Hutchinson mean: sqrt(2(‖H‖_F² − Σ H_ii²) / n)."""
-  return np.sqrt(2 * (np.sum(h ** 2) - np.sum(np.diag(h) ** 2)) / num_samples)
+  return np.sqrt(2 * (np.sum(h**2) - np.sum(np.diag(h) ** 2)) / num_samples)
 
 
 def test_hvp_matches_dense_quadratic(quadratic):
   batch, h, w = quadratic
   v = jnp.asarray(np.random.default_rng(1).normal(size=DIM), jnp.float32)
   hv = jax.jit(hessian.hvp, static_argnums=0)(quadratic_loss, w, batch, v)
-  np.testing.assert_allclose(np.asarray(hv), h @ np.asarray(v, np.float64), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(hv), h @ np.asarray(v, np.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_hutchinson_trace_and_standard_error(quadratic):
@@ -63,8 +62,7 @@ def test_hutchinson_trace_and_standard_error(quadratic):
   tr = np.trace(h)
   ses = {}
   for n in (256, 1024):
-    est, se = map(float, hessian.hutchinson_trace(quadratic_loss, w, batch,
-                                                  jax.random.key(2), n))
+    est, se = map(float, hessian.hutchinson_trace(quadratic_loss, w, batch, jax.random.key(2), n))
     assert abs(est - tr) <= 3 * se, (n, est, tr, se)
     assert abs(est - tr) <= 0.1 * abs(tr), (n, est, tr)
     # the reported SE estimates the exact one (sample std of n draws: ~5-10 % error)
@@ -77,8 +75,9 @@ def test_hutchinson_trace_and_standard_error(quadratic):
 def test_lanczos_top_eigenvalues_quadratic(quadratic):
   batch, h, w = quadratic
   exact = np.linalg.eigvalsh(h)
-  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
-                                                  num_iters=30, top_k=3, return_min=True)
+  top, smallest = hessian.lanczos_top_eigenvalues(
+    quadratic_loss, w, batch, jax.random.key(3), num_iters=30, top_k=3, return_min=True
+  )
   top = np.asarray(top)
   assert top.shape == (3,)
   assert np.all(np.diff(top) <= 0)
@@ -93,21 +92,24 @@ def test_lanczos_breakdown():
   eigenvalues[-5:] = [1.0, 2.0, 3.0, 4.0, 5.0]
   batch, _, w = _quadratic_problem(eigenvalues, seed=4)
   batch = {**batch, "x": jnp.zeros_like(batch["x"])}
-  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
-                                                  num_iters=30, top_k=3, return_min=True)
+  top, smallest = hessian.lanczos_top_eigenvalues(
+    quadratic_loss, w, batch, jax.random.key(3), num_iters=30, top_k=3, return_min=True
+  )
   np.testing.assert_allclose(np.asarray(top), [5.0, 4.0, 3.0], rtol=1e-4)
   assert abs(float(smallest)) < 1e-5
   # H = 2·I: the residual is pure rounding noise from the first step on; normalising
   # it (no breakdown handling) gives Ritz values in the thousands
   batch = {**batch, "a": 2.0 * jnp.eye(DIM)}
-  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
-                                                  num_iters=30, top_k=3, return_min=True)
+  top, smallest = hessian.lanczos_top_eigenvalues(
+    quadratic_loss, w, batch, jax.random.key(3), num_iters=30, top_k=3, return_min=True
+  )
   np.testing.assert_allclose(np.asarray(top), [2.0, 2.0, 2.0], rtol=1e-5)
   np.testing.assert_allclose(float(smallest), 2.0, rtol=1e-5)
   # H = 0 exactly: β = 0 at every step, which must not produce 0/0
   batch = {**batch, "a": jnp.zeros_like(batch["a"])}
-  top, smallest = hessian.lanczos_top_eigenvalues(quadratic_loss, w, batch, jax.random.key(3),
-                                                  num_iters=30, top_k=3, return_min=True)
+  top, smallest = hessian.lanczos_top_eigenvalues(
+    quadratic_loss, w, batch, jax.random.key(3), num_iters=30, top_k=3, return_min=True
+  )
   np.testing.assert_array_equal(np.asarray(top), np.zeros(3))
   assert float(smallest) == 0.0
 
@@ -119,8 +121,10 @@ def mlp_init(seed):
   """41 parameters in a nested dict (numpy: no eager JAX ops to compile)."""
   rng = np.random.default_rng(seed)
   f32 = lambda *shape, scale=1.0: (scale * rng.normal(size=shape)).astype(np.float32)
-  return {"dense1": {"w": f32(3, 8, scale=3 ** -0.5), "b": f32(8, scale=0.1)},
-          "dense2": {"w": f32(8, 1, scale=8 ** -0.5), "b": np.zeros((1,), np.float32)}}
+  return {
+    "dense1": {"w": f32(3, 8, scale=3**-0.5), "b": f32(8, scale=0.1)},
+    "dense2": {"w": f32(8, 1, scale=8**-0.5), "b": np.zeros((1,), np.float32)},
+  }
 
 
 def mlp_loss(params, batch):
@@ -159,9 +163,16 @@ def mlp():
   # 3 repeats 1 and 4 repeats 0, in the same slot of another chunk
   ckpts = LazyCheckpoints(distinct + [distinct[1], distinct[0]])
   compiled_before = hessian._stats_chunk._cache_size()
-  stats = hessian.hessian_stats(mlp_loss, ckpts, batch, num_hutchinson=NUM_HUTCHINSON,
-                                num_lanczos_iters=NUM_LANCZOS, top_k=3, seed=0,
-                                checkpoint_chunk=2)
+  stats = hessian.hessian_stats(
+    mlp_loss,
+    ckpts,
+    batch,
+    num_hutchinson=NUM_HUTCHINSON,
+    num_lanczos_iters=NUM_LANCZOS,
+    top_k=3,
+    seed=0,
+    checkpoint_chunk=2,
+  )
   # the padded last chunk reuses the program of the full ones
   assert hessian._stats_chunk._cache_size() - compiled_before == 1
   unravel = ravel_pytree(distinct[0])[1]
@@ -177,8 +188,9 @@ def test_hvp_pytree_matches_dense(mlp):
   v = jnp.asarray(np.random.default_rng(5).normal(size=flat.shape), jnp.float32)
   hv = jax.jit(hessian.hvp, static_argnums=0)(mlp_loss, p, batch, unravel(v))
   assert jax.tree.structure(hv) == jax.tree.structure(p)
-  np.testing.assert_allclose(np.asarray(ravel_pytree(hv)[0]), dense[0] @ np.asarray(v),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(ravel_pytree(hv)[0]), dense[0] @ np.asarray(v), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_mlp_stats_match_dense_hessian(mlp):
@@ -207,8 +219,9 @@ def test_hessian_stats_batched_equals_single_calls(mlp):
   lanczos_key = jax.random.fold_in(base, hessian.LANCZOS_STREAM)
   for i, p in enumerate(distinct):
     tr, se = hessian.hutchinson_trace(mlp_loss, p, batch, trace_key, NUM_HUTCHINSON)
-    top, smallest = hessian.lanczos_top_eigenvalues(mlp_loss, p, batch, lanczos_key,
-                                                    NUM_LANCZOS, 3, return_min=True)
+    top, smallest = hessian.lanczos_top_eigenvalues(
+      mlp_loss, p, batch, lanczos_key, NUM_LANCZOS, 3, return_min=True
+    )
     np.testing.assert_allclose(stats["trace"][i], float(tr), rtol=1e-5)
     np.testing.assert_allclose(stats["trace_se"][i], float(se), rtol=1e-4)
     np.testing.assert_allclose(stats["top_eigenvalues"][i], np.asarray(top), rtol=1e-5)
@@ -219,9 +232,16 @@ def test_hessian_stats_batched_equals_single_calls(mlp):
     np.testing.assert_array_equal(stats[k][4], stats[k][0])
   # distinct checkpoints differ, and another seed draws other probes
   assert len(set(stats["trace"][:3].tolist())) == 3
-  other = hessian.hessian_stats(mlp_loss, distinct[:2], batch, num_hutchinson=NUM_HUTCHINSON,
-                                num_lanczos_iters=NUM_LANCZOS, top_k=3, seed=1,
-                                checkpoint_chunk=2)
+  other = hessian.hessian_stats(
+    mlp_loss,
+    distinct[:2],
+    batch,
+    num_hutchinson=NUM_HUTCHINSON,
+    num_lanczos_iters=NUM_LANCZOS,
+    top_k=3,
+    seed=1,
+    checkpoint_chunk=2,
+  )
   assert not np.allclose(other["trace"], stats["trace"][:2])
   np.testing.assert_allclose(other["top_eigenvalues"], stats["top_eigenvalues"][:2], rtol=1e-4)
 
@@ -239,22 +259,34 @@ def test_hessian_stats_rejects_bad_arguments(mlp):
 def test_plot_llc_vs_hessian(tmp_path, mlp):
   stats = {k: v[:3] for k, v in mlp[3].items()}
   steps = np.array([10, 100, 1000])
-  path = hessian_viz.plot_llc_vs_hessian(steps, np.array([1.0, 3.0, 2.5]),
-                                         np.array([0.1, 0.3, 0.2]), stats,
-                                         str(tmp_path / "fig" / "llc_vs_hessian.png"),
-                                         band_label="std over chains", boundaries=(50, 500),
-                                         title="test")
+  path = hessian_viz.plot_llc_vs_hessian(
+    steps,
+    np.array([1.0, 3.0, 2.5]),
+    np.array([0.1, 0.3, 0.2]),
+    stats,
+    str(tmp_path / "fig" / "llc_vs_hessian.png"),
+    band_label="std over chains",
+    boundaries=(50, 500),
+    title="test",
+  )
   assert path == str(tmp_path / "fig" / "llc_vs_hessian.png")
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 10_000
   assert os.listdir(tmp_path / "fig") == ["llc_vs_hessian.png"]  # no temp file left
   with pytest.raises(ValueError, match="trace"):
-    hessian_viz.plot_llc_vs_hessian(steps[:2], np.ones(2), np.ones(2), stats,
-                                    str(tmp_path / "bad.png"), band_label="std over chains")
+    hessian_viz.plot_llc_vs_hessian(
+      steps[:2],
+      np.ones(2),
+      np.ones(2),
+      stats,
+      str(tmp_path / "bad.png"),
+      band_label="std over chains",
+    )
   # The LLC band is labelled by what the caller passes; boundaries once in the legend.
-  fig = hessian_viz.llc_vs_hessian_figure(steps, np.ones(3), np.full(3, 0.1), stats,
-                                          band_label="SEM over chains", boundaries=(50, 500))
+  fig = hessian_viz.llc_vs_hessian_figure(
+    steps, np.ones(3), np.full(3, 0.1), stats, band_label="SEM over chains", boundaries=(50, 500)
+  )
   labels = fig.axes[0].get_legend_handles_labels()[1]
   assert "± SEM over chains" in labels and not any("std" in t for t in labels)
   assert labels.count("stage boundary") == 1

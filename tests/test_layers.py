@@ -20,14 +20,14 @@ GROUND = {"atomic", "theory", "typing", "multihost", "paths", "progress", "confi
 
 # What each package may import beyond the ground layer and itself.
 ALLOWED = {
-    "data": set(),
-    "models": set(),
-    "storage": set(),
-    "training": {"storage"},
-    "sampling": {"storage"},
-    "viz": {"sampling"},
-    "analysis": {"sampling", "storage", "models", "data", "viz"},
-    "experiments": {"data", "models", "storage", "training", "sampling", "viz", "analysis"},
+  "data": set(),
+  "models": set(),
+  "storage": set(),
+  "training": {"storage"},
+  "sampling": {"storage"},
+  "viz": {"sampling"},
+  "analysis": {"sampling", "storage", "models", "data", "viz"},
+  "experiments": {"data", "models", "storage", "training", "sampling", "viz", "analysis"},
 }
 TOP = {"configs": {"experiments"}, "launch": {"experiments"}}
 # viz may use sampling's result and diagnostic types only.
@@ -49,8 +49,12 @@ def _imports(tree: ast.AST) -> list[tuple[int, str]]:
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       out += [(node.lineno, a.name) for a in node.names if a.name.startswith("devinterp_jax")]
-    elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
-          and node.module.startswith("devinterp_jax")):
+    elif (
+      isinstance(node, ast.ImportFrom)
+      and node.level == 0
+      and node.module
+      and node.module.startswith("devinterp_jax")
+    ):
       for a in node.names:
         sub = ROOT / pathlib.Path(*f"{node.module}.{a.name}".split("."))
         is_module = sub.with_suffix(".py").exists() or (sub / "__init__.py").exists()
@@ -94,8 +98,10 @@ def _violations() -> list[str]:
       for line, target in _file_imports(path):
         them = _layer(target)
         if them not in allowed | {"ground", None}:
-          bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}: {top} may import "
-                     f"only {sorted(allowed)}")
+          bad.append(
+            f"{path.relative_to(ROOT)}:{line} imports {target}: {top} may import "
+            f"only {sorted(allowed)}"
+          )
   return bad
 
 
@@ -112,8 +118,9 @@ def _module_graph() -> dict[str, set[str]]:
   for path in sorted(PACKAGE.rglob("*.py")):
     name = _module_name(path)
     own = name + "." if path.name == "__init__.py" else None
-    graph[name] = {t for _, t in _file_imports(path)
-                   if t != name and not (own and t.startswith(own))}
+    graph[name] = {
+      t for _, t in _file_imports(path) if t != name and not (own and t.startswith(own))
+    }
   return graph
 
 
@@ -127,7 +134,7 @@ def test_no_import_cycles():
       if dep not in graph:
         continue
       if state.get(dep) == "open":
-        cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+        cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
       elif dep not in state:
         visit(dep, stack + [dep])
     state[node] = "done"
@@ -141,14 +148,21 @@ def test_no_import_cycles():
 def test_the_package_import_is_light():
   """`import devinterp_jax` loads neither matplotlib, scikit-learn nor scipy, and no
   module selects a matplotlib backend (a notebook keeps its inline plots)."""
-  code = ("import sys, devinterp_jax; heavy = [m for m in ('matplotlib', 'sklearn', 'scipy') "
-          "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 0, f"import devinterp_jax loads {out.stdout.strip()} {out.stderr[-2000:]}"
-  offenders = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
-               if "matplotlib.use(" in p.read_text() or "import matplotlib.pyplot" in p.read_text()
-               or "from matplotlib import pyplot" in p.read_text()]
+  code = (
+    "import sys, devinterp_jax; heavy = [m for m in ('matplotlib', 'sklearn', 'scipy') "
+    "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, (
+    f"import devinterp_jax loads {out.stdout.strip()} {out.stderr[-2000:]}"
+  )
+  offenders = [
+    str(p.relative_to(ROOT))
+    for p in PACKAGE.rglob("*.py")
+    if "matplotlib.use(" in p.read_text()
+    or "import matplotlib.pyplot" in p.read_text()
+    or "from matplotlib import pyplot" in p.read_text()
+  ]
   assert not offenders, f"pyplot state or backend selection in {offenders}"
 
 
@@ -156,6 +170,5 @@ def test_the_package_import_is_light():
 def test_each_package_imports_alone(package):
   """Every package imports in a fresh process by itself (no hidden import order)."""
   code = f"import devinterp_jax.{package}"
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

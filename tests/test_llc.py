@@ -19,14 +19,26 @@ def mlp_loss(params, batch):
 def mlp_setup(num_ckpts=3):
   kx, ky = jax.random.split(jax.random.key(0))
   data = {"x": jax.random.normal(kx, (512, 3)), "y": jax.random.normal(ky, (512, 1))}
-  ckpts = [{"w1": jax.random.normal(jax.random.key(10 + i), (3, 8)) * 0.5,
-            "w2": jax.random.normal(jax.random.key(20 + i), (8, 1)) * 0.5}
-           for i in range(num_ckpts)]
+  ckpts = [
+    {
+      "w1": jax.random.normal(jax.random.key(10 + i), (3, 8)) * 0.5,
+      "w2": jax.random.normal(jax.random.key(20 + i), (8, 1)) * 0.5,
+    }
+    for i in range(num_ckpts)
+  ]
   return data, ckpts
 
 
-KW = dict(num_draws=40, step_size=1e-3, localization=10.0, nbeta=50.0, batch_size=32,
-          seed=3, progress=False, num_burnin_steps=0)
+KW = dict(
+  num_draws=40,
+  step_size=1e-3,
+  localization=10.0,
+  nbeta=50.0,
+  batch_size=32,
+  seed=3,
+  progress=False,
+  num_burnin_steps=0,
+)
 
 
 def test_batched_equals_separate_runs():
@@ -68,20 +80,23 @@ def test_stacked_pytree_input_and_chunking_give_identical_results():
 def test_sweep_resumes_from_atomically_written_chunks(tmp_path):
   data, ckpts = mlp_setup(5)
   out = str(tmp_path / "chunks")
-  ref = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
-                         output_dir=out, **KW)
-  (sweep,) = os.listdir(out)                  # one directory per fingerprint
+  ref = dj.estimate_llcs(
+    mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2, output_dir=out, **KW
+  )
+  (sweep,) = os.listdir(out)  # one directory per fingerprint
   assert sweep == ref.settings["fingerprint"]
   files = sorted(os.listdir(os.path.join(out, sweep)))
   assert files == [f"llc_pair_{i:05d}.npz" for i in range(5)] + ["sweep.json"]
   os.remove(os.path.join(out, sweep, files[1]))  # as if killed before chunk 1 finished
   kept = os.stat(os.path.join(out, sweep, files[0])).st_mtime_ns
-  res = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
-                         output_dir=out, **KW)
+  res = dj.estimate_llcs(
+    mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2, output_dir=out, **KW
+  )
   np.testing.assert_array_equal(res.llc_per_chain, ref.llc_per_chain)
   assert os.stat(os.path.join(out, sweep, files[0])).st_mtime_ns == kept  # not recomputed
-  other = dj.estimate_llcs(mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2,
-                           output_dir=out, **{**KW, "nbeta": 51.0})   # kept apart
+  other = dj.estimate_llcs(
+    mlp_loss, ckpts, data, num_chains=2, checkpoint_chunk=2, output_dir=out, **{**KW, "nbeta": 51.0}
+  )  # kept apart
   assert len(os.listdir(out)) == 2 and not np.allclose(other.llc_per_chain, ref.llc_per_chain)
 
 
@@ -90,9 +105,19 @@ def test_diverged_chains_are_flagged_and_excluded():
   loss = lambda p, b: jnp.mean(b["x"]) * jnp.sum(jnp.square(p["w"]))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    res = dj.estimate_llcs(loss, [{"w": jnp.ones(3)}], data, num_chains=8, num_draws=20,
-                           step_size=1e-3, localization=1.0, nbeta=10.0, batch_size=1,
-                           progress=False, checkpoint_ids=[1234])
+    res = dj.estimate_llcs(
+      loss,
+      [{"w": jnp.ones(3)}],
+      data,
+      num_chains=8,
+      num_draws=20,
+      step_size=1e-3,
+      localization=1.0,
+      nbeta=10.0,
+      batch_size=1,
+      progress=False,
+      checkpoint_ids=[1234],
+    )
   bad = res.diverged[0]
   assert 0 < bad.sum() < 8, "the seed should give some diverged and some healthy chains"
   np.testing.assert_allclose(res.llc_mean[0], res.llc_per_chain[0][~bad].mean(), rtol=1e-12)
@@ -113,8 +138,7 @@ def test_result_roundtrip(tmp_path):
 def test_bad_inputs_name_the_problem():
   data, ckpts = mlp_setup(1)
   with pytest.raises(ValueError, match="same leading sample axis"):
-    dj.estimate_llc(mlp_loss, ckpts[0], {"x": data["x"], "y": data["y"][:10]},
-                    num_chains=1, **KW)
+    dj.estimate_llc(mlp_loss, ckpts[0], {"x": data["x"], "y": data["y"][:10]}, num_chains=1, **KW)
   with pytest.raises(ValueError, match="chain_strategy"):
     dj.estimate_llc(mlp_loss, ckpts[0], data, num_chains=1, chain_strategy="pmap", **KW)
   with pytest.raises(ValueError, match="num_chains"):
@@ -125,8 +149,7 @@ def test_bad_inputs_name_the_problem():
 
 def test_batch_source_callable_is_accepted():
   data, ckpts = mlp_setup(1)
-  source = lambda key: jax.tree.map(
-      lambda x: x[jax.random.randint(key, (32,), 0, 512)], data)
+  source = lambda key: jax.tree.map(lambda x: x[jax.random.randint(key, (32,), 0, 512)], data)
   a = dj.estimate_llc(mlp_loss, ckpts[0], source, num_chains=2, **KW)
   b = dj.estimate_llc(mlp_loss, ckpts[0], data, num_chains=2, **KW)
   np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=1e-6)  # same gather

@@ -30,6 +30,7 @@ def code():
 
 # ----------------------------------------------------------------------------- corpora
 
+
 @pytest.mark.parametrize("cls", [st.ProseCorpus, st.CodeCorpus, st.MixtureCorpus])
 def test_corpora_are_seeded_and_chunk_independent(cls):
   corpus = cls(vocab_size=V, context_length=T, seed=0)
@@ -39,9 +40,10 @@ def test_corpora_are_seeded_and_chunk_independent(cls):
   np.testing.assert_array_equal(a, corpus.sample(3, 5000)[:50])  # crosses a chunk
   assert (a != corpus.sample(4, 50)).mean() > 0.5
   assert (a != cls(vocab_size=V, context_length=T, seed=1).sample(3, 50)).mean() > 0.5
-  np.testing.assert_array_equal(corpus.sample(jax.random.key(7), 8),
-                                corpus.sample(jax.random.key(7), 8))
-  assert corpus == cls(vocab_size=V, context_length=T, seed=0)   # hashable config
+  np.testing.assert_array_equal(
+    corpus.sample(jax.random.key(7), 8), corpus.sample(jax.random.key(7), 8)
+  )
+  assert corpus == cls(vocab_size=V, context_length=T, seed=0)  # hashable config
   hash(corpus)
 
 
@@ -141,8 +143,10 @@ def test_corpus_bad_inputs():
 
 # ----------------------------------------------------------------------------- tokenizer
 
-DOCS = [f"Story {i}: the {w} cat sat on the mat {i % 7} times. Café ü → {w}!"
-        for i, w in enumerate(["red", "blue", "green", "tiny", "old"] * 12)]
+DOCS = [
+  f"Story {i}: the {w} cat sat on the mat {i % 7} times. Café ü → {w}!"
+  for i, w in enumerate(["red", "blue", "green", "tiny", "old"] * 12)
+]
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +186,11 @@ def test_tokenizer_bad_inputs(tok, tmp_path):
 
 # ----------------------------------------------------------------------------- dataset
 
+
 def _write_shards(tmp_path: pathlib.Path) -> list[str]:
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   txt, jsonl, parquet = (tmp_path / f"shard.{e}" for e in ("txt", "jsonl", "parquet"))
   txt.write_text("\n\n".join(DOCS[:20]))
   jsonl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS[20:45])))
@@ -196,8 +202,9 @@ def test_text_dataset_round_trips_and_splits(tok, tmp_path):
   files = _write_shards(tmp_path)
   tok.save(tmp_path / "tok.json")
   opts = dict(separator="\n\n", sgld_fraction=0.25, validation_fraction=0.25, split_seed=3)
-  lm_dataset.build_text_dataset("tiny", files, tmp_path / "tok.json", tmp_path / "a",
-                                context_length=16, **opts)
+  lm_dataset.build_text_dataset(
+    "tiny", files, tmp_path / "tok.json", tmp_path / "a", context_length=16, **opts
+  )
   docs = [d for f in files for d in documents.read_documents(f, separator="\n\n")]
   assert docs == DOCS
   seen = []
@@ -207,7 +214,7 @@ def test_text_dataset_round_trips_and_splits(tok, tmp_path):
     mine = [d for d in docs if documents.document_split(d, 3, 0.25, 0.25) == split]
     stream = np.concatenate([np.append(tok.encode(d), tok.bos_id) for d in mine])
     k = len(stream) // 15
-    want = np.concatenate([np.zeros((k, 1), np.int32), stream[:15 * k].reshape(k, 15)], 1)
+    want = np.concatenate([np.zeros((k, 1), np.int32), stream[: 15 * k].reshape(k, 15)], 1)
     assert len(mine) >= 5 and k >= 3
     np.testing.assert_array_equal(got, want)
     seen.append(set(mine))
@@ -215,18 +222,21 @@ def test_text_dataset_round_trips_and_splits(tok, tmp_path):
   meta = lm_dataset.dataset_metadata(tmp_path / "a", "tiny")
   assert meta["vocab_size"] == tok.vocab_size and meta["bos_id"] == 0
   # Rebuilt elsewhere: identical.
-  lm_dataset.build_text_dataset("tiny", files, tmp_path / "tok.json", tmp_path / "b",
-                                context_length=16, **opts)
+  lm_dataset.build_text_dataset(
+    "tiny", files, tmp_path / "tok.json", tmp_path / "b", context_length=16, **opts
+  )
   for split in lm_dataset.SPLITS:
     np.testing.assert_array_equal(
-        lm_dataset.load_array(lm_dataset.load_split(tmp_path / "a", "tiny", split)),
-        lm_dataset.load_array(lm_dataset.load_split(tmp_path / "b", "tiny", split)))
+      lm_dataset.load_array(lm_dataset.load_split(tmp_path / "a", "tiny", split)),
+      lm_dataset.load_array(lm_dataset.load_split(tmp_path / "b", "tiny", split)),
+    )
 
 
 def test_synthetic_dataset_shares_the_reader(tmp_path):
   corpus = st.ProseCorpus(vocab_size=64, context_length=16, seed=2)
-  lm_dataset.build_synthetic_dataset(corpus, tmp_path, "prose",
-                                     {"train": 100, "sgld": 30, "validation": 20}, seed=5)
+  lm_dataset.build_synthetic_dataset(
+    corpus, tmp_path, "prose", {"train": 100, "sgld": 30, "validation": 20}, seed=5
+  )
   for i, (split, n) in enumerate([("train", 100), ("sgld", 30), ("validation", 20)]):
     got = lm_dataset.load_array(lm_dataset.load_split(tmp_path, "prose", split))
     np.testing.assert_array_equal(got, corpus.sample((5, i), n))
@@ -253,7 +263,8 @@ def test_batch_at_is_deterministic_and_resumable(tmp_path):
 def test_dataset_bad_inputs(tok, tmp_path):
   tok.save(tmp_path / "tok.json")
   build = lambda files, T=16, **kw: lm_dataset.build_text_dataset(
-      "bad", files, tmp_path / "tok.json", tmp_path / "d", context_length=T, **kw)
+    "bad", files, tmp_path / "tok.json", tmp_path / "d", context_length=T, **kw
+  )
   with pytest.raises(FileNotFoundError):
     build([str(tmp_path / "missing.txt")])
   with pytest.raises(FileNotFoundError, match="no files match"):
@@ -281,13 +292,16 @@ def test_a_tokenizers_own_bos_is_recorded_and_read_back(tok, tmp_path):
   """A dataset built with a tokenizer whose BOS is not 0 stores that id, and an LM run
   reading it (`run_bos_id`, what the report passes to the LM metrics) gets it back."""
   import ml_collections
+
   files = _write_shards(tmp_path)
   tok.save(tmp_path / "tok.json")
   bos_token = tok.tokenizer.id_to_token(7)
-  lm_dataset.build_text_dataset("tiny", files, tmp_path / "tok.json", tmp_path / "d",
-                                context_length=16, bos_token=bos_token)
+  lm_dataset.build_text_dataset(
+    "tiny", files, tmp_path / "tok.json", tmp_path / "d", context_length=16, bos_token=bos_token
+  )
   contexts = lm_dataset.load_array(lm_dataset.load_split(tmp_path / "d", "tiny", "train"))
   assert (contexts[:, 0] == 7).all()
-  config = ml_collections.ConfigDict(dict(data=dict(source="tfds", data_dir=str(tmp_path / "d"),
-                                                    name="tiny")))
+  config = ml_collections.ConfigDict(
+    dict(data=dict(source="tfds", data_dir=str(tmp_path / "d"), name="tiny"))
+  )
   assert lm_dataset.run_bos_id(config, str(tmp_path)) == 7

@@ -34,7 +34,8 @@ def _random_params(seed: int, std: float = 0.3):
 
 def _zero_params():
   params = jax.tree_util.tree_map_with_path(
-      lambda path, s: np.full(s.shape, float(path[-1].key == "scale"), np.float32), SHAPES)
+    lambda path, s: np.full(s.shape, float(path[-1].key == "scale"), np.float32), SHAPES
+  )
   return jax.tree.map(np.array, params)
 
 
@@ -72,9 +73,18 @@ def ckpts():
 def _run(ckpts, data, chunk, common=None):
   """Common n-grams: the planted ones if given, else the 4 most frequent per n of
   the training tokens (so the program's shapes, hence its compilation, are shared)."""
-  return lm.lm_metrics(MODEL, ckpts, data["val"], train_tokens=data["train"],
-                       common_ngrams=common, num_common_ngrams=4, key=KEY,
-                       checkpoint_chunk=chunk, eval_batch=5, **PROBES)
+  return lm.lm_metrics(
+    MODEL,
+    ckpts,
+    data["val"],
+    train_tokens=data["train"],
+    common_ngrams=common,
+    num_common_ngrams=4,
+    key=KEY,
+    checkpoint_chunk=chunk,
+    eval_batch=5,
+    **PROBES,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +102,13 @@ def _reference_fn():
   """Direct model evaluations of the quantities checked (one compilation)."""
 
   def fn(params, val, ngram_seqs, prev_probe, prefix_probe):
-    return {"clean": MODEL.per_token_loss(params, val),
-            "ablated": MODEL.per_token_loss(params, val, pos_ablation=True),
-            "ngram": MODEL.per_token_loss(params, ngram_seqs),
-            "attn_prev": MODEL.attention_patterns(params, prev_probe),
-            "attn_prefix": MODEL.attention_patterns(params, prefix_probe)}
+    return {
+      "clean": MODEL.per_token_loss(params, val),
+      "ablated": MODEL.per_token_loss(params, val, pos_ablation=True),
+      "ngram": MODEL.per_token_loss(params, ngram_seqs),
+      "attn_prev": MODEL.attention_patterns(params, prev_probe),
+      "attn_prefix": MODEL.attention_patterns(params, prefix_probe),
+    }
 
   return jax.jit(fn)
 
@@ -121,10 +133,24 @@ def prev_model(data):
 def test_shapes_and_batched_equals_per_checkpoint(batched, single):
   C = 3
   assert set(batched) == set(single)
-  for name in ("loss", "bigram_entropy", "bigram_gap", "bigram_score", "bigram_kl_pos1",
-               "icl_score", "pos_ablated_loss", "pos_ablation_loss_mean", "pos_pca_top2",
-               "prev_token_chance", "prefix_chance", "ngram_score_2", "ngram_score_3",
-               "ngram_score_4", "prev_token_score/L0H1", "comp_k/L0H0_L1H1"):
+  for name in (
+    "loss",
+    "bigram_entropy",
+    "bigram_gap",
+    "bigram_score",
+    "bigram_kl_pos1",
+    "icl_score",
+    "pos_ablated_loss",
+    "pos_ablation_loss_mean",
+    "pos_pca_top2",
+    "prev_token_chance",
+    "prefix_chance",
+    "ngram_score_2",
+    "ngram_score_3",
+    "ngram_score_4",
+    "prev_token_score/L0H1",
+    "comp_k/L0H0_L1H1",
+  ):
     assert batched[name].shape == (C,), name
   assert batched["loss_per_position"].shape == (C, T - 1)
   assert batched["pos_ablation_loss"].shape == (C, T - 1)
@@ -135,8 +161,7 @@ def test_shapes_and_batched_equals_per_checkpoint(batched, single):
   for kind in "qkv":
     assert batched[f"comp_{kind}"].shape == (C, H, H)
   for name in batched:
-    np.testing.assert_allclose(batched[name], single[name], rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(batched[name], single[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_losses_agree_with_the_model(batched, ckpts, data):
@@ -144,17 +169,18 @@ def test_losses_agree_with_the_model(batched, ckpts, data):
   clean, ablated = ref["clean"], ref["ablated"]
   np.testing.assert_allclose(batched["loss"][1], clean.mean(), rtol=1e-5)
   np.testing.assert_allclose(batched["loss_per_position"][1], clean.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(batched["pos_ablation_loss"][1], (ablated - clean).mean(0),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    batched["pos_ablation_loss"][1], (ablated - clean).mean(0), rtol=1e-4, atol=1e-5
+  )
   early, late = batched["icl_early_position"][0], batched["icl_late_position"][0]
   assert (early, late) == (1, 8)  # round(0.05·16) clipped to 1, round(0.5·16)
-  np.testing.assert_allclose(batched["icl_score"][1],
-                             clean.mean(0)[late - 1] - clean.mean(0)[early - 1], rtol=1e-5)
+  np.testing.assert_allclose(
+    batched["icl_score"][1], clean.mean(0)[late - 1] - clean.mean(0)[early - 1], rtol=1e-5
+  )
   # n-gram loss: the loss on g_n of [BOS, g_1..g_n]; score = val loss at token n / that.
   ngram_loss = ref["ngram"][:, 2].mean()
   np.testing.assert_allclose(batched["ngram_loss_3"][1], ngram_loss, rtol=1e-5)
-  np.testing.assert_allclose(batched["ngram_score_3"][1],
-                             clean.mean(0)[2] / ngram_loss, rtol=1e-5)
+  np.testing.assert_allclose(batched["ngram_score_3"][1], clean.mean(0)[2] / ngram_loss, rtol=1e-5)
 
 
 def test_bigram_entries(batched, data):
@@ -192,14 +218,13 @@ def test_previous_token_head_end_to_end(prev_model, data):
     np.testing.assert_allclose(pre[l, h], chance_pre, rtol=1e-4)
   assert pre[0, 0] < 0.05
   labels = lm.classify_lm_heads(out)
-  assert labels == {"L0H0": "previous_token", "L0H1": "other", "L1H0": "other",
-                    "L1H1": "other"}
+  assert labels == {"L0H0": "previous_token", "L0H1": "other", "L1H0": "other", "L1H1": "other"}
   # The end-to-end scores equal the lower-level functions on the model's patterns.
   ref = _reference(params, data)
-  np.testing.assert_allclose(lm.previous_token_scores(ref["attn_prev"]), prev, rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(lm.prefix_matching_scores(ref["attn_prefix"]), pre, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(lm.previous_token_scores(ref["attn_prev"]), prev, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    lm.prefix_matching_scores(ref["attn_prefix"]), pre, rtol=1e-5, atol=1e-6
+  )
   # Zero token embeddings and values: the model predicts uniformly.
   np.testing.assert_allclose(out["loss"], np.log(V), rtol=1e-5)
 
@@ -210,8 +235,8 @@ def test_head_probes():
   assert prev.shape == (24, T) and pre.shape == (24, 15)
   assert np.all(prev[:, 0] == BOS_ID) and np.all(prev[:, 1:] >= 1)
   m = 7
-  np.testing.assert_array_equal(pre[:, 1:m + 1], pre[:, m + 1:])
-  assert all(len(set(row[1:m + 1])) == m for row in pre) and np.all(pre[:, 1:] >= 1)
+  np.testing.assert_array_equal(pre[:, 1 : m + 1], pre[:, m + 1 :])
+  assert all(len(set(row[1 : m + 1])) == m for row in pre) and np.all(pre[:, 1:] >= 1)
   np.testing.assert_array_equal(lm.prev_token_queries(64), np.arange(15, 64))  # lengths 16–64
 
 
@@ -233,8 +258,12 @@ def test_scores_on_supplied_patterns():
   for t in range(m + 1, 2 * m + 1):
     induction[..., t, :] = 0
     induction[..., t, t - m + 1] = 1
-  attn = np.stack([np.concatenate([perfect_prev, _uniform_causal(2, 1, T_)], 1),
-                   np.concatenate([_uniform_causal(2, 1, T_), induction], 1)])  # [L, B, H, T, S]
+  attn = np.stack(
+    [
+      np.concatenate([perfect_prev, _uniform_causal(2, 1, T_)], 1),
+      np.concatenate([_uniform_causal(2, 1, T_), induction], 1),
+    ]
+  )  # [L, B, H, T, S]
   prev = np.asarray(lm.previous_token_scores(attn))
   pre = np.asarray(lm.prefix_matching_scores(attn))
   q_prev = lm.prev_token_queries(T_)
@@ -246,8 +275,7 @@ def test_scores_on_supplied_patterns():
   np.testing.assert_allclose(pre[0, 1], lm.chance_level(q_pre), rtol=1e-6)
   assert pre[0, 0] == 0.0
   labels = lm.head_label_array({"prev_token_score": prev[None], "prefix_score": pre[None]})
-  np.testing.assert_array_equal(labels[0], [["previous_token", "other"],
-                                            ["other", "induction"]])
+  np.testing.assert_array_equal(labels[0], [["previous_token", "other"], ["other", "induction"]])
 
 
 def test_classification_rules():
@@ -255,11 +283,16 @@ def test_classification_rules():
   pre = np.array([[[0.1, 0.9, 0.5], [0.8, 0.7, 0.1]]])
   labels = lm.head_label_array({"prev_token_score": prev, "prefix_score": pre})
   # L0H1 has a high prefix score but sits in layer 0; L0H2 prefers prefix; L1H1 prev wins.
-  np.testing.assert_array_equal(labels[0], [["previous_token", "other", "other"],
-                                            ["induction", "induction", "other"]])
-  per_ckpt = lm.classify_lm_heads({"prev_token_score": np.concatenate([prev, prev * 0]),
-                                   "prefix_score": np.concatenate([pre, pre * 0])},
-                                  checkpoint=None)
+  np.testing.assert_array_equal(
+    labels[0], [["previous_token", "other", "other"], ["induction", "induction", "other"]]
+  )
+  per_ckpt = lm.classify_lm_heads(
+    {
+      "prev_token_score": np.concatenate([prev, prev * 0]),
+      "prefix_score": np.concatenate([pre, pre * 0]),
+    },
+    checkpoint=None,
+  )
   np.testing.assert_array_equal(per_ckpt["L0H0"], ["previous_token", "other"])
 
 
@@ -268,9 +301,17 @@ def test_classification_rules():
 
 def _attn_params(Hh=2, Dd=16, E=8):
   zero = lambda *s: np.zeros(s, np.float32)  # noqa: E731
-  return {f"block_{l}": {"attn": {"w_q": zero(Dd, Hh, E), "w_k": zero(Dd, Hh, E),
-                                  "w_v": zero(Dd, Hh, E), "w_o": zero(Hh, E, Dd)}}
-          for l in (0, 1)}
+  return {
+    f"block_{l}": {
+      "attn": {
+        "w_q": zero(Dd, Hh, E),
+        "w_k": zero(Dd, Hh, E),
+        "w_v": zero(Dd, Hh, E),
+        "w_o": zero(Hh, E, Dd),
+      }
+    }
+    for l in (0, 1)
+  }
 
 
 def test_composition_scores():
@@ -282,12 +323,12 @@ def test_composition_scores():
   b -= a * (a @ b) / (a @ a)  # b ⟂ a
   c = rng.normal(size=16)
   a0, a1 = p["block_0"]["attn"], p["block_1"]["attn"]
-  a0["w_v"][:, 0, 0], a0["w_o"][0, 0, :] = u, a            # W_OV^{0,0} = u aᵀ: writes a
-  a1["w_q"][:, 0, 0], a1["w_k"][:, 0, 0] = b, a            # W_QK^{1,0} = b aᵀ: keys read a
-  a1["w_v"][:, 0, 0], a1["w_o"][0, 0, :] = a, c            # W_OV^{1,0} = a cᵀ: values read a
+  a0["w_v"][:, 0, 0], a0["w_o"][0, 0, :] = u, a  # W_OV^{0,0} = u aᵀ: writes a
+  a1["w_q"][:, 0, 0], a1["w_k"][:, 0, 0] = b, a  # W_QK^{1,0} = b aᵀ: keys read a
+  a1["w_v"][:, 0, 0], a1["w_o"][0, 0, :] = a, c  # W_OV^{1,0} = a cᵀ: values read a
   orth = np.zeros(16)
   orth[8:] = rng.normal(size=8)
-  a1["w_q"][:, 1, 0], a1["w_k"][:, 1, 0] = orth, orth      # head 1 reads only dims 8..15
+  a1["w_q"][:, 1, 0], a1["w_k"][:, 1, 0] = orth, orth  # head 1 reads only dims 8..15
   a1["w_v"][:, 1, 0], a1["w_o"][1, 0, :] = orth, c
   comp = {k: np.asarray(v) for k, v in lm.composition_scores(p).items()}
   np.testing.assert_allclose(comp["k"][0, 0], 1.0, rtol=1e-5)
@@ -295,7 +336,7 @@ def test_composition_scores():
   np.testing.assert_allclose(comp["q"][0, 0], 0.0, atol=1e-5)  # queries read b ⟂ a
   for kind in "qkv":
     np.testing.assert_allclose(comp[kind][0, 1], 0.0, atol=1e-5)  # orthogonal subspaces
-    np.testing.assert_array_equal(comp[kind][1], 0.0)             # zero head: 0/0 -> 0
+    np.testing.assert_array_equal(comp[kind][1], 0.0)  # zero head: 0/0 -> 0
   rand = lm.composition_scores(_random_params(5))
   for v in rand.values():
     v = np.asarray(v)
@@ -325,7 +366,7 @@ def test_pca_explained_variance(batched):
 
 
 def test_ngram_score_guard_and_positions():
-  assert lm.ngram_scores(2.0, 0.0) == pytest.approx(2000.0)   # perfect predictor: floor 1e-3
+  assert lm.ngram_scores(2.0, 0.0) == pytest.approx(2000.0)  # perfect predictor: floor 1e-3
   assert np.isfinite(lm.ngram_scores([3.0], [0.0], floor=1e-6)).all()
   np.testing.assert_allclose(lm.ngram_scores([3.0, 2.0], [1.5, 4.0]), [2.0, 0.5])
   assert lm.resolve_positions((0.05, 0.5), 1024) == (51, 512)
@@ -356,8 +397,9 @@ def test_common_ngrams(monkeypatch):
   probs_ref, prev_ref = lm.bigram_distribution(sample, V)
   np.testing.assert_array_equal(probs, probs_ref)
   np.testing.assert_array_equal(prev, prev_ref)
-  np.testing.assert_allclose(lm.conditional_entropy(probs, prev),
-                             synthetic_text.bigram_entropy(sample, V), rtol=1e-6)
+  np.testing.assert_allclose(
+    lm.conditional_entropy(probs, prev), synthetic_text.bigram_entropy(sample, V), rtol=1e-6
+  )
   # Planted n-grams are found among the most frequent of a corpus sample.
   sample = CORPUS.sample(2, 2000)
   top = {tuple(g) for g in lm.common_ngrams(sample, 4, 10)}
@@ -374,20 +416,27 @@ def _fake_metrics():
   prefix = np.zeros((5, 2, 2))
   prefix[:, 1, 0] = [0.05, 0.05, 0.1, 0.35, 0.6]
   prefix[:, 0, 0] = 0.9  # layer 0: never an induction milestone
-  return steps, {"bigram_gap": np.array([3.0, 1.0, 0.25, 0.2, 0.1]),
-                 "ngram_score_2": np.array([1.0, 1.1, 2.0, 3.0, 3.0]),
-                 "ngram_score_3": np.array([1.0, 1.0, 1.0, 1.2, 1.3]),
-                 "prev_token_score": prev, "prefix_score": prefix,
-                 "prev_token_chance": np.full(5, 0.05), "prefix_chance": np.full(5, 0.02),
-                 "loss": np.linspace(4, 2, 5), "bigram_entropy": np.full(5, 1.8),
-                 "icl_score": np.linspace(0, -1, 5)}
+  return steps, {
+    "bigram_gap": np.array([3.0, 1.0, 0.25, 0.2, 0.1]),
+    "ngram_score_2": np.array([1.0, 1.1, 2.0, 3.0, 3.0]),
+    "ngram_score_3": np.array([1.0, 1.0, 1.0, 1.2, 1.3]),
+    "prev_token_score": prev,
+    "prefix_score": prefix,
+    "prev_token_chance": np.full(5, 0.05),
+    "prefix_chance": np.full(5, 0.02),
+    "loss": np.linspace(4, 2, 5),
+    "bigram_entropy": np.full(5, 1.8),
+    "icl_score": np.linspace(0, -1, 5),
+  }
 
 
 def test_milestones():
   steps, metrics = _fake_metrics()
   marks = lm.milestones(steps, metrics)
   json.dumps(marks)
-  assert marks["bigram_gap"]["step"] == 100 and marks["bigram_gap"]["threshold"] == pytest.approx(0.3)
+  assert marks["bigram_gap"]["step"] == 100 and marks["bigram_gap"]["threshold"] == pytest.approx(
+    0.3
+  )
   assert marks["ngram_2"]["step"] == 100 and marks["ngram_3"]["step"] is None
   assert marks["previous_token"]["step"] == 100
   assert marks["previous_token"]["head"] == "L0H1"
@@ -405,7 +454,7 @@ def test_plot_writes_png(tmp_path, batched):
   steps, metrics = _fake_metrics()
   path2 = str(tmp_path / "partial.png")
   lm_viz.plot_lm_metrics(steps, metrics, path2)
-  fig = lm_viz.lm_metrics_figure(steps, metrics)   # step 0: symlog step axes
+  fig = lm_viz.lm_metrics_figure(steps, metrics)  # step 0: symlog step axes
   assert {ax.get_xscale() for ax in fig.axes[:8]} == {"symlog"}
   assert os.path.getsize(path2) > 10_000
 
@@ -424,16 +473,31 @@ def test_the_datasets_bos_is_used_not_token_0(data, ckpts):
   params["unembed"]["kernel"] = params["unembed"]["kernel"][:, perm]
   params["unembed"]["bias"] = params["unembed"]["bias"][perm]
   kw = dict(num_common_ngrams=4, key=KEY, checkpoint_chunk=1, eval_batch=5, **PROBES)
-  ref = lm.lm_metrics(MODEL, ckpts[:1], data["val"], train_tokens=data["train"],
-                      common_ngrams=CORPUS.planted_ngrams, **kw)
-  got = lm.lm_metrics(MODEL, [params], val, train_tokens=train, common_ngrams=planted,
-                      bos_id=bos, **kw)
-  for name in ("loss", "bigram_entropy", "bigram_score", "bigram_kl_pos1", "icl_score",
-               "ngram_score_2", "ngram_score_3", "pos_ablated_loss"):
+  ref = lm.lm_metrics(
+    MODEL,
+    ckpts[:1],
+    data["val"],
+    train_tokens=data["train"],
+    common_ngrams=CORPUS.planted_ngrams,
+    **kw,
+  )
+  got = lm.lm_metrics(
+    MODEL, [params], val, train_tokens=train, common_ngrams=planted, bos_id=bos, **kw
+  )
+  for name in (
+    "loss",
+    "bigram_entropy",
+    "bigram_score",
+    "bigram_kl_pos1",
+    "icl_score",
+    "ngram_score_2",
+    "ngram_score_3",
+    "pos_ablated_loss",
+  ):
     np.testing.assert_allclose(got[name], ref[name], rtol=2e-5, atol=1e-6, err_msg=name)
   probes = lm.head_probe_tokens(KEY, V, T, bos_id=bos, **PROBES)
   for seqs in probes.values():
     assert (seqs[:, 0] == bos).all() and not (seqs[:, 1:] == bos).any()
-  assert (probes["prefix"][:, 1:] == 0).any()   # token 0 is an ordinary token now
+  assert (probes["prefix"][:, 1:] == 0).any()  # token 0 is an ordinary token now
   with pytest.raises(ValueError, match="bos_id 0"):
     lm.lm_metrics(MODEL, [params], val, train_tokens=train, **kw)

@@ -24,9 +24,12 @@ def tiny_setup():
   model = tiny()
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.asarray(
-          (1.0 if restrict.path_name(path).endswith("/scale") else 0.0)
-          + rng.normal(0, 0.2, s.shape), s.dtype), shapes(model))
+    lambda path, s: jnp.asarray(
+      (1.0 if restrict.path_name(path).endswith("/scale") else 0.0) + rng.normal(0, 0.2, s.shape),
+      s.dtype,
+    ),
+    shapes(model),
+  )
   tokens = jnp.asarray(rng.integers(0, TINY["vocab_size"], (3, 12)), jnp.int32)
   return model, params, tokens
 
@@ -37,10 +40,12 @@ def zeros_like_shapes(tree):
 
 def set_leaf(params, path, value):
   """A copy of `params` with the leaf at '/'-joined `path` replaced."""
+
   def go(tree, keys):
     out = dict(tree)
     out[keys[0]] = value if len(keys) == 1 else go(tree[keys[0]], keys[1:])
     return out
+
   return go(params, path.split("/"))
 
 
@@ -57,14 +62,21 @@ def test_param_layout_and_restrict_selectors():
   assert attn["b_o"].shape == (256,)
   names, masks = restrict.all_heads(p)
   assert names == [f"L{l}H{h}" for l in range(2) for h in range(8)]
-  np.testing.assert_array_equal(restrict.num_selected(masks, leading_axes=1),
-                                np.full(16, 4 * 256 * 32 + 3 * 32))
+  np.testing.assert_array_equal(
+    restrict.num_selected(masks, leading_axes=1), np.full(16, 4 * 256 * 32 + 3 * 32)
+  )
   del masks
-  counts = {g: restrict.num_selected(restrict.by_group(p, g))
-            for g in ("token_embed", "pos_embed", "unembed", "layer_norms", "attention")}
-  assert counts == {"token_embed": 5000 * 256, "pos_embed": 1024 * 256,
-                    "unembed": 256 * 5000 + 5000, "layer_norms": 3 * 2 * 256,
-                    "attention": 2 * (4 * 256 * 256 + 4 * 256)}
+  counts = {
+    g: restrict.num_selected(restrict.by_group(p, g))
+    for g in ("token_embed", "pos_embed", "unembed", "layer_norms", "attention")
+  }
+  assert counts == {
+    "token_embed": 5000 * 256,
+    "pos_embed": 1024 * 256,
+    "unembed": 256 * 5000 + 5000,
+    "layer_norms": 3 * 2 * 256,
+    "attention": 2 * (4 * 256 * 256 + 4 * 256),
+  }
   assert restrict.num_selected(restrict.by_layer(p, 1)) == 4 * 256 * 256 + 4 * 256 + 2 * 256
 
 
@@ -73,8 +85,15 @@ def test_init_scheme():
   p = model.init_params(jax.random.key(0))
   assert param_count(p) == param_count(shapes(model))
   named = {restrict.path_name(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p)}
-  weights = ("token_embed/embedding", "pos_embed", "block_0/attn/w_q", "block_0/attn/w_k",
-             "block_0/attn/w_v", "block_0/attn/w_o", "unembed/kernel")
+  weights = (
+    "token_embed/embedding",
+    "pos_embed",
+    "block_0/attn/w_q",
+    "block_0/attn/w_k",
+    "block_0/attn/w_v",
+    "block_0/attn/w_o",
+    "unembed/kernel",
+  )
   for name, x in named.items():
     if name in weights:  # TransformerLens: N(0, (0.8/√d_model)²) = N(0, 0.2²) here
       assert 0.15 < x.std() < 0.25 and abs(x.mean()) < 0.05, name
@@ -99,10 +118,10 @@ def test_causality(tiny_setup):
   out = model.logits(p, toks)
   assert out.shape == (3, 12, 50)
   for i in [0, 4, 9]:
-    perturbed = toks.at[:, i + 1:].set((toks[:, i + 1:] + 7) % 50)
+    perturbed = toks.at[:, i + 1 :].set((toks[:, i + 1 :] + 7) % 50)
     out2 = model.logits(p, perturbed)
-    np.testing.assert_allclose(out[:, :i + 1], out2[:, :i + 1], atol=1e-5)
-    assert not np.allclose(out[:, i + 1:], out2[:, i + 1:], atol=1e-4)
+    np.testing.assert_allclose(out[:, : i + 1], out2[:, : i + 1], atol=1e-5)
+    assert not np.allclose(out[:, i + 1 :], out2[:, i + 1 :], atol=1e-4)
 
 
 def test_attention_patterns_are_causal_distributions(tiny_setup):
@@ -123,12 +142,14 @@ def test_shortformer_pos_embed_enters_only_queries_and_keys(tiny_setup):
   attn = np.asarray(model.attention_patterns(uniform, toks))
   np.testing.assert_allclose(attn[..., 5, :6], 1 / 6, rtol=1e-6)
   # Neither the values nor the residual stream see W_pos.
-  np.testing.assert_array_equal(model.logits(uniform, toks),
-                                model.logits(set_leaf(uniform, "pos_embed", new_pos), toks))
+  np.testing.assert_array_equal(
+    model.logits(uniform, toks), model.logits(set_leaf(uniform, "pos_embed", new_pos), toks)
+  )
   # With nonzero W_Q/W_K it does change the patterns and the logits.
   moved = set_leaf(p, "pos_embed", new_pos)
-  assert not np.allclose(model.attention_patterns(p, toks), model.attention_patterns(moved, toks),
-                         atol=1e-4)
+  assert not np.allclose(
+    model.attention_patterns(p, toks), model.attention_patterns(moved, toks), atol=1e-4
+  )
   assert not np.allclose(model.logits(p, toks), model.logits(moved, toks), atol=1e-4)
 
 
@@ -138,8 +159,11 @@ def test_pos_ablation_replaces_pos_embed_by_its_mean(tiny_setup):
   manual = model.logits(set_leaf(p, "pos_embed", mean_pos), toks)
   np.testing.assert_allclose(model.logits(p, toks, pos_ablation=True), manual, atol=1e-5)
   batch = {"tokens": toks}
-  np.testing.assert_allclose(model.pos_ablated_loss(p, batch),
-                             model.loss(set_leaf(p, "pos_embed", mean_pos), batch), rtol=1e-5)
+  np.testing.assert_allclose(
+    model.pos_ablated_loss(p, batch),
+    model.loss(set_leaf(p, "pos_embed", mean_pos), batch),
+    rtol=1e-5,
+  )
   assert not np.isclose(model.pos_ablated_loss(p, batch), model.loss(p, batch), rtol=1e-4)
 
 
@@ -150,8 +174,11 @@ def test_zeroing_head_slices_equals_zero_ablation(tiny_setup, layer, head):
   ablated = model.logits(p, toks, head_keep=keep)
   a = p[f"block_{layer}"]["attn"]
   no_o = set_leaf(p, f"block_{layer}/attn/w_o", a["w_o"].at[head].set(0.0))
-  no_v = set_leaf(set_leaf(p, f"block_{layer}/attn/w_v", a["w_v"].at[:, head].set(0.0)),
-                  f"block_{layer}/attn/b_v", a["b_v"].at[head].set(0.0))
+  no_v = set_leaf(
+    set_leaf(p, f"block_{layer}/attn/w_v", a["w_v"].at[:, head].set(0.0)),
+    f"block_{layer}/attn/b_v",
+    a["b_v"].at[head].set(0.0),
+  )
   np.testing.assert_allclose(model.logits(no_o, toks), ablated, atol=1e-5)
   np.testing.assert_allclose(model.logits(no_v, toks), ablated, atol=1e-5)
   assert not np.allclose(model.logits(p, toks), ablated, atol=1e-4)
@@ -176,8 +203,11 @@ def test_per_token_loss_matches_hand_computed_cross_entropy(tiny_setup):
 
 def test_uniform_logits_give_log_vocab(tiny_setup):
   model, p, toks = tiny_setup
-  p = set_leaf(set_leaf(p, "unembed/kernel", jnp.zeros_like(p["unembed"]["kernel"])),
-               "unembed/bias", jnp.zeros_like(p["unembed"]["bias"]))
+  p = set_leaf(
+    set_leaf(p, "unembed/kernel", jnp.zeros_like(p["unembed"]["kernel"])),
+    "unembed/bias",
+    jnp.zeros_like(p["unembed"]["bias"]),
+  )
   np.testing.assert_allclose(model.loss(p, {"tokens": toks}), np.log(50), rtol=1e-6)
 
 
@@ -189,23 +219,26 @@ def test_mean_ablation_protocol(tiny_setup):
   assert heads["z"].shape == (2, 3, 12, 2, 8) and heads["contrib"].shape == (2, 3, 12, 2, 16)
   mean = heads["z"].mean(axis=1)  # [L, T, H, E]
   ones = jnp.ones((2, 2))
-  np.testing.assert_array_equal(model.logits(p, toks, head_keep=ones, head_mean=mean),
-                                model.logits(p, toks))
+  np.testing.assert_array_equal(
+    model.logits(p, toks, head_keep=ones, head_mean=mean), model.logits(p, toks)
+  )
   np.testing.assert_array_equal(model.ablated_loss(p, batch, ones, mean), model.loss(p, batch))
   # Σ_h contrib + b_O is each block's residual update: rebuild the logits by hand.
   x = np.asarray(p["token_embed"]["embedding"])[np.asarray(toks)]
   for l in range(2):
     x = x + np.asarray(heads["contrib"][l]).sum(2) + np.asarray(p[f"block_{l}"]["attn"]["b_o"])
   ln = p["ln_f"]
-  x = ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
-       * np.asarray(ln["scale"]) + np.asarray(ln["bias"]))
+  x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * np.asarray(
+    ln["scale"]
+  ) + np.asarray(ln["bias"])
   want = x @ np.asarray(p["unembed"]["kernel"]) + np.asarray(p["unembed"]["bias"])
   np.testing.assert_allclose(model.logits(p, toks), want, atol=1e-4)
   # Mean-ablating every head on a batch of identical sequences changes nothing.
   same = {"tokens": jnp.tile(toks[:1], (3, 1))}
   z_same = model.head_activations(p, same)["z"].mean(axis=1)
-  np.testing.assert_allclose(model.ablated_loss(p, same, jnp.zeros((2, 2)), z_same),
-                             model.loss(p, same), rtol=1e-5)
+  np.testing.assert_allclose(
+    model.ablated_loss(p, same, jnp.zeros((2, 2)), z_same), model.loss(p, same), rtol=1e-5
+  )
   assert model.ablated_loss(p, batch, jnp.zeros((2, 2)), mean) != model.loss(p, batch)
 
 

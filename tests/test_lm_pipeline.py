@@ -15,12 +15,26 @@ def tiny_lm_config(num_steps: int = 30):
   config = lm_config.get_config("runlocal")
   config.model.update(vocab_size=64, context_length=16, d_model=16, num_heads=2, num_layers=2)
   config.data.update(num_train=512, num_sgld=128, num_validation=64)
-  config.train.update(num_steps=num_steps, batch_size=8, n_log=5, linear_every=10,
-                      log_every=10, resume_every=10, eval_batch_size=32)
+  config.train.update(
+    num_steps=num_steps,
+    batch_size=8,
+    n_log=5,
+    linear_every=10,
+    log_every=10,
+    resume_every=10,
+    eval_batch_size=32,
+  )
   # Adaptive as runlocal, but at most 3 blocks of 8 draws (runlocal's max_draws=1000
   # would continue these unconverged tiny chains for up to 124 blocks).
-  config.llc.update(num_chains=2, num_draws=8, batch_size=8, checkpoint_chunk=4,
-                    init_loss_stride=4, step_size=1e-4, max_draws=24)
+  config.llc.update(
+    num_chains=2,
+    num_draws=8,
+    batch_size=8,
+    checkpoint_chunk=4,
+    init_loss_stride=4,
+    step_size=1e-4,
+    max_draws=24,
+  )
   config.refined.update(num_chains=2, num_draws=8, batch_size=8, checkpoint_chunk=4)
   config.analysis.update(checkpoint_chunk=4)
   config.analysis.stages.n_restarts = 2
@@ -63,7 +77,7 @@ def test_lm_refined_heads_and_code_data(lm_run):
   config, workdir, _ = lm_run
   summary = refined.run_refined(config, workdir, restrict="heads")
   assert summary["restrictions"] == ["L0H0", "L0H1", "L1H0", "L1H1"]
-  assert summary["num_params"] == [4 * 16 * 8 + 3 * 8] * 4      # W_QKV/O slices + b_QKV
+  assert summary["num_params"] == [4 * 16 * 8 + 3 * 8] * 4  # W_QKV/O slices + b_QKV
   code = refined.run_refined(config, workdir, loss_data="corpus=code")
   assert code["name"] == "drllc_corpuscode" and np.isfinite(code["final"]["drllc_corpuscode"])
 
@@ -88,8 +102,8 @@ def test_lm_calibration_grid(lm_run):
   config.calibration.update(step_sizes=(1e-5, 1e-2), localizations=(300.0,), num_draws=20)
   result = lm.calibrate(config, workdir)
   assert result.settings["mala_target"] == "loss"
-  acc = result.mala_acceptance[:, 0, 0]                  # [ε, checkpoint]
-  assert len(result.checkpoint_ids) == 3                 # earliest, middle, latest
+  acc = result.mala_acceptance[:, 0, 0]  # [ε, checkpoint]
+  assert len(result.checkpoint_ids) == 3  # earliest, middle, latest
   assert acc.shape == (2, 3) and (acc[0] > 0.99).all() and acc[1].mean() < acc[0].mean()
   for name in ("calibration.md", "calibration_llc_vs_step_size.png", "calibration_traces.png"):
     assert os.path.exists(os.path.join(workdir, "calibration", name)), name  # the caller plots

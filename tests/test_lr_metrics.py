@@ -16,8 +16,9 @@ from devinterp_jax.viz import lr as lr_viz
 
 D, K, B = 4, 8, 256
 GAINS = (0.5, 1.0, 2.0, 4.0, 8.0)
-MODEL = RegressionTransformer(task_size=D, max_examples=K, d_model=16, d_mlp=16, num_heads=2,
-                              num_layers=2)
+MODEL = RegressionTransformer(
+  task_size=D, max_examples=K, d_model=16, d_mlp=16, num_heads=2, num_layers=2
+)
 TASK = RegressionTask(task_size=D, max_examples=K)
 FEW = RegressionTask(task_size=D, max_examples=K, num_tasks=4)
 KEY = jax.random.key(7)
@@ -74,8 +75,7 @@ def test_behaviour_chunked_equals_single(ckpts, behaviour3):
     single = _single_behaviour(params)
     assert single.keys() == behaviour3.keys()
     for name, value in single.items():
-      np.testing.assert_allclose(behaviour3[name][i], value[0], rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+      np.testing.assert_allclose(behaviour3[name][i], value[0], rtol=1e-5, atol=1e-6, err_msg=name)
   # The checkpoints differ, so equality above is not vacuous.
   assert np.ptp(behaviour3["mse"]) > 1e-3
 
@@ -85,8 +85,7 @@ def test_structure_chunked_equals_single(ckpts, structure3):
     single = _single_structure(params)
     assert single.keys() == structure3.keys()
     for name, value in single.items():
-      np.testing.assert_allclose(structure3[name][i], value[0], rtol=1e-5, atol=1e-6,
-                                 err_msg=name)
+      np.testing.assert_allclose(structure3[name][i], value[0], rtol=1e-5, atol=1e-6, err_msg=name)
   assert np.ptp(structure3["tok_embed_sv_1"]) > 1e-3
 
 
@@ -140,9 +139,8 @@ def test_constant_prediction_on_finite_task_set(ckpts):
   m = _single_behaviour(params, task)
   data = lb.evaluation_data(task, KEY, B)
   ys = data["ys"].astype(np.float64)
-  np.testing.assert_allclose(lb.per_prediction(m, "loss")[0], np.mean((ys - c) ** 2, 0),
-                             rtol=1e-5)
-  np.testing.assert_allclose(m["dist_zero"], c ** 2, rtol=1e-5)   # a float32 mean, as above
+  np.testing.assert_allclose(lb.per_prediction(m, "loss")[0], np.mean((ys - c) ** 2, 0), rtol=1e-5)
+  np.testing.assert_allclose(m["dist_zero"], c**2, rtol=1e-5)  # a float32 mean, as above
   t_bar = np.asarray(task.task_set(), np.float64).mean(0)
   np.testing.assert_allclose(lb.task_prior_mean(task), t_bar)
   prior_BxK = np.einsum("bkd,d->bk", data["xs"], t_bar)
@@ -150,7 +148,7 @@ def test_constant_prediction_on_finite_task_set(ckpts):
   assert "dist_dmmse" in m and "dmmse_loss_k1" in m
   for g in GAINS:
     ys_g = g * data["signal"].astype(np.float64) + data["noise"]
-    want = np.sum((ys_g - c) ** 2) / np.sum(ys_g ** 2)
+    want = np.sum((ys_g - c) ** 2) / np.sum(ys_g**2)
     for kind in ("x", "t"):
       np.testing.assert_allclose(m[f"nmse_ood_{kind}_g{lb.gain_name(g)}"], want, rtol=1e-5)
 
@@ -166,10 +164,15 @@ def test_ood_batches_scale_inputs_or_tasks():
   np.testing.assert_allclose(xs_x, 3.0 * data["xs"])
   np.testing.assert_array_equal(xs_t, data["xs"])
   # y = t·(3x) + ε and y = (3t)·x + ε with the same noise.
-  np.testing.assert_allclose(ys_x, np.einsum("bkd,bd->bk", xs_x, data["tasks"]) + data["noise"],
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(ys_t, np.einsum("bkd,bd->bk", data["xs"], 3.0 * data["tasks"])
-                             + data["noise"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ys_x, np.einsum("bkd,bd->bk", xs_x, data["tasks"]) + data["noise"], rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    ys_t,
+    np.einsum("bkd,bd->bk", data["xs"], 3.0 * data["tasks"]) + data["noise"],
+    rtol=1e-5,
+    atol=1e-5,
+  )
   # The data derive from the key only.
   again = lb.evaluation_data(TASK, KEY, B)
   np.testing.assert_array_equal(again["xs"], data["xs"])
@@ -262,8 +265,11 @@ def test_previous_token_attention():
   np.testing.assert_allclose(s["y_mass"][0, 1], 1.0)
   assert ls.classify_heads(s)[0].tolist() == ["previous-token"] * 3
   # Threshold options: demanding more than 1 leaves only the mass rule.
-  assert ls.classify_heads(s, hard_threshold=1.01)[0].tolist() == ["constant", "y-attending",
-                                                                   "x-attending"]
+  assert ls.classify_heads(s, hard_threshold=1.01)[0].tolist() == [
+    "constant",
+    "y-attending",
+    "x-attending",
+  ]
 
 
 def test_self_and_previous_pair_attention():
@@ -304,10 +310,12 @@ def test_attention_metrics_match_model_attention(ckpts, structure3):
   _, attn = predict(ckpts[2], batch["xs"], batch["ys"], return_attention=True)
   direct = _scores(attn)  # [L, H, 3]
   for name in ls.ATTENTION_SCORES:
-    np.testing.assert_allclose(structure3[f"attn_{name}"][2], direct[name], rtol=1e-5,
-                               atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(structure3["attn_entropy/L1H0y"][2], direct["entropy"][1, 0, 2],
-                             rtol=1e-6)
+    np.testing.assert_allclose(
+      structure3[f"attn_{name}"][2], direct[name], rtol=1e-5, atol=1e-6, err_msg=name
+    )
+  np.testing.assert_allclose(
+    structure3["attn_entropy/L1H0y"][2], direct["entropy"][1, 0, 2], rtol=1e-6
+  )
   labels = ls.classify_heads(structure3)
   assert labels.shape == (3, 2, 2, 3) and set(labels.flat) <= set(ls.HEAD_LABELS)
   flat = ls.head_labels(structure3)
@@ -325,17 +333,20 @@ def test_embedding_singular_values_and_alignment(ckpts, structure3):
     sv_tok = np.linalg.svd(tok, compute_uv=False)
     np.testing.assert_allclose(structure3["tok_embed_sv"][i], sv_tok, rtol=1e-5)
     np.testing.assert_allclose(structure3["tok_embed_sv_1"][i], sv_tok[0], rtol=1e-5)
-    np.testing.assert_allclose(structure3["pos_embed_sv"][i],
-                               np.linalg.svd(pos, compute_uv=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      structure3["pos_embed_sv"][i], np.linalg.svd(pos, compute_uv=False), rtol=1e-5, atol=1e-6
+    )
     assert structure3["tok_embed_rank"][i] == np.sum(sv_tok > 0.1 * sv_tok[0])
     p = sv_tok / sv_tok.sum()
-    np.testing.assert_allclose(structure3["tok_embed_erank"][i], np.exp(-np.sum(p * np.log(p))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      structure3["tok_embed_erank"][i], np.exp(-np.sum(p * np.log(p))), rtol=1e-5
+    )
     k = D + 1
     qa = np.linalg.svd(tok)[2][:k]
     qb = np.linalg.svd(pos)[2][:k]
-    np.testing.assert_allclose(structure3["embed_alignment"][i],
-                               np.sum((qa @ qb.T) ** 2) / k, rtol=1e-4)
+    np.testing.assert_allclose(
+      structure3["embed_alignment"][i], np.sum((qa @ qb.T) ** 2) / k, rtol=1e-4
+    )
 
 
 def test_subspace_alignment_limits():
@@ -366,12 +377,12 @@ def test_layer_norm_and_unembedding_collapse(ckpts):
   np.testing.assert_allclose(m["unembed_collapse"], 0.5)
   np.testing.assert_allclose(m["unembed_w0_collapse"], 0.0)
   for q, name in ((0.1, "q10"), (0.5, "q50"), (0.9, "q90")):
-    np.testing.assert_allclose(m[f"ln_scale_{name}/block_0/ln_1"], np.quantile(scale, q),
-                               rtol=1e-5)
+    np.testing.assert_allclose(m[f"ln_scale_{name}/block_0/ln_1"], np.quantile(scale, q), rtol=1e-5)
   assert m["ln_collapse/block_1/ln_2"][0] < 0.5
   np.testing.assert_allclose(m["unembed_eff_weight"][0], scale, rtol=1e-6)
-  np.testing.assert_allclose(m["unembed_eff_bias"][0], params["ln_f"]["bias"].sum()
-                             + params["unembed"]["bias"][0], rtol=1e-5)
+  np.testing.assert_allclose(
+    m["unembed_eff_bias"][0], params["ln_f"]["bias"].sum() + params["unembed"]["bias"][0], rtol=1e-5
+  )
   # Absolute vs relative thresholds.
   v = np.array([0.0, 0.05, 0.2, 10.0])
   np.testing.assert_allclose(ls.collapse_fraction(v, 0.1, relative=False), 0.5)
@@ -386,8 +397,9 @@ def test_effective_unembedding_reproduces_prediction_channel(ckpts):
   full = (ln0 * params["ln_f"]["scale"] + params["ln_f"]["bias"]) @ params["unembed"]["kernel"]
   full = full + params["unembed"]["bias"]
   w_eff, b_eff = ls.unembedding_effective(params)
-  np.testing.assert_allclose(ln0 @ np.asarray(w_eff) + float(b_eff), full[:, 0], rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    ln0 @ np.asarray(w_eff) + float(b_eff), full[:, 0], rtol=1e-5, atol=1e-5
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -397,10 +409,10 @@ def test_effective_unembedding_reproduces_prediction_channel(ckpts):
 
 def test_plots_write_pngs(tmp_path, behaviour3, structure3):
   steps = np.array([0, 10, 1000])
-  pb = lr_viz.plot_behaviour(steps, behaviour3, str(tmp_path / "b" / "behaviour.png"),
-                             boundaries=(100,), title="behaviour")
-  ps = lr_viz.plot_structure(steps, structure3, str(tmp_path / "structure.png"),
-                             boundaries=(100,))
+  pb = lr_viz.plot_behaviour(
+    steps, behaviour3, str(tmp_path / "b" / "behaviour.png"), boundaries=(100,), title="behaviour"
+  )
+  ps = lr_viz.plot_structure(steps, structure3, str(tmp_path / "structure.png"), boundaries=(100,))
   for path in (pb, ps):
     assert os.path.getsize(path) > 10_000
     with open(path, "rb") as f:
@@ -412,8 +424,9 @@ def test_plots_write_pngs(tmp_path, behaviour3, structure3):
 
 def _curves(ax):
   """The y data of the data lines of `ax` (axhline / axvline have 2 points)."""
-  return [np.asarray(line.get_ydata(), float) for line in ax.get_lines()
-          if len(line.get_ydata()) > 2]
+  return [
+    np.asarray(line.get_ydata(), float) for line in ax.get_lines() if len(line.get_ydata()) > 2
+  ]
 
 
 def test_behaviour_figure_draws_identical_series_once(behaviour3):
@@ -435,7 +448,7 @@ def test_structure_figure_shows_relative_singular_values_and_ln_quantiles(struct
   fig = lr_viz.structure_figure(steps, structure3)
   for ax, name in ((fig.axes[0], "tok_embed_sv"), (fig.axes[1], "pos_embed_sv")):
     sv = np.asarray(structure3[name], float)
-    curves = _curves(ax)   # s_k / s_1 for k >= 2: a collapse shows even while s_1 grows
+    curves = _curves(ax)  # s_k / s_1 for k >= 2: a collapse shows even while s_1 grows
     assert len(curves) == sv.shape[1] - 1
     for k, y in enumerate(curves, start=1):
       np.testing.assert_allclose(y, sv[:, k] / sv[:, 0], rtol=1e-6)
@@ -451,4 +464,3 @@ def test_structure_figure_shows_relative_singular_values_and_ln_quantiles(struct
       np.testing.assert_allclose(y, structure3[f"ln_scale_q{q}/{n}"], rtol=1e-6)
     assert np.ptp(by_label[f"{n} q10"].get_ydata()) > 0
   assert "unembed w_eff q50" in by_label
-

@@ -42,10 +42,12 @@ def test_causality(double_residual):
   toks = to_tokens(b["xs"], b["ys"])
   out = model.apply({"params": p}, toks)
   for i in [0, 5, 10]:
-    perturbed = toks.at[:, i + 1:].add(jax.random.normal(jax.random.key(i), toks[:, i + 1:].shape))
+    perturbed = toks.at[:, i + 1 :].add(
+      jax.random.normal(jax.random.key(i), toks[:, i + 1 :].shape)
+    )
     out2 = model.apply({"params": p}, perturbed)
-    np.testing.assert_allclose(out[:, :i + 1], out2[:, :i + 1], atol=1e-5)
-    assert not np.allclose(out[:, i + 1:], out2[:, i + 1:], atol=1e-3)
+    np.testing.assert_allclose(out[:, : i + 1], out2[:, : i + 1], atol=1e-5)
+    assert not np.allclose(out[:, i + 1 :], out2[:, i + 1 :], atol=1e-3)
 
 
 def test_attention_patterns_are_causal_distributions():

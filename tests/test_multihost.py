@@ -45,20 +45,22 @@ pytestmark = pytest.mark.multiprocess  # two jax.distributed processes × 4 fake
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_scripts", "train_worker.py")
-PROCESS_TIMEOUT_S = 120   # `timeout` per process; the jobs take 15-50 s on 2 busy cores
+PROCESS_TIMEOUT_S = 120  # `timeout` per process; the jobs take 15-50 s on 2 busy cores
 HEARTBEAT_S = 10
 # The worker's event steps (log_every=10, schedule 1, 5, 10, 30) and its config record.
 EVENTS = [1, 5, 10, 20, 30, 40, 50, 60]
 SCHEDULED = [1, 5, 10, 30, 60]
 WORKER_CONFIG = {"model": "mlp", "width": 8}
-ABSTRACT = {"w1": jax.ShapeDtypeStruct((4, 8), np.float32),
-            "w2": jax.ShapeDtypeStruct((8, 1), np.float32)}
+ABSTRACT = {
+  "w1": jax.ShapeDtypeStruct((4, 8), np.float32),
+  "w2": jax.ShapeDtypeStruct((8, 1), np.float32),
+}
 
 
 class Proc(NamedTuple):
   rc: int
   out: str
-  exit_s: float   # seconds from the job's start to this process's exit
+  exit_s: float  # seconds from the job's start to this process's exit
 
 
 def free_port() -> int:
@@ -70,28 +72,51 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """Fake devices, and a compilation cache the scenarios' later jobs reuse."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-              XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT,
+    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
-def run_job(env: dict, argv: Callable[[int], list[str]], log: str, num_processes: int = 2,
-            timeout_s: int = PROCESS_TIMEOUT_S) -> list[Proc]:
+def run_job(
+  env: dict,
+  argv: Callable[[int], list[str]],
+  log: str,
+  num_processes: int = 2,
+  timeout_s: int = PROCESS_TIMEOUT_S,
+) -> list[Proc]:
   """Runs `argv(i)` plus the launcher's multi-process flags for each process i under
   `timeout`; returns when all have exited."""
   port = free_port()
   procs, files = [], []
   t0 = time.monotonic()
   for i in range(num_processes):
-    flags = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-             f"--process_id={i}", f"--heartbeat_timeout_s={HEARTBEAT_S}",
-             "--shutdown_timeout_s=10"] if num_processes > 1 else []
+    flags = (
+      [
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={i}",
+        f"--heartbeat_timeout_s={HEARTBEAT_S}",
+        "--shutdown_timeout_s=10",
+      ]
+      if num_processes > 1
+      else []
+    )
     files.append(open(f"{log}.{i}.log", "w+"))
-    procs.append(subprocess.Popen(["timeout", "-k", "5", str(timeout_s), *argv(i), *flags],
-                                  env=env, cwd=ROOT, stdout=files[-1],
-                                  stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(
+        ["timeout", "-k", "5", str(timeout_s), *argv(i), *flags],
+        env=env,
+        cwd=ROOT,
+        stdout=files[-1],
+        stderr=subprocess.STDOUT,
+      )
+    )
   exits = [None] * num_processes
   while None in exits:
     for i, p in enumerate(procs):
@@ -103,8 +128,10 @@ def run_job(env: dict, argv: Callable[[int], list[str]], log: str, num_processes
     f.seek(0)
     out.append(Proc(p.returncode, f.read(), exit_s))
     f.close()
-  print(f"{os.path.basename(log)}: exits after {[round(p.exit_s, 1) for p in out]} s, "
-        f"codes {[p.rc for p in out]}")
+  print(
+    f"{os.path.basename(log)}: exits after {[round(p.exit_s, 1) for p in out]} s, "
+    f"codes {[p.rc for p in out]}"
+  )
   return out
 
 
@@ -113,8 +140,7 @@ def worker(*flags: str) -> Callable[[int], list[str]]:
 
 
 def show(procs: list[Proc]) -> str:
-  return "\n\n".join(f"--- process {i} (rc {p.rc}):\n{p.out[-6000:]}"
-                     for i, p in enumerate(procs))
+  return "\n\n".join(f"--- process {i} (rc {p.rc}):\n{p.out[-6000:]}" for i, p in enumerate(procs))
 
 
 def killed_and_resumed(env, root, *flags: str) -> dict:
@@ -122,10 +148,20 @@ def killed_and_resumed(env, root, *flags: str) -> dict:
   themselves after the event at step 40; job 2 resumes `run` to the end."""
   ref, run = str(root / "reference"), str(root / "run")
   t0 = time.monotonic()
-  first = run_job(env, worker(f"--workdir={run}", f"--reference={ref}", "--kill_at=40",
-                              f"--trace={root}/trace_first", *flags), str(root / "first"))
-  second = run_job(env, worker(f"--workdir={run}", f"--trace={root}/trace_second", *flags),
-                   str(root / "second"))
+  first = run_job(
+    env,
+    worker(
+      f"--workdir={run}",
+      f"--reference={ref}",
+      "--kill_at=40",
+      f"--trace={root}/trace_first",
+      *flags,
+    ),
+    str(root / "first"),
+  )
+  second = run_job(
+    env, worker(f"--workdir={run}", f"--trace={root}/trace_second", *flags), str(root / "second")
+  )
   wall = time.monotonic() - t0
   print(f"killed and resumed{' ' + ' '.join(flags) if flags else ''}: {wall:.1f} s")
   # SIGKILL (`timeout` passes the child's signal on), not `timeout`'s own kill
@@ -134,8 +170,15 @@ def killed_and_resumed(env, root, *flags: str) -> dict:
   assert [p.rc for p in second] == [0, 0], show(second)
   resumed = [re.findall(r"Resuming .* from step (\d+)", p.out) for p in second]
   assert resumed[0] and resumed[0] == resumed[1], show(second)
-  return dict(ref=ref, run=run, root=root, first=first, second=second,
-              resume_step=int(resumed[0][0]), wall_s=wall)
+  return dict(
+    ref=ref,
+    run=run,
+    root=root,
+    first=first,
+    second=second,
+    resume_step=int(resumed[0][0]),
+    wall_s=wall,
+  )
 
 
 def assert_same_checkpoints(ref: str, run: str) -> None:
@@ -173,17 +216,21 @@ def test_every_file_besides_checkpoints_is_written_once_by_the_leader(mlp):
   for workdir in (mlp["ref"], mlp["run"]):
     assert [r["step"] for r in run_log.read_metrics(workdir)] == EVENTS, workdir
     assert json.load(open(os.path.join(workdir, "config.json"))) == WORKER_CONFIG
-    leftovers = [p for p in glob.glob(os.path.join(workdir, "**", "*"), recursive=True)
-                 if ".tmp" in os.path.basename(p) and "checkpoints" not in p]
+    leftovers = [
+      p
+      for p in glob.glob(os.path.join(workdir, "**", "*"), recursive=True)
+      if ".tmp" in os.path.basename(p) and "checkpoints" not in p
+    ]
     assert not leftovers, leftovers
-    assert os.path.getsize(os.path.join(workdir, ".lock")) == 0   # released at exit
+    assert os.path.getsize(os.path.join(workdir, ".lock")) == 0  # released at exit
   root = str(mlp["root"])
   assert not glob.glob(os.path.join(root, "trace_*.1")), "the non-leader wrote files"
   first = open(os.path.join(root, "trace_first.0")).read().split()
   second = open(os.path.join(root, "trace_second.0")).read().split()
   count = lambda trace, workdir, pattern: sum(
-      bool(re.fullmatch(re.escape(workdir + os.sep) + pattern, p)) for p in trace)
-  for workdir in (mlp["ref"], mlp["run"]):          # job 1 creates both runs
+    bool(re.fullmatch(re.escape(workdir + os.sep) + pattern, p)) for p in trace
+  )
+  for workdir in (mlp["ref"], mlp["run"]):  # job 1 creates both runs
     assert count(first, workdir, r"\.config\.json\.tmp.*") == 1, first
     assert count(first, workdir, r"metrics\.jsonl") == 1, first
     assert count(first, workdir, r"\.lock") == 1, first
@@ -207,12 +254,20 @@ def test_seeds_split_over_devices_resume_bit_identically(env, tmp_path):
     assert [r["step"] for r in run_log.read_metrics(run)] == EVENTS
 
 
-TINY_ICL = ["--config=configs/icl_regression.py:runlocal", "--config.model.d_model=16",
-            "--config.model.d_mlp=16", "--config.model.num_heads=2",
-            "--config.model.num_layers=1", "--config.train.batch_size=16",
-            "--config.train.n_log=5", "--config.train.n_linear=3",
-            "--config.train.log_every=10", "--config.train.resume_every=20",
-            "--config.train.eval_batch_size=64", "--config.train.num_steps=60"]
+TINY_ICL = [
+  "--config=configs/icl_regression.py:runlocal",
+  "--config.model.d_model=16",
+  "--config.model.d_mlp=16",
+  "--config.model.num_heads=2",
+  "--config.model.num_layers=1",
+  "--config.train.batch_size=16",
+  "--config.train.n_log=5",
+  "--config.train.n_linear=3",
+  "--config.train.log_every=10",
+  "--config.train.resume_every=20",
+  "--config.train.eval_batch_size=64",
+  "--config.train.num_steps=60",
+]
 # Process 1 fails inside launch/train.py's library call: its second checkpoint save
 # raises, after the first segments' collectives (process 0 is then in the next
 # collective or in Orbax's cross-process barrier of that save).
@@ -238,8 +293,10 @@ def test_failure_in_one_process_of_a_launcher_ends_both(env, tmp_path):
 
   def argv(i):
     launch = [os.path.join(ROOT, "launch", "train.py"), *TINY_ICL, f"--workdir={workdir}"]
-    code = (f"import runpy, sys\nsys.argv = {launch!r} + sys.argv[1:]\n{FAULT}\n"
-            f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    code = (
+      f"import runpy, sys\nsys.argv = {launch!r} + sys.argv[1:]\n{FAULT}\n"
+      f"runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
     return [sys.executable, "-c", code]
 
   procs = run_job(env, argv, str(tmp_path / "failure"))
@@ -247,21 +304,28 @@ def test_failure_in_one_process_of_a_launcher_ends_both(env, tmp_path):
   assert "injected: no space left on device (process 1" in procs[1].out, show(procs)
   assert "Process 1 of 2 failed" in procs[1].out, show(procs)
   fail_s = procs[1].exit_s
-  print(f"launcher failure: process 1 exited after {fail_s:.1f} s, process 0 "
-        f"{procs[0].exit_s - fail_s:+.1f} s later")
+  print(
+    f"launcher failure: process 1 exited after {fail_s:.1f} s, process 0 "
+    f"{procs[0].exit_s - fail_s:+.1f} s later"
+  )
   assert procs[0].exit_s - fail_s < 3 * HEARTBEAT_S, show(procs)
 
 
 def test_indivisible_batch_is_refused_across_processes_and_falls_back_in_one(env, tmp_path):
   """Batch 12 over 8 devices in two processes: a ValueError naming the sizes, on both;
   batch 6 over 4 devices in one process: one device, with a warning."""
-  procs = run_job(env, worker(f"--workdir={tmp_path / 'multi'}", "--batch_size=12"),
-                  str(tmp_path / "multi"))
+  procs = run_job(
+    env, worker(f"--workdir={tmp_path / 'multi'}", "--batch_size=12"), str(tmp_path / "multi")
+  )
   # Both raise it; the leader's exit may stop process 1 (the coordinator is gone) first.
   assert all(p.rc != 0 and p.exit_s < PROCESS_TIMEOUT_S for p in procs), show(procs)
   assert "needs a batch size divisible by 8, got batch size 12" in procs[0].out, show(procs)
-  single = run_job(env, worker(f"--workdir={tmp_path / 'single'}", "--batch_size=6"),
-                   str(tmp_path / "single"), num_processes=1)
+  single = run_job(
+    env,
+    worker(f"--workdir={tmp_path / 'single'}", "--batch_size=6"),
+    str(tmp_path / "single"),
+    num_processes=1,
+  )
   assert single[0].rc == 0, show(single)
   assert "batch size 6 does not divide over 4 devices; training on one device" in single[0].out
   assert "TRAINED" in single[0].out
@@ -277,14 +341,14 @@ def test_a_non_leader_writes_nothing_and_takes_no_lock(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "keep.txt").write_text("old")
-  leader = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT)   # the leader's flock
+  leader = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT)  # the leader's flock
   fcntl.flock(leader, fcntl.LOCK_EX | fcntl.LOCK_NB)
   try:
-    with pytest.raises(lock.WorkdirLockedError):   # as the leader of a second job would be
+    with pytest.raises(lock.WorkdirLockedError):  # as the leader of a second job would be
       with lock.hold(str(workdir)):
         pass
     monkeypatch.setattr(multihost, "is_leader", lambda: False)
-    with lock.hold(str(workdir)):                   # a non-leader is not refused
+    with lock.hold(str(workdir)):  # a non-leader is not refused
       assert lock.is_held(str(workdir))
       atomic.write_text(str(workdir / "keep.txt"), "new")
       atomic.save_npz(str(workdir / "a.npz"), x=np.zeros(2))

@@ -95,14 +95,24 @@ def _launch(tmp, mode: str, nproc: int, timeout_s: int = 60):
   script = os.path.join(tmp, "worker.py")
   with open(script, "w") as f:
     f.write(WORKER)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={8 // nproc}"),
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={8 // nproc}"),
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   port = str(_free_port())
   start = time.time()
-  procs = [subprocess.Popen(["timeout", str(timeout_s), sys.executable, script, str(i),
-                             str(nproc), port, mode, tmp], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(nproc)]
+  procs = [
+    subprocess.Popen(
+      ["timeout", str(timeout_s), sys.executable, script, str(i), str(nproc), port, mode, tmp],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(nproc)
+  ]
   outs = [p.communicate()[0] for p in procs]
   return [p.returncode for p in procs], outs, time.time() - start
 
@@ -163,10 +173,16 @@ def test_killed_two_process_sweep_resumes_to_the_same_numbers(tmp_path, referenc
   assert any(c in killed for c in codes), (codes, outs)
   print(f"two-process sweep killed after chunk 1: {wall:.1f} s")
   assert wall < 60, wall
-  saved = sorted(os.listdir(next(os.path.join(str(tmp_path), "sweep", d) for d in
-                                 os.listdir(os.path.join(str(tmp_path), "sweep")))))
+  saved = sorted(
+    os.listdir(
+      next(
+        os.path.join(str(tmp_path), "sweep", d)
+        for d in os.listdir(os.path.join(str(tmp_path), "sweep"))
+      )
+    )
+  )
   num_saved = sum(n.startswith("llc_pair") for n in saved)
-  assert 1 <= num_saved <= 8, saved        # an aborted leader may not finish its 8th write
+  assert 1 <= num_saved <= 8, saved  # an aborted leader may not finish its 8th write
   codes, outs, wall = _launch(str(tmp_path), "fixed", 2)
   assert codes == [0, 0], outs
   print(f"two-process sweep resumed: {wall:.1f} s")
@@ -190,34 +206,71 @@ def test_two_process_adaptive_sweep_equals_single_process(tmp_path, reference):
 
 
 TINY_MAIN = [
-    "--config=configs/icl_regression.py:runlocal", "--config.model.d_model=16",
-    "--config.model.d_mlp=16", "--config.model.num_heads=2", "--config.model.num_layers=1",
-    "--config.train.batch_size=16", "--config.train.n_log=5", "--config.train.n_linear=3",
-    "--config.train.log_every=10", "--config.train.resume_every=20",
-    "--config.train.eval_batch_size=64", "--config.train.num_steps=60",
-    "--config.llc.num_chains=2", "--config.llc.num_draws=12", "--config.llc.batch_size=16",
-    "--config.llc.dataset_size=256", "--config.llc.checkpoint_chunk=3",
-    "--config.llc.init_loss_stride=4", "--config.llc.max_draws=0",
-    "--config.analysis.checkpoint_chunk=4", "--config.analysis.stages.n_restarts=2",
-    "--config.analysis.structure.batch_size=32", "--config.analysis.hessian.batch_size=32",
-    "--config.analysis.hessian.num_hutchinson=4", "--config.analysis.hessian.num_lanczos_iters=6",
-    "--config.analysis.hessian.top_k=2", "--config.analysis.behaviour.batch_size=64"]
+  "--config=configs/icl_regression.py:runlocal",
+  "--config.model.d_model=16",
+  "--config.model.d_mlp=16",
+  "--config.model.num_heads=2",
+  "--config.model.num_layers=1",
+  "--config.train.batch_size=16",
+  "--config.train.n_log=5",
+  "--config.train.n_linear=3",
+  "--config.train.log_every=10",
+  "--config.train.resume_every=20",
+  "--config.train.eval_batch_size=64",
+  "--config.train.num_steps=60",
+  "--config.llc.num_chains=2",
+  "--config.llc.num_draws=12",
+  "--config.llc.batch_size=16",
+  "--config.llc.dataset_size=256",
+  "--config.llc.checkpoint_chunk=3",
+  "--config.llc.init_loss_stride=4",
+  "--config.llc.max_draws=0",
+  "--config.analysis.checkpoint_chunk=4",
+  "--config.analysis.stages.n_restarts=2",
+  "--config.analysis.structure.batch_size=32",
+  "--config.analysis.hessian.batch_size=32",
+  "--config.analysis.hessian.num_hutchinson=4",
+  "--config.analysis.hessian.num_lanczos_iters=6",
+  "--config.analysis.hessian.top_k=2",
+  "--config.analysis.behaviour.batch_size=64",
+]
 
 
 def test_two_process_main_job_end_to_end(tmp_path):
   """launch/main.py (train → LLC on the global mesh → report) on two processes: each
   restores only its own checkpoints (process-local Orbax reads, no cross-process
   barrier), and both finish with the leader's results in the shared workdir."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
   port, workdir = str(_free_port()), str(tmp_path / "w")
   start = time.time()
-  procs = [subprocess.Popen(
-      ["timeout", "300", sys.executable, os.path.join(ROOT, "launch", "main.py"), *TINY_MAIN,
-       f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}", "--heartbeat_timeout_s=10",
-       "--shutdown_timeout_s=10"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        "timeout",
+        "300",
+        sys.executable,
+        os.path.join(ROOT, "launch", "main.py"),
+        *TINY_MAIN,
+        f"--workdir={workdir}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--heartbeat_timeout_s=10",
+        "--shutdown_timeout_s=10",
+      ],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate()[0] for p in procs]
   wall = time.time() - start
   assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
@@ -227,5 +280,5 @@ def test_two_process_main_job_end_to_end(tmp_path):
   assert os.path.exists(os.path.join(workdir, "report", "report.md"))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
-  assert len(steps) == len(set(steps))                 # one row per step: one writer
+  assert len(steps) == len(set(steps))  # one row per step: one writer
   print(f"two-process main job: {wall:.0f} s")

@@ -17,8 +17,9 @@ def _code_cells() -> list[str]:
     nb = json.load(f)
   cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
   # Shell and magic lines (`!pip …`, `%…`) are Colab set-up, not Python.
-  return ["\n".join(l for l in c.splitlines() if not l.lstrip().startswith(("!", "%")))
-          for c in cells]
+  return [
+    "\n".join(l for l in c.splitlines() if not l.lstrip().startswith(("!", "%"))) for c in cells
+  ]
 
 
 def test_quickstart_notebook_runs(tmp_path):
@@ -27,8 +28,14 @@ def test_quickstart_notebook_runs(tmp_path):
   script = tmp_path / "quickstart.py"
   script.write_text("\n\n".join(cells) + "\nprint('NOTEBOOK-OK', result['boundary_steps'])\n")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  out = subprocess.run([sys.executable, str(script)], cwd=os.path.join(ROOT, "notebooks"),
-                       env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, str(script)],
+    cwd=os.path.join(ROOT, "notebooks"),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "NOTEBOOK-OK" in out.stdout
   assert "LLC" in out.stdout and "stages:" in out.stdout

@@ -30,8 +30,9 @@ VALUE, VALUE2, MARKER = 0, 1, 2  # toy token channels
 def _toy_heads(params, tokens_BxTxF):
   T = tokens_BxTxF.shape[1]
   content_BxHxS = jnp.einsum("bsf,hf->bhs", tokens_BxTxF, params["content_w"])
-  logits_BxHxTxS = (params["pos_logits"][None, :, None, :T] + content_BxHxS[:, :, None, :]
-                    + jnp.zeros((1, 1, T, 1)))
+  logits_BxHxTxS = (
+    params["pos_logits"][None, :, None, :T] + content_BxHxS[:, :, None, :] + jnp.zeros((1, 1, T, 1))
+  )
   logits_BxHxTxS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits_BxHxTxS, -jnp.inf)
   attn_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1)
   v_BxSxH = jnp.einsum("bsf,hf->bsh", tokens_BxTxF, params["value_w"])
@@ -78,9 +79,12 @@ def toy_head(kind, value_channel=VALUE, readout=1.0):
 
 def toy_params(*heads):
   pos, content, value, readout = zip(*heads)
-  return {"pos_logits": jnp.asarray(np.stack(pos)), "content_w": jnp.asarray(np.stack(content)),
-          "value_w": jnp.asarray(np.stack(value)),
-          "readout": jnp.asarray(np.asarray(readout, np.float32))}
+  return {
+    "pos_logits": jnp.asarray(np.stack(pos)),
+    "content_w": jnp.asarray(np.stack(content)),
+    "value_w": jnp.asarray(np.stack(value)),
+    "readout": jnp.asarray(np.asarray(readout, np.float32)),
+  }
 
 
 def copy_task(batch_size=64, seed=0):
@@ -178,8 +182,9 @@ def test_overlap_from_deltas_single_head_and_guard():
 # The regression transformer's hook.
 # ----------------------------------------------------------------------------
 
-MODEL = RegressionTransformer(task_size=2, max_examples=4, d_model=8, d_mlp=8, num_heads=2,
-                              num_layers=2)
+MODEL = RegressionTransformer(
+  task_size=2, max_examples=4, d_model=8, d_mlp=8, num_heads=2, num_layers=2
+)
 TASK = RegressionTask(task_size=2, max_examples=4)
 
 
@@ -224,8 +229,8 @@ def test_model_hook_keeps_default_outputs():
   assert (L, B, T, H, E) == (2, 8, 8, 2, 4) and heads["attn"].shape == (2, 8, 2, 8, 8)
   keep = jnp.ones((L, H))
   np.testing.assert_array_equal(
-      MODEL.apply({"params": params}, tokens, head_keep=keep, head_mean=jnp.mean(heads["z"], 1)),
-      out)
+    MODEL.apply({"params": params}, tokens, head_keep=keep, head_mean=jnp.mean(heads["z"], 1)), out
+  )
   np.testing.assert_array_equal(MODEL.ablated_loss(params, b, keep, None), MODEL.loss(params, b))
   # Per-head contributions add up to the attention output (layer 0 sees the clean input).
   attn_out = jnp.einsum("bthe,hed->btd", heads["z"][0], params["block_0"]["attn"]["w_o"])
@@ -234,14 +239,16 @@ def test_model_hook_keeps_default_outputs():
   same = jax.tree.map(lambda x: jnp.repeat(x[:1], 8, axis=0), b)
   mean = jnp.mean(MODEL.head_activations(params, same)["z"], axis=1)
   np.testing.assert_allclose(
-      MODEL.ablated_loss(params, same, jnp.zeros((L, H)), mean), MODEL.loss(params, same),
-      rtol=1e-5)
+    MODEL.ablated_loss(params, same, jnp.zeros((L, H)), mean), MODEL.loss(params, same), rtol=1e-5
+  )
   # Zero-ablation (mean None) of a head equals zeroing its value weights.
   zeroed = jax.tree.map(lambda x: x, params)
   zeroed["block_1"]["attn"]["w_v"] = params["block_1"]["attn"]["w_v"].at[:, 1].set(0.0)
   np.testing.assert_allclose(
-      MODEL.ablated_loss(params, b, jnp.array([[1.0, 1.0], [1.0, 0.0]]), None),
-      MODEL.loss(zeroed, b), rtol=1e-5)
+    MODEL.ablated_loss(params, b, jnp.array([[1.0, 1.0], [1.0, 0.0]]), None),
+    MODEL.loss(zeroed, b),
+    rtol=1e-5,
+  )
 
 
 def test_model_hook_rejects_wrong_shapes():
@@ -251,14 +258,18 @@ def test_model_hook_rejects_wrong_shapes():
   with pytest.raises(ValueError, match=r"head_keep has shape \(2,\), want \(num_layers, "):
     MODEL.apply({"params": params}, tokens, head_keep=jnp.ones(2))
   with pytest.raises(ValueError, match=r"head_mean has shape \(2, 8, 2, 3\)"):
-    MODEL.apply({"params": params}, tokens, head_keep=jnp.ones((2, 2)),
-                head_mean=jnp.zeros((2, 8, 2, 3)))
+    MODEL.apply(
+      {"params": params}, tokens, head_keep=jnp.ones((2, 2)), head_mean=jnp.zeros((2, 8, 2, 3))
+    )
   with pytest.raises(ValueError, match="head_mean given without head_keep"):
     MODEL.apply({"params": params}, tokens, head_mean=jnp.zeros((2, 8, 2, 4)))
   with pytest.raises(ValueError, match="must return a scalar"):
-    overlap.overlap_metrics(toy_activations, lambda p, b, k, m: jnp.zeros(3),
-                            toy_params(toy_head("position")),
-                            {"tokens": jnp.zeros((2, T_TOY, 3)), "y": jnp.zeros(2)})
+    overlap.overlap_metrics(
+      toy_activations,
+      lambda p, b, k, m: jnp.zeros(3),
+      toy_params(toy_head("position")),
+      {"tokens": jnp.zeros((2, T_TOY, 3)), "y": jnp.zeros(2)},
+    )
 
 
 def _duplicate_params(seed=4, scale=1e3):
@@ -277,9 +288,10 @@ def _duplicate_params(seed=4, scale=1e3):
 
 def test_duplicate_head_in_the_regression_transformer():
   sym = _symmetric_batch()
-  m = jax.tree.map(np.asarray, overlap.overlap_metrics(MODEL.head_activations,
-                                                       MODEL.ablated_loss,
-                                                       _duplicate_params(), sym))
+  m = jax.tree.map(
+    np.asarray,
+    overlap.overlap_metrics(MODEL.head_activations, MODEL.ablated_loss, _duplicate_params(), sym),
+  )
   assert m["s_attn"][0, 1] > 0.999 and m["s_out"][0, 1] > 0.999
   np.testing.assert_allclose(m["delta"][0], m["delta"][1], rtol=1e-4, atol=1e-6)
   assert abs(m["overlap"][0, 1] - 1) < 0.05
@@ -289,11 +301,20 @@ def _toy_checkpoints():
   """Three 3-head toy checkpoints with soft attention and varied readouts."""
   heads = (toy_head("position"), toy_head("position"), toy_head("content", VALUE2))
   out = []
-  for sharpness, readout in ((1.0, [1.0, 1.0, 1.0]), (0.1, [1.0, 0.5, 2.0]),
-                             (0.03, [2.0, -1.0, 0.3])):
+  for sharpness, readout in (
+    (1.0, [1.0, 1.0, 1.0]),
+    (0.1, [1.0, 0.5, 2.0]),
+    (0.03, [2.0, -1.0, 0.3]),
+  ):
     p = toy_params(*heads)
-    out.append({**p, "pos_logits": sharpness * p["pos_logits"] + jnp.arange(T_TOY)[None] * 0.2,
-                "content_w": sharpness * p["content_w"], "readout": jnp.asarray(readout)})
+    out.append(
+      {
+        **p,
+        "pos_logits": sharpness * p["pos_logits"] + jnp.arange(T_TOY)[None] * 0.2,
+        "content_w": sharpness * p["content_w"],
+        "readout": jnp.asarray(readout),
+      }
+    )
   return out
 
 
@@ -301,8 +322,9 @@ def test_over_checkpoints_matches_single_checkpoints():
   tokens, s, s2 = copy_task()
   batch = {"tokens": jnp.asarray(tokens), "y": jnp.asarray(2 * s + s2)}
   ckpts = _toy_checkpoints()
-  stacked = overlap.overlap_over_checkpoints(toy_activations, toy_loss_linear, ckpts, batch,
-                                             checkpoint_chunk=2)  # 2 chunks, the last padded
+  stacked = overlap.overlap_over_checkpoints(
+    toy_activations, toy_loss_linear, ckpts, batch, checkpoint_chunk=2
+  )  # 2 chunks, the last padded
   assert stacked["overlap"].shape == (3, 3, 3) and stacked["robustness"].shape == (3,)
   for c, params in enumerate(ckpts):
     single = overlap.overlap_metrics(toy_activations, toy_loss_linear, params, batch)
@@ -313,31 +335,36 @@ def test_over_checkpoints_matches_single_checkpoints():
 def test_over_checkpoints_regression_transformer(tmp_path):
   sym = _symmetric_batch()
   ckpts = [_duplicate_params(), _params(1, head_scale=3.0), _params(2, head_scale=10.0)]
-  stacked = overlap.overlap_over_checkpoints(MODEL.head_activations, MODEL.ablated_loss, ckpts,
-                                             sym, checkpoint_chunk=2)
+  stacked = overlap.overlap_over_checkpoints(
+    MODEL.head_activations, MODEL.ablated_loss, ckpts, sym, checkpoint_chunk=2
+  )
   for c, params in enumerate(ckpts):
-    single = jax.tree.map(np.asarray, overlap.overlap_metrics(
-        MODEL.head_activations, MODEL.ablated_loss, params, sym))
+    single = jax.tree.map(
+      np.asarray, overlap.overlap_metrics(MODEL.head_activations, MODEL.ablated_loss, params, sym)
+    )
     for key in ("clean_loss", "s_attn", "s_out"):
       np.testing.assert_allclose(stacked[key][c], single[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # Δ = L(ablated) − L₀ loses the losses' relative precision: compare at 1e-5 · L₀.
     for key in ("delta", "delta_pair", "delta_all"):
-      np.testing.assert_allclose(stacked[key][c], single[key], rtol=0,
-                                 atol=1e-5 * single["clean_loss"], err_msg=key)
+      np.testing.assert_allclose(
+        stacked[key][c], single[key], rtol=0, atol=1e-5 * single["clean_loss"], err_msg=key
+      )
     big = np.abs(single["delta_pair"]) > 1e-2
     np.testing.assert_allclose(stacked["overlap"][c][big], single["overlap"][big], rtol=1e-3)
   names = overlap.head_names(MODEL.num_layers, MODEL.num_heads)
   cols = overlap.scalar_columns(stacked, names)
   assert cols["delta/L1H0"].shape == (3,) and cols["robustness"].shape == (3,)
-  path = overlap_viz.plot_overlap([10, 100, 1000], stacked, names, str(tmp_path / "o.png"),
-                                  boundaries=[50])
+  path = overlap_viz.plot_overlap(
+    [10, 100, 1000], stacked, names, str(tmp_path / "o.png"), boundaries=[50]
+  )
   assert (tmp_path / "o.png").stat().st_size > 0 and path.endswith("o.png")
 
 
 def test_lr_overlap_builds_the_evaluation_batch():
   # Two checkpoints and 32 sequences: the shapes (and program) of the test above.
-  metrics, names = lr_behaviour.lr_overlap(MODEL, [_params(1, head_scale=3.0), _params(2)], TASK,
-                                      jax.random.key(0), batch_size=32)
+  metrics, names = lr_behaviour.lr_overlap(
+    MODEL, [_params(1, head_scale=3.0), _params(2)], TASK, jax.random.key(0), batch_size=32
+  )
   assert names == ["L0H0", "L0H1", "L1H0", "L1H1"]
   assert metrics["overlap"].shape == (2, 4, 4) and np.isfinite(metrics["clean_loss"]).all()
   with pytest.raises(ValueError, match="does not fit"):
@@ -357,9 +384,14 @@ def _overlap_run(R=8, C=5):
   upper = o[(slice(None), *np.triu_indices(R, k=1))]
   delta_all = np.array([0.01, 0.3, 0.6, 0.9, 1.0])
   return np.array([0, 10, 100, 1000, 10000]), {
-      "overlap": o, "s_attn": rng.uniform(-1, 1, (C, R, R)), "s_out": rng.uniform(-1, 1, (C, R, R)),
-      "overlap_mean": np.nanmean(upper, 1), "overlap_max": np.nanmax(upper, 1),
-      "robustness": rng.uniform(-1, 1, C), "delta_all": delta_all}
+    "overlap": o,
+    "s_attn": rng.uniform(-1, 1, (C, R, R)),
+    "s_out": rng.uniform(-1, 1, (C, R, R)),
+    "overlap_mean": np.nanmean(upper, 1),
+    "overlap_max": np.nanmax(upper, 1),
+    "robustness": rng.uniform(-1, 1, C),
+    "delta_all": delta_all,
+  }
 
 
 def test_overlap_figure_spans_the_data_masks_weak_ablations_and_stays_readable():
@@ -367,8 +399,8 @@ def test_overlap_figure_spans_the_data_masks_weak_ablations_and_stays_readable()
   names = overlap.head_names(2, 4)
   fig = overlap_viz.overlap_figure(steps, metrics, names, boundaries=[50])
   o_img = fig.axes[0].images[0]
-  assert o_img.get_clim() == pytest.approx((-2.2, 2.2))   # was clipped at ±1
-  assert fig.axes[1].images[0].get_clim() == (-1.0, 1.0)   # correlations: their range
+  assert o_img.get_clim() == pytest.approx((-2.2, 2.2))  # was clipped at ±1
+  assert fig.axes[1].images[0].get_clim() == (-1.0, 1.0)  # correlations: their range
   # At most ~1400 px wide (was 2349 × 570) and each heatmap cell at least 0.3 inch.
   width, height = fig.get_size_inches() * viz_figures.DPI
   assert width <= 1400 and height <= 1200
@@ -376,20 +408,22 @@ def test_overlap_figure_spans_the_data_masks_weak_ablations_and_stays_readable()
   cell = fig.axes[0].get_window_extent().width / fig.dpi / len(names)
   assert cell >= 0.3, cell
   # Weak-ablation checkpoints (|Δ_all| < 5 % of the max) are masked, hatched, and named.
-  np.testing.assert_array_equal(overlap_viz.weak_ablation_mask(metrics["delta_all"]),
-                                [True, False, False, False, False])
+  np.testing.assert_array_equal(
+    overlap_viz.weak_ablation_mask(metrics["delta_all"]), [True, False, False, False, False]
+  )
   ax = fig.axes[3]
   lines = {line.get_label(): np.asarray(line.get_ydata(), float) for line in ax.get_lines()}
   assert np.isnan(lines["max off-diagonal O"][0]) and np.nanmax(lines["max off-diagonal O"]) < 2
   np.testing.assert_allclose(lines["max off-diagonal O"][1:], metrics["overlap_max"][1:])
   assert any(p.get_hatch() == "///" for p in ax.patches)
   assert "hatched: 1 checkpoint with Δ_all < 5% of max" in ax.get_title()
-  assert "masked" not in fig.axes[0].get_title()   # the last checkpoint is not weak
+  assert "masked" not in fig.axes[0].get_title()  # the last checkpoint is not weak
   # Without Δ_all nothing is masked; a weak last checkpoint hatches the O heatmap.
-  unmasked = overlap_viz.overlap_figure(steps, {k: v for k, v in metrics.items()
-                                                if k != "delta_all"}, names)
+  unmasked = overlap_viz.overlap_figure(
+    steps, {k: v for k, v in metrics.items() if k != "delta_all"}, names
+  )
   assert not [p for p in unmasked.axes[3].patches if p.get_hatch()]
-  weak_last = overlap_viz.overlap_figure(steps, {**metrics, "delta_all": metrics["delta_all"][::-1]},
-                                         names)
+  weak_last = overlap_viz.overlap_figure(
+    steps, {**metrics, "delta_all": metrics["delta_all"][::-1]}, names
+  )
   assert "masked: weak ablation" in weak_last.axes[0].get_title()
-

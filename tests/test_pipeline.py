@@ -33,9 +33,18 @@ def test_main_job_writes_loadable_results_and_plot(tmp_path):
   # The analysis report (stages, metrics, Hessian) is written at the end.
   report_dir = os.path.join(workdir, "report")
   assert open(os.path.join(workdir, "report", "stages.csv")).readline().startswith("label,")
-  for name in ("report.md", "report.json", "stages.json", "metrics.npz",
-               "stage_changes.json", "stages.png", "behaviour.png", "structure.png",
-               "hessian.png", "overlap.png"):
+  for name in (
+    "report.md",
+    "report.json",
+    "stages.json",
+    "metrics.npz",
+    "stage_changes.json",
+    "stages.png",
+    "behaviour.png",
+    "structure.png",
+    "hessian.png",
+    "overlap.png",
+  ):
     assert os.path.getsize(os.path.join(report_dir, name)) > 100, name
   metrics = np.genfromtxt(os.path.join(report_dir, "metrics.csv"), delimiter=",", names=True)
   np.testing.assert_array_equal(metrics["step"], steps)
@@ -66,7 +75,7 @@ def test_rise_test_statistic():
 def test_config_variants():
   full = icl_config.get_config()
   assert full.train.num_steps == 500_000 and full.llc.batch_size == 1024
-  assert len(icl_regression.schedule_steps(full)) == 189   # 190 with train.paper_parity
+  assert len(icl_regression.schedule_steps(full)) == 189  # 190 with train.paper_parity
   with pytest.raises(ValueError, match="unknown config variant"):
     icl_config.get_config("tpu-huge")
 
@@ -89,8 +98,8 @@ def test_same_config_and_seed_give_an_identical_llc_csv(tmp_path):
   """Two fresh runs of one tiny config (training, then the adaptive SGNHT sweep) in
   separate workdirs write byte-identical llc.csv files."""
   config = tiny_config(30)
-  config.llc.update(max_draws=24, block_draws=6)   # adaptive blocks, as runlocal
-  config.refined.num_draws = 12                     # refined sections merge over llc
+  config.llc.update(max_draws=24, block_draws=6)  # adaptive blocks, as runlocal
+  config.refined.num_draws = 12  # refined sections merge over llc
   texts = []
   for name in ("a", "b"):
     workdir = str(tmp_path / name)

@@ -13,7 +13,7 @@ from devinterp_jax.sampling import llc, program, sweep
 from devinterp_jax.sampling.settings import SamplerSettings, SweepOptions
 
 D, NBETA, GAMMA = 16, 100.0, 1.0
-EXACT = 0.5 * D * NBETA / (NBETA + GAMMA)   # E[nβ (L − L*)] for L = ½‖w − w*‖²
+EXACT = 0.5 * D * NBETA / (NBETA + GAMMA)  # E[nβ (L − L*)] for L = ½‖w − w*‖²
 
 
 def quadratic(params, batch):
@@ -22,14 +22,28 @@ def quadratic(params, batch):
 
 
 def settings(**kw):
-  base = dict(num_chains=4, num_draws=4000, step_size=1e-4, localization=GAMMA, nbeta=NBETA,
-              batch_size=1, num_burnin_steps=500, mala_stride=0, diagnostics=False)
+  base = dict(
+    num_chains=4,
+    num_draws=4000,
+    step_size=1e-4,
+    localization=GAMMA,
+    nbeta=NBETA,
+    batch_size=1,
+    num_burnin_steps=500,
+    mala_stride=0,
+    diagnostics=False,
+  )
   return SamplerSettings(**{**base, **kw})
 
 
 def run(w_star, st, **options):
-  return llc.estimate(quadratic, [{"w": w_star}], {"x": np.zeros((8, 1), np.float32)}, st,
-                      SweepOptions(progress=False, **options))
+  return llc.estimate(
+    quadratic,
+    [{"w": w_star}],
+    {"x": np.zeros((8, 1), np.float32)},
+    st,
+    SweepOptions(progress=False, **options),
+  )
 
 
 def test_bf16_checkpoint_is_sampled_with_a_float32_state():
@@ -39,20 +53,22 @@ def test_bf16_checkpoint_is_sampled_with_a_float32_state():
   bf16 = run(jnp.full((D,), 4.0, jnp.bfloat16), st)
   f32 = run(jnp.full((D,), 4.0, jnp.float32), st)
   np.testing.assert_allclose(bf16.llc_per_chain, f32.llc_per_chain, rtol=1e-6)
-  mean = float(bf16.llc_mean[0])   # ± ~2 % (8 chains × ~30 effective draws, d = 16)
+  mean = float(bf16.llc_mean[0])  # ± ~2 % (8 chains × ~30 effective draws, d = 16)
   assert abs(mean / EXACT - 1) < 0.08, (mean, EXACT)
   prog = program.get_program(quadratic, settings(), data={"x": np.zeros((8, 1))})
-  carry = prog.init({"w": jnp.full((1, D), 4.0, jnp.bfloat16)},
-                    {k: jnp.ones((1,)) for k in ("step_size", "nbeta", "localization")}, None)
+  carry = prog.init(
+    {"w": jnp.full((1, D), 4.0, jnp.bfloat16)},
+    {k: jnp.ones((1,)) for k in ("step_size", "nbeta", "localization")},
+    None,
+  )
   assert {x.dtype for x in jax.tree.leaves(carry[0])} == {jnp.dtype(jnp.float32)}
 
 
 def test_bf16_compute_changes_the_loss_but_not_the_estimate_beyond_noise():
   st = settings(num_draws=1500, step_size=1e-3)
   w = jnp.full((D,), 4.0, jnp.float32)
-  f32, bf16 = run(w, st), run(w, settings(num_draws=1500, step_size=1e-3,
-                                            compute_dtype="bfloat16"))
-  assert not np.allclose(f32.loss_trace, bf16.loss_trace, rtol=1e-5)   # bf16 was applied
+  f32, bf16 = run(w, st), run(w, settings(num_draws=1500, step_size=1e-3, compute_dtype="bfloat16"))
+  assert not np.allclose(f32.loss_trace, bf16.loss_trace, rtol=1e-5)  # bf16 was applied
   diff = float(bf16.llc_mean[0] - f32.llc_mean[0])
   se = float(np.hypot(f32.convergence["mcse"][0], bf16.convergence["mcse"][0]))
   assert abs(diff) < 4 * se + 0.02 * EXACT, (diff, se)
@@ -78,15 +94,20 @@ def test_auto_chunk_follows_the_memory_budget(caplog):
   data = {"x": np.zeros((8, 1), np.float32)}
   base = llc.estimate(quadratic, ckpts, data, st, SweepOptions(progress=False))
   with caplog.at_level(logging.INFO):
-    tiny = llc.estimate(quadratic, ckpts, data, st, SweepOptions(
-        progress=False, checkpoint_chunk="auto", memory_fraction=1e-9))
+    tiny = llc.estimate(
+      quadratic,
+      ckpts,
+      data,
+      st,
+      SweepOptions(progress=False, checkpoint_chunk="auto", memory_fraction=1e-9),
+    )
   assert "checkpoint_chunk='auto': 1 pairs per chunk" in caplog.text
   np.testing.assert_allclose(tiny.loss_trace, base.loss_trace, rtol=1e-5)
   prog = program.get_program(quadratic, st, data=data)
   first = jax.tree.map(lambda x: x[None], ckpts[0])
   args = (first, None, program.chain_keys(0, st.num_chains), jax.device_put(data), None, None)
   m1, m4 = sweep.chunk_memory(prog, 1, *args), sweep.chunk_memory(prog, 4, *args)
-  assert m1 is not None and m4.total > m1.total            # memory grows with the chunk
-  assert sweep.auto_chunk(prog, *args, num_pairs=3, fraction=0.5) == 3   # all fit
+  assert m1 is not None and m4.total > m1.total  # memory grows with the chunk
+  assert sweep.auto_chunk(prog, *args, num_pairs=3, fraction=0.5) == 3  # all fit
   with pytest.raises(ValueError, match="checkpoint_chunk must be None, 'auto'"):
     SweepOptions(checkpoint_chunk="most")

@@ -38,7 +38,7 @@ def test_eta_is_none_during_warmup():
   progress, clock, lines = make()
   progress.start()
   assert progress.rate is None and progress.eta_s is None
-  clock.advance(600.0)                  # a 10-minute compile for 100 steps
+  clock.advance(600.0)  # a 10-minute compile for 100 steps
   line = progress.update(100)
   assert progress.rate is None and progress.eta_s is None
   assert line is not None and "ETA after warm-up" in line and "steps/s" not in line
@@ -48,12 +48,12 @@ def test_eta_is_none_during_warmup():
 def test_compile_time_does_not_inflate_eta():
   progress, clock, lines = make(total=10_000)
   progress.start()
-  clock.advance(600.0)                  # first interval: compilation + 100 steps
+  clock.advance(600.0)  # first interval: compilation + 100 steps
   progress.update(100)
-  clock.advance(1.0)                    # then 100 steps/s
+  clock.advance(1.0)  # then 100 steps/s
   progress.update(200)
   assert progress.rate == pytest.approx(100.0)
-  assert progress.eta_s == pytest.approx(98.0)           # 9800 left at 100/s, not hours
+  assert progress.eta_s == pytest.approx(98.0)  # 9800 left at 100/s, not hours
   line = progress.update(200, force=True)
   assert "100 steps/s" in line and "ETA 1m38s" in line
 
@@ -63,7 +63,7 @@ def test_eta_is_remaining_over_rate_since_warmup():
   progress.start()
   clock.advance(30.0)
   progress.update(50)
-  for done in range(100, 2_001, 50):    # 50 steps per 0.25 s, i.e. 200 steps/s
+  for done in range(100, 2_001, 50):  # 50 steps per 0.25 s, i.e. 200 steps/s
     clock.advance(0.25)
     progress.update(done)
     assert progress.rate == pytest.approx(200.0)
@@ -74,7 +74,7 @@ def test_explicit_warmup_done_starts_the_rate():
   progress, clock, _ = make(total=1_000)
   progress.start()
   clock.advance(50.0)
-  progress.warmup_done()                # compiled, nothing done yet
+  progress.warmup_done()  # compiled, nothing done yet
   clock.advance(2.0)
   progress.update(100)
   assert progress.rate == pytest.approx(50.0)
@@ -96,16 +96,16 @@ def test_a_line_at_least_every_every_s():
   progress, clock, lines = make(total=100_000, every_s=15.0)
   progress.start()
   clock.advance(5.0)
-  progress.update(10)                    # first update: always a line
+  progress.update(10)  # first update: always a line
   times = [clock.t]
-  for done in range(20, 20_001, 10):     # updates every 0.7 s
+  for done in range(20, 20_001, 10):  # updates every 0.7 s
     clock.advance(0.7)
     if progress.update(done) is not None:
       times.append(clock.t)
   assert len(lines) == len(times) > 10
   gaps = [b - a for a, b in zip(times, times[1:])]
   assert max(gaps) <= 15.0 + 0.7 + 1e-9  # due at 15 s, seen at the next update
-  assert min(gaps) >= 15.0 - 1e-9        # and not more often than that
+  assert min(gaps) >= 15.0 - 1e-9  # and not more often than that
 
 
 def test_completion_and_force_always_log():
@@ -141,11 +141,18 @@ def test_training_loop_quotes_no_eta_before_warmup(tmp_path, caplog):
   from devinterp_jax.training import loop
 
   caplog.set_level(logging.INFO)
-  loop.train(workdir=str(tmp_path / "run"), init_params={"w": jnp.ones(3)},
-             loss_fn=lambda p, b: jnp.sum(jnp.square(p["w"] - b)),
-             batch_fn=lambda k: jax.random.normal(k, (3,)), optimizer=optax.sgd(0.01),
-             num_steps=40, schedule_steps=[10, 40], data_key=jax.random.key(0),
-             log_every=10, resume_every=0)
+  loop.train(
+    workdir=str(tmp_path / "run"),
+    init_params={"w": jnp.ones(3)},
+    loss_fn=lambda p, b: jnp.sum(jnp.square(p["w"] - b)),
+    batch_fn=lambda k: jax.random.normal(k, (3,)),
+    optimizer=optax.sgd(0.01),
+    num_steps=40,
+    schedule_steps=[10, 40],
+    data_key=jax.random.key(0),
+    log_every=10,
+    resume_every=0,
+  )
   train_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
   assert train_lines[0].startswith("train: 10/40 steps  loss ")
   assert "ETA after warm-up" in train_lines[0]

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_readme_estimator_snippet_runs(tmp_path, monkeypatch):
   with open(os.path.join(ROOT, "README.md")) as f:
     text = f.read()
-  section = text[text.index("## The LLC estimator API"):]
+  section = text[text.index("## The LLC estimator API") :]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   code = code.replace("/tmp/llc_chunks", str(tmp_path / "llc_chunks"))
   env: dict = {}

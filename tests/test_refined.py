@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   config = tiny_config(40)
-  config.refined.update(num_chains=2, num_draws=12, step_size=2e-4, nbeta=10.0,
-                        localization=50.0, batch_size=16)
+  config.refined.update(
+    num_chains=2, num_draws=12, step_size=2e-4, nbeta=10.0, localization=50.0, batch_size=16
+  )
   workdir = str(tmp_path_factory.mktemp("run"))
   icl_regression.run(config, workdir)
   return config, workdir
@@ -31,7 +32,7 @@ def test_all_heads_over_checkpoints(trained):
   steps = icl_regression.schedule_steps(config)
   out = os.path.join(workdir, "wrllc_heads")
   res = LLCResult.load(os.path.join(out, "llc.npz"))
-  assert res.llc_mean.shape == (2, len(steps))               # 1 layer × 2 heads
+  assert res.llc_mean.shape == (2, len(steps))  # 1 layer × 2 heads
   table = np.genfromtxt(os.path.join(out, "refined.csv"), delimiter=",", names=True)
   np.testing.assert_array_equal(table["step"], steps)
   np.testing.assert_allclose(table["L0H1_mean"], res.llc_mean[1], rtol=1e-12)
@@ -81,16 +82,21 @@ def test_data_refined_launcher(trained):
   config, workdir = trained
   steps, names, plain, _ = refined.estimate_refined(config, workdir, data="input_gain=1")
   assert names is None and plain.llc_mean.shape == (len(steps),)
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "estimate_llc.py"),
-         f"--config={os.path.join(ROOT, 'configs', 'icl_regression.py')}:runlocal",
-         f"--workdir={workdir}", "--loss_data=input_gain=1"]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "launch", "estimate_llc.py"),
+    f"--config={os.path.join(ROOT, 'configs', 'icl_regression.py')}:runlocal",
+    f"--workdir={workdir}",
+    "--loss_data=input_gain=1",
+  ]
   cmd += [f"--config.{k}={v}" for k, v in _overrides(config).items()]
-  subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                 capture_output=True)
+  subprocess.run(
+    cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True
+  )
   res = LLCResult.load(os.path.join(workdir, "drllc_input_gain1", "llc.npz"))
   np.testing.assert_allclose(res.llc_per_chain, plain.llc_per_chain, rtol=1e-5, atol=1e-5)
   ood = refined.estimate_refined(config, workdir, loss_data="input_gain=2")[2]
-  assert np.all(np.abs(ood.llc_mean - plain.llc_mean) > 1e-3)   # other data, other numbers
+  assert np.all(np.abs(ood.llc_mean - plain.llc_mean) > 1e-3)  # other data, other numbers
 
 
 def _overrides(config):

@@ -37,23 +37,39 @@ from tests.helpers import restore_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FLAG = "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal"
-TINY_FLAGS = ["--config.model.d_model=16", "--config.model.d_mlp=16",
-              "--config.model.num_heads=2", "--config.model.num_layers=1",
-              "--config.train.batch_size=16", "--config.train.n_log=5",
-              "--config.train.n_linear=3", "--config.train.log_every=10",
-              "--config.train.resume_every=20", "--config.train.eval_batch_size=64"]
+TINY_FLAGS = [
+  "--config.model.d_model=16",
+  "--config.model.d_mlp=16",
+  "--config.model.num_heads=2",
+  "--config.model.num_layers=1",
+  "--config.train.batch_size=16",
+  "--config.train.n_log=5",
+  "--config.train.n_linear=3",
+  "--config.train.log_every=10",
+  "--config.train.resume_every=20",
+  "--config.train.eval_batch_size=64",
+]
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 # tiny_config(num_steps) is the config these flags give (same trained weights).
 
 
 def launch(script, workdir, *flags, num_steps=120, timeout=180, prelude=""):
   """Runs launch/<script> on the tiny model; `prelude` is Python run first (a fault)."""
-  argv = [os.path.join(ROOT, "launch", script), CONFIG_FLAG, f"--workdir={workdir}",
-          *TINY_FLAGS, f"--config.train.num_steps={num_steps}", *flags]
-  code = (f"import runpy, sys\n{prelude}\nsys.argv = {argv!r}\n"
-          f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
-  return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+  argv = [
+    os.path.join(ROOT, "launch", script),
+    CONFIG_FLAG,
+    f"--workdir={workdir}",
+    *TINY_FLAGS,
+    f"--config.train.num_steps={num_steps}",
+    *flags,
+  ]
+  code = (
+    f"import runpy, sys\n{prelude}\nsys.argv = {argv!r}\n"
+    f"runpy.run_path(sys.argv[0], run_name='__main__')\n"
+  )
+  return subprocess.run(
+    [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +107,7 @@ def copy_run(src, tmp_path, name="run"):
 # ----------------------------------------------------------------------------------------
 # 1. Stale LLC chunks are never reused when the data, the checkpoints or the loss change.
 
+
 def quad_loss(params, batch):
   return 0.5 * jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"]))
 
@@ -104,8 +121,16 @@ def quad_data(seed=0, n=512):
   return {"x": x, "y": x @ jnp.ones(3) + 0.1 * jax.random.normal(jax.random.key(seed + 1), (n,))}
 
 
-SGLD = dict(num_chains=2, num_draws=60, step_size=1e-3, localization=10.0, nbeta=50.0,
-            batch_size=32, checkpoint_chunk=1, progress=False)
+SGLD = dict(
+  num_chains=2,
+  num_draws=60,
+  step_size=1e-3,
+  localization=10.0,
+  nbeta=50.0,
+  batch_size=32,
+  checkpoint_chunk=1,
+  progress=False,
+)
 
 
 def test_stale_chunks_of_other_params_data_or_loss_are_not_reused(tmp_path):
@@ -114,9 +139,11 @@ def test_stale_chunks_of_other_params_data_or_loss_are_not_reused(tmp_path):
   out = str(tmp_path / "chunks")
   at_min = [{"w": jnp.ones(3)}, {"w": jnp.ones(3) * 1.1}]
   first = dj.estimate_llcs(quad_loss, at_min, quad_data(), output_dir=out, **SGLD)
-  cases = {"other params": (quad_loss, [{"w": jnp.ones(3) * 3.0}, at_min[1]], quad_data()),
-           "other data": (quad_loss, at_min, quad_data(seed=7)),
-           "loss scaled by 2": (doubled_loss, at_min, quad_data())}
+  cases = {
+    "other params": (quad_loss, [{"w": jnp.ones(3) * 3.0}, at_min[1]], quad_data()),
+    "other data": (quad_loss, at_min, quad_data(seed=7)),
+    "loss scaled by 2": (doubled_loss, at_min, quad_data()),
+  }
   for name, (loss, params, data) in cases.items():
     res = dj.estimate_llcs(loss, params, data, output_dir=out, **SGLD)
     fresh = dj.estimate_llcs(loss, params, data, **SGLD)
@@ -134,16 +161,24 @@ def test_lambda_loss_needs_a_key_to_resume(tmp_path):
   params = [{"w": jnp.ones(3)}]
   with pytest.raises(ValueError, match="loss_key"):
     dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out, **SGLD)
-  a = dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out,
-                       loss_key="quad-v1", **SGLD)
+  a = dj.estimate_llcs(
+    lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out, loss_key="quad-v1", **SGLD
+  )
   chunk = glob.glob(os.path.join(out, "*", "llc_pair_00000.npz"))[0]
   mtime = os.stat(chunk).st_mtime_ns
-  b = dj.estimate_llcs(lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out,
-                       loss_key="quad-v1", **SGLD)
+  b = dj.estimate_llcs(
+    lambda p, b: quad_loss(p, b), params, quad_data(), output_dir=out, loss_key="quad-v1", **SGLD
+  )
   np.testing.assert_array_equal(a.llc_per_chain, b.llc_per_chain)
-  assert os.stat(chunk).st_mtime_ns == mtime                    # reused, not rewritten
-  c = dj.estimate_llcs(lambda p, b: 2 * quad_loss(p, b), params, quad_data(), output_dir=out,
-                       loss_key="quad-doubled", **SGLD)
+  assert os.stat(chunk).st_mtime_ns == mtime  # reused, not rewritten
+  c = dj.estimate_llcs(
+    lambda p, b: 2 * quad_loss(p, b),
+    params,
+    quad_data(),
+    output_dir=out,
+    loss_key="quad-doubled",
+    **SGLD,
+  )
   assert not np.allclose(c.llc_per_chain, a.llc_per_chain)
 
 
@@ -153,22 +188,35 @@ def test_loss_identity_covers_fields_wrappers_defaults_and_globals():
   import dataclasses
   import functools
   from devinterp_jax.storage.digest import callable_identity
+
   model = icl_regression.make_model(tiny_config())
   assert callable_identity(model.loss) == callable_identity(
-      icl_regression.make_model(tiny_config()).loss)
+    icl_regression.make_model(tiny_config()).loss
+  )
   assert callable_identity(model.loss) != callable_identity(
-      dataclasses.replace(model, double_residual=False).loss)
+    dataclasses.replace(model, double_residual=False).loss
+  )
 
   def scaled(s):
     def wrap(f):
       @functools.wraps(f)
       def g(p, b):
         return s * f(p, b)
+
       return g
+
     return wrap
 
-  ids = {callable_identity(f) for f in (quad_loss, scaled(2.0)(quad_loss), scaled(3.0)(quad_loss),
-                                        jax.grad(quad_loss), jax.value_and_grad(quad_loss))}
+  ids = {
+    callable_identity(f)
+    for f in (
+      quad_loss,
+      scaled(2.0)(quad_loss),
+      scaled(3.0)(quad_loss),
+      jax.grad(quad_loss),
+      jax.value_and_grad(quad_loss),
+    )
+  }
   assert len(ids) == 5 and None not in ids
   namespace = {"jnp": jnp, "SCALE": 1.0}
   exec("def kw(p, b, *, s=1.0):\n  return s * SCALE * jnp.mean(p['w'])", namespace)
@@ -180,24 +228,34 @@ def test_loss_identity_covers_fields_wrappers_defaults_and_globals():
   assert len({first, second, third}) == 3
   assert callable_identity(lambda p, b: 0.0) is None
   exec("def f(p, b):\n  return g(p, b)\ndef g(p, b):\n  return f(p, b)", namespace)
-  assert callable_identity(namespace["f"]) is not None      # mutual recursion terminates
+  assert callable_identity(namespace["f"]) is not None  # mutual recursion terminates
 
 
 def test_fingerprint_is_the_same_in_every_process(tmp_path):
   """Item 1: a resumed sweep in a new process (any hash seed) finds its chunks."""
-  code = ("import jax, json\nfrom tests.helpers import tiny_config\n"
-          "from devinterp_jax.experiments import icl_regression, llc_sweep\n"
-          "from devinterp_jax.sampling import llc, sweep\n"
-          "c = tiny_config(); m = icl_regression.make_model(c)\n"
-          "s = llc.SamplerSettings(num_chains=2, num_draws=5, step_size=1e-3, "
-          "localization=1.0, nbeta=2.0, batch_size=4)\n"
-          "for key in (None, llc_sweep.loss_key(c, m.loss)):\n"
-          "  print(sweep.fingerprint(sweep.sweep_identity(s, loss_fn=m.loss, "
-          "data=icl_regression.sgld_dataset(c), loss_key=key, sampler='sgld', "
-          "ids=[1, 2])))\n")
-  prints = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={**ENV, "PYTHONHASHSEED": seed}, cwd=ROOT, timeout=120).stdout
-            for seed in ("1", "2")]
+  code = (
+    "import jax, json\nfrom tests.helpers import tiny_config\n"
+    "from devinterp_jax.experiments import icl_regression, llc_sweep\n"
+    "from devinterp_jax.sampling import llc, sweep\n"
+    "c = tiny_config(); m = icl_regression.make_model(c)\n"
+    "s = llc.SamplerSettings(num_chains=2, num_draws=5, step_size=1e-3, "
+    "localization=1.0, nbeta=2.0, batch_size=4)\n"
+    "for key in (None, llc_sweep.loss_key(c, m.loss)):\n"
+    "  print(sweep.fingerprint(sweep.sweep_identity(s, loss_fn=m.loss, "
+    "data=icl_regression.sgld_dataset(c), loss_key=key, sampler='sgld', "
+    "ids=[1, 2])))\n"
+  )
+  prints = [
+    subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      env={**ENV, "PYTHONHASHSEED": seed},
+      cwd=ROOT,
+      timeout=120,
+    ).stdout
+    for seed in ("1", "2")
+  ]
   assert prints[0] == prints[1] and len(prints[0].split()) == 2
 
 
@@ -210,7 +268,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
   chunks = sorted(glob.glob(os.path.join(out, "*", "llc_pair_*.npz")))
   assert len(chunks) == 3
   mtime = os.stat(chunks[0]).st_mtime_ns
-  for path in chunks[1:]:            # as if killed after the first chunk was written
+  for path in chunks[1:]:  # as if killed after the first chunk was written
     os.remove(path)
   resumed = dj.estimate_llcs(quad_loss, params, quad_data(), output_dir=out, **SGLD)
   np.testing.assert_array_equal(resumed.llc_per_chain, full.llc_per_chain)
@@ -231,8 +289,9 @@ def test_launcher_sweeps_of_other_data_are_kept_apart(swept, tmp_path):
   assert len(os.listdir(os.path.join(workdir, "llc", "chunks"))) == 2
   _, same = icl_regression.estimate(config, workdir)
   np.testing.assert_array_equal(same.llc_per_chain, result.llc_per_chain)
-  assert same.settings["fingerprint"] == result.settings["fingerprint"] != other.settings[
-      "fingerprint"]
+  assert (
+    same.settings["fingerprint"] == result.settings["fingerprint"] != other.settings["fingerprint"]
+  )
 
 
 def test_estimate_refuses_a_config_the_run_was_not_trained_with(swept, tmp_path):
@@ -241,8 +300,9 @@ def test_estimate_refuses_a_config_the_run_was_not_trained_with(swept, tmp_path)
   config, src, _, _ = swept
   noisy = tiny_config()
   noisy.task.noise_variance = 1.0
-  with pytest.raises(run_log.RunFileError,
-                     match=r"task\.noise_variance \(run: 0\.125, given: 1\.0\)"):
+  with pytest.raises(
+    run_log.RunFileError, match=r"task\.noise_variance \(run: 0\.125, given: 1\.0\)"
+  ):
     icl_regression.estimate(noisy, src)
   wider = tiny_config()
   wider.model.d_model = 32
@@ -250,21 +310,30 @@ def test_estimate_refuses_a_config_the_run_was_not_trained_with(swept, tmp_path)
     icl_regression.estimate(wider, src)
   # Reading the checkpoints with the wrong model names the leaf and both shapes.
   abstract = jax.eval_shape(icl_regression.make_model(wider).init_params, jax.random.key(0))
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"does not fit the model: params leaf .* stored as \(.*16.*\) "
-                           r"but the model config builds \(.*32.*\)"):
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=r"does not fit the model: params leaf .* stored as \(.*16.*\) "
+    r"but the model config builds \(.*32.*\)",
+  ):
     checkpointing.ParamsSequence(src, [1], abstract)[0]
 
 
 # ----------------------------------------------------------------------------------------
 # 2. One workdir lock: a second launch on a busy workdir fails at once.
 
+
 def test_second_launch_on_a_busy_workdir_fails_at_once(tmp_path):
   """Item 2: the second train.py exits at once naming the holder; the first finishes
   with every log row (before: the second replaced metrics.jsonl and rows were lost)."""
   workdir = tmp_path / "busy"
-  argv = [sys.executable, os.path.join(ROOT, "launch", "train.py"), CONFIG_FLAG,
-          f"--workdir={workdir}", *TINY_FLAGS, "--config.train.num_steps=300"]
+  argv = [
+    sys.executable,
+    os.path.join(ROOT, "launch", "train.py"),
+    CONFIG_FLAG,
+    f"--workdir={workdir}",
+    *TINY_FLAGS,
+    "--config.train.num_steps=300",
+  ]
   first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 120
@@ -274,7 +343,7 @@ def test_second_launch_on_a_busy_workdir_fails_at_once(tmp_path):
         break
       assert first.poll() is None, "the first run ended before it took the lock"
       time.sleep(0.05)
-    os.kill(first.pid, signal.SIGSTOP)       # keep it holding the lock, deterministically
+    os.kill(first.pid, signal.SIGSTOP)  # keep it holding the lock, deterministically
     t0 = time.time()
     second = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=120)
     os.kill(first.pid, signal.SIGCONT)
@@ -289,7 +358,7 @@ def test_second_launch_on_a_busy_workdir_fails_at_once(tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == 300
   expected = icl_regression.schedule_steps(tiny_config(300))
   assert set(int(s) for s in expected) <= set(steps)
-  assert lock_file.read_text() == ""                        # released on a clean exit
+  assert lock_file.read_text() == ""  # released on a clean exit
 
 
 def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path, caplog):
@@ -298,16 +367,23 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path,
   config, src = trained
   workdir = copy_run(src, tmp_path)
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from devinterp_jax.storage import lock\n"
-       f"with lock.hold({workdir!r}):\n  print('held', flush=True); time.sleep(120)"],
-      env=ENV, stdout=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from devinterp_jax.storage import lock\n"
+      f"with lock.hold({workdir!r}):\n  print('held', flush=True); time.sleep(120)",
+    ],
+    env=ENV,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid} on host"):
       icl_regression.train(config, workdir)
     with pytest.raises(lock.WorkdirLockedError, match=f"is in use by pid {holder.pid}"):
       report.analyze(workdir, LR, config.analysis)
-    copied = copy_run(workdir, tmp_path, "copied")    # its .lock names the live holder
+    copied = copy_run(workdir, tmp_path, "copied")  # its .lock names the live holder
     icl_regression.train(config, copied)
     assert "the lock file was copied from another workdir" in caplog.text
   finally:
@@ -317,10 +393,18 @@ def test_lock_is_refused_while_held_and_taken_over_when_stale(trained, tmp_path,
   icl_regression.train(config, workdir)
   assert "that process is gone" in caplog.text
   assert open(os.path.join(workdir, lock.LOCK_NAME)).read() == ""  # released on exit
-  with open(os.path.join(workdir, lock.LOCK_NAME), "w") as f:   # preempted elsewhere
+  with open(os.path.join(workdir, lock.LOCK_NAME), "w") as f:  # preempted elsewhere
     st = os.stat(os.path.join(workdir, lock.LOCK_NAME))
-    json.dump({"pid": 1, "host": "some-other-host", "time": 0, "argv": ["main.py"],
-               "inode": [st.st_dev, st.st_ino]}, f)
+    json.dump(
+      {
+        "pid": 1,
+        "host": "some-other-host",
+        "time": 0,
+        "argv": ["main.py"],
+        "inode": [st.st_dev, st.st_ino],
+      },
+      f,
+    )
   icl_regression.train(config, workdir)
   assert "some-other-host" in caplog.text and "it no longer holds the lock" in caplog.text
 
@@ -366,7 +450,7 @@ def test_failed_mkdir_of_a_save_exits_nonzero_without_hanging(tmp_path):
   assert out.returncode == 1, out.stderr[-2000:]
   assert "CheckpointSaveError" in out.stderr and "No space left on device" in out.stderr
   assert "a rerun resumes from the last committed checkpoint" in out.stderr
-  assert "still keep the process alive" not in out.stderr   # exited by itself, no watchdog
+  assert "still keep the process alive" not in out.stderr  # exited by itself, no watchdog
   assert time.time() - t0 < 120
 
 
@@ -384,20 +468,27 @@ def test_failed_write_of_a_save_exits_and_the_rerun_resumes_exactly(tmp_path):
   config = tiny_config(120)
   clean = str(tmp_path / "clean")
   icl_regression.train(config, clean)
-  jax.tree.map(np.testing.assert_array_equal, restore_params(clean, config),
-               restore_params(str(workdir), config))
-  assert ([r["step"] for r in run_log.read_metrics(str(workdir))] ==
-          [r["step"] for r in run_log.read_metrics(clean)])
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    restore_params(clean, config),
+    restore_params(str(workdir), config),
+  )
+  assert [r["step"] for r in run_log.read_metrics(str(workdir))] == [
+    r["step"] for r in run_log.read_metrics(clean)
+  ]
 
 
 def test_launcher_exits_even_if_a_background_thread_blocks():
   """Item 3 (the watchdog behind every launcher): a failed job whose library left a
   non-daemon thread waiting forever still exits with code 1."""
-  code = ("import threading\nfrom devinterp_jax.experiments import launcher\n"
-          "threading.Thread(target=threading.Event().wait).start()\n"
-          "launcher.run(lambda: 1 / 0, grace_s=2)\n")
-  out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
-                       timeout=120)
+  code = (
+    "import threading\nfrom devinterp_jax.experiments import launcher\n"
+    "threading.Thread(target=threading.Event().wait).start()\n"
+    "launcher.run(lambda: 1 / 0, grace_s=2)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 1
   assert "ZeroDivisionError" in out.stderr and "still keep the process alive" in out.stderr
 
@@ -405,18 +496,39 @@ def test_launcher_exits_even_if_a_background_thread_blocks():
 # ----------------------------------------------------------------------------------------
 # 4. The report handles checkpoints with fewer than 2 valid chains.
 
+
 def _one_chain_at(result: results_lib.LLCResult, index: int) -> results_lib.LLCResult:
   """The result with every chain but the first diverged at checkpoint `index`."""
   diverged = result.diverged.copy()
   diverged[index, 1:] = True
   status = result.status.copy()
-  status[index, 1:] = 4                       # diagnostics.STATUS_NAMES: 'diverged'
+  status[index, 1:] = 4  # diagnostics.STATUS_NAMES: 'diverged'
   mean, std = result.llc_mean.copy(), result.llc_std.copy()
   mean[index], std[index] = result.llc_per_chain[index, 0], np.nan
-  return results_lib.LLCResult(**{**{f: getattr(result, f) for f in (
-      "llc_per_chain", "loss_trace", "init_loss", "escaped", "not_converged", "negative",
-      "mala_acceptance", "distance", "grad_norm", "noise_norm", "settings")},
-      "llc_mean": mean, "llc_std": std, "diverged": diverged, "status": status})
+  return results_lib.LLCResult(
+    **{
+      **{
+        f: getattr(result, f)
+        for f in (
+          "llc_per_chain",
+          "loss_trace",
+          "init_loss",
+          "escaped",
+          "not_converged",
+          "negative",
+          "mala_acceptance",
+          "distance",
+          "grad_norm",
+          "noise_norm",
+          "settings",
+        )
+      },
+      "llc_mean": mean,
+      "llc_std": std,
+      "diverged": diverged,
+      "status": status,
+    }
+  )
 
 
 def test_report_leaves_out_a_single_chain_checkpoint_and_names_it(swept, tmp_path):
@@ -444,8 +556,9 @@ def test_main_job_with_one_chain_writes_a_report_without_stages(trained, tmp_pat
   lean_analysis(one)
   summary = icl_regression.run(one, workdir)
   assert summary["stage_boundaries"] == []
-  assert summary["stages_excluded_checkpoints"] == [int(s) for s in
-                                                    checkpointing.scheduled_steps(workdir)]
+  assert summary["stages_excluded_checkpoints"] == [
+    int(s) for s in checkpointing.scheduled_steps(workdir)
+  ]
   rep = json.load(open(os.path.join(workdir, "report", "report.json")))
   assert rep["stages_fitted"] is False and rep["stages"] == []
   assert json.load(open(os.path.join(workdir, "report", "stages.json")))["fitted"] is False
@@ -457,17 +570,26 @@ def test_main_job_with_one_chain_writes_a_report_without_stages(trained, tmp_pat
 # ----------------------------------------------------------------------------------------
 # 5. nβ, ε and γ must be finite, and nβ > 0.
 
-@pytest.mark.parametrize("field,value,message", [
-    ("nbeta", 0.0, "nbeta must be > 0"), ("nbeta", -1.0, "nbeta must be > 0"),
-    ("nbeta", float("nan"), "nbeta must be finite"), ("nbeta", float("inf"), "nbeta must be finite"),
+
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("nbeta", 0.0, "nbeta must be > 0"),
+    ("nbeta", -1.0, "nbeta must be > 0"),
+    ("nbeta", float("nan"), "nbeta must be finite"),
+    ("nbeta", float("inf"), "nbeta must be finite"),
     ("step_size", float("nan"), "step_size must be finite"),
     ("step_size", float("inf"), "step_size must be finite"),
     ("localization", float("nan"), "localization must be finite"),
-    ("localization", -1.0, "localization must be >= 0")])
+    ("localization", -1.0, "localization must be >= 0"),
+  ],
+)
 def test_sampler_hyperparameters_must_be_finite_and_nbeta_positive(field, value, message):
   """Item 5: before, nβ = 0 gave LLC 0 ± 0 with every chain "ok", and NaN passed."""
-  kw = {**dict(num_chains=2, num_draws=10, step_size=1e-3, localization=1.0, nbeta=10.0,
-               batch_size=8), field: value}
+  kw = {
+    **dict(num_chains=2, num_draws=10, step_size=1e-3, localization=1.0, nbeta=10.0, batch_size=8),
+    field: value,
+  }
   with pytest.raises(ValueError, match=message):
     dj.estimate_llc(quad_loss, {"w": jnp.ones(3)}, quad_data(), **kw)
   config = tiny_config()
@@ -478,8 +600,17 @@ def test_sampler_hyperparameters_must_be_finite_and_nbeta_positive(field, value,
 
 def test_calibration_grid_values_are_checked():
   with pytest.raises(ValueError, match="nbeta must be > 0"):
-    dj.calibrate(quad_loss, [{"w": jnp.ones(3)}], quad_data(), step_sizes=[1e-3],
-                 nbetas=[0.0], localizations=[1.0], num_chains=4, num_draws=10, batch_size=8)
+    dj.calibrate(
+      quad_loss,
+      [{"w": jnp.ones(3)}],
+      quad_data(),
+      step_sizes=[1e-3],
+      nbetas=[0.0],
+      localizations=[1.0],
+      num_chains=4,
+      num_draws=10,
+      batch_size=8,
+    )
   config = tiny_config()
   config.calibration.nbetas = (15.4, 0.0)
   with pytest.raises(config_checks.ConfigError, match=r"config.calibration.nbetas = "):
@@ -488,6 +619,7 @@ def test_calibration_grid_values_are_checked():
 
 # ----------------------------------------------------------------------------------------
 # 6. Every section is validated before training; only training sections lock a workdir.
+
 
 def test_llc_typo_fails_the_main_job_before_training(tmp_path):
   """Item 6: before, main.py trained fully and only then failed on num_draws=0."""
@@ -498,10 +630,20 @@ def test_llc_typo_fails_the_main_job_before_training(tmp_path):
   assert not (workdir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key,value", [
-    ("train.batch_size", 0), ("train.eval_batch_size", 0), ("train.max_lr", -1.0),
-    ("llc.num_draws", 0), ("llc.sampler", "sgdl"), ("analysis.stages.noise", "sd"),
-    ("analysis.hessian.top_k", 100), ("refined.step_size", 0.0), ("model.num_heads", 3)])
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("train.batch_size", 0),
+    ("train.eval_batch_size", 0),
+    ("train.max_lr", -1.0),
+    ("llc.num_draws", 0),
+    ("llc.sampler", "sgdl"),
+    ("analysis.stages.noise", "sd"),
+    ("analysis.hessian.top_k", 100),
+    ("refined.step_size", 0.0),
+    ("model.num_heads", 3),
+  ],
+)
 def test_bad_config_values_are_refused_before_any_work(key, value, tmp_path):
   """Items 6 and 9: batch_size=0 said "loss not finite", eval_batch_size=0 gave silent
   NaN losses, max_lr=-1 silently ascended."""
@@ -536,6 +678,7 @@ def test_llc_and_analysis_sections_may_change_on_a_trained_workdir(trained, tmp_
 
 # ----------------------------------------------------------------------------------------
 # 7-8. The training log: fsynced lines, torn last line dropped, first segment truncated.
+
 
 def test_torn_last_log_line_is_dropped_and_the_run_resumes(trained, tmp_path, caplog):
   """Item 7: before, train.py, main.py and analyze.py failed with a raw JSONDecodeError."""
@@ -584,8 +727,9 @@ def test_run_killed_before_its_first_checkpoint_does_not_duplicate_log_rows(trai
   with open(run_log.metrics_path(workdir), "w") as f:
     f.write(json.dumps({"step": 1, "train_loss": 9.0, "time": 0.1}) + "\n")
   icl_regression.train(config, workdir)
-  assert ([r["step"] for r in run_log.read_metrics(workdir)] ==
-          [r["step"] for r in run_log.read_metrics(src)])
+  assert [r["step"] for r in run_log.read_metrics(workdir)] == [
+    r["step"] for r in run_log.read_metrics(src)
+  ]
   assert run_log.read_metrics(workdir)[0]["train_loss"] != 9.0
 
 
@@ -602,29 +746,31 @@ def test_llc_csv_takes_losses_from_checkpoint_meta_when_the_log_lacks_them(swept
 # ----------------------------------------------------------------------------------------
 # 9. Every error names the file, the cause and the fix.
 
+
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_damaged_chunk_names_its_path_and_the_fix(swept, tmp_path, damage):
   config, src, _, _ = swept
   workdir = copy_run(src, tmp_path)
   chunk = sorted(glob.glob(os.path.join(workdir, "llc", "chunks", "*", "llc_pair_*.npz")))[0]
   data = open(chunk, "rb").read()
-  open(chunk, "wb").write(data[:len(data) // 2] if damage == "truncate" else os.urandom(300))
-  with pytest.raises(llc_lib.ChunkError,
-                     match=re.escape(chunk) + " is unreadable .*Delete it and rerun"):
+  open(chunk, "wb").write(data[: len(data) // 2] if damage == "truncate" else os.urandom(300))
+  with pytest.raises(
+    llc_lib.ChunkError, match=re.escape(chunk) + " is unreadable .*Delete it and rerun"
+  ):
     icl_regression.estimate(config, workdir)
   if damage == "truncate":
     os.remove(chunk)
-    icl_regression.estimate(config, workdir)            # the fix works
+    icl_regression.estimate(config, workdir)  # the fix works
 
 
-@pytest.mark.parametrize("content,message", [("{not json", "is not valid JSON"),
-                                             ("[1, 2]", "holds a JSON list")])
+@pytest.mark.parametrize(
+  "content,message", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list")]
+)
 def test_damaged_config_json_names_the_file(trained, tmp_path, content, message):
   config, src = trained
   workdir = copy_run(src, tmp_path)
   open(os.path.join(workdir, "config.json"), "w").write(content)
-  for call in (lambda: icl_regression.train(config, workdir),
-               lambda: run_log.read_config(workdir)):
+  for call in (lambda: icl_regression.train(config, workdir), lambda: run_log.read_config(workdir)):
     with pytest.raises(run_log.RunFileError, match=f"config.json {message}.*Restore it"):
       call()
 
@@ -634,14 +780,19 @@ def test_corrupted_checkpoint_is_corrupt_at_its_step_and_not_sampled(tmp_path):
   showed up only as diverged chains. (Arrays this large are stored outside OCDBT's
   CRC-checked b-tree nodes; small ones are caught by Orbax itself.)"""
   workdir, step = str(tmp_path), 7
-  params = {"w": jnp.asarray(np.linspace(-1.0, 1.0, 3 * 40_000, dtype=np.float32)
-                             .reshape(40_000, 3))}
+  params = {
+    "w": jnp.asarray(np.linspace(-1.0, 1.0, 3 * 40_000, dtype=np.float32).reshape(40_000, 3))
+  }
   manager = checkpointing.make_manager(workdir, [step])
   checkpointing.save(manager, step, params, {"count": jnp.zeros(())}, {"scheduled": True})
   checkpointing.wait(manager)
   manager.close()
-  target = max(glob.glob(os.path.join(workdir, "checkpoints", str(step), "params", "**", "d",
-                                      "*"), recursive=True), key=os.path.getsize)
+  target = max(
+    glob.glob(
+      os.path.join(workdir, "checkpoints", str(step), "params", "**", "d", "*"), recursive=True
+    ),
+    key=os.path.getsize,
+  )
   original = open(target, "rb").read()
   abstract = jax.eval_shape(lambda: params)
   silent = None
@@ -650,7 +801,7 @@ def test_corrupted_checkpoint_is_corrupt_at_its_step_and_not_sampled(tmp_path):
   for fraction in (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8):
     data = bytearray(original)
     at = int(len(data) * fraction)
-    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
     open(target, "wb").write(bytes(data))
     manager = checkpointing.make_manager(workdir, read_only=True)
     try:
@@ -661,14 +812,25 @@ def test_corrupted_checkpoint_is_corrupt_at_its_step_and_not_sampled(tmp_path):
     finally:
       manager.close()
   assert silent is not None, "every flip was caught by the decoder"
-  assert not np.array_equal(silent["w"], params["w"])     # what Orbax alone returns
+  assert not np.array_equal(silent["w"], params["w"])  # what Orbax alone returns
   loss = lambda p, b: jnp.mean(jnp.square(b["x"] @ p["w"][:3] - b["y"]))
   data = {"x": jnp.ones((16, 3)), "y": jnp.zeros((16, 3))}
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=f"checkpoint corrupt at step {step} .*SHA-256 digest.*not used"):
-    dj.estimate_llcs(loss, checkpointing.ParamsSequence(workdir, [step], abstract), data,
-                     num_chains=2, num_draws=5, step_size=1e-4, localization=1.0, nbeta=1.0,
-                     batch_size=4, progress=False)
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=f"checkpoint corrupt at step {step} .*SHA-256 digest.*not used",
+  ):
+    dj.estimate_llcs(
+      loss,
+      checkpointing.ParamsSequence(workdir, [step], abstract),
+      data,
+      num_chains=2,
+      num_draws=5,
+      step_size=1e-4,
+      localization=1.0,
+      nbeta=1.0,
+      batch_size=4,
+      progress=False,
+    )
 
 
 def test_restore_with_other_dtypes_names_the_dtype_not_corruption(tmp_path):
@@ -678,38 +840,50 @@ def test_restore_with_other_dtypes_names_the_dtype_not_corruption(tmp_path):
   checkpointing.wait(manager)
   manager.close()
   manager = checkpointing.make_manager(str(tmp_path), read_only=True)
-  with pytest.raises(checkpointing.CheckpointError,
-                     match=r"\['w'\] is stored as float32 but is restored as float16"):
+  with pytest.raises(
+    checkpointing.CheckpointError, match=r"\['w'\] is stored as float32 but is restored as float16"
+  ):
     checkpointing.restore(manager, 1, {"w": jax.ShapeDtypeStruct((6,), jnp.float16)})
   manager.close()
 
 
 def test_scalar_array_hyperparameters_are_accepted():
-  res = dj.estimate_llc(quad_loss, {"w": jnp.ones(3)}, quad_data(), num_chains=2, num_draws=10,
-                        step_size=jnp.float32(1e-3), localization=np.array(1.0),
-                        nbeta=np.float64(10.0), batch_size=8)
+  res = dj.estimate_llc(
+    quad_loss,
+    {"w": jnp.ones(3)},
+    quad_data(),
+    num_chains=2,
+    num_draws=10,
+    step_size=jnp.float32(1e-3),
+    localization=np.array(1.0),
+    nbeta=np.float64(10.0),
+    batch_size=8,
+  )
   assert np.isfinite(res.llc_mean) and res.settings["step_size"] == pytest.approx(1e-3)
 
 
 def test_nonfinite_empty_and_nonbinary_inputs_are_named():
   """Item 9: NaN params were "diverged chains", empty params a JAX-internal vmap error,
   and a 0.5 mask was accepted."""
-  kw = dict(num_chains=2, num_draws=10, step_size=1e-3, localization=1.0, nbeta=10.0,
-            batch_size=8)
+  kw = dict(num_chains=2, num_draws=10, step_size=1e-3, localization=1.0, nbeta=10.0, batch_size=8)
   bad = {"w": jnp.array([1.0, jnp.nan, 1.0])}
-  with pytest.raises(ValueError, match=r"non-finite w\*: checkpoint 7 has non-finite params "
-                                       r"in \['w'\] \(1 NaN, 0 inf\)"):
-    dj.estimate_llcs(quad_loss, [{"w": jnp.ones(3)}, bad], quad_data(),
-                     checkpoint_ids=[3, 7], **kw)
+  with pytest.raises(
+    ValueError,
+    match=r"non-finite w\*: checkpoint 7 has non-finite params "
+    r"in \['w'\] \(1 NaN, 0 inf\)",
+  ):
+    dj.estimate_llcs(quad_loss, [{"w": jnp.ones(3)}, bad], quad_data(), checkpoint_ids=[3, 7], **kw)
   with pytest.raises(ValueError, match="hold no arrays"):
     dj.estimate_llc(quad_loss, {}, quad_data(), **kw)
   with pytest.raises(ValueError, match=r"values \[0\.5\] besides 0 and 1"):
-    dj.estimate_llc(quad_loss, {"w": jnp.ones(3)}, quad_data(),
-                    restrict={"w": np.array([1.0, 0.5, 0.0])}, **kw)
+    dj.estimate_llc(
+      quad_loss, {"w": jnp.ones(3)}, quad_data(), restrict={"w": np.array([1.0, 0.5, 0.0])}, **kw
+    )
 
 
 # ----------------------------------------------------------------------------------------
 # 10. Atomic writes: no temp files on failure, fsynced directories, figures, whole reports.
+
 
 def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
   """Item 10 and kept disk-full behaviour: ENOSPC at fsync leaves the old file intact
@@ -785,7 +959,7 @@ def test_a_crash_while_writing_the_report_leaves_the_old_report(swept, tmp_path,
   def crash(*a, **k):
     raise RuntimeError("killed mid-report")
 
-  monkeypatch.setattr(sections.Context, "checkpoints", crash)   # after stages.json was written
+  monkeypatch.setattr(sections.Context, "checkpoints", crash)  # after stages.json was written
   with pytest.raises(RuntimeError, match="killed mid-report"):
     report.analyze(workdir, LR, lean_analysis(tiny_config()))
   assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before

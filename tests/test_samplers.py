@@ -53,15 +53,25 @@ def test_quadratic_matches_the_integrators_exact_expectation(name, eps):
   where SGLD's own stationary value is ½ Σ nβh/k/(1 − εk/4) (+23 % at ε = 5e-3)."""
   d, nbeta, gamma = 10, 100.0, 1.0
   h, loss = _quadratic(d)
-  res = dj.estimate_llc(loss, {"w": jnp.zeros(d)}, {"b": jnp.zeros((8, d))}, num_chains=32,
-                        num_draws=4000, num_burnin_steps=500, step_size=eps,
-                        localization=gamma, nbeta=nbeta, batch_size=1, sampler=name)
+  res = dj.estimate_llc(
+    loss,
+    {"w": jnp.zeros(d)},
+    {"b": jnp.zeros((8, d))},
+    num_chains=32,
+    num_draws=4000,
+    num_burnin_steps=500,
+    step_size=eps,
+    localization=gamma,
+    nbeta=nbeta,
+    batch_size=1,
+    sampler=name,
+  )
   k = nbeta * np.asarray(h) + gamma
   exact = 0.5 * np.sum(nbeta * np.asarray(h) / k)
   sgld_value = 0.5 * np.sum(nbeta * np.asarray(h) / k / (1 - eps * k / 4))
   assert abs(res.llc_mean - exact) / exact < 0.05, (res.llc_mean, exact)
   if eps > 1e-3:
-    assert abs(sgld_value - exact) / exact > 0.2   # the case SGLD cannot pass
+    assert abs(sgld_value - exact) / exact > 0.2  # the case SGLD cannot pass
   assert res.llc_sem < 0.05 * exact / 2.5
 
 
@@ -71,32 +81,55 @@ def test_minibatch_noise_heats_sghmc_as_predicted_and_sgnht_removes_it():
   sigma = 0.08
   signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(64, d))
   data = {"b": jnp.asarray(np.concatenate([signs, -signs]) * sigma, jnp.float32)}
-  v = (nbeta * sigma) ** 2          # the variance of nβ ∇L_B per coordinate
+  v = (nbeta * sigma) ** 2  # the variance of nβ ∇L_B per coordinate
   k = nbeta * np.asarray(h) + gamma
   exact = 0.5 * np.sum(nbeta * np.asarray(h) / k)
   alpha = 2 * np.sqrt(gamma)
-  heated = 0.5 * np.sum([nbeta * hi * baoab_position_variance(ki, eps, alpha, v)
-                         for hi, ki in zip(np.asarray(h), k)])
-  assert heated / exact - 1 > 0.15   # a bias the test can see
+  heated = 0.5 * np.sum(
+    [nbeta * hi * baoab_position_variance(ki, eps, alpha, v) for hi, ki in zip(np.asarray(h), k)]
+  )
+  assert heated / exact - 1 > 0.15  # a bias the test can see
   run = lambda name: dj.estimate_llc(
-      loss, {"w": jnp.zeros(d)}, data, num_chains=32, num_draws=6000, num_burnin_steps=1000,
-      step_size=eps, localization=gamma, nbeta=nbeta, batch_size=1, sampler=name)
+    loss,
+    {"w": jnp.zeros(d)},
+    data,
+    num_chains=32,
+    num_draws=6000,
+    num_burnin_steps=1000,
+    step_size=eps,
+    localization=gamma,
+    nbeta=nbeta,
+    batch_size=1,
+    sampler=name,
+  )
   hmc, nht = run("sghmc"), run("sgnht")
   assert abs(hmc.llc_mean - heated) / heated < 0.05, (hmc.llc_mean, heated)
   assert abs(nht.llc_mean - exact) / exact < 0.05, (nht.llc_mean, exact)
 
 
 @pytest.mark.parametrize("name", ["sghmc", "sgnht"])
-@pytest.mark.parametrize("powers,gamma,eps", [((1,), 1.0, 2.5e-4), ((1, 2), 10.0, 1e-3),
-                                              ((2, 2), 10.0, 1e-3)])
+@pytest.mark.parametrize(
+  "powers,gamma,eps", [((1,), 1.0, 2.5e-4), ((1, 2), 10.0, 1e-3), ((2, 2), 10.0, 1e-3)]
+)
 def test_normal_crossings_match_quadrature(name, powers, gamma, eps):
   nbeta = 100.0
   p = jnp.asarray(powers)
   loss = lambda params, batch: jnp.prod(params["w"] ** (2 * p))
-  res = dj.estimate_llc(loss, {"w": jnp.zeros(len(powers))}, lambda key: None,
-                        num_chains=64, num_draws=10_000, num_burnin_steps=1_000,
-                        step_size=eps, localization=gamma, nbeta=nbeta, batch_size=1,
-                        chain_strategy="vmap", mala_stride=100, sampler=name)
+  res = dj.estimate_llc(
+    loss,
+    {"w": jnp.zeros(len(powers))},
+    lambda key: None,
+    num_chains=64,
+    num_draws=10_000,
+    num_burnin_steps=1_000,
+    step_size=eps,
+    localization=gamma,
+    nbeta=nbeta,
+    batch_size=1,
+    chain_strategy="vmap",
+    mala_stride=100,
+    sampler=name,
+  )
   exact = quadrature_expectation(powers, nbeta, gamma)
   assert res.llc_sem < 0.05 * exact / 2.5
   assert abs(res.llc_mean - exact) / exact < 0.05, (res.llc_mean, exact)
@@ -108,10 +141,20 @@ def test_leapfrog_check_has_the_law_of_exact_mala():
   MALA's from exact posterior samples at the same ε (so the [0.95, 1] band carries over)."""
   d, nbeta, gamma, eps = 10, 100.0, 1.0, 2e-3
   h, loss = _quadratic(d)
-  res = dj.estimate_llc(loss, {"w": jnp.zeros(d)}, {"b": jnp.zeros((8, d))}, num_chains=64,
-                        num_draws=3000, num_burnin_steps=500, step_size=eps,
-                        localization=gamma, nbeta=nbeta, batch_size=1, sampler="sghmc",
-                        mala_stride=5)
+  res = dj.estimate_llc(
+    loss,
+    {"w": jnp.zeros(d)},
+    {"b": jnp.zeros((8, d))},
+    num_chains=64,
+    num_draws=3000,
+    num_burnin_steps=500,
+    step_size=eps,
+    localization=gamma,
+    nbeta=nbeta,
+    batch_size=1,
+    sampler="sghmc",
+    mala_stride=5,
+  )
   k = nbeta * np.asarray(h) + gamma
   rng = np.random.default_rng(1)
   w = rng.normal(size=(400_000, d)) / np.sqrt(k)
@@ -120,7 +163,7 @@ def test_leapfrog_check_has_the_law_of_exact_mala():
   log_q = lambda to, frm: -np.sum((to - frm + 0.5 * eps * k * frm) ** 2, -1) / (2 * eps)
   mala = np.mean(np.minimum(1, np.exp(u(w) - u(prop) + log_q(w, prop) - log_q(prop, w))))
   measured = float(np.nanmean(res.mala_acceptance))
-  assert 0.9 < mala < 0.97            # a regime where the check decides
+  assert 0.9 < mala < 0.97  # a regime where the check decides
   assert abs(measured - mala) < 0.01, (measured, mala)
 
 
@@ -133,9 +176,10 @@ def _run_transform(transform, params, grads_fn, steps, mask, key=0):
   def body(carry, t):
     w, s = carry
     g = mask * grads_fn(w, jax.random.fold_in(jax.random.key(key + 1), t))
-    upd, s = transform.update(g, s, w, params_star=star,
-                              noise_key=jax.random.fold_in(jax.random.key(key), t), mask=mask)
-    return (w + upd, s), (s.thermostat, jnp.sum(mask * s.momentum ** 2) / real)
+    upd, s = transform.update(
+      g, s, w, params_star=star, noise_key=jax.random.fold_in(jax.random.key(key), t), mask=mask
+    )
+    return (w + upd, s), (s.thermostat, jnp.sum(mask * s.momentum**2) / real)
 
   (w, s), (xi, kinetic) = jax.lax.scan(body, (params, state), jnp.arange(steps))
   return w, s, xi, kinetic
@@ -156,7 +200,7 @@ def test_thermostat_is_per_chain_and_ignores_restriction_padding():
 
   scales = np.array([0.0, 0.06])
   w, state, xi, kinetic = jax.vmap(chain)(jnp.asarray(scales))
-  predicted = 2.0 + np.sqrt(eps) * (nbeta * scales) ** 2 / 2   # A = 2√γ = 2
+  predicted = 2.0 + np.sqrt(eps) * (nbeta * scales) ** 2 / 2  # A = 2√γ = 2
   np.testing.assert_allclose(xi[:, 10_000:].mean(axis=1), predicted, rtol=0.1)
   assert predicted[1] - predicted[0] > 0.5
   np.testing.assert_allclose(kinetic[:, 10_000:].mean(axis=1), 1.0, atol=0.03)
@@ -179,7 +223,7 @@ def test_samplers_by_name_with_options_and_step_checks():
   assert samplers.step_check("sgld") == "mala"
   assert samplers.step_check("sghmc") == samplers.step_check("sgnht") == "leapfrog"
   a = samplers.get_sampler("sghmc", friction=3.0)
-  assert a is samplers.get_sampler("sghmc", friction=3.0)   # programs are reused
+  assert a is samplers.get_sampler("sghmc", friction=3.0)  # programs are reused
   assert samplers.step_check(a) == "leapfrog"
   with pytest.raises(ValueError, match="takes no option"):
     samplers.get_sampler("sgld", friction=1.0)
@@ -196,8 +240,17 @@ def test_friction_sets_the_momentum_decay_and_high_friction_is_sgld_like():
   flat = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * jnp.sum(b["x"])
   data = {"x": jnp.zeros((8, 1))}
   for friction in (1.0, 1e4):
-    res = dj.estimate_llc(flat, {"w": jnp.zeros(d)}, data, num_chains=16, num_draws=4000,
-                          num_burnin_steps=1000, step_size=eps, localization=gamma, nbeta=1.0,
-                          batch_size=1, sampler=samplers.get_sampler("sghmc",
-                                                                     friction=friction))
+    res = dj.estimate_llc(
+      flat,
+      {"w": jnp.zeros(d)},
+      data,
+      num_chains=16,
+      num_draws=4000,
+      num_burnin_steps=1000,
+      step_size=eps,
+      localization=gamma,
+      nbeta=1.0,
+      batch_size=1,
+      sampler=samplers.get_sampler("sghmc", friction=friction),
+    )
     np.testing.assert_allclose(np.mean(np.square(res.distance)), d / gamma, rtol=0.05)

@@ -33,18 +33,21 @@ def test_each_seed_equals_its_single_seed_run(seeds_run, tmp_path):
   for seed, seed_dir in zip(config.seeds, icl_regression.seed_workdirs(workdir, config.seeds)):
     single = icl_regression.seed_config(config, seed)
     icl_regression.train(single, str(tmp_path / f"single_{seed}"))
-    np.testing.assert_array_equal(checkpointing.scheduled_steps(seed_dir),
-                                  icl_regression.schedule_steps(config))
+    np.testing.assert_array_equal(
+      checkpointing.scheduled_steps(seed_dir), icl_regression.schedule_steps(config)
+    )
     a = restore_params(seed_dir, config, 40)
     b = restore_params(str(tmp_path / f"single_{seed}"), config, 40)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), a, b)
     rows_a = run_log.read_metrics(seed_dir)
     rows_b = run_log.read_metrics(str(tmp_path / f"single_{seed}"))
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
-    np.testing.assert_allclose([r["train_loss"] for r in rows_a],
-                               [r["train_loss"] for r in rows_b], rtol=1e-4)
-    np.testing.assert_allclose([r.get("eval_loss", 0) for r in rows_a],
-                               [r.get("eval_loss", 0) for r in rows_b], rtol=1e-4)
+    np.testing.assert_allclose(
+      [r["train_loss"] for r in rows_a], [r["train_loss"] for r in rows_b], rtol=1e-4
+    )
+    np.testing.assert_allclose(
+      [r.get("eval_loss", 0) for r in rows_a], [r.get("eval_loss", 0) for r in rows_b], rtol=1e-4
+    )
     with open(os.path.join(seed_dir, "config.json")) as f:
       assert json.load(f)["seed"] == seed
   # the seeds really differ
@@ -73,8 +76,11 @@ def test_interrupted_seeds_resume_to_identical_params(seeds_run, tmp_path):
   checkpointing.make_manager(d1, read_only=True).all_steps()
   icl_regression.train_seeds(config, str(tmp_path))
   for ref, res in zip(icl_regression.seed_workdirs(ref_dir, config.seeds), (d0, d1)):
-    jax.tree.map(np.testing.assert_array_equal, restore_params(ref, config, 40),
-                 restore_params(res, config, 40))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      restore_params(ref, config, 40),
+      restore_params(res, config, 40),
+    )
     steps = [r["step"] for r in run_log.read_metrics(res)]
     assert steps == sorted(set(steps))
 
@@ -92,7 +98,7 @@ def test_bad_seed_settings_are_refused(tmp_path):
 
 def test_run_seeds_estimates_all_seeds_in_one_sweep_and_compares_boundaries(seeds_run):
   config, workdir = seeds_run
-  summary = icl_regression.run_seeds(config, workdir)      # training is already done
+  summary = icl_regression.run_seeds(config, workdir)  # training is already done
   seed_dirs = icl_regression.seed_workdirs(workdir, config.seeds)
   model = icl_regression.make_model(config)
   abstract = jax.eval_shape(model.init_params, jax.random.key(0))
@@ -101,9 +107,13 @@ def test_run_seeds_estimates_all_seeds_in_one_sweep_and_compares_boundaries(seed
     steps = checkpointing.scheduled_steps(seed_dir)
     np.testing.assert_array_equal(table["step"], steps)
     # The joint sweep equals a sweep of this seed alone (same data, noise, batches).
-    alone = icl_regression.estimate_checkpoints(config, model,
-                                     checkpointing.ParamsSequence(seed_dir, steps, abstract),
-                                     [int(s) for s in steps], None)
+    alone = icl_regression.estimate_checkpoints(
+      config,
+      model,
+      checkpointing.ParamsSequence(seed_dir, steps, abstract),
+      [int(s) for s in steps],
+      None,
+    )
     np.testing.assert_allclose(table["llc_mean"], alone.llc_mean, rtol=1e-4, atol=1e-4)
   out = os.path.join(workdir, "seeds_report")
   for name in ("seeds.json", "seeds.md", "boundaries.csv", "seed_stages.png"):

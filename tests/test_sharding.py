@@ -129,30 +129,36 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def results():
-  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=900)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "checkpoint,chain", "chain,checkpoint",
-                                  "restriction,checkpoint", "grid"])
+@pytest.mark.parametrize(
+  "case", ["checkpoint", "checkpoint,chain", "chain,checkpoint", "restriction,checkpoint", "grid"]
+)
 def test_pair_and_chain_axes_equal_single_device_without_reductions(results, case):
   r = results[case]
   assert r["rel"] < 1e-5, r
-  assert r["all-reduce"] == 0, r       # independent pairs and chains: no cross-device sum
+  assert r["all-reduce"] == 0, r  # independent pairs and chains: no cross-device sum
   assert r["all-gather"] == 0, r
-  assert r["devices"] == [8], r        # every output spans all 8 devices
+  assert r["devices"] == [8], r  # every output spans all 8 devices
 
 
 @pytest.mark.parametrize("case", ["batch", "data", "checkpoint,chain,batch"])
 def test_batch_axis_short_chain_equal_single_device(results, case):
   r = results[case]
-  assert r["rel"] < 1e-5, r            # 40 draws: the reduction order barely matters
-  assert r["all-reduce"] > 0, r        # data parallel: gradients are summed across devices
+  assert r["rel"] < 1e-5, r  # 40 draws: the reduction order barely matters
+  assert r["all-reduce"] > 0, r  # data parallel: gradients are summed across devices
   assert r["devices"] == [8], r
 
 
@@ -163,10 +169,10 @@ def test_adaptive_sweep_on_mesh_equals_single_device(results):
 
 
 def test_auto_mesh_and_auto_chunk(results):
-  assert results["auto_cpu"] is True                 # CPU backend: no mesh
-  assert results["auto16"] == {"checkpoint": 8}      # enough pairs: all on checkpoint
+  assert results["auto_cpu"] is True  # CPU backend: no mesh
+  assert results["auto16"] == {"checkpoint": 8}  # enough pairs: all on checkpoint
   assert results["auto2"]["checkpoint"] * results["auto2"]["chain"] == 8
-  assert results["auto2"]["chain"] > 1               # 2 pairs < 8 devices: chains too
+  assert results["auto2"]["chain"] > 1  # 2 pairs < 8 devices: chains too
   assert results["auto2"]["rel"] < 1e-5
   assert results["auto_chunk_rel"] < 1e-5
 

@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 
 from devinterp_jax.analysis import stages
-from devinterp_jax.analysis.stages import (NEAR_PLATEAU, ZERO_CROSSING, StageBoundaries,
-                                           compare_boundaries, find_stage_boundaries)
+from devinterp_jax.analysis.stages import (
+  NEAR_PLATEAU,
+  ZERO_CROSSING,
+  StageBoundaries,
+  compare_boundaries,
+  find_stage_boundaries,
+)
 from devinterp_jax.viz import stages as stages_viz
 from devinterp_jax.viz.stages import plot_seed_stages, plot_stages
 
@@ -34,9 +39,9 @@ SEEDS = (0, 1, 2)
 
 # (amplitude, centre in ln step, width in ln step) of each logistic.
 CURVES = {
-    "two_rise": [(40, 3.0, 0.3), (40, 7.0, 0.3)],                    # near-plateau
-    "rise_fall": [(60, 4.0, 0.5), (-25, 7.5, 0.5)],                  # LR-like peak
-    "four": [(25, 2.0, 0.25), (40, 5.5, 0.25), (-30, 8.0, 0.3), (15, 10.3, 0.25)],
+  "two_rise": [(40, 3.0, 0.3), (40, 7.0, 0.3)],  # near-plateau
+  "rise_fall": [(60, 4.0, 0.5), (-25, 7.5, 0.5)],  # LR-like peak
+  "four": [(25, 2.0, 0.25), (40, 5.5, 0.25), (-30, 8.0, 0.3), (15, 10.3, 0.25)],
 }
 MONOTONE = {"single_mid": [(50, 6.0, 0.6)], "single_early_sharp": [(50, 3.0, 0.3)]}
 
@@ -119,8 +124,9 @@ def test_gp_smooths_towards_the_truth_and_slope_is_its_derivative(with_std):
   scale = np.abs(r.slope_grid).max()
   assert np.max(np.abs(fd[1:-1] - r.slope_grid[1:-1])) < 2e-3 * scale
   # Grid and checkpoint values are the same function.
-  np.testing.assert_allclose(np.interp(r.x, r.x_grid, r.gp_mean_grid), r.gp_mean,
-                             atol=1e-3 * np.ptp(r.gp_mean))
+  np.testing.assert_allclose(
+    np.interp(r.x, r.x_grid, r.gp_mean_grid), r.gp_mean, atol=1e-3 * np.ptp(r.gp_mean)
+  )
   # And the true slope is recovered where the curve changes most.
   true_slope = np.gradient(_curve(r.x_grid, CURVES["rise_fall"]), r.x_grid)
   assert abs(r.slope_grid.max() - true_slope.max()) < 0.25 * true_slope.max()
@@ -131,8 +137,16 @@ def test_gp_smooths_towards_the_truth_and_slope_is_its_derivative(with_std):
 def test_monotone_logistic_has_no_boundaries(name, with_std):
   r = _fit(name, 0, with_std)
   assert r.boundary_indices == () and r.boundary_kinds == ()
-  assert r.stages == [{"label": "S1", "start_step": 1, "end_step": 100_000, "end_kind": "end",
-                       "end_stability": None, "description": "S1: steps 1–100000"}]
+  assert r.stages == [
+    {
+      "label": "S1",
+      "start_step": 1,
+      "end_step": 100_000,
+      "end_kind": "end",
+      "end_stability": None,
+      "description": "S1: steps 1–100000",
+    }
+  ]
 
 
 def test_deterministic():
@@ -155,8 +169,9 @@ def test_tolerance_options():
   assert big.tolerance_used == 1e6
   assert big.boundary_indices == r.boundary_indices
   # Without the merge rule the paper's raw rules report the ringing too.
-  raw = find_stage_boundaries(STEPS, y, tolerance=1e6, relative_tolerance=False,
-                              min_stage_change=0.0)
+  raw = find_stage_boundaries(
+    STEPS, y, tolerance=1e6, relative_tolerance=False, min_stage_change=0.0
+  )
   assert len(raw.boundary_indices) > len(r.boundary_indices)
   assert raw.pruned_indices == ()
 
@@ -164,8 +179,9 @@ def test_tolerance_options():
 def test_merge_rule():
   x = np.linspace(0.0, 10.0, 21)
   # Rise, a plateau with a small wiggle (candidates 8 and 12), rise again.
-  gp = np.concatenate([np.linspace(0, 10, 7), [10, 10.3, 10, 9.8, 10, 10.2, 10],
-                       np.linspace(10, 20, 7)[:-1], [20.0]])
+  gp = np.concatenate(
+    [np.linspace(0, 10, 7), [10, 10.3, 10, 9.8, 10, 10.2, 10], np.linspace(10, 20, 7)[:-1], [20.0]]
+  )
   assert len(gp) == 21
   kinds = {1: ZERO_CROSSING, 8: ZERO_CROSSING, 12: NEAR_PLATEAU}
   kept, out_kinds, dropped = stages._prune([1, 8, 12], kinds, x, gp, 0.1 * np.ptp(gp))
@@ -202,7 +218,7 @@ def test_save_round_trip(tmp_path):
   with open(csv_path) as f:
     rows = list(csv.DictReader(f))
   assert [row["label"] for row in rows] == ["S1", "S2", "S3", "S4"]
-  assert all(row["end_stability"] == "" for row in rows)   # no stability analysis here
+  assert all(row["end_stability"] == "" for row in rows)  # no stability analysis here
   assert int(rows[0]["start_step"]) == 1 and int(rows[-1]["end_step"]) == 100_000
   assert [int(row["end_step"]) for row in rows[:-1]] == list(r.boundary_steps)
   assert [int(row["start_step"]) for row in rows[1:]] == list(r.boundary_steps)
@@ -216,7 +232,9 @@ def test_save_round_trip(tmp_path):
   assert StageBoundaries.load(str(tmp_path / "b")).llc_std is None
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3]), "length"),
     (dict(steps=[1, 2, 3], llc_mean=[1, 2, 3]), "at least 4"),
     (dict(steps=[1, 2, 3, 4], llc_mean=[1, np.nan, 3, 4]), "finite"),
@@ -227,7 +245,8 @@ def test_save_round_trip(tmp_path):
     (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3, 4], llc_std=[1, -1, 1, 1]), "non-negative"),
     (dict(steps=[1, 2, 3, 4], llc_mean=[1, 2, 3, 4], llc_std=[1, 1, 1]), "shape"),
     (dict(steps=[1, 2.5, 3, 4], llc_mean=[1, 2, 3, 4]), "integers"),
-])
+  ],
+)
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
     find_stage_boundaries(**kwargs)
@@ -252,7 +271,7 @@ def test_plot_stages(tmp_path):
   assert _is_png(plot_stages(r0, str(tmp_path / "no_loss.png")))
   with pytest.raises(ValueError, match="loss_steps"):
     plot_stages(r, str(tmp_path / "x.png"), loss=loss)
-  fig0 = stages_viz.stages_figure(r0)   # step 0 is drawn where it is: symlog
+  fig0 = stages_viz.stages_figure(r0)  # step 0 is drawn where it is: symlog
   assert {ax.get_xscale() for ax in fig0.axes} == {"symlog"} and fig0.axes[-1].get_xlim()[0] == 0
 
 
@@ -267,16 +286,18 @@ def test_stage_error_bars_are_labelled_by_what_llc_std_holds():
   r = _fit("four", 0, True)
   sem = dataclasses.replace(r, settings={**r.settings, "error_bar": "SEM"})
   std = dataclasses.replace(r, settings={**r.settings, "error_bar": "std"})
-  llc_axis = -2   # the LLC panel (above the slope)
+  llc_axis = -2  # the LLC panel (above the slope)
   assert r"$\hat\lambda$ ± SEM over chains" in _legend(stages_viz.stages_figure(sem).axes[llc_axis])
   assert r"$\hat\lambda$ ± std over chains" in _legend(stages_viz.stages_figure(std).axes[llc_axis])
   unnamed = _legend(stages_viz.stages_figure(r).axes[llc_axis])
   assert r"$\hat\lambda$ ± llc_std (as given)" in unnamed
   assert r"$\hat\lambda$ ± SEM over chains" in _legend(
-      stages_viz.stages_figure(r, error_bar="SEM").axes[llc_axis])
-  fitted = dataclasses.replace(r, llc_std=None)   # noise fitted: no error bars, no "±"
-  assert not any("±" in t and "lambda" in t for t in _legend(
-      stages_viz.stages_figure(fitted).axes[llc_axis]))
+    stages_viz.stages_figure(r, error_bar="SEM").axes[llc_axis]
+  )
+  fitted = dataclasses.replace(r, llc_std=None)  # noise fitted: no error bars, no "±"
+  assert not any(
+    "±" in t and "lambda" in t for t in _legend(stages_viz.stages_figure(fitted).axes[llc_axis])
+  )
 
 
 def _shifted_fits(shifts, seed0=10):
@@ -317,10 +338,15 @@ def test_compare_boundaries_tracks_shifts():
 
 def test_compare_boundaries_unmatched():
   per_seed, reference = _shifted()
-  far = dataclasses.replace(per_seed[1], boundary_steps=(int(STEPS[-2]),),
-                            boundary_indices=(len(STEPS) - 2,), boundary_kinds=(NEAR_PLATEAU,))
-  empty = dataclasses.replace(per_seed[1], boundary_steps=(), boundary_indices=(),
-                              boundary_kinds=())
+  far = dataclasses.replace(
+    per_seed[1],
+    boundary_steps=(int(STEPS[-2]),),
+    boundary_indices=(len(STEPS) - 2,),
+    boundary_kinds=(NEAR_PLATEAU,),
+  )
+  empty = dataclasses.replace(
+    per_seed[1], boundary_steps=(), boundary_indices=(), boundary_kinds=()
+  )
   out = compare_boundaries([per_seed[1], far, empty], reference)
   assert [o["matched_steps"][1:] for o in out] == [[None, None], [None, None]]
   assert all(o["count"] == 1 for o in out)
@@ -332,18 +358,23 @@ def test_compare_boundaries_unmatched():
   # the nearest one (matching is one-to-one).
   wide = compare_boundaries([far], reference, max_log_distance=20.0)
   hits = [k for k, o in enumerate(wide) if o["matched_steps"] == [int(STEPS[-2])]]
-  nearest = int(np.argmin(np.abs(np.log1p(np.asarray(reference.boundary_steps, float))
-                                 - np.log1p(STEPS[-2]))))
+  nearest = int(
+    np.argmin(np.abs(np.log1p(np.asarray(reference.boundary_steps, float)) - np.log1p(STEPS[-2])))
+  )
   assert hits == [nearest]
   assert all(o["matched_steps"] == [None] for k, o in enumerate(wide) if k != nearest)
-  assert compare_boundaries(per_seed, dataclasses.replace(
-      reference, boundary_steps=(), boundary_indices=(), boundary_kinds=())) == []
+  assert (
+    compare_boundaries(
+      per_seed,
+      dataclasses.replace(reference, boundary_steps=(), boundary_indices=(), boundary_kinds=()),
+    )
+    == []
+  )
 
 
 def test_plot_seed_stages(tmp_path):
   per_seed, reference = _shifted()
-  p = plot_seed_stages(per_seed, reference, str(tmp_path / "seeds.png"),
-                       labels=["a", "b", "c"])
+  p = plot_seed_stages(per_seed, reference, str(tmp_path / "seeds.png"), labels=["a", "b", "c"])
   assert _is_png(p)
   with pytest.raises(ValueError, match="labels"):
     plot_seed_stages(per_seed, reference, str(tmp_path / "x.png"), labels=["a"])
@@ -356,8 +387,9 @@ def test_plot_seed_stages(tmp_path):
 # shared by all checkpoints) + small independent noise; SGLD loss traces around it, so the
 # draw windows are recomputed from traces as in the report.
 
-S_STEPS = np.unique(np.concatenate([np.logspace(0, 4, 20).astype(int),
-                                    np.linspace(1, 10_000, 8).astype(int)]))
+S_STEPS = np.unique(
+  np.concatenate([np.logspace(0, 4, 20).astype(int), np.linspace(1, 10_000, 8).astype(int)])
+)
 S_X = np.log1p(S_STEPS)
 S_CHAINS, S_DRAWS, S_NBETA, S_BURNIN = 4, 120, 10.0, 20
 
@@ -371,14 +403,20 @@ def _chain_data(curve, seed, spike=None):
   of a bump in ln step added to chain 0 only."""
   rng = np.random.default_rng(seed)
   k, c, span = len(S_STEPS), S_CHAINS, np.ptp(curve)
-  llc = (curve[:, None] + 0.01 * span * rng.standard_normal((k, c))
-         + 0.01 * span * rng.standard_normal(c)[None, :] * np.sin(S_X / 2)[:, None])
+  llc = (
+    curve[:, None]
+    + 0.01 * span * rng.standard_normal((k, c))
+    + 0.01 * span * rng.standard_normal(c)[None, :] * np.sin(S_X / 2)[:, None]
+  )
   if spike is not None:
     a, centre, width = spike
-    llc[:, 0] += a * np.exp(-(S_X - centre) ** 2 / (2 * width ** 2))
+    llc[:, 0] += a * np.exp(-((S_X - centre) ** 2) / (2 * width**2))
   init = rng.normal(1.0, 0.01, (k, c))
-  trace = (init[:, :, None] + llc[:, :, None] / S_NBETA
-           + 0.02 * span / S_NBETA * rng.standard_normal((k, c, S_DRAWS)))
+  trace = (
+    init[:, :, None]
+    + llc[:, :, None] / S_NBETA
+    + 0.02 * span / S_NBETA * rng.standard_normal((k, c, S_DRAWS))
+  )
   return trace, init
 
 
@@ -390,7 +428,7 @@ def _reference(llc_kc):
 
 PLATEAU = _logistic(S_X, 40, 2.5, 0.3) + _logistic(S_X, 40, 6.5, 0.3)
 SINGLE_RISE = _logistic(S_X, 60, 2.5, 0.3)
-SPIKE = (60.0, 6.8, 0.45)     # one chain's bump: 60 LLC units (the curve's range is 60)
+SPIKE = (60.0, 6.8, 0.45)  # one chain's bump: 60 LLC units (the curve's range is 60)
 
 
 @functools.lru_cache(maxsize=None)
@@ -411,6 +449,7 @@ def _spike_case():
 
 def test_exact_bootstrap_enumerates_every_multiset_with_its_multinomial_weight():
   from scipy.stats import multinomial
+
   counts, weights = stages.chain_multisets(4)
   assert counts.shape == (35, 4) and stages.num_distinct_resamples(4) == 35
   assert np.all(counts.sum(1) == 4) and len({tuple(r) for r in counts}) == 35
@@ -437,16 +476,20 @@ def test_window_llcs_are_nbeta_times_window_mean_minus_init():
   w = stages.window_llcs(trace, init, np.array([1.0, 2.0, 3.0]), burnin)
   assert w.shape == (len(stages.DRAW_WINDOWS), 3, 2)
   names = [n for n, _, _ in stages.DRAW_WINDOWS]
-  k = 1   # burn-in 8: kept length 32
-  expect = {"kept": trace[k, :, 8:], "start +25%": trace[k, :, 16:],
-            "start +50%": trace[k, :, 24:], "first 75%": trace[k, :, 8:32]}
+  k = 1  # burn-in 8: kept length 32
+  expect = {
+    "kept": trace[k, :, 8:],
+    "start +25%": trace[k, :, 16:],
+    "start +50%": trace[k, :, 24:],
+    "first 75%": trace[k, :, 8:32],
+  }
   for name, draws in expect.items():
     np.testing.assert_allclose(w[names.index(name), k], 2.0 * (draws.mean(-1) - init[k]))
 
 
 def test_clear_plateau_is_stable():
   llc, ref, st = _plateau_case()
-  assert len(ref.boundary_steps) == 1          # the plateau between the two rises
+  assert len(ref.boundary_steps) == 1  # the plateau between the two rises
   assert abs(S_X[ref.boundary_indices[0]] - 4.5) < 0.6
   assert st.num_distinct_chain_resamples == 35 and st.chain_resampling == "exact"
   assert st.num_fits == 35 * 4 and len(st.windows) == 4
@@ -454,8 +497,12 @@ def test_clear_plateau_is_stable():
   assert all(v >= 0.8 for v in st.by_window[0].values())
   # The identity resample with the kept window is the reference curve itself.
   kw = stages._refit_kwargs(ref.settings)
-  assert stages._fit_resample(S_STEPS, llc[0], np.ones(llc[0].shape, bool),
-                              np.ones(S_CHAINS, np.int64), "sem", kw) == ref.boundary_steps
+  assert (
+    stages._fit_resample(
+      S_STEPS, llc[0], np.ones(llc[0].shape, bool), np.ones(S_CHAINS, np.int64), "sem", kw
+    )
+    == ref.boundary_steps
+  )
   assert sum(st.boundary_count_distribution.values()) == pytest.approx(1.0)
 
 
@@ -466,7 +513,7 @@ def test_boundary_from_one_chains_spike_is_unstable_and_fails_the_criterion():
   assert near, (ref.boundary_steps, S_STEPS[spike_index])
   j = near[0]
   # The bump exists only when chain 0 is drawn: probability 1 − (3/4)^4 = 0.68.
-  assert st.stability[j] == pytest.approx(1 - 0.75 ** 4, abs=0.05)
+  assert st.stability[j] == pytest.approx(1 - 0.75**4, abs=0.05)
   assert st.stable[j] is False and not st.passes
   assert any(f"step {ref.boundary_steps[j]}" in r for r in st.reasons)
   # Unstable boundaries are kept and marked, never pruned.
@@ -475,7 +522,7 @@ def test_boundary_from_one_chains_spike_is_unstable_and_fails_the_criterion():
   assert marked.boundaries[j]["stable"] is False
   assert "unstable" in marked.stages[j]["description"]
   # Without chain 0 the curve is one monotone rise: resamples that lack it find nothing.
-  assert st.boundary_count_distribution.get(0, 0.0) == pytest.approx(0.75 ** 4, abs=0.05)
+  assert st.boundary_count_distribution.get(0, 0.0) == pytest.approx(0.75**4, abs=0.05)
 
 
 def test_stability_does_not_depend_on_the_order_of_chains():
@@ -495,22 +542,28 @@ def test_stability_does_not_depend_on_the_order_of_chains():
 
 def test_seed_stability_is_reported_outside_the_criterion():
   llc, ref, st = _plateau_case()
-  same, init = _chain_data(PLATEAU, 7)           # a re-estimate with another SGLD seed
-  gone, init2 = _chain_data(SINGLE_RISE, 8)      # a re-estimate without the plateau
-  curves = {"seed 1": (S_STEPS, stages.window_llcs(same, init, S_NBETA, S_BURNIN)[0]),
-            "seed 2": (S_STEPS, stages.window_llcs(gone, init2, S_NBETA, S_BURNIN)[0], None)}
+  same, init = _chain_data(PLATEAU, 7)  # a re-estimate with another SGLD seed
+  gone, init2 = _chain_data(SINGLE_RISE, 8)  # a re-estimate without the plateau
+  curves = {
+    "seed 1": (S_STEPS, stages.window_llcs(same, init, S_NBETA, S_BURNIN)[0]),
+    "seed 2": (S_STEPS, stages.window_llcs(gone, init2, S_NBETA, S_BURNIN)[0], None),
+  }
   out = stages.stage_stability(ref, llc, seed_curves=curves)
   assert out.seed_stability == (0.5,) and out.passes and out.stability == st.stability
   assert out.seed_matches[0]["seed 2"] is None
-  assert abs(int(np.searchsorted(S_STEPS, out.seed_matches[0]["seed 1"]))
-             - ref.boundary_indices[0]) <= 1
+  assert (
+    abs(int(np.searchsorted(S_STEPS, out.seed_matches[0]["seed 1"])) - ref.boundary_indices[0]) <= 1
+  )
   assert [s["label"] for s in out.seeds] == ["seed 1", "seed 2"]
 
 
 def test_stability_round_trips_and_marks_the_plot(tmp_path):
   _, ref, st = _spike_case()
-  marked = dataclasses.replace(ref, stability=st, schedule_features=(
-      {"name": "learning-rate peak", "step": int(ref.boundary_steps[-1]) + 1},))
+  marked = dataclasses.replace(
+    ref,
+    stability=st,
+    schedule_features=({"name": "learning-rate peak", "step": int(ref.boundary_steps[-1]) + 1},),
+  )
   marked.save(str(tmp_path))
   back = StageBoundaries.load(str(tmp_path))
   assert back.stability == st and back.stages == marked.stages

@@ -15,16 +15,22 @@ def test_regular_and_normal_crossing():
     theory.normal_crossing([0, 1])
 
 
-@pytest.mark.parametrize("mhn,expected", [((5, 3, 5), 6.5), ((5, 4, 5), 8), ((4, 3, 8), 6),
-                                          ((8, 3, 4), 6), ((3, 8, 4), 6)])
+@pytest.mark.parametrize(
+  "mhn,expected", [((5, 3, 5), 6.5), ((5, 4, 5), 8), ((4, 3, 8), 6), ((8, 3, 4), 6), ((3, 8, 4), 6)]
+)
 def test_reduced_rank_reference_values(mhn, expected):
   lam, _ = theory.reduced_rank_regression(*mhn, 0)
   assert lam == expected
 
 
-@pytest.mark.parametrize("widths,r,expected", [((10, 10, 10, 10), 3, 42),
-                                               ((8, 12, 6, 10), 2, Fraction(55, 2)),
-                                               ((5, 3, 5), 0, Fraction(13, 2))])
+@pytest.mark.parametrize(
+  "widths,r,expected",
+  [
+    ((10, 10, 10, 10), 3, 42),
+    ((8, 12, 6, 10), 2, Fraction(55, 2)),
+    ((5, 3, 5), 0, Fraction(13, 2)),
+  ],
+)
 def test_deep_linear_reference_values(widths, r, expected):
   assert theory.deep_linear_network(widths, r)[0] == expected
 
@@ -32,8 +38,9 @@ def test_deep_linear_reference_values(widths, r, expected):
 def test_depth_two_dln_equals_reduced_rank_everywhere_up_to_8():
   for m, h, n in itertools.product(range(1, 9), repeat=3):
     for r in range(0, min(m, h, n) + 1):
-      assert theory.deep_linear_network((m, h, n), r) == \
-          theory.reduced_rank_regression(m, h, n, r), (m, h, n, r)
+      assert theory.deep_linear_network((m, h, n), r) == theory.reduced_rank_regression(
+        m, h, n, r
+      ), (m, h, n, r)
 
 
 def test_dln_lambda_is_at_most_half_the_parameter_count():

@@ -30,8 +30,7 @@ def test_checkpoints_follow_the_schedule(reference_run):
   config, workdir = reference_run
   expected = icl_regression.schedule_steps(config)
   np.testing.assert_array_equal(checkpointing.scheduled_steps(workdir), expected)
-  on_disk = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir))
-                   if d.isdigit())
+  on_disk = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir)) if d.isdigit())
   assert on_disk == sorted(set(expected) | {config.train.num_steps})  # resume-only pruned
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == sorted({r["step"] for r in rows})
@@ -49,6 +48,7 @@ def test_interrupted_run_resumes_to_identical_params(reference_run, tmp_path):
 
   with pytest.raises(KeyboardInterrupt):
     from devinterp_jax.training import loop
+
     original = loop.train
 
     def train_with_interrupt(**kw):
@@ -69,15 +69,26 @@ def test_interrupted_run_resumes_to_identical_params(reference_run, tmp_path):
 
 def test_killed_process_resumes_to_identical_params(tmp_path):
   """SIGKILL a real training process mid-run, restart it, compare to a clean run."""
-  overrides = ["--config.model.d_model=16", "--config.model.d_mlp=16",
-               "--config.model.num_heads=2", "--config.model.num_layers=1",
-               "--config.train.num_steps=1500", "--config.train.batch_size=16",
-               "--config.train.n_log=6", "--config.train.n_linear=4",
-               "--config.train.log_every=50", "--config.train.resume_every=100",
-               "--config.train.eval_batch_size=64"]
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"),
-         "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal",
-         "--workdir=" + str(tmp_path / "killed"), *overrides]
+  overrides = [
+    "--config.model.d_model=16",
+    "--config.model.d_mlp=16",
+    "--config.model.num_heads=2",
+    "--config.model.num_layers=1",
+    "--config.train.num_steps=1500",
+    "--config.train.batch_size=16",
+    "--config.train.n_log=6",
+    "--config.train.n_linear=4",
+    "--config.train.log_every=50",
+    "--config.train.resume_every=100",
+    "--config.train.eval_batch_size=64",
+  ]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "launch", "train.py"),
+    "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal",
+    "--workdir=" + str(tmp_path / "killed"),
+    *overrides,
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -90,8 +101,9 @@ def test_killed_process_resumes_to_identical_params(tmp_path):
   proc.wait()
   last = max(json.loads(l)["step"] for l in open(metrics))
   assert last < 1500, "the run finished before it could be killed"
-  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                 timeout=300)
+  subprocess.run(
+    cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300
+  )
   config = tiny_config(1500)
   config.train.update(n_log=6, n_linear=4, log_every=50, resume_every=100)
   icl_regression.train(config, str(tmp_path / "clean"))
@@ -122,6 +134,7 @@ def test_missing_and_corrupt_checkpoints_name_the_problem(reference_run, tmp_pat
   with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint for steps \[7\]"):
     checkpointing.ParamsSequence(ref_dir, [1, 7], abstract)
   import shutil
+
   workdir = str(tmp_path / "corrupt")
   shutil.copytree(ref_dir, workdir)
   params_dir = os.path.join(checkpointing.checkpoint_dir(workdir), "22", "params")

@@ -8,8 +8,18 @@
 The figures are drawn by `devinterp_jax.viz` (analysis computes, viz draws).
 """
 
-from devinterp_jax.analysis.stages import (StageBoundaries, StageStability, compare_boundaries,
-                                           find_stage_boundaries, stage_stability)
+from devinterp_jax.analysis.stages import (
+  StageBoundaries,
+  StageStability,
+  compare_boundaries,
+  find_stage_boundaries,
+  stage_stability,
+)
 
-__all__ = ["StageBoundaries", "StageStability", "compare_boundaries", "find_stage_boundaries",
-           "stage_stability"]
+__all__ = [
+  "StageBoundaries",
+  "StageStability",
+  "compare_boundaries",
+  "find_stage_boundaries",
+  "stage_stability",
+]

@@ -18,9 +18,13 @@ from devinterp_jax.storage import chunks
 from devinterp_jax.typing import Params
 
 
-def map_checkpoints(fn: Callable[[Params, Any], Mapping[str, jax.Array]],
-                    params_list: Sequence[Params], data: Any = None, *,
-                    checkpoint_chunk: int = 8) -> dict[str, np.ndarray]:
+def map_checkpoints(
+  fn: Callable[[Params, Any], Mapping[str, jax.Array]],
+  params_list: Sequence[Params],
+  data: Any = None,
+  *,
+  checkpoint_chunk: int = 8,
+) -> dict[str, np.ndarray]:
   """Runs `fn(params, data)` for every checkpoint, `checkpoint_chunk` at a time.
 
   `params_list` is indexed chunk by chunk (it may load lazily). Each chunk is
@@ -39,14 +43,16 @@ def map_checkpoints(fn: Callable[[Params, Any], Mapping[str, jax.Array]],
     The dict of `fn`'s outputs with a leading checkpoint axis [N].
   """
   if isinstance(params_list, Mapping):
-    raise TypeError("params_list must be a sequence of param pytrees, got a mapping "
-                    "(wrap a single checkpoint as [params])")
+    raise TypeError(
+      "params_list must be a sequence of param pytrees, got a mapping "
+      "(wrap a single checkpoint as [params])"
+    )
   chunk = chunks.chunk_size(len(params_list), checkpoint_chunk)
   program = _vmapped(fn)
   outputs = []
   for lo, hi, stacked in chunks.iterate(params_list, chunk):
     out = jax.device_get(program(stacked, data))
-    outputs.append({k: np.asarray(v)[:hi - lo] for k, v in out.items()})
+    outputs.append({k: np.asarray(v)[: hi - lo] for k, v in out.items()})
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 

@@ -69,23 +69,30 @@ def _names(names: Sequence[str] | None, num_heads: int) -> list[str]:
   return names
 
 
-def _check_llc(llc_RxN, names: Sequence[str] | None = None, *,
-               allow_nonfinite: bool = False) -> tuple[np.ndarray, list[str]]:
+def _check_llc(
+  llc_RxN, names: Sequence[str] | None = None, *, allow_nonfinite: bool = False
+) -> tuple[np.ndarray, list[str]]:
   """llc as a float [R, N] array and the head names; refuses NaN/inf by name."""
   llc_RxN = np.asarray(llc_RxN, dtype=float)
   if llc_RxN.ndim != 2:
     raise ValueError(f"llc_RxN must be 2-D [heads, checkpoints], got shape {llc_RxN.shape}")
   if llc_RxN.shape[0] < 1 or llc_RxN.shape[1] < 1:
-    raise ValueError(f"llc_RxN needs at least one head and one checkpoint, got shape "
-                     f"{llc_RxN.shape}")
+    raise ValueError(
+      f"llc_RxN needs at least one head and one checkpoint, got shape {llc_RxN.shape}"
+    )
   names = _names(names, llc_RxN.shape[0])
   if not allow_nonfinite:
     bad = ~np.isfinite(llc_RxN)
     if bad.any():
-      where = "; ".join(f"{names[r]} at checkpoint indices {np.flatnonzero(bad[r]).tolist()}"
-                        for r in np.flatnonzero(bad.any(axis=1)))
-      raise ValueError("non-finite wrLLC (e.g. all chains diverged): " + where +
-                       ". Drop those checkpoints with drop_nonfinite_checkpoints first.")
+      where = "; ".join(
+        f"{names[r]} at checkpoint indices {np.flatnonzero(bad[r]).tolist()}"
+        for r in np.flatnonzero(bad.any(axis=1))
+      )
+      raise ValueError(
+        "non-finite wrLLC (e.g. all chains diverged): "
+        + where
+        + ". Drop those checkpoints with drop_nonfinite_checkpoints first."
+      )
   return llc_RxN, names
 
 
@@ -100,8 +107,9 @@ def _check_steps(steps, num_checkpoints: int) -> np.ndarray:
   return steps
 
 
-def drop_nonfinite_checkpoints(steps, llc_RxN, sem_RxN=None
-                               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+def drop_nonfinite_checkpoints(
+  steps, llc_RxN, sem_RxN=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
   """Removes checkpoints where any head's wrLLC (or its sem) is non-finite.
 
   Returns (steps [N'], llc [R, N'], sem [R, N'] or None, dropped steps).
@@ -115,12 +123,12 @@ def drop_nonfinite_checkpoints(steps, llc_RxN, sem_RxN=None
       raise ValueError(f"sem_RxN has shape {sem_RxN.shape}, llc_RxN {llc_RxN.shape}")
     keep_N &= np.all(np.isfinite(sem_RxN), axis=0)
     sem_RxN = sem_RxN[:, keep_N]
-  return (steps[keep_N], llc_RxN[:, keep_N], sem_RxN,
-          [int(s) for s in steps[~keep_N]])
+  return (steps[keep_N], llc_RxN[:, keep_N], sem_RxN, [int(s) for s in steps[~keep_N]])
 
 
-def normalize_trajectories(llc_RxN, method: str = "zscore",
-                           names: Sequence[str] | None = None) -> np.ndarray:
+def normalize_trajectories(
+  llc_RxN, method: str = "zscore", names: Sequence[str] | None = None
+) -> np.ndarray:
   """Per-head normalised wrLLC trajectories [R, N] (see the module docstring).
 
   `names` only label the error messages. Raises ValueError for an unknown
@@ -144,9 +152,10 @@ def normalize_trajectories(llc_RxN, method: str = "zscore",
   final = x[:, -1:]
   bad = final[:, 0] <= _FINAL_EPS * np.abs(x).max(axis=1)
   if bad.any():
-    raise ValueError("normalisation 'final' needs a positive last wrLLC; not so for " +
-                     ", ".join(f"{names[r]} (last value {x[r, -1]:.4g})"
-                               for r in np.flatnonzero(bad)))
+    raise ValueError(
+      "normalisation 'final' needs a positive last wrLLC; not so for "
+      + ", ".join(f"{names[r]} (last value {x[r, -1]:.4g})" for r in np.flatnonzero(bad))
+    )
   return x / final
 
 
@@ -186,21 +195,34 @@ class HeadClusters:
   @property
   def members(self) -> list[list[str]]:
     """Head names per cluster, in label order."""
-    return [[n for n, l in zip(self.names, self.labels) if l == k]
-            for k in range(self.num_clusters)]
+    return [
+      [n for n, l in zip(self.names, self.labels) if l == k] for k in range(self.num_clusters)
+    ]
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-able summary (no trajectories or linkage matrix)."""
-    return {"method": self.method, "normalize": self.normalize, "linkage": self.linkage,
-            "num_clusters": self.num_clusters, "seed": self.seed,
-            "silhouette": self.silhouette,
-            "labels": {n: int(l) for n, l in zip(self.names, self.labels)},
-            "members": self.members}
+    return {
+      "method": self.method,
+      "normalize": self.normalize,
+      "linkage": self.linkage,
+      "num_clusters": self.num_clusters,
+      "seed": self.seed,
+      "silhouette": self.silhouette,
+      "labels": {n: int(l) for n, l in zip(self.names, self.labels)},
+      "members": self.members,
+    }
 
 
-def cluster_trajectories(llc_RxN, names: Sequence[str], *, num_clusters: int,
-                         method: str = "kmeans", normalize: str = "zscore",
-                         linkage: str = "ward", seed: int = 0) -> HeadClusters:
+def cluster_trajectories(
+  llc_RxN,
+  names: Sequence[str],
+  *,
+  num_clusters: int,
+  method: str = "kmeans",
+  normalize: str = "zscore",
+  linkage: str = "ward",
+  seed: int = 0,
+) -> HeadClusters:
   """Clusters heads by their normalised wrLLC trajectories.
 
   Args:
@@ -221,8 +243,9 @@ def cluster_trajectories(llc_RxN, names: Sequence[str], *, num_clusters: int,
   names = _names(names, x_RxN.shape[0])
   num_heads = x_RxN.shape[0]
   if not 1 <= int(num_clusters) <= num_heads:
-    raise ValueError(f"num_clusters must be between 1 and the number of heads ({num_heads}), "
-                     f"got {num_clusters}")
+    raise ValueError(
+      f"num_clusters must be between 1 and the number of heads ({num_heads}), got {num_clusters}"
+    )
   num_clusters = int(num_clusters)
   z = None
   if method == "kmeans":
@@ -239,21 +262,43 @@ def cluster_trajectories(llc_RxN, names: Sequence[str], *, num_clusters: int,
   labels_R = _relabel(np.asarray(raw))
   k = int(labels_R.max()) + 1
   if k != num_clusters:
-    warnings.warn(f"{method} clustering found {k} distinct clusters, {num_clusters} requested "
-                  "(coinciding trajectories)", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+      f"{method} clustering found {k} distinct clusters, {num_clusters} requested "
+      "(coinciding trajectories)",
+      RuntimeWarning,
+      stacklevel=2,
+    )
   centers_KxN = np.stack([x_RxN[labels_R == j].mean(axis=0) for j in range(k)])
-  sil = (float(silhouette_score(x_RxN, labels_R, metric="euclidean"))
-         if 2 <= k <= num_heads - 1 else None)
-  return HeadClusters(labels=labels_R, names=tuple(names), method=method, normalize=normalize,
-                      num_clusters=k, centers=centers_KxN, normalized=x_RxN, silhouette=sil,
-                      linkage_matrix=z, linkage=linkage if method == "hierarchical" else None,
-                      seed=seed)
+  sil = (
+    float(silhouette_score(x_RxN, labels_R, metric="euclidean"))
+    if 2 <= k <= num_heads - 1
+    else None
+  )
+  return HeadClusters(
+    labels=labels_R,
+    names=tuple(names),
+    method=method,
+    normalize=normalize,
+    num_clusters=k,
+    centers=centers_KxN,
+    normalized=x_RxN,
+    silhouette=sil,
+    linkage_matrix=z,
+    linkage=linkage if method == "hierarchical" else None,
+    seed=seed,
+  )
 
 
-def choose_num_clusters(llc_RxN, names: Sequence[str], *, k_range: Sequence[int] = (2, 8),
-                        method: str = "kmeans", normalize: str = "zscore",
-                        linkage: str = "ward", seed: int = 0
-                        ) -> tuple[int, dict[int, float]]:
+def choose_num_clusters(
+  llc_RxN,
+  names: Sequence[str],
+  *,
+  k_range: Sequence[int] = (2, 8),
+  method: str = "kmeans",
+  normalize: str = "zscore",
+  linkage: str = "ward",
+  seed: int = 0,
+) -> tuple[int, dict[int, float]]:
   """K in [k_range[0], k_range[1]] (inclusive, clipped to 2..R−1) with the best silhouette.
 
   Ties go to the smaller K. Returns (K, {K: silhouette}). Raises ValueError
@@ -262,14 +307,16 @@ def choose_num_clusters(llc_RxN, names: Sequence[str], *, k_range: Sequence[int]
   x, names = _check_llc(llc_RxN, names)
   lo, hi = max(2, int(k_range[0])), min(x.shape[0] - 1, int(k_range[1]))
   if lo > hi:
-    raise ValueError(f"no K in {tuple(k_range)} has a silhouette with {x.shape[0]} heads "
-                     "(needs 2 ≤ K ≤ heads − 1)")
+    raise ValueError(
+      f"no K in {tuple(k_range)} has a silhouette with {x.shape[0]} heads (needs 2 ≤ K ≤ heads − 1)"
+    )
   scores: dict[int, float] = {}
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # fewer distinct clusters than K
     for k in range(lo, hi + 1):
-      c = cluster_trajectories(x, names, num_clusters=k, method=method, normalize=normalize,
-                               linkage=linkage, seed=seed)
+      c = cluster_trajectories(
+        x, names, num_clusters=k, method=method, normalize=normalize, linkage=linkage, seed=seed
+      )
       if c.silhouette is not None and c.num_clusters == k:
         scores[k] = c.silhouette
   if not scores:
@@ -298,10 +345,18 @@ def _jfloat(v) -> float | None:
   return v if math.isfinite(v) else None
 
 
-def head_summary(steps, llc_RxN, names: Sequence[str], *, sem_RxN=None,
-                 num_clusters: int | None = None, k_range: Sequence[int] = (2, 8),
-                 normalize: str = "zscore", linkage: str = "ward",
-                 seed: int = 0) -> dict[str, Any]:
+def head_summary(
+  steps,
+  llc_RxN,
+  names: Sequence[str],
+  *,
+  sem_RxN=None,
+  num_clusters: int | None = None,
+  k_range: Sequence[int] = (2, 8),
+  normalize: str = "zscore",
+  linkage: str = "ward",
+  seed: int = 0,
+) -> dict[str, Any]:
   """A JSON-able summary of the head wrLLCs for a report.
 
   Keys: `heads`, `steps`, `final_step`, `final_llc` and `final_sem` ({head:
@@ -325,30 +380,37 @@ def head_summary(steps, llc_RxN, names: Sequence[str], *, sem_RxN=None,
   elif x.shape[0] < 3:
     k, source = 1, "too few heads"
   else:
-    k, scores = choose_num_clusters(x, names, k_range=k_range, normalize=normalize,
-                                    linkage=linkage, seed=seed)
+    k, scores = choose_num_clusters(
+      x, names, k_range=k_range, normalize=normalize, linkage=linkage, seed=seed
+    )
     source = "silhouette"
-  by_method = {m: cluster_trajectories(x, names, num_clusters=k, method=m, normalize=normalize,
-                                       linkage=linkage, seed=seed) for m in CLUSTER_METHODS}
+  by_method = {
+    m: cluster_trajectories(
+      x, names, num_clusters=k, method=m, normalize=normalize, linkage=linkage, seed=seed
+    )
+    for m in CLUSTER_METHODS
+  }
   peak_R = np.argmax(x, axis=1)
   d = dispersion(x[:, -1:])
   return {
-      "heads": names,
-      "steps": [int(s) for s in steps],
-      "final_step": int(steps[-1]),
-      "final_llc": {n: _jfloat(v) for n, v in zip(names, x[:, -1])},
-      "final_sem": {n: (None if sem_RxN is None else _jfloat(sem_RxN[r, -1]))
-                    for r, n in enumerate(names)},
-      "peak_step": {n: int(steps[i]) for n, i in zip(names, peak_R)},
-      "peak_llc": {n: _jfloat(x[r, i]) for r, (n, i) in enumerate(zip(names, peak_R))},
-      "num_clusters": k,
-      "num_clusters_source": source,
-      "silhouette_by_k": {str(kk): v for kk, v in scores.items()},
-      "clusters": {m: c.to_dict() for m, c in by_method.items()},
-      "cluster_agreement_ari": float(adjusted_rand_score(by_method["kmeans"].labels,
-                                                         by_method["hierarchical"].labels)),
-      "dispersion_final": {key: _jfloat(v[0]) for key, v in d.items()},
-      "normalize": normalize,
-      "linkage": linkage,
-      "seed": seed,
+    "heads": names,
+    "steps": [int(s) for s in steps],
+    "final_step": int(steps[-1]),
+    "final_llc": {n: _jfloat(v) for n, v in zip(names, x[:, -1])},
+    "final_sem": {
+      n: (None if sem_RxN is None else _jfloat(sem_RxN[r, -1])) for r, n in enumerate(names)
+    },
+    "peak_step": {n: int(steps[i]) for n, i in zip(names, peak_R)},
+    "peak_llc": {n: _jfloat(x[r, i]) for r, (n, i) in enumerate(zip(names, peak_R))},
+    "num_clusters": k,
+    "num_clusters_source": source,
+    "silhouette_by_k": {str(kk): v for kk, v in scores.items()},
+    "clusters": {m: c.to_dict() for m, c in by_method.items()},
+    "cluster_agreement_ari": float(
+      adjusted_rand_score(by_method["kmeans"].labels, by_method["hierarchical"].labels)
+    ),
+    "dispersion_final": {key: _jfloat(v[0]) for key, v in d.items()},
+    "normalize": normalize,
+    "linkage": linkage,
+    "seed": seed,
   }

@@ -78,8 +78,9 @@ def _flat_hvp(loss_fn: LossFn, params: Params, batch: Any) -> tuple[MatVec, int,
   return matvec, flat.shape[0], flat.dtype
 
 
-def _hutchinson(matvec: MatVec, dim: int, dtype: Any, key: jax.Array,
-                num_samples: int) -> tuple[jax.Array, jax.Array]:
+def _hutchinson(
+  matvec: MatVec, dim: int, dtype: Any, key: jax.Array, num_samples: int
+) -> tuple[jax.Array, jax.Array]:
   """Hutchinson estimate (mean of zᵀHz, its standard error); probe i uses fold_in(key, i)."""
 
   def body(carry, i):
@@ -96,8 +97,9 @@ def _orthogonalize(basis: jax.Array, w: jax.Array) -> jax.Array:
   return w - basis.T @ (basis @ w)
 
 
-def _lanczos_ritz_values(matvec: MatVec, dim: int, dtype: Any, key: jax.Array,
-                         num_iters: int) -> jax.Array:
+def _lanczos_ritz_values(
+  matvec: MatVec, dim: int, dtype: Any, key: jax.Array, num_iters: int
+) -> jax.Array:
   """All Ritz values (ascending) after min(num_iters, dim) Lanczos steps.
 
   The start vector is Gaussian (drawn from `key`). Full reorthogonalisation
@@ -143,8 +145,9 @@ def _check_lanczos_args(num_iters: int, top_k: int) -> None:
     raise ValueError(f"top_k must be in [1, num_iters={num_iters}], got {top_k}")
 
 
-def hutchinson_trace(loss_fn: LossFn, params: Params, batch: Any, key: jax.Array,
-                     num_samples: int) -> tuple[jax.Array, jax.Array]:
+def hutchinson_trace(
+  loss_fn: LossFn, params: Params, batch: Any, key: jax.Array, num_samples: int
+) -> tuple[jax.Array, jax.Array]:
   """Hutchinson estimate of tr H with Rademacher probes.
 
   Args:
@@ -168,9 +171,16 @@ def _hutchinson_jit(loss_fn, num_samples, params, batch, key):
   return _hutchinson(matvec, dim, dtype, key, num_samples)
 
 
-def lanczos_top_eigenvalues(loss_fn: LossFn, params: Params, batch: Any, key: jax.Array,
-                            num_iters: int, top_k: int, *, return_min: bool = False
-                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def lanczos_top_eigenvalues(
+  loss_fn: LossFn,
+  params: Params,
+  batch: Any,
+  key: jax.Array,
+  num_iters: int,
+  top_k: int,
+  *,
+  return_min: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The `top_k` largest Ritz values of H after `num_iters` Lanczos steps.
 
   Accuracy: Ritz values converge to the extremal eigenvalues first, fastest for
@@ -215,9 +225,17 @@ def _check_top_k(top_k: int, params: Params) -> None:
     raise ValueError(f"top_k={top_k} exceeds the number of parameters {dim}")
 
 
-def hessian_stats(loss_fn: LossFn, params_list: Sequence[Params], batch: Any, *,
-                  num_hutchinson: int = 32, num_lanczos_iters: int = 32, top_k: int = 3,
-                  seed: int = 0, checkpoint_chunk: int = 8) -> dict[str, np.ndarray]:
+def hessian_stats(
+  loss_fn: LossFn,
+  params_list: Sequence[Params],
+  batch: Any,
+  *,
+  num_hutchinson: int = 32,
+  num_lanczos_iters: int = 32,
+  top_k: int = 3,
+  seed: int = 0,
+  checkpoint_chunk: int = 8,
+) -> dict[str, np.ndarray]:
   """Hessian trace and top eigenvalues of every checkpoint on one batch.
 
   `params_list` is indexed one checkpoint at a time, chunk by chunk, so it may
@@ -262,26 +280,38 @@ def hessian_stats(loss_fn: LossFn, params_list: Sequence[Params], batch: Any, *,
     if i == 0:
       _check_top_k(top_k, jax.tree.map(lambda x: x[0], stacked))
     out = jax.device_get(program(stacked, batch, trace_key, lanczos_key))
-    outputs.append({k: np.asarray(v)[:hi - lo] for k, v in out.items()})
+    outputs.append({k: np.asarray(v)[: hi - lo] for k, v in out.items()})
     elapsed = time.time() - t0
-    logging.info("Hessian chunk %d/%d (checkpoints %d-%d): %.1fs elapsed, ETA %.0fs",
-                 i + 1, num_chunks, lo, hi - 1, elapsed,
-                 elapsed / hi * (num_ckpts - hi))
+    logging.info(
+      "Hessian chunk %d/%d (checkpoints %d-%d): %.1fs elapsed, ETA %.0fs",
+      i + 1,
+      num_chunks,
+      lo,
+      hi - 1,
+      elapsed,
+      elapsed / hi * (num_ckpts - hi),
+    )
   return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
-def _stats_single(loss_fn, num_hutchinson, num_lanczos_iters, top_k, params, batch,
-                  trace_key, lanczos_key):
+def _stats_single(
+  loss_fn, num_hutchinson, num_lanczos_iters, top_k, params, batch, trace_key, lanczos_key
+):
   matvec, dim, dtype = _flat_hvp(loss_fn, params, batch)
   trace, trace_se = _hutchinson(matvec, dim, dtype, trace_key, num_hutchinson)
   ritz = _lanczos_ritz_values(matvec, dim, dtype, lanczos_key, num_lanczos_iters)
-  return {"trace": trace, "trace_se": trace_se, "top_eigenvalues": ritz[::-1][:top_k],
-          "min_eigenvalue": ritz[0]}
+  return {
+    "trace": trace,
+    "trace_se": trace_se,
+    "top_eigenvalues": ritz[::-1][:top_k],
+    "min_eigenvalue": ritz[0],
+  }
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _stats_chunk(loss_fn, num_hutchinson, num_lanczos_iters, top_k, params, batch, trace_key,
-                 lanczos_key):
+def _stats_chunk(
+  loss_fn, num_hutchinson, num_lanczos_iters, top_k, params, batch, trace_key, lanczos_key
+):
   """`_stats_single` vmapped over the leading checkpoint axis of `params`."""
   single = functools.partial(_stats_single, loss_fn, num_hutchinson, num_lanczos_iters, top_k)
   return jax.vmap(single, in_axes=(0, None, None, None))(params, batch, trace_key, lanczos_key)

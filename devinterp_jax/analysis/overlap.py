@@ -66,8 +66,13 @@ HeadActivationsFn = Callable[[Params, Any], Mapping[str, jax.Array]]
 AblatedLossFn = Callable[[Params, Any, jax.Array, jax.Array], jax.Array]
 DEFAULT_ATOL = 1e-6
 DEFAULT_RTOL = 1e-4
-SCALAR_KEYS: tuple[str, ...] = ("clean_loss", "delta_all", "overlap_mean", "overlap_max",
-                                "robustness")
+SCALAR_KEYS: tuple[str, ...] = (
+  "clean_loss",
+  "delta_all",
+  "overlap_mean",
+  "overlap_max",
+  "robustness",
+)
 _DEGENERATE_VAR = 1e-12  # relative variance below which a correlation is NaN
 
 
@@ -125,8 +130,9 @@ def output_similarity(contrib_LxBxTxHxD: jax.Array) -> jax.Array:
   return correlation_matrix(centred_RxBxTxD.reshape(L * H, -1), centred=True)
 
 
-def overlap_from_deltas(delta_R: jax.Array, delta_pair_RxR: jax.Array, delta_all: jax.Array,
-                        tol: float | jax.Array) -> dict[str, jax.Array]:
+def overlap_from_deltas(
+  delta_R: jax.Array, delta_pair_RxR: jax.Array, delta_all: jax.Array, tol: float | jax.Array
+) -> dict[str, jax.Array]:
   """O [R, R], its off-diagonal mean / max and the robustness from the Δs.
 
   O_ij = (Δ_ij − Δ_i − Δ_j) / Δ_ij (NaN on the diagonal and where |Δ_ij| < tol);
@@ -135,37 +141,54 @@ def overlap_from_deltas(delta_R: jax.Array, delta_pair_RxR: jax.Array, delta_all
   R = delta_R.shape[0]
   if R < 2:
     nan = jnp.full((), jnp.nan, delta_R.dtype)
-    return {"overlap": jnp.full((R, R), jnp.nan, delta_R.dtype), "overlap_mean": nan,
-            "overlap_max": nan,
-            "robustness": jnp.where(jnp.abs(delta_all) >= tol, 0.0, jnp.nan)}
+    return {
+      "overlap": jnp.full((R, R), jnp.nan, delta_R.dtype),
+      "overlap_mean": nan,
+      "overlap_max": nan,
+      "robustness": jnp.where(jnp.abs(delta_all) >= tol, 0.0, jnp.nan),
+    }
   ok_RxR = (jnp.abs(delta_pair_RxR) >= tol) & ~jnp.eye(R, dtype=bool)
   safe_RxR = jnp.where(ok_RxR, delta_pair_RxR, 1.0)
-  o_RxR = jnp.where(ok_RxR, (delta_pair_RxR - delta_R[:, None] - delta_R[None, :]) / safe_RxR,
-                    jnp.nan)
+  o_RxR = jnp.where(
+    ok_RxR, (delta_pair_RxR - delta_R[:, None] - delta_R[None, :]) / safe_RxR, jnp.nan
+  )
   upper_P = o_RxR[np.triu_indices(R, k=1)]
   any_finite = jnp.any(jnp.isfinite(upper_P))
   ok_all = jnp.abs(delta_all) >= tol
-  robustness = jnp.where(ok_all, 1.0 - jnp.sum(delta_R) / jnp.where(ok_all, delta_all, 1.0),
-                         jnp.nan)
-  return {"overlap": o_RxR,
-          "overlap_mean": jnp.where(any_finite, jnp.nanmean(upper_P), jnp.nan),
-          "overlap_max": jnp.where(any_finite, jnp.nanmax(upper_P), jnp.nan),
-          "robustness": robustness}
+  robustness = jnp.where(
+    ok_all, 1.0 - jnp.sum(delta_R) / jnp.where(ok_all, delta_all, 1.0), jnp.nan
+  )
+  return {
+    "overlap": o_RxR,
+    "overlap_mean": jnp.where(any_finite, jnp.nanmean(upper_P), jnp.nan),
+    "overlap_max": jnp.where(any_finite, jnp.nanmax(upper_P), jnp.nan),
+    "robustness": robustness,
+  }
 
 
-def _overlap_metrics(head_activations_fn: HeadActivationsFn, ablated_loss_fn: AblatedLossFn,
-                     atol: float, rtol: float, mask_batch: int | None, params: Params,
-                     batch: Any) -> dict[str, jax.Array]:
+def _overlap_metrics(
+  head_activations_fn: HeadActivationsFn,
+  ablated_loss_fn: AblatedLossFn,
+  atol: float,
+  rtol: float,
+  mask_batch: int | None,
+  params: Params,
+  batch: Any,
+) -> dict[str, jax.Array]:
   heads = head_activations_fn(params, batch)
   for name, ndim in (("attn", 5), ("z", 5), ("contrib", 5)):
     if name not in heads or jnp.ndim(heads[name]) != ndim:
-      raise ValueError(f"head_activations_fn must return '{name}' with {ndim} axes, got "
-                       f"{None if name not in heads else jnp.shape(heads[name])}")
+      raise ValueError(
+        f"head_activations_fn must return '{name}' with {ndim} axes, got "
+        f"{None if name not in heads else jnp.shape(heads[name])}"
+      )
   L, _, T, H, E = heads["z"].shape
   if heads["attn"].shape[:3:2] != (L, H) or heads["contrib"].shape[:4:3] != (L, H):
-    raise ValueError(f"head axes disagree: attn {heads['attn'].shape} [L, B, H, T, S], "
-                     f"z {heads['z'].shape} [L, B, T, H, E], contrib "
-                     f"{heads['contrib'].shape} [L, B, T, H, D]")
+    raise ValueError(
+      f"head axes disagree: attn {heads['attn'].shape} [L, B, H, T, S], "
+      f"z {heads['z'].shape} [L, B, T, H, E], contrib "
+      f"{heads['contrib'].shape} [L, B, T, H, D]"
+    )
   R = L * H
   mean_LxTxHxE = jnp.mean(heads["z"], axis=1)
   keep_MxLxH, i_P, j_P = ablation_masks(L, H)
@@ -177,25 +200,33 @@ def _overlap_metrics(head_activations_fn: HeadActivationsFn, ablated_loss_fn: Ab
   if loss_M.shape != (len(keep_MxLxH),):
     raise ValueError(f"ablated_loss_fn must return a scalar, got shape {loss_M.shape[1:]}")
   clean = loss_M[0]
-  delta_R = loss_M[1:R + 1] - clean
-  delta_P = loss_M[R + 1:-1] - clean
+  delta_R = loss_M[1 : R + 1] - clean
+  delta_P = loss_M[R + 1 : -1] - clean
   delta_all = loss_M[-1] - clean
   delta_pair_RxR = jnp.diag(delta_R).at[i_P, j_P].set(delta_P).at[j_P, i_P].set(delta_P)
-  out = {"clean_loss": clean, "delta": delta_R, "delta_pair": delta_pair_RxR,
-         "delta_all": delta_all}
-  out.update(overlap_from_deltas(delta_R, delta_pair_RxR, delta_all,
-                                 atol + rtol * jnp.abs(clean)))
+  out = {
+    "clean_loss": clean,
+    "delta": delta_R,
+    "delta_pair": delta_pair_RxR,
+    "delta_all": delta_all,
+  }
+  out.update(overlap_from_deltas(delta_R, delta_pair_RxR, delta_all, atol + rtol * jnp.abs(clean)))
   out["s_attn"] = attention_similarity(heads["attn"])
   out["s_out"] = output_similarity(heads["contrib"])
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("atol", "rtol",
-                                                                      "mask_batch"))
-def overlap_metrics(head_activations_fn: HeadActivationsFn, ablated_loss_fn: AblatedLossFn,
-                    params: Params, batch: Any, *, atol: float = DEFAULT_ATOL,
-                    rtol: float = DEFAULT_RTOL,
-                    mask_batch: int | None = None) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("atol", "rtol", "mask_batch"))
+def overlap_metrics(
+  head_activations_fn: HeadActivationsFn,
+  ablated_loss_fn: AblatedLossFn,
+  params: Params,
+  batch: Any,
+  *,
+  atol: float = DEFAULT_ATOL,
+  rtol: float = DEFAULT_RTOL,
+  mask_batch: int | None = None,
+) -> dict[str, jax.Array]:
   """Overlap metrics of one checkpoint on one evaluation batch (jitted).
 
   Args:
@@ -214,34 +245,48 @@ def overlap_metrics(head_activations_fn: HeadActivationsFn, ablated_loss_fn: Abl
      'overlap' [R, R], 'overlap_mean', 'overlap_max', 'robustness',
      's_attn' [R, R], 's_out' [R, R]} (definitions in the module docstring).
   """
-  return _overlap_metrics(head_activations_fn, ablated_loss_fn, float(atol), float(rtol),
-                          mask_batch, params, batch)
+  return _overlap_metrics(
+    head_activations_fn, ablated_loss_fn, float(atol), float(rtol), mask_batch, params, batch
+  )
 
 
 @functools.lru_cache(maxsize=32)
 def _checkpoint_fn(head_activations_fn, ablated_loss_fn, atol, rtol, mask_batch):
-  return functools.partial(_overlap_metrics, head_activations_fn, ablated_loss_fn, atol, rtol,
-                           mask_batch)
+  return functools.partial(
+    _overlap_metrics, head_activations_fn, ablated_loss_fn, atol, rtol, mask_batch
+  )
 
 
-def overlap_over_checkpoints(head_activations_fn: HeadActivationsFn,
-                             ablated_loss_fn: AblatedLossFn, checkpoints: Sequence[Params],
-                             batch: Any, *, checkpoint_chunk: int = 8,
-                             atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                             mask_batch: int | None = None) -> dict[str, np.ndarray]:
+def overlap_over_checkpoints(
+  head_activations_fn: HeadActivationsFn,
+  ablated_loss_fn: AblatedLossFn,
+  checkpoints: Sequence[Params],
+  batch: Any,
+  *,
+  checkpoint_chunk: int = 8,
+  atol: float = DEFAULT_ATOL,
+  rtol: float = DEFAULT_RTOL,
+  mask_batch: int | None = None,
+) -> dict[str, np.ndarray]:
   """`overlap_metrics` of every checkpoint, `checkpoint_chunk` at a time.
 
   Each chunk is stacked (the last padded) and evaluated by one jitted `vmap`
   over checkpoints (`batching.map_checkpoints`); every checkpoint sees the
   same `batch`. Returns the entries of `overlap_metrics` with a leading [N].
   """
-  fn = _checkpoint_fn(head_activations_fn, ablated_loss_fn, float(atol), float(rtol),
-                      None if mask_batch is None else int(mask_batch))
+  fn = _checkpoint_fn(
+    head_activations_fn,
+    ablated_loss_fn,
+    float(atol),
+    float(rtol),
+    None if mask_batch is None else int(mask_batch),
+  )
   return map_checkpoints(fn, checkpoints, batch, checkpoint_chunk=checkpoint_chunk)
 
 
-def scalar_columns(metrics: Mapping[str, np.ndarray],
-                   names: Sequence[str]) -> dict[str, np.ndarray]:
+def scalar_columns(
+  metrics: Mapping[str, np.ndarray], names: Sequence[str]
+) -> dict[str, np.ndarray]:
   """CSV columns [N]: the scalar entries and `delta/{name}` per head."""
   out = {k: np.asarray(metrics[k]) for k in SCALAR_KEYS}
   for r, name in enumerate(names):

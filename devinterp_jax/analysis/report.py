@@ -75,42 +75,66 @@ def default_options(setting: Setting | None = None) -> ml_collections.ConfigDict
   """Analysis options of `setting` (`configs/*.py` embed these as `config.analysis`):
   the stage fit's, the section list, and every available section's defaults."""
   options = dict(
-      seed=0,                       # evaluation data and Hessian probes
-      checkpoint_chunk=8,           # checkpoints per compiled metric call
-      top_metrics=6,                # metrics listed per stage in report.md
-      # noise: per-checkpoint GP noise from the LLC's standard error over chains
-      # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
-      # label_prefix: stage labels f"{prefix}{i}"; "" = "S" (neutral: S1, S2, …).
-      # stability: resample chains (jointly over checkpoints; exact bootstrap up to
-      # max_exact multisets, else num_random draws with `seed`) × draw windows,
-      # refit with these same options; a boundary is stable when a boundary lies
-      # within ±max_distance checkpoints of it in at least `target` of the resamples.
-      stages=dict(tolerance=0.05, relative_tolerance=True, n_restarts=10,
-                  min_stage_change=0.05, noise="sem", label_prefix="",
-                  stability=dict(enabled=True, target=0.8, max_distance=1, max_exact=500,
-                                 num_random=200, seed=0)),
-      # The report's sections, in order (`available_sections`).
-      sections=(setting.default_sections if setting is not None
-                else tuple(sections_lib.GENERIC)),
+    seed=0,  # evaluation data and Hessian probes
+    checkpoint_chunk=8,  # checkpoints per compiled metric call
+    top_metrics=6,  # metrics listed per stage in report.md
+    # noise: per-checkpoint GP noise from the LLC's standard error over chains
+    # ("sem"), its std over chains ("std", smoother), or fitted ("fit").
+    # label_prefix: stage labels f"{prefix}{i}"; "" = "S" (neutral: S1, S2, …).
+    # stability: resample chains (jointly over checkpoints; exact bootstrap up to
+    # max_exact multisets, else num_random draws with `seed`) × draw windows,
+    # refit with these same options; a boundary is stable when a boundary lies
+    # within ±max_distance checkpoints of it in at least `target` of the resamples.
+    stages=dict(
+      tolerance=0.05,
+      relative_tolerance=True,
+      n_restarts=10,
+      min_stage_change=0.05,
+      noise="sem",
+      label_prefix="",
+      stability=dict(
+        enabled=True, target=0.8, max_distance=1, max_exact=500, num_random=200, seed=0
+      ),
+    ),
+    # The report's sections, in order (`available_sections`).
+    sections=(setting.default_sections if setting is not None else tuple(sections_lib.GENERIC)),
   )
   for name, section in available_sections(setting).items():
     options[name] = dict(section.defaults)
   return ml_collections.ConfigDict(options)
 
 
-def validate_options(options: ml_collections.ConfigDict, prefix: str = "analysis",
-                     setting: Setting | None = None) -> list[sections_lib.Section]:
+def validate_options(
+  options: ml_collections.ConfigDict, prefix: str = "analysis", setting: Setting | None = None
+) -> list[sections_lib.Section]:
   """Refuses invalid analysis options, naming the key (`config_checks.ConfigError`);
   returns the sections `options.sections` names."""
   check = config_checks.check_fields
   check(options, prefix, {"seed": "int>=0", "checkpoint_chunk": "int>=1", "top_metrics": "int>=0"})
-  check(options.stages, f"{prefix}.stages", {
-      "tolerance": "num>=0", "n_restarts": "int>=0", "min_stage_change": "num>=0",
-      "noise": ("sem", "std", "fit"), "relative_tolerance": (True, False)})
+  check(
+    options.stages,
+    f"{prefix}.stages",
+    {
+      "tolerance": "num>=0",
+      "n_restarts": "int>=0",
+      "min_stage_change": "num>=0",
+      "noise": ("sem", "std", "fit"),
+      "relative_tolerance": (True, False),
+    },
+  )
   if "stability" in options.stages:
-    check(options.stages.stability, f"{prefix}.stages.stability", {
-        "enabled": (True, False), "target": "unit", "max_distance": "int>=0",
-        "max_exact": "int>=1", "num_random": "int>=1", "seed": "int>=0"})
+    check(
+      options.stages.stability,
+      f"{prefix}.stages.stability",
+      {
+        "enabled": (True, False),
+        "target": "unit",
+        "max_distance": "int>=0",
+        "max_exact": "int>=1",
+        "num_random": "int>=1",
+        "seed": "int>=0",
+      },
+    )
   available = available_sections(setting)
   names = options.get("sections")
   if names is None:
@@ -121,8 +145,9 @@ def validate_options(options: ml_collections.ConfigDict, prefix: str = "analysis
       section.validate(options[name], f"{prefix}.{name}")
   for section in built:
     if section.name not in options and section.defaults:
-      config_checks.fail(f"{prefix}.{section.name}", None,
-                         f"the options of the listed section {section.name!r}")
+      config_checks.fail(
+        f"{prefix}.{section.name}", None, f"the options of the listed section {section.name!r}"
+      )
   return built
 
 
@@ -131,13 +156,19 @@ def stage_boundaries(run: Run, options: ml_collections.ConfigDict) -> stages.Sta
   with at least 2 valid chains (`fit_stages`), with the run's learning-rate
   schedule features attached (`schedule_features`)."""
   llc = run.require_llc()
-  fit = fit_stages(run.steps, llc.llc_mean, llc.llc_std, llc.llc_sem, options,
-                   num_valid_chains=llc.num_valid_chains)
+  fit = fit_stages(
+    run.steps,
+    llc.llc_mean,
+    llc.llc_std,
+    llc.llc_sem,
+    options,
+    num_valid_chains=llc.num_valid_chains,
+  )
   return dataclasses.replace(fit, schedule_features=schedule_features(run.config))
 
 
-MIN_CHAINS_FOR_STAGES = 2   # an LLC from fewer chains has no standard error
-ERROR_BARS = {"sem": "SEM", "std": "std", "fit": None}   # what llc_std holds, per noise model
+MIN_CHAINS_FOR_STAGES = 2  # an LLC from fewer chains has no standard error
+ERROR_BARS = {"sem": "SEM", "std": "std", "fit": None}  # what llc_std holds, per noise model
 
 
 def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any], ...]:
@@ -162,7 +193,7 @@ def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any]
   initial = peak / float(train.get("div_factor", 25.0))
   final = initial / float(train.get("final_div_factor", 1e4))
   end_1, end_2 = float(train["pct_start"]) * total - 1.0, float(total - 1)
-  if initial == peak == final:   # div_factor = final_div_factor = 1: a constant rate
+  if initial == peak == final:  # div_factor = final_div_factor = 1: a constant rate
     return ()
 
   def lr(count: int) -> float:
@@ -174,8 +205,13 @@ def schedule_features(config: ml_collections.ConfigDict) -> tuple[dict[str, Any]
   c0 = max(int(math.floor(end_1)), 0)
   candidates = [c for c in (c0, c0 + 1) if c <= total - 1]
   count = max(candidates, key=lambda c: (lr(c), -c))
-  return ({"name": "learning-rate peak", "step": count + 1,
-           "note": "the step of the maximum learning rate; linear annealing starts after it"},)
+  return (
+    {
+      "name": "learning-rate peak",
+      "step": count + 1,
+      "note": "the step of the maximum learning rate; linear annealing starts after it",
+    },
+  )
 
 
 class StageFitError(ValueError):
@@ -187,8 +223,15 @@ class StageFitError(ValueError):
     self.excluded_steps = excluded_steps
 
 
-def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.ConfigDict,
-               default_prefix: str = "S", num_valid_chains=None) -> stages.StageBoundaries:
+def fit_stages(
+  steps,
+  llc_mean,
+  llc_std,
+  llc_sem,
+  options: ml_collections.ConfigDict,
+  default_prefix: str = "S",
+  num_valid_chains=None,
+) -> stages.StageBoundaries:
   """`stages.find_stage_boundaries` with the options' noise model.
 
   Checkpoints with fewer than 2 valid chains (`num_valid_chains`), or without
@@ -207,23 +250,41 @@ def fit_stages(steps, llc_mean, llc_std, llc_sem, options: ml_collections.Config
     usable &= np.asarray(num_valid_chains) >= MIN_CHAINS_FOR_STAGES
   excluded = [int(s) for s in steps[~usable]]
   if excluded:
-    logging.warning("Stage fit: leaving out checkpoints at steps %s (fewer than %d valid "
-                    "chains, so no standard error)", excluded, MIN_CHAINS_FOR_STAGES)
+    logging.warning(
+      "Stage fit: leaving out checkpoints at steps %s (fewer than %d valid "
+      "chains, so no standard error)",
+      excluded,
+      MIN_CHAINS_FOR_STAGES,
+    )
   if usable.sum() < 4:
     raise StageFitError(
-        f"cannot fit stages: only {int(usable.sum())} of {len(steps)} checkpoints have an LLC "
-        f"from at least {MIN_CHAINS_FOR_STAGES} valid chains (4 are needed); left out: steps "
-        f"{excluded}. Use config.llc.num_chains >= 2, and see llc/summary.json for diverged "
-        f"chains.", excluded)
+      f"cannot fit stages: only {int(usable.sum())} of {len(steps)} checkpoints have an LLC "
+      f"from at least {MIN_CHAINS_FOR_STAGES} valid chains (4 are needed); left out: steps "
+      f"{excluded}. Use config.llc.num_chains >= 2, and see llc/summary.json for diverged "
+      f"chains.",
+      excluded,
+    )
   pick = lambda a: None if a is None else np.asarray(a, float)[usable]
   fit = stages.find_stage_boundaries(
-      steps[usable], np.asarray(llc_mean, float)[usable], pick(noise[o.noise]),
-      tolerance=o.tolerance, relative_tolerance=o.relative_tolerance, n_restarts=o.n_restarts,
-      min_stage_change=o.min_stage_change, seed=options.seed,
-      label_prefix=o.get("label_prefix", "") or default_prefix)
-  return dataclasses.replace(fit, settings={**fit.settings, "excluded_steps": excluded,
-                                            "noise_source": o.noise,
-                                            "error_bar": ERROR_BARS[o.noise]})
+    steps[usable],
+    np.asarray(llc_mean, float)[usable],
+    pick(noise[o.noise]),
+    tolerance=o.tolerance,
+    relative_tolerance=o.relative_tolerance,
+    n_restarts=o.n_restarts,
+    min_stage_change=o.min_stage_change,
+    seed=options.seed,
+    label_prefix=o.get("label_prefix", "") or default_prefix,
+  )
+  return dataclasses.replace(
+    fit,
+    settings={
+      **fit.settings,
+      "excluded_steps": excluded,
+      "noise_source": o.noise,
+      "error_bar": ERROR_BARS[o.noise],
+    },
+  )
 
 
 def chain_llcs(result: LLCResult, all_steps, steps) -> tuple[np.ndarray, np.ndarray]:
@@ -233,8 +294,9 @@ def chain_llcs(result: LLCResult, all_steps, steps) -> tuple[np.ndarray, np.ndar
   chains that count there (not diverged) [N, C]."""
   all_steps, steps = np.asarray(all_steps), np.asarray(steps)
   idx = np.searchsorted(all_steps, steps)
-  if np.any(idx >= len(all_steps)) or np.any(all_steps[np.minimum(idx, len(all_steps) - 1)]
-                                             != steps):
+  if np.any(idx >= len(all_steps)) or np.any(
+    all_steps[np.minimum(idx, len(all_steps) - 1)] != steps
+  ):
     raise ValueError("the stage fit's steps are not all checkpoints of the LLC result")
   nbeta = np.asarray(result.settings["nbeta"], float)
   nbeta = nbeta[idx] if nbeta.ndim and nbeta.size == len(all_steps) else nbeta.reshape(-1)[0]
@@ -244,10 +306,13 @@ def chain_llcs(result: LLCResult, all_steps, steps) -> tuple[np.ndarray, np.ndar
   return llc, ~np.asarray(result.diverged)[idx]
 
 
-def stage_stability(run_steps, result: LLCResult, boundaries: stages.StageBoundaries,
-                    options: ml_collections.ConfigDict,
-                    seed_results: Mapping[str, tuple[Any, LLCResult]] | None = None
-                    ) -> stages.StageStability:
+def stage_stability(
+  run_steps,
+  result: LLCResult,
+  boundaries: stages.StageBoundaries,
+  options: ml_collections.ConfigDict,
+  seed_results: Mapping[str, tuple[Any, LLCResult]] | None = None,
+) -> stages.StageStability:
   """`stages.stage_stability` of a fit of `result`'s LLC curve (checkpoints
   `run_steps`) with the options' noise model and `options.stages.stability`.
 
@@ -259,22 +324,35 @@ def stage_stability(run_steps, result: LLCResult, boundaries: stages.StageBounda
   llc, valid = chain_llcs(result, run_steps, boundaries.steps)
   seeds = None
   if seed_results:
-    seeds = {label: (np.asarray(s), r.llc_per_chain, ~np.asarray(r.diverged))
-             for label, (s, r) in seed_results.items()}
+    seeds = {
+      label: (np.asarray(s), r.llc_per_chain, ~np.asarray(r.diverged))
+      for label, (s, r) in seed_results.items()
+    }
   return stages.stage_stability(
-      boundaries, llc, valid=valid, noise=options.stages.noise, seed_curves=seeds,
-      target=o.target, max_distance=o.max_distance, max_exact=o.max_exact,
-      num_random=o.num_random, random_seed=o.seed)
+    boundaries,
+    llc,
+    valid=valid,
+    noise=options.stages.noise,
+    seed_curves=seeds,
+    target=o.target,
+    max_distance=o.max_distance,
+    max_exact=o.max_exact,
+    num_random=o.num_random,
+    random_seed=o.seed,
+  )
 
 
 def scalar_columns(metrics: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The numeric [N] entries of a metrics dict (the CSV columns)."""
-  return {k: np.asarray(v, float) for k, v in metrics.items()
-          if np.ndim(v) == 1 and np.issubdtype(np.asarray(v).dtype, np.number)}
+  return {
+    k: np.asarray(v, float)
+    for k, v in metrics.items()
+    if np.ndim(v) == 1 and np.issubdtype(np.asarray(v).dtype, np.number)
+  }
 
 
-NOISE_MAD_SCALE = 1.4826    # MAD → σ of a normal distribution
-LEVEL_QUANTILE = 90         # the level of a metric: this percentile of |m| over checkpoints
+NOISE_MAD_SCALE = 1.4826  # MAD → σ of a normal distribution
+LEVEL_QUANTILE = 90  # the level of a metric: this percentile of |m| over checkpoints
 
 
 def metric_noise(values: np.ndarray) -> float:
@@ -297,8 +375,12 @@ def metric_level(values: np.ndarray) -> float:
   return float(np.percentile(np.abs(v), LEVEL_QUANTILE)) if v.size else 0.0
 
 
-def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
-                  boundaries: stages.StageBoundaries, top: int = 6) -> list[dict[str, Any]]:
+def stage_changes(
+  steps: np.ndarray,
+  columns: Mapping[str, np.ndarray],
+  boundaries: stages.StageBoundaries,
+  top: int = 6,
+) -> list[dict[str, Any]]:
   """Per stage, the metrics whose change in it is largest relative to their level
   and noise (docs/reference/stages.md).
 
@@ -337,14 +419,23 @@ def stage_changes(steps: np.ndarray, columns: Mapping[str, np.ndarray],
       delta = end - start
       if not np.isfinite(delta):
         continue
-      changes.append({
-          "metric": name, "start": start, "end": end, "change": delta, "level": level,
-          "noise": noise, "score": delta / scale,
+      changes.append(
+        {
+          "metric": name,
+          "start": start,
+          "end": end,
+          "change": delta,
+          "level": level,
+          "noise": noise,
+          "score": delta / scale,
           "relative_change_percent": 100.0 * delta / scale,
-          "percent_of_start": (100.0 * delta / abs(start)
-                               if abs(start) > noise and start != 0 else None),
+          "percent_of_start": (
+            100.0 * delta / abs(start) if abs(start) > noise and start != 0 else None
+          ),
           "noise_units": abs(delta) / (math.sqrt(2.0) * noise) if noise > 0 else None,
-          "within_noise": bool(abs(delta) <= 2.0 * math.sqrt(2.0) * noise)})
+          "within_noise": bool(abs(delta) <= 2.0 * math.sqrt(2.0) * noise),
+        }
+      )
     changes.sort(key=lambda c: -abs(c["score"]))
     out.append({**stage, "top_changes": changes[:top]})
   return out
@@ -358,8 +449,9 @@ def _write_csv(path: str, steps: np.ndarray, columns: Mapping[str, np.ndarray]) 
   atomic.write_text(path, "\n".join(lines) + "\n")
 
 
-def options_for_run(workdir: str, overrides: Mapping[str, Any] | None = None,
-                    setting: Setting | None = None) -> ml_collections.ConfigDict:
+def options_for_run(
+  workdir: str, overrides: Mapping[str, Any] | None = None, setting: Setting | None = None
+) -> ml_collections.ConfigDict:
   """The analysis options a run was configured with (its config.json's `analysis`,
   filled in from `default_options(setting)`), with exactly `overrides` applied on top.
 
@@ -375,8 +467,9 @@ def options_for_run(workdir: str, overrides: Mapping[str, Any] | None = None,
     if key not in flat:
       sections = sorted({k.split(".")[0] for k in flat})
       raise config_checks.ConfigError(
-          f"--config.{key}={value!r} does not apply to the run at {workdir!r}: its analysis "
-          f"options have no field {key!r} (their sections: {', '.join(sections)}).")
+        f"--config.{key}={value!r} does not apply to the run at {workdir!r}: its analysis "
+        f"options have no field {key!r} (their sections: {', '.join(sections)})."
+      )
     flat[key] = value
   nested: dict[str, Any] = {}
   for key, value in flat.items():
@@ -388,8 +481,13 @@ def options_for_run(workdir: str, overrides: Mapping[str, Any] | None = None,
   return ml_collections.ConfigDict(nested)
 
 
-def analyze(workdir: str, setting: Setting, options: ml_collections.ConfigDict | None = None,
-            out_dir: str | None = None, option_prefix: str = "analysis") -> dict[str, Any]:
+def analyze(
+  workdir: str,
+  setting: Setting,
+  options: ml_collections.ConfigDict | None = None,
+  out_dir: str | None = None,
+  option_prefix: str = "analysis",
+) -> dict[str, Any]:
   """Writes the report directory of a finished run of `setting`; returns report.json's
   content.
 
@@ -403,30 +501,54 @@ def analyze(workdir: str, setting: Setting, options: ml_collections.ConfigDict |
   options = options_for_run(workdir, setting=setting) if options is None else options
   built = validate_options(options, option_prefix, setting)
   target = out_dir or os.path.join(workdir, "report")
-  if (paths.isdir(target) and paths.listdir(target)
-      and not paths.exists(paths.join(target, "report.json"))):
-    raise ValueError(f"refusing to replace {target!r}: it is not empty and holds no "
-                     f"report.json, so it is not a report directory. Pass an empty or new "
-                     f"directory (the report replaces its directory whole).")
+  if (
+    paths.isdir(target)
+    and paths.listdir(target)
+    and not paths.exists(paths.join(target, "report.json"))
+  ):
+    raise ValueError(
+      f"refusing to replace {target!r}: it is not empty and holds no "
+      f"report.json, so it is not a report directory. Pass an empty or new "
+      f"directory (the report replaces its directory whole)."
+    )
   with lock.hold(workdir):
     run = load_run(workdir, setting)
     with atomic.replace_dir(target) as out:
       summary = _write_report(run, options, built, out)
-  logging.info("Report written to %s (stages %s)", target,
-               ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}"
-                         for s in summary["stages"]) or "not fitted")
+  logging.info(
+    "Report written to %s (stages %s)",
+    target,
+    ", ".join(f"{s['label']} {s['start_step']}–{s['end_step']}" for s in summary["stages"])
+    or "not fitted",
+  )
   return summary
 
 
 # report.json's own keys; a section's `Output.report` may not reuse them.
-_REPORT_KEYS = ("workdir", "setting", "stages", "stages_fitted", "excluded_checkpoints",
-                "boundary_steps", "boundary_kinds", "boundaries", "stage_stability",
-                "stability_passes", "schedule_features", "milestones",
-                "head_labels_last_checkpoint", "sections", "figures", "timings", "options")
+_REPORT_KEYS = (
+  "workdir",
+  "setting",
+  "stages",
+  "stages_fitted",
+  "excluded_checkpoints",
+  "boundary_steps",
+  "boundary_kinds",
+  "boundaries",
+  "stage_stability",
+  "stability_passes",
+  "schedule_features",
+  "milestones",
+  "head_labels_last_checkpoint",
+  "sections",
+  "figures",
+  "timings",
+  "options",
+)
 
 
-def _fit(run: Run, options: ml_collections.ConfigDict, out: str, timings: dict[str, float]
-         ) -> tuple[stages.StageBoundaries | None, list[int], list[tuple[str, str]]]:
+def _fit(
+  run: Run, options: ml_collections.ConfigDict, out: str, timings: dict[str, float]
+) -> tuple[stages.StageBoundaries | None, list[int], list[tuple[str, str]]]:
   """The stage fit with its stability, stages.json and stages.png."""
   llc = run.require_llc()
   t0 = time.time()
@@ -436,9 +558,19 @@ def _fit(run: Run, options: ml_collections.ConfigDict, out: str, timings: dict[s
     excluded = boundaries.settings["excluded_steps"]
   except StageFitError as e:
     logging.warning("%s; the report is written without stages", e)
-    atomic.write_text(os.path.join(out, "stages.json"), json.dumps(
-        {"fitted": False, "reason": str(e), "boundary_steps": [],
-         "excluded_steps": e.excluded_steps}, indent=1) + "\n")
+    atomic.write_text(
+      os.path.join(out, "stages.json"),
+      json.dumps(
+        {
+          "fitted": False,
+          "reason": str(e),
+          "boundary_steps": [],
+          "excluded_steps": e.excluded_steps,
+        },
+        indent=1,
+      )
+      + "\n",
+    )
     timings["stages"] = round(time.time() - t0, 1)
     return None, e.excluded_steps, figures
   o_st = options.stages.get("stability")
@@ -452,22 +584,32 @@ def _fit(run: Run, options: ml_collections.ConfigDict, out: str, timings: dict[s
       logging.warning("Unstable stage boundary: %s", reason)
   boundaries.save(out)
   title = f"LLC stages ({run.setting.description})" if run.setting.description else "LLC stages"
-  figures.append(("stages", stages_viz.plot_stages(
-      boundaries, os.path.join(out, "stages.png"), loss_steps=run.steps,
-      loss=run.logged("eval_loss"), loss_label=run.setting.loss_label, title=title)))
+  figures.append(
+    (
+      "stages",
+      stages_viz.plot_stages(
+        boundaries,
+        os.path.join(out, "stages.png"),
+        loss_steps=run.steps,
+        loss=run.logged("eval_loss"),
+        loss_label=run.setting.loss_label,
+        title=title,
+      ),
+    )
+  )
   logging.info("Stage boundaries at steps %s", list(boundaries.boundary_steps))
   timings["stages"] = round(time.time() - t0, 1)
   return boundaries, excluded, figures
 
 
-def _write_report(run: Run, options: ml_collections.ConfigDict,
-                  built: list[sections_lib.Section], out: str) -> dict[str, Any]:
+def _write_report(
+  run: Run, options: ml_collections.ConfigDict, built: list[sections_lib.Section], out: str
+) -> dict[str, Any]:
   llc = run.require_llc()
   timings: dict[str, float] = {}
   boundaries, excluded, figures = _fit(run, options, out, timings)
   ctx = sections_lib.Context(run=run, options=options, out=out, boundaries=boundaries)
-  ctx.columns.update(llc_mean=llc.llc_mean, llc_std=llc.llc_std,
-                     eval_loss=run.logged("eval_loss"))
+  ctx.columns.update(llc_mean=llc.llc_mean, llc_std=llc.llc_std, eval_loss=run.logged("eval_loss"))
   marks: dict[str, Any] = {}
   mark_lines: list[str] = []
   labels_final: dict[str, str] = {}
@@ -476,8 +618,7 @@ def _write_report(run: Run, options: ml_collections.ConfigDict,
   ran = []
   for section in built:
     if not section.enabled(options):
-      logging.info("Section %r is disabled (analysis.%s.enabled=False)", section.name,
-                   section.name)
+      logging.info("Section %r is disabled (analysis.%s.enabled=False)", section.name, section.name)
       continue
     t0 = time.time()
     result = section.compute(ctx)
@@ -493,38 +634,60 @@ def _write_report(run: Run, options: ml_collections.ConfigDict,
     labels_final.update(result.head_labels)
     for key, value in result.report.items():
       if key in _REPORT_KEYS or key in extra:
-        raise ValueError(f"section {section.name!r} reports {key!r}, which report.json "
-                         f"already has")
+        raise ValueError(f"section {section.name!r} reports {key!r}, which report.json already has")
       extra[key] = value
-  atomic.save_npz(os.path.join(out, "metrics.npz"), steps=run.steps,
-                  **{k.replace("/", "__"): np.asarray(v) for k, v in ctx.metrics.items()
-                     if np.asarray(v).dtype != object})
+  atomic.save_npz(
+    os.path.join(out, "metrics.npz"),
+    steps=run.steps,
+    **{
+      k.replace("/", "__"): np.asarray(v)
+      for k, v in ctx.metrics.items()
+      if np.asarray(v).dtype != object
+    },
+  )
   _write_csv(os.path.join(out, "metrics.csv"), run.steps, ctx.columns)
-  changes = [] if boundaries is None else stage_changes(
-      run.steps, {k: v for k, v in ctx.columns.items() if not k.endswith(("_std", "_se"))},
-      boundaries, options.top_metrics)
+  changes = (
+    []
+    if boundaries is None
+    else stage_changes(
+      run.steps,
+      {k: v for k, v in ctx.columns.items() if not k.endswith(("_std", "_se"))},
+      boundaries,
+      options.top_metrics,
+    )
+  )
   atomic.write_text(os.path.join(out, "stage_changes.json"), json.dumps(changes, indent=1))
-  summary = {"workdir": paths.absolute(run.workdir), "setting": run.setting.name,
-             "stages": [] if boundaries is None else boundaries.stages,
-             "stages_fitted": boundaries is not None,
-             "excluded_checkpoints": excluded,
-             "boundary_steps": ctx.edges,
-             "boundary_kinds": [] if boundaries is None else list(boundaries.boundary_kinds),
-             "boundaries": [] if boundaries is None else boundaries.boundaries,
-             "stage_stability": (None if boundaries is None or boundaries.stability is None
-                                 else boundaries.stability.to_dict()),
-             "stability_passes": (None if boundaries is None or boundaries.stability is None
-                                  else boundaries.stability.passes),
-             "schedule_features": [] if boundaries is None else list(
-                 boundaries.schedule_features),
-             "milestones": marks, "head_labels_last_checkpoint": labels_final,
-             "sections": ran, **extra,
-             "figures": [os.path.basename(p) for _, p in figures], "timings": timings,
-             "options": options.to_dict()}
+  summary = {
+    "workdir": paths.absolute(run.workdir),
+    "setting": run.setting.name,
+    "stages": [] if boundaries is None else boundaries.stages,
+    "stages_fitted": boundaries is not None,
+    "excluded_checkpoints": excluded,
+    "boundary_steps": ctx.edges,
+    "boundary_kinds": [] if boundaries is None else list(boundaries.boundary_kinds),
+    "boundaries": [] if boundaries is None else boundaries.boundaries,
+    "stage_stability": (
+      None if boundaries is None or boundaries.stability is None else boundaries.stability.to_dict()
+    ),
+    "stability_passes": (
+      None if boundaries is None or boundaries.stability is None else boundaries.stability.passes
+    ),
+    "schedule_features": [] if boundaries is None else list(boundaries.schedule_features),
+    "milestones": marks,
+    "head_labels_last_checkpoint": labels_final,
+    "sections": ran,
+    **extra,
+    "figures": [os.path.basename(p) for _, p in figures],
+    "timings": timings,
+    "options": options.to_dict(),
+  }
   atomic.write_text(os.path.join(out, "report.json"), json.dumps(summary, indent=1))
-  atomic.write_text(os.path.join(out, "report.md"), _markdown(
-      run, boundaries, changes, mark_lines, labels_final, markdown, figures, timings,
-      excluded))
+  atomic.write_text(
+    os.path.join(out, "report.md"),
+    _markdown(
+      run, boundaries, changes, mark_lines, labels_final, markdown, figures, timings, excluded
+    ),
+  )
   return summary
 
 
@@ -532,84 +695,127 @@ def _health_text(counts: Mapping[str, Any]) -> str:
   return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
 
 
-def _markdown(run: Run, boundaries, changes, mark_lines, labels_final, section_lines,
-              figures, timings, excluded: list[int] | None = None) -> str:
+def _markdown(
+  run: Run,
+  boundaries,
+  changes,
+  mark_lines,
+  labels_final,
+  section_lines,
+  figures,
+  timings,
+  excluded: list[int] | None = None,
+) -> str:
   llc = run.require_llc()
   title = os.path.basename(os.path.normpath(run.workdir)) or run.workdir
   what = f" ({run.setting.description})" if run.setting.description else ""
-  lines = [f"# Developmental analysis: `{title}`{what}", "",
-           f"Run directory: `{paths.absolute(run.workdir)}`", "",
-           f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
-           f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
-           f"(ε = {llc.settings.get('step_size')}, nβ = {llc.settings.get('nbeta')}, "
-           f"γ = {llc.settings.get('localization')}); chain health: "
-           f"{_health_text(llc.health_counts())}.", "",
-           "## Stages", ""]
+  lines = [
+    f"# Developmental analysis: `{title}`{what}",
+    "",
+    f"Run directory: `{paths.absolute(run.workdir)}`",
+    "",
+    f"{len(run.steps)} checkpoints (steps {int(run.steps[0])}–{int(run.steps[-1])}); "
+    f"LLC from {llc.llc_mean.shape[0]} × {llc.llc_per_chain.shape[-1]} chains "
+    f"(ε = {llc.settings.get('step_size')}, nβ = {llc.settings.get('nbeta')}, "
+    f"γ = {llc.settings.get('localization')}); chain health: "
+    f"{_health_text(llc.health_counts())}.",
+    "",
+    "## Stages",
+    "",
+  ]
   if excluded:
-    lines += [f"**Left out of the stage fit:** the checkpoints at steps {excluded} have fewer "
-              f"than {MIN_CHAINS_FOR_STAGES} valid chains, so their LLC has no standard error "
-              f"(see the chain health in `llc/summary.json`).", ""]
+    lines += [
+      f"**Left out of the stage fit:** the checkpoints at steps {excluded} have fewer "
+      f"than {MIN_CHAINS_FOR_STAGES} valid chains, so their LLC has no standard error "
+      f"(see the chain health in `llc/summary.json`).",
+      "",
+    ]
   if boundaries is None:
-    lines += ["**Stages were not fitted:** fewer than 4 checkpoints have an LLC from at least "
-              f"{MIN_CHAINS_FOR_STAGES} valid chains.", ""]
+    lines += [
+      "**Stages were not fitted:** fewer than 4 checkpoints have an LLC from at least "
+      f"{MIN_CHAINS_FOR_STAGES} valid chains.",
+      "",
+    ]
   else:
     st = boundaries.settings
-    tolerance_note = (f" = {st['tolerance']:.0%} of max |slope|"
-                      if st.get("relative_tolerance") else "")
-    lines += ["Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
-              "of the slope or near-plateaus (local minima of |slope| below the tolerance "
-              f"{boundaries.tolerance_used:.3g}{tolerance_note}). Labels S1, S2, … are "
-              "neutral: they claim no correspondence with the paper's LR1–LR5 / LM1–LM5.", ""]
+    tolerance_note = (
+      f" = {st['tolerance']:.0%} of max |slope|" if st.get("relative_tolerance") else ""
+    )
+    lines += [
+      "Boundaries are plateaus of the LLC over ln t (GP fit, App. B.1): zero crossings "
+      "of the slope or near-plateaus (local minima of |slope| below the tolerance "
+      f"{boundaries.tolerance_used:.3g}{tolerance_note}). Labels S1, S2, … are "
+      "neutral: they claim no correspondence with the paper's LR1–LR5 / LM1–LM5.",
+      "",
+    ]
     stab = boundaries.stability
     if stab is not None:
-      lines += [f"**Stability criterion {'passes' if stab.passes else 'FAILS'}** "
-                f"({stab.summary()}). A boundary's stability is the weighted fraction of "
-                f"resamples (chains bootstrapped jointly across checkpoints × draw windows "
-                f"{', '.join(w['name'] for w in stab.windows)}; every refit with the same "
-                f"options) with a boundary within ±{stab.max_distance} checkpoint of it; "
-                f"target {stab.target:.2f}. Unstable boundaries are kept and marked.", ""]
+      lines += [
+        f"**Stability criterion {'passes' if stab.passes else 'FAILS'}** "
+        f"({stab.summary()}). A boundary's stability is the weighted fraction of "
+        f"resamples (chains bootstrapped jointly across checkpoints × draw windows "
+        f"{', '.join(w['name'] for w in stab.windows)}; every refit with the same "
+        f"options) with a boundary within ±{stab.max_distance} checkpoint of it; "
+        f"target {stab.target:.2f}. Unstable boundaries are kept and marked.",
+        "",
+      ]
       lines += [f"* {r}" for r in stab.reasons] + ([""] if stab.reasons else [])
-    lines += ["| stage | start step | end step | ends at | stability of its end | "
-              "LLC at start → end |", "|---|---|---|---|---|---|"]
+    lines += [
+      "| stage | start step | end step | ends at | stability of its end | LLC at start → end |",
+      "|---|---|---|---|---|---|",
+    ]
     for s in boundaries.stages:
       i0 = int(np.searchsorted(run.steps, s["start_step"]))
       i1 = int(np.searchsorted(run.steps, s["end_step"]))
       st = s["end_stability"]
       bad = st is not None and stab is not None and st < stab.target - 1e-12
-      lines.append(f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
-                   f"{s['end_kind'].replace('_', ' ')} | "
-                   f"{'–' if st is None else (f'**{st:.2f} (unstable)**' if bad else f'{st:.2f}')}"
-                   f" | {llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |")
+      lines.append(
+        f"| {s['label']} | {s['start_step']} | {s['end_step']} | "
+        f"{s['end_kind'].replace('_', ' ')} | "
+        f"{'–' if st is None else (f'**{st:.2f} (unstable)**' if bad else f'{st:.2f}')}"
+        f" | {llc.llc_mean[i0]:.2f} → {llc.llc_mean[i1]:.2f} |"
+      )
     lines.append("")
     lines += [f"* {s['description']}" for s in boundaries.stages]
     if boundaries.schedule_features:
-      lines += ["", "Learning-rate schedule: " + "; ".join(
-          f"{f['name']} at step {int(f['step'])}" for f in boundaries.schedule_features) + "."]
+      lines += [
+        "",
+        "Learning-rate schedule: "
+        + "; ".join(f"{f['name']} at step {int(f['step'])}" for f in boundaries.schedule_features)
+        + ".",
+      ]
   if mark_lines:
     lines += ["", "## Milestones", ""] + list(mark_lines)
-  lines += ["", "## What changed in each stage", "",
-            "Change Δ = value at the stage's end − value at its start, in % of the metric's "
-            "level (90th percentile of |value| over checkpoints) and ranked by it; when the "
-            "metric's checkpoint-to-checkpoint noise (robust second differences) exceeds its "
-            "level, in % of the noise (docs/reference/stages.md). \"within noise\": |Δ| ≤ 2√2 × "
-            "noise.", ""]
+  lines += [
+    "",
+    "## What changed in each stage",
+    "",
+    "Change Δ = value at the stage's end − value at its start, in % of the metric's "
+    "level (90th percentile of |value| over checkpoints) and ranked by it; when the "
+    "metric's checkpoint-to-checkpoint noise (robust second differences) exceeds its "
+    'level, in % of the noise (docs/reference/stages.md). "within noise": |Δ| ≤ 2√2 × '
+    "noise.",
+    "",
+  ]
 
   def change_text(t: dict[str, Any]) -> str:
-    return (f"`{t['metric']}` {t['start']:.3g} → {t['end']:.3g} "
-            f"({t['relative_change_percent']:+.1f} %"
-            f"{', within noise' if t['within_noise'] else ''})")
+    return (
+      f"`{t['metric']}` {t['start']:.3g} → {t['end']:.3g} "
+      f"({t['relative_change_percent']:+.1f} %"
+      f"{', within noise' if t['within_noise'] else ''})"
+    )
 
   for c in changes:
-    lines.append(f"**{c['label']}** (steps {c['start_step']}–{c['end_step']}): " + "; ".join(
-        change_text(t) for t in c["top_changes"]))
+    lines.append(
+      f"**{c['label']}** (steps {c['start_step']}–{c['end_step']}): "
+      + "; ".join(change_text(t) for t in c["top_changes"])
+    )
     lines.append("")
   if labels_final:
-    lines += ["## Heads at the last checkpoint", "",
-              "| head | label |", "|---|---|"]
+    lines += ["## Heads at the last checkpoint", "", "| head | label |", "|---|---|"]
     lines += [f"| {k.split('/', 1)[-1]} | {v} |" for k, v in labels_final.items()]
     lines.append("")
   lines += list(section_lines)
   lines += ["## Figures", ""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures]
-  lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".",
-            ""]
+  lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".", ""]
   return "\n".join(lines)

@@ -60,24 +60,27 @@ class Run:
 
   workdir: str
   config: ml_collections.ConfigDict
-  steps: np.ndarray              # scheduled checkpoint steps [N]
-  llc: LLCResult | None          # per-checkpoint LLC results ([N] leading axis)
-  log: list[dict]                # metrics.jsonl rows
-  model: Any                     # the setting's model (`HeadModel`)
+  steps: np.ndarray  # scheduled checkpoint steps [N]
+  llc: LLCResult | None  # per-checkpoint LLC results ([N] leading axis)
+  log: list[dict]  # metrics.jsonl rows
+  model: Any  # the setting's model (`HeadModel`)
   setting: Setting
 
   def require_llc(self) -> LLCResult:
     """The run's LLC results; a run loaded without its sweep is an error here."""
     if self.llc is None:
-      raise FileNotFoundError(f"{self.workdir!r} has no LLC sweep (llc/llc.npz): run "
-                              "launch/estimate_llc.py or launch/main.py first")
+      raise FileNotFoundError(
+        f"{self.workdir!r} has no LLC sweep (llc/llc.npz): run "
+        "launch/estimate_llc.py or launch/main.py first"
+      )
     return self.llc
 
   def checkpoints(self, steps=None) -> checkpoints.ParamsSequence:
     """Params at `steps` (default: every scheduled step), restored lazily."""
     abstract = jax.eval_shape(self.model.init_params, jax.random.key(0))
-    return checkpoints.ParamsSequence(self.workdir, self.steps if steps is None else steps,
-                                      abstract)
+    return checkpoints.ParamsSequence(
+      self.workdir, self.steps if steps is None else steps, abstract
+    )
 
   def eval_batch(self, key: jax.Array, size: int, purpose: str) -> Batch:
     """`size` evaluation samples from the setting (`Setting.eval_batch`)."""
@@ -100,8 +103,10 @@ def load_run(workdir: str, setting: Setting, require_llc: bool = True) -> Run:
   config = run_log.read_config(workdir)
   experiment = config.get("experiment", "icl_regression")
   if experiment != setting.name:
-    raise ValueError(f"{workdir!r} holds a {experiment!r} run, not a {setting.name!r} one; "
-                     "load it with its own setting (experiments.registry.setting)")
+    raise ValueError(
+      f"{workdir!r} holds a {experiment!r} run, not a {setting.name!r} one; "
+      "load it with its own setting (experiments.registry.setting)"
+    )
   steps = checkpoints.scheduled_steps(workdir)
   if len(steps) == 0:
     raise checkpoints.CheckpointError(f"no scheduled checkpoints in {workdir!r}")
@@ -110,11 +115,20 @@ def load_run(workdir: str, setting: Setting, require_llc: bool = True) -> Run:
   if paths.exists(llc_path):
     llc = LLCResult.load(llc_path)
     if llc.llc_mean.shape != steps.shape:
-      raise ValueError(f"{llc_path} holds {llc.llc_mean.shape[0]} checkpoints but the "
-                       f"workdir has {len(steps)} scheduled steps; rerun the LLC sweep")
+      raise ValueError(
+        f"{llc_path} holds {llc.llc_mean.shape[0]} checkpoints but the "
+        f"workdir has {len(steps)} scheduled steps; rerun the LLC sweep"
+      )
   elif require_llc:
-    raise FileNotFoundError(f"{llc_path} is missing: run the LLC sweep first "
-                            "(launch/estimate_llc.py or launch/main.py)")
-  return Run(workdir=workdir, config=config, steps=steps, llc=llc,
-             log=run_log.read_metrics(workdir), model=setting.make_model(config),
-             setting=setting)
+    raise FileNotFoundError(
+      f"{llc_path} is missing: run the LLC sweep first (launch/estimate_llc.py or launch/main.py)"
+    )
+  return Run(
+    workdir=workdir,
+    config=config,
+    steps=steps,
+    llc=llc,
+    log=run_log.read_metrics(workdir),
+    model=setting.make_model(config),
+    setting=setting,
+  )

@@ -77,7 +77,7 @@ class Context:
 
   def stage_of(self, step: int) -> str:
     """The label of the stage holding `step` ('?' without a stage fit)."""
-    for s in (self.boundaries.stages if self.boundaries is not None else []):
+    for s in self.boundaries.stages if self.boundaries is not None else []:
       if s["start_step"] <= step <= s["end_step"]:
         return s["label"]
     return "?"
@@ -122,16 +122,17 @@ class Section:
     return True if own is None else bool(own.get("enabled", True))
 
 
-def build(names, available: Mapping[str, Section], prefix: str = "analysis"
-          ) -> list[Section]:
+def build(names, available: Mapping[str, Section], prefix: str = "analysis") -> list[Section]:
   """The sections `names` (config.analysis.sections), in order; an unknown or
   repeated name is refused, naming the key and the known sections."""
   names = tuple(names)
   for n in names:
     if n not in available:
-      config_checks.fail(f"{prefix}.sections", names,
-                         f"names of known sections ({', '.join(sorted(available))}); "
-                         f"{n!r} is none")
+      config_checks.fail(
+        f"{prefix}.sections",
+        names,
+        f"names of known sections ({', '.join(sorted(available))}); {n!r} is none",
+      )
   if len(set(names)) != len(names):
     config_checks.fail(f"{prefix}.sections", names, "distinct section names")
   return [available[n] for n in names]
@@ -139,6 +140,7 @@ def build(names, available: Mapping[str, Section], prefix: str = "analysis"
 
 def timed(label: str):
   """Logs how long a block took (a section's compute)."""
+
   class _Timer:
     def __enter__(self):
       self.t0 = time.time()
@@ -147,6 +149,7 @@ def timed(label: str):
     def __exit__(self, *exc):
       self.seconds = time.time() - self.t0
       logging.info("%s: %.1fs", label, self.seconds)
+
   return _Timer()
 
 
@@ -156,12 +159,21 @@ def timed(label: str):
 
 
 def _validate_hessian(o: ml_collections.ConfigDict, prefix: str) -> None:
-  config_checks.check_fields(o, prefix, {
-      "enabled": (True, False), "batch_size": "int>=1", "num_hutchinson": "int>=1",
-      "num_lanczos_iters": "int>=1", "top_k": "int>=1"})
+  config_checks.check_fields(
+    o,
+    prefix,
+    {
+      "enabled": (True, False),
+      "batch_size": "int>=1",
+      "num_hutchinson": "int>=1",
+      "num_lanczos_iters": "int>=1",
+      "top_k": "int>=1",
+    },
+  )
   if o.top_k > o.num_lanczos_iters:
-    config_checks.fail(f"{prefix}.top_k", o.top_k,
-                       f"at most num_lanczos_iters = {o.num_lanczos_iters}")
+    config_checks.fail(
+      f"{prefix}.top_k", o.top_k, f"at most num_lanczos_iters = {o.num_lanczos_iters}"
+    )
 
 
 def _hessian(ctx: Context) -> Output:
@@ -169,26 +181,41 @@ def _hessian(ctx: Context) -> Output:
   llc = run.require_llc()
   batch = run.eval_batch(ctx.key(HESSIAN_STREAM), o.batch_size, "hessian")
   with timed("Hessian statistics"):
-    h = hessian.hessian_stats(run.model.loss, ctx.checkpoints(), batch,
-                              num_hutchinson=o.num_hutchinson,
-                              num_lanczos_iters=o.num_lanczos_iters, top_k=o.top_k,
-                              seed=ctx.options.seed,
-                              checkpoint_chunk=ctx.options.checkpoint_chunk)
-  metrics = {"hessian_trace": h["trace"], "hessian_trace_se": h["trace_se"],
-             "hessian_top_eigenvalues": h["top_eigenvalues"],
-             "hessian_top_eigenvalue": h["top_eigenvalues"][:, 0]}
+    h = hessian.hessian_stats(
+      run.model.loss,
+      ctx.checkpoints(),
+      batch,
+      num_hutchinson=o.num_hutchinson,
+      num_lanczos_iters=o.num_lanczos_iters,
+      top_k=o.top_k,
+      seed=ctx.options.seed,
+      checkpoint_chunk=ctx.options.checkpoint_chunk,
+    )
+  metrics = {
+    "hessian_trace": h["trace"],
+    "hessian_trace_se": h["trace_se"],
+    "hessian_top_eigenvalues": h["top_eigenvalues"],
+    "hessian_top_eigenvalue": h["top_eigenvalues"][:, 0],
+  }
   fig = hessian_viz.plot_llc_vs_hessian(
-      run.steps, llc.llc_mean, llc.llc_std,
-      {"trace": h["trace"], "trace_se": h["trace_se"], "top_eigenvalues": h["top_eigenvalues"]},
-      ctx.path("hessian.png"), band_label="std over chains", boundaries=ctx.edges,
-      title="LLC vs Hessian curvature (App. B.5)")
+    run.steps,
+    llc.llc_mean,
+    llc.llc_std,
+    {"trace": h["trace"], "trace_se": h["trace_se"], "top_eigenvalues": h["top_eigenvalues"]},
+    ctx.path("hessian.png"),
+    band_label="std over chains",
+    boundaries=ctx.edges,
+    title="LLC vs Hessian curvature (App. B.5)",
+  )
   return Output(metrics=metrics, figures=[("hessian", fig)])
 
 
-HESSIAN = Section("hessian", _hessian,
-                  defaults=dict(enabled=True, batch_size=512, num_hutchinson=32,
-                                num_lanczos_iters=32, top_k=3),
-                  validate=_validate_hessian)
+HESSIAN = Section(
+  "hessian",
+  _hessian,
+  defaults=dict(enabled=True, batch_size=512, num_hutchinson=32, num_lanczos_iters=32, top_k=3),
+  validate=_validate_hessian,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -203,14 +230,19 @@ def overlap_extremes(metrics: Mapping[str, np.ndarray], index: int = -1) -> dict
   i, j = np.triu_indices(len(names), k=1)
   vals = o[i, j]
   ok = np.isfinite(vals)
-  out: dict[str, Any] = {"robustness": float(metrics["overlap/robustness"][index]),
-                         "overlap_mean": float(metrics["overlap/overlap_mean"][index])}
+  out: dict[str, Any] = {
+    "robustness": float(metrics["overlap/robustness"][index]),
+    "overlap_mean": float(metrics["overlap/overlap_mean"][index]),
+  }
   if ok.any():
     hi, lo = np.nanargmax(np.where(ok, vals, -np.inf)), np.nanargmin(np.where(ok, vals, np.inf))
     s_attn = np.asarray(metrics["overlap/s_attn"])[index]
     for key, k in (("max", hi), ("min", lo)):
-      out[f"overlap_{key}"] = {"pair": [names[i[k]], names[j[k]]], "overlap": float(vals[k]),
-                               "s_attn": float(s_attn[i[k], j[k]])}
+      out[f"overlap_{key}"] = {
+        "pair": [names[i[k]], names[j[k]]],
+        "overlap": float(vals[k]),
+        "s_attn": float(s_attn[i[k], j[k]]),
+      }
   return out
 
 
@@ -224,37 +256,58 @@ def _overlap(ctx: Context) -> Output:
   run, o = ctx.run, ctx.options.overlap
   batch = run.eval_batch(ctx.key(OVERLAP_STREAM), o.batch_size, "overlap")
   with timed("Head overlap (mean ablation)"):
-    res = overlap.overlap_over_checkpoints(run.model.head_activations, run.model.ablated_loss,
-                                           ctx.checkpoints(), batch,
-                                           checkpoint_chunk=ctx.options.checkpoint_chunk,
-                                           mask_batch=o.get("mask_batch"))
+    res = overlap.overlap_over_checkpoints(
+      run.model.head_activations,
+      run.model.ablated_loss,
+      ctx.checkpoints(),
+      batch,
+      checkpoint_chunk=ctx.options.checkpoint_chunk,
+      mask_batch=o.get("mask_batch"),
+    )
   names = overlap.head_names(run.model.num_layers, run.model.num_heads)
   metrics: dict[str, Any] = {f"overlap/{k}": v for k, v in res.items()}
   metrics["overlap/names"] = np.array(names)
-  fig = overlap_viz.plot_overlap(run.steps, dict(res, names=np.array(names)), names,
-                                 ctx.path("overlap.png"), boundaries=ctx.edges,
-                                 title="Functional overlap of heads (mean ablation)")
+  fig = overlap_viz.plot_overlap(
+    run.steps,
+    dict(res, names=np.array(names)),
+    names,
+    ctx.path("overlap.png"),
+    boundaries=ctx.edges,
+    title="Functional overlap of heads (mean ablation)",
+  )
   final = overlap_extremes(metrics)
-  lines = ["## Functional overlap of heads (mean ablation)", "",
-           f"At the last checkpoint: mean off-diagonal overlap O = "
-           f"{final['overlap_mean']:.2f}, robustness 1 − Σ_i Δ_i / Δ_all = "
-           f"{final['robustness']:.2f}."]
+  lines = [
+    "## Functional overlap of heads (mean ablation)",
+    "",
+    f"At the last checkpoint: mean off-diagonal overlap O = "
+    f"{final['overlap_mean']:.2f}, robustness 1 − Σ_i Δ_i / Δ_all = "
+    f"{final['robustness']:.2f}.",
+  ]
   for key in ("max", "min"):
     if f"overlap_{key}" in final:
       e = final[f"overlap_{key}"]
-      lines.append(f"{key.title()} overlap: {' & '.join(e['pair'])}, O = {e['overlap']:.2f} "
-                   f"(attention-pattern correlation S_attn = {e['s_attn']:.2f}).")
+      lines.append(
+        f"{key.title()} overlap: {' & '.join(e['pair'])}, O = {e['overlap']:.2f} "
+        f"(attention-pattern correlation S_attn = {e['s_attn']:.2f})."
+      )
   lines.append("")
-  return Output(metrics=metrics, figures=[("overlap", fig)], markdown=lines,
-                report={"overlap_last_checkpoint": final})
+  return Output(
+    metrics=metrics,
+    figures=[("overlap", fig)],
+    markdown=lines,
+    report={"overlap_last_checkpoint": final},
+  )
 
 
-OVERLAP = Section("overlap", _overlap,
-                  # mask_batch: ablations evaluated at once (None: all 1 + H + H(H−1)/2 + 1
-                  # in one vmap; a number bounds memory: logits [chunk, mask_batch, B, T, V]
-                  # for the LM).
-                  defaults=dict(enabled=True, batch_size=256, mask_batch=None),
-                  validate=_validate_overlap)
+OVERLAP = Section(
+  "overlap",
+  _overlap,
+  # mask_batch: ablations evaluated at once (None: all 1 + H + H(H−1)/2 + 1
+  # in one vmap; a number bounds memory: logits [chunk, mask_batch, B, T, V]
+  # for the LM).
+  defaults=dict(enabled=True, batch_size=256, mask_batch=None),
+  validate=_validate_overlap,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -263,12 +316,21 @@ OVERLAP = Section("overlap", _overlap,
 
 
 def _validate_heads(o: ml_collections.ConfigDict, prefix: str) -> None:
-  config_checks.check_fields(o, prefix, {
-      "num_clusters": "int>=0", "normalize": heads_lib.NORMALIZATIONS,
-      "linkage": heads_lib.LINKAGES})
+  config_checks.check_fields(
+    o,
+    prefix,
+    {
+      "num_clusters": "int>=0",
+      "normalize": heads_lib.NORMALIZATIONS,
+      "linkage": heads_lib.LINKAGES,
+    },
+  )
   k_range = tuple(o.k_range)
-  if len(k_range) != 2 or not all(isinstance(k, int) for k in k_range) or not (
-      2 <= k_range[0] <= k_range[1]):
+  if (
+    len(k_range) != 2
+    or not all(isinstance(k, int) for k in k_range)
+    or not (2 <= k_range[0] <= k_range[1])
+  ):
     config_checks.fail(f"{prefix}.k_range", k_range, "two integers 2 <= low <= high")
 
 
@@ -289,29 +351,74 @@ def head_analysis(ctx: Context) -> Output:
   names = [str(n) for n in res.settings.get("restrictions", [])]
   mean, sem = res.llc_mean, res.llc_sem
   if mean.ndim != 2 or mean.shape != (len(names), len(run.steps)):
-    raise ValueError(f"{path} holds wrLLCs of shape {mean.shape}, not [heads, "
-                     f"{len(run.steps)} checkpoints] with restrictions {names}; rerun it")
+    raise ValueError(
+      f"{path} holds wrLLCs of shape {mean.shape}, not [heads, "
+      f"{len(run.steps)} checkpoints] with restrictions {names}; rerun it"
+    )
   steps, mean_ok, sem_ok, dropped = heads_lib.drop_nonfinite_checkpoints(run.steps, mean, sem)
   if dropped:
-    logging.warning("wrLLC: checkpoints %s have no valid chain for some head; left out of "
-                    "the clustering", list(dropped))
+    logging.warning(
+      "wrLLC: checkpoints %s have no valid chain for some head; left out of the clustering",
+      list(dropped),
+    )
   seed = ctx.options.seed
-  summary = heads_lib.head_summary(steps, mean_ok, names, sem_RxN=sem_ok,
-                                   num_clusters=o.num_clusters or None, k_range=tuple(o.k_range),
-                                   normalize=o.normalize, linkage=o.linkage, seed=seed)
+  summary = heads_lib.head_summary(
+    steps,
+    mean_ok,
+    names,
+    sem_RxN=sem_ok,
+    num_clusters=o.num_clusters or None,
+    k_range=tuple(o.k_range),
+    normalize=o.normalize,
+    linkage=o.linkage,
+    seed=seed,
+  )
   k = summary["num_clusters"]
-  clusters = {m: heads_lib.cluster_trajectories(mean_ok, names, num_clusters=k, method=m,
-                                                normalize=o.normalize, linkage=o.linkage,
-                                                seed=seed)
-              for m in heads_lib.CLUSTER_METHODS} if k >= 2 else {}
-  figures = [("heads", heads_viz.plot_head_trajectories(
-      run.steps, mean, names, sem_RxN=sem, boundaries=boundaries,
-      clusters=clusters.get("hierarchical"), path=ctx.path("heads.png"),
-      title="wrLLC per head (colour: hierarchical cluster)"))]
+  clusters = (
+    {
+      m: heads_lib.cluster_trajectories(
+        mean_ok,
+        names,
+        num_clusters=k,
+        method=m,
+        normalize=o.normalize,
+        linkage=o.linkage,
+        seed=seed,
+      )
+      for m in heads_lib.CLUSTER_METHODS
+    }
+    if k >= 2
+    else {}
+  )
+  figures = [
+    (
+      "heads",
+      heads_viz.plot_head_trajectories(
+        run.steps,
+        mean,
+        names,
+        sem_RxN=sem,
+        boundaries=boundaries,
+        clusters=clusters.get("hierarchical"),
+        path=ctx.path("heads.png"),
+        title="wrLLC per head (colour: hierarchical cluster)",
+      ),
+    )
+  ]
   if clusters:
-    figures.append(("head_clusters", heads_viz.plot_head_clusters(
-        steps, mean_ok, names, clusters["hierarchical"], ctx.path("head_clusters.png"),
-        title=f"Head wrLLC trajectories, {o.normalize}-normalised, hierarchical ({o.linkage})")))
+    figures.append(
+      (
+        "head_clusters",
+        heads_viz.plot_head_clusters(
+          steps,
+          mean_ok,
+          names,
+          clusters["hierarchical"],
+          ctx.path("head_clusters.png"),
+          title=f"Head wrLLC trajectories, {o.normalize}-normalised, hierarchical ({o.linkage})",
+        ),
+      )
+    )
   ok = np.all(np.isfinite(mean), axis=0)
   part = heads_lib.dispersion(mean[:, ok])
   spread = {}
@@ -319,43 +426,65 @@ def head_analysis(ctx: Context) -> Output:
     spread[name] = np.full(len(run.steps), np.nan)
     spread[name][ok] = part[name]
   columns = {"wrllc_head_mean": spread["mean"], "wrllc_head_variance": spread["variance"]}
-  figures.append(("wrllc_dispersion", heads_viz.plot_dispersion_and_overlap(
-      run.steps, spread, ctx.metrics, ctx.edges, ctx.path("wrllc_dispersion.png"))))
-  summary["settings"] = {k2: res.settings.get(k2) for k2 in
-                         ("step_size", "nbeta", "localization", "num_chains", "num_draws",
-                          "batch_size")}
+  figures.append(
+    (
+      "wrllc_dispersion",
+      heads_viz.plot_dispersion_and_overlap(
+        run.steps, spread, ctx.metrics, ctx.edges, ctx.path("wrllc_dispersion.png")
+      ),
+    )
+  )
+  summary["settings"] = {
+    k2: res.settings.get(k2)
+    for k2 in ("step_size", "nbeta", "localization", "num_chains", "num_draws", "batch_size")
+  }
   summary["chain_health"] = res.health_counts()
   atomic.write_text(ctx.path("heads_summary.json"), json.dumps(summary, indent=1))
-  return Output(columns=columns, figures=figures, markdown=_heads_markdown(summary),
-                report={"heads": summary})
+  return Output(
+    columns=columns, figures=figures, markdown=_heads_markdown(summary), report={"heads": summary}
+  )
 
 
 def _heads_markdown(heads: dict[str, Any]) -> list[str]:
   st = heads["settings"]
-  lines = ["## Heads: weight-refined LLC (wrLLC)", "",
-           f"wrLLC per head at the last checkpoint (step {heads['final_step']}; "
-           f"ε = {st['step_size']}, nβ = {st['nbeta']}, γ = {st['localization']}, "
-           f"{st['num_chains']} chains × {st['num_draws']} draws), its peak, and its "
-           f"cluster ({heads['num_clusters']} clusters, {heads['normalize']}-normalised "
-           f"trajectories; k-means and hierarchical agree with adjusted Rand index "
-           f"{heads['cluster_agreement_ari']}):", "",
-           "| head | final wrLLC | peak step | k-means | hierarchical |", "|---|---|---|---|---|"]
+  lines = [
+    "## Heads: weight-refined LLC (wrLLC)",
+    "",
+    f"wrLLC per head at the last checkpoint (step {heads['final_step']}; "
+    f"ε = {st['step_size']}, nβ = {st['nbeta']}, γ = {st['localization']}, "
+    f"{st['num_chains']} chains × {st['num_draws']} draws), its peak, and its "
+    f"cluster ({heads['num_clusters']} clusters, {heads['normalize']}-normalised "
+    f"trajectories; k-means and hierarchical agree with adjusted Rand index "
+    f"{heads['cluster_agreement_ari']}):",
+    "",
+    "| head | final wrLLC | peak step | k-means | hierarchical |",
+    "|---|---|---|---|---|",
+  ]
   cl = heads["clusters"]
   for h in heads["heads"]:
-    lines.append(f"| {h} | {heads['final_llc'][h]:.2f} ± {heads['final_sem'][h]:.2f} | "
-                 f"{heads['peak_step'][h]} | {cl.get('kmeans', {}).get('labels', {}).get(h, '')} | "
-                 f"{cl.get('hierarchical', {}).get('labels', {}).get(h, '')} |")
+    lines.append(
+      f"| {h} | {heads['final_llc'][h]:.2f} ± {heads['final_sem'][h]:.2f} | "
+      f"{heads['peak_step'][h]} | {cl.get('kmeans', {}).get('labels', {}).get(h, '')} | "
+      f"{cl.get('hierarchical', {}).get('labels', {}).get(h, '')} |"
+    )
   d = heads["dispersion_final"]
-  return lines + ["", f"Across heads at the last checkpoint: mean {d['mean']:.2f}, variance "
-                  f"{d['variance']:.2f}.", ""]
+  return lines + [
+    "",
+    f"Across heads at the last checkpoint: mean {d['mean']:.2f}, variance {d['variance']:.2f}.",
+    "",
+  ]
 
 
-HEADS = Section("heads", head_analysis,
-                # wrLLC per head, read from <workdir>/<refined> when that sweep exists;
-                # num_clusters 0 = chosen by silhouette over k_range.
-                defaults=dict(refined="wrllc_heads", num_clusters=0, k_range=(2, 4),
-                              normalize="zscore", linkage="ward"),
-                validate=_validate_heads)
+HEADS = Section(
+  "heads",
+  head_analysis,
+  # wrLLC per head, read from <workdir>/<refined> when that sweep exists;
+  # num_clusters 0 = chosen by silhouette over k_range.
+  defaults=dict(
+    refined="wrllc_heads", num_clusters=0, k_range=(2, 4), normalize="zscore", linkage="ward"
+  ),
+  validate=_validate_heads,
+)
 
 GENERIC: dict[str, Section] = {s.name: s for s in (HESSIAN, OVERLAP, HEADS)}
 """The sections every setting can run."""

@@ -160,16 +160,26 @@ class StageBoundaries:
     schedule_features (the features it tracks, within ±1 checkpoint)}."""
     st = self.stability
     out = []
-    for j, (i, s, k) in enumerate(zip(self.boundary_indices, self.boundary_steps,
-                                      self.boundary_kinds)):
-      hit = (st if st is not None and j < len(st.boundary_steps) and st.boundary_steps[j] == s
-             else None)   # the stability analysis, where it covers boundary j
-      out.append({"boundary": j + 1, "step": int(s), "index": int(i), "kind": k,
-                  "stability": float(hit.stability[j]) if hit is not None else None,
-                  "stable": bool(hit.stable[j]) if hit is not None else None,
-                  "seed_stability": (None if hit is None or hit.seed_stability is None
-                                     else float(hit.seed_stability[j])),
-                  "schedule_features": self._tracked(int(i))})
+    for j, (i, s, k) in enumerate(
+      zip(self.boundary_indices, self.boundary_steps, self.boundary_kinds)
+    ):
+      hit = (
+        st if st is not None and j < len(st.boundary_steps) and st.boundary_steps[j] == s else None
+      )  # the stability analysis, where it covers boundary j
+      out.append(
+        {
+          "boundary": j + 1,
+          "step": int(s),
+          "index": int(i),
+          "kind": k,
+          "stability": float(hit.stability[j]) if hit is not None else None,
+          "stable": bool(hit.stable[j]) if hit is not None else None,
+          "seed_stability": (
+            None if hit is None or hit.seed_stability is None else float(hit.seed_stability[j])
+          ),
+          "schedule_features": self._tracked(int(i)),
+        }
+      )
     return out
 
   @property
@@ -195,20 +205,28 @@ class StageBoundaries:
       if end is not None:
         text += f"; ends at a {k.replace('_', ' ')}"
         if end["stability"] is not None:
-          text += (f" (stability {end['stability']:.2f}"
-                   f"{'' if end['stable'] else ', unstable'})")
+          text += f" (stability {end['stability']:.2f}{'' if end['stable'] else ', unstable'})"
       notes = []
       for side, b in (("start", bounds[i - 1] if i > 0 else None), ("end", end)):
         if b is None:
           continue
         for f in b.get("schedule_features", []):
-          notes.append(f"its {side} boundary (step {b['step']}) tracks the {f['name']} at "
-                       f"step {int(f['step'])}")
+          notes.append(
+            f"its {side} boundary (step {b['step']}) tracks the {f['name']} at "
+            f"step {int(f['step'])}"
+          )
       if notes:
         text += "; " + "; ".join(notes)
-      out.append({"label": label, "start_step": s, "end_step": e, "end_kind": k,
-                  "end_stability": None if end is None else end["stability"],
-                  "description": text})
+      out.append(
+        {
+          "label": label,
+          "start_step": s,
+          "end_step": e,
+          "end_kind": k,
+          "end_stability": None if end is None else end["stability"],
+          "description": text,
+        }
+      )
     return out
 
   def to_dict(self) -> dict[str, Any]:
@@ -275,13 +293,19 @@ class StageBoundaries:
     atomic.write_text(json_path, json.dumps(self.to_dict(), indent=1) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "start_step", "end_step", "end_kind", "end_stability",
-                     "description"])
+    writer.writerow(["label", "start_step", "end_step", "end_kind", "end_stability", "description"])
     for stage in self.stages:
       st = stage["end_stability"]
-      writer.writerow([stage["label"], stage["start_step"], stage["end_step"],
-                       stage["end_kind"], "" if st is None else f"{st:.4f}",
-                       stage["description"]])
+      writer.writerow(
+        [
+          stage["label"],
+          stage["start_step"],
+          stage["end_step"],
+          stage["end_kind"],
+          "" if st is None else f"{st:.4f}",
+          stage["description"],
+        ]
+      )
     atomic.write_text(csv_path, buf.getvalue())
     return json_path, csv_path
 
@@ -314,13 +338,17 @@ def _check_inputs(steps, llc_mean, llc_std) -> tuple[np.ndarray, np.ndarray, np.
   if np.any(np.diff(steps) <= 0):
     raise ValueError("steps must be strictly increasing (sorted, no duplicates)")
   if not np.all(np.isfinite(llc_mean)):
-    raise ValueError(f"llc_mean must be finite; it is not at steps "
-                     f"{steps[~np.isfinite(llc_mean)].tolist()} (leave those checkpoints out)")
+    raise ValueError(
+      f"llc_mean must be finite; it is not at steps "
+      f"{steps[~np.isfinite(llc_mean)].tolist()} (leave those checkpoints out)"
+    )
   if llc_std is not None:
     if not np.all(np.isfinite(llc_std)):
-      raise ValueError(f"llc_std must be finite; it is not at steps "
-                       f"{steps[~np.isfinite(llc_std)].tolist()} (a checkpoint with fewer "
-                       f"than 2 valid chains has no standard error: leave it out)")
+      raise ValueError(
+        f"llc_std must be finite; it is not at steps "
+        f"{steps[~np.isfinite(llc_std)].tolist()} (a checkpoint with fewer "
+        f"than 2 valid chains has no standard error: leave it out)"
+      )
     if np.any(llc_std < 0):
       raise ValueError("llc_std must be non-negative")
   return steps, llc_mean, llc_std
@@ -341,12 +369,18 @@ def _zero_crossings(slope: np.ndarray) -> list[int]:
 def _near_plateaus(slope: np.ndarray, tolerance: float) -> list[int]:
   """Interior local minima of |slope| that lie below `tolerance`."""
   a = np.abs(slope)
-  return [i for i in range(1, len(a) - 1)
-          if a[i] <= a[i - 1] and a[i] <= a[i + 1] and a[i] < tolerance]
+  return [
+    i for i in range(1, len(a) - 1) if a[i] <= a[i - 1] and a[i] <= a[i + 1] and a[i] < tolerance
+  ]
 
 
-def _prune(candidates: list[int], kinds: dict[int, str], x: np.ndarray, gp_mean: np.ndarray,
-           min_change: float) -> tuple[list[int], dict[int, str], list[int]]:
+def _prune(
+  candidates: list[int],
+  kinds: dict[int, str],
+  x: np.ndarray,
+  gp_mean: np.ndarray,
+  min_change: float,
+) -> tuple[list[int], dict[int, str], list[int]]:
   """Merges candidates in one plateau and drops those in the flat ends.
 
   Consecutive candidates between which the GP mean changes by less than
@@ -360,7 +394,7 @@ def _prune(candidates: list[int], kinds: dict[int, str], x: np.ndarray, gp_mean:
   n = len(gp_mean)
 
   def ptp(a: int, b: int) -> float:
-    return float(np.ptp(gp_mean[a:b + 1]))
+    return float(np.ptp(gp_mean[a : b + 1]))
 
   runs: list[list[int]] = []
   for i in candidates:
@@ -388,22 +422,22 @@ def _prune(candidates: list[int], kinds: dict[int, str], x: np.ndarray, gp_mean:
 
 
 def find_stage_boundaries(
-    steps: Sequence[int] | np.ndarray,
-    llc_mean: Sequence[float] | np.ndarray,
-    llc_std: Sequence[float] | np.ndarray | None = None,
-    *,
-    tolerance: float = 0.05,
-    relative_tolerance: bool = True,
-    length_scale: float = 3.0,
-    length_scale_bounds: tuple[float, float] = (0.5, 1000.0),
-    amplitude_bounds: tuple[float, float] = (1e-3, 1e3),
-    noise_level: float = 1e-2,
-    noise_level_bounds: tuple[float, float] = (1e-8, 1e2),
-    n_restarts: int = 10,
-    seed: int = 0,
-    min_stage_change: float = 0.05,
-    grid_size: int = 512,
-    label_prefix: str = "S",
+  steps: Sequence[int] | np.ndarray,
+  llc_mean: Sequence[float] | np.ndarray,
+  llc_std: Sequence[float] | np.ndarray | None = None,
+  *,
+  tolerance: float = 0.05,
+  relative_tolerance: bool = True,
+  length_scale: float = 3.0,
+  length_scale_bounds: tuple[float, float] = (0.5, 1000.0),
+  amplitude_bounds: tuple[float, float] = (1e-3, 1e3),
+  noise_level: float = 1e-2,
+  noise_level_bounds: tuple[float, float] = (1e-8, 1e2),
+  n_restarts: int = 10,
+  seed: int = 0,
+  min_stage_change: float = 0.05,
+  grid_size: int = 512,
+  label_prefix: str = "S",
 ) -> StageBoundaries:
   """Finds LLC plateaus (stage boundaries) over log training time (App. B.1).
 
@@ -448,16 +482,20 @@ def find_stage_boundaries(
     y_scale = 1.0
   y = (llc_mean - y_loc) / y_scale
 
-  signal = (ConstantKernel(1.0, amplitude_bounds)
-            * RBF(length_scale, length_scale_bounds))
+  signal = ConstantKernel(1.0, amplitude_bounds) * RBF(length_scale, length_scale_bounds)
   if llc_std is None:
     kernel, alpha = signal + WhiteKernel(noise_level, noise_level_bounds), 1e-10
   else:
     kernel, alpha = signal, np.maximum((llc_std / y_scale) ** 2, _MIN_NOISE_VAR)
   # scikit-learn is untyped: pyright infers `alpha: float` from its default (a per-point array
   # is documented too) and a union for the fitted `kernel_`; the GP is used untyped.
-  gp = cast(Any, GaussianProcessRegressor)(kernel=kernel, alpha=alpha, normalize_y=False,
-                                            n_restarts_optimizer=n_restarts, random_state=seed)
+  gp = cast(Any, GaussianProcessRegressor)(
+    kernel=kernel,
+    alpha=alpha,
+    normalize_y=False,
+    n_restarts_optimizer=n_restarts,
+    random_state=seed,
+  )
   # Tiny matrices: extra BLAS threads only contend. Restarts that stop at a
   # bound or end "ABNORMAL" are expected; the best restart is kept.
   with threadpool_limits(limits=1), warnings.catch_warnings():
@@ -467,11 +505,11 @@ def find_stage_boundaries(
   ell = float(fitted_signal.k2.length_scale)
 
   def posterior(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    k = fitted_signal(xq[:, None], x[:, None])              # (q, n)
+    k = fitted_signal(xq[:, None], x[:, None])  # (q, n)
     mean = k @ gp.alpha_
-    slope = (k * (-(xq[:, None] - x[None, :]) / ell ** 2)) @ gp.alpha_
+    slope = (k * (-(xq[:, None] - x[None, :]) / ell**2)) @ gp.alpha_
     v = solve_triangular(gp.L_, k.T, lower=True)
-    var = np.maximum(fitted_signal.diag(xq[:, None]) - np.sum(v ** 2, axis=0), 0.0)
+    var = np.maximum(fitted_signal.diag(xq[:, None]) - np.sum(v**2, axis=0), 0.0)
     return (y_loc + y_scale * mean, y_scale * np.sqrt(var), y_scale * slope)
 
   gp_mean, gp_std, slope = posterior(x)
@@ -484,28 +522,54 @@ def find_stage_boundaries(
   near = [i for i in _near_plateaus(slope, tol) if i not in zero]
   kinds = {i: ZERO_CROSSING for i in zero} | {i: NEAR_PLATEAU for i in near}
   candidates = sorted(kinds)
-  kept, kinds, pruned = _prune(candidates, kinds, x, gp_mean,
-                               min_stage_change * float(np.ptp(gp_mean)))
+  kept, kinds, pruned = _prune(
+    candidates, kinds, x, gp_mean, min_stage_change * float(np.ptp(gp_mean))
+  )
 
-  settings = dict(tolerance=tolerance, relative_tolerance=relative_tolerance,
-                  length_scale=length_scale, length_scale_bounds=list(length_scale_bounds),
-                  amplitude_bounds=list(amplitude_bounds), noise_level=noise_level,
-                  noise_level_bounds=list(noise_level_bounds), n_restarts=n_restarts,
-                  seed=seed, min_stage_change=min_stage_change, grid_size=grid_size,
-                  noise="llc_std" if llc_std is not None else "white_kernel",
-                  slope_method="analytic derivative of the GP posterior mean")
+  settings = dict(
+    tolerance=tolerance,
+    relative_tolerance=relative_tolerance,
+    length_scale=length_scale,
+    length_scale_bounds=list(length_scale_bounds),
+    amplitude_bounds=list(amplitude_bounds),
+    noise_level=noise_level,
+    noise_level_bounds=list(noise_level_bounds),
+    n_restarts=n_restarts,
+    seed=seed,
+    min_stage_change=min_stage_change,
+    grid_size=grid_size,
+    noise="llc_std" if llc_std is not None else "white_kernel",
+    slope_method="analytic derivative of the GP posterior mean",
+  )
   return StageBoundaries(
-      steps=steps, x=x, llc_mean=llc_mean, llc_std=llc_std, gp_mean=gp_mean,
-      gp_std=gp_std, slope=slope, x_grid=x_grid, gp_mean_grid=gp_mean_grid,
-      gp_std_grid=gp_std_grid, slope_grid=slope_grid,
-      boundary_indices=tuple(kept), boundary_steps=tuple(int(steps[i]) for i in kept),
-      boundary_kinds=tuple(kinds[i] for i in kept), tolerance_used=tol,
-      kernel=str(gp.kernel_), pruned_indices=tuple(pruned), label_prefix=label_prefix,
-      settings=settings)
+    steps=steps,
+    x=x,
+    llc_mean=llc_mean,
+    llc_std=llc_std,
+    gp_mean=gp_mean,
+    gp_std=gp_std,
+    slope=slope,
+    x_grid=x_grid,
+    gp_mean_grid=gp_mean_grid,
+    gp_std_grid=gp_std_grid,
+    slope_grid=slope_grid,
+    boundary_indices=tuple(kept),
+    boundary_steps=tuple(int(steps[i]) for i in kept),
+    boundary_kinds=tuple(kinds[i] for i in kept),
+    tolerance_used=tol,
+    kernel=str(gp.kernel_),
+    pruned_indices=tuple(pruned),
+    label_prefix=label_prefix,
+    settings=settings,
+  )
 
 
-def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoundaries, *,
-                       max_log_distance: float = math.log(3.0)) -> list[dict[str, Any]]:
+def compare_boundaries(
+  per_seed: Sequence[StageBoundaries],
+  reference: StageBoundaries,
+  *,
+  max_log_distance: float = math.log(3.0),
+) -> list[dict[str, Any]]:
   """Matches every reference boundary to the nearest boundary of each seed (App. B.4).
 
   Distances are in x = ln(step + 1). A seed without a boundary within
@@ -531,8 +595,9 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
   assigned: list[dict[int, tuple[int, float]]] = []
   for result in per_seed:
     xs = np.log1p(np.asarray(result.boundary_steps, dtype=float))
-    pairs = sorted((abs(float(xs[j] - x_refs[k])), k, j)
-                   for k in range(len(x_refs)) for j in range(len(xs)))
+    pairs = sorted(
+      (abs(float(xs[j] - x_refs[k])), k, j) for k in range(len(x_refs)) for j in range(len(xs))
+    )
     used_ref, used_seed, got = set(), set(), {}
     for d, k, j in pairs:
       if d <= max_log_distance and k not in used_ref and j not in used_seed:
@@ -546,15 +611,22 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
     dists: list[float | None] = [a[k][1] if k in a else None for a in assigned]
     m = np.asarray([s for s in matched if s is not None], dtype=float)
     lm = np.log1p(m)
-    out.append({
-        "boundary": k + 1, "label": f"{p}{k + 1}-{p}{k + 2}", "reference_step": int(s_ref),
-        "reference_kind": kind, "matched_steps": matched, "log_distances": dists,
-        "count": int(m.size), "n_seeds": len(per_seed),
+    out.append(
+      {
+        "boundary": k + 1,
+        "label": f"{p}{k + 1}-{p}{k + 2}",
+        "reference_step": int(s_ref),
+        "reference_kind": kind,
+        "matched_steps": matched,
+        "log_distances": dists,
+        "count": int(m.size),
+        "n_seeds": len(per_seed),
         "min_step": int(m.min()) if m.size else None,
         "max_step": int(m.max()) if m.size else None,
         "geometric_mean_step": float(np.expm1(lm.mean())) if m.size else None,
         "log_step_std": float(lm.std()) if m.size else None,
-    })
+      }
+    )
   return out
 
 
@@ -565,13 +637,13 @@ def compare_boundaries(per_seed: Sequence[StageBoundaries], reference: StageBoun
 # each checkpoint; the window is draws [burnin + ⌊start·L⌋, burnin + ⌊end·L⌋). The first
 # is the kept window itself (the reference curve).
 DRAW_WINDOWS: tuple[tuple[str, float, float], ...] = (
-    ("kept", 0.0, 1.0),
-    ("start +25%", 0.25, 1.0),
-    ("start +50%", 0.5, 1.0),
-    ("first 75%", 0.0, 0.75),
+  ("kept", 0.0, 1.0),
+  ("start +25%", 0.25, 1.0),
+  ("start +50%", 0.5, 1.0),
+  ("first 75%", 0.0, 0.75),
 )
 STABILITY_TARGET = 0.8
-MIN_RESAMPLE_CHAINS = 2     # a checkpoint's resample needs >= 2 valid chain draws
+MIN_RESAMPLE_CHAINS = 2  # a checkpoint's resample needs >= 2 valid chain draws
 NOISE_MODELS = ("sem", "std", "fit")
 
 
@@ -591,11 +663,13 @@ def chain_multisets(num_chains: int) -> tuple[np.ndarray, np.ndarray]:
   """
   c = int(num_chains)
   num_distinct_resamples(c)
-  rows = [np.bincount(np.asarray(combo), minlength=c)
-          for combo in itertools.combinations_with_replacement(range(c), c)]
+  rows = [
+    np.bincount(np.asarray(combo), minlength=c)
+    for combo in itertools.combinations_with_replacement(range(c), c)
+  ]
   counts = np.stack(rows).astype(np.int64)
   ways = [math.factorial(c) // math.prod(math.factorial(int(n)) for n in row) for row in counts]
-  total = c ** c
+  total = c**c
   return counts, np.array([w / total for w in ways], dtype=float)
 
 
@@ -616,8 +690,9 @@ class ChainResamples:
   num_drawn: int
 
 
-def chain_resamples(num_chains: int, *, max_exact: int = 500, num_random: int = 200,
-                    seed: int = 0) -> ChainResamples:
+def chain_resamples(
+  num_chains: int, *, max_exact: int = 500, num_random: int = 200, seed: int = 0
+) -> ChainResamples:
   """All C(2C − 1, C) multisets when there are at most `max_exact`, else `num_random`
   bootstrap draws (C chains with replacement) from `numpy.random.default_rng(seed)`."""
   n = num_distinct_resamples(num_chains)
@@ -633,8 +708,13 @@ def chain_resamples(num_chains: int, *, max_exact: int = 500, num_random: int = 
   return ChainResamples(unique.astype(np.int64), times / num_random, False, n, num_random)
 
 
-def window_llcs(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta, burnin=None,
-                windows: Sequence[tuple[str, float, float]] = DRAW_WINDOWS) -> np.ndarray:
+def window_llcs(
+  loss_trace: np.ndarray,
+  init_loss: np.ndarray,
+  nbeta,
+  burnin=None,
+  windows: Sequence[tuple[str, float, float]] = DRAW_WINDOWS,
+) -> np.ndarray:
   """Per-chain LLCs from each draw window: nβ (mean loss over the window − L(w*)).
 
   Args:
@@ -673,12 +753,20 @@ def window_llcs(loss_trace: np.ndarray, init_loss: np.ndarray, nbeta, burnin=Non
 def _refit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
   """The options of a fit (its `settings`), for refitting resampled curves. The grid
   only draws the plot (boundaries use the checkpoints), so refits use 2 points."""
-  keys = ("tolerance", "relative_tolerance", "length_scale", "n_restarts", "seed",
-          "min_stage_change", "noise_level")
+  keys = (
+    "tolerance",
+    "relative_tolerance",
+    "length_scale",
+    "n_restarts",
+    "seed",
+    "min_stage_change",
+    "noise_level",
+  )
   missing = [k for k in keys if k not in settings]
   if missing:
-    raise ValueError(f"the reference fit's settings lack {missing}; refit it with "
-                     f"find_stage_boundaries")
+    raise ValueError(
+      f"the reference fit's settings lack {missing}; refit it with find_stage_boundaries"
+    )
   kw = {k: settings[k] for k in keys}
   for k in ("length_scale_bounds", "amplitude_bounds", "noise_level_bounds"):
     kw[k] = tuple(settings[k])
@@ -686,11 +774,12 @@ def _refit_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
   return kw
 
 
-def _resampled_curve(llc: np.ndarray, valid: np.ndarray, counts: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _resampled_curve(
+  llc: np.ndarray, valid: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Mean, std (ddof 1), SEM over the resampled chains, and which checkpoints have
   >= MIN_RESAMPLE_CHAINS valid draws. llc, valid [N, C]; counts [C]."""
-  n = np.where(valid, counts[None, :], 0).astype(float)            # [N, C]
+  n = np.where(valid, counts[None, :], 0).astype(float)  # [N, C]
   total = n.sum(-1)
   safe = np.where(valid, llc, 0.0)
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -773,14 +862,20 @@ class StageStability:
     window_only, seed_stability, seed_matches}."""
     out = []
     for j, s in enumerate(self.boundary_steps):
-      out.append({"boundary": j + 1, "step": int(s), "index": int(self.boundary_indices[j]),
-                  "kind": self.boundary_kinds[j], "stability": self.stability[j],
-                  "stable": self.stable[j], "by_window": dict(self.by_window[j]),
-                  "window_only": self.window_only[j],
-                  "seed_stability": (None if self.seed_stability is None
-                                     else self.seed_stability[j]),
-                  "seed_matches": (None if self.seed_matches is None
-                                   else dict(self.seed_matches[j]))})
+      out.append(
+        {
+          "boundary": j + 1,
+          "step": int(s),
+          "index": int(self.boundary_indices[j]),
+          "kind": self.boundary_kinds[j],
+          "stability": self.stability[j],
+          "stable": self.stable[j],
+          "by_window": dict(self.by_window[j]),
+          "window_only": self.window_only[j],
+          "seed_stability": (None if self.seed_stability is None else self.seed_stability[j]),
+          "seed_matches": (None if self.seed_matches is None else dict(self.seed_matches[j])),
+        }
+      )
     return out
 
   def to_dict(self) -> dict[str, Any]:
@@ -818,31 +913,36 @@ class StageStability:
   def summary(self) -> str:
     """E.g. "passes: 3 boundaries, stability ≥ 0.80 (140 resamples: exact bootstrap over
     35 chain multisets × 4 draw windows)"."""
-    how = (f"exact bootstrap over all {self.num_distinct_chain_resamples} chain multisets"
-           if self.chain_resampling == "exact" else
-           f"{self.num_random_draws} random bootstrap draws ({self.num_chain_resamples} "
-           f"distinct) of {self.num_distinct_chain_resamples} chain multisets")
-    head = ("passes: no boundaries to score" if not self.boundary_steps else
-            f"passes: all {len(self.boundary_steps)} boundaries have stability ≥ "
-            f"{self.target:.2f}" if self.passes else
-            f"fails: {len(self.reasons)} of {len(self.boundary_steps)} boundaries below "
-            f"{self.target:.2f}")
+    how = (
+      f"exact bootstrap over all {self.num_distinct_chain_resamples} chain multisets"
+      if self.chain_resampling == "exact"
+      else f"{self.num_random_draws} random bootstrap draws ({self.num_chain_resamples} "
+      f"distinct) of {self.num_distinct_chain_resamples} chain multisets"
+    )
+    head = (
+      "passes: no boundaries to score"
+      if not self.boundary_steps
+      else f"passes: all {len(self.boundary_steps)} boundaries have stability ≥ {self.target:.2f}"
+      if self.passes
+      else f"fails: {len(self.reasons)} of {len(self.boundary_steps)} boundaries below "
+      f"{self.target:.2f}"
+    )
     return f"{head} ({self.num_fits} resamples: {how} × {len(self.windows)} draw windows)"
 
 
 def stage_stability(
-    reference: StageBoundaries,
-    llc_per_chain: np.ndarray,
-    *,
-    valid: np.ndarray | None = None,
-    window_names: Sequence[str] | None = None,
-    noise: str = "sem",
-    seed_curves: Mapping[str, tuple] | None = None,
-    target: float = STABILITY_TARGET,
-    max_distance: int = 1,
-    max_exact: int = 500,
-    num_random: int = 200,
-    random_seed: int = 0,
+  reference: StageBoundaries,
+  llc_per_chain: np.ndarray,
+  *,
+  valid: np.ndarray | None = None,
+  window_names: Sequence[str] | None = None,
+  noise: str = "sem",
+  seed_curves: Mapping[str, tuple] | None = None,
+  target: float = STABILITY_TARGET,
+  max_distance: int = 1,
+  max_exact: int = 500,
+  num_random: int = 200,
+  random_seed: int = 0,
 ) -> StageStability:
   """The stability of each boundary of `reference` under chain and window resampling.
 
@@ -883,8 +983,10 @@ def stage_stability(
   if noise not in NOISE_MODELS:
     raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
   if (noise == "fit") != (reference.settings.get("noise") == "white_kernel"):
-    raise ValueError(f"noise={noise!r} but the reference was fitted with noise "
-                     f"{reference.settings.get('noise')!r}: score it with its own noise model")
+    raise ValueError(
+      f"noise={noise!r} but the reference was fitted with noise "
+      f"{reference.settings.get('noise')!r}: score it with its own noise model"
+    )
   if not 0.0 <= target <= 1.0 or max_distance < 0:
     raise ValueError("target must be in [0, 1] and max_distance >= 0")
   kw = _refit_kwargs(reference.settings)
@@ -893,18 +995,29 @@ def stage_stability(
   if llc.ndim == 2:
     llc = llc[None]
   if llc.ndim != 3 or llc.shape[1] != len(steps):
-    raise ValueError(f"llc_per_chain must be [N, C] or [W, N, C] with N = {len(steps)} "
-                     f"(the reference's checkpoints), got {np.shape(llc_per_chain)}")
-  ok = np.isfinite(llc) & (True if valid is None else np.broadcast_to(
-      np.asarray(valid, bool), llc.shape))
+    raise ValueError(
+      f"llc_per_chain must be [N, C] or [W, N, C] with N = {len(steps)} "
+      f"(the reference's checkpoints), got {np.shape(llc_per_chain)}"
+    )
+  ok = np.isfinite(llc) & (
+    True if valid is None else np.broadcast_to(np.asarray(valid, bool), llc.shape)
+  )
   w_count, _, c = llc.shape
   if window_names is None:
-    window_names = ([w[0] for w in DRAW_WINDOWS] if w_count == len(DRAW_WINDOWS)
-                    else [f"window {i}" for i in range(w_count)])
+    window_names = (
+      [w[0] for w in DRAW_WINDOWS]
+      if w_count == len(DRAW_WINDOWS)
+      else [f"window {i}" for i in range(w_count)]
+    )
   if len(window_names) != w_count:
     raise ValueError(f"{len(window_names)} window names for {w_count} windows")
-  windows = [next(({"name": n, "start": lo, "end": hi} for n, lo, hi in DRAW_WINDOWS
-                   if n == name), {"name": name}) for name in window_names]
+  windows = [
+    next(
+      ({"name": n, "start": lo, "end": hi} for n, lo, hi in DRAW_WINDOWS if n == name),
+      {"name": name},
+    )
+    for name in window_names
+  ]
   # Canonical chain order: sorted by each chain's curve (kept window), so the
   # resamples — random ones included — do not depend on how the chains are numbered.
   order = np.lexsort(np.where(ok[0], llc[0], np.inf)[::-1])
@@ -947,13 +1060,19 @@ def stage_stability(
         extra += weight / w_count * len(far)
   score = by_window.mean(0)
   identity = np.ones(c, np.int64)
-  window_only = np.mean([hits(fit(w, identity)) for w in range(w_count)], axis=0) \
-      if len(ref_idx) else np.zeros(0)
+  window_only = (
+    np.mean([hits(fit(w, identity)) for w in range(w_count)], axis=0)
+    if len(ref_idx)
+    else np.zeros(0)
+  )
   stable = tuple(bool(s >= target - 1e-12) for s in score)
   reasons = tuple(
-      f"boundary {j + 1} at step {int(reference.boundary_steps[j])} "
-      f"({reference.boundary_kinds[j].replace('_', ' ')}): stability {score[j]:.2f} < "
-      f"target {target:.2f}" for j in range(len(ref_idx)) if not stable[j])
+    f"boundary {j + 1} at step {int(reference.boundary_steps[j])} "
+    f"({reference.boundary_kinds[j].replace('_', ' ')}): stability {score[j]:.2f} < "
+    f"target {target:.2f}"
+    for j in range(len(ref_idx))
+    if not stable[j]
+  )
 
   seed_stability = seed_matches = None
   seeds: list[dict[str, Any]] = []
@@ -972,36 +1091,54 @@ def stage_stability(
       ok_s = np.zeros_like(llc_s, bool)
       llc_s[have], ok_s[have] = s_llc[at[have]], s_ok[at[have]]
       found = _fit_resample(steps, llc_s, ok_s, np.ones(s_llc.shape[1], np.int64), noise, kw)
-      seeds.append({"label": str(label), "boundary_steps": None if found is None
-                    else [int(x) for x in found], "failed": found is None,
-                    "missing_steps": [int(x) for x in steps[~have]]})
+      seeds.append(
+        {
+          "label": str(label),
+          "boundary_steps": None if found is None else [int(x) for x in found],
+          "failed": found is None,
+          "missing_steps": [int(x) for x in steps[~have]],
+        }
+      )
       pos = positions(found or ())
       for j, i in enumerate(ref_idx):
-        near = sorted((abs(int(p) - int(i)), int(steps[p])) for p in pos
-                      if abs(int(p) - int(i)) <= max_distance)
+        near = sorted(
+          (abs(int(p) - int(i)), int(steps[p])) for p in pos if abs(int(p) - int(i)) <= max_distance
+        )
         matched[s_i, j] = bool(near)
         per_boundary[j][str(label)] = near[0][1] if near else None
     seed_stability = tuple(float(x) for x in matched.mean(0))
     seed_matches = tuple(per_boundary)
 
-  settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()
-              if k != "grid_size"}
+  settings = {
+    k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k != "grid_size"
+  }
   return StageStability(
-      boundary_steps=tuple(int(s) for s in reference.boundary_steps),
-      boundary_indices=tuple(int(i) for i in ref_idx),
-      boundary_kinds=tuple(reference.boundary_kinds),
-      stability=tuple(float(s) for s in score), stable=stable,
-      by_window=tuple({window_names[w]: float(by_window[w, j]) for w in range(w_count)}
-                      for j in range(len(ref_idx))),
-      window_only=tuple(float(x) for x in window_only),
-      passes=not reasons, reasons=reasons, target=float(target),
-      max_distance=int(max_distance), num_chains=int(c),
-      num_distinct_chain_resamples=res.num_distinct,
-      chain_resampling="exact" if res.exact else "random",
-      num_chain_resamples=len(res.weights),
-      num_random_draws=None if res.exact else res.num_drawn,
-      windows=tuple(windows), num_fits=w_count * len(res.weights), num_failed_fits=int(failed),
-      boundary_count_distribution={k: float(v) for k, v in sorted(dist.items())},
-      extra_boundaries=float(extra),
-      noise=noise, settings=settings, seed_stability=seed_stability,
-      seed_matches=seed_matches, seeds=tuple(seeds))
+    boundary_steps=tuple(int(s) for s in reference.boundary_steps),
+    boundary_indices=tuple(int(i) for i in ref_idx),
+    boundary_kinds=tuple(reference.boundary_kinds),
+    stability=tuple(float(s) for s in score),
+    stable=stable,
+    by_window=tuple(
+      {window_names[w]: float(by_window[w, j]) for w in range(w_count)} for j in range(len(ref_idx))
+    ),
+    window_only=tuple(float(x) for x in window_only),
+    passes=not reasons,
+    reasons=reasons,
+    target=float(target),
+    max_distance=int(max_distance),
+    num_chains=int(c),
+    num_distinct_chain_resamples=res.num_distinct,
+    chain_resampling="exact" if res.exact else "random",
+    num_chain_resamples=len(res.weights),
+    num_random_draws=None if res.exact else res.num_drawn,
+    windows=tuple(windows),
+    num_fits=w_count * len(res.weights),
+    num_failed_fits=int(failed),
+    boundary_count_distribution={k: float(v) for k, v in sorted(dist.items())},
+    extra_boundaries=float(extra),
+    noise=noise,
+    settings=settings,
+    seed_stability=seed_stability,
+    seed_matches=seed_matches,
+    seeds=tuple(seeds),
+  )

@@ -31,8 +31,10 @@ def _format_of(path: str) -> tuple[str, str | None]:
       if fmt == ".parquet" and compression:
         raise ValueError(f"{path}: parquet is compressed internally; drop {compression}")
       return fmt, compression
-  raise ValueError(f"{path}: unknown format; supported: {', '.join(TEXT_FORMATS)} "
-                   f"(.json lines as .jsonl; .txt / .jsonl may end in .gz or .zst)")
+  raise ValueError(
+    f"{path}: unknown format; supported: {', '.join(TEXT_FORMATS)} "
+    f"(.json lines as .jsonl; .txt / .jsonl may end in .gz or .zst)"
+  )
 
 
 @contextlib.contextmanager
@@ -45,16 +47,18 @@ def _open_binary(path: epath.Path, compression: str | None):
       try:
         import zstandard  # pyright: ignore[reportMissingImports]  # pylint: disable=g-import-not-at-top
       except ImportError as e:
-        raise ImportError(f"{path}: reading .zst needs the `zstandard` package "
-                          f"(pip install zstandard)") from e
+        raise ImportError(
+          f"{path}: reading .zst needs the `zstandard` package (pip install zstandard)"
+        ) from e
       with zstandard.ZstdDecompressor().stream_reader(f) as z:
         yield z
     else:
       yield f
 
 
-def read_documents(path: str | os.PathLike, text_field: str = "text",
-                   separator: str | None = None) -> Iterator[str]:
+def read_documents(
+  path: str | os.PathLike, text_field: str = "text", separator: str | None = None
+) -> Iterator[str]:
   """The documents of one shard, in order; empty documents are skipped.
 
   .txt: the whole file is one document, or it is cut at `separator` (e.g.
@@ -73,7 +77,7 @@ def read_documents(path: str | os.PathLike, text_field: str = "text",
     lines = io.TextIOWrapper(f, encoding="utf-8", newline="")
     if fmt == ".txt":
       text = lines.read()
-      for doc in ([text] if separator is None else text.split(separator)):
+      for doc in [text] if separator is None else text.split(separator):
         if doc.strip():
           yield doc
       return
@@ -94,13 +98,15 @@ def _read_parquet(path: epath.Path, text_field: str) -> Iterator[str]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"{path}: reading parquet needs the `pyarrow` package "
-                      f"(pip install pyarrow)") from e
+    raise ImportError(
+      f"{path}: reading parquet needs the `pyarrow` package (pip install pyarrow)"
+    ) from e
   with path.open("rb") as f:
     pf = pq.ParquetFile(f)
     if text_field not in pf.schema_arrow.names:
-      raise ValueError(f"{path}: no column {text_field!r} (columns "
-                       f"{pf.schema_arrow.names}; set text_field=)")
+      raise ValueError(
+        f"{path}: no column {text_field!r} (columns {pf.schema_arrow.names}; set text_field=)"
+      )
     for batch in pf.iter_batches(columns=[text_field]):
       for doc in batch.column(0).to_pylist():
         if doc and doc.strip():
@@ -117,7 +123,7 @@ def expand_files(patterns: str | Sequence[str]) -> list[str]:
     wild = min((pattern.find(c) for c in "*?[" if c in pattern), default=-1)
     if wild >= 0:
       parent, _, _ = pattern[:wild].rpartition("/")
-      rest = pattern[len(parent) + 1:] if parent else pattern
+      rest = pattern[len(parent) + 1 :] if parent else pattern
       matches = sorted(os.fspath(p) for p in epath.Path(parent or ".").glob(rest))
       if not matches:
         raise FileNotFoundError(f"no files match {pattern!r}")
@@ -131,8 +137,7 @@ def expand_files(patterns: str | Sequence[str]) -> list[str]:
   return files
 
 
-def document_split(text: str, seed: int, sgld_fraction: float,
-                   validation_fraction: float) -> str:
+def document_split(text: str, seed: int, sgld_fraction: float, validation_fraction: float) -> str:
   """The split of a document: u = hash(seed, text) ∈ [0, 1); validation
   below `validation_fraction`, then sgld, then train."""
   digest = hashlib.blake2b(f"{seed}\0{text}".encode("utf-8"), digest_size=8).digest()

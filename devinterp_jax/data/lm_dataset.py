@@ -46,8 +46,10 @@ _ENCODE_BATCH = 256
 
 # ----------------------------------------------------------------------------- packing
 
-def pack_contexts(documents: Iterable[np.ndarray], bos_id: int,
-                  context_length: int) -> Iterator[np.ndarray]:
+
+def pack_contexts(
+  documents: Iterable[np.ndarray], bos_id: int, context_length: int
+) -> Iterator[np.ndarray]:
   """Packs token arrays as doc₁ BOS doc₂ BOS … into contexts BOS + (T − 1) tokens."""
   if context_length < 2:
     raise ValueError(f"context_length must be >= 2 (BOS + 1 token), got {context_length}")
@@ -61,10 +63,11 @@ def pack_contexts(documents: Iterable[np.ndarray], bos_id: int,
       k = len(stream) // n
       for piece in stream[: k * n].reshape(k, n):
         yield np.concatenate([[bos_id], piece]).astype(np.int32)
-      buf, size = [stream[k * n:]], len(stream) - k * n
+      buf, size = [stream[k * n :]], len(stream) - k * n
 
 
 # ----------------------------------------------------------------------------- builder
+
 
 @dataclasses.dataclass(eq=False)
 class TextShardsConfig(tfds.core.BuilderConfig):
@@ -72,10 +75,10 @@ class TextShardsConfig(tfds.core.BuilderConfig):
 
   files: tuple[str, ...] = ()
   tokenizer_path: str = ""
-  bos_token: str | None = None      # None: see tokenizer.load_tokenizer
+  bos_token: str | None = None  # None: see tokenizer.load_tokenizer
   context_length: int = 1024
   text_field: str = "text"
-  separator: str | None = None      # .txt documents (see read_documents)
+  separator: str | None = None  # .txt documents (see read_documents)
   sgld_fraction: float = 0.1
   validation_fraction: float = 0.05
   split_seed: int = 0
@@ -85,7 +88,7 @@ class TextShardsConfig(tfds.core.BuilderConfig):
 class SyntheticConfig(tfds.core.BuilderConfig):
   """An embedded corpus; `num_contexts` maps split -> number of contexts."""
 
-  corpus: Any = None                # synthetic_text.ProseCorpus | CodeCorpus
+  corpus: Any = None  # synthetic_text.ProseCorpus | CodeCorpus
   num_contexts: dict = dataclasses.field(default_factory=dict)
   seed: int = 0
 
@@ -93,20 +96,18 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 def _check_config(cfg: tfds.core.BuilderConfig) -> None:
   if isinstance(cfg, TextShardsConfig):
     if cfg.context_length < 2:
-      raise ValueError(f"context_length must be >= 2 (BOS + 1 token), got "
-                       f"{cfg.context_length}")
+      raise ValueError(f"context_length must be >= 2 (BOS + 1 token), got {cfg.context_length}")
     fr = (cfg.sgld_fraction, cfg.validation_fraction)
     if min(fr) < 0 or sum(fr) >= 1:
-      raise ValueError(f"sgld_fraction and validation_fraction must be >= 0 with sum < 1, "
-                       f"got {fr}")
+      raise ValueError(f"sgld_fraction and validation_fraction must be >= 0 with sum < 1, got {fr}")
   elif isinstance(cfg, SyntheticConfig):
     if not hasattr(cfg.corpus, "sample"):
-      raise ValueError(f"SyntheticConfig.corpus must be a ProseCorpus or CodeCorpus, got "
-                       f"{cfg.corpus!r}")
+      raise ValueError(
+        f"SyntheticConfig.corpus must be a ProseCorpus or CodeCorpus, got {cfg.corpus!r}"
+      )
     bad = {s: n for s, n in cfg.num_contexts.items() if s not in SPLITS or n < 0}
     if bad or not cfg.num_contexts:
-      raise ValueError(f"num_contexts maps splits {SPLITS} to counts >= 0, got "
-                       f"{cfg.num_contexts}")
+      raise ValueError(f"num_contexts maps splits {SPLITS} to counts >= 0, got {cfg.num_contexts}")
   else:
     raise ValueError(f"LmContexts needs a TextShardsConfig or SyntheticConfig, got {cfg!r}")
 
@@ -124,12 +125,12 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
 
   def _config(self) -> TextShardsConfig | SyntheticConfig:
     cfg = self.builder_config
-    assert isinstance(cfg, (TextShardsConfig, SyntheticConfig))   # _check_config
+    assert isinstance(cfg, (TextShardsConfig, SyntheticConfig))  # _check_config
     return cfg
 
   def _text_config(self) -> TextShardsConfig:
     cfg = self.builder_config
-    assert isinstance(cfg, TextShardsConfig)   # only text shards read files
+    assert isinstance(cfg, TextShardsConfig)  # only text shards read files
     return cfg
 
   @functools.cached_property
@@ -140,21 +141,35 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self._config()
     if isinstance(cfg, SyntheticConfig):
-      T, meta = cfg.corpus.context_length, {
-          "vocab_size": cfg.corpus.vocab_size, "bos_id": synthetic_text.BOS_ID,
-          "source": repr(cfg.corpus), "seed": cfg.seed}
+      T, meta = (
+        cfg.corpus.context_length,
+        {
+          "vocab_size": cfg.corpus.vocab_size,
+          "bos_id": synthetic_text.BOS_ID,
+          "source": repr(cfg.corpus),
+          "seed": cfg.seed,
+        },
+      )
     else:
-      T, meta = cfg.context_length, {
-          "vocab_size": self._tokenizer.vocab_size, "bos_id": self._tokenizer.bos_id,
-          "source": list(cfg.files), "tokenizer": cfg.tokenizer_path,
-          "split_seed": cfg.split_seed}
+      T, meta = (
+        cfg.context_length,
+        {
+          "vocab_size": self._tokenizer.vocab_size,
+          "bos_id": self._tokenizer.bos_id,
+          "source": list(cfg.files),
+          "tokenizer": cfg.tokenizer_path,
+          "split_seed": cfg.split_seed,
+        },
+      )
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict(
-            {"tokens": tfds.features.Tensor(shape=(T,), dtype=np.int32)}),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(meta))
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {"tokens": tfds.features.Tensor(shape=(T,), dtype=np.int32)}
+      ),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(meta),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing downloads
@@ -167,15 +182,14 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, files: list[str] | None = None):
     if isinstance(self.builder_config, SyntheticConfig):
       return self._synthetic(split)
-    assert files is not None   # _split_generators passes the text shards' files
+    assert files is not None  # _split_generators passes the text shards' files
     return self._text(files, split)
 
   def _synthetic(self, split: str):
     cfg = self.builder_config
     assert isinstance(cfg, SyntheticConfig)
     i = 0
-    for chunk in cfg.corpus.iter_chunks((cfg.seed, SPLITS.index(split)),
-                                        cfg.num_contexts[split]):
+    for chunk in cfg.corpus.iter_chunks((cfg.seed, SPLITS.index(split)), cfg.num_contexts[split]):
       for ctx in chunk:
         yield i, {"tokens": ctx}
         i += 1
@@ -188,8 +202,9 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
       batch = []
       for f in files:
         for doc in read_documents(f, cfg.text_field, cfg.separator):
-          if document_split(doc, cfg.split_seed, cfg.sgld_fraction,
-                            cfg.validation_fraction) == split:
+          if (
+            document_split(doc, cfg.split_seed, cfg.sgld_fraction, cfg.validation_fraction) == split
+          ):
             batch.append(doc)
             if len(batch) == _ENCODE_BATCH:
               yield from tok.encode_batch(batch)
@@ -202,15 +217,21 @@ class LmContexts(tfds.core.GeneratorBasedBuilder):
 
 # ----------------------------------------------------------------------------- build / read
 
+
 def _prepare(config: tfds.core.BuilderConfig, data_dir: str | os.PathLike) -> str:
   builder = LmContexts(config=config, data_dir=os.fspath(data_dir))
   builder.download_and_prepare(file_format="array_record")
   return os.fspath(builder.data_dir)
 
 
-def build_text_dataset(name: str, files: str | Sequence[str], tokenizer_path: str,
-                       data_dir: str | os.PathLike, context_length: int,
-                       **options: Any) -> str:
+def build_text_dataset(
+  name: str,
+  files: str | Sequence[str],
+  tokenizer_path: str,
+  data_dir: str | os.PathLike,
+  context_length: int,
+  **options: Any,
+) -> str:
   """Tokenizes text shards into dataset `name` under `data_dir`; returns its directory.
 
   `options` are the other `TextShardsConfig` fields (text_field, separator,
@@ -218,17 +239,21 @@ def build_text_dataset(name: str, files: str | Sequence[str], tokenizer_path: st
   is already built is left as it is.
   """
   files = (files,) if isinstance(files, (str, os.PathLike)) else tuple(files)
-  config = TextShardsConfig(name=name, files=tuple(map(os.fspath, files)),
-                            tokenizer_path=os.fspath(tokenizer_path),
-                            context_length=context_length, **options)
+  config = TextShardsConfig(
+    name=name,
+    files=tuple(map(os.fspath, files)),
+    tokenizer_path=os.fspath(tokenizer_path),
+    context_length=context_length,
+    **options,
+  )
   return _prepare(config, data_dir)
 
 
-def build_synthetic_dataset(corpus: Any, data_dir: str | os.PathLike, name: str,
-                            num_contexts: dict[str, int], seed: int = 0) -> str:
+def build_synthetic_dataset(
+  corpus: Any, data_dir: str | os.PathLike, name: str, num_contexts: dict[str, int], seed: int = 0
+) -> str:
   """Writes `corpus.sample((seed, i), n)` as split SPLITS[i]; returns the directory."""
-  config = SyntheticConfig(name=name, corpus=corpus, num_contexts=dict(num_contexts),
-                           seed=seed)
+  config = SyntheticConfig(name=name, corpus=corpus, num_contexts=dict(num_contexts), seed=seed)
   return _prepare(config, data_dir)
 
 
@@ -238,10 +263,13 @@ def load_split(data_dir: str | os.PathLike, name: str, split: str):
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   path = epath.Path(data_dir) / LmContexts.name / name
   if not path.exists():
-    raise FileNotFoundError(f"no dataset {name!r} under {data_dir} (expected {path}); "
-                            f"build it with build_text_dataset / build_synthetic_dataset")
-  return tfds.data_source(f"{LmContexts.name}/{name}", split=split,
-                          data_dir=os.fspath(data_dir), download=False)
+    raise FileNotFoundError(
+      f"no dataset {name!r} under {data_dir} (expected {path}); "
+      f"build it with build_text_dataset / build_synthetic_dataset"
+    )
+  return tfds.data_source(
+    f"{LmContexts.name}/{name}", split=split, data_dir=os.fspath(data_dir), download=False
+  )
 
 
 def dataset_metadata(data_dir: str | os.PathLike, name: str) -> dict[str, Any]:
@@ -264,12 +292,13 @@ def batch_indices(num_records: int, step: int, batch_size: int, seed: int = 0) -
   (seed, e) in batches of B; the last N mod B records of an epoch are skipped.
   """
   if not 1 <= batch_size <= num_records:
-    raise ValueError(f"batch_size must be in [1, {num_records}] (the number of "
-                     f"records), got {batch_size}")
+    raise ValueError(
+      f"batch_size must be in [1, {num_records}] (the number of records), got {batch_size}"
+    )
   if step < 0:
     raise ValueError(f"step must be >= 0, got {step}")
   epoch, k = divmod(step, num_records // batch_size)
-  return _permutation(num_records, seed, epoch)[k * batch_size:(k + 1) * batch_size]
+  return _permutation(num_records, seed, epoch)[k * batch_size : (k + 1) * batch_size]
 
 
 def gather(source, indices: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -309,8 +338,10 @@ def run_location(config, workdir: str) -> tuple[str, str]:
     return os.path.join(workdir, "data"), f"{SYNTHETIC_NAME}_{config.data.corpus}"
   if source == "tfds":
     if not (config.data.data_dir and config.data.name):
-      raise ValueError("config.data.source='tfds' needs config.data.data_dir and "
-                       "config.data.name (build one with lm_dataset.build_text_dataset)")
+      raise ValueError(
+        "config.data.source='tfds' needs config.data.data_dir and "
+        "config.data.name (build one with lm_dataset.build_text_dataset)"
+      )
     return config.data.data_dir, config.data.name
   raise ValueError(f"config.data.source must be 'synthetic' or 'tfds', got {source!r}")
 
@@ -322,11 +353,14 @@ def load_run_tokens(config, workdir: str, split: str) -> np.ndarray:
   tokens = load_array(load_split(data_dir, name, split))
   T, V = config.model.context_length, config.model.vocab_size
   if tokens.ndim != 2 or tokens.shape[1] != T:
-    raise ValueError(f"split {split!r} of {name} has contexts of shape {tokens.shape[1:]}, "
-                     f"the model's context length is {T}")
+    raise ValueError(
+      f"split {split!r} of {name} has contexts of shape {tokens.shape[1:]}, "
+      f"the model's context length is {T}"
+    )
   if tokens.size and int(tokens.max()) >= V:
-    raise ValueError(f"split {split!r} of {name} has token id {int(tokens.max())} >= "
-                     f"vocab_size {V}")
+    raise ValueError(
+      f"split {split!r} of {name} has token id {int(tokens.max())} >= vocab_size {V}"
+    )
   return tokens
 
 
@@ -336,7 +370,8 @@ def run_bos_id(config, workdir: str) -> int:
   data_dir, name = run_location(config, workdir)
   meta = dataset_metadata(data_dir, name)
   if "bos_id" not in meta:
-    raise ValueError(f"dataset {name} under {data_dir} stores no bos_id in its metadata; "
-                     f"rebuild it (build_text_dataset / build_synthetic_dataset)")
+    raise ValueError(
+      f"dataset {name} under {data_dir} stores no bos_id in its metadata; "
+      f"rebuild it (build_text_dataset / build_synthetic_dataset)"
+    )
   return int(meta["bos_id"])
-

@@ -31,8 +31,8 @@ class RegressionTask:
   noise_variance: float = 0.125
   num_tasks: int | None = None
   task_seed: int = 0
-  input_gain: float = 1.0   # x_k ~ N(0, g_x² I): OOD inputs for g_x != 1
-  task_gain: float = 1.0    # t ~ N(0, g_t² I) (or the task set × g_t): OOD tasks
+  input_gain: float = 1.0  # x_k ~ N(0, g_x² I): OOD inputs for g_x != 1
+  task_gain: float = 1.0  # t ~ N(0, g_t² I) (or the task set × g_t): OOD tasks
 
   def __post_init__(self):
     if self.task_size < 1 or self.max_examples < 1:
@@ -42,16 +42,21 @@ class RegressionTask:
     if self.num_tasks is not None and self.num_tasks < 1:
       raise ValueError(f"num_tasks must be None (infinite) or >= 1, got {self.num_tasks}")
     if self.input_gain <= 0 or self.task_gain <= 0:
-      raise ValueError(f"input_gain and task_gain must be > 0, got {self.input_gain}, "
-                       f"{self.task_gain}")
+      raise ValueError(
+        f"input_gain and task_gain must be > 0, got {self.input_gain}, {self.task_gain}"
+      )
 
   @classmethod
   def from_config(cls, config) -> "RegressionTask":
     """The data distribution of an experiment config (fields `task`, `seed`)."""
     t = config.task
-    return cls(task_size=t.task_size, max_examples=t.max_examples,
-               noise_variance=t.noise_variance, num_tasks=t.num_tasks or None,
-               task_seed=config.seed)
+    return cls(
+      task_size=t.task_size,
+      max_examples=t.max_examples,
+      noise_variance=t.noise_variance,
+      num_tasks=t.num_tasks or None,
+      task_seed=config.seed,
+    )
 
   def task_set(self) -> jax.Array | None:
     """The finite task set [M, D] (drawn from `task_seed`), or None."""
@@ -66,8 +71,9 @@ def sample_tasks(key: jax.Array, num: int, task_size: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("task", "batch_size", "with_tasks"))
-def sample_batch(key: jax.Array, task: RegressionTask, batch_size: int,
-                 with_tasks: bool = False) -> Batch:
+def sample_batch(
+  key: jax.Array, task: RegressionTask, batch_size: int, with_tasks: bool = False
+) -> Batch:
   """One batch: {'xs': [B, K, D], 'ys': [B, K]} (+ 'tasks': [B, D])."""
   k_task, k_x, k_noise = jax.random.split(key, 3)
   task_set = task.task_set()
@@ -78,18 +84,19 @@ def sample_batch(key: jax.Array, task: RegressionTask, batch_size: int,
     tasks_BxD = task_set[idx_B]
   tasks_BxD = task.task_gain * tasks_BxD
   xs_BxKxD = task.input_gain * jax.random.normal(
-      k_x, (batch_size, task.max_examples, task.task_size))
+    k_x, (batch_size, task.max_examples, task.task_size)
+  )
   noise_BxK = jax.random.normal(k_noise, (batch_size, task.max_examples))
-  ys_BxK = (jnp.einsum("bkd,bd->bk", xs_BxKxD, tasks_BxD)
-            + jnp.sqrt(task.noise_variance) * noise_BxK)
+  ys_BxK = jnp.einsum("bkd,bd->bk", xs_BxKxD, tasks_BxD) + jnp.sqrt(task.noise_variance) * noise_BxK
   batch = {"xs": xs_BxKxD, "ys": ys_BxK}
   if with_tasks:
     batch["tasks"] = tasks_BxD
   return batch
 
 
-def make_dataset(key: jax.Array, task: RegressionTask, num_samples: int,
-                 chunk_size: int = 65536) -> Batch:
+def make_dataset(
+  key: jax.Array, task: RegressionTask, num_samples: int, chunk_size: int = 65536
+) -> Batch:
   """A fixed, seeded dataset of `num_samples` sequences (e.g. for SGLD).
 
   Generated in chunks of `chunk_size` (chunk c from `fold_in(key, c)`), so the

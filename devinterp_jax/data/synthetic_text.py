@@ -53,14 +53,16 @@ _CHUNK = 4096
 
 # Rows: previous class (open, close, keyword, punct, ident, BOS); columns: next class.
 CODE_CLASSES = ("open", "close", "keyword", "punct", "ident")
-CODE_CLASS_MATRIX = np.array([
-    [0.10, 0.15, 0.15, 0.00, 0.60],   # after (
-    [0.05, 0.25, 0.10, 0.50, 0.10],   # after )
-    [0.20, 0.00, 0.05, 0.05, 0.70],   # after keyword
-    [0.10, 0.10, 0.35, 0.05, 0.40],   # after punctuation
-    [0.30, 0.20, 0.05, 0.40, 0.05],   # after identifier
-    [0.05, 0.00, 0.60, 0.05, 0.30],   # after BOS
-])
+CODE_CLASS_MATRIX = np.array(
+  [
+    [0.10, 0.15, 0.15, 0.00, 0.60],  # after (
+    [0.05, 0.25, 0.10, 0.50, 0.10],  # after )
+    [0.20, 0.00, 0.05, 0.05, 0.70],  # after keyword
+    [0.10, 0.10, 0.35, 0.05, 0.40],  # after punctuation
+    [0.30, 0.20, 0.05, 0.40, 0.05],  # after identifier
+    [0.05, 0.00, 0.60, 0.05, 0.30],  # after BOS
+  ]
+)
 
 
 def _seed_words(seed: Any) -> list[int]:
@@ -71,8 +73,10 @@ def _seed_words(seed: Any) -> list[int]:
       raise ValueError(f"seed must be >= 0, got {seed}")
     return words
   import jax  # pylint: disable=g-import-not-at-top
+
   if jax.dtypes.issubdtype(  # pyright: ignore[reportPrivateImportUsage]  (public jax API)
-      seed.dtype, jax.dtypes.prng_key):
+    seed.dtype, jax.dtypes.prng_key
+  ):
     seed = jax.random.key_data(seed)
   return [int(w) for w in np.asarray(seed, dtype=np.uint32).ravel()]
 
@@ -86,8 +90,7 @@ def _check_shape(vocab_size: int, context_length: int, min_vocab: int, name: str
   if vocab_size < min_vocab:
     raise ValueError(f"{name}: vocab_size must be >= {min_vocab}, got {vocab_size}")
   if context_length < 2:
-    raise ValueError(f"{name}: context_length must be >= 2 (BOS + 1 token), "
-                     f"got {context_length}")
+    raise ValueError(f"{name}: context_length must be >= 2 (BOS + 1 token), got {context_length}")
 
 
 class _Corpus:
@@ -96,12 +99,14 @@ class _Corpus:
   seed: int
   context_length: int
 
-  def _sample_chunk(self, rng: np.random.Generator, n: int
-                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  def _sample_chunk(
+    self, rng: np.random.Generator, n: int
+  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     raise NotImplementedError
 
-  def iter_chunks(self, seed: Any, num_contexts: int, return_masks: bool = False
-                  ) -> Iterator[np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]]:
+  def iter_chunks(
+    self, seed: Any, num_contexts: int, return_masks: bool = False
+  ) -> Iterator[np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]]:
     """`sample(seed, num_contexts, return_masks)` in chunks of up to 4096 contexts."""
     if num_contexts < 0:
       raise ValueError(f"num_contexts must be >= 0, got {num_contexts}")
@@ -111,8 +116,9 @@ class _Corpus:
       tokens, masks = self._sample_chunk(rng, min(_CHUNK, num_contexts - start))
       yield (tokens, masks) if return_masks else tokens
 
-  def sample(self, seed: Any, num_contexts: int, return_masks: bool = False
-             ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+  def sample(
+    self, seed: Any, num_contexts: int, return_masks: bool = False
+  ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
     """`num_contexts` contexts, int32 [N, T].
 
     `seed` is an int, a tuple of ints, or a JAX key. With `return_masks`, also
@@ -141,8 +147,8 @@ class ProseCorpus(_Corpus):
   seed: int = 0
   zipf_exponent: float = 1.0
   num_successors: int = 8
-  unigram_mix: float = 0.2          # λ: bigram steps fall back to p_u
-  num_ngrams: int = 16              # K planted n-grams for each n in (2, 3, 4)
+  unigram_mix: float = 0.2  # λ: bigram steps fall back to p_u
+  num_ngrams: int = 16  # K planted n-grams for each n in (2, 3, 4)
   ngram_prob: float = 0.05
   copy_prob: float = 0.02
   copy_length: tuple[int, int] = (5, 20)
@@ -151,23 +157,25 @@ class ProseCorpus(_Corpus):
     _check_shape(self.vocab_size, self.context_length, 16, "ProseCorpus")
     lo, hi = self.copy_length
     if not 1 <= lo <= hi:
-      raise ValueError(f"copy_length must be (lo, hi) with 1 <= lo <= hi, got "
-                       f"{self.copy_length}")
+      raise ValueError(f"copy_length must be (lo, hi) with 1 <= lo <= hi, got {self.copy_length}")
     probs = (self.unigram_mix, self.ngram_prob, self.copy_prob)
     if min(probs) < 0 or max(probs) > 1 or self.ngram_prob + self.copy_prob > 1:
-      raise ValueError(f"unigram_mix, ngram_prob, copy_prob must be probabilities "
-                       f"(ngram_prob + copy_prob <= 1), got {probs}")
+      raise ValueError(
+        f"unigram_mix, ngram_prob, copy_prob must be probabilities "
+        f"(ngram_prob + copy_prob <= 1), got {probs}"
+      )
     if self.num_successors < 1 or self.num_ngrams < 1:
-      raise ValueError(f"num_successors and num_ngrams must be >= 1, got "
-                       f"{self.num_successors}, {self.num_ngrams}")
+      raise ValueError(
+        f"num_successors and num_ngrams must be >= 1, got {self.num_successors}, {self.num_ngrams}"
+      )
     rng = np.random.default_rng([self.seed, 0x5EED])
     p = np.zeros(self.vocab_size)
-    p[1 + rng.permutation(self.vocab_size - 1)] = _zipf(self.vocab_size - 1,
-                                                         self.zipf_exponent)
+    p[1 + rng.permutation(self.vocab_size - 1)] = _zipf(self.vocab_size - 1, self.zipf_exponent)
     w = 1.0 / np.arange(1, self.num_successors + 1)
     succ = rng.choice(self.vocab_size, (self.vocab_size, self.num_successors), p=p)
-    grams = {n: rng.integers(1, self.vocab_size, (self.num_ngrams, n)).astype(np.int32)
-             for n in (2, 3, 4)}
+    grams = {
+      n: rng.integers(1, self.vocab_size, (self.num_ngrams, n)).astype(np.int32) for n in (2, 3, 4)
+    }
     object.__setattr__(self, "unigram", p)
     object.__setattr__(self, "successors", succ.astype(np.int32))
     object.__setattr__(self, "successor_weights", w / w.sum())
@@ -184,8 +192,11 @@ class ProseCorpus(_Corpus):
     V = self.vocab_size
     P = np.zeros((V, V))
     rows = np.repeat(np.arange(V), self.num_successors)
-    np.add.at(P, (rows, self.successors.ravel()),
-              (1 - self.unigram_mix) * np.tile(self.successor_weights, V))
+    np.add.at(
+      P,
+      (rows, self.successors.ravel()),
+      (1 - self.unigram_mix) * np.tile(self.successor_weights, V),
+    )
     return P + self.unigram_mix * self.unigram[None]
 
   def _sample_chunk(self, rng, n):
@@ -203,18 +214,22 @@ class ProseCorpus(_Corpus):
     for g in (2, 3, 4):
       grams[g - 2, :, :g] = self.planted_ngrams[g]
     rows = np.arange(n)
-    left = np.zeros(n, np.int64)     # tokens left in the current insertion
-    src = np.zeros(n, np.int64)      # copy: next source position; n-gram: -1
+    left = np.zeros(n, np.int64)  # tokens left in the current insertion
+    src = np.zeros(n, np.int64)  # copy: next source position; n-gram: -1
     gid = np.zeros((n, 2), np.int64)  # n-gram being written: (n − 2, k)
-    off = np.zeros(n, np.int64)      # n-gram: next offset
+    off = np.zeros(n, np.int64)  # n-gram: next offset
     for t in range(1, T):
       copying = (left > 0) & (src >= 0)
       gramming = (left > 0) & (src < 0)
       free = left == 0
       L_max = min(hi, t - 1)
       start_copy = free & (u[:, t] < self.copy_prob) & (L_max >= lo)
-      start_gram = free & ~start_copy & (u[:, t] >= self.copy_prob) & (
-          u[:, t] < self.copy_prob + self.ngram_prob)
+      start_gram = (
+        free
+        & ~start_copy
+        & (u[:, t] >= self.copy_prob)
+        & (u[:, t] < self.copy_prob + self.ngram_prob)
+      )
       step = free & ~start_copy & ~start_gram
       # New repeated spans: length and source, then written like continuing copies.
       if start_copy.any():
@@ -229,8 +244,9 @@ class ProseCorpus(_Corpus):
       off = np.where(new_gram, 0, off)
       copying |= start_copy
       gramming |= start_gram
-      tok = np.where(umix[:, t] < self.unigram_mix, uni[:, t],
-                     self.successors[x[:, t - 1], j_succ[:, t]])
+      tok = np.where(
+        umix[:, t] < self.unigram_mix, uni[:, t], self.successors[x[:, t - 1], j_succ[:, t]]
+      )
       tok = np.where(copying, x[rows, np.maximum(src, 0)], tok)
       tok = np.where(gramming, grams[gid[:, 0], gid[:, 1], np.minimum(off, 3)], tok)
       x[:, t] = np.where(step | copying | gramming, tok, 0)
@@ -254,7 +270,7 @@ class CodeCorpus(_Corpus):
   context_length: int = 64
   seed: int = 0
   num_keywords: int = 24
-  num_local: int = 8                # local identifiers per context
+  num_local: int = 8  # local identifiers per context
   local_prob: float = 0.8
   max_depth: int = 6
   zipf_exponent: float = 1.0
@@ -266,8 +282,10 @@ class CodeCorpus(_Corpus):
     min_vocab = 1 + 2 * self.NUM_BRACKET_PAIRS + self.NUM_PUNCT + self.num_keywords + 16
     _check_shape(self.vocab_size, self.context_length, min_vocab, "CodeCorpus")
     if self.num_keywords < 1 or self.num_local < 1 or self.max_depth < 1:
-      raise ValueError(f"num_keywords, num_local and max_depth must be >= 1, got "
-                       f"{self.num_keywords}, {self.num_local}, {self.max_depth}")
+      raise ValueError(
+        f"num_keywords, num_local and max_depth must be >= 1, got "
+        f"{self.num_keywords}, {self.num_local}, {self.max_depth}"
+      )
     if not 0 <= self.local_prob <= 1:
       raise ValueError(f"local_prob must be in [0, 1], got {self.local_prob}")
     rng = np.random.default_rng([self.seed, 0xC0DE])
@@ -293,22 +311,27 @@ class CodeCorpus(_Corpus):
     m_local = np.zeros((n, T), bool)
     ids = self.identifiers
     C = _CHUNK  # draws are made for a whole chunk and cut to n: row i does not depend on n
-    local = ids[rng.choice(len(ids), (C, self.num_local),
-                           p=_zipf(len(ids), self.zipf_exponent))][:n]
+    local = ids[rng.choice(len(ids), (C, self.num_local), p=_zipf(len(ids), self.zipf_exponent))][
+      :n
+    ]
     u_cls = rng.random((C, T))[:n]
     bracket = rng.choice(self.NUM_BRACKET_PAIRS, (C, T), p=[0.5, 0.3, 0.2])[:n]
-    kw = self.keywords[rng.choice(self.num_keywords, (C, T),
-                                  p=_zipf(self.num_keywords, self.zipf_exponent))[:n]]
-    punct = self.punctuation[rng.choice(self.NUM_PUNCT, (C, T),
-                                        p=_zipf(self.NUM_PUNCT, self.zipf_exponent))[:n]]
+    kw = self.keywords[
+      rng.choice(self.num_keywords, (C, T), p=_zipf(self.num_keywords, self.zipf_exponent))[:n]
+    ]
+    punct = self.punctuation[
+      rng.choice(self.NUM_PUNCT, (C, T), p=_zipf(self.NUM_PUNCT, self.zipf_exponent))[:n]
+    ]
     is_local = rng.random((C, T))[:n] < self.local_prob
-    loc = local[np.arange(n)[:, None],
-                rng.choice(self.num_local, (C, T), p=_zipf(self.num_local, 1.0, 0.0))[:n]]
+    loc = local[
+      np.arange(n)[:, None],
+      rng.choice(self.num_local, (C, T), p=_zipf(self.num_local, 1.0, 0.0))[:n],
+    ]
     glob = ids[rng.choice(len(ids), (C, T), p=_zipf(len(ids), self.zipf_exponent))[:n]]
     rows = np.arange(n)
     stack = np.zeros((n, D + 1), np.int64)
     depth = np.zeros(n, np.int64)
-    prev = np.full(n, 5)                      # class of the previous token (BOS)
+    prev = np.full(n, 5)  # class of the previous token (BOS)
     for t in range(1, T):
       remaining = T - t
       probs = CODE_CLASS_MATRIX[prev].copy()
@@ -319,14 +342,14 @@ class CodeCorpus(_Corpus):
       probs[~can_close, 4] += probs[~can_close, 1]
       probs[~can_close, 1] = 0
       cls = (u_cls[:, t, None] >= np.cumsum(probs, axis=1)).sum(1).clip(0, 4)
-      cls = np.where(depth >= remaining, 1, cls)            # must close now
+      cls = np.where(depth >= remaining, 1, cls)  # must close now
       opening, closing = cls == 0, cls == 1
       top = stack[rows, np.maximum(depth - 1, 0)]
       tok = np.select(
-          [opening, closing, cls == 2, cls == 3],
-          [self.open_brackets[bracket[:, t]], self.close_brackets[top], kw[:, t],
-           punct[:, t]],
-          np.where(is_local[:, t], loc[:, t], glob[:, t]))
+        [opening, closing, cls == 2, cls == 3],
+        [self.open_brackets[bracket[:, t]], self.close_brackets[top], kw[:, t], punct[:, t]],
+        np.where(is_local[:, t], loc[:, t], glob[:, t]),
+      )
       x[:, t] = tok
       m_close[:, t] = closing
       m_local[:, t] = (cls == 4) & is_local[:, t]
@@ -362,8 +385,7 @@ def bigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 def ngram_counts(tokens: np.ndarray, ngrams: np.ndarray) -> np.ndarray:
   """Occurrences within contexts of each n-gram in `ngrams` [K, n]: int [K]."""
   ngrams = np.asarray(ngrams)
-  windows = np.lib.stride_tricks.sliding_window_view(
-      np.asarray(tokens), ngrams.shape[1], axis=-1)
+  windows = np.lib.stride_tricks.sliding_window_view(np.asarray(tokens), ngrams.shape[1], axis=-1)
   return np.array([(windows == g).all(-1).sum() for g in ngrams])
 
 
@@ -378,13 +400,13 @@ def induction_fraction(tokens: np.ndarray, chunk: int = 1024) -> float:
   tokens = tokens.reshape(-1, T)
   if T < 3:
     raise ValueError(f"induction_fraction needs context length >= 3, got {T}")
-  earlier = np.tril(np.ones((T, T), bool), -2)   # [t, j]: j < t − 1
+  earlier = np.tril(np.ones((T, T), bool), -2)  # [t, j]: j < t − 1
   hits = 0
   for start in range(0, len(tokens), chunk):
-    x = tokens[start:start + chunk]
-    prev = np.concatenate([x[:, :1], x[:, :-1]], 1)         # x[t−1] at t
-    match = (x[:, None, :] == prev[:, :, None]) & earlier    # [N, t, j]
-    j = T - 1 - np.argmax(match[:, :, ::-1], axis=-1)       # most recent j
+    x = tokens[start : start + chunk]
+    prev = np.concatenate([x[:, :1], x[:, :-1]], 1)  # x[t−1] at t
+    match = (x[:, None, :] == prev[:, :, None]) & earlier  # [N, t, j]
+    j = T - 1 - np.argmax(match[:, :, ::-1], axis=-1)  # most recent j
     found = match.any(-1)
     nxt = np.take_along_axis(x, np.minimum(j + 1, T - 1), axis=1)
     hits += (found & (nxt == x))[:, 2:].sum()
@@ -411,10 +433,15 @@ class MixtureCorpus(_Corpus):
   def __post_init__(self):
     if not 0 <= self.code_fraction <= 1:
       raise ValueError(f"code_fraction must be in [0, 1], got {self.code_fraction}")
-    prose = ProseCorpus(vocab_size=self.vocab_size, context_length=self.context_length,
-                        seed=self.seed, copy_prob=self.copy_prob)
-    code = CodeCorpus(vocab_size=self.vocab_size, context_length=self.context_length,
-                      seed=self.seed)
+    prose = ProseCorpus(
+      vocab_size=self.vocab_size,
+      context_length=self.context_length,
+      seed=self.seed,
+      copy_prob=self.copy_prob,
+    )
+    code = CodeCorpus(
+      vocab_size=self.vocab_size, context_length=self.context_length, seed=self.seed
+    )
     object.__setattr__(self, "prose", prose)
     object.__setattr__(self, "code", code)
     object.__setattr__(self, "planted_ngrams", prose.planted_ngrams)
@@ -445,9 +472,12 @@ def corpus_from_config(config, corpus: str | None = None):
     raise ValueError(f"unknown synthetic corpus {name!r}; choose from {sorted(CORPORA)}")
   extra = {}
   if name in ("prose", "mixture") and config.data.get("copy_prob") is not None:
-    extra["copy_prob"] = config.data.copy_prob   # repeated spans: the induction incentive
+    extra["copy_prob"] = config.data.copy_prob  # repeated spans: the induction incentive
   if name == "mixture" and config.data.get("code_fraction") is not None:
     extra["code_fraction"] = config.data.code_fraction
-  return CORPORA[name](vocab_size=config.model.vocab_size,
-                       context_length=config.model.context_length,
-                       seed=config.data.corpus_seed, **extra)
+  return CORPORA[name](
+    vocab_size=config.model.vocab_size,
+    context_length=config.model.context_length,
+    seed=config.data.corpus_seed,
+    **extra,
+  )

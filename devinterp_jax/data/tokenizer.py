@@ -49,8 +49,7 @@ class TextTokenizer:
     return [np.asarray(e.ids, np.int32) for e in encs]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    return self.tokenizer.decode([int(i) for i in ids],
-                                 skip_special_tokens=skip_special_tokens)
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the tokenizer.json atomically (BOS is found again by its token)."""
@@ -63,8 +62,10 @@ def _with_bos(tok: tokenizers.Tokenizer, bos_token: str | None, where: str) -> T
     bos_id = tok.token_to_id(cand)
     if bos_id is not None:
       return TextTokenizer(tok, cand, bos_id)
-  raise ValueError(f"tokenizer {where} has no BOS token (tried {list(candidates)}); pass "
-                   f"bos_token= one of its tokens, e.g. '<|endoftext|>' for GPT-2")
+  raise ValueError(
+    f"tokenizer {where} has no BOS token (tried {list(candidates)}); pass "
+    f"bos_token= one of its tokens, e.g. '<|endoftext|>' for GPT-2"
+  )
 
 
 def load_tokenizer(path: str | os.PathLike, bos_token: str | None = None) -> TextTokenizer:
@@ -86,13 +87,19 @@ def _texts(texts_or_files: Iterable[str | os.PathLike], text_field: str) -> Iter
     elif isinstance(item, os.PathLike):
       yield from documents.read_documents(item, text_field=text_field)
     else:
-      raise ValueError(f"train_bpe takes texts (str) and files (os.PathLike, e.g. "
-                       f"pathlib.Path), got {type(item).__name__}")
+      raise ValueError(
+        f"train_bpe takes texts (str) and files (os.PathLike, e.g. "
+        f"pathlib.Path), got {type(item).__name__}"
+      )
 
 
-def train_bpe(texts_or_files: Iterable[str | os.PathLike], vocab_size: int,
-              bos_token: str = DEFAULT_BOS, min_frequency: int = 2,
-              text_field: str = "text") -> TextTokenizer:
+def train_bpe(
+  texts_or_files: Iterable[str | os.PathLike],
+  vocab_size: int,
+  bos_token: str = DEFAULT_BOS,
+  min_frequency: int = 2,
+  text_field: str = "text",
+) -> TextTokenizer:
   """Trains a byte-level BPE of `vocab_size` tokens (BOS = id 0) offline.
 
   Items of `texts_or_files` that are `str` are texts; `os.PathLike` items
@@ -102,13 +109,19 @@ def train_bpe(texts_or_files: Iterable[str | os.PathLike], vocab_size: int,
   distinct pairs of frequency >= `min_frequency`.
   """
   if vocab_size < _BYTE_ALPHABET + 1:
-    raise ValueError(f"vocab_size must be >= {_BYTE_ALPHABET + 1} (256 byte tokens + BOS) "
-                     f"for a byte-level BPE, got {vocab_size}")
+    raise ValueError(
+      f"vocab_size must be >= {_BYTE_ALPHABET + 1} (256 byte tokens + BOS) "
+      f"for a byte-level BPE, got {vocab_size}"
+    )
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[bos_token],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    vocab_size=vocab_size,
+    min_frequency=min_frequency,
+    special_tokens=[bos_token],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tok.train_from_iterator(_texts(texts_or_files, text_field), trainer=trainer)
   return _with_bos(tok, bos_token, "after training")

@@ -21,10 +21,16 @@ def flag_options() -> ml_collections.ConfigDict:
   return registry.analysis_options()
 
 
-def analyze_run(workdir: str, overrides: Mapping[str, Any] | None = None,
-                out_dir: str | None = None) -> dict[str, Any]:
+def analyze_run(
+  workdir: str, overrides: Mapping[str, Any] | None = None, out_dir: str | None = None
+) -> dict[str, Any]:
   """Writes `<workdir>/report` (or `out_dir`) with the run's options and `overrides`
   (flat, {"hessian.enabled": True}); returns report.json's content."""
   setting = registry.setting(run_data.run_experiment(workdir))
-  return report.analyze(workdir, setting, report.options_for_run(workdir, overrides, setting),
-                        out_dir=out_dir, option_prefix="config")
+  return report.analyze(
+    workdir,
+    setting,
+    report.options_for_run(workdir, overrides, setting),
+    out_dir=out_dir,
+    option_prefix="config",
+  )

@@ -41,21 +41,34 @@ from devinterp_jax.storage.checkpoints import quiet_orbax_logs
 EXIT_GRACE_S = 60.0
 
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "Multi-process run: host:port of process 0's coordination "
-    "service (with --num_processes and --process_id).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Multi-process run: the number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "Multi-process run: this process's index (0 leads).")
+  "coordinator_address",
+  None,
+  "Multi-process run: host:port of process 0's coordination "
+  "service (with --num_processes and --process_id).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Multi-process run: the number of processes."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "Multi-process run: this process's index (0 leads)."
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Multi-process run with the cluster detected by JAX "
-    "(jax.distributed.initialize() without arguments: TPU VM pod slices, SLURM).")
+  "multihost",
+  False,
+  "Multi-process run with the cluster detected by JAX "
+  "(jax.distributed.initialize() without arguments: TPU VM pod slices, SLURM).",
+)
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 100, "Multi-process run: seconds without a heartbeat after "
-    "which a process counts as dead and the job is stopped.")
+  "heartbeat_timeout_s",
+  100,
+  "Multi-process run: seconds without a heartbeat after "
+  "which a process counts as dead and the job is stopped.",
+)
 _SHUTDOWN = flags.DEFINE_integer(
-    "shutdown_timeout_s", 300, "Multi-process run: seconds a finished process waits for "
-    "the others at exit.")
+  "shutdown_timeout_s",
+  300,
+  "Multi-process run: seconds a finished process waits for the others at exit.",
+)
 
 
 def _flush() -> None:
@@ -67,10 +80,16 @@ def _flush() -> None:
 def _exit_later(grace_s: float, code: int) -> None:
   def watchdog():
     time.sleep(grace_s)
-    alive = [t.name for t in threading.enumerate()
-             if t is not threading.current_thread() and not t.daemon]
-    logging.error("The job failed and background threads %s still keep the process alive "
-                  "after %.0fs; exiting with code %d.", alive, grace_s, code)
+    alive = [
+      t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+    ]
+    logging.error(
+      "The job failed and background threads %s still keep the process alive "
+      "after %.0fs; exiting with code %d.",
+      alive,
+      grace_s,
+      code,
+    )
     _flush()
     os._exit(code)
 
@@ -82,9 +101,14 @@ def initialize_from_flags() -> bool:
   not parsed, or when `jax.distributed` is already up); returns whether it started it."""
   if not flags.FLAGS.is_parsed():
     return False
-  return multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                              auto=_MULTIHOST.value, heartbeat_timeout_s=_HEARTBEAT.value,
-                              shutdown_timeout_s=_SHUTDOWN.value)
+  return multihost.initialize(
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    auto=_MULTIHOST.value,
+    heartbeat_timeout_s=_HEARTBEAT.value,
+    shutdown_timeout_s=_SHUTDOWN.value,
+  )
 
 
 def run(fn: Callable[..., Any], *args, grace_s: float = EXIT_GRACE_S, **kwargs) -> Any:
@@ -101,9 +125,13 @@ def run(fn: Callable[..., Any], *args, grace_s: float = EXIT_GRACE_S, **kwargs) 
   except BaseException as e:
     code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
     if code and multihost.is_multiprocess():
-      logging.error("Process %d of %d failed; exiting with code %d:\n%s",
-                    multihost.process_index(), multihost.process_count(), code,
-                    traceback.format_exc())
+      logging.error(
+        "Process %d of %d failed; exiting with code %d:\n%s",
+        multihost.process_index(),
+        multihost.process_count(),
+        code,
+        traceback.format_exc(),
+      )
       multihost.fail(e)
       _flush()
       os._exit(code)

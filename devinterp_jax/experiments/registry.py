@@ -17,9 +17,11 @@ import ml_collections
 
 from devinterp_jax.analysis.run_data import Setting
 
-SETTINGS = {"icl_regression": "devinterp_jax.experiments.icl_regression",
-            "lm": "devinterp_jax.experiments.lm",
-            "teacher_student": "devinterp_jax.experiments.teacher_student"}
+SETTINGS = {
+  "icl_regression": "devinterp_jax.experiments.icl_regression",
+  "lm": "devinterp_jax.experiments.lm",
+  "teacher_student": "devinterp_jax.experiments.teacher_student",
+}
 
 
 def _package(name: str) -> str:
@@ -39,10 +41,14 @@ def job(name: str, job_name: str) -> Callable[..., Any]:
   pipeline = get(name)
   fn = getattr(pipeline, job_name, None)
   if not callable(fn):
-    jobs = sorted(j for j in ("train", "estimate", "calibrate", "run", "run_seeds")
-                  if callable(getattr(pipeline, j, None)))
-    raise ValueError(f"setting {name!r} (config.experiment) has no {job_name!r} job; its "
-                     f"pipeline has {jobs}")
+    jobs = sorted(
+      j
+      for j in ("train", "estimate", "calibrate", "run", "run_seeds")
+      if callable(getattr(pipeline, j, None))
+    )
+    raise ValueError(
+      f"setting {name!r} (config.experiment) has no {job_name!r} job; its pipeline has {jobs}"
+    )
   return fn
 
 
@@ -57,6 +63,7 @@ def analysis_options(name: str | None = None) -> ml_collections.ConfigDict:
   every setting merged: launch/analyze.py's flag, which is defined before the run
   (and so its setting) is known; the run's own `sections` list then applies."""
   from devinterp_jax.analysis import report
+
   if name is not None:
     return report.default_options(setting(name))
   options = report.default_options()
@@ -76,7 +83,7 @@ def forward_to_pipeline(package: str) -> Callable[[str], Any]:
   def __getattr__(name: str) -> Any:
     if name.startswith("__"):
       raise AttributeError(name)
-    if importlib.util.find_spec(f"{package}.{name}") is not None:   # a submodule
+    if importlib.util.find_spec(f"{package}.{name}") is not None:  # a submodule
       return importlib.import_module(f"{package}.{name}")
     pipeline = importlib.import_module(f"{package}.pipeline")
     try:

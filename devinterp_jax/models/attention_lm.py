@@ -67,8 +67,14 @@ class ShortformerAttention(nn.Module):
   init_std: float
 
   @nn.compact
-  def __call__(self, qk_in_BxTxD, v_in_BxTxD, head_keep_H=None, head_mean_TxHxE=None,
-               return_heads: bool = False):
+  def __call__(
+    self,
+    qk_in_BxTxD,
+    v_in_BxTxD,
+    head_keep_H=None,
+    head_mean_TxHxE=None,
+    return_heads: bool = False,
+  ):
     """(out [B, T, D], attn [B, H, T, S]), or (out, heads) with `return_heads`.
 
     `head_keep_H` [H] and `head_mean_TxHxE` [T, H, E] mean-ablate heads (module
@@ -92,7 +98,8 @@ class ShortformerAttention(nn.Module):
     k_BxSxHxE = jnp.einsum("bsd,dhe->bshe", qk_in_BxTxD, w_k) + b_k[None, None]
     v_BxSxHxE = jnp.einsum("bsd,dhe->bshe", v_in_BxTxD, w_v) + b_v[None, None]
     attn_BxHxTxS, z_BxTxHxE = attention_core.causal_attention(
-        q_BxTxHxE, k_BxSxHxE, v_BxSxHxE, head_keep_H, head_mean_TxHxE)
+      q_BxTxHxE, k_BxSxHxE, v_BxSxHxE, head_keep_H, head_mean_TxHxE
+    )
     out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD) + b_o_D[None, None]
     if not return_heads:
       return out_BxTxD, attn_BxHxTxS
@@ -108,15 +115,17 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_TxD, head_keep_H=None, head_mean_TxHxE=None,
-               return_heads: bool = False):
+  def __call__(
+    self, x_BxTxD, pos_TxD, head_keep_H=None, head_mean_TxHxE=None, return_heads: bool = False
+  ):
     """(attn output [B, T, D], attn [B, H, T, S] or heads); the caller adds the residual.
 
     One LayerNorm (`ln_1`), applied to x + W_pos (queries, keys) and to x (values).
     """
     ln = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")
     return ShortformerAttention(self.num_heads, self.init_std, name="attn")(
-        ln(x_BxTxD + pos_TxD[None]), ln(x_BxTxD), head_keep_H, head_mean_TxHxE, return_heads)
+      ln(x_BxTxD + pos_TxD[None]), ln(x_BxTxD), head_keep_H, head_mean_TxHxE, return_heads
+    )
 
 
 class AttentionOnlyLM(nn.Module):
@@ -135,8 +144,15 @@ class AttentionOnlyLM(nn.Module):
     return self.d_model // self.num_heads
 
   @nn.compact
-  def __call__(self, tokens_BxT, return_attention: bool = False, head_keep=None,
-               head_mean=None, return_heads: bool = False, pos_ablation: bool = False):
+  def __call__(
+    self,
+    tokens_BxT,
+    return_attention: bool = False,
+    head_keep=None,
+    head_mean=None,
+    return_heads: bool = False,
+    pos_ablation: bool = False,
+  ):
     """Logits [B, T, V]; with `return_attention` also attn [L, B, H, T, S].
 
     `head_keep` [L, H] and `head_mean` [L, T, H, E] mean-ablate heads (module
@@ -162,12 +178,14 @@ class AttentionOnlyLM(nn.Module):
       keep_H = None if head_keep is None else head_keep[layer]
       mean_TxHxE = None if head_mean is None else head_mean[layer]
       a_BxTxD, attn_or_heads = Block(H, std, self.layer_norm_eps, name=f"block_{layer}")(
-          x_BxTxD, pos_TxD, keep_H, mean_TxHxE, return_heads)
+        x_BxTxD, pos_TxD, keep_H, mean_TxHxE, return_heads
+      )
       x_BxTxD = x_BxTxD + a_BxTxD
       per_layer.append(attn_or_heads)
     x_BxTxD = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_f")(x_BxTxD)
-    logits_BxTxV = nn.Dense(self.vocab_size, kernel_init=w_init,
-                            bias_init=nn.initializers.zeros, name="unembed")(x_BxTxD)
+    logits_BxTxV = nn.Dense(
+      self.vocab_size, kernel_init=w_init, bias_init=nn.initializers.zeros, name="unembed"
+    )(x_BxTxD)
     if return_heads:
       return logits_BxTxV, {k: jnp.stack([h[k] for h in per_layer]) for k in per_layer[0]}
     if return_attention:
@@ -183,14 +201,14 @@ class AttentionOnlyLM(nn.Module):
       raise ValueError(f"tokens have dtype {dtype}, want an integer dtype (token ids)")
     T = shape[1]
     if not 1 <= T <= self.context_length:
-      raise ValueError(f"{T} tokens per sequence; want 1 to context_length = "
-                       f"{self.context_length}")
+      raise ValueError(f"{T} tokens per sequence; want 1 to context_length = {self.context_length}")
     if not isinstance(tokens_BxT, jax.core.Tracer) and shape[0] * T:
       toks = np.asarray(tokens_BxT)
       lo, hi = int(toks.min()), int(toks.max())
       if lo < 0 or hi >= self.vocab_size:
-        raise ValueError(f"token ids span [{lo}, {hi}], outside [0, vocab_size) = "
-                         f"[0, {self.vocab_size})")
+        raise ValueError(
+          f"token ids span [{lo}, {hi}], outside [0, vocab_size) = [0, {self.vocab_size})"
+        )
     return T
 
   @classmethod
@@ -203,43 +221,77 @@ class AttentionOnlyLM(nn.Module):
     missing = [k for k in required if k not in fields]
     unknown = sorted(set(fields) - set(required) - set(optional))
     if missing or unknown:
-      raise ValueError(f"config.model for AttentionOnlyLM: missing {missing}, unknown "
-                       f"{unknown}; fields are {list(required + optional)}")
+      raise ValueError(
+        f"config.model for AttentionOnlyLM: missing {missing}, unknown "
+        f"{unknown}; fields are {list(required + optional)}"
+      )
     return cls(**fields)
 
   def init_params(self, key: jax.Array) -> Params:
     return self.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
-  def logits(self, params: Params, tokens_BxT: jax.Array, head_keep=None, head_mean=None,
-             pos_ablation: bool = False) -> jax.Array:
+  def logits(
+    self,
+    params: Params,
+    tokens_BxT: jax.Array,
+    head_keep=None,
+    head_mean=None,
+    pos_ablation: bool = False,
+  ) -> jax.Array:
     """Next-token logits [B, T, V]."""
     # flax types apply's result as Any | (Any, mutated variables); no mutable here.
-    return cast(jax.Array, self.apply({"params": params}, tokens_BxT, head_keep=head_keep,
-                                      head_mean=head_mean, pos_ablation=pos_ablation))
+    return cast(
+      jax.Array,
+      self.apply(
+        {"params": params},
+        tokens_BxT,
+        head_keep=head_keep,
+        head_mean=head_mean,
+        pos_ablation=pos_ablation,
+      ),
+    )
 
-  def attention_patterns(self, params: Params, tokens_BxT: jax.Array,
-                         pos_ablation: bool = False) -> jax.Array:
+  def attention_patterns(
+    self, params: Params, tokens_BxT: jax.Array, pos_ablation: bool = False
+  ) -> jax.Array:
     """Attention patterns attn [L, B, H, T, S] (rows sum to 1, zero above the diagonal)."""
-    _, attn_LxBxHxTxS = cast(tuple[jax.Array, jax.Array], self.apply(
-        {"params": params}, tokens_BxT, return_attention=True, pos_ablation=pos_ablation))
+    _, attn_LxBxHxTxS = cast(
+      tuple[jax.Array, jax.Array],
+      self.apply({"params": params}, tokens_BxT, return_attention=True, pos_ablation=pos_ablation),
+    )
     return attn_LxBxHxTxS
 
-  def per_token_loss(self, params: Params, tokens_BxT: jax.Array, head_keep=None,
-                     head_mean=None, pos_ablation: bool = False) -> jax.Array:
+  def per_token_loss(
+    self,
+    params: Params,
+    tokens_BxT: jax.Array,
+    head_keep=None,
+    head_mean=None,
+    pos_ablation: bool = False,
+  ) -> jax.Array:
     """Next-token cross-entropy [B, T − 1]: position t predicts token t + 1."""
     if jnp.ndim(tokens_BxT) == 2 and jnp.shape(tokens_BxT)[1] < 2:
-      raise ValueError(f"tokens have shape {jnp.shape(tokens_BxT)}; a next-token loss "
-                       "needs at least 2 tokens per sequence")
+      raise ValueError(
+        f"tokens have shape {jnp.shape(tokens_BxT)}; a next-token loss "
+        "needs at least 2 tokens per sequence"
+      )
     logits_BxTxV = self.logits(params, tokens_BxT, head_keep, head_mean, pos_ablation)
     logp_BxTm1xV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
     targets_BxTm1 = tokens_BxT[:, 1:]
     return -jnp.take_along_axis(logp_BxTm1xV, targets_BxTm1[..., None], axis=-1)[..., 0]
 
-  def per_position_loss(self, params: Params, batch: Mapping[str, jax.Array], head_keep=None,
-                        head_mean=None, pos_ablation: bool = False) -> jax.Array:
+  def per_position_loss(
+    self,
+    params: Params,
+    batch: Mapping[str, jax.Array],
+    head_keep=None,
+    head_mean=None,
+    pos_ablation: bool = False,
+  ) -> jax.Array:
     """Next-token cross-entropy per position, averaged over the batch: [T − 1]."""
-    return jnp.mean(self.per_token_loss(params, _tokens(batch), head_keep, head_mean,
-                                        pos_ablation), axis=0)
+    return jnp.mean(
+      self.per_token_loss(params, _tokens(batch), head_keep, head_mean, pos_ablation), axis=0
+    )
 
   def loss(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
     """Mean next-token cross-entropy over the batch and positions (a scalar).
@@ -252,25 +304,28 @@ class AttentionOnlyLM(nn.Module):
     """`loss` with W_pos replaced by its mean over positions (a scalar)."""
     return jnp.mean(self.per_token_loss(params, _tokens(batch), pos_ablation=True))
 
-  def head_activations(self, params: Params, batch: Mapping[str, jax.Array]
-                       ) -> dict[str, jax.Array]:
+  def head_activations(
+    self, params: Params, batch: Mapping[str, jax.Array]
+  ) -> dict[str, jax.Array]:
     """Per-head activations on `batch` ({'tokens'}), unablated.
 
     Returns {'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}
     (the `head_activations_fn` of `analysis.overlap`).
     """
-    _, heads = cast(tuple[jax.Array, dict[str, jax.Array]], self.apply(
-        {"params": params}, _tokens(batch), return_heads=True))
+    _, heads = cast(
+      tuple[jax.Array, dict[str, jax.Array]],
+      self.apply({"params": params}, _tokens(batch), return_heads=True),
+    )
     return heads
 
-  def ablated_loss(self, params: Params, batch: Mapping[str, jax.Array], head_keep_LxH,
-                   head_mean_LxTxHxE) -> jax.Array:
+  def ablated_loss(
+    self, params: Params, batch: Mapping[str, jax.Array], head_keep_LxH, head_mean_LxTxHxE
+  ) -> jax.Array:
     """`loss` with heads mean-ablated: z ← keep·z + (1 − keep)·mean (a scalar).
 
     The `ablated_loss_fn` of `analysis.overlap`; `head_mean_LxTxHxE=None` zero-ablates.
     """
-    return jnp.mean(self.per_token_loss(params, _tokens(batch), head_keep_LxH,
-                                        head_mean_LxTxHxE))
+    return jnp.mean(self.per_token_loss(params, _tokens(batch), head_keep_LxH, head_mean_LxTxHxE))
 
 
 def _tokens(batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -41,8 +41,9 @@ def product(params: dict) -> jax.Array:
   return out
 
 
-def most_singular_point(key: jax.Array, widths: Sequence[int], rank: int,
-                        scale: float = 1.0) -> dict:
+def most_singular_point(
+  key: jax.Array, widths: Sequence[int], rank: int, scale: float = 1.0
+) -> dict:
   """A true parameter with every layer of rank exactly `rank`.
 
   Layer i is U_{i+1} V_iᵀ-shaped: W_i = A_{i+1} B_iᵀ with random [H, r] factors,

@@ -40,8 +40,9 @@ class ReLUMLP:
   def __post_init__(self):
     widths = tuple(int(w) for w in self.widths)
     if len(widths) < 2 or min(widths) < 1:
-      raise ValueError(f"widths must be >= 2 positive integers (input, …, output), got "
-                       f"{self.widths}")
+      raise ValueError(
+        f"widths must be >= 2 positive integers (input, …, output), got {self.widths}"
+      )
     if not self.init_scale > 0:
       raise ValueError(f"init_scale must be > 0, got {self.init_scale}")
     object.__setattr__(self, "widths", widths)
@@ -49,8 +50,9 @@ class ReLUMLP:
   @classmethod
   def from_config(cls, config) -> "ReLUMLP":
     """The student of an experiment config (`model.widths`, `model.init_scale`)."""
-    return cls(widths=tuple(config.model.widths),
-               init_scale=float(config.model.get("init_scale", 1.0)))
+    return cls(
+      widths=tuple(config.model.widths), init_scale=float(config.model.get("init_scale", 1.0))
+    )
 
   @property
   def num_layers(self) -> int:
@@ -72,8 +74,9 @@ class ReLUMLP:
     for l, (d_in, d_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
       bound = self.init_scale / jnp.sqrt(d_in)
       params[layer_name(l)] = {
-          "kernel": jax.random.uniform(keys[2 * l], (d_in, d_out), jnp.float32, -bound, bound),
-          "bias": jax.random.uniform(keys[2 * l + 1], (d_out,), jnp.float32, -bound, bound)}
+        "kernel": jax.random.uniform(keys[2 * l], (d_in, d_out), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(keys[2 * l + 1], (d_out,), jnp.float32, -bound, bound),
+      }
     return params
 
   def hidden(self, params: Params, x_BxD: jax.Array) -> list[jax.Array]:

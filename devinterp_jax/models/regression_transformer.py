@@ -73,7 +73,7 @@ class Dense(nn.Module):
     y = x @ kernel
     if self.use_bias:
       bias = self.param("bias", torch_uniform(fan_in), (self.features,))
-      y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)   # explicit: no rank promotion
+      y = y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)  # explicit: no rank promotion
     return y
 
 
@@ -84,8 +84,7 @@ class CausalSelfAttention(nn.Module):
   attn_out_proj: bool = True
 
   @nn.compact
-  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None,
-               return_heads: bool = False):
+  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None, return_heads: bool = False):
     """(out [B, T, D], attn [B, H, T, S]), or (out, heads) with `return_heads`.
 
     `head_keep_H` [H] and `head_mean_TxHxE` [T, H, E] mean-ablate heads (see the
@@ -104,8 +103,7 @@ class CausalSelfAttention(nn.Module):
     # One fused QKV matmul, as in the paper's fused projection.
     qkv_3xBxTxHxE = jnp.einsum("btd,cdhe->cbthe", x_BxTxD, jnp.stack([w_q, w_k, w_v]))
     q, k, v = qkv_3xBxTxHxE
-    attn_BxHxTxS, z_BxTxHxE = attention_core.causal_attention(q, k, v, head_keep_H,
-                                                              head_mean_TxHxE)
+    attn_BxHxTxS, z_BxTxHxE = attention_core.causal_attention(q, k, v, head_keep_H, head_mean_TxHxE)
     if self.attn_out_proj:
       w_o_HxExD = self.param("w_o", init, (H, E, D))
       out_BxTxD = jnp.einsum("bthe,hed->btd", z_BxTxHxE, w_o_HxExD)
@@ -129,17 +127,21 @@ class Block(nn.Module):
   layer_norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None,
-               return_heads: bool = False):
+  def __call__(self, x_BxTxD, head_keep_H=None, head_mean_TxHxE=None, return_heads: bool = False):
     """(out, attn [B, H, T, S]), or (out, heads) with `return_heads` (as the attention)."""
     D = x_BxTxD.shape[-1]
-    a_BxTxD, attn_or_heads = CausalSelfAttention(
-        self.num_heads, self.attn_out_proj, name="attn")(
-            nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")(x_BxTxD),
-            head_keep_H, head_mean_TxHxE, return_heads)
+    a_BxTxD, attn_or_heads = CausalSelfAttention(self.num_heads, self.attn_out_proj, name="attn")(
+      nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_1")(x_BxTxD),
+      head_keep_H,
+      head_mean_TxHxE,
+      return_heads,
+    )
     h_BxTxD = x_BxTxD + a_BxTxD
-    m_BxTxF = nn.relu(Dense(self.d_mlp, name="mlp_in")(
-        nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_2")(h_BxTxD)))
+    m_BxTxF = nn.relu(
+      Dense(self.d_mlp, name="mlp_in")(
+        nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_2")(h_BxTxD)
+      )
+    )
     return h_BxTxD + Dense(D, name="mlp_out")(m_BxTxF), attn_or_heads
 
 
@@ -157,8 +159,14 @@ class RegressionTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, tokens_BxTxV, return_attention: bool = False, head_keep=None,
-               head_mean=None, return_heads: bool = False):
+  def __call__(
+    self,
+    tokens_BxTxV,
+    return_attention: bool = False,
+    head_keep=None,
+    head_mean=None,
+    return_heads: bool = False,
+  ):
     """Outputs [B, T, V]; with `return_attention` also attn [L, B, H, T, S].
 
     `head_keep` [L, H] and `head_mean` [L, T, H, E] mean-ablate heads (module
@@ -180,9 +188,9 @@ class RegressionTransformer(nn.Module):
     for layer in range(self.num_layers):
       keep_H = None if head_keep is None else head_keep[layer]
       mean_TxHxE = None if head_mean is None else head_mean[layer]
-      block_out, attn_or_heads = Block(self.num_heads, self.d_mlp, self.attn_out_proj,
-                                       self.layer_norm_eps, name=f"block_{layer}")(
-                                           x_BxTxD, keep_H, mean_TxHxE, return_heads)
+      block_out, attn_or_heads = Block(
+        self.num_heads, self.d_mlp, self.attn_out_proj, self.layer_norm_eps, name=f"block_{layer}"
+      )(x_BxTxD, keep_H, mean_TxHxE, return_heads)
       x_BxTxD = x_BxTxD + block_out if self.double_residual else block_out
       per_layer.append(attn_or_heads)
     x_BxTxD = nn.LayerNorm(epsilon=self.layer_norm_eps, name="ln_f")(x_BxTxD)
@@ -196,31 +204,43 @@ class RegressionTransformer(nn.Module):
   @classmethod
   def from_config(cls, config) -> "RegressionTransformer":
     """The model of an experiment config (fields `task` and `model`)."""
-    return cls(task_size=config.task.task_size, max_examples=config.task.max_examples,
-               **config.model)
+    return cls(
+      task_size=config.task.task_size, max_examples=config.task.max_examples, **config.model
+    )
 
   def init_params(self, key: jax.Array) -> Params:
     tokens = jnp.zeros((1, 2 * self.max_examples, self.task_size + 1))
     return self.init(key, tokens)["params"]
 
-  def predict(self, params: Params, xs_BxKxD: jax.Array, ys_BxK: jax.Array,
-              return_attention: bool = False, head_keep=None, head_mean=None):
+  def predict(
+    self,
+    params: Params,
+    xs_BxKxD: jax.Array,
+    ys_BxK: jax.Array,
+    return_attention: bool = False,
+    head_keep=None,
+    head_mean=None,
+  ):
     """Predictions ŷ_k [B, K] read from channel 0 at the x-token positions.
 
     `head_keep` [L, H], `head_mean` [L, 2K, H, E]: mean-ablation (module docstring).
     """
     # flax types apply's result as Any | (Any, mutated variables); no mutable here.
-    out = cast(Any, self.apply({"params": params}, to_tokens(xs_BxKxD, ys_BxK),
-                               return_attention, head_keep, head_mean))
+    out = cast(
+      Any,
+      self.apply(
+        {"params": params}, to_tokens(xs_BxKxD, ys_BxK), return_attention, head_keep, head_mean
+      ),
+    )
     out_BxTxV, attn = out if return_attention else (out, None)
     preds_BxK = out_BxTxV[:, 0::2, 0]
     return (preds_BxK, attn) if return_attention else preds_BxK
 
-  def per_prediction_loss(self, params: Params, batch, head_keep=None,
-                          head_mean=None) -> jax.Array:
+  def per_prediction_loss(self, params: Params, batch, head_keep=None, head_mean=None) -> jax.Array:
     """Squared error per prediction, averaged over the batch: [K]."""
-    preds_BxK = self.predict(params, batch["xs"], batch["ys"], head_keep=head_keep,
-                             head_mean=head_mean)
+    preds_BxK = self.predict(
+      params, batch["xs"], batch["ys"], head_keep=head_keep, head_mean=head_mean
+    )
     return jnp.mean(jnp.square(preds_BxK - batch["ys"]), axis=0)
 
   def loss(self, params: Params, batch) -> jax.Array:
@@ -233,8 +253,10 @@ class RegressionTransformer(nn.Module):
     Returns {'attn' [L, B, H, T, S], 'z' [L, B, T, H, E], 'contrib' [L, B, T, H, D]}
     (the `head_activations_fn` of `analysis.overlap`).
     """
-    _, heads = cast(tuple[jax.Array, dict[str, jax.Array]], self.apply(
-        {"params": params}, to_tokens(batch["xs"], batch["ys"]), return_heads=True))
+    _, heads = cast(
+      tuple[jax.Array, dict[str, jax.Array]],
+      self.apply({"params": params}, to_tokens(batch["xs"], batch["ys"]), return_heads=True),
+    )
     return heads
 
   def ablated_loss(self, params: Params, batch, head_keep_LxH, head_mean_LxTxHxE) -> jax.Array:

@@ -34,24 +34,66 @@ CONVERGENCE_STATUS = ("converged", "not_converged", "unchecked")
 CONVERGED, NOT_CONVERGED, UNCHECKED = range(len(CONVERGENCE_STATUS))
 
 # Wichura (1988), Algorithm AS 241 (PPND16): Φ⁻¹ to about 1e-16 relative accuracy.
-_A = (3.3871328727963666080e0, 1.3314166789178437745e2, 1.9715909503065514427e3,
-      1.3731693765509461125e4, 4.5921953931549871457e4, 6.7265770927008700853e4,
-      3.3430575583588128105e4, 2.5090809287301226727e3)
-_B = (1.0, 4.2313330701600911252e1, 6.8718700749205790830e2, 5.3941960214247511077e3,
-      2.1213794301586595867e4, 3.9307895800092710610e4, 2.8729085735721942674e4,
-      5.2264952788528545610e3)
-_C = (1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
-      3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
-      2.27238449892691845833e-2, 7.74545014278341407640e-4)
-_D = (1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
-      1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
-      1.05075007164441684324e-9)
-_E = (6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
-      2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
-      2.71155556874348757815e-5, 2.01033439929228813265e-7)
-_F = (1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
-      7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
-      2.04426310338993978564e-15)
+_A = (
+  3.3871328727963666080e0,
+  1.3314166789178437745e2,
+  1.9715909503065514427e3,
+  1.3731693765509461125e4,
+  4.5921953931549871457e4,
+  6.7265770927008700853e4,
+  3.3430575583588128105e4,
+  2.5090809287301226727e3,
+)
+_B = (
+  1.0,
+  4.2313330701600911252e1,
+  6.8718700749205790830e2,
+  5.3941960214247511077e3,
+  2.1213794301586595867e4,
+  3.9307895800092710610e4,
+  2.8729085735721942674e4,
+  5.2264952788528545610e3,
+)
+_C = (
+  1.42343711074968357734e0,
+  4.63033784615654529590e0,
+  5.76949722146069140550e0,
+  3.64784832476320460504e0,
+  1.27045825245236838258e0,
+  2.41780725177450611770e-1,
+  2.27238449892691845833e-2,
+  7.74545014278341407640e-4,
+)
+_D = (
+  1.0,
+  2.05319162663775882187e0,
+  1.67638483018380384940e0,
+  6.89767334985100004550e-1,
+  1.48103976427480074590e-1,
+  1.51986665636164571966e-2,
+  5.47593808499534494600e-4,
+  1.05075007164441684324e-9,
+)
+_E = (
+  6.65790464350110377720e0,
+  5.46378491116411436990e0,
+  1.78482653991729133580e0,
+  2.96560571828504891230e-1,
+  2.65321895265761230930e-2,
+  1.24266094738807843860e-3,
+  2.71155556874348757815e-5,
+  2.01033439929228813265e-7,
+)
+_F = (
+  1.0,
+  5.99832206555887937690e-1,
+  1.36929880922735805310e-1,
+  1.48753612908506148525e-2,
+  7.86869131145613259100e-4,
+  1.84631831751005468180e-5,
+  1.42151175831644588870e-7,
+  2.04426310338993978564e-15,
+)
 
 
 def _poly(coeffs: tuple[float, ...], x: np.ndarray) -> np.ndarray:
@@ -108,7 +150,7 @@ def split_chains(x: np.ndarray) -> np.ndarray:
   """Each chain cut into its halves: [..., C, T] -> [..., 2C, T//2] (the middle draw of odd T dropped)."""
   x = np.asarray(x)
   half = x.shape[-1] // 2
-  return np.concatenate([x[..., :half], x[..., x.shape[-1] - half:]], axis=-2)
+  return np.concatenate([x[..., :half], x[..., x.shape[-1] - half :]], axis=-2)
 
 
 def _fast_len(n: int) -> int:
@@ -146,25 +188,25 @@ def _ess_chains(x: np.ndarray) -> np.ndarray:
   finite = np.asarray(np.isfinite(x).all((-2, -1)))
   x = np.where(finite[..., None, None], x, 0.0)
   constant = (x.max((-2, -1)) - x.min((-2, -1))) < np.finfo(np.float64).resolution
-  acov = _autocov(x)                                   # [..., M, N]
-  mean_var = acov[..., 0].mean(-1) * n / (n - 1.0)     # W
+  acov = _autocov(x)  # [..., M, N]
+  mean_var = acov[..., 0].mean(-1) * n / (n - 1.0)  # W
   var_plus = mean_var * (n - 1.0) / n
   if m > 1:
     var_plus = var_plus + x.mean(-1).var(-1, ddof=1)
   with np.errstate(invalid="ignore", divide="ignore"):
-    rho = 1.0 - (mean_var[..., None] - acov.mean(-2)) / var_plus[..., None]   # [..., N]
+    rho = 1.0 - (mean_var[..., None] - acov.mean(-2)) / var_plus[..., None]  # [..., N]
   rho[..., 0] = 1.0
-  kmax = (n - 3) // 2                                  # the last pair Geyer's loop can reach
-  pairs = rho[..., 0:2 * kmax + 2:2] + rho[..., 1:2 * kmax + 2:2]   # P_k, k = 0..kmax
+  kmax = (n - 3) // 2  # the last pair Geyer's loop can reach
+  pairs = rho[..., 0 : 2 * kmax + 2 : 2] + rho[..., 1 : 2 * kmax + 2 : 2]  # P_k, k = 0..kmax
   nonpos = pairs[..., 1:] <= 0
   if kmax > 0:
     k_stop = np.where(nonpos.any(-1), nonpos.argmax(-1) + 1, kmax)
   else:
     k_stop = np.zeros(shape, np.int64)
-  k_stop = np.where(pairs[..., 0] > 0, k_stop, 0)      # K: the last pair the loop looked at
-  monotone = np.minimum.accumulate(pairs, axis=-1)     # initial monotone sequence
+  k_stop = np.where(pairs[..., 0] > 0, k_stop, 0)  # K: the last pair the loop looked at
+  monotone = np.minimum.accumulate(pairs, axis=-1)  # initial monotone sequence
   csum = np.concatenate([np.zeros(shape + (1,)), np.cumsum(monotone, -1)], -1)
-  head = np.take_along_axis(csum, k_stop[..., None], -1)[..., 0]        # Σ_{k<K} P'_k
+  head = np.take_along_axis(csum, k_stop[..., None], -1)[..., 0]  # Σ_{k<K} P'_k
   even = np.take_along_axis(rho, 2 * k_stop[..., None], -1)[..., 0]
   last_pair = np.take_along_axis(pairs, k_stop[..., None], -1)[..., 0]
   even = np.where((last_pair >= 0) | (even > 0), even, 0.0)
@@ -197,8 +239,9 @@ def rhat(x: np.ndarray) -> np.ndarray:
   split = split_chains(np.asarray(x, np.float64))
   if split.shape[-1] < 2:
     return np.full(split.shape[:-2], np.nan)
-  return np.maximum(_rhat_chains(rank_normalize(split)),
-                    _rhat_chains(rank_normalize(_folded(split))))
+  return np.maximum(
+    _rhat_chains(rank_normalize(split)), _rhat_chains(rank_normalize(_folded(split)))
+  )
 
 
 def ess_bulk(x: np.ndarray) -> np.ndarray:
@@ -211,7 +254,7 @@ def ess_tail(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x, np.float64)
   flat = x.reshape(*x.shape[:-2], -1)
   with np.errstate(invalid="ignore"):
-    q = np.quantile(flat, [0.05, 0.95], axis=-1)       # [2, ...]
+    q = np.quantile(flat, [0.05, 0.95], axis=-1)  # [2, ...]
   out = [_ess_chains(split_chains((x <= qi[..., None, None]).astype(np.float64))) for qi in q]
   finite = np.isfinite(flat).all(-1)
   return np.where(finite, np.minimum(*out), np.nan)
@@ -240,7 +283,7 @@ def drift_z(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x, np.float64)
   half = x.shape[-1] // 2
   stats = []
-  for h in (x[..., :half], x[..., x.shape[-1] - half:]):
+  for h in (x[..., :half], x[..., x.shape[-1] - half :]):
     flat = h.reshape(*h.shape[:-2], -1)
     with np.errstate(invalid="ignore", divide="ignore"):
       stats.append((flat.mean(-1), flat.std(-1, ddof=1) / np.sqrt(ess_mean(h))))
@@ -261,13 +304,13 @@ def mser_truncation(y: np.ndarray, batch: int = 5, max_fraction: float = 0.5) ->
   k = y.shape[-1] // batch
   if k < 2:
     return np.zeros(y.shape[:-1], np.int64)
-  z = y[..., :k * batch].reshape(*y.shape[:-1], k, batch).mean(-1)
+  z = y[..., : k * batch].reshape(*y.shape[:-1], k, batch).mean(-1)
   z = z - z.mean(-1, keepdims=True)
   dmax = min(int(max_fraction * k), k - 2)
-  s1 = np.cumsum(z[..., ::-1], -1)[..., ::-1][..., :dmax + 1]       # Σ_{j≥d} Z_j
-  s2 = np.cumsum(z[..., ::-1] ** 2, -1)[..., ::-1][..., :dmax + 1]
+  s1 = np.cumsum(z[..., ::-1], -1)[..., ::-1][..., : dmax + 1]  # Σ_{j≥d} Z_j
+  s2 = np.cumsum(z[..., ::-1] ** 2, -1)[..., ::-1][..., : dmax + 1]
   left = k - np.arange(dmax + 1)
-  mser = (s2 - s1 ** 2 / left) / left ** 2
+  mser = (s2 - s1**2 / left) / left**2
   mser = np.where(np.isfinite(mser), mser, np.inf)
   return mser.argmin(-1).astype(np.int64) * batch
 
@@ -329,17 +372,24 @@ def _stats(x: np.ndarray) -> dict[str, np.ndarray]:
   if split.shape[-1] < 2 or x.shape[-2] < 1:
     return {k: np.full(shape, np.nan) for k in _STATS}
   z = rank_normalize(split)
-  return {"rhat": np.maximum(_rhat_chains(z), _rhat_chains(rank_normalize(_folded(split)))),
-          "ess_bulk": _ess_chains(z), "ess_tail": ess_tail(x), "drift_z": drift_z(x),
-          "mcse": mcse_mean(x)}
+  return {
+    "rhat": np.maximum(_rhat_chains(z), _rhat_chains(rank_normalize(_folded(split)))),
+    "ess_bulk": _ess_chains(z),
+    "ess_tail": ess_tail(x),
+    "drift_z": drift_z(x),
+    "mcse": mcse_mean(x),
+  }
 
 
 def _fmt(v: float, spec: str) -> str:
   return format(v, spec).replace("-", "−")
 
 
-def assess(loss_trace: np.ndarray, criteria: ConvergenceCriteria = ConvergenceCriteria(),
-           valid: np.ndarray | None = None) -> dict:
+def assess(
+  loss_trace: np.ndarray,
+  criteria: ConvergenceCriteria = ConvergenceCriteria(),
+  valid: np.ndarray | None = None,
+) -> dict:
   """Convergence of the kept draws loss_trace [..., C, T] (burn-in already removed).
 
   Args:
@@ -373,17 +423,18 @@ def assess(loss_trace: np.ndarray, criteria: ConvergenceCriteria = ConvergenceCr
     stats = {k: np.array([r[k] for r in rows], np.float64).reshape(shape) for k in _STATS}
     chains = flat_v.sum(-1).reshape(shape).astype(np.int64)
   safe = np.maximum(chains, 1)
-  out: dict = dict(stats)   # the stats and their int / str fields
+  out: dict = dict(stats)  # the stats and their int / str fields
   out["ess_bulk_per_chain"] = stats["ess_bulk"] / safe
   out["ess_tail_per_chain"] = stats["ess_tail"] / safe
   out["num_draws"] = np.full(shape, t, np.int64)
   out["num_chains"] = chains
 
   fails = {
-      "rhat": ~(stats["rhat"] < c.rhat_max),
-      "ess_bulk": ~(out["ess_bulk_per_chain"] >= c.ess_bulk_min_per_chain),
-      "ess_tail": ~(out["ess_tail_per_chain"] >= c.ess_tail_min_per_chain),
-      "drift": ~(np.abs(stats["drift_z"]) <= c.drift_z_max)}
+    "rhat": ~(stats["rhat"] < c.rhat_max),
+    "ess_bulk": ~(out["ess_bulk_per_chain"] >= c.ess_bulk_min_per_chain),
+    "ess_tail": ~(out["ess_tail_per_chain"] >= c.ess_tail_min_per_chain),
+    "drift": ~(np.abs(stats["drift_z"]) <= c.drift_z_max),
+  }
   bad = np.zeros(shape, bool)
   for f in fails.values():
     bad |= f
@@ -401,11 +452,15 @@ def assess(loss_trace: np.ndarray, criteria: ConvergenceCriteria = ConvergenceCr
     if flat["fail_rhat"][i]:
       parts.append(f"R̂ {_fmt(flat['rhat'][i], '.3f')} ≥ {c.rhat_max:g}")
     if flat["fail_ess_bulk"][i]:
-      parts.append(f"bulk ESS/chain {_fmt(flat['ess_bulk_per_chain'][i], '.0f')} "
-                   f"< {c.ess_bulk_min_per_chain:g}")
+      parts.append(
+        f"bulk ESS/chain {_fmt(flat['ess_bulk_per_chain'][i], '.0f')} "
+        f"< {c.ess_bulk_min_per_chain:g}"
+      )
     if flat["fail_ess_tail"][i]:
-      parts.append(f"tail ESS/chain {_fmt(flat['ess_tail_per_chain'][i], '.0f')} "
-                   f"< {c.ess_tail_min_per_chain:g}")
+      parts.append(
+        f"tail ESS/chain {_fmt(flat['ess_tail_per_chain'][i], '.0f')} "
+        f"< {c.ess_tail_min_per_chain:g}"
+      )
     if flat["fail_drift"][i]:
       parts.append(f"drift z {_fmt(flat['drift_z'][i], '.1f')}")
     reasons.append("; ".join(parts))

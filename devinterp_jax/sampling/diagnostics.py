@@ -68,8 +68,9 @@ class HealthCriteria(convergence_lib.ConvergenceCriteria):
   escape_llc: float = 0.5
 
 
-def autocorrelation_time(x: np.ndarray, window_factor: float = 5.0,
-                         pool_axis: int | None = None) -> np.ndarray:
+def autocorrelation_time(
+  x: np.ndarray, window_factor: float = 5.0, pool_axis: int | None = None
+) -> np.ndarray:
   """Integrated autocorrelation time τ of x along the last axis, [...].
 
   τ = 1 + 2 Σ_{k≤M} ρ_k with Sokal's adaptive window (the smallest M ≥ c·τ(M));
@@ -100,16 +101,21 @@ def _quarter_stats(x: np.ndarray, q: int, tau: np.ndarray):
   """Mean of x[..., q-th quarter] and its standard error given the chain's τ."""
   t = x.shape[-1]
   lo, hi = (q * t) // 4, ((q + 1) * t) // 4
-  seg = x[..., lo:max(hi, lo + 1)]
+  seg = x[..., lo : max(hi, lo + 1)]
   n = seg.shape[-1]
   se = seg.std(-1, ddof=1) * np.sqrt(tau / n) if n > 1 else np.zeros(seg.shape[:-1])
   return seg.mean(-1), se
 
 
-def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np.ndarray,
-                 num_params: int | np.ndarray, distance: np.ndarray | None = None,
-                 criteria: HealthCriteria = HealthCriteria(),
-                 not_converged: bool | np.ndarray | None = None) -> dict[str, np.ndarray]:
+def chain_health(
+  loss_trace: np.ndarray,
+  init_losses: np.ndarray,
+  nbeta: float | np.ndarray,
+  num_params: int | np.ndarray,
+  distance: np.ndarray | None = None,
+  criteria: HealthCriteria = HealthCriteria(),
+  not_converged: bool | np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
   """Health flags and status of every chain, on its kept draws.
 
   Args:
@@ -137,37 +143,57 @@ def chain_health(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float |
     finite = np.isfinite(loss).all(-1) & np.isfinite(init_loss)
     if distance is not None:
       finite &= np.isfinite(np.asarray(distance)).all(-1)
-    half = loss[..., loss.shape[-1] // 2:]
+    half = loss[..., loss.shape[-1] // 2 :]
     half = np.where(np.isfinite(half), half, 0.0)
     t = np.arange(half.shape[-1]) - (half.shape[-1] - 1) / 2
     slope = (half * t).sum(-1, keepdims=True) / max((t * t).sum(), 1e-12)
     # A trend is drift, not autocorrelation; the chains of a checkpoint share τ.
     tau = autocorrelation_time(half - slope * t, pool_axis=-2)
     m4, se4 = _quarter_stats(loss, 3, tau)
-    threshold = np.maximum(c.divergence_llc_factor * np.asarray(num_params, np.float64),
-                           c.divergence_llc_floor)[..., None]   # per entry, over its chains
+    threshold = np.maximum(
+      c.divergence_llc_factor * np.asarray(num_params, np.float64), c.divergence_llc_floor
+    )[..., None]  # per entry, over its chains
     blown = nbeta * (m4 - init_loss) > threshold
     diverged = ~finite | blown
     below = m4 - init_loss
     escape_z = below / np.maximum(np.hypot(se4, init_se), 1e-30)
     escaped = ~diverged & (escape_z < -c.escape_z) & (nbeta * below < -c.escape_llc)
-    stuck = np.zeros(llc.shape, bool) if not_converged is None else np.broadcast_to(
-        np.asarray(not_converged, bool)[..., None], llc.shape)
+    stuck = (
+      np.zeros(llc.shape, bool)
+      if not_converged is None
+      else np.broadcast_to(np.asarray(not_converged, bool)[..., None], llc.shape)
+    )
     not_conv = ~diverged & stuck
     negative = ~diverged & (llc < 0)
 
   status = np.full(llc.shape, OK, np.int8)
-  for flag, code in ((negative, NEGATIVE), (not_conv, NOT_CONVERGED),
-                     (escaped, ESCAPED), (diverged, DIVERGED)):
+  for flag, code in (
+    (negative, NEGATIVE),
+    (not_conv, NOT_CONVERGED),
+    (escaped, ESCAPED),
+    (diverged, DIVERGED),
+  ):
     status = np.where(flag, np.int8(code), status)
-  return {"status": status, "diverged": diverged, "escaped": escaped,
-          "not_converged": not_conv, "negative": negative,
-          "llc_per_chain": llc, "escape_z": np.where(finite, escape_z, np.nan),
-          "autocorrelation_time": tau}
+  return {
+    "status": status,
+    "diverged": diverged,
+    "escaped": escaped,
+    "not_converged": not_conv,
+    "negative": negative,
+    "llc_per_chain": llc,
+    "escape_z": np.where(finite, escape_z, np.nan),
+    "autocorrelation_time": tau,
+  }
 
 
-def assess(loss_draws: np.ndarray, init_losses: np.ndarray, nbeta: float, num_params: int,
-           burnin: int | str = "auto", criteria: HealthCriteria = HealthCriteria()) -> dict:
+def assess(
+  loss_draws: np.ndarray,
+  init_losses: np.ndarray,
+  nbeta: float,
+  num_params: int,
+  burnin: int | str = "auto",
+  criteria: HealthCriteria = HealthCriteria(),
+) -> dict:
   """Burn-in, divergence and convergence of one checkpoint's chains.
 
   Args:
@@ -192,22 +218,37 @@ def assess(loss_draws: np.ndarray, init_losses: np.ndarray, nbeta: float, num_pa
   kept = loss[:, b:]
   health = chain_health(kept, init_losses, nbeta, num_params, criteria=criteria)
   valid = ~health["diverged"]
-  out: dict = {"burnin": b, "mser": mser, "relaxing": relaxing, "valid": valid,
-               "num_recorded": t}
+  out: dict = {"burnin": b, "mser": mser, "relaxing": relaxing, "valid": valid, "num_recorded": t}
   conv = convergence_lib.assess(kept[None], criteria, valid[None])
-  for k in ("rhat", "ess_bulk", "ess_tail", "ess_bulk_per_chain", "ess_tail_per_chain",
-            "drift_z", "num_draws", "num_chains"):
+  for k in (
+    "rhat",
+    "ess_bulk",
+    "ess_tail",
+    "ess_bulk_per_chain",
+    "ess_tail_per_chain",
+    "drift_z",
+    "num_draws",
+    "num_chains",
+  ):
     out[k] = conv[k][0].item()
   out["mcse"] = float(nbeta * conv["mcse"][0])
   status, reason = int(conv["status"][0]), conv["reasons"][0]
   if relaxing and valid.any():
     status = convergence_lib.NOT_CONVERGED
-    reason = "; ".join(r for r in (f"still relaxing (MSER-5 point at draw {mser} of {t}, "
-                                   f"beyond the first quarter)", reason) if r)
+    reason = "; ".join(
+      r
+      for r in (
+        f"still relaxing (MSER-5 point at draw {mser} of {t}, beyond the first quarter)",
+        reason,
+      )
+      if r
+    )
   elif status == convergence_lib.UNCHECKED:
-    reason = (f"{out['num_chains']} valid chains (< {criteria.min_chains})"
-              if out["num_chains"] < criteria.min_chains else
-              f"{out['num_draws']} kept draws (< {criteria.min_draws})")
+    reason = (
+      f"{out['num_chains']} valid chains (< {criteria.min_chains})"
+      if out["num_chains"] < criteria.min_chains
+      else f"{out['num_draws']} kept draws (< {criteria.min_draws})"
+    )
   out["status"], out["reason"] = status, reason
   llc = health["llc_per_chain"]
   out["llc"] = float(llc[valid].mean()) if valid.any() else float("nan")

@@ -27,20 +27,20 @@ from devinterp_jax.typing import LossFn, Params
 class StepInfo(NamedTuple):
   """What one step computed; observers (`sampling/observers.py`) read it."""
 
-  t: jax.Array                # global step (an unbatched scalar inside the program)
-  params: Params              # w_t, chain coordinates
-  params_star: Params         # w* (θ* for a restricted chain)
-  loss: jax.Array             # L_B(w_t) on this step's minibatch
-  grads: Params               # ∇L_B(w_t), restricted
-  updates: Params             # Δw = w_{t+1} − w_t
-  proposal: Params            # w_{t+1}
-  state: Any                  # the sampler state after the update
-  prior_state: Any            # the sampler state before it (e.g. the momentum at w_t)
-  batch: Any                  # this step's minibatch
-  batch_key: jax.Array        # the key that drew it
+  t: jax.Array  # global step (an unbatched scalar inside the program)
+  params: Params  # w_t, chain coordinates
+  params_star: Params  # w* (θ* for a restricted chain)
+  loss: jax.Array  # L_B(w_t) on this step's minibatch
+  grads: Params  # ∇L_B(w_t), restricted
+  updates: Params  # Δw = w_{t+1} − w_t
+  proposal: Params  # w_{t+1}
+  state: Any  # the sampler state after the update
+  prior_state: Any  # the sampler state before it (e.g. the momentum at w_t)
+  batch: Any  # this step's minibatch
+  batch_key: jax.Array  # the key that drew it
   hypers: Mapping[str, jax.Array]  # step_size, nbeta, localization
-  mask: Any                   # 0/1 over chain coordinates, or None
-  loss_fn: LossFn             # the loss in chain coordinates
+  mask: Any  # 0/1 over chain coordinates, or None
+  loss_fn: LossFn  # the loss in chain coordinates
 
 
 def step_keys(chain_key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -49,23 +49,46 @@ def step_keys(chain_key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]
   return batch_key, noise_key
 
 
-def sgld_step(params: Params, state: Any, t: jax.Array, *, chain_key: jax.Array,
-              params_star: Params, transform: optax.GradientTransformationExtraArgs,
-              loss_fn: LossFn, batch_fn: Callable[[jax.Array], Any],
-              hypers: Mapping[str, jax.Array], mask: Any = None) -> StepInfo:
+def sgld_step(
+  params: Params,
+  state: Any,
+  t: jax.Array,
+  *,
+  chain_key: jax.Array,
+  params_star: Params,
+  transform: optax.GradientTransformationExtraArgs,
+  loss_fn: LossFn,
+  batch_fn: Callable[[jax.Array], Any],
+  hypers: Mapping[str, jax.Array],
+  mask: Any = None,
+) -> StepInfo:
   """One update with the sampler `transform` (an optax-style transformation; it is
   given the restriction `mask` and keeps padded coordinates still)."""
   batch_key, noise_key = step_keys(chain_key, t)
   batch = batch_fn(batch_key)
   loss, grads = jax.value_and_grad(loss_fn)(params, batch)
   grads = restrict_lib.apply(mask, grads)
-  updates, new_state = transform.update(grads, state, params, params_star=params_star,
-                                        noise_key=noise_key, mask=mask)
-  updates = restrict_lib.apply(mask, updates)   # w − w* is 0 off the mask
+  updates, new_state = transform.update(
+    grads, state, params, params_star=params_star, noise_key=noise_key, mask=mask
+  )
+  updates = restrict_lib.apply(mask, updates)  # w − w* is 0 off the mask
   proposal = optax.apply_updates(params, updates)
-  return StepInfo(t=t, params=params, params_star=params_star, loss=loss, grads=grads,
-                  updates=updates, proposal=proposal, state=new_state, prior_state=state, batch=batch,
-                  batch_key=batch_key, hypers=hypers, mask=mask, loss_fn=loss_fn)
+  return StepInfo(
+    t=t,
+    params=params,
+    params_star=params_star,
+    loss=loss,
+    grads=grads,
+    updates=updates,
+    proposal=proposal,
+    state=new_state,
+    prior_state=state,
+    batch=batch,
+    batch_key=batch_key,
+    hypers=hypers,
+    mask=mask,
+    loss_fn=loss_fn,
+  )
 
 
 def batch_fn_from_data(data: Any, batch_size: int) -> Callable[[jax.Array], Any]:
@@ -95,6 +118,8 @@ def check_data(data: Any) -> int:
     raise ValueError("data is an empty pytree; pass arrays with a leading sample axis")
   sizes = {int(x.shape[0]) if getattr(x, "ndim", 0) else -1 for x in leaves}
   if len(sizes) != 1 or min(sizes) < 1:
-    raise ValueError(f"every data array needs the same leading sample axis; got sizes "
-                     f"{sorted(sizes)} for shapes {[getattr(x, 'shape', ()) for x in leaves]}")
+    raise ValueError(
+      f"every data array needs the same leading sample axis; got sizes "
+      f"{sorted(sizes)} for shapes {[getattr(x, 'shape', ()) for x in leaves]}"
+    )
   return sizes.pop()

@@ -39,19 +39,46 @@ from devinterp_jax.sampling import samplers as samplers_lib
 from devinterp_jax.sampling import sweep as sweep_lib
 from devinterp_jax.sampling.kernel import batch_fn_from_data
 from devinterp_jax.sampling.program import cache_stats, clear_cache
-from devinterp_jax.sampling.settings import (MALA_TARGETS, Restrictions, SamplerSettings,
-                                             SweepOptions)
+from devinterp_jax.sampling.settings import (
+  MALA_TARGETS,
+  Restrictions,
+  SamplerSettings,
+  SweepOptions,
+)
 from devinterp_jax.sampling.sweep import ChunkError, sweep_identity
 from devinterp_jax.typing import LossFn, Params
 
 SamplerFactory = Callable[..., optax.GradientTransformationExtraArgs]
-__all__ = ["MALA_TARGETS", "ChunkError", "Restrictions", "SamplerSettings", "SweepOptions",
-           "batch_fn_from_data", "cache_stats", "clear_cache", "estimate", "estimate_llc",
-           "estimate_llcs", "sweep_identity"]
+__all__ = [
+  "MALA_TARGETS",
+  "ChunkError",
+  "Restrictions",
+  "SamplerSettings",
+  "SweepOptions",
+  "batch_fn_from_data",
+  "cache_stats",
+  "clear_cache",
+  "estimate",
+  "estimate_llc",
+  "estimate_llcs",
+  "sweep_identity",
+]
 
-_CONV_FIELDS = ("rhat", "ess_bulk", "ess_tail", "ess_bulk_per_chain", "ess_tail_per_chain",
-                "drift_z", "mcse", "burnin", "num_draws", "num_recorded", "num_chains", "llc",
-                "relaxing")
+_CONV_FIELDS = (
+  "rhat",
+  "ess_bulk",
+  "ess_tail",
+  "ess_bulk_per_chain",
+  "ess_tail_per_chain",
+  "drift_z",
+  "mcse",
+  "burnin",
+  "num_draws",
+  "num_recorded",
+  "num_chains",
+  "llc",
+  "relaxing",
+)
 
 
 def sampler_name(sampler: str | SamplerFactory) -> str:
@@ -81,11 +108,16 @@ def _window(settings: SamplerSettings, out: sweep_lib.SweepOutputs):
   return np.minimum(start, max(end - 1, 0)), end
 
 
-def result_from_sweep(out: sweep_lib.SweepOutputs, settings: SamplerSettings, *,
-                      hyper_grid: list[dict], ids: Sequence[Any],
-                      restriction_names: list[str] | None,
-                      criteria: diagnostics_lib.HealthCriteria,
-                      extra_settings: dict) -> results_lib.LLCResult:
+def result_from_sweep(
+  out: sweep_lib.SweepOutputs,
+  settings: SamplerSettings,
+  *,
+  hyper_grid: list[dict],
+  ids: Sequence[Any],
+  restriction_names: list[str] | None,
+  criteria: diagnostics_lib.HealthCriteria,
+  extra_settings: dict,
+) -> results_lib.LLCResult:
   """The `LLCResult` [G, R, N, ...] of a finished sweep (callers squeeze axes)."""
   G, R, N = out.shape
   start, end = _window(settings, out)
@@ -93,15 +125,17 @@ def result_from_sweep(out: sweep_lib.SweepOutputs, settings: SamplerSettings, *,
   arrays: dict[str, list] = {}
   conv: dict[str, list] = {k: [] for k in _CONV_FIELDS + ("status", "reason")}
   for p in out.pairs:
-    assert p.outputs is not None   # a finished sweep
+    assert p.outputs is not None  # a finished sweep
     cut = {k: v[:, :steps_end] for k, v in p.outputs.items()}
     draws = sweep_lib.draw_index(settings, steps_end)
     arrays.setdefault("loss", []).append(cut["loss"][:, draws])
     arrays.setdefault("init_loss", []).append(
-        cut["init_loss"][:, sweep_lib.init_index(settings, steps_end)])
+      cut["init_loss"][:, sweep_lib.init_index(settings, steps_end)]
+    )
     if "mala" in cut:
-      arrays.setdefault("mala", []).append(cut["mala"][:, sweep_lib.mala_index(settings,
-                                                                              steps_end)])
+      arrays.setdefault("mala", []).append(
+        cut["mala"][:, sweep_lib.mala_index(settings, steps_end)]
+      )
     for name in ("distance", "grad_norm", "noise_norm"):
       if name in cut:
         arrays.setdefault(name, []).append(cut[name][:, draws])
@@ -114,39 +148,60 @@ def result_from_sweep(out: sweep_lib.SweepOutputs, settings: SamplerSettings, *,
   nbeta = np.array([float(h["nbeta"]) for h in hyper_grid])[:, None, None]
   labels = []
   for g in range(G):
-    prefix = "" if G == 1 else (f"ε={hyper_grid[g]['step_size']:.3g}, "
-                                f"nβ={hyper_grid[g]['nbeta']:.4g}, "
-                                f"γ={hyper_grid[g]['localization']:.4g}, ")
+    prefix = (
+      ""
+      if G == 1
+      else (
+        f"ε={hyper_grid[g]['step_size']:.3g}, "
+        f"nβ={hyper_grid[g]['nbeta']:.4g}, "
+        f"γ={hyper_grid[g]['localization']:.4g}, "
+      )
+    )
     for r in range(R):
       rname = "" if restriction_names is None else f"{restriction_names[r]} "
       labels += [f"{prefix}{rname}checkpoint {c}" for c in ids]
   return results_lib.summarize(
-      stacked["loss"], stacked["init_loss"], np.broadcast_to(nbeta, (G, R, N)),
-      settings={**dataclasses.asdict(settings), **extra_settings}, labels=labels,
-      num_params=out.num_params.reshape(G, R, N), mala=stacked.get("mala"),
-      distance=stacked.get("distance"), grad_norm=stacked.get("grad_norm"),
-      noise_norm=stacked.get("noise_norm"), criteria=criteria, burnin=start,
-      convergence_stats=convergence)
+    stacked["loss"],
+    stacked["init_loss"],
+    np.broadcast_to(nbeta, (G, R, N)),
+    settings={**dataclasses.asdict(settings), **extra_settings},
+    labels=labels,
+    num_params=out.num_params.reshape(G, R, N),
+    mala=stacked.get("mala"),
+    distance=stacked.get("distance"),
+    grad_norm=stacked.get("grad_norm"),
+    noise_norm=stacked.get("noise_norm"),
+    criteria=criteria,
+    burnin=start,
+    convergence_stats=convergence,
+  )
 
 
-def _squeeze(res: results_lib.LLCResult, axes: tuple[int, ...], num_params: np.ndarray,
-             per_restriction: bool) -> results_lib.LLCResult:
+def _squeeze(
+  res: results_lib.LLCResult, axes: tuple[int, ...], num_params: np.ndarray, per_restriction: bool
+) -> results_lib.LLCResult:
   """Drops the length-1 grid / restriction axes; d is per restriction where R stays."""
   take = tuple(0 if i in axes else slice(None) for i in range(3))
   out = res.select(take) if axes else res
   d = np.asarray(num_params).reshape(res.llc_mean.shape)[0, :, 0]
-  settings = {**out.settings,
-              "num_params": [int(x) for x in d] if per_restriction else int(d[0])}
+  settings = {**out.settings, "num_params": [int(x) for x in d] if per_restriction else int(d[0])}
   return dataclasses.replace(out, settings=settings)
 
 
-def estimate(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any,
-             settings: SamplerSettings, options: SweepOptions = SweepOptions(), *,
-             sampler: str | SamplerFactory = "sgld",
-             restrictions: Restrictions | None = None, loss_data: Any = None,
-             criteria: diagnostics_lib.HealthCriteria | None = None,
-             grid: list[dict] | None = None, squeeze_restrictions: bool = True
-             ) -> results_lib.LLCResult:
+def estimate(
+  loss_fn: LossFn,
+  checkpoints: Sequence[Params] | Params,
+  data: Any,
+  settings: SamplerSettings,
+  options: SweepOptions = SweepOptions(),
+  *,
+  sampler: str | SamplerFactory = "sgld",
+  restrictions: Restrictions | None = None,
+  loss_data: Any = None,
+  criteria: diagnostics_lib.HealthCriteria | None = None,
+  grid: list[dict] | None = None,
+  squeeze_restrictions: bool = True,
+) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, typed arguments.
 
   Returns an `LLCResult` [N] (checkpoints), [R, N] with several restrictions
@@ -154,25 +209,48 @@ def estimate(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any,
   a hyperparameter `grid`. See `estimate_llcs` for the meaning of each input.
   """
   criteria = criteria or diagnostics_lib.HealthCriteria()
-  out = sweep_lib.run(loss_fn, checkpoints, data, settings, options, sampler=sampler,
-                      sampler_label=sampler_name(sampler), restrictions=restrictions,
-                      grid=grid, loss_data=loss_data, criteria=criteria)
+  out = sweep_lib.run(
+    loss_fn,
+    checkpoints,
+    data,
+    settings,
+    options,
+    sampler=sampler,
+    sampler_label=sampler_name(sampler),
+    restrictions=restrictions,
+    grid=grid,
+    loss_data=loss_data,
+    criteria=criteria,
+  )
   G, R, N = out.shape
   ids = list(options.checkpoint_ids) if options.checkpoint_ids is not None else list(range(N))
-  extra = {"chain_strategy": program_lib.resolve_chain_strategy(options.chain_strategy),
-           "checkpoint_chunk": options.checkpoint_chunk, "sampler": sampler_name(sampler),
-           "step_check": samplers_lib.step_check(sampler),
-           "data_refined": loss_data is not None}
+  extra = {
+    "chain_strategy": program_lib.resolve_chain_strategy(options.chain_strategy),
+    "checkpoint_chunk": options.checkpoint_chunk,
+    "sampler": sampler_name(sampler),
+    "step_check": samplers_lib.step_check(sampler),
+    "data_refined": loss_data is not None,
+  }
   if out.fingerprint is not None:
     extra["fingerprint"] = out.fingerprint
   if restrictions is not None:
     extra["restrictions"] = list(restrictions.names)
-  hyper_grid = grid or [{"step_size": settings.step_size, "nbeta": settings.nbeta,
-                         "localization": settings.localization}]
-  res = result_from_sweep(out, settings, hyper_grid=hyper_grid, ids=ids,
-                          restriction_names=None if restrictions is None
-                          else list(restrictions.names),
-                          criteria=criteria, extra_settings=extra)
+  hyper_grid = grid or [
+    {
+      "step_size": settings.step_size,
+      "nbeta": settings.nbeta,
+      "localization": settings.localization,
+    }
+  ]
+  res = result_from_sweep(
+    out,
+    settings,
+    hyper_grid=hyper_grid,
+    ids=ids,
+    restriction_names=None if restrictions is None else list(restrictions.names),
+    criteria=criteria,
+    extra_settings=extra,
+  )
   drop_r = restrictions is None or (squeeze_restrictions and R == 1)
   axes = tuple(i for i, drop in enumerate((grid is None, drop_r, False)) if drop)
   return _squeeze(res, axes, out.num_params, per_restriction=not drop_r)
@@ -183,29 +261,52 @@ def _restrictions(restrict: Any) -> Restrictions | None:
     return None
   if isinstance(restrict, Restrictions):
     return restrict
-  if (isinstance(restrict, tuple) and len(restrict) == 2
-      and isinstance(restrict[0], (list, tuple))
-      and all(isinstance(n, str) for n in restrict[0])):
+  if (
+    isinstance(restrict, tuple)
+    and len(restrict) == 2
+    and isinstance(restrict[0], (list, tuple))
+    and all(isinstance(n, str) for n in restrict[0])
+  ):
     return Restrictions(list(restrict[0]), restrict[1])
   restrict_lib.check_binary(restrict)
   return Restrictions.single(restrict)
 
 
-def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data: Any, *,
-                  num_chains: int, num_draws: int, step_size: float, localization: float,
-                  nbeta: float, batch_size: int, seed: int = 0,
-                  num_burnin_steps: int | str = "auto", thinning: int = 1,
-                  init_loss_stride: int = 10, mala_stride: int = 10,
-                  mala_target: str = "posterior", diagnostics: bool = True,
-                  block_draws: int = 100, max_draws: int | None = None,
-                  sampler: str | SamplerFactory = "sgld",
-                  criteria: diagnostics_lib.HealthCriteria | None = None,
-                  checkpoint_chunk: int | str | None = None, mesh: Any = "auto",
-                  batch_axis: str = "batch", output_dir: str | None = None,
-                  checkpoint_ids: Sequence[Any] | None = None, chain_strategy: str = "auto",
-                  progress: bool = True, restrict: Any = None, loss_data: Any = None,
-                  loss_key: str | None = None, compute_dtype: str | None = None,
-                  matmul_precision: str | None = None) -> results_lib.LLCResult:
+def estimate_llcs(
+  loss_fn: LossFn,
+  checkpoints: Sequence[Params] | Params,
+  data: Any,
+  *,
+  num_chains: int,
+  num_draws: int,
+  step_size: float,
+  localization: float,
+  nbeta: float,
+  batch_size: int,
+  seed: int = 0,
+  num_burnin_steps: int | str = "auto",
+  thinning: int = 1,
+  init_loss_stride: int = 10,
+  mala_stride: int = 10,
+  mala_target: str = "posterior",
+  diagnostics: bool = True,
+  block_draws: int = 100,
+  max_draws: int | None = None,
+  sampler: str | SamplerFactory = "sgld",
+  criteria: diagnostics_lib.HealthCriteria | None = None,
+  checkpoint_chunk: int | str | None = None,
+  mesh: Any = "auto",
+  batch_axis: str = "batch",
+  output_dir: str | None = None,
+  checkpoint_ids: Sequence[Any] | None = None,
+  chain_strategy: str = "auto",
+  progress: bool = True,
+  restrict: Any = None,
+  loss_data: Any = None,
+  loss_key: str | None = None,
+  compute_dtype: str | None = None,
+  matmul_precision: str | None = None,
+) -> results_lib.LLCResult:
   """LLCs of many checkpoints × chains in one compiled program, with chain diagnostics.
 
   A thin wrapper of `estimate(loss_fn, checkpoints, data, SamplerSettings(...),
@@ -259,33 +360,80 @@ def estimate_llcs(loss_fn: LossFn, checkpoints: Sequence[Params] | Params, data:
     An `LLCResult` with leading axis [checkpoint] ([restriction, checkpoint]
     with several restrictions), the burn-in and convergence of every entry.
   """
-  settings = SamplerSettings(num_chains=num_chains, num_draws=num_draws, step_size=step_size,
-                             localization=localization, nbeta=nbeta, batch_size=batch_size,
-                             seed=seed, num_burnin_steps=num_burnin_steps, thinning=thinning,
-                             init_loss_stride=init_loss_stride, mala_stride=mala_stride,
-                             mala_target=mala_target, diagnostics=diagnostics,
-                             block_draws=block_draws, max_draws=max_draws,
-                             compute_dtype=compute_dtype, matmul_precision=matmul_precision)
-  options = SweepOptions(checkpoint_chunk=checkpoint_chunk, output_dir=output_dir,
-                         checkpoint_ids=checkpoint_ids, mesh=mesh, batch_axis=batch_axis,
-                         chain_strategy=chain_strategy, progress=progress, loss_key=loss_key)
-  return estimate(loss_fn, checkpoints, data, settings, options, sampler=sampler,
-                  restrictions=_restrictions(restrict), loss_data=loss_data,
-                  criteria=criteria)
+  settings = SamplerSettings(
+    num_chains=num_chains,
+    num_draws=num_draws,
+    step_size=step_size,
+    localization=localization,
+    nbeta=nbeta,
+    batch_size=batch_size,
+    seed=seed,
+    num_burnin_steps=num_burnin_steps,
+    thinning=thinning,
+    init_loss_stride=init_loss_stride,
+    mala_stride=mala_stride,
+    mala_target=mala_target,
+    diagnostics=diagnostics,
+    block_draws=block_draws,
+    max_draws=max_draws,
+    compute_dtype=compute_dtype,
+    matmul_precision=matmul_precision,
+  )
+  options = SweepOptions(
+    checkpoint_chunk=checkpoint_chunk,
+    output_dir=output_dir,
+    checkpoint_ids=checkpoint_ids,
+    mesh=mesh,
+    batch_axis=batch_axis,
+    chain_strategy=chain_strategy,
+    progress=progress,
+    loss_key=loss_key,
+  )
+  return estimate(
+    loss_fn,
+    checkpoints,
+    data,
+    settings,
+    options,
+    sampler=sampler,
+    restrictions=_restrictions(restrict),
+    loss_data=loss_data,
+    criteria=criteria,
+  )
 
 
-def estimate_llc(loss_fn: LossFn, params: Params, data: Any, *, num_chains: int,
-                 num_draws: int, step_size: float, localization: float, nbeta: float,
-                 batch_size: int, seed: int = 0, num_burnin_steps: int | str = "auto",
-                 **kwargs) -> results_lib.LLCResult:
+def estimate_llc(
+  loss_fn: LossFn,
+  params: Params,
+  data: Any,
+  *,
+  num_chains: int,
+  num_draws: int,
+  step_size: float,
+  localization: float,
+  nbeta: float,
+  batch_size: int,
+  seed: int = 0,
+  num_burnin_steps: int | str = "auto",
+  **kwargs,
+) -> results_lib.LLCResult:
   """The LLC of one checkpoint; see `estimate_llcs` for the arguments.
 
   Returns an `LLCResult` without a checkpoint axis (`llc_per_chain` [C],
   `loss_trace` [C, draws]).
   """
-  res = estimate_llcs(loss_fn, [params], data, num_chains=num_chains, num_draws=num_draws,
-                      step_size=step_size, localization=localization, nbeta=nbeta,
-                      batch_size=batch_size, seed=seed, num_burnin_steps=num_burnin_steps,
-                      **{"progress": False, **kwargs})
+  res = estimate_llcs(
+    loss_fn,
+    [params],
+    data,
+    num_chains=num_chains,
+    num_draws=num_draws,
+    step_size=step_size,
+    localization=localization,
+    nbeta=nbeta,
+    batch_size=batch_size,
+    seed=seed,
+    num_burnin_steps=num_burnin_steps,
+    **{"progress": False, **kwargs},
+  )
   return res.select(0)
-

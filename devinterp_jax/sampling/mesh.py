@@ -82,28 +82,33 @@ class SweepMesh:
   def sharding(self, *spec) -> NamedSharding:
     return NamedSharding(auto_axis_types(self.mesh), P(*spec))
 
-  def pairs(self) -> NamedSharding:          # [P, ...]
+  def pairs(self) -> NamedSharding:  # [P, ...]
     return self.sharding(self.pair_spec)
 
-  def pair_chains(self) -> NamedSharding:    # [P, C, ...] chain state, outputs
+  def pair_chains(self) -> NamedSharding:  # [P, C, ...] chain state, outputs
     return self.sharding(self.pair_spec, self.chain_axis)
 
-  def chains(self) -> NamedSharding:         # [C] chain keys
+  def chains(self) -> NamedSharding:  # [C] chain keys
     return self.sharding(self.chain_axis)
 
   def replicated(self) -> NamedSharding:
     return self.sharding()
 
-  def batch(self) -> NamedSharding:          # [B, ...] a chain's minibatch
+  def batch(self) -> NamedSharding:  # [B, ...] a chain's minibatch
     return self.sharding(self.batch_axis)
 
   def describe(self) -> str:
     return " × ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
 
   def key(self) -> tuple:
-    return (tuple(self.mesh.axis_names), tuple(self.mesh.devices.shape),
-            tuple(d.id for d in self.mesh.devices.flat), self.pair_axes, self.chain_axis,
-            self.batch_axis)
+    return (
+      tuple(self.mesh.axis_names),
+      tuple(self.mesh.devices.shape),
+      tuple(d.id for d in self.mesh.devices.flat),
+      self.pair_axes,
+      self.chain_axis,
+      self.batch_axis,
+    )
 
 
 def from_mesh(mesh: Mesh, batch_axis: str = BATCH_AXIS) -> SweepMesh:
@@ -112,13 +117,19 @@ def from_mesh(mesh: Mesh, batch_axis: str = BATCH_AXIS) -> SweepMesh:
   known = set(SWEEP_AXES) | {batch_axis}
   unknown = [a for a in names if a not in known]
   if unknown:
-    raise ValueError(f"mesh axes {unknown} are not sweep axes; name mesh axes from "
-                     f"{SWEEP_AXES} (or pass batch_axis=<name> for the minibatch axis)")
+    raise ValueError(
+      f"mesh axes {unknown} are not sweep axes; name mesh axes from "
+      f"{SWEEP_AXES} (or pass batch_axis=<name> for the minibatch axis)"
+    )
   batch = [a for a in names if a in BATCH_ALIASES or a == batch_axis]
   if len(batch) > 1:
     raise ValueError(f"the mesh has several minibatch axes {batch}; use one")
-  return SweepMesh(mesh, tuple(a for a in names if a in PAIR_AXES),
-                   CHAIN_AXIS if CHAIN_AXIS in names else None, batch[0] if batch else None)
+  return SweepMesh(
+    mesh,
+    tuple(a for a in names if a in PAIR_AXES),
+    CHAIN_AXIS if CHAIN_AXIS in names else None,
+    batch[0] if batch else None,
+  )
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -140,18 +151,20 @@ def auto(num_pairs: int, num_chains: int, devices: list | None = None) -> SweepM
     on_chains = _largest_divisor_at_most(n // on_pairs, num_chains)
     while num_chains % on_chains:
       on_chains -= 1
-    on_pairs = n // on_chains    # any leftover devices take padded pairs
-    shape, names = ((on_pairs, on_chains), ("checkpoint", "chain")) if on_chains > 1 else (
-        (n,), ("checkpoint",))
-  try:   # topology-aware device order on accelerators
+    on_pairs = n // on_chains  # any leftover devices take padded pairs
+    shape, names = (
+      ((on_pairs, on_chains), ("checkpoint", "chain")) if on_chains > 1 else ((n,), ("checkpoint",))
+    )
+  try:  # topology-aware device order on accelerators
     m = jax.make_mesh(shape, names, devices=devices)
   except Exception:
     m = Mesh(np.asarray(devices).reshape(shape), names)
   return SweepMesh(m, names[:1], "chain" if "chain" in names else None, None)
 
 
-def resolve(mesh: Any, *, num_pairs: int, num_chains: int, batch_size: int,
-            batch_axis: str = BATCH_AXIS) -> SweepMesh | None:
+def resolve(
+  mesh: Any, *, num_pairs: int, num_chains: int, batch_size: int, batch_axis: str = BATCH_AXIS
+) -> SweepMesh | None:
   """A `SweepMesh` from `SweepOptions.mesh` (None, "auto" or a Mesh), checked."""
   if mesh is None:
     return None
@@ -164,16 +177,19 @@ def resolve(mesh: Any, *, num_pairs: int, num_chains: int, batch_size: int,
   elif isinstance(mesh, Mesh):
     sm = from_mesh(mesh, batch_axis)
   else:
-    raise ValueError(f"mesh must be None, 'auto' or a jax.sharding.Mesh, got "
-                     f"{type(mesh).__name__}")
+    raise ValueError(f"mesh must be None, 'auto' or a jax.sharding.Mesh, got {type(mesh).__name__}")
   if sm is None or sm.mesh.size == 1:
     return None
   if num_chains % sm.chain_devices:
-    raise ValueError(f"num_chains {num_chains} is not divisible by the "
-                     f"{sm.chain_devices} devices of mesh axis 'chain'")
+    raise ValueError(
+      f"num_chains {num_chains} is not divisible by the "
+      f"{sm.chain_devices} devices of mesh axis 'chain'"
+    )
   if batch_size % sm.batch_devices:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {sm.batch_devices} "
-                     f"devices of mesh axis {sm.batch_axis!r}")
+    raise ValueError(
+      f"batch_size {batch_size} is not divisible by the {sm.batch_devices} "
+      f"devices of mesh axis {sm.batch_axis!r}"
+    )
   return sm
 
 

@@ -58,29 +58,40 @@ def mala(target: str = "posterior") -> Observer:
     vg = jax.value_and_grad(info.loss_fn)
     precond = getattr(info.state, "precond", None)
     if target == "posterior":
+
       def potential(loss, w):
         return nbeta * loss + 0.5 * gamma * sgld_lib.tree_norm(_diff(w, info.params_star)) ** 2
+
       loss_p, grads_p = vg(info.proposal, info.batch)
       grads_p = restrict_lib.apply(info.mask, grads_p)
       log_a = sgld_lib.mala_log_acceptance(
-          info.params, info.proposal, potential(info.loss, info.params),
-          potential(loss_p, info.proposal),
-          sgld_lib.potential_grad(info.grads, info.params, info.params_star, nbeta, gamma),
-          sgld_lib.potential_grad(grads_p, info.proposal, info.params_star, nbeta, gamma),
-          eps, precond)
+        info.params,
+        info.proposal,
+        potential(info.loss, info.params),
+        potential(loss_p, info.proposal),
+        sgld_lib.potential_grad(info.grads, info.params, info.params_star, nbeta, gamma),
+        sgld_lib.potential_grad(grads_p, info.proposal, info.params_star, nbeta, gamma),
+        eps,
+        precond,
+      )
     else:
       shift = jax.tree.map(lambda w, w0: gamma * (w - w0), info.params, info.params_star)
       if precond is not None:
         shift = jax.tree.map(jnp.multiply, precond, shift)
       shift = restrict_lib.apply(info.mask, shift)
-      moved = jax.tree.map(lambda w, d: (w + 0.5 * eps * d).astype(w.dtype), info.proposal,
-                           shift)
+      moved = jax.tree.map(lambda w, d: (w + 0.5 * eps * d).astype(w.dtype), info.proposal, shift)
       loss_p, grads_p = vg(moved, info.batch)
       grads_p = restrict_lib.apply(info.mask, grads_p)
       log_a = sgld_lib.mala_log_acceptance(
-          info.params, moved, nbeta * info.loss, nbeta * loss_p,
-          jax.tree.map(lambda g: nbeta * g, info.grads),
-          jax.tree.map(lambda g: nbeta * g, grads_p), eps, precond)
+        info.params,
+        moved,
+        nbeta * info.loss,
+        nbeta * loss_p,
+        jax.tree.map(lambda g: nbeta * g, info.grads),
+        jax.tree.map(lambda g: nbeta * g, grads_p),
+        eps,
+        precond,
+      )
     return {"mala": jnp.exp(log_a).astype(jnp.float32)}
 
   return observe
@@ -105,20 +116,27 @@ def leapfrog(target: str = "posterior") -> Observer:
     def potential_and_grad(w):
       loss, grads = vg(w, info.batch)
       grads = restrict_lib.apply(info.mask, grads)
-      return potential(loss, w), sgld_lib.potential_grad(grads, w, info.params_star, nbeta,
-                                                          gamma)
+      return potential(loss, w), sgld_lib.potential_grad(grads, w, info.params_star, nbeta, gamma)
 
     # The stored momentum is BAOAB's post-O one; the step-boundary pair (w_t, p_t), whose
     # law is close to exp(−H), has p_t = p − (h/2) ∇U(w_t) with the sampled potential.
     half = 0.5 * jnp.sqrt(h["step_size"])
-    full = sgld_lib.potential_grad(info.grads, info.params, info.params_star, nbeta,
-                                   h["localization"])
-    momentum = restrict_lib.apply(info.mask, jax.tree.map(
-        lambda q, g: q - (half * g).astype(q.dtype), info.prior_state.momentum, full))
+    full = sgld_lib.potential_grad(
+      info.grads, info.params, info.params_star, nbeta, h["localization"]
+    )
+    momentum = restrict_lib.apply(
+      info.mask,
+      jax.tree.map(lambda q, g: q - (half * g).astype(q.dtype), info.prior_state.momentum, full),
+    )
     log_a = underdamped.leapfrog_log_acceptance(
-        info.params, momentum, potential(info.loss, info.params),
-        sgld_lib.potential_grad(info.grads, info.params, info.params_star, nbeta, gamma),
-        potential_and_grad, h["step_size"], info.mask)
+      info.params,
+      momentum,
+      potential(info.loss, info.params),
+      sgld_lib.potential_grad(info.grads, info.params, info.params_star, nbeta, gamma),
+      potential_and_grad,
+      h["step_size"],
+      info.mask,
+    )
     # The first step's carried momentum is a placeholder (drawn inside the update).
     log_a = jnp.where(info.prior_state.count == 0, jnp.nan, log_a)
     return {"mala": jnp.exp(log_a).astype(jnp.float32)}

@@ -45,7 +45,7 @@ PROGRESS_CALLS_PER_BLOCK = 20
 class CacheStats(NamedTuple):
   hits: int
   misses: int
-  traces: int       # times a block or init program was traced (≈ compilations)
+  traces: int  # times a block or init program was traced (≈ compilations)
   size: int
 
 
@@ -110,8 +110,7 @@ def data_signature(data: Any) -> Any:
   if callable(data):
     return ("source", _hashable(data))
   leaves, treedef = jax.tree.flatten(data)
-  return ("arrays", treedef, tuple((tuple(np.shape(x)), str(np.result_type(x)))
-                                   for x in leaves))
+  return ("arrays", treedef, tuple((tuple(np.shape(x)), str(np.result_type(x))) for x in leaves))
 
 
 def resolve_chain_strategy(strategy: str) -> str:
@@ -127,16 +126,19 @@ def resolve_chain_strategy(strategy: str) -> str:
 def at_least_f32(tree: Any) -> Any:
   """Floating leaves in float32 or wider: the chain state's precision (a bf16
   checkpoint's √ε noise would fall below bf16's spacing)."""
+
   def up(x):
     x = jnp.asarray(x)
     if jnp.issubdtype(x.dtype, jnp.floating):
       return x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return x
+
   return jax.tree.map(up, tree)
 
 
-def with_precision(loss_fn: Callable, compute_dtype: str | None,
-                   matmul_precision: str | None) -> Callable:
+def with_precision(
+  loss_fn: Callable, compute_dtype: str | None, matmul_precision: str | None
+) -> Callable:
   """`loss_fn` evaluated with float params and batch leaves cast to `compute_dtype`
   and matmuls at `matmul_precision`; the loss comes back in float32."""
   if compute_dtype is None and matmul_precision is None:
@@ -144,8 +146,9 @@ def with_precision(loss_fn: Callable, compute_dtype: str | None,
   dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
 
   def cast(tree):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(
-        jnp.asarray(x).dtype, jnp.floating) else x, tree)
+    return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree
+    )
 
   def lf(params, batch):
     if dtype is not None:
@@ -163,8 +166,8 @@ def with_precision(loss_fn: Callable, compute_dtype: str | None,
 class Program(NamedTuple):
   """A compiled sweep block and the init of its chain state (both jitted)."""
 
-  init: Callable     # (params_star[P], hypers[P], index[P, k] | None) -> carry[P, C]
-  block: jax.stages.Wrapped   # jitted (`.lower` in block_memory); see the module docstring
+  init: Callable  # (params_star[P], hypers[P], index[P, k] | None) -> carry[P, C]
+  block: jax.stages.Wrapped  # jitted (`.lower` in block_memory); see the module docstring
   block_steps: int
 
 
@@ -183,10 +186,18 @@ def _progress(t) -> None:
     fn(int(t))
 
 
-def get_program(loss_fn: Callable, settings: SamplerSettings, *, data: Any,
-                loss_data: Any = None, sampler: Any = "sgld", chain_strategy: str = "auto",
-                leaves: tuple[int, ...] | None = None, padded: bool = False,
-                mesh: mesh_lib.SweepMesh | None = None) -> Program:
+def get_program(
+  loss_fn: Callable,
+  settings: SamplerSettings,
+  *,
+  data: Any,
+  loss_data: Any = None,
+  sampler: Any = "sgld",
+  chain_strategy: str = "auto",
+  leaves: tuple[int, ...] | None = None,
+  padded: bool = False,
+  mesh: mesh_lib.SweepMesh | None = None,
+) -> Program:
   """The cached `Program` for these static inputs (see the module docstring).
 
   `leaves` (restricted sweeps) are the param leaves any restriction touches
@@ -199,15 +210,33 @@ def get_program(loss_fn: Callable, settings: SamplerSettings, *, data: Any,
   if mesh is not None and mesh.chain_axis is not None:
     strategy = "vmap"
   factory = samplers_lib.get_sampler(sampler)
-  key = (_hashable(loss_fn), settings.program_key(), data_signature(data),
-         data_signature(loss_data), _hashable(factory), strategy, leaves, padded,
-         None if mesh is None else mesh.key())
-  return _CACHE.get(key, lambda: _build(loss_fn, settings, data, loss_data, factory, strategy,
-                                        leaves, padded, mesh))
+  key = (
+    _hashable(loss_fn),
+    settings.program_key(),
+    data_signature(data),
+    data_signature(loss_data),
+    _hashable(factory),
+    strategy,
+    leaves,
+    padded,
+    None if mesh is None else mesh.key(),
+  )
+  return _CACHE.get(
+    key, lambda: _build(loss_fn, settings, data, loss_data, factory, strategy, leaves, padded, mesh)
+  )
 
 
-def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strategy, leaves,
-           padded, mesh: mesh_lib.SweepMesh | None) -> Program:
+def _build(
+  loss_fn,
+  settings: SamplerSettings,
+  data,
+  loss_data,
+  factory,
+  strategy,
+  leaves,
+  padded,
+  mesh: mesh_lib.SweepMesh | None,
+) -> Program:
   s = settings
   burnin, block_steps = s.burnin_steps, s.block_steps
   init_every = s.thinning * s.init_loss_stride
@@ -231,22 +260,29 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
       return params_star, loss_fn
     theta_star = restrict_lib.gather(params_star, leaves, index)
     return theta_star, lambda theta, batch: loss_fn(
-        restrict_lib.embed(params_star, leaves, index, theta, theta_star), batch)
+      restrict_lib.embed(params_star, leaves, index, theta, theta_star), batch
+    )
 
   def observers_for(lf, loss_batch_fn, batch_fn):
     obs = list(observers_lib.default(s.diagnostics))
-    if loss_batch_fn is not None:   # data-refined: record the loss on other data, same key
+    if loss_batch_fn is not None:  # data-refined: record the loss on other data, same key
       obs.insert(0, lambda info: {"loss": lf(info.params, loss_batch_fn(info.batch_key))})
     else:
       obs.insert(0, lambda info: {"loss": info.loss})
     init_batches = loss_batch_fn or batch_fn
-    obs.append(observers_lib.gated(
+    obs.append(
+      observers_lib.gated(
         lambda info: {"init_loss": lf(info.params_star, init_batches(info.batch_key))},
-        lambda t: (t >= burnin) & ((t - burnin) % init_every == 0)))
+        lambda t: (t >= burnin) & ((t - burnin) % init_every == 0),
+      )
+    )
     if s.mala_stride:
-      obs.append(observers_lib.gated(
+      obs.append(
+        observers_lib.gated(
           observers_lib.step_check(samplers_lib.step_check(factory), s.mala_target),
-          lambda t: (t >= burnin) & (t % s.mala_stride == 0)))
+          lambda t: (t >= burnin) & (t % s.mala_stride == 0),
+        )
+      )
     return obs
 
   def chains(fn, *args):
@@ -269,8 +305,9 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
 
     return pairs(one, params_star_P, hypers_P, index_P)
 
-  def block(carry_P, t0, params_star_P, hypers_P, chain_keys_C, data_arg, loss_data_arg,
-            index_P, valid_P):
+  def block(
+    carry_P, t0, params_star_P, hypers_P, chain_keys_C, data_arg, loss_data_arg, index_P, valid_P
+  ):
     _CACHE.traces += 1
     params_star_P = at_least_f32(params_star_P)
     d = data if source else data_arg
@@ -287,9 +324,18 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
         obs = observers_for(lf, loss_batch_fn, batch_fn)
 
         def chain(params, state, chain_key):
-          info = kernel.sgld_step(params, state, t, chain_key=chain_key, params_star=start,
-                                  transform=transform, loss_fn=lf, batch_fn=batch_fn,
-                                  hypers=hypers, mask=valid)
+          info = kernel.sgld_step(
+            params,
+            state,
+            t,
+            chain_key=chain_key,
+            params_star=start,
+            transform=transform,
+            loss_fn=lf,
+            batch_fn=batch_fn,
+            hypers=hypers,
+            mask=valid,
+          )
           out = {}
           for o in obs:
             out.update(o(info))
@@ -298,29 +344,33 @@ def _build(loss_fn, settings: SamplerSettings, data, loss_data, factory, strateg
         return chains(chain, carry_p[0], carry_p[1], chain_keys_C)
 
       new_carry, out = pairs(pair, carry, params_star_P, hypers_P, index_P, valid_P)
-      jax.lax.cond(t % progress_every == 0, lambda: jax.debug.callback(_progress, t),
-                   lambda: None)
+      jax.lax.cond(t % progress_every == 0, lambda: jax.debug.callback(_progress, t), lambda: None)
       return new_carry, out
 
     carry, out = jax.lax.scan(body, carry_P, jnp.arange(block_steps))
-    return carry, {k: jnp.moveaxis(v, 0, -1) for k, v in out.items()}   # [P, C, S]
+    return carry, {k: jnp.moveaxis(v, 0, -1) for k, v in out.items()}  # [P, C, S]
 
   # The chain state is donated: each block overwrites it.
   if mesh is None:
-    return Program(init=jax.jit(init), block=jax.jit(block, donate_argnums=(0,)),
-                   block_steps=block_steps)
+    return Program(
+      init=jax.jit(init), block=jax.jit(block, donate_argnums=(0,)), block_steps=block_steps
+    )
   state = mesh.pair_chains()
-  return Program(init=jax.jit(init, out_shardings=state),
-                 block=jax.jit(block, donate_argnums=(0,), out_shardings=(state, state)),
-                 block_steps=block_steps)
+  return Program(
+    init=jax.jit(init, out_shardings=state),
+    block=jax.jit(block, donate_argnums=(0,), out_shardings=(state, state)),
+    block_steps=block_steps,
+  )
 
 
 def chain_keys(seed: int, num_chains: int, sharding: Any = None) -> jax.Array:
   """Chain c's key: fold_in(key(seed), c), the same at every checkpoint (built on
   the devices of `sharding` when given: a global array across processes)."""
+
   def build():
     base = jax.random.key(seed)
     return jax.vmap(lambda c: jax.random.fold_in(base, c))(jnp.arange(num_chains))
+
   return build() if sharding is None else jax.jit(build, out_shardings=sharding)()
 
 
@@ -330,7 +380,7 @@ class MemoryUse(NamedTuple):
   argument: int
   output: int
   temp: int
-  alias: int      # outputs written over donated arguments (the chain state)
+  alias: int  # outputs written over donated arguments (the chain state)
 
   @property
   def total(self) -> int:
@@ -343,14 +393,18 @@ def block_memory(prog: Program, *args) -> MemoryUse | None:
   compiled = prog.block.lower(*args).compile()
   try:
     ma = compiled.memory_analysis()
-  except Exception:   # not implemented on some backends / versions
+  except Exception:  # not implemented on some backends / versions
     return None
-  if isinstance(ma, (list, tuple)):   # one per device program on some versions
+  if isinstance(ma, (list, tuple)):  # one per device program on some versions
     ma = ma[0] if ma else None
   if ma is None:
     return None
-  return MemoryUse(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes),
-                   int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes))
+  return MemoryUse(
+    int(ma.argument_size_in_bytes),
+    int(ma.output_size_in_bytes),
+    int(ma.temp_size_in_bytes),
+    int(ma.alias_size_in_bytes),
+  )
 
 
 def device_memory_bytes() -> int:
@@ -365,5 +419,6 @@ def device_memory_bytes() -> int:
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
   import os
+
   total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   return int(total // max(jax.local_device_count(), 1))

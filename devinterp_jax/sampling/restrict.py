@@ -48,22 +48,25 @@ def by_pattern(params: Params, pattern: str) -> Params:
   """Whole leaves whose path matches `pattern` (re.search)."""
   regex = re.compile(pattern)
   mask = jax.tree_util.tree_map_with_path(
-      lambda path, x: np.full(np.shape(x), float(bool(regex.search(path_name(path)))),
-                              np.float32), params)
+    lambda path, x: np.full(np.shape(x), float(bool(regex.search(path_name(path)))), np.float32),
+    params,
+  )
   if num_selected(mask) == 0:
-    raise ValueError(f"restriction pattern {pattern!r} selects no parameter; paths are like "
-                     f"{[path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:6]}")
+    raise ValueError(
+      f"restriction pattern {pattern!r} selects no parameter; paths are like "
+      f"{[path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:6]}"
+    )
   return mask
 
 
 # Named groups as path patterns (the LR transformer's names; the LM models use the same).
 GROUPS = {
-    "token_embed": r"(^|/)token_embed/",
-    "pos_embed": r"(^|/)pos_embed",
-    "unembed": r"(^|/)unembed/",
-    "layer_norms": r"(^|/)ln_[^/]*/",
-    "mlp": r"(^|/)mlp_(in|out)/",
-    "attention": r"(^|/)attn/",
+  "token_embed": r"(^|/)token_embed/",
+  "pos_embed": r"(^|/)pos_embed",
+  "unembed": r"(^|/)unembed/",
+  "layer_norms": r"(^|/)ln_[^/]*/",
+  "mlp": r"(^|/)mlp_(in|out)/",
+  "attention": r"(^|/)attn/",
 }
 
 
@@ -79,8 +82,9 @@ def by_layer(params: Params, layer: int) -> Params:
   return by_pattern(params, rf"^block_{int(layer)}/")
 
 
-def by_head(params: Params, layer: int, head: int, layer_prefix: str = "block_{layer}/attn/"
-            ) -> Params:
+def by_head(
+  params: Params, layer: int, head: int, layer_prefix: str = "block_{layer}/attn/"
+) -> Params:
   """One attention head's slices (see the module docstring)."""
   prefix = layer_prefix.format(layer=layer)
 
@@ -103,15 +107,21 @@ def by_head(params: Params, layer: int, head: int, layer_prefix: str = "block_{l
   return mask
 
 
-def all_heads(params: Params, layer_prefix: str = "block_{layer}/attn/"
-              ) -> tuple[list[str], Params]:
+def all_heads(
+  params: Params, layer_prefix: str = "block_{layer}/attn/"
+) -> tuple[list[str], Params]:
   """Every head of every layer: names like 'L0H1' and masks stacked on [R]."""
   names, masks = [], []
   layer = 0
-  while any(path_name(p).startswith(layer_prefix.format(layer=layer))
-            for p, _ in jax.tree_util.tree_leaves_with_path(params)):
-    w_q = [x for p, x in jax.tree_util.tree_leaves_with_path(params)
-           if path_name(p) == layer_prefix.format(layer=layer) + "w_q"]
+  while any(
+    path_name(p).startswith(layer_prefix.format(layer=layer))
+    for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  ):
+    w_q = [
+      x
+      for p, x in jax.tree_util.tree_leaves_with_path(params)
+      if path_name(p) == layer_prefix.format(layer=layer) + "w_q"
+    ]
     num_heads = np.shape(w_q[0])[1] if w_q else 0
     for h in range(num_heads):
       names.append(f"L{layer}H{h}")
@@ -152,8 +162,10 @@ def from_spec(params: Params, spec: str) -> tuple[list[str], Params]:
   except ValueError as e:
     raise ValueError(f"bad restriction spec {spec!r}: {e}") from e
   if not spec:
-    raise ValueError("empty restriction spec; use 'heads', 'layers', 'groups', "
-                     "'group:<name>', 'layer:<l>', 'head:<l>:<h>' or a path regex")
+    raise ValueError(
+      "empty restriction spec; use 'heads', 'layers', 'groups', "
+      "'group:<name>', 'layer:<l>', 'head:<l>:<h>' or a path regex"
+    )
   return [spec], stack([by_pattern(params, spec)])
 
 
@@ -168,7 +180,7 @@ def num_selected(mask: Params, leading_axes: int = 0) -> np.ndarray | int:
   if leading_axes == 0:
     return int(sum(x.sum() for x in leaves))
   per_leaf = (x.reshape(x.shape[0], -1).sum(-1) for x in leaves)
-  return cast(np.ndarray, sum(per_leaf)).astype(int)   # a sum of arrays [R]
+  return cast(np.ndarray, sum(per_leaf)).astype(int)  # a sum of arrays [R]
 
 
 def apply(mask: Params | None, tree: Params) -> Params:
@@ -185,20 +197,25 @@ def check_binary(masks: Params) -> None:
     bad = ~((x == 0) | (x == 1))
     if bad.any():
       values = np.unique(x[bad])[:5]
-      raise ValueError(f"restriction leaf {path_name(path)} has values {values.tolist()} "
-                       f"besides 0 and 1 ({int(bad.sum())} entries); a restriction is a 0/1 "
-                       f"mask selecting the coordinates SGLD moves")
+      raise ValueError(
+        f"restriction leaf {path_name(path)} has values {values.tolist()} "
+        f"besides 0 and 1 ({int(bad.sum())} entries); a restriction is a 0/1 "
+        f"mask selecting the coordinates SGLD moves"
+      )
 
 
 def check(mask: Params, params: Params, leading_axes: int = 0) -> None:
   """Names the problem when a restriction does not fit the params."""
   if jax.tree.structure(mask) != jax.tree.structure(params):
-    raise ValueError("the restriction's pytree structure differs from the params': "
-                     f"{jax.tree.structure(mask)} vs {jax.tree.structure(params)}")
+    raise ValueError(
+      "the restriction's pytree structure differs from the params': "
+      f"{jax.tree.structure(mask)} vs {jax.tree.structure(params)}"
+    )
   for (path, m), x in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params)):
     if np.shape(m)[leading_axes:] != np.shape(x):
-      raise ValueError(f"restriction leaf {path_name(path)} has shape {np.shape(m)}, the "
-                       f"params leaf {np.shape(x)}")
+      raise ValueError(
+        f"restriction leaf {path_name(path)} has shape {np.shape(m)}, the params leaf {np.shape(x)}"
+      )
 
 
 class Compaction(NamedTuple):
@@ -212,7 +229,7 @@ class Compaction(NamedTuple):
   """
 
   leaves: tuple[int, ...]
-  index: np.ndarray   # pyright: ignore[reportIncompatibleMethodOverride]  (not tuple.index)
+  index: np.ndarray  # pyright: ignore[reportIncompatibleMethodOverride]  (not tuple.index)
   valid: np.ndarray | None
 
 
@@ -230,9 +247,9 @@ def compact(masks: Params) -> Compaction:
   index = np.zeros((len(per), k), np.int32)
   valid = np.zeros((len(per), k), np.float32)
   for r, p in enumerate(per):
-    index[r, :len(p)] = p
-    index[r, len(p):] = p[0]  # padding: a real coordinate, never moved (valid = 0)
-    valid[r, :len(p)] = 1.0
+    index[r, : len(p)] = p
+    index[r, len(p) :] = p[0]  # padding: a real coordinate, never moved (valid = 0)
+    valid[r, : len(p)] = 1.0
   return Compaction(touched, index, None if valid.all() else valid)
 
 
@@ -246,8 +263,13 @@ def gather(params: Params, leaves: tuple[int, ...], index: jax.Array) -> jax.Arr
   return jnp.take(_union(params, leaves), index)
 
 
-def embed(params_star: Params, leaves: tuple[int, ...], index: jax.Array, theta: jax.Array,
-          theta_star: jax.Array) -> Params:
+def embed(
+  params_star: Params,
+  leaves: tuple[int, ...],
+  index: jax.Array,
+  theta: jax.Array,
+  theta_star: jax.Array,
+) -> Params:
   """`params_star` with its selected coordinates moved by `theta − theta_star`.
 
   A scatter-add, so padded entries (which never move) and repeated indices are
@@ -259,6 +281,6 @@ def embed(params_star: Params, leaves: tuple[int, ...], index: jax.Array, theta:
   out, offset = list(flat), 0
   for i in leaves:
     size = int(np.prod(np.shape(flat[i])))
-    out[i] = union[offset:offset + size].reshape(np.shape(flat[i])).astype(flat[i].dtype)
+    out[i] = union[offset : offset + size].reshape(np.shape(flat[i])).astype(flat[i].dtype)
     offset += size
   return treedef.unflatten(out)

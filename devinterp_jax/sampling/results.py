@@ -94,18 +94,25 @@ class LLCResult:
   def select(self, index) -> "LLCResult":
     """The result for a subset of the leading (checkpoint) axis, e.g. a slice."""
     arrays: dict[str, Any] = {
-        f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-        for f in dataclasses.fields(self) if f.name not in ("settings", "convergence")}
-    conv = None if self.convergence is None else {
-        k: np.asarray(v)[index] for k, v in self.convergence.items()}
+      f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+      for f in dataclasses.fields(self)
+      if f.name not in ("settings", "convergence")
+    }
+    conv = (
+      None
+      if self.convergence is None
+      else {k: np.asarray(v)[index] for k, v in self.convergence.items()}
+    )
     return LLCResult(settings=self.settings, convergence=conv, **arrays)
 
   def convergence_counts(self) -> dict[str, int]:
     """Number of entries per convergence status."""
     if self.convergence is None:
       return {}
-    return {name: int(np.sum(self.convergence["status"] == code))
-            for code, name in enumerate(convergence.CONVERGENCE_STATUS)}
+    return {
+      name: int(np.sum(self.convergence["status"] == code))
+      for code, name in enumerate(convergence.CONVERGENCE_STATUS)
+    }
 
   @property
   def kept_trace(self) -> np.ndarray:
@@ -118,17 +125,19 @@ class LLCResult:
 
   def save(self, path: str) -> None:
     """Atomically writes an .npz (load with `LLCResult.load`)."""
-    arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in ("settings", "convergence") and getattr(self, f.name) is not None}
-    arrays.update({f"convergence_{k}": np.asarray(v)
-                   for k, v in (self.convergence or {}).items()})
+    arrays = {
+      f.name: getattr(self, f.name)
+      for f in dataclasses.fields(self)
+      if f.name not in ("settings", "convergence") and getattr(self, f.name) is not None
+    }
+    arrays.update({f"convergence_{k}": np.asarray(v) for k, v in (self.convergence or {}).items()})
     atomic.save_npz(path, settings=np.array(json.dumps(self.settings)), **arrays)
 
   @classmethod
   def load(cls, path: str) -> "LLCResult":
     z = paths.load_npz(path)
     kw = {k: v for k, v in z.items() if k != "settings" and not k.startswith("convergence_")}
-    conv = {k[len("convergence_"):]: v for k, v in z.items() if k.startswith("convergence_")}
+    conv = {k[len("convergence_") :]: v for k, v in z.items() if k.startswith("convergence_")}
     return cls(settings=json.loads(str(z["settings"])), convergence=conv or None, **kw)
 
 
@@ -160,13 +169,22 @@ def _labelled(flags: np.ndarray, labels: list[str] | None) -> list[str]:
   return out
 
 
-def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np.ndarray,
-              settings: dict, labels: list[str] | None = None, *, num_params: int | np.ndarray,
-              mala: np.ndarray | None = None, distance: np.ndarray | None = None,
-              grad_norm: np.ndarray | None = None, noise_norm: np.ndarray | None = None,
-              criteria: diagnostics.HealthCriteria = diagnostics.HealthCriteria(),
-              burnin: np.ndarray | None = None,
-              convergence_stats: dict[str, np.ndarray] | None = None) -> LLCResult:
+def summarize(
+  loss_trace: np.ndarray,
+  init_losses: np.ndarray,
+  nbeta: float | np.ndarray,
+  settings: dict,
+  labels: list[str] | None = None,
+  *,
+  num_params: int | np.ndarray,
+  mala: np.ndarray | None = None,
+  distance: np.ndarray | None = None,
+  grad_norm: np.ndarray | None = None,
+  noise_norm: np.ndarray | None = None,
+  criteria: diagnostics.HealthCriteria = diagnostics.HealthCriteria(),
+  burnin: np.ndarray | None = None,
+  convergence_stats: dict[str, np.ndarray] | None = None,
+) -> LLCResult:
   """Builds an LLCResult from traces [..., C, draws] and init losses [..., C, m].
 
   `burnin` [...] draws of each entry are left out of its estimate (default 0);
@@ -179,8 +197,11 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np
   loss_trace = np.asarray(loss_trace, np.float64)
   init_losses = np.asarray(init_losses, np.float64)
   lead = loss_trace.shape[:-2]
-  b = np.zeros(lead, np.int64) if burnin is None else np.broadcast_to(
-      np.asarray(burnin, np.int64), lead)
+  b = (
+    np.zeros(lead, np.int64)
+    if burnin is None
+    else np.broadcast_to(np.asarray(burnin, np.int64), lead)
+  )
   stuck = None
   if convergence_stats is not None:
     stuck = np.asarray(convergence_stats["status"]) == convergence.NOT_CONVERGED
@@ -194,9 +215,14 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np
   for i in range(len(flat_loss)):
     bi = int(np.ravel(b)[i])
     h = diagnostics.chain_health(
-        flat_loss[i, :, bi:], flat_init[i], float(np.ravel(nb)[i]), int(np.ravel(d)[i]),
-        distance=None if flat_dist is None else flat_dist[i], criteria=criteria,
-        not_converged=None if stuck is None else bool(np.ravel(stuck)[i]))
+      flat_loss[i, :, bi:],
+      flat_init[i],
+      float(np.ravel(nb)[i]),
+      int(np.ravel(d)[i]),
+      distance=None if flat_dist is None else flat_dist[i],
+      criteria=criteria,
+      not_converged=None if stuck is None else bool(np.ravel(stuck)[i]),
+    )
     for k in keys:
       rows[k].append(h[k])
   health = {k: np.stack(v).reshape(lead + (loss_trace.shape[-2],)) for k, v in rows.items()}
@@ -210,21 +236,31 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np
   var = np.where(ok, (safe - mean[..., None]) ** 2, 0.0).sum(-1)
   std = np.where(n_ok > 1, np.sqrt(var / np.maximum(n_ok - 1, 1)), np.nan)
   if diverged.any():
-    warnings.warn("diverged SGLD chains (non-finite or blown-up loss) excluded from the LLC "
-                  "mean: " + "; ".join(_labelled(diverged, labels)), RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(
+      "diverged SGLD chains (non-finite or blown-up loss) excluded from the LLC "
+      "mean: " + "; ".join(_labelled(diverged, labels)),
+      RuntimeWarning,
+      stacklevel=3,
+    )
   for flag in ("escaped", "negative"):
     if health[flag].any():
-      logging.warning("%d %s SGLD chains (kept in the mean): %s", int(health[flag].sum()),
-                      flag.replace("_", "-"), "; ".join(_labelled(health[flag], labels)))
+      logging.warning(
+        "%d %s SGLD chains (kept in the mean): %s",
+        int(health[flag].sum()),
+        flag.replace("_", "-"),
+        "; ".join(_labelled(health[flag], labels)),
+      )
   if stuck is not None and stuck.any():
-    assert convergence_stats is not None   # stuck comes from it
+    assert convergence_stats is not None  # stuck comes from it
     reasons = convergence_stats.get("reason")
-    named = [f"{labels[i] if labels and i < len(labels) else f'entry {i}'}"
-             + (f" ({np.ravel(reasons)[i]})" if reasons is not None else "")
-             for i in np.flatnonzero(np.ravel(stuck))]
-    logging.warning("%d checkpoints not converged (kept, flagged): %s", len(named),
-                    "; ".join(named))
+    named = [
+      f"{labels[i] if labels and i < len(labels) else f'entry {i}'}"
+      + (f" ({np.ravel(reasons)[i]})" if reasons is not None else "")
+      for i in np.flatnonzero(np.ravel(stuck))
+    ]
+    logging.warning(
+      "%d checkpoints not converged (kept, flagged): %s", len(named), "; ".join(named)
+    )
   if mala is not None and np.size(mala):
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows of diverged chains
@@ -235,17 +271,30 @@ def summarize(loss_trace: np.ndarray, init_losses: np.ndarray, nbeta: float | np
     mala_se = None
   as32 = lambda x: None if x is None else np.asarray(x, np.float32)
   scalar_nbeta = np.ndim(nbeta) == 0 or np.all(np.asarray(nbeta) == np.ravel(nbeta)[0])
-  return LLCResult(llc_mean=mean, llc_std=std, llc_per_chain=llc_per_chain,
-                   loss_trace=loss_trace.astype(np.float32), init_loss=init_loss,
-                   diverged=diverged, status=health["status"], escaped=health["escaped"],
-                   not_converged=health["not_converged"], negative=health["negative"],
-                   mala_acceptance=mala_acceptance, distance=as32(distance),
-                   grad_norm=as32(grad_norm), noise_norm=as32(noise_norm),
-                   burnin=None if burnin is None else np.asarray(b),
-                   convergence=convergence_stats, mala_se=mala_se,
-                   settings={**settings,
-                             "nbeta": float(np.ravel(nbeta)[0]) if scalar_nbeta
-                             else np.asarray(nbeta).tolist(),
-                             "num_params": np.asarray(num_params).reshape(-1).tolist()
-                             if np.ndim(num_params) else int(num_params),
-                             "health_criteria": dataclasses.asdict(criteria)})
+  return LLCResult(
+    llc_mean=mean,
+    llc_std=std,
+    llc_per_chain=llc_per_chain,
+    loss_trace=loss_trace.astype(np.float32),
+    init_loss=init_loss,
+    diverged=diverged,
+    status=health["status"],
+    escaped=health["escaped"],
+    not_converged=health["not_converged"],
+    negative=health["negative"],
+    mala_acceptance=mala_acceptance,
+    distance=as32(distance),
+    grad_norm=as32(grad_norm),
+    noise_norm=as32(noise_norm),
+    burnin=None if burnin is None else np.asarray(b),
+    convergence=convergence_stats,
+    mala_se=mala_se,
+    settings={
+      **settings,
+      "nbeta": float(np.ravel(nbeta)[0]) if scalar_nbeta else np.asarray(nbeta).tolist(),
+      "num_params": np.asarray(num_params).reshape(-1).tolist()
+      if np.ndim(num_params)
+      else int(num_params),
+      "health_criteria": dataclasses.asdict(criteria),
+    },
+  )

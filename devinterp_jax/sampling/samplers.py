@@ -24,11 +24,18 @@ from devinterp_jax.sampling import underdamped
 SamplerFactory = Callable[..., optax.GradientTransformationExtraArgs]
 
 SAMPLERS: dict[str, SamplerFactory] = {
-    "sgld": sgld_lib.sgld, "rmsprop_sgld": sgld_lib.rmsprop_sgld,
-    "sghmc": underdamped.sghmc, "sgnht": underdamped.sgnht}
+  "sgld": sgld_lib.sgld,
+  "rmsprop_sgld": sgld_lib.rmsprop_sgld,
+  "sghmc": underdamped.sghmc,
+  "sgnht": underdamped.sgnht,
+}
 # The options each named sampler takes (config.llc keys of the same name).
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "sgld": (), "rmsprop_sgld": (), "sghmc": ("friction",), "sgnht": ("friction",)}
+  "sgld": (),
+  "rmsprop_sgld": (),
+  "sghmc": ("friction",),
+  "sgnht": ("friction",),
+}
 STEP_CHECKS = ("mala", "leapfrog")
 
 
@@ -48,13 +55,17 @@ def get_sampler(sampler: str | SamplerFactory, **options: Any) -> SamplerFactory
       raise ValueError("bind options to a sampler factory yourself (functools.partial)")
     return sampler
   if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} "
-                     f"or pass a factory (step_size, nbeta, localization) -> transformation")
+    raise ValueError(
+      f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} "
+      f"or pass a factory (step_size, nbeta, localization) -> transformation"
+    )
   options = {k: v for k, v in options.items() if v is not None}
   unknown = sorted(set(options) - set(OPTIONS[sampler]))
   if unknown:
-    raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes "
-                     f"{list(OPTIONS[sampler]) or 'none'}")
+    raise ValueError(
+      f"sampler {sampler!r} takes no option(s) {unknown}; it takes "
+      f"{list(OPTIONS[sampler]) or 'none'}"
+    )
   if not options:
     return SAMPLERS[sampler]
   return _bound(sampler, tuple(sorted(options.items())))

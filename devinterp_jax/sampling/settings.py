@@ -80,12 +80,18 @@ class SamplerSettings:
   diagnostics: bool = True
   block_draws: int = 100
   max_draws: int | None = None
-  compute_dtype: str | None = None       # e.g. "bfloat16": the loss's dtype (state stays f32)
-  matmul_precision: str | None = None    # "default", "high" or "highest" inside the loss
+  compute_dtype: str | None = None  # e.g. "bfloat16": the loss's dtype (state stays f32)
+  matmul_precision: str | None = None  # "default", "high" or "highest" inside the loss
 
   def __post_init__(self):
-    for name in ("num_chains", "num_draws", "batch_size", "thinning", "init_loss_stride",
-                 "block_draws"):
+    for name in (
+      "num_chains",
+      "num_draws",
+      "batch_size",
+      "thinning",
+      "init_loss_stride",
+      "block_draws",
+    ):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -100,21 +106,28 @@ class SamplerSettings:
         raise ValueError(f"max_draws must be None or an integer, got {self.max_draws!r}")
       object.__setattr__(self, "max_draws", int(self.max_draws))
       if self.max_draws < self.num_draws:
-        raise ValueError(f"max_draws ({self.max_draws}) must be >= num_draws "
-                         f"({self.num_draws}), or None for a fixed length")
+        raise ValueError(
+          f"max_draws ({self.max_draws}) must be >= num_draws "
+          f"({self.num_draws}), or None for a fixed length"
+        )
     for name in TRACED_FIELDS:
       value = getattr(self, name)
-      if (isinstance(value, bool) or np.ndim(value) != 0
-          or not np.issubdtype(np.asarray(value).dtype, np.number)):
+      if (
+        isinstance(value, bool)
+        or np.ndim(value) != 0
+        or not np.issubdtype(np.asarray(value).dtype, np.number)
+      ):
         raise ValueError(f"{name} must be a number, got {value!r}")
-      object.__setattr__(self, name, float(value))   # e.g. a jnp.float32 scalar
+      object.__setattr__(self, name, float(value))  # e.g. a jnp.float32 scalar
       if not math.isfinite(float(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     if self.step_size <= 0:
       raise ValueError(f"step_size must be > 0, got {self.step_size}")
     if self.nbeta <= 0:
-      raise ValueError(f"nbeta must be > 0, got {self.nbeta}: with nβ = 0 the chain samples "
-                       "the localising Gaussian alone and every LLC is exactly 0")
+      raise ValueError(
+        f"nbeta must be > 0, got {self.nbeta}: with nβ = 0 the chain samples "
+        "the localising Gaussian alone and every LLC is exactly 0"
+      )
     if self.localization < 0:
       raise ValueError(f"localization must be >= 0, got {self.localization}")
     if self.compute_dtype is not None:
@@ -123,16 +136,20 @@ class SamplerSettings:
       except TypeError:
         dtype = None
       if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
-        raise ValueError(f"compute_dtype must be a floating dtype name such as 'bfloat16' "
-                         f"or 'float32' (or None), got {self.compute_dtype!r}")
+        raise ValueError(
+          f"compute_dtype must be a floating dtype name such as 'bfloat16' "
+          f"or 'float32' (or None), got {self.compute_dtype!r}"
+        )
       object.__setattr__(self, "compute_dtype", dtype.name)
     if self.matmul_precision not in MATMUL_PRECISIONS:
-      raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got "
-                       f"{self.matmul_precision!r}")
+      raise ValueError(
+        f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}"
+      )
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any],
-                  overrides: Mapping[str, Any] | None = None) -> "SamplerSettings":
+  def from_config(
+    cls, section: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+  ) -> "SamplerSettings":
     """From a config section (e.g. `config.llc`), with `overrides` on top (e.g.
     `config.refined`). Keys that are not settings fields (dataset_size,
     checkpoint_chunk, …) are ignored; `max_draws=0` means a fixed length."""
@@ -141,15 +158,18 @@ class SamplerSettings:
     kw = {k: v for k, v in merged.items() if k in names}
     if kw.get("max_draws") == 0:
       kw["max_draws"] = None
-    for name in IDENTITY_DEFAULTS:   # config files spell "unset" as ""
+    for name in IDENTITY_DEFAULTS:  # config files spell "unset" as ""
       if kw.get(name) == "":
         kw[name] = None
     return cls(**kw)
 
   def identity(self) -> dict[str, Any]:
     """The fields as a dict, without new fields at their defaults (`IDENTITY_DEFAULTS`)."""
-    return {k: v for k, v in dataclasses.asdict(self).items()
-            if not (k in IDENTITY_DEFAULTS and v == IDENTITY_DEFAULTS[k])}
+    return {
+      k: v
+      for k, v in dataclasses.asdict(self).items()
+      if not (k in IDENTITY_DEFAULTS and v == IDENTITY_DEFAULTS[k])
+    }
 
   @property
   def adaptive(self) -> bool:
@@ -188,9 +208,11 @@ class SamplerSettings:
 
   def program_key(self) -> tuple:
     """The fields a compiled block program depends on (and its block length)."""
-    return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                 if f.name not in TRACED_FIELDS + LENGTH_FIELDS + ("block_draws",)
-                 ) + (("block_steps", self.block_steps),)
+    return tuple(
+      (f.name, getattr(self, f.name))
+      for f in dataclasses.fields(self)
+      if f.name not in TRACED_FIELDS + LENGTH_FIELDS + ("block_draws",)
+    ) + (("block_steps", self.block_steps),)
 
 
 class Restrictions(NamedTuple):
@@ -209,12 +231,15 @@ class Restrictions(NamedTuple):
     masks = jax.tree.map(lambda x: np.asarray(x, np.float32), self.masks)
     sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(masks)}
     if sizes != {len(self.names)}:
-      raise ValueError(f"{len(self.names)} restriction names for masks with leading sizes "
-                       f"{sorted(map(str, sizes))}")
+      raise ValueError(
+        f"{len(self.names)} restriction names for masks with leading sizes "
+        f"{sorted(map(str, sizes))}"
+      )
     counts = np.asarray(restrict_lib.num_selected(masks, leading_axes=1))
     if np.any(counts == 0):
-      raise ValueError(f"restrictions {[n for n, c in zip(self.names, counts) if c == 0]} "
-                       "select no coordinate")
+      raise ValueError(
+        f"restrictions {[n for n, c in zip(self.names, counts) if c == 0]} select no coordinate"
+      )
     return Restrictions(list(self.names), masks)
 
 
@@ -257,16 +282,23 @@ class SweepOptions:
 
   def __post_init__(self):
     if self.chain_strategy not in ("auto", "vmap", "map"):
-      raise ValueError(f"chain_strategy must be 'auto', 'vmap' or 'map', got "
-                       f"{self.chain_strategy!r}")
+      raise ValueError(
+        f"chain_strategy must be 'auto', 'vmap' or 'map', got {self.chain_strategy!r}"
+      )
     chunk = self.checkpoint_chunk
-    if chunk is not None and chunk != AUTO and (
-        isinstance(chunk, (bool, str)) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
-      raise ValueError(f"checkpoint_chunk must be None, 'auto' or an integer >= 1, got "
-                       f"{chunk!r}")
+    if (
+      chunk is not None
+      and chunk != AUTO
+      and (isinstance(chunk, (bool, str)) or not isinstance(chunk, (int, np.integer)) or chunk < 1)
+    ):
+      raise ValueError(f"checkpoint_chunk must be None, 'auto' or an integer >= 1, got {chunk!r}")
     if not 0 < self.memory_fraction <= 1:
       raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-    if isinstance(self.checkpoint_cache_bytes, bool) or not isinstance(
-        self.checkpoint_cache_bytes, (int, np.integer)) or self.checkpoint_cache_bytes < 0:
-      raise ValueError(f"checkpoint_cache_bytes must be an integer >= 0, got "
-                       f"{self.checkpoint_cache_bytes!r}")
+    if (
+      isinstance(self.checkpoint_cache_bytes, bool)
+      or not isinstance(self.checkpoint_cache_bytes, (int, np.integer))
+      or self.checkpoint_cache_bytes < 0
+    ):
+      raise ValueError(
+        f"checkpoint_cache_bytes must be an integer >= 0, got {self.checkpoint_cache_bytes!r}"
+      )

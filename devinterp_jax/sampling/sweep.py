@@ -64,8 +64,8 @@ class Pair:
   restriction: int
   checkpoint: int
   steps: int = 0
-  outputs: dict[str, np.ndarray] | None = None   # {name: [C, steps]}
-  state: list[np.ndarray] | None = None           # chain-state leaves [C, ...]
+  outputs: dict[str, np.ndarray] | None = None  # {name: [C, steps]}
+  state: list[np.ndarray] | None = None  # chain-state leaves [C, ...]
   digest: str | None = None
 
 
@@ -74,16 +74,25 @@ class SweepOutputs:
   """What `run` returns: per-pair outputs and the grid of pair indices."""
 
   pairs: list[Pair]
-  shape: tuple[int, int, int]           # (G, R, N)
-  num_params: np.ndarray                # d per pair [G*R*N]
+  shape: tuple[int, int, int]  # (G, R, N)
+  num_params: np.ndarray  # d per pair [G*R*N]
   fingerprint: str | None
   assessments: dict[int, dict]
 
 
-def sweep_identity(settings: SamplerSettings, *, loss_fn, data: Any, loss_data: Any = None,
-                   loss_key: str | None = None, sampler: str, ids: Sequence[Any],
-                   restrictions: Restrictions | None = None, grid: list[dict] | None = None,
-                   criteria: diagnostics_lib.HealthCriteria | None = None) -> dict[str, Any]:
+def sweep_identity(
+  settings: SamplerSettings,
+  *,
+  loss_fn,
+  data: Any,
+  loss_data: Any = None,
+  loss_key: str | None = None,
+  sampler: str,
+  ids: Sequence[Any],
+  restrictions: Restrictions | None = None,
+  grid: list[dict] | None = None,
+  criteria: diagnostics_lib.HealthCriteria | None = None,
+) -> dict[str, Any]:
   """Everything besides the params that determines a sweep's numbers.
 
   The settings, the sampler, the checkpoint ids, a digest of `data` (and
@@ -95,14 +104,18 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn, data: Any, loss_data: 
   loss_id = None if loss_key is not None else digest_lib.callable_identity(loss_fn)
   if loss_id is None and loss_key is None:
     raise ValueError(
-        f"resuming from output_dir needs an identity of the loss, and {loss_fn!r} has none "
-        f"that a rerun could match (a lambda, or a closure over objects without a stable "
-        f"value). Pass loss_key='<a name that changes whenever the loss does>' or a named "
-        f"function.")
+      f"resuming from output_dir needs an identity of the loss, and {loss_fn!r} has none "
+      f"that a rerun could match (a lambda, or a closure over objects without a stable "
+      f"value). Pass loss_key='<a name that changes whenever the loss does>' or a named "
+      f"function."
+    )
   out: dict[str, Any] = {
-      "settings": settings.identity(), "sampler": sampler,
-      "ids": [str(i) for i in ids], "loss": {"key": loss_key, "function": loss_id},
-      "layout": "pairs-v2"}
+    "settings": settings.identity(),
+    "sampler": sampler,
+    "ids": [str(i) for i in ids],
+    "loss": {"key": loss_key, "function": loss_id},
+    "layout": "pairs-v2",
+  }
   if settings.adaptive or settings.num_burnin_steps == AUTO:
     out["criteria"] = dataclasses.asdict(criteria or diagnostics_lib.HealthCriteria())
   for field, value in (("data", data), ("loss_data", loss_data)):
@@ -110,15 +123,17 @@ def sweep_identity(settings: SamplerSettings, *, loss_fn, data: Any, loss_data: 
       continue
     if callable(value):
       ident = digest_lib.callable_identity(value)
-      ident = "callable:key" if loss_key is not None else (
-          None if ident is None else f"callable:{ident}")
+      ident = (
+        "callable:key" if loss_key is not None else (None if ident is None else f"callable:{ident}")
+      )
     else:
       ident = "arrays:" + digest_lib.tree_digest(value)
     if ident is None:
       raise ValueError(
-          f"resuming from output_dir needs an identity of {field}, and the batch source "
-          f"{value!r} has none that a rerun could match. Pass loss_key='<a name that "
-          f"changes whenever the loss or the data do>'.")
+        f"resuming from output_dir needs an identity of {field}, and the batch source "
+        f"{value!r} has none that a rerun could match. Pass loss_key='<a name that "
+        f"changes whenever the loss or the data do>'."
+      )
     out[field] = ident
   if restrictions is not None:
     out["restrictions"] = list(restrictions.names)
@@ -135,6 +150,7 @@ def fingerprint(identity: dict) -> str:
 
 # ---------------------------------------------------------------------------------------
 # Reading the outputs of a pair.
+
 
 def draw_index(settings: SamplerSettings, steps: int) -> np.ndarray:
   return settings.draw_steps(steps)
@@ -172,12 +188,22 @@ def pair_init_losses(settings: SamplerSettings, pair: Pair) -> np.ndarray:
   return _outputs(pair)["init_loss"][:, init_index(settings, used_steps(settings, pair))]
 
 
-def assess_pair(settings: SamplerSettings, pair: Pair, nbeta: float, num_params: int,
-                criteria: diagnostics_lib.HealthCriteria) -> dict:
+def assess_pair(
+  settings: SamplerSettings,
+  pair: Pair,
+  nbeta: float,
+  num_params: int,
+  criteria: diagnostics_lib.HealthCriteria,
+) -> dict:
   """Burn-in and convergence of one pair on its own draws (see `diagnostics.assess`)."""
-  return diagnostics_lib.assess(pair_draws(settings, pair), pair_init_losses(settings, pair),
-                                nbeta, num_params, burnin=settings.num_burnin_steps,
-                                criteria=criteria)
+  return diagnostics_lib.assess(
+    pair_draws(settings, pair),
+    pair_init_losses(settings, pair),
+    nbeta,
+    num_params,
+    burnin=settings.num_burnin_steps,
+    criteria=criteria,
+  )
 
 
 def keeps_running(assessment: dict, criteria: diagnostics_lib.HealthCriteria) -> bool:
@@ -185,35 +211,46 @@ def keeps_running(assessment: dict, criteria: diagnostics_lib.HealthCriteria) ->
   has converged, or has too few valid chains for more draws to help."""
   if assessment["status"] == conv.CONVERGED:
     return False
-  return not (assessment["status"] == conv.UNCHECKED
-              and assessment["num_chains"] < criteria.min_chains)
+  return not (
+    assessment["status"] == conv.UNCHECKED and assessment["num_chains"] < criteria.min_chains
+  )
 
 
 # ---------------------------------------------------------------------------------------
 # The driver.
 
+
 def _load_pair(path: str, fp: str) -> dict[str, np.ndarray]:
   try:
     contents = paths.load_npz(path)
   except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    raise ChunkError(f"{path} is unreadable ({type(e).__name__}: {e}): this saved part of "
-                     f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
-                     f"that part.") from None
+    raise ChunkError(
+      f"{path} is unreadable ({type(e).__name__}: {e}): this saved part of "
+      f"the LLC sweep is damaged. Delete it and rerun; the sweep recomputes "
+      f"that part."
+    ) from None
   if str(contents.get("fingerprint")) != fp or "params_digest" not in contents:
-    raise ChunkError(f"{path} holds results of another sweep than its directory names "
-                     f"(fingerprint {contents.get('fingerprint')!s} vs {fp}). Delete it and "
-                     f"rerun; the sweep recomputes that part.")
+    raise ChunkError(
+      f"{path} holds results of another sweep than its directory names "
+      f"(fingerprint {contents.get('fingerprint')!s} vs {fp}). Delete it and "
+      f"rerun; the sweep recomputes that part."
+    )
   return contents
 
 
 def _save_pair(path: str, fp: str, pair: Pair, keep_state: bool) -> None:
-  if not multihost.is_leader():   # every process holds the same outputs; one writes
+  if not multihost.is_leader():  # every process holds the same outputs; one writes
     return
   arrays = {f"out_{k}": v for k, v in _outputs(pair).items()}
   if keep_state and pair.state is not None:
     arrays.update({f"state_{i:04d}": x for i, x in enumerate(pair.state)})
-  atomic.save_npz(path, fingerprint=np.array(fp), params_digest=np.array(pair.digest),
-                  steps=np.array(pair.steps), **arrays)
+  atomic.save_npz(
+    path,
+    fingerprint=np.array(fp),
+    params_digest=np.array(pair.digest),
+    steps=np.array(pair.steps),
+    **arrays,
+  )
 
 
 def _note_other_sweeps(output_dir: str, fp: str) -> None:
@@ -221,19 +258,27 @@ def _note_other_sweeps(output_dir: str, fp: str) -> None:
     return
   entries = paths.listdir(output_dir)
   if any(e.startswith("llc_chunk_") for e in entries):
-    logging.warning("%s holds chunks of an older layout without a fingerprint of the data, "
-                    "params and loss; they are not reused", output_dir)
-  others = [e for e in entries if e != fp and
-            paths.exists(paths.join(output_dir, e, "sweep.json"))]
+    logging.warning(
+      "%s holds chunks of an older layout without a fingerprint of the data, "
+      "params and loss; they are not reused",
+      output_dir,
+    )
+  others = [e for e in entries if e != fp and paths.exists(paths.join(output_dir, e, "sweep.json"))]
   if others:
-    logging.info("%s also holds %d sweeps of other settings, data or loss (kept apart): %s",
-                 output_dir, len(others), ", ".join(sorted(others)))
+    logging.info(
+      "%s also holds %d sweeps of other settings, data or loss (kept apart): %s",
+      output_dir,
+      len(others),
+      ", ".join(sorted(others)),
+    )
 
 
 def require_arrays(params: Params) -> None:
   if not jax.tree.leaves(params):
-    raise ValueError("the checkpoint params hold no arrays (an empty pytree): pass the "
-                     "model's params, e.g. a dict of weight arrays")
+    raise ValueError(
+      "the checkpoint params hold no arrays (an empty pytree): pass the "
+      "model's params, e.g. a dict of weight arrays"
+    )
 
 
 def check_finite(params: Params, ids: Sequence[Any]) -> None:
@@ -245,13 +290,18 @@ def check_finite(params: Params, ids: Sequence[Any]) -> None:
     for i in np.flatnonzero(~finite).tolist():
       if i < len(ids):
         bad.setdefault(ids[i], []).append(
-            f"{jax.tree_util.keystr(path)} ({int(np.isnan(x[i]).sum())} NaN, "
-            f"{int(np.isinf(x[i]).sum())} inf)")
+          f"{jax.tree_util.keystr(path)} ({int(np.isnan(x[i]).sum())} NaN, "
+          f"{int(np.isinf(x[i]).sum())} inf)"
+        )
   if bad:
-    raise ValueError("non-finite w*: " + "; ".join(
-        f"checkpoint {c} has non-finite params in {', '.join(leaves)}"
-        for c, leaves in bad.items()) + ". An LLC needs finite params at the checkpoint; "
-        "check how they were produced (a diverged training run, a corrupted file).")
+    raise ValueError(
+      "non-finite w*: "
+      + "; ".join(
+        f"checkpoint {c} has non-finite params in {', '.join(leaves)}" for c, leaves in bad.items()
+      )
+      + ". An LLC needs finite params at the checkpoint; "
+      "check how they were produced (a diverged training run, a corrupted file)."
+    )
 
 
 class Checkpoints:
@@ -264,7 +314,7 @@ class Checkpoints:
   def __init__(self, checkpoints: Sequence[Params] | Params, cache_bytes: int = 0):
     self._cache: collections.OrderedDict[int, Params] = collections.OrderedDict()
     self._cache_bytes, self._cached = int(cache_bytes), 0
-    self.reads = 0   # reads from the sequence (cache misses)
+    self.reads = 0  # reads from the sequence (cache misses)
     if isinstance(checkpoints, Sequence):
       if len(checkpoints) == 0:
         raise ValueError("checkpoints is empty")
@@ -273,10 +323,11 @@ class Checkpoints:
       require_arrays(checkpoints)
       sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(checkpoints)}
       if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"stacked checkpoints need one leading axis size, got "
-                         f"{sorted(map(str, sizes))}")
+        raise ValueError(
+          f"stacked checkpoints need one leading axis size, got {sorted(map(str, sizes))}"
+        )
       num = sizes.pop()
-      assert num is not None   # checked just above
+      assert num is not None  # checked just above
       self.seq, self.stacked, self.num = None, checkpoints, num
 
   def _read(self, i: int) -> Params:
@@ -284,12 +335,12 @@ class Checkpoints:
     if hit is not None:
       self._cache.move_to_end(i)
       return hit
-    assert self.seq is not None   # only sequences are read
+    assert self.seq is not None  # only sequences are read
     self.reads += 1
     tree = self.seq[i]
     size = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
     if size <= self._cache_bytes:
-      tree = jax.tree.map(np.asarray, tree)   # on the host: no device memory is held
+      tree = jax.tree.map(np.asarray, tree)  # on the host: no device memory is held
       self._cache[i], self._cached = tree, self._cached + size
       while self._cached > self._cache_bytes:
         _, old = self._cache.popitem(last=False)
@@ -301,16 +352,25 @@ class Checkpoints:
     if self.stacked is not None:
       return jax.tree.map(lambda x: np.asarray(x)[np.asarray(indices)], self.stacked)
     unique = sorted(set(indices))
-    loaded = chunks_lib.stack([self._read(i) for i in unique], unique[0])   # names a misfit
+    loaded = chunks_lib.stack([self._read(i) for i in unique], unique[0])  # names a misfit
     pos = np.asarray([unique.index(i) for i in indices])
     return jax.tree.map(lambda x: x[pos], loaded)
 
 
-def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: SamplerSettings,
-        options: SweepOptions = SweepOptions(), *, sampler: Any = "sgld",
-        sampler_label: str = "sgld", restrictions: Restrictions | None = None,
-        grid: list[dict] | None = None, loss_data: Any = None,
-        criteria: diagnostics_lib.HealthCriteria | None = None) -> SweepOutputs:
+def run(
+  loss_fn,
+  checkpoints: Sequence[Params] | Params,
+  data: Any,
+  settings: SamplerSettings,
+  options: SweepOptions = SweepOptions(),
+  *,
+  sampler: Any = "sgld",
+  sampler_label: str = "sgld",
+  restrictions: Restrictions | None = None,
+  grid: list[dict] | None = None,
+  loss_data: Any = None,
+  criteria: diagnostics_lib.HealthCriteria | None = None,
+) -> SweepOutputs:
   """Runs a sweep (see the module docstring) and returns every pair's outputs.
 
   `grid` is a list of hyperparameter dicts (step_size, nbeta, localization)
@@ -324,16 +384,25 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     raise ValueError(f"{len(ids)} checkpoint_ids for {N} checkpoints")
   if not callable(data):
     kernel.check_data(data)
-  hyper_grid = grid or [{"step_size": settings.step_size, "nbeta": settings.nbeta,
-                         "localization": settings.localization}]
+  hyper_grid = grid or [
+    {
+      "step_size": settings.step_size,
+      "nbeta": settings.nbeta,
+      "localization": settings.localization,
+    }
+  ]
   G = len(hyper_grid)
   comp = None
   if restrictions is not None:
     restrictions = restrictions.check()
     comp = restrict_lib.compact(restrictions.masks)
   R = 1 if restrictions is None else len(restrictions.names)
-  pairs = [Pair(index=(g * R + r) * N + n, grid=g, restriction=r, checkpoint=n)
-           for g in range(G) for r in range(R) for n in range(N)]
+  pairs = [
+    Pair(index=(g * R + r) * N + n, grid=g, restriction=r, checkpoint=n)
+    for g in range(G)
+    for r in range(R)
+    for n in range(N)
+  ]
   first = ckpts.stack([0])
   require_arrays(first)
   if restrictions is not None:
@@ -345,24 +414,43 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     num_params = np.full(len(pairs), d)
   # None, AUTO or an integer (SweepOptions checks): a str is AUTO.
   wanted = None if isinstance(options.checkpoint_chunk, str) else options.checkpoint_chunk
-  sm = mesh_lib.resolve(options.mesh, num_pairs=chunks_lib.chunk_size(len(pairs), wanted),
-                        num_chains=settings.num_chains, batch_size=settings.batch_size,
-                        batch_axis=options.batch_axis)
-  prog_kw: dict[str, Any] = dict(data=data, loss_data=loss_data, sampler=sampler,
-                 chain_strategy=options.chain_strategy,
-                 leaves=None if comp is None else comp.leaves,
-                 padded=comp is not None and comp.valid is not None, mesh=sm)
+  sm = mesh_lib.resolve(
+    options.mesh,
+    num_pairs=chunks_lib.chunk_size(len(pairs), wanted),
+    num_chains=settings.num_chains,
+    batch_size=settings.batch_size,
+    batch_axis=options.batch_axis,
+  )
+  prog_kw: dict[str, Any] = dict(
+    data=data,
+    loss_data=loss_data,
+    sampler=sampler,
+    chain_strategy=options.chain_strategy,
+    leaves=None if comp is None else comp.leaves,
+    padded=comp is not None and comp.valid is not None,
+    mesh=sm,
+  )
   prog = program_lib.get_program(loss_fn, settings, **prog_kw)
   data_arg = None if callable(data) else data
   loss_data_arg = None if (loss_data is None or callable(loss_data)) else loss_data
   replicated = None if sm is None else sm.replicated()
   data_arg = None if data_arg is None else put(data_arg, replicated)
   loss_data_arg = None if loss_data_arg is None else put(loss_data_arg, replicated)
-  keys = program_lib.chain_keys(settings.seed, settings.num_chains,
-                                None if sm is None else sm.chains())
+  keys = program_lib.chain_keys(
+    settings.seed, settings.num_chains, None if sm is None else sm.chains()
+  )
   if options.checkpoint_chunk == AUTO:
-    chunk = auto_chunk(prog, first, comp, keys, data_arg, loss_data_arg, sm,
-                       num_pairs=len(pairs), fraction=options.memory_fraction)
+    chunk = auto_chunk(
+      prog,
+      first,
+      comp,
+      keys,
+      data_arg,
+      loss_data_arg,
+      sm,
+      num_pairs=len(pairs),
+      fraction=options.memory_fraction,
+    )
   else:
     chunk = chunks_lib.chunk_size(len(pairs), wanted)
   chunk = mesh_lib.round_chunk(chunk, sm)
@@ -371,21 +459,31 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
   sweep_dir = fp = None
   if options.output_dir:
-    identity = sweep_identity(settings, loss_fn=loss_fn, data=data, loss_data=loss_data,
-                              loss_key=options.loss_key, sampler=sampler_label, ids=ids,
-                              restrictions=restrictions, grid=grid, criteria=criteria)
+    identity = sweep_identity(
+      settings,
+      loss_fn=loss_fn,
+      data=data,
+      loss_data=loss_data,
+      loss_key=options.loss_key,
+      sampler=sampler_label,
+      ids=ids,
+      restrictions=restrictions,
+      grid=grid,
+      criteria=criteria,
+    )
     fp = fingerprint(identity)
     sweep_dir = os.path.join(options.output_dir, fp)
     _note_other_sweeps(options.output_dir, fp)
     if multihost.is_leader() and not paths.exists(paths.join(sweep_dir, "sweep.json")):
-      atomic.write_text(os.path.join(sweep_dir, "sweep.json"),
-                        json.dumps(identity, indent=1, default=str))
+      atomic.write_text(
+        os.path.join(sweep_dir, "sweep.json"), json.dumps(identity, indent=1, default=str)
+      )
 
   def path_of(p: Pair) -> str:
-    assert sweep_dir is not None   # used only with an output_dir
+    assert sweep_dir is not None  # used only with an output_dir
     return os.path.join(sweep_dir, f"llc_pair_{p.index:05d}.npz")
 
-  digests: dict[int, str] = {}   # params digest per checkpoint, computed once
+  digests: dict[int, str] = {}  # params digest per checkpoint, computed once
 
   def digest_of(n: int, stacked: Params | None = None, row: int = 0) -> str:
     if n not in digests:
@@ -393,13 +491,19 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       digests[n] = digest_lib.tree_digest(jax.tree.map(lambda x: x[row], stacked))
     return digests[n]
 
-  if sweep_dir:     # resume what a killed run finished
-    multihost.barrier("sweep_dir")   # the leader made the directory
-    assert fp is not None   # set with sweep_dir
+  if sweep_dir:  # resume what a killed run finished
+    multihost.barrier("sweep_dir")  # the leader made the directory
+    assert fp is not None  # set with sweep_dir
     saved = {p.index: _load_pair(path_of(p), fp) for p in pairs if paths.exists(path_of(p))}
     # Each process checks the params digests of its share of the checkpoints.
-    mine = sorted({p.checkpoint for p in pairs if p.index in saved
-                   and p.checkpoint % multihost.process_count() == multihost.process_index()})
+    mine = sorted(
+      {
+        p.checkpoint
+        for p in pairs
+        if p.index in saved
+        and p.checkpoint % multihost.process_count() == multihost.process_index()
+      }
+    )
     checked = {}
     for part in multihost.gather("resume_digests", {str(n): digest_of(n) for n in mine}):
       checked.update({int(n): d for n, d in part.items()})
@@ -408,8 +512,11 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       if z is None:
         continue
       if str(z["params_digest"]) != checked[p.checkpoint]:
-        logging.warning("%s was computed on other params for checkpoint %s (they changed "
-                        "since); recomputing it", path_of(p), ids[p.checkpoint])
+        logging.warning(
+          "%s was computed on other params for checkpoint %s (they changed since); recomputing it",
+          path_of(p),
+          ids[p.checkpoint],
+        )
         continue
       p.steps, p.digest = int(z["steps"]), str(z["params_digest"])
       p.outputs = {k[4:]: v for k, v in z.items() if k.startswith("out_")}
@@ -418,8 +525,11 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
 
   nbeta_of = lambda p: float(hyper_grid[p.grid]["nbeta"])
   initial = settings.steps_for(settings.num_draws)
-  max_steps = (None if settings.max_draws is None     # not settings.adaptive
-               else settings.steps_for(settings.max_draws))
+  max_steps = (
+    None
+    if settings.max_draws is None  # not settings.adaptive
+    else settings.steps_for(settings.max_draws)
+  )
   assessments: dict[int, dict] = {}
 
   def assess(p: Pair) -> dict:
@@ -456,10 +566,13 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     return extra
 
   total_estimate = sum(max(initial - p.steps, 0) for p in pairs)
-  tracker = progress_lib.Progress(total=total_estimate * settings.num_chains,
-                                  what="LLC sweep", unit="chain-steps",
-                                  every_s=options.progress_every_s,
-                                  log=logging.info if options.progress else (lambda _: None))
+  tracker = progress_lib.Progress(
+    total=total_estimate * settings.num_chains,
+    what="LLC sweep",
+    unit="chain-steps",
+    every_s=options.progress_every_s,
+    log=logging.info if options.progress else (lambda _: None),
+  )
   tracker.final = not settings.adaptive
   tracker.start()
   done_units = [0]
@@ -469,8 +582,10 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
     if not todo:
       todo = window_targets()
     # The leader decides what runs next; every process takes the same branches.
-    todo = {int(i): int(t) for i, t in multihost.agree(
-        "sweep_todo", {str(i): t for i, t in todo.items()}).items()}
+    todo = {
+      int(i): int(t)
+      for i, t in multihost.agree("sweep_todo", {str(i): t for i, t in todo.items()}).items()
+    }
     if not todo:
       break
     extra = sum(t - pairs[i].steps for i, t in todo.items()) * settings.num_chains
@@ -481,30 +596,59 @@ def run(loss_fn, checkpoints: Sequence[Params] | Params, data: Any, settings: Sa
       by_start.setdefault((pairs[i].steps, t), []).append(pairs[i])
     for (start, stop), group in sorted(by_start.items()):
       for lo in range(0, len(group), chunk):
-        members = group[lo:lo + chunk]
-        _run_chunk(prog, members, start, stop, chunk, ckpts, ids, hyper_grid, comp, keys,
-                   data_arg, loss_data_arg, settings, sm, sweep_dir is not None,
-                   path_of if sweep_dir else None, fp, tracker, done_units)
+        members = group[lo : lo + chunk]
+        _run_chunk(
+          prog,
+          members,
+          start,
+          stop,
+          chunk,
+          ckpts,
+          ids,
+          hyper_grid,
+          comp,
+          keys,
+          data_arg,
+          loss_data_arg,
+          settings,
+          sm,
+          sweep_dir is not None,
+          path_of if sweep_dir else None,
+          fp,
+          tracker,
+          done_units,
+        )
   tracker.final = True
   tracker.update(tracker.total, force=True)
   for p in pairs:
     assess(p)
-  if sweep_dir and settings.adaptive:   # finished: the chain states are no longer needed
-    assert fp is not None   # set with sweep_dir
+  if sweep_dir and settings.adaptive:  # finished: the chain states are no longer needed
+    assert fp is not None  # set with sweep_dir
     for p in pairs:
       if p.state is not None:
         p.state = None
         _save_pair(path_of(p), fp, p, keep_state=False)
-  multihost.barrier("sweep_done")      # the leader's files are written
-  return SweepOutputs(pairs=pairs, shape=(G, R, N), num_params=num_params, fingerprint=fp,
-                      assessments=assessments)
+  multihost.barrier("sweep_done")  # the leader's files are written
+  return SweepOutputs(
+    pairs=pairs, shape=(G, R, N), num_params=num_params, fingerprint=fp, assessments=assessments
+  )
 
 
-def abstract_args(prog, chunk: int, first: Params, comp, keys, data_arg, loss_data_arg,
-                  sm: mesh_lib.SweepMesh | None) -> tuple:
+def abstract_args(
+  prog,
+  chunk: int,
+  first: Params,
+  comp,
+  keys,
+  data_arg,
+  loss_data_arg,
+  sm: mesh_lib.SweepMesh | None,
+) -> tuple:
   """Abstract arguments of `prog.block` for a chunk of `chunk` pairs."""
+
   def sds(shape, dtype, sharding):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
   pair_sh = None if sm is None else sm.pairs()
   params = jax.tree.map(lambda x: sds((chunk,) + x.shape[1:], x.dtype, pair_sh), first)
   hypers = {k: sds((chunk,), np.float32, pair_sh) for k in ("step_size", "nbeta", "localization")}
@@ -514,10 +658,20 @@ def abstract_args(prog, chunk: int, first: Params, comp, keys, data_arg, loss_da
     if comp.valid is not None:
       valid = sds((chunk,) + comp.valid.shape[1:], comp.valid.dtype, pair_sh)
   state_sh = None if sm is None else sm.pair_chains()
-  carry = jax.tree.map(lambda t: sds(t.shape, t.dtype, state_sh),
-                       jax.eval_shape(prog.init, params, hypers, index))
-  return (carry, jax.ShapeDtypeStruct((), np.int32), params, hypers, keys, data_arg,
-          loss_data_arg, index, valid)
+  carry = jax.tree.map(
+    lambda t: sds(t.shape, t.dtype, state_sh), jax.eval_shape(prog.init, params, hypers, index)
+  )
+  return (
+    carry,
+    jax.ShapeDtypeStruct((), np.int32),
+    params,
+    hypers,
+    keys,
+    data_arg,
+    loss_data_arg,
+    index,
+    valid,
+  )
 
 
 def chunk_memory(prog, chunk: int, *args, **kw) -> program_lib.MemoryUse | None:
@@ -525,8 +679,18 @@ def chunk_memory(prog, chunk: int, *args, **kw) -> program_lib.MemoryUse | None:
   return program_lib.block_memory(prog, *abstract_args(prog, chunk, *args, **kw))
 
 
-def auto_chunk(prog, first: Params, comp, keys, data_arg, loss_data_arg,
-               sm: mesh_lib.SweepMesh | None, *, num_pairs: int, fraction: float) -> int:
+def auto_chunk(
+  prog,
+  first: Params,
+  comp,
+  keys,
+  data_arg,
+  loss_data_arg,
+  sm: mesh_lib.SweepMesh | None,
+  *,
+  num_pairs: int,
+  fraction: float,
+) -> int:
   """The most pairs per chunk whose block fits in `fraction` of a device's memory.
 
   Compiles the block at k and 2k pairs (k: the pair-axis devices) and fits
@@ -535,17 +699,25 @@ def auto_chunk(prog, first: Params, comp, keys, data_arg, loss_data_arg,
   args = (first, comp, keys, data_arg, loss_data_arg, sm)
   m1, m2 = chunk_memory(prog, k, *args), chunk_memory(prog, 2 * k, *args)
   if m1 is None or m2 is None:
-    logging.warning("the backend reports no compiled memory; checkpoint_chunk='auto' runs "
-                    "all %d pairs at once", num_pairs)
+    logging.warning(
+      "the backend reports no compiled memory; checkpoint_chunk='auto' runs all %d pairs at once",
+      num_pairs,
+    )
     return num_pairs
   per_k = max(m2.total - m1.total, 1)
   fixed = m1.total - per_k
   budget = fraction * program_lib.device_memory_bytes()
   fits = int((budget - fixed) // per_k) * k
   chunk = max(k, min(fits, num_pairs))
-  logging.info("checkpoint_chunk='auto': %d pairs per chunk (%.1f MiB per %d pairs per "
-               "device, %.1f MiB fixed, budget %.1f MiB)", chunk, per_k / 2**20, k,
-               fixed / 2**20, budget / 2**20)
+  logging.info(
+    "checkpoint_chunk='auto': %d pairs per chunk (%.1f MiB per %d pairs per "
+    "device, %.1f MiB fixed, budget %.1f MiB)",
+    chunk,
+    per_k / 2**20,
+    k,
+    fixed / 2**20,
+    budget / 2**20,
+  )
   return chunk
 
 
@@ -554,8 +726,12 @@ def put(tree: Any, sharding) -> Any:
   processes, each building only its own shards), or on the default device."""
   if sharding is None:
     return jax.device_put(tree)
-  return jax.tree.map(lambda x: jax.make_array_from_callback(
-      np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]), tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_callback(
+      np.shape(x), sharding, lambda idx, x=x: np.asarray(x)[idx]
+    ),
+    tree,
+  )
 
 
 def local_rows(sharding, num: int) -> list[int]:
@@ -568,8 +744,9 @@ def local_rows(sharding, num: int) -> list[int]:
   return sorted(rows)
 
 
-def _load_chunk(ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_digests: bool
-                ) -> tuple[Params, dict[int, str]]:
+def _load_chunk(
+  ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_digests: bool
+) -> tuple[Params, dict[int, str]]:
   """The chunk's w* [chunk, ...] as (global) device arrays; each process loads and
   checks only its own rows. Returns the digests of the members' checkpoints."""
   n = len(padded)
@@ -581,10 +758,17 @@ def _load_chunk(ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_dige
     check_finite(local, [ids[padded[j].checkpoint] for j in rows])
   except ValueError as e:
     problem = str(e)
-  digests = {padded[j].checkpoint: digest_lib.tree_digest(jax.tree.map(lambda x: x[i], local))
-             for i, j in enumerate(rows)} if with_digests else {}
-  parts = multihost.gather("chunk_rows", {"problem": problem,
-                                          "digests": {str(k): v for k, v in digests.items()}})
+  digests = (
+    {
+      padded[j].checkpoint: digest_lib.tree_digest(jax.tree.map(lambda x: x[i], local))
+      for i, j in enumerate(rows)
+    }
+    if with_digests
+    else {}
+  )
+  parts = multihost.gather(
+    "chunk_rows", {"problem": problem, "digests": {str(k): v for k, v in digests.items()}}
+  )
   problems = [q["problem"] for q in parts if q["problem"]]
   if problems:
     raise ValueError(" ".join(problems))
@@ -596,28 +780,53 @@ def _load_chunk(ckpts: Checkpoints, padded: list[Pair], ids, sharding, with_dige
 
   def leaf(x):
     def rows_of(idx: tuple[slice, ...] | None):
-      assert idx is not None   # a sharding's index of the shard (jax types it Optional)
+      assert idx is not None  # a sharding's index of the shard (jax types it Optional)
       return x[np.asarray([pos[j] for j in range(*idx[0].indices(n))])][
-          (slice(None),) + tuple(idx[1:])]
+        (slice(None),) + tuple(idx[1:])
+      ]
+
     return jax.make_array_from_callback((n,) + x.shape[1:], sharding, rows_of)
 
   return jax.tree.map(leaf, local), digests
 
 
-def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckpts, ids,
-               hyper_grid, comp, keys, data_arg, loss_data_arg, settings: SamplerSettings,
-               sm: mesh_lib.SweepMesh | None, with_digests: bool, path_of, fp, tracker,
-               done_units) -> None:
+def _run_chunk(
+  prog,
+  members: list[Pair],
+  start: int,
+  stop: int,
+  chunk: int,
+  ckpts,
+  ids,
+  hyper_grid,
+  comp,
+  keys,
+  data_arg,
+  loss_data_arg,
+  settings: SamplerSettings,
+  sm: mesh_lib.SweepMesh | None,
+  with_digests: bool,
+  path_of,
+  fp,
+  tracker,
+  done_units,
+) -> None:
   """Advances `members` (all at `start` steps) to `stop` steps, block by block."""
   padded = members + [members[0]] * (chunk - len(members))
-  params_star, digests = _load_chunk(ckpts, padded, ids, None if sm is None else sm.pairs(),
-                                     with_digests)
+  params_star, digests = _load_chunk(
+    ckpts, padded, ids, None if sm is None else sm.pairs(), with_digests
+  )
   if with_digests:
     for p in members:
       p.digest = digests[p.checkpoint]
   pair_sh = None if sm is None else sm.pairs()
-  hypers = put({k: np.asarray([float(hyper_grid[p.grid][k]) for p in padded], np.float32)
-                for k in ("step_size", "nbeta", "localization")}, pair_sh)
+  hypers = put(
+    {
+      k: np.asarray([float(hyper_grid[p.grid][k]) for p in padded], np.float32)
+      for k in ("step_size", "nbeta", "localization")
+    },
+    pair_sh,
+  )
   index = valid = None
   if comp is not None:
     index = put(np.asarray(comp.index[[p.restriction for p in padded]]), pair_sh)
@@ -629,20 +838,23 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
     template = jax.eval_shape(prog.init, params_star, hypers, index)
     leaves_t, treedef = jax.tree.flatten(template)
     states = [p.state for p in padded if p.state is not None]
-    if len(states) < len(padded):   # padded repeats members[0]
-      raise ChunkError(f"pairs {[p.index for p in members if p.state is None]} have run "
-                       f"{start} steps but have no saved chain state to continue from")
-    stacked = [np.stack([s[i] for s in states]).astype(t.dtype)
-               for i, t in enumerate(leaves_t)]
+    if len(states) < len(padded):  # padded repeats members[0]
+      raise ChunkError(
+        f"pairs {[p.index for p in members if p.state is None]} have run "
+        f"{start} steps but have no saved chain state to continue from"
+      )
+    stacked = [np.stack([s[i] for s in states]).astype(t.dtype) for i, t in enumerate(leaves_t)]
     carry = treedef.unflatten(put(stacked, None if sm is None else sm.pair_chains()))
-  per_step = len(members) * settings.num_chains    # padding is not progress
+  per_step = len(members) * settings.num_chains  # padding is not progress
   for t0 in range(start, stop, prog.block_steps):
     base = done_units[0]
     program_lib.set_progress_hook(
-        lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step))
+      lambda t, base=base, t0=t0: tracker.update(base + (t - t0) * per_step)
+    )
     try:
-      carry, out = prog.block(carry, np.int32(t0), params_star, hypers, keys, data_arg,
-                              loss_data_arg, index, valid)
+      carry, out = prog.block(
+        carry, np.int32(t0), params_star, hypers, keys, data_arg, loss_data_arg, index, valid
+      )
       out = multihost.allgather(out)
     finally:
       program_lib.set_progress_hook(None)
@@ -654,10 +866,13 @@ def _run_chunk(prog, members: list[Pair], start: int, stop: int, chunk: int, ckp
     state_leaves = multihost.allgather(jax.tree.leaves(carry)) if keep_state else None
     for j, p in enumerate(members):
       new = {k: np.asarray(v[j]) for k, v in out.items()}
-      p.outputs = new if p.outputs is None or p.steps == 0 else {
-          k: np.concatenate([p.outputs[k][:, :p.steps], new[k]], axis=-1) for k in new}
+      p.outputs = (
+        new
+        if p.outputs is None or p.steps == 0
+        else {k: np.concatenate([p.outputs[k][:, : p.steps], new[k]], axis=-1) for k in new}
+      )
       p.steps = t0 + prog.block_steps
-      if state_leaves is not None:   # keep_state
+      if state_leaves is not None:  # keep_state
         p.state = [np.asarray(x[j]) for x in state_leaves]
       if path_of is not None and (settings.adaptive or last):
         _save_pair(path_of(p), fp, p, keep_state)

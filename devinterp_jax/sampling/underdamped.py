@@ -88,17 +88,17 @@ from devinterp_jax.typing import Params
 
 
 class SGHMCState(NamedTuple):
-  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
-  noise_norm: jax.Array       # ‖h·√(1 − c²) ξ‖, the injected noise in position units
-  momentum: Params            # p after the step (float32 or wider)
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
+  noise_norm: jax.Array  # ‖h·√(1 − c²) ξ‖, the injected noise in position units
+  momentum: Params  # p after the step (float32 or wider)
   precond: Any = None
 
 
 class SGNHTState(NamedTuple):
-  count: jax.Array   # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (a field, not tuple.count)
   noise_norm: jax.Array
   momentum: Params
-  thermostat: jax.Array       # ξ, per unit time, one scalar per chain
+  thermostat: jax.Array  # ξ, per unit time, one scalar per chain
   precond: Any = None
 
 
@@ -122,8 +122,10 @@ def _zeros_momentum(params):
 def _start_momentum(state_momentum, count, key, mask):
   """p ~ N(0, I) at the first step, the carried momentum after it."""
   return jax.lax.cond(
-      count == 0, lambda: restrict_lib.apply(mask, tree_normal_like(key, state_momentum)),
-      lambda: state_momentum)
+    count == 0,
+    lambda: restrict_lib.apply(mask, tree_normal_like(key, state_momentum)),
+    lambda: state_momentum,
+  )
 
 
 def _count(mask, params) -> jax.Array:
@@ -145,14 +147,21 @@ def _updates(new_params, params):
   return jax.tree.map(lambda a, b: (a - b).astype(b.dtype), new_params, params)
 
 
-def sghmc(step_size: float | jax.Array, nbeta: float | jax.Array,
-          localization: float | jax.Array, *, friction: float | None = None
-          ) -> optax.GradientTransformationExtraArgs:
+def sghmc(
+  step_size: float | jax.Array,
+  nbeta: float | jax.Array,
+  localization: float | jax.Array,
+  *,
+  friction: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Underdamped Langevin (SGHMC with β̂ = 0), BAOAB; see the module docstring."""
 
   def init_fn(params):
-    return SGHMCState(count=jnp.zeros((), jnp.int32), noise_norm=jnp.zeros((), jnp.float32),
-                      momentum=_zeros_momentum(params))
+    return SGHMCState(
+      count=jnp.zeros((), jnp.int32),
+      noise_norm=jnp.zeros((), jnp.float32),
+      momentum=_zeros_momentum(params),
+    )
 
   def update_fn(grads, state, params, *, params_star, noise_key, mask=None, **extra_args):
     del extra_args
@@ -166,12 +175,12 @@ def sghmc(step_size: float | jax.Array, nbeta: float | jax.Array,
     noise = restrict_lib.apply(mask, noise)
     p = restrict_lib.apply(mask, jax.tree.map(lambda q, n: c * q + n, p, noise))
     w = _drift(w, p, h)
-    return _updates(w, params), SGHMCState(count=state.count + 1,
-                                           noise_norm=h * tree_norm(noise), momentum=p)
+    return _updates(w, params), SGHMCState(
+      count=state.count + 1, noise_norm=h * tree_norm(noise), momentum=p
+    )
 
   # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
-  return optax.GradientTransformationExtraArgs(
-      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
 def _thermostat_step(xi, p, h, d):
@@ -179,18 +188,25 @@ def _thermostat_step(xi, p, h, d):
   return xi + 0.5 * h * (kinetic - 1.0)
 
 
-def sgnht(step_size: float | jax.Array, nbeta: float | jax.Array,
-          localization: float | jax.Array, *, friction: float | None = None
-          ) -> optax.GradientTransformationExtraArgs:
+def sgnht(
+  step_size: float | jax.Array,
+  nbeta: float | jax.Array,
+  localization: float | jax.Array,
+  *,
+  friction: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Stochastic-gradient Nosé–Hoover thermostat, BADODAB; `friction` is the diffusion A."""
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)
     dtype = state_dtype(leaves[0]) if leaves else jnp.float32
     diffusion = _default_friction(friction, localization)
-    return SGNHTState(count=jnp.zeros((), jnp.int32), noise_norm=jnp.zeros((), jnp.float32),
-                      momentum=_zeros_momentum(params),
-                      thermostat=jnp.asarray(diffusion, dtype))
+    return SGNHTState(
+      count=jnp.zeros((), jnp.int32),
+      noise_norm=jnp.zeros((), jnp.float32),
+      momentum=_zeros_momentum(params),
+      thermostat=jnp.asarray(diffusion, dtype),
+    )
 
   def update_fn(grads, state, params, *, params_star, noise_key, mask=None, **extra_args):
     del extra_args
@@ -205,26 +221,36 @@ def sgnht(step_size: float | jax.Array, nbeta: float | jax.Array,
     decay = jnp.exp(-xi * h)
     # OU variance A (1 − e^{−2ξh}) / ξ, → 2Ah as ξ → 0 (and positive for ξ < 0).
     small = jnp.abs(xi * h) < 1e-6
-    var = jnp.where(small, 2.0 * diffusion * h,
-                    diffusion * -jnp.expm1(-2.0 * xi * h) / jnp.where(small, 1.0, xi))
-    noise = jax.tree.map(lambda z: (jnp.sqrt(var) * z).astype(z.dtype),
-                         tree_normal_like(o_key, p))
+    var = jnp.where(
+      small, 2.0 * diffusion * h, diffusion * -jnp.expm1(-2.0 * xi * h) / jnp.where(small, 1.0, xi)
+    )
+    noise = jax.tree.map(lambda z: (jnp.sqrt(var) * z).astype(z.dtype), tree_normal_like(o_key, p))
     noise = restrict_lib.apply(mask, noise)
-    p = restrict_lib.apply(mask, jax.tree.map(lambda q, n: (decay * q).astype(q.dtype) + n,
-                                              p, noise))
+    p = restrict_lib.apply(
+      mask, jax.tree.map(lambda q, n: (decay * q).astype(q.dtype) + n, p, noise)
+    )
     xi = _thermostat_step(xi, p, h, d)
     w = _drift(w, p, h)
     return _updates(w, params), SGNHTState(
-        count=state.count + 1, noise_norm=h * tree_norm(noise), momentum=p,
-        thermostat=xi.astype(state.thermostat.dtype))
+      count=state.count + 1,
+      noise_norm=h * tree_norm(noise),
+      momentum=p,
+      thermostat=xi.astype(state.thermostat.dtype),
+    )
 
   # optax types update as (updates, state, params=None, **extra): ours requires its extra args.
-  return optax.GradientTransformationExtraArgs(
-      init_fn, update_fn)  # pyright: ignore[reportArgumentType]
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # pyright: ignore[reportArgumentType]
 
 
-def leapfrog_log_acceptance(params: Params, momentum: Params, u: jax.Array, grad_u: Params,
-                            potential_and_grad, step_size, mask: Any = None) -> jax.Array:
+def leapfrog_log_acceptance(
+  params: Params,
+  momentum: Params,
+  u: jax.Array,
+  grad_u: Params,
+  potential_and_grad,
+  step_size,
+  mask: Any = None,
+) -> jax.Array:
   """log min(1, exp(−ΔH)) of one leapfrog step of h = √ε from (w, p).
 
   `potential_and_grad(w) -> (U(w), ∇U(w))` on the step's minibatch (restricted
@@ -233,14 +259,16 @@ def leapfrog_log_acceptance(params: Params, momentum: Params, u: jax.Array, grad
   h = jnp.sqrt(jnp.asarray(step_size, jnp.float32))
   p = jax.tree.map(lambda q: q.astype(jnp.float32), momentum)
   p_half = jax.tree.map(lambda q, g: q - 0.5 * h * g.astype(jnp.float32), p, grad_u)
-  w_new = jax.tree.map(lambda w, q: w + (h * q).astype(w.dtype), params,
-                       restrict_lib.apply(mask, p_half))
+  w_new = jax.tree.map(
+    lambda w, q: w + (h * q).astype(w.dtype), params, restrict_lib.apply(mask, p_half)
+  )
   u_new, grad_new = potential_and_grad(w_new)
   p_new = jax.tree.map(lambda q, g: q - 0.5 * h * g.astype(jnp.float32), p_half, grad_new)
   p_new = restrict_lib.apply(mask, p_new)
   kinetic = lambda q: 0.5 * tree_norm(q) ** 2
   log_ratio = (u - u_new + kinetic(restrict_lib.apply(mask, p)) - kinetic(p_new)).astype(
-      jnp.float32)
+    jnp.float32
+  )
   return jnp.minimum(0.0, jnp.where(jnp.isnan(log_ratio), -jnp.inf, log_ratio))
 
 

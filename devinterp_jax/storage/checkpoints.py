@@ -76,8 +76,9 @@ def _local_reads() -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(primary_host=pid, active_processes={pid})
 
 
-def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
-                 read_only: bool = False, name: str | None = None) -> ocp.CheckpointManager:
+def make_manager(
+  workdir: str, schedule_steps: Sequence[int] = (), read_only: bool = False, name: str | None = None
+) -> ocp.CheckpointManager:
   """A manager that keeps `schedule_steps` and the latest other step.
 
   `name`: distinct for managers that save at the same time in a multi-process
@@ -86,40 +87,50 @@ def make_manager(workdir: str, schedule_steps: Sequence[int] = (),
   ongoing").
   """
   policy = pp.AnyPreservationPolicy(
-      [pp.CustomSteps([int(s) for s in schedule_steps]), pp.LatestN(1)])
+    [pp.CustomSteps([int(s) for s in schedule_steps]), pp.LatestN(1)]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else policy,
-      enable_async_checkpointing=not read_only,
-      create=not read_only,
-      read_only=read_only,
-      # Create step directories in `save` itself: see the module docstring.
-      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-      multiprocessing_options=_local_reads() if read_only else
-      ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+    preservation_policy=None if read_only else policy,
+    enable_async_checkpointing=not read_only,
+    create=not read_only,
+    read_only=read_only,
+    # Create step directories in `save` itself: see the module docstring.
+    async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+    multiprocessing_options=_local_reads()
+    if read_only
+    else ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
-         meta: dict) -> None:
+def save(
+  manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict
+) -> None:
   """Starts an async save of one step (returns before the write finishes).
 
   Raises `CheckpointSaveError` when the save cannot start or an earlier async
   save of this manager failed.
   """
-  meta = dict(meta, step=int(step), params_digest=tree_digest(params),
-              opt_state_digest=tree_digest(opt_state))
+  meta = dict(
+    meta, step=int(step), params_digest=tree_digest(params), opt_state_digest=tree_digest(opt_state)
+  )
   try:
-    manager.save(int(step), force=True, args=ocp.args.Composite(
+    manager.save(
+      int(step),
+      force=True,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)))
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
   except Exception as e:
     raise CheckpointSaveError(
-        f"a checkpoint save to {manager.directory} failed (raised when saving step {step}; "
-        f"an earlier asynchronous save may be the one that failed): "
-        f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
-        f"space and inodes; a rerun resumes from the last committed checkpoint.") from e
+      f"a checkpoint save to {manager.directory} failed (raised when saving step {step}; "
+      f"an earlier asynchronous save may be the one that failed): "
+      f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
+      f"space and inodes; a rerun resumes from the last committed checkpoint."
+    ) from e
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -128,34 +139,42 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:
     raise CheckpointSaveError(
-        f"an asynchronous checkpoint save to {manager.directory} failed: "
-        f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
-        f"space and inodes; a rerun resumes from the last committed checkpoint.") from e
+      f"an asynchronous checkpoint save to {manager.directory} failed: "
+      f"{type(e).__name__}: {e}. Check that the directory is writable and the disk has "
+      f"space and inodes; a rerun resumes from the last committed checkpoint."
+    ) from e
 
 
 def _mismatch(directory: str, step: int, abstract_params: Any) -> str | None:
   """'params leaf p is stored as …' when the saved params' shapes or dtypes differ
   from the abstract tree's, else None."""
   try:
-    stored = ocp.StandardCheckpointHandler().metadata(
-        epath.Path(directory) / str(step) / "params")
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "params")
     stored = getattr(stored, "tree", stored)
   except Exception:  # no readable metadata: not a shape problem we can name
     return None
   is_leaf = lambda x: hasattr(x, "shape")
-  describe = lambda x: (tuple(x.shape), np.dtype(x.dtype).name if getattr(x, "dtype", None)
-                        is not None else None)
-  flat_stored = {jax.tree_util.keystr(p): describe(x) for p, x in
-                 jax.tree_util.tree_flatten_with_path(stored, is_leaf=is_leaf)[0]}
-  flat_expected = {jax.tree_util.keystr(p): describe(x) for p, x in
-                   jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  describe = lambda x: (
+    tuple(x.shape),
+    np.dtype(x.dtype).name if getattr(x, "dtype", None) is not None else None,
+  )
+  flat_stored = {
+    jax.tree_util.keystr(p): describe(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(stored, is_leaf=is_leaf)[0]
+  }
+  flat_expected = {
+    jax.tree_util.keystr(p): describe(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  }
   if flat_stored == flat_expected:
     return None
   for key in sorted(set(flat_stored) | set(flat_expected)):
     a, b = flat_stored.get(key), flat_expected.get(key)
     if a is None or b is None or a[0] != b[0]:
-      return (f"params leaf {key} is stored as {a[0] if a else 'absent'} but the "
-              f"model config builds {b[0] if b else 'no such leaf'}")
+      return (
+        f"params leaf {key} is stored as {a[0] if a else 'absent'} but the "
+        f"model config builds {b[0] if b else 'no such leaf'}"
+      )
     if a[1] is not None and a[1] != b[1]:
       return f"params leaf {key} is stored as {a[1]} but is restored as {b[1]}"
   return None
@@ -175,8 +194,13 @@ def _placed(abstract: Any) -> Any:
   return jax.tree.map(place, abstract)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
-            abstract_opt_state: Any | None = None, verify: bool = True) -> dict:
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_params: Any,
+  abstract_opt_state: Any | None = None,
+  verify: bool = True,
+) -> dict:
   """Restores `params` (and `opt_state` if its abstract tree is given) + meta.
 
   Leaves restore onto their abstract leaf's sharding, or this process's first
@@ -184,8 +208,10 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
   against the digests saved in their meta; a mismatch raises `CheckpointError`
   ("corrupt at step S").
   """
-  items = {"params": ocp.args.StandardRestore(_placed(abstract_params)),
-           "meta": ocp.args.JsonRestore()}
+  items = {
+    "params": ocp.args.StandardRestore(_placed(abstract_params)),
+    "meta": ocp.args.JsonRestore(),
+  }
   if abstract_opt_state is not None:
     items["opt_state"] = ocp.args.StandardRestore(_placed(abstract_opt_state))
   directory = os.fspath(manager.directory)
@@ -195,12 +221,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
     mismatch = _mismatch(directory, int(step), abstract_params)
     if mismatch:
       raise CheckpointError(
-          f"checkpoint at step {step} in {directory} does not fit the model: {mismatch}. "
-          f"The model section of the config differs from the one the run was trained "
-          f"with (its config.json); pass the run's model config.") from e
+        f"checkpoint at step {step} in {directory} does not fit the model: {mismatch}. "
+        f"The model section of the config differs from the one the run was trained "
+        f"with (its config.json); pass the run's model config."
+      ) from e
     raise CheckpointError(
-        f"checkpoint at step {step} in {directory} could not be restored "
-        f"(missing or corrupt): {type(e).__name__}: {e}") from e
+      f"checkpoint at step {step} in {directory} could not be restored "
+      f"(missing or corrupt): {type(e).__name__}: {e}"
+    ) from e
   if verify:
     for item in ("params", "opt_state"):
       expected = out["meta"].get(f"{item}_digest")
@@ -208,13 +236,15 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
         mismatch = _mismatch(directory, int(step), abstract_params) if item == "params" else None
         if mismatch:
           raise CheckpointError(
-              f"checkpoint at step {step} in {directory}: {mismatch}, so its checksum cannot "
-              f"be checked; restore it with the dtypes it was saved with.")
+            f"checkpoint at step {step} in {directory}: {mismatch}, so its checksum cannot "
+            f"be checked; restore it with the dtypes it was saved with."
+          )
         raise CheckpointError(
-            f"checkpoint corrupt at step {step} in {directory}: its {item} do not match the "
-            f"SHA-256 digest saved with them, so its bytes changed on disk. It is not used. "
-            f"Restore {os.path.join(directory, str(step))} from a backup, or delete it and "
-            f"every later step and rerun training to rewrite them.")
+          f"checkpoint corrupt at step {step} in {directory}: its {item} do not match the "
+          f"SHA-256 digest saved with them, so its bytes changed on disk. It is not used. "
+          f"Restore {os.path.join(directory, str(step))} from a backup, or delete it and "
+          f"every later step and rerun training to rewrite them."
+        )
   return out
 
 
@@ -229,10 +259,13 @@ def read_metas(workdir: str) -> dict[int, dict]:
     for step in manager.all_steps():
       try:
         metas[int(step)] = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
       except Exception as e:
-        raise CheckpointError(f"checkpoint metadata at step {step} in {directory} is "
-                              f"unreadable: {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+          f"checkpoint metadata at step {step} in {directory} is "
+          f"unreadable: {type(e).__name__}: {e}"
+        ) from e
   finally:
     manager.close()
   return metas
@@ -255,7 +288,8 @@ class ParamsSequence(Sequence):
     self.workdir = workdir
     self.steps = [int(s) for s in steps]
     self.abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params
+    )
     self._manager = make_manager(workdir, read_only=True)
     missing = sorted(set(self.steps) - set(self._manager.all_steps()))
     if missing:
@@ -282,11 +316,16 @@ class ParamsSequence(Sequence):
       except CheckpointError as e:
         bad.append((self.steps[i], e))
     if n > 1:
-      found = sorted(tuple(x) for part in multihost.gather(
-          "verify_checkpoints", [[s, str(e)] for s, e in bad]) for x in part)
+      found = sorted(
+        tuple(x)
+        for part in multihost.gather("verify_checkpoints", [[s, str(e)] for s, e in bad])
+        for x in part
+      )
       bad = [(s, CheckpointError(m)) for s, m in found]
     if len(bad) == 1:
       raise bad[0][1]
     if bad:
-      raise CheckpointError(f"{len(bad)} checkpoints cannot be used, at steps "
-                            f"{[s for s, _ in bad]}; the first: {bad[0][1]}")
+      raise CheckpointError(
+        f"{len(bad)} checkpoints cannot be used, at steps "
+        f"{[s for s, _ in bad]}; the first: {bad[0][1]}"
+      )

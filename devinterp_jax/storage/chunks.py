@@ -22,21 +22,27 @@ def stack(trees: Sequence[Params], first_index: int = 0) -> Params:
   ref_shapes = [np.shape(x) for x in jax.tree.leaves(trees[0])]
   for i, tree in enumerate(trees[1:], start=1):
     if jax.tree.structure(tree) != ref:
-      raise ValueError(f"checkpoint {first_index + i} has another pytree structure than "
-                       f"checkpoint {first_index}: {jax.tree.structure(tree)} vs {ref}")
+      raise ValueError(
+        f"checkpoint {first_index + i} has another pytree structure than "
+        f"checkpoint {first_index}: {jax.tree.structure(tree)} vs {ref}"
+      )
     shapes = [np.shape(x) for x in jax.tree.leaves(tree)]
     if shapes != ref_shapes:
       bad = next(j for j, (a, b) in enumerate(zip(shapes, ref_shapes)) if a != b)
-      raise ValueError(f"checkpoint {first_index + i} has leaf {bad} of shape {shapes[bad]}, "
-                       f"checkpoint {first_index} has {ref_shapes[bad]}")
+      raise ValueError(
+        f"checkpoint {first_index + i} has leaf {bad} of shape {shapes[bad]}, "
+        f"checkpoint {first_index} has {ref_shapes[bad]}"
+      )
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def pad(stacked: Params, size: int) -> Params:
   """Pads the leading axis to `size` by repeating the last entry."""
+
   def pad_leaf(x):
     missing = size - x.shape[0]
     return x if missing <= 0 else np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
+
   return jax.tree.map(pad_leaf, stacked)
 
 

@@ -31,8 +31,7 @@ def tree_digest(tree: Any) -> str:
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _value_identity(value: Any, home: str | None, seen: frozenset[int] = frozenset()
-                    ) -> str | None:
+def _value_identity(value: Any, home: str | None, seen: frozenset[int] = frozenset()) -> str | None:
   """A stable text for a closure, default or global value, or None if it has none."""
   if isinstance(value, _PLAIN):
     return repr(value)
@@ -47,8 +46,9 @@ def _value_identity(value: Any, home: str | None, seen: frozenset[int] = frozens
       parts = sorted(parts)
     return f"{type(value).__name__}({','.join(parts)})"
   if isinstance(value, dict):
-    parts = [(_value_identity(k, home, seen), _value_identity(v, home, seen))
-             for k, v in value.items()]
+    parts = [
+      (_value_identity(k, home, seen), _value_identity(v, home, seen)) for k, v in value.items()
+    ]
     if any(k is None or v is None for k, v in parts):
       return None
     return "{" + ",".join(f"{k}:{v}" for k, v in sorted(parts)) + "}"
@@ -126,8 +126,9 @@ def _cell_value(cell) -> Any:
     return None
 
 
-def _function_identity(fn: types.FunctionType, home: str | None,
-                       seen: frozenset[int]) -> str | None:
+def _function_identity(
+  fn: types.FunctionType, home: str | None, seen: frozenset[int]
+) -> str | None:
   if fn.__name__ == "<lambda>":
     return None
   # The code's own module and name: `functools.wraps` copies the wrapped function's.
@@ -136,9 +137,11 @@ def _function_identity(fn: types.FunctionType, home: str | None,
   if home is not None and module != home:
     # Library code: identified by its name and the names of the functions it closes
     # over (so jax.grad(f) and jax.value_and_grad(f) differ).
-    inner = sorted(f"{v.__globals__.get('__name__')}.{v.__code__.co_name}"
-                   for v in map(_cell_value, fn.__closure__ or ())
-                   if isinstance(v, types.FunctionType))
+    inner = sorted(
+      f"{v.__globals__.get('__name__')}.{v.__code__.co_name}"
+      for v in map(_cell_value, fn.__closure__ or ())
+      if isinstance(v, types.FunctionType)
+    )
     own = name + (f"{{{','.join(inner)}}}" if inner else "")
   else:
     values = [_cell_value(c) for c in fn.__closure__ or ()] + list(fn.__defaults__ or ())
@@ -151,9 +154,10 @@ def _function_identity(fn: types.FunctionType, home: str | None,
         value = fn.__globals__[g]
         ident = _value_identity(value, home, seen)
         parts.append(f"{g}={ident if ident is not None else 'object:' + type(value).__qualname__}")
-    own = (f"{name}:{_code_digest(fn.__code__)}:"
-           f"{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}")
-  if hasattr(fn, "__wrapped__"):   # functools.wraps: the wrapper and what it wraps
+    own = (
+      f"{name}:{_code_digest(fn.__code__)}:{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}"
+    )
+  if hasattr(fn, "__wrapped__"):  # functools.wraps: the wrapper and what it wraps
     inner_id = _identity(getattr(fn, "__wrapped__"), home, seen)
     return None if inner_id is None else f"{own}[{inner_id}]"
   return own
@@ -184,11 +188,11 @@ def _identity(fn: Any, home: str | None, seen: frozenset[int]) -> str | None:
     return f"partial({inner},{args},{kwargs})"
   if isinstance(fn, types.FunctionType):
     return _function_identity(fn, home, seen)
-  if dataclasses.is_dataclass(fn) and not isinstance(fn, type):   # a callable dataclass
+  if dataclasses.is_dataclass(fn) and not isinstance(fn, type):  # a callable dataclass
     owner_id = _dataclass_identity(fn, home, seen)
     call = _identity(type(fn).__call__, home, seen)
     return None if owner_id is None or call is None else f"{owner_id}.__call__:{call}"
-  if hasattr(fn, "__wrapped__"):   # e.g. jax.jit
+  if hasattr(fn, "__wrapped__"):  # e.g. jax.jit
     inner = _identity(getattr(fn, "__wrapped__"), home, seen)
     return None if inner is None else f"{type(fn).__qualname__}({inner})"
   return None

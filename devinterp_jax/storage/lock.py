@@ -60,7 +60,7 @@ class WorkdirLockedError(RuntimeError):
 
 
 LEASE_S = 120.0  # an object-store lock not renewed for this long is stale
-SETTLE_S = 2.0   # wait before reading an object-store lock back
+SETTLE_S = 2.0  # wait before reading an object-store lock back
 
 _held: dict[str, tuple[Callable[[], None] | None, int]] = {}  # key -> (release, depth)
 _mutex = threading.Lock()
@@ -107,8 +107,10 @@ def describe(holder: dict | None) -> str:
   if "unreadable" in holder:
     return f"an unknown process (lock file content {holder['unreadable']!r})"
   started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("time", 0)))
-  return (f"pid {holder.get('pid')} on host {holder.get('host')!r} since {started} "
-          f"({' '.join(holder.get('argv', []))[:300]})")
+  return (
+    f"pid {holder.get('pid')} on host {holder.get('host')!r} since {started} "
+    f"({' '.join(holder.get('argv', []))[:300]})"
+  )
 
 
 def _acquire(path: str, workdir: str) -> int:
@@ -116,8 +118,9 @@ def _acquire(path: str, workdir: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise WorkdirLockedError(
-        f"cannot create the lock file {path} ({e.strerror}): every step that writes into a "
-        f"workdir holds its lock; make {workdir!r} writable, or copy the run elsewhere.") from e
+      f"cannot create the lock file {path} ({e.strerror}): every step that writes into a "
+      f"workdir holds its lock; make {workdir!r} writable, or copy the run elsewhere."
+    ) from e
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,31 +128,51 @@ def _acquire(path: str, workdir: str) -> int:
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       raise WorkdirLockedError(
-          f"workdir {workdir!r} is in use by {describe(_read_holder(fd))}: a second run on "
-          f"it would repeat the work and mix its files. Wait for that run, stop it, or use "
-          f"another --workdir.") from None
+        f"workdir {workdir!r} is in use by {describe(_read_holder(fd))}: a second run on "
+        f"it would repeat the work and mix its files. Wait for that run, stop it, or use "
+        f"another --workdir."
+      ) from None
     holder = _read_holder(fd)
     me = socket.gethostname()
     st = os.fstat(fd)
     inode = [st.st_dev, st.st_ino]
     if holder and "unreadable" not in holder and holder.get("pid") != os.getpid():
       same_file = holder.get("inode") == inode
-      if (same_file and holder.get("host") == me
-          and _pid_alive(int(holder.get("pid", -1)), holder.get("start_time"))):
+      if (
+        same_file
+        and holder.get("host") == me
+        and _pid_alive(int(holder.get("pid", -1)), holder.get("start_time"))
+      ):
         # flock granted although the holder lives: the filesystem ignores flock.
         raise WorkdirLockedError(
-            f"workdir {workdir!r} is in use by {describe(holder)} (this filesystem does not "
-            f"enforce file locks). Wait for that run, stop it, or use another --workdir.")
-      why = ("the lock file was copied from another workdir" if not same_file else
-             "that process is gone" if holder.get("host") == me else
-             "it no longer holds the lock")
-      logging.warning("Taking over the stale lock of %s on %s (%s).", describe(holder),
-                      workdir, why)
+          f"workdir {workdir!r} is in use by {describe(holder)} (this filesystem does not "
+          f"enforce file locks). Wait for that run, stop it, or use another --workdir."
+        )
+      why = (
+        "the lock file was copied from another workdir"
+        if not same_file
+        else "that process is gone"
+        if holder.get("host") == me
+        else "it no longer holds the lock"
+      )
+      logging.warning(
+        "Taking over the stale lock of %s on %s (%s).", describe(holder), workdir, why
+      )
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": me, "time": time.time(),
-                             "start_time": _start_time(os.getpid()), "inode": inode,
-                             "argv": sys.argv}).encode())
+    os.write(
+      fd,
+      json.dumps(
+        {
+          "pid": os.getpid(),
+          "host": me,
+          "time": time.time(),
+          "start_time": _start_time(os.getpid()),
+          "inode": inode,
+          "argv": sys.argv,
+        }
+      ).encode(),
+    )
     os.fsync(fd)
     return fd
   except BaseException:
@@ -164,8 +187,9 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
   if create:
     paths.makedirs(workdir)
   elif not paths.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir!r} does not exist (train first, e.g. "
-                            f"launch/train.py, or check the path)")
+    raise FileNotFoundError(
+      f"workdir {workdir!r} does not exist (train first, e.g. launch/train.py, or check the path)"
+    )
   key = paths.canonical(workdir)
   with _mutex:
     if key in _held:
@@ -175,8 +199,11 @@ def hold(workdir: str, create: bool = False) -> Iterator[None]:
       # Only the leader of a multi-process run locks (module docstring).
       release = None
       if multihost.is_leader():
-        release = (_file_lock(paths.join(key, LOCK_NAME), workdir) if paths.is_local(key)
-                   else _lease(paths.join(key, LOCK_NAME), workdir))
+        release = (
+          _file_lock(paths.join(key, LOCK_NAME), workdir)
+          if paths.is_local(key)
+          else _lease(paths.join(key, LOCK_NAME), workdir)
+        )
       _held[key] = (release, 1)
   try:
     yield
@@ -197,7 +224,7 @@ def _file_lock(path: str, workdir: str) -> Callable[[], None]:
   def release() -> None:
     with contextlib.suppress(OSError):
       os.ftruncate(fd, 0)  # a clean exit leaves no holder behind
-    os.close(fd)           # releases the flock
+    os.close(fd)  # releases the flock
 
   return release
 
@@ -220,23 +247,34 @@ def _lease(path: str, workdir: str) -> Callable[[], None]:
       age = time.time() - float(holder.get("time", 0))
       if age < float(holder.get("lease_s", LEASE_S)):
         raise WorkdirLockedError(
-            f"workdir {workdir!r} is in use by {describe(holder)}, whose lease was renewed "
-            f"{age:.0f} s ago: a second run on it would repeat the work and mix its files. "
-            f"Wait for that run, stop it (its lease then expires within "
-            f"{holder.get('lease_s', LEASE_S):.0f} s), or use another --workdir.")
-      logging.warning("Taking over the stale lease of %s on %s (not renewed for %.0f s).",
-                      describe(holder), workdir, age)
+          f"workdir {workdir!r} is in use by {describe(holder)}, whose lease was renewed "
+          f"{age:.0f} s ago: a second run on it would repeat the work and mix its files. "
+          f"Wait for that run, stop it (its lease then expires within "
+          f"{holder.get('lease_s', LEASE_S):.0f} s), or use another --workdir."
+        )
+      logging.warning(
+        "Taking over the stale lease of %s on %s (not renewed for %.0f s).",
+        describe(holder),
+        workdir,
+        age,
+      )
   token = uuid.uuid4().hex
-  record = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
-            "token": token, "lease_s": LEASE_S}
+  record = {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "argv": sys.argv,
+    "token": token,
+    "lease_s": LEASE_S,
+  }
   write = lambda: paths.write_object(path, json.dumps({**record, "time": time.time()}).encode())
   write()
   time.sleep(SETTLE_S)
   holder = _read_lease(path)
   if not holder or holder.get("token") != token:
     raise WorkdirLockedError(
-        f"workdir {workdir!r} was locked by {describe(holder or {})} at the same moment; "
-        f"that run keeps it. Wait for it, or use another --workdir.")
+      f"workdir {workdir!r} was locked by {describe(holder or {})} at the same moment; "
+      f"that run keeps it. Wait for it, or use another --workdir."
+    )
   stop = threading.Event()
 
   def renew() -> None:

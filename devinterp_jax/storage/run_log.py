@@ -69,13 +69,19 @@ def read_metrics(workdir: str) -> list[dict]:
         raise ValueError(f"not a row with an integer 'step': {line[:80]!r}")
     except ValueError as e:
       if i == last:
-        logging.warning("%s: dropping the torn last line %d (%r): a crash interrupted its "
-                        "write; the rerun rewrites it", path, i + 1, line[:80])
+        logging.warning(
+          "%s: dropping the torn last line %d (%r): a crash interrupted its "
+          "write; the rerun rewrites it",
+          path,
+          i + 1,
+          line[:80],
+        )
         continue
       raise RunFileError(
-          f"{path}, line {i + 1}, is not a training-log row ({e}). The log is damaged in "
-          f"the middle, which a crash cannot do: repair or delete that line (every "
-          f"checkpoint's meta also holds its losses).") from None
+        f"{path}, line {i + 1}, is not a training-log row ({e}). The log is damaged in "
+        f"the middle, which a crash cannot do: repair or delete that line (every "
+        f"checkpoint's meta also holds its losses)."
+      ) from None
     rows.append(row)
   return rows
 
@@ -97,7 +103,7 @@ class MetricsLog:
   def __init__(self, workdir: str):
     self.path = metrics_path(workdir)
     self._file = None
-    self._remote: bytes | None = None   # the whole log, rewritten per row (object stores)
+    self._remote: bytes | None = None  # the whole log, rewritten per row (object stores)
     if not multihost.is_leader():
       return
     if paths.is_local(self.path):
@@ -137,18 +143,22 @@ def _load_json(path: str) -> dict:
     value = json.loads(paths.read_text(path))
   except (ValueError, UnicodeDecodeError) as e:
     raise RunFileError(
-        f"{path} is not valid JSON ({e}): the record of the run's config is damaged. "
-        f"Restore it from a copy of the config the run was trained with, or use a new "
-        f"--workdir.") from None
+      f"{path} is not valid JSON ({e}): the record of the run's config is damaged. "
+      f"Restore it from a copy of the config the run was trained with, or use a new "
+      f"--workdir."
+    ) from None
   if not isinstance(value, dict):
-    raise RunFileError(f"{path} holds a JSON {type(value).__name__}, not a config object: "
-                       f"the record of the run's config is damaged. Restore it from a copy, "
-                       f"or use a new --workdir.")
+    raise RunFileError(
+      f"{path} holds a JSON {type(value).__name__}, not a config object: "
+      f"the record of the run's config is damaged. Restore it from a copy, "
+      f"or use a new --workdir."
+    )
   return value
 
 
-def config_differences(old: dict, new: dict,
-                       ignore: Sequence[str] = ANALYSIS_SECTIONS) -> list[str]:
+def config_differences(
+  old: dict, new: dict, ignore: Sequence[str] = ANALYSIS_SECTIONS
+) -> list[str]:
   """'key (run: a, given: b)' for every field of the weight-determining sections that
   differs between two configs (dicts); `ignore` names the top-level sections skipped.
   A field of `LEGACY_FIELDS` absent from a config counts as its legacy value."""
@@ -165,8 +175,9 @@ def config_differences(old: dict, new: dict,
   return out
 
 
-def check_config(workdir: str, config_json: str, *, write: bool = True,
-                 ignore: Sequence[str] = ANALYSIS_SECTIONS) -> None:
+def check_config(
+  workdir: str, config_json: str, *, write: bool = True, ignore: Sequence[str] = ANALYSIS_SECTIONS
+) -> None:
   """Refuses a config whose weight-determining sections differ from the run's.
 
   With `write`, config.json is written if missing, or updated when only the
@@ -180,14 +191,17 @@ def check_config(workdir: str, config_json: str, *, write: bool = True,
     diff = config_differences(old, new, ignore)
     if diff:
       raise RunFileError(
-          f"workdir {workdir!r} holds a run trained with a different config: "
-          f"{'; '.join(diff)}. These settings determine the trained weights; use the "
-          f"run's values or a new --workdir.")
+        f"workdir {workdir!r} holds a run trained with a different config: "
+        f"{'; '.join(diff)}. These settings determine the trained weights; use the "
+        f"run's values or a new --workdir."
+      )
     if not write or old == new:
       return
   elif not write:
-    raise RunFileError(f"{path} is missing: {workdir!r} is not a run directory "
-                       "(train it first, e.g. launch/train.py)")
+    raise RunFileError(
+      f"{path} is missing: {workdir!r} is not a run directory "
+      "(train it first, e.g. launch/train.py)"
+    )
   atomic.write_text(path, config_json)
 
 

@@ -64,8 +64,9 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState
 
 
-def train_step(state: TrainState, batch: Any, loss_fn: LossFn,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+def train_step(
+  state: TrainState, batch: Any, loss_fn: LossFn, optimizer: optax.GradientTransformation
+) -> tuple[TrainState, jax.Array]:
   """One optimizer step; returns the new state and the batch loss."""
   loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -73,11 +74,15 @@ def train_step(state: TrainState, batch: Any, loss_fn: LossFn,
   return TrainState(state.step + 1, params, opt_state), loss
 
 
-def train_segment(state: TrainState, end_step: jax.Array, data_key: jax.Array,
-                  loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                  batch_fn: Callable[[jax.Array], Any],
-                  batch_sharding: jax.sharding.Sharding | None = None
-                  ) -> tuple[TrainState, jax.Array]:
+def train_segment(
+  state: TrainState,
+  end_step: jax.Array,
+  data_key: jax.Array,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  batch_fn: Callable[[jax.Array], Any],
+  batch_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[TrainState, jax.Array]:
   """Runs steps state.step … end_step − 1; returns the state and the loss sum.
 
   `batch_sharding`: each batch leaf with a leading axis is constrained to it
@@ -88,30 +93,41 @@ def train_segment(state: TrainState, end_step: jax.Array, data_key: jax.Array,
     st, loss_sum = carry
     batch = batch_fn(jax.random.fold_in(data_key, st.step))
     if batch_sharding is not None:
-      batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
-                           if jnp.ndim(x) else x, batch)
+      batch = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, batch_sharding) if jnp.ndim(x) else x, batch
+      )
     st, loss = train_step(st, batch, loss_fn, optimizer)
     return st, loss_sum + loss
 
   return jax.lax.fori_loop(0, end_step - state.step, body, (state, jnp.zeros((), jnp.float32)))
 
 
-def _event_steps(num_steps: int, schedule: Sequence[int], log_every: int,
-                 resume_every: int) -> np.ndarray:
+def _event_steps(
+  num_steps: int, schedule: Sequence[int], log_every: int, resume_every: int
+) -> np.ndarray:
   events = set(int(s) for s in schedule) | {num_steps}
   events |= set(range(log_every, num_steps, log_every)) if log_every else set()
   events |= set(range(resume_every, num_steps, resume_every)) if resume_every else set()
   return np.array(sorted(s for s in events if 0 < s <= num_steps))
 
 
-def train(*, workdir: str, init_params: Params, loss_fn: LossFn,
-          batch_fn: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
-          num_steps: int, schedule_steps: Sequence[int] | np.ndarray, data_key: jax.Array,
-          log_every: int = 100, resume_every: int = 1000,
-          eval_fn: Callable[[Params], dict] | None = None,
-          lr_fn: Callable[[int], float | jax.Array] | None = None,
-          config_json: str = "{}",
-          on_event: Callable[[int], None] | None = None) -> TrainState:
+def train(
+  *,
+  workdir: str,
+  init_params: Params,
+  loss_fn: LossFn,
+  batch_fn: Callable[[jax.Array], Any],
+  optimizer: optax.GradientTransformation,
+  num_steps: int,
+  schedule_steps: Sequence[int] | np.ndarray,
+  data_key: jax.Array,
+  log_every: int = 100,
+  resume_every: int = 1000,
+  eval_fn: Callable[[Params], dict] | None = None,
+  lr_fn: Callable[[int], float | jax.Array] | None = None,
+  config_json: str = "{}",
+  on_event: Callable[[int], None] | None = None,
+) -> TrainState:
   """Trains to `num_steps`, checkpointing `schedule_steps`; resumes if possible.
 
   Args:
@@ -128,21 +144,42 @@ def train(*, workdir: str, init_params: Params, loss_fn: LossFn,
     on_event: called with the step after each event (tests use it to
       interrupt a run).
   """
-  return _train([workdir], init_params, data_key, [config_json], eval_fn, seed_axis=False,
-                loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer, num_steps=num_steps,
-                schedule_steps=schedule_steps, log_every=log_every,
-                resume_every=resume_every, lr_fn=lr_fn, on_event=on_event)
+  return _train(
+    [workdir],
+    init_params,
+    data_key,
+    [config_json],
+    eval_fn,
+    seed_axis=False,
+    loss_fn=loss_fn,
+    batch_fn=batch_fn,
+    optimizer=optimizer,
+    num_steps=num_steps,
+    schedule_steps=schedule_steps,
+    log_every=log_every,
+    resume_every=resume_every,
+    lr_fn=lr_fn,
+    on_event=on_event,
+  )
 
 
-def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.Array,
-                loss_fn: LossFn, batch_fn: Callable[[jax.Array], Any],
-                optimizer: optax.GradientTransformation, num_steps: int,
-                schedule_steps: Sequence[int] | np.ndarray, log_every: int = 100,
-                resume_every: int = 1000,
-                eval_fn: Callable[[Params], dict] | None = None,
-                lr_fn: Callable[[int], float | jax.Array] | None = None,
-                config_jsons: Sequence[str] | None = None,
-                on_event: Callable[[int], None] | None = None) -> TrainState:
+def train_seeds(
+  *,
+  workdirs: Sequence[str],
+  init_params: Params,
+  data_keys: jax.Array,
+  loss_fn: LossFn,
+  batch_fn: Callable[[jax.Array], Any],
+  optimizer: optax.GradientTransformation,
+  num_steps: int,
+  schedule_steps: Sequence[int] | np.ndarray,
+  log_every: int = 100,
+  resume_every: int = 1000,
+  eval_fn: Callable[[Params], dict] | None = None,
+  lr_fn: Callable[[int], float | jax.Array] | None = None,
+  config_jsons: Sequence[str] | None = None,
+  on_event: Callable[[int], None] | None = None,
+) -> TrainState:
   """Trains several seeds in one program: `vmap` over a leading seed axis [S].
 
   `init_params` and `data_keys` carry the seed axis; seed i writes its own
@@ -161,16 +198,30 @@ def train_seeds(*, workdirs: Sequence[str], init_params: Params, data_keys: jax.
   for name, tree in (("init_params", init_params), ("data_keys", data_keys)):
     sizes = {x.shape[0] if x.ndim else None for x in jax.tree.leaves(tree)}
     if sizes != {num_seeds}:
-      raise ValueError(f"{name} must have a leading seed axis of size {num_seeds} "
-                       f"(one per workdir), got leading sizes {sorted(map(str, sizes))}")
+      raise ValueError(
+        f"{name} must have a leading seed axis of size {num_seeds} "
+        f"(one per workdir), got leading sizes {sorted(map(str, sizes))}"
+      )
   config_jsons = list(config_jsons or ["{}"] * num_seeds)
   if len(config_jsons) != num_seeds:
     raise ValueError(f"{len(config_jsons)} config_jsons for {num_seeds} workdirs")
-  return _train(list(workdirs), init_params, data_keys, config_jsons,
-                eval_fn, seed_axis=True,
-                loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optimizer, num_steps=num_steps,
-                schedule_steps=schedule_steps, log_every=log_every,
-                resume_every=resume_every, lr_fn=lr_fn, on_event=on_event)
+  return _train(
+    list(workdirs),
+    init_params,
+    data_keys,
+    config_jsons,
+    eval_fn,
+    seed_axis=True,
+    loss_fn=loss_fn,
+    batch_fn=batch_fn,
+    optimizer=optimizer,
+    num_steps=num_steps,
+    schedule_steps=schedule_steps,
+    log_every=log_every,
+    resume_every=resume_every,
+    lr_fn=lr_fn,
+    on_event=on_event,
+  )
 
 
 def _resume_step(managers) -> int | None:
@@ -187,6 +238,7 @@ def _resume_step(managers) -> int | None:
 
 class _Layout(NamedTuple):
   """A multi-device run: the mesh, and whether its axis splits the seeds (else the batch)."""
+
   mesh: jax.sharding.Mesh
   seeds: bool
 
@@ -200,12 +252,12 @@ class _Layout(NamedTuple):
 
   def shardings(self, tree: Any) -> Any:
     """Params / optimizer state: split on their leading seed axis, else replicated."""
-    return jax.tree.map(lambda x: self.split if self.seeds and x.ndim else self.replicated,
-                        tree)
+    return jax.tree.map(lambda x: self.split if self.seeds and x.ndim else self.replicated, tree)
 
 
-def _layout(batch_fn: Callable[[jax.Array], Any], key: jax.Array,
-            num_seeds: int | None) -> _Layout | None:
+def _layout(
+  batch_fn: Callable[[jax.Array], Any], key: jax.Array, num_seeds: int | None
+) -> _Layout | None:
   """How the run is spread over `jax.device_count()` devices (None: one device).
 
   Seeds (`num_seeds`, None without a seed axis) split over the devices when they
@@ -221,37 +273,54 @@ def _layout(batch_fn: Callable[[jax.Array], Any], key: jax.Array,
   sizes = sorted({x.shape[0] for x in jax.tree.leaves(jax.eval_shape(batch_fn, key)) if x.ndim})
   if len(sizes) == 1 and sizes[0] % n == 0:
     return _Layout(mesh, seeds=False)
-  what = (f"batch size {sizes[0]}" if len(sizes) == 1 else
-          f"batch leaves with leading sizes {sizes}" if sizes else "a batch of scalars")
+  what = (
+    f"batch size {sizes[0]}"
+    if len(sizes) == 1
+    else f"batch leaves with leading sizes {sizes}"
+    if sizes
+    else "a batch of scalars"
+  )
   if num_seeds is not None:
     what += f" (nor {num_seeds} seeds)"
   if multihost.is_multiprocess():
     raise ValueError(
-        f"data-parallel training over {n} devices in {multihost.process_count()} processes "
-        f"needs a batch size divisible by {n}, got {what}: use a multiple of {n}")
+      f"data-parallel training over {n} devices in {multihost.process_count()} processes "
+      f"needs a batch size divisible by {n}, got {what}: use a multiple of {n}"
+    )
   logging.warning("%s does not divide over %d devices; training on one device", what, n)
   return None
 
 
 def _global(tree: Any, shardings: Any) -> Any:
   """`tree` (the same values on every process) as global arrays on `shardings`."""
+
   def put(x, sharding):
     host = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
   return jax.tree.map(put, tree, shardings)
 
 
-def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
-           config_jsons: list[str], eval_fn, *, schedule_steps: Sequence[int] | np.ndarray,
-           **kwargs) -> TrainState:
+def _train(
+  workdirs: list[str],
+  init_params: Params,
+  data_keys: jax.Array,
+  config_jsons: list[str],
+  eval_fn,
+  *,
+  schedule_steps: Sequence[int] | np.ndarray,
+  **kwargs,
+) -> TrainState:
   """`train` (one workdir) and `train_seeds` (a seed axis) share this loop; every
   workdir's lock is held for the whole run (`storage/lock.py`)."""
   with lock.hold_all(workdirs, create=True):
     for workdir, config_json in zip(workdirs, config_jsons):
       run_log.check_config(workdir, config_json)
     schedule = set(int(s) for s in schedule_steps)
-    managers = [checkpointing.make_manager(w, sorted(schedule), name=f"train_seed{i}")
-                for i, w in enumerate(workdirs)]
+    managers = [
+      checkpointing.make_manager(w, sorted(schedule), name=f"train_seed{i}")
+      for i, w in enumerate(workdirs)
+    ]
     try:
       state = _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, **kwargs)
     except BaseException:
@@ -260,9 +329,9 @@ def _train(workdirs: list[str], init_params: Params, data_keys: jax.Array,
         # may never join, so leave now (the launcher exits; committed steps stay).
         logging.error("Not waiting for checkpoint saves after an error in a multi-process run")
       else:
-        _finish_saves(managers, raise_errors=False)   # never mask the original error
+        _finish_saves(managers, raise_errors=False)  # never mask the original error
       raise
-    _finish_saves(managers, raise_errors=True)      # the last saves must commit
+    _finish_saves(managers, raise_errors=True)  # the last saves must commit
     return state
 
 
@@ -282,54 +351,73 @@ def _finish_saves(managers, raise_errors: bool) -> None:
     raise errors[0]
 
 
-def _initial_state(init_params: Params, opt_init: Callable, layout: _Layout | None
-                   ) -> TrainState:
+def _initial_state(init_params: Params, opt_init: Callable, layout: _Layout | None) -> TrainState:
   """Step 0: on the default device, or as global arrays on the layout's shardings."""
   make = lambda p: TrainState(jnp.zeros((), jnp.int32), p, opt_init(p))
   if layout is None:
     return make(init_params)
   shapes = jax.eval_shape(make, init_params)
-  shardings = TrainState._make((layout.replicated, layout.shardings(shapes.params),
-                                layout.shardings(shapes.opt_state)))   # of shardings, not arrays
-  logging.info("Training data parallel over %d devices in %d process(es), splitting the %s",
-               jax.device_count(), multihost.process_count(),
-               "seeds" if layout.seeds else "batch")
+  shardings = TrainState._make(
+    (layout.replicated, layout.shardings(shapes.params), layout.shardings(shapes.opt_state))
+  )  # of shardings, not arrays
+  logging.info(
+    "Training data parallel over %d devices in %d process(es), splitting the %s",
+    jax.device_count(),
+    multihost.process_count(),
+    "seeds" if layout.seeds else "batch",
+  )
   return jax.jit(make, out_shardings=shardings)(_global(init_params, shardings.params))
 
 
 def _drop_steps_past(managers, latest: int | None) -> None:
   """Deletes the steps past the resume point (a seed that saved an event ahead of the
   others): this run rewrites them, identically, and Orbax refuses to save over them."""
-  stale = multihost.agree("stale_steps", [
-      [int(s) for s in m.all_steps() if s > (latest or 0)] for m in managers])
+  stale = multihost.agree(
+    "stale_steps", [[int(s) for s in m.all_steps() if s > (latest or 0)] for m in managers]
+  )
   for manager, steps in zip(managers, stale):
     for step in steps:
-      logging.info("Deleting step %d of %s, past the resume step %s", step,
-                   manager.directory, latest)
+      logging.info(
+        "Deleting step %d of %s, past the resume step %s", step, manager.directory, latest
+      )
       manager.delete(step)
 
 
-def _restored_state(managers, latest: int, like: TrainState, seed_axis: bool,
-                    layout: _Layout | None) -> TrainState:
+def _restored_state(
+  managers, latest: int, like: TrainState, seed_axis: bool, layout: _Layout | None
+) -> TrainState:
   """The state saved at `latest` (one stream per seed, stacked), placed like `like`."""
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape[1:] if seed_axis else x.shape, x.dtype,
-                                     sharding=layout and layout.replicated),
-      (like.params, like.opt_state))
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape[1:] if seed_axis else x.shape, x.dtype, sharding=layout and layout.replicated
+    ),
+    (like.params, like.opt_state),
+  )
   restored = [checkpointing.restore(m, latest, *abstract) for m in managers]
   parts = ([r["params"] for r in restored], [r["opt_state"] for r in restored])
-  stack = (lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)) if seed_axis else (
-      lambda trees: trees[0])
+  stack = (
+    (lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees))
+    if seed_axis
+    else (lambda trees: trees[0])
+  )
   if layout is None:
     return TrainState(jnp.asarray(latest, jnp.int32), stack(parts[0]), stack(parts[1]))
   params, opt_state = jax.jit(
-      lambda ps, os_: (stack(ps), stack(os_)),
-      out_shardings=(layout.shardings(like.params), layout.shardings(like.opt_state)))(*parts)
+    lambda ps, os_: (stack(ps), stack(os_)),
+    out_shardings=(layout.shardings(like.params), layout.shardings(like.opt_state)),
+  )(*parts)
   return TrainState(_global(np.int32(latest), layout.replicated), params, opt_state)
 
 
-def _segment(loss_fn, optimizer, batch_fn, seed_axis: bool, layout: _Layout | None,
-             like: TrainState, key_impl: Any = None) -> Callable:
+def _segment(
+  loss_fn,
+  optimizer,
+  batch_fn,
+  seed_axis: bool,
+  layout: _Layout | None,
+  like: TrainState,
+  key_impl: Any = None,
+) -> Callable:
   """The jitted segment (state, end step, keys) -> (state, loss sum). With `key_impl`
   its keys are raw key data, wrapped inside; with a layout its outputs keep `like`'s
   shardings (the loss sum replicated)."""
@@ -341,30 +429,58 @@ def _segment(loss_fn, optimizer, batch_fn, seed_axis: bool, layout: _Layout | No
     return train_segment(st, end, key, loss_fn, optimizer, batch_fn, batch_sharding)
 
   if seed_axis:  # the step counter is shared; params, optimizer state and keys are per seed
-    axes = TrainState._make((None, 0, 0))   # the vmap axis of each field
+    axes = TrainState._make((None, 0, 0))  # the vmap axis of each field
     segment_fn = jax.vmap(segment_fn, in_axes=(axes, None, 0), out_axes=(axes, 0))
   if layout is None:
     return jax.jit(segment_fn)
-  return jax.jit(segment_fn, out_shardings=(
-      TrainState._make((layout.replicated, layout.shardings(like.params),   # of shardings
-                        layout.shardings(like.opt_state))), layout.replicated))
+  return jax.jit(
+    segment_fn,
+    out_shardings=(
+      TrainState._make(
+        (
+          layout.replicated,
+          layout.shardings(like.params),  # of shardings
+          layout.shardings(like.opt_state),
+        )
+      ),
+      layout.replicated,
+    ),
+  )
 
 
-def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_axis, loss_fn,
-         batch_fn, optimizer, num_steps, log_every, resume_every, lr_fn, on_event
-         ) -> TrainState:
+def _run(
+  workdirs,
+  managers,
+  init_params,
+  data_keys,
+  eval_fn,
+  schedule,
+  *,
+  seed_axis,
+  loss_fn,
+  batch_fn,
+  optimizer,
+  num_steps,
+  log_every,
+  resume_every,
+  lr_fn,
+  on_event,
+) -> TrainState:
   num_seeds = len(workdirs)
-  layout = _layout(batch_fn, data_keys[0] if seed_axis else data_keys,
-                   num_seeds if seed_axis else None)
-  state = _initial_state(init_params, jax.vmap(optimizer.init) if seed_axis else optimizer.init,
-                         layout)
+  layout = _layout(
+    batch_fn, data_keys[0] if seed_axis else data_keys, num_seeds if seed_axis else None
+  )
+  state = _initial_state(
+    init_params, jax.vmap(optimizer.init) if seed_axis else optimizer.init, layout
+  )
   if not seed_axis:
     per_seed = lambda tree, i: tree
   elif layout is None:
     per_seed = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
   else:  # each seed's slice, replicated, for its own checkpoint stream
-    per_seed = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
-                       out_shardings=layout.replicated)
+    per_seed = jax.jit(
+      lambda tree, i: jax.tree.map(lambda x: x[i], tree), out_shardings=layout.replicated
+    )
   latest = multihost.agree("resume_step", _resume_step(managers))  # the leader's view
   _drop_steps_past(managers, latest)
   if latest is not None:
@@ -377,9 +493,10 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
     return state
 
   keys, impl = data_keys, None
-  if layout is not None:   # keys as global arrays: raw key data, wrapped inside the program
+  if layout is not None:  # keys as global arrays: raw key data, wrapped inside the program
     if jax.dtypes.issubdtype(  # pyright: ignore[reportPrivateImportUsage]  (public jax API)
-        keys.dtype, jax.dtypes.prng_key):
+      keys.dtype, jax.dtypes.prng_key
+    ):
       keys, impl = jax.random.key_data(keys), jax.random.key_impl(keys)
     keys = _global(keys, layout.split if layout.seeds else layout.replicated)
   segment = _segment(loss_fn, optimizer, batch_fn, seed_axis, layout, state, impl)
@@ -406,23 +523,25 @@ def _run(workdirs, managers, init_params, data_keys, eval_fn, schedule, *, seed_
         for i, row in enumerate(rows):
           row.update({k: float(np.reshape(v, -1)[i]) for k, v in evals.items()})
       log_row = (log_every and end % log_every == 0) or end in schedule or end == num_steps
-      progress.update(int(end), force=bool(log_every and end % log_every == 0),
-                      extra="loss " + " ".join(f"{v / max(loss_count, 1):.4f}" for v in loss_sum))
+      progress.update(
+        int(end),
+        force=bool(log_every and end % log_every == 0),
+        extra="loss " + " ".join(f"{v / max(loss_count, 1):.4f}" for v in loss_sum),
+      )
       if log_row:
         now = time.time()
         for i, (row, log) in enumerate(zip(rows, logs)):
-          row.update(step=int(end), train_loss=loss_sum[i] / max(loss_count, 1),
-                     time=now - t0)
+          row.update(step=int(end), train_loss=loss_sum[i] / max(loss_count, 1), time=now - t0)
           if lr_fn is not None:
             row["lr"] = float(lr_fn(int(end) - 1))
           log.write(row)
         loss_sum, loss_count = np.zeros(num_seeds), 0
       if end in schedule or end == num_steps or (resume_every and end % resume_every == 0):
         for i, (manager, row) in enumerate(zip(managers, rows)):
-          meta = {"scheduled": end in schedule,
-                  **{k: v for k, v in row.items() if k != "time"}}
-          checkpointing.save(manager, int(end), per_seed(state.params, i),
-                             per_seed(state.opt_state, i), meta)
+          meta = {"scheduled": end in schedule, **{k: v for k, v in row.items() if k != "time"}}
+          checkpointing.save(
+            manager, int(end), per_seed(state.params, i), per_seed(state.opt_state, i), meta
+          )
       if on_event is not None:
         on_event(int(end))
   finally:

@@ -9,8 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def one_cycle_lr(total_steps: int, max_lr: float, pct_start: float = 0.5,
-                 div_factor: float = 25.0, final_div_factor: float = 1e4):
+def one_cycle_lr(
+  total_steps: int,
+  max_lr: float,
+  pct_start: float = 0.5,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
+):
   """PyTorch's OneCycleLR with `anneal_strategy='linear'`, as an optax schedule.
 
   Phase 1 rises linearly from max_lr / div_factor to max_lr over steps
@@ -51,8 +56,14 @@ def log_points(total_steps: int, n: int) -> np.ndarray:
     return np.array([float(decimal.Decimal(10) ** decimal.Decimal(float(y))) for y in ys])
 
 
-def checkpoint_steps(total_steps: int, n_log: int, n_linear: int = 0,
-                     linear_every: int = 0, *, paper_parity: bool = False) -> np.ndarray:
+def checkpoint_steps(
+  total_steps: int,
+  n_log: int,
+  n_linear: int = 0,
+  linear_every: int = 0,
+  *,
+  paper_parity: bool = False,
+) -> np.ndarray:
   """The union of `n_log` log-spaced and `n_linear` linearly spaced steps in [1, T]
   (or, with `linear_every`, every multiple of it up to T, as in the LM setting).
 

@@ -19,8 +19,14 @@ from devinterp_jax import atomic
 DPI = 120
 
 
-def figure(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float], grid: bool = False,
-           **subplots_kw: Any) -> tuple[Figure, Any]:
+def figure(
+  rows: int = 1,
+  cols: int = 1,
+  *,
+  figsize: tuple[float, float],
+  grid: bool = False,
+  **subplots_kw: Any,
+) -> tuple[Figure, Any]:
   """A new Figure and its axes (`Figure.subplots`: one Axes, or an array); with
   `grid=True` its `rows` × `cols` GridSpec instead, for uneven layouts (`fig.add_subplot`)."""
   fig = Figure(figsize=figsize)
@@ -40,14 +46,21 @@ def save(fig: Figure, path: str, *, dpi: int = DPI) -> str:
 
 
 def step_scale(steps: Any) -> str:
-  """"log", or "symlog" (linear below step 1) when a step is ≤ 0, e.g. step 0."""
+  """ "log", or "symlog" (linear below step 1) when a step is ≤ 0, e.g. step 0."""
   steps = np.asarray(steps, np.float64)
   return "symlog" if steps.size and np.min(steps) <= 0 else "log"
 
 
-def step_axis(ax: Any, steps: Any, *, boundaries: Sequence[float] = (), label: bool = True,
-              grid: bool = True, scale: str | None = None,
-              boundary_label: str | None = None) -> None:
+def step_axis(
+  ax: Any,
+  steps: Any,
+  *,
+  boundaries: Sequence[float] = (),
+  label: bool = True,
+  grid: bool = True,
+  scale: str | None = None,
+  boundary_label: str | None = None,
+) -> None:
   """The training-step x axis used by every figure.
 
   Log scale; with a step ≤ 0 (step 0 is a checkpoint in most runs) symlog, linear
@@ -71,8 +84,9 @@ def step_axis(ax: Any, steps: Any, *, boundaries: Sequence[float] = (), label: b
       pad = (hi / lo) ** 0.03 if scale == "log" and lo > 0 else None
       ax.set_xlim((lo / pad, hi * pad) if pad else (lo, hi * 1.05))
   for i, b in enumerate(boundaries):
-    ax.axvline(float(b), color="k", ls="--", lw=0.8, alpha=0.6,
-               label=boundary_label if i == 0 else None)
+    ax.axvline(
+      float(b), color="k", ls="--", lw=0.8, alpha=0.6, label=boundary_label if i == 0 else None
+    )
   if label:
     ax.set_xlabel("training step")
   if grid:

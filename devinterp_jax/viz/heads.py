@@ -43,9 +43,13 @@ def as_stages(boundaries, steps: np.ndarray):
   b = sorted(int(s) for s in boundaries)
   starts, ends = [int(steps[0])] + b, b + [int(steps[-1])]
   return types.SimpleNamespace(
-      boundary_steps=tuple(b), stability=None,
-      stages=[{"label": f"S{i + 1}", "start_step": s, "end_step": e}
-              for i, (s, e) in enumerate(zip(starts, ends))])
+    boundary_steps=tuple(b),
+    stability=None,
+    stages=[
+      {"label": f"S{i + 1}", "start_step": s, "end_step": e}
+      for i, (s, e) in enumerate(zip(starts, ends))
+    ],
+  )
 
 
 def head_styles(names: list[str], clusters: Any | None) -> list[dict[str, Any]]:
@@ -54,8 +58,7 @@ def head_styles(names: list[str], clusters: Any | None) -> list[dict[str, Any]]:
     cmap = figures.colormap("tab10" if len(names) <= 10 else "tab20")
     return [dict(color=cmap(i % cmap.N), ls="-", label=n) for i, n in enumerate(names)]
   if tuple(names) != tuple(clusters.names):
-    raise ValueError("clusters were computed for other heads: "
-                     f"{list(clusters.names)} != {names}")
+    raise ValueError(f"clusters were computed for other heads: {list(clusters.names)} != {names}")
   cmap, dashes = figures.colormap("tab10"), ("-", "--", ":", "-.")
   seen: dict[int, int] = {}
   out = []
@@ -66,9 +69,16 @@ def head_styles(names: list[str], clusters: Any | None) -> list[dict[str, Any]]:
   return out
 
 
-def head_trajectories_figure(steps, llc_RxN, names: Sequence[str], *, sem_RxN=None,
-                             boundaries: Any = None, clusters: Any | None = None,
-                             title: str = "") -> Figure:
+def head_trajectories_figure(
+  steps,
+  llc_RxN,
+  names: Sequence[str],
+  *,
+  sem_RxN=None,
+  boundaries: Any = None,
+  clusters: Any | None = None,
+  title: str = "",
+) -> Figure:
   """wrLLC per head over log step, and the across-head dispersion.
 
   Top: one line per head (± `sem_RxN` band), coloured by cluster when
@@ -86,8 +96,9 @@ def head_trajectories_figure(steps, llc_RxN, names: Sequence[str], *, sem_RxN=No
   stages = as_stages(boundaries, steps)
   xs = steps.astype(float)
 
-  fig, (ax, ax_d) = figures.figure(2, 1, figsize=(9, 7.2), sharex=True,
-                                   gridspec_kw={"height_ratios": [1.6, 1]})
+  fig, (ax, ax_d) = figures.figure(
+    2, 1, figsize=(9, 7.2), sharex=True, gridspec_kw={"height_ratios": [1.6, 1]}
+  )
   for a in (ax, ax_d):
     if stages is not None:
       shade_stages(a, stages, label=a is ax)
@@ -95,27 +106,37 @@ def head_trajectories_figure(steps, llc_RxN, names: Sequence[str], *, sem_RxN=No
   for r, style in enumerate(styles):
     ax.plot(xs, x[r], marker=".", ms=3, lw=1.3, **style)
     if sem_RxN is not None:
-      ax.fill_between(xs, x[r] - sem_RxN[r], x[r] + sem_RxN[r], color=style["color"],
-                      alpha=0.15, lw=0)
+      ax.fill_between(
+        xs, x[r] - sem_RxN[r], x[r] + sem_RxN[r], color=style["color"], alpha=0.15, lw=0
+      )
   finite = x[np.isfinite(x)]
   if finite.size:
     lo, hi = float(finite.min()), float(finite.max())
     pad = 0.1 * max(hi - lo, 1e-12)
     ax.set_ylim(lo - pad, hi + 2 * pad)  # room for the stage labels
   ax.set_ylabel(r"wrLLC $\hat\lambda$ per head")
-  ax.legend(fontsize=7, ncol=max(1, math.ceil(len(names) / 12)), loc="center left",
-            bbox_to_anchor=(1.01, 0.5), title="head (cluster)" if clusters else "head",
-            title_fontsize=7)
-  ax.set_title(title or "wrLLC per head" + (f" ({clusters.method} clusters, "
-                                            f"{clusters.normalize})" if clusters else ""))
+  ax.legend(
+    fontsize=7,
+    ncol=max(1, math.ceil(len(names) / 12)),
+    loc="center left",
+    bbox_to_anchor=(1.01, 0.5),
+    title="head (cluster)" if clusters else "head",
+    title_fontsize=7,
+  )
+  ax.set_title(
+    title
+    or "wrLLC per head"
+    + (f" ({clusters.method} clusters, {clusters.normalize})" if clusters else "")
+  )
 
   ok_N = np.all(np.isfinite(x), axis=0)
   if ok_N.any():
     mean, var = x[:, ok_N].mean(axis=0), x[:, ok_N].var(axis=0)
     std = np.sqrt(var)
     ax_d.plot(xs[ok_N], mean, color="black", lw=1.5, label="mean over heads")
-    ax_d.fill_between(xs[ok_N], mean - std, mean + std, color="gray",
-                      alpha=0.3, lw=0, label="± std over heads")
+    ax_d.fill_between(
+      xs[ok_N], mean - std, mean + std, color="gray", alpha=0.3, lw=0, label="± std over heads"
+    )
     ax_v = ax_d.twinx()
     ax_v.plot(xs[ok_N], var, color="tab:red", lw=1.2, ls="--", label="variance (ddof=0)")
     ax_v.set_ylabel("variance across heads", color="tab:red")
@@ -129,17 +150,29 @@ def head_trajectories_figure(steps, llc_RxN, names: Sequence[str], *, sem_RxN=No
   return fig
 
 
-def plot_head_trajectories(steps, llc_RxN, names: Sequence[str], *, sem_RxN=None,
-                           boundaries: Any = None, clusters: Any | None = None, path: str,
-                           title: str = "") -> str:
+def plot_head_trajectories(
+  steps,
+  llc_RxN,
+  names: Sequence[str],
+  *,
+  sem_RxN=None,
+  boundaries: Any = None,
+  clusters: Any | None = None,
+  path: str,
+  title: str = "",
+) -> str:
   """`head_trajectories_figure` written to `path` (PNG); returns `path`."""
-  return figures.save(head_trajectories_figure(
-      steps, llc_RxN, names, sem_RxN=sem_RxN, boundaries=boundaries, clusters=clusters,
-      title=title), path)
+  return figures.save(
+    head_trajectories_figure(
+      steps, llc_RxN, names, sem_RxN=sem_RxN, boundaries=boundaries, clusters=clusters, title=title
+    ),
+    path,
+  )
 
 
-def dendrogram_layout(z: np.ndarray, num_leaves: int
-                      ) -> tuple[list[int], list[tuple[int, list[float], list[float]]]]:
+def dendrogram_layout(
+  z: np.ndarray, num_leaves: int
+) -> tuple[list[int], list[tuple[int, list[float], list[float]]]]:
   """The leaf order and links of a scipy-format linkage matrix `z` [R − 1, 4], laid out
   as `scipy.cluster.hierarchy.dendrogram` does without sorting (leaf k at x = 5 + 10k,
   the first child on the left; links in post-order): (leaves, [(node id, xs[4], ys[4])])."""
@@ -171,14 +204,18 @@ def _draw_dendrogram(ax, clusters: Any, names: list[str], styles: list[dict]) ->
     members.append(members[a] + members[b])
   tab10 = figures.colormap("tab10")
   order, links = dendrogram_layout(z, r)
-  for node, xs, ys in links:   # a link inside one cluster takes the cluster's colour
+  for node, xs, ys in links:  # a link inside one cluster takes the cluster's colour
     labs = set(labels[members[node]].tolist())
     colour = matplotlib.colors.to_hex(tab10(labs.pop() % 10)) if len(labs) == 1 else "gray"
     ax.plot(xs, ys, color=colour, lw=1.0)
   ax.set_xlim(0, 10 * r)
   ax.set_ylim(0, 1.05 * float(z[:, 2].max()))
-  ax.set_xticks(5 + 10 * np.arange(r), [names[i] for i in order],
-                rotation=0 if r <= 20 else (45 if r <= 40 else 90), fontsize=8)
+  ax.set_xticks(
+    5 + 10 * np.arange(r),
+    [names[i] for i in order],
+    rotation=0 if r <= 20 else (45 if r <= 40 else 90),
+    fontsize=8,
+  )
   ax.tick_params(axis="x", length=0)
   for tick, i in zip(ax.get_xticklabels(), order):
     tick.set_color(styles[i]["color"])
@@ -189,8 +226,9 @@ def _draw_dendrogram(ax, clusters: Any, names: list[str], styles: list[dict]) ->
   ax.set_title(f"dendrogram ({clusters.linkage} linkage, cut at {k} clusters)", fontsize=9)
 
 
-def head_clusters_figure(steps, llc_RxN, names: Sequence[str], clusters: Any,
-                         title: str = "") -> Figure:
+def head_clusters_figure(
+  steps, llc_RxN, names: Sequence[str], clusters: Any, title: str = ""
+) -> Figure:
   """Normalised trajectories per cluster (`clusters.normalized`, one panel each, cluster
   mean in black).
 
@@ -209,9 +247,15 @@ def head_clusters_figure(steps, llc_RxN, names: Sequence[str], clusters: Any,
   cols = min(3, k)
   rows = -(-k // cols)
   dendro = clusters.linkage_matrix is not None
-  fig, grid = figures.figure(rows + int(dendro), cols, grid=True,
-                             figsize=(4.2 * cols if not dendro else max(4.2 * cols, 8),
-                                      3.0 * rows + (3.2 if dendro else 0) + 0.4))
+  fig, grid = figures.figure(
+    rows + int(dendro),
+    cols,
+    grid=True,
+    figsize=(
+      4.2 * cols if not dendro else max(4.2 * cols, 8),
+      3.0 * rows + (3.2 if dendro else 0) + 0.4,
+    ),
+  )
   first = None
   for j in range(k):
     ax = fig.add_subplot(grid[j // cols, j % cols], sharex=first, sharey=first)
@@ -226,28 +270,34 @@ def head_clusters_figure(steps, llc_RxN, names: Sequence[str], clusters: Any,
     ax.legend(fontsize=6, loc="best")
   if dendro:
     _draw_dendrogram(fig.add_subplot(grid[rows, :]), clusters, names, styles)
-  fig.suptitle(title or f"{clusters.method} clusters of wrLLC trajectories "
-               f"({clusters.normalize})", fontsize=10)
+  fig.suptitle(
+    title or f"{clusters.method} clusters of wrLLC trajectories ({clusters.normalize})", fontsize=10
+  )
   fig.tight_layout()
   return fig
 
 
-def plot_head_clusters(steps, llc_RxN, names: Sequence[str], clusters: Any, path: str,
-                       title: str = "") -> str:
+def plot_head_clusters(
+  steps, llc_RxN, names: Sequence[str], clusters: Any, path: str, title: str = ""
+) -> str:
   """`head_clusters_figure` written to `path` (PNG); returns `path`."""
   return figures.save(head_clusters_figure(steps, llc_RxN, names, clusters, title), path)
 
 
-def dispersion_and_overlap_figure(steps, spread: Mapping[str, np.ndarray],
-                                  metrics: Mapping[str, np.ndarray],
-                                  boundaries: Sequence[float] = ()) -> Figure:
+def dispersion_and_overlap_figure(
+  steps,
+  spread: Mapping[str, np.ndarray],
+  metrics: Mapping[str, np.ndarray],
+  boundaries: Sequence[float] = (),
+) -> Figure:
   """wrLLC mean and variance across heads (`spread`: "mean", "variance" [N]), beside the
   overlap and robustness (`metrics["overlap/…"]`, weak-ablation checkpoints masked as
   in `viz.overlap`) over log step."""
   steps = np.asarray(steps)
   have_overlap = "overlap/overlap_mean" in metrics
-  fig, axes = figures.figure(1, 2 if have_overlap else 1,
-                             figsize=(12 if have_overlap else 6, 4), squeeze=False)
+  fig, axes = figures.figure(
+    1, 2 if have_overlap else 1, figsize=(12 if have_overlap else 6, 4), squeeze=False
+  )
   ax = axes[0, 0]
   ax.plot(steps, spread["mean"], "k-o", ms=3, label="mean across heads")
   ax.set_ylabel("wrLLC mean across heads")
@@ -259,18 +309,35 @@ def dispersion_and_overlap_figure(steps, spread: Mapping[str, np.ndarray],
   if have_overlap:
     ax = axes[0, 1]
     delta_all = metrics.get("overlap/delta_all")
-    mask = (overlap_viz.weak_ablation_mask(delta_all) if delta_all is not None
-            else np.zeros(len(steps), bool))
+    mask = (
+      overlap_viz.weak_ablation_mask(delta_all)
+      if delta_all is not None
+      else np.zeros(len(steps), bool)
+    )
     overlap_viz.shade_masked(ax, steps, mask)
-    ax.plot(steps, overlap_viz.masked(metrics["overlap/overlap_mean"], mask), "C0-o", ms=3,
-            label="mean off-diagonal O")
-    ax.plot(steps, overlap_viz.masked(metrics["overlap/overlap_max"], mask), "C1-^", ms=3,
-            label="max off-diagonal O")
-    ax.plot(steps, overlap_viz.masked(metrics["overlap/robustness"], mask), "C2-s", ms=3,
-            label="robustness")
+    ax.plot(
+      steps,
+      overlap_viz.masked(metrics["overlap/overlap_mean"], mask),
+      "C0-o",
+      ms=3,
+      label="mean off-diagonal O",
+    )
+    ax.plot(
+      steps,
+      overlap_viz.masked(metrics["overlap/overlap_max"], mask),
+      "C1-^",
+      ms=3,
+      label="max off-diagonal O",
+    )
+    ax.plot(
+      steps,
+      overlap_viz.masked(metrics["overlap/robustness"], mask),
+      "C2-s",
+      ms=3,
+      label="robustness",
+    )
     note = overlap_viz.mask_note(mask)
-    ax.set_title("Functional overlap (mean ablation)" + (f"\n{note}" if note else ""),
-                 fontsize=10)
+    ax.set_title("Functional overlap (mean ablation)" + (f"\n{note}" if note else ""), fontsize=10)
     ax.legend(fontsize=8)
     panels.append(ax)
   for ax in panels:
@@ -279,7 +346,8 @@ def dispersion_and_overlap_figure(steps, spread: Mapping[str, np.ndarray],
   return fig
 
 
-def plot_dispersion_and_overlap(steps, spread: Mapping[str, np.ndarray],
-                                metrics: Mapping[str, np.ndarray], boundaries, path: str) -> str:
+def plot_dispersion_and_overlap(
+  steps, spread: Mapping[str, np.ndarray], metrics: Mapping[str, np.ndarray], boundaries, path: str
+) -> str:
   """`dispersion_and_overlap_figure` written to `path` (PNG); returns `path`."""
   return figures.save(dispersion_and_overlap_figure(steps, spread, metrics, boundaries), path)

@@ -18,18 +18,19 @@ def _head_panel(ax, steps, arr_NxLxH, chance, title):
   styles = ("-", "--", ":", "-.")
   for l in range(L):
     for h in range(H):
-      ax.plot(steps, arr[:, l, h], color=colors[h % 10], ls=styles[l % 4], lw=1.2,
-              label=head_name(l, h))
+      ax.plot(
+        steps, arr[:, l, h], color=colors[h % 10], ls=styles[l % 4], lw=1.2, label=head_name(l, h)
+      )
   if chance is not None:
-    ax.axhline(float(np.asarray(chance).ravel()[0]), color="gray", lw=0.8, ls=":",
-               label="chance")
+    ax.axhline(float(np.asarray(chance).ravel()[0]), color="gray", lw=0.8, ls=":", label="chance")
   ax.set_ylim(-0.02, 1.02)
   ax.legend(fontsize=6, ncol=2)
   ax.set_title(title)
 
 
-def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
-                      boundaries: Sequence[float] = (), title: str = "") -> Figure:
+def lm_metrics_figure(
+  steps: Any, metrics: Mapping[str, Any], *, boundaries: Sequence[float] = (), title: str = ""
+) -> Figure:
   """Nine panels over log step (stage boundaries dashed): loss vs bigram entropy and
   the bigram score; n-gram scores; ICL score; positional-ablation loss increase;
   previous-token and prefix-matching scores per head (line style = layer); W_pos
@@ -39,9 +40,11 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
   steps = np.asarray(steps)
   fig, axes = figures.figure(3, 3, figsize=(16, 12))
   ax = axes[0, 0]
-  for name, label, kw in (("loss", "validation loss", {}),
-                          ("bigram_score", "bigram score (CE to empirical bigram)", {}),
-                          ("bigram_entropy", "bigram entropy (train)", {"ls": "--"})):
+  for name, label, kw in (
+    ("loss", "validation loss", {}),
+    ("bigram_score", "bigram score (CE to empirical bigram)", {}),
+    ("bigram_entropy", "bigram entropy (train)", {"ls": "--"}),
+  ):
     if name in metrics:
       ax.plot(steps, metrics[name], label=label, **kw)
   if "bigram_kl_pos1" in metrics:
@@ -51,7 +54,7 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
   ax.set_title("loss vs bigram statistics (nats)")
   ax = axes[0, 1]
   for name in sorted(k for k in metrics if k.startswith("ngram_score_")):
-    ax.plot(steps, metrics[name], marker=".", label=f"n = {name[len('ngram_score_'):]}")
+    ax.plot(steps, metrics[name], marker=".", label=f"n = {name[len('ngram_score_') :]}")
   ax.axhline(1, color="gray", lw=0.8)
   ax.set_title("n-gram score: val loss at n / n-gram loss")
   ax = axes[0, 2]
@@ -66,8 +69,7 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
   ax.set_title("ICL score")
   ax = axes[1, 0]
   if "pos_ablation_loss_mean" in metrics:
-    ax.plot(steps, metrics["pos_ablation_loss_mean"], marker=".",
-            label="mean over positions")
+    ax.plot(steps, metrics["pos_ablation_loss_mean"], marker=".", label="mean over positions")
   if "pos_ablation_loss" in metrics:
     arr = np.asarray(metrics["pos_ablation_loss"])
     for p in sorted({1, 2, 4, arr.shape[1] // 2, arr.shape[1]}):
@@ -76,13 +78,23 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
   ax.axhline(0, color="gray", lw=0.8)
   ax.set_title("W_pos mean-ablation: loss increase (nats)")
   if "prev_token_score" in metrics:
-    _head_panel(axes[1, 1], steps, metrics["prev_token_score"],
-                metrics.get("prev_token_chance"), "previous-token score per head")
+    _head_panel(
+      axes[1, 1],
+      steps,
+      metrics["prev_token_score"],
+      metrics.get("prev_token_chance"),
+      "previous-token score per head",
+    )
   else:
     axes[1, 1].set_title("previous-token score per head")
   if "prefix_score" in metrics:
-    _head_panel(axes[1, 2], steps, metrics["prefix_score"], metrics.get("prefix_chance"),
-                "prefix-matching score per head")
+    _head_panel(
+      axes[1, 2],
+      steps,
+      metrics["prefix_score"],
+      metrics.get("prefix_chance"),
+      "prefix-matching score per head",
+    )
   else:
     axes[1, 2].set_title("prefix-matching score per head")
   ax = axes[2, 0]
@@ -113,7 +125,7 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
     pos = np.arange(1, lpp.shape[1] + 1)
     for c, i in zip(colors, idx):
       ax.plot(pos, lpp[i], color=c, label=f"step {steps[i]}")
-    ax.set_xscale("log")   # token position, not a training step
+    ax.set_xscale("log")  # token position, not a training step
     ax.set_xlabel("token position")
     ax.legend(fontsize=6)
   ax.set_title("validation loss per position")
@@ -123,8 +135,13 @@ def lm_metrics_figure(steps: Any, metrics: Mapping[str, Any], *,
   return fig
 
 
-def plot_lm_metrics(steps: Any, metrics: Mapping[str, Any], path: str, *,
-                    boundaries: Sequence[float] = (), title: str = "") -> str:
+def plot_lm_metrics(
+  steps: Any,
+  metrics: Mapping[str, Any],
+  path: str,
+  *,
+  boundaries: Sequence[float] = (),
+  title: str = "",
+) -> str:
   """`lm_metrics_figure` written to `path` (PNG); returns `path`."""
-  return figures.save(lm_metrics_figure(steps, metrics, boundaries=boundaries, title=title),
-                      path)
+  return figures.save(lm_metrics_figure(steps, metrics, boundaries=boundaries, title=title), path)

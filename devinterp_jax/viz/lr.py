@@ -44,11 +44,16 @@ def distinct_series(series: Sequence[tuple[str, Any]]) -> list[tuple[str, np.nda
 
 def _gain_columns(metrics: Mapping[str, np.ndarray], kind: str) -> list[tuple[float, str]]:
   prefix = f"nmse_ood_{kind}_g"
-  return sorted((float(k[len(prefix):]), k) for k in metrics if k.startswith(prefix))
+  return sorted((float(k[len(prefix) :]), k) for k in metrics if k.startswith(prefix))
 
 
-def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
-                     boundaries: Sequence[float] = (), title: str = "") -> Figure:
+def behaviour_figure(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  *,
+  boundaries: Sequence[float] = (),
+  title: str = "",
+) -> Figure:
   """Six panels over log step: ICL scores; distances to the zero / task-prior /
   ridge / dMMSE predictions; per-prediction losses; OOD NMSE per gain for inputs
   and for tasks; the last checkpoint's losses vs k beside the baselines. Identical
@@ -58,16 +63,25 @@ def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   steps = np.asarray(steps)
   fig, axes = figures.figure(2, 3, figsize=(15, 8))
   ax = axes[0, 0]
-  for name, label in (("icl_1_4", r"ICL$_{1:4} = L_4 - L_1$"),
-                      ("icl_4_8", r"ICL$_{4:8} = L_8 - L_4$")):
+  for name, label in (
+    ("icl_1_4", r"ICL$_{1:4} = L_4 - L_1$"),
+    ("icl_4_8", r"ICL$_{4:8} = L_8 - L_4$"),
+  ):
     if name in metrics and np.any(np.isfinite(metrics[name])):
       ax.plot(steps, metrics[name], marker=".", label=label)
   ax.axhline(0, color="gray", lw=0.8)
   ax.set_title("ICL scores")
   ax = axes[0, 1]
-  distances = [(label, metrics[name]) for name, label in (
-      ("dist_zero", "to zero prediction"), ("dist_prior", r"to task prior $\bar t\cdot x$"),
-      ("dist_ridge", "to ridge"), ("dist_dmmse", "to dMMSE")) if name in metrics]
+  distances = [
+    (label, metrics[name])
+    for name, label in (
+      ("dist_zero", "to zero prediction"),
+      ("dist_prior", r"to task prior $\bar t\cdot x$"),
+      ("dist_ridge", "to ridge"),
+      ("dist_dmmse", "to dMMSE"),
+    )
+    if name in metrics
+  ]
   for label, values in distinct_series(distances):
     ax.plot(steps, values, marker=".", label=label)
   ax.set_yscale("log")
@@ -96,8 +110,11 @@ def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   if losses_NxK.shape[1]:
     ks = np.arange(1, losses_NxK.shape[1] + 1)
     ax.plot(ks, losses_NxK[-1], marker="o", label=f"model (step {steps[-1]})")
-    baselines = [(name, b[-1]) for name in ("zero", "prior", "ridge", "dmmse")
-                 if (b := _per_prediction(metrics, f"{name}_loss")) is not None]
+    baselines = [
+      (name, b[-1])
+      for name in ("zero", "prior", "ridge", "dmmse")
+      if (b := _per_prediction(metrics, f"{name}_loss")) is not None
+    ]
     for label, values in distinct_series(baselines):
       ax.plot(ks, values, ls="--", label=label)
     ax.set_yscale("log")
@@ -110,8 +127,14 @@ def behaviour_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   return fig
 
 
-def plot_behaviour(steps: Any, metrics: Mapping[str, np.ndarray], path: str, *,
-                   boundaries: Sequence[float] = (), title: str = "") -> str:
+def plot_behaviour(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  path: str,
+  *,
+  boundaries: Sequence[float] = (),
+  title: str = "",
+) -> str:
   """`behaviour_figure` written to `path` (PNG); returns `path`."""
   return figures.save(behaviour_figure(steps, metrics, boundaries=boundaries, title=title), path)
 
@@ -120,8 +143,13 @@ def plot_behaviour(steps: Any, metrics: Mapping[str, np.ndarray], path: str, *,
 LN_QUANTILES = ("10", "50")
 
 
-def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
-                     boundaries: Sequence[float] = (), title: str = "") -> Figure:
+def structure_figure(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  *,
+  boundaries: Sequence[float] = (),
+  title: str = "",
+) -> Figure:
   """Six panels over log step: token and positional embedding singular values relative
   to the largest, s_k / s_1 (a collapse shows as falling ratios even while s_1 grows);
   embedding-subspace alignment; attention entropy per head (solid: x-queries,
@@ -132,8 +160,10 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   """
   steps = np.asarray(steps)
   fig, axes = figures.figure(2, 3, figsize=(15, 8))
-  for ax, name, label in ((axes[0, 0], "tok_embed_sv", "token embedding"),
-                          (axes[0, 1], "pos_embed_sv", "positional embedding")):
+  for ax, name, label in (
+    (axes[0, 0], "tok_embed_sv", "token embedding"),
+    (axes[0, 1], "pos_embed_sv", "positional embedding"),
+  ):
     if name in metrics:
       sv_NxR = np.asarray(metrics[name], np.float64)
       with np.errstate(divide="ignore", invalid="ignore"):
@@ -146,15 +176,19 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
         ax.legend(fontsize=7)
     ax.set_title(f"{label}: singular values / largest")
   ax = axes[0, 2]
-  for name, lbl in (("embed_alignment", r"mean $\cos^2$ of principal angles"),
-                    ("embed_alignment_max_cos", r"max $\cos$")):
+  for name, lbl in (
+    ("embed_alignment", r"mean $\cos^2$ of principal angles"),
+    ("embed_alignment_max_cos", r"max $\cos$"),
+  ):
     if name in metrics:
       ax.plot(steps, metrics[name], marker=".", label=lbl)
   ax.set_ylim(-0.02, 1.02)
   ax.legend(fontsize=7)
   ax.set_title("token / positional embedding subspace alignment")
-  for ax, score, label in ((axes[1, 0], "attn_entropy", "normalised attention entropy"),
-                           (axes[1, 1], "attn_variability", "attention variability")):
+  for ax, score, label in (
+    (axes[1, 0], "attn_entropy", "normalised attention entropy"),
+    (axes[1, 1], "attn_variability", "attention variability"),
+  ):
     if score in metrics:
       arr_NxLxHxQ = np.asarray(metrics[score])
       _, L, H, _ = arr_NxLxHxQ.shape
@@ -168,7 +202,7 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
       ax.legend(fontsize=6, ncol=2, title="solid x, dashed y", title_fontsize=6)
     ax.set_title(label)
   ax = axes[1, 2]
-  norms = [k[len("ln_collapse/"):] for k in metrics if k.startswith("ln_collapse/")]
+  norms = [k[len("ln_collapse/") :] for k in metrics if k.startswith("ln_collapse/")]
   colors = figures.colormap("tab10")(np.arange(max(len(norms), 1)) % 10)
   series = [(n, c, 1.3, "ln_scale_q{}/" + n, f"ln_collapse/{n}") for n, c in zip(norms, colors)]
   series.append(("unembed w_eff", "k", 2.0, "unembed_eff_q{}", "unembed_collapse"))
@@ -177,8 +211,14 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   for label, colour, width, quantile_key, collapse_key in series:
     for q, ls in zip(LN_QUANTILES, ("--", "-")):
       if quantile_key.format(q) in metrics:
-        ax.plot(steps, metrics[quantile_key.format(q)], color=colour, ls=ls, lw=width,
-                label=f"{label} q{q}")
+        ax.plot(
+          steps,
+          metrics[quantile_key.format(q)],
+          color=colour,
+          ls=ls,
+          lw=width,
+          label=f"{label} q{q}",
+        )
         drawn = True
     if collapse_key in metrics:
       ax_c.plot(steps, metrics[collapse_key], color=colour, ls=":", lw=1.0, alpha=0.7)
@@ -196,8 +236,13 @@ def structure_figure(steps: Any, metrics: Mapping[str, np.ndarray], *,
   return fig
 
 
-def plot_structure(steps: Any, metrics: Mapping[str, np.ndarray], path: str, *,
-                   boundaries: Sequence[float] = (), title: str = "") -> str:
+def plot_structure(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  path: str,
+  *,
+  boundaries: Sequence[float] = (),
+  title: str = "",
+) -> str:
   """`structure_figure` written to `path` (PNG); returns `path`."""
-  return figures.save(structure_figure(steps, metrics, boundaries=boundaries, title=title),
-                      path)
+  return figures.save(structure_figure(steps, metrics, boundaries=boundaries, title=title), path)

@@ -23,7 +23,7 @@ from devinterp_jax.viz import figures
 
 WEAK_ABLATION_FRACTION = 0.05
 _MASK_STYLE = dict(facecolor="0.92", edgecolor="0.6", hatch="///", lw=0, zorder=0)
-MAX_ANNOTATED_HEADS = 12   # heatmaps with at most this many heads print their values
+MAX_ANNOTATED_HEADS = 12  # heatmaps with at most this many heads print their values
 
 
 def weak_ablation_mask(delta_all: Any, fraction: float = WEAK_ABLATION_FRACTION) -> np.ndarray:
@@ -37,12 +37,14 @@ def weak_ablation_mask(delta_all: Any, fraction: float = WEAK_ABLATION_FRACTION)
 
 
 def mask_note(mask: np.ndarray, fraction: float = WEAK_ABLATION_FRACTION) -> str:
-  """"" or e.g. "hatched: 3 checkpoints with Δ_all < 5% of max (not drawn)"."""
+  """ "" or e.g. "hatched: 3 checkpoints with Δ_all < 5% of max (not drawn)"."""
   n = int(np.sum(mask))
   if not n:
     return ""
-  return (f"hatched: {n} checkpoint{'s' if n > 1 else ''} with Δ_all < {100 * fraction:g}% "
-          "of max (not drawn)")
+  return (
+    f"hatched: {n} checkpoint{'s' if n > 1 else ''} with Δ_all < {100 * fraction:g}% "
+    "of max (not drawn)"
+  )
 
 
 def shade_masked(ax, steps: Any, mask: np.ndarray) -> None:
@@ -66,7 +68,7 @@ def shade_masked(ax, steps: Any, mask: np.ndarray) -> None:
       j += 1
     lo = steps[i] if i == 0 else mid(steps[i - 1], steps[i])
     hi = steps[j] if j == n - 1 else mid(steps[j], steps[j + 1])
-    if hi <= lo:   # a lone end checkpoint: a thin span around it
+    if hi <= lo:  # a lone end checkpoint: a thin span around it
       lo, hi = (lo / 1.15, lo * 1.15) if lo > 0 else (lo - 0.5, lo + 0.5)
     ax.axvspan(lo, hi, **_MASK_STYLE)
     i = j + 1
@@ -77,8 +79,9 @@ def masked(values: Any, mask: np.ndarray) -> np.ndarray:
   return np.where(mask, np.nan, np.asarray(values, np.float64))
 
 
-def _heatmap(fig, ax, matrix_RxR, names: Sequence[str], title: str, *,
-             limit: float | None, weak_note: str = "") -> Any:
+def _heatmap(
+  fig, ax, matrix_RxR, names: Sequence[str], title: str, *, limit: float | None, weak_note: str = ""
+) -> Any:
   """A heatmap of an [R, R] matrix (NaN grey). Colour limits ±`limit`, or ±max |value|
   (symmetric around 0) when `limit` is None. Returns the image."""
   cmap = figures.colormap("RdBu_r").with_extremes(bad="0.85")
@@ -104,9 +107,15 @@ def _heatmap(fig, ax, matrix_RxR, names: Sequence[str], title: str, *,
   return im
 
 
-def overlap_figure(steps: Any, metrics: Mapping[str, np.ndarray], names: Sequence[str], *,
-                   boundaries: Sequence[float] | None = (), title: str = "",
-                   fraction: float = WEAK_ABLATION_FRACTION) -> Figure:
+def overlap_figure(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  names: Sequence[str],
+  *,
+  boundaries: Sequence[float] | None = (),
+  title: str = "",
+  fraction: float = WEAK_ABLATION_FRACTION,
+) -> Figure:
   """Four panels on a 2 × 2 grid: the last checkpoint's O (colour limits ±max |O|),
   S_attn and S_out (correlations, ±1) as heatmaps (NaN grey), and mean / max
   off-diagonal O and the robustness over log step with stage boundaries dashed.
@@ -115,34 +124,59 @@ def overlap_figure(steps: Any, metrics: Mapping[str, np.ndarray], names: Sequenc
   """
   steps = np.asarray(steps)
   delta_all = metrics.get("delta_all")
-  mask = (weak_ablation_mask(delta_all, fraction) if delta_all is not None
-          else np.zeros(len(steps), bool))
+  mask = (
+    weak_ablation_mask(delta_all, fraction) if delta_all is not None else np.zeros(len(steps), bool)
+  )
   fig, axes = figures.figure(2, 2, figsize=(11, 9.5))
-  for ax, key, label, limit in ((axes[0, 0], "overlap", "overlap O", None),
-                                (axes[0, 1], "s_attn", "S_attn", 1.0),
-                                (axes[1, 0], "s_out", "S_out", 1.0)):
-    _heatmap(fig, ax, np.asarray(metrics[key])[-1], names, f"{label} (step {steps[-1]})",
-             limit=limit, weak_note=(f"masked: weak ablation, Δ_all < {100 * fraction:g}% of max"
-                                     if mask[-1] and key == "overlap" else ""))
+  for ax, key, label, limit in (
+    (axes[0, 0], "overlap", "overlap O", None),
+    (axes[0, 1], "s_attn", "S_attn", 1.0),
+    (axes[1, 0], "s_out", "S_out", 1.0),
+  ):
+    _heatmap(
+      fig,
+      ax,
+      np.asarray(metrics[key])[-1],
+      names,
+      f"{label} (step {steps[-1]})",
+      limit=limit,
+      weak_note=(
+        f"masked: weak ablation, Δ_all < {100 * fraction:g}% of max"
+        if mask[-1] and key == "overlap"
+        else ""
+      ),
+    )
   ax = axes[1, 1]
   shade_masked(ax, steps, mask)
-  for key, label in (("overlap_mean", "mean off-diagonal O"),
-                     ("overlap_max", "max off-diagonal O"), ("robustness", "robustness")):
+  for key, label in (
+    ("overlap_mean", "mean off-diagonal O"),
+    ("overlap_max", "max off-diagonal O"),
+    ("robustness", "robustness"),
+  ):
     ax.plot(steps, masked(metrics[key], mask), marker=".", label=label)
   ax.axhline(0, color="gray", lw=0.8)
   figures.step_axis(ax, steps, boundaries=boundaries or ())
   ax.legend(fontsize=7)
   note = mask_note(mask, fraction)
-  ax.set_title(r"overlap and robustness $1 - \sum_i \Delta_i / \Delta_{all}$"
-               + (f"\n{note}" if note else ""), fontsize=10)
+  ax.set_title(
+    r"overlap and robustness $1 - \sum_i \Delta_i / \Delta_{all}$" + (f"\n{note}" if note else ""),
+    fontsize=10,
+  )
   fig.suptitle(title or "functional overlap of attention heads (mean-ablation)")
   fig.tight_layout()
   return fig
 
 
-def plot_overlap(steps: Any, metrics: Mapping[str, np.ndarray], names: Sequence[str],
-                 path: str, *, boundaries: Sequence[float] | None = (),
-                 title: str = "") -> str:
+def plot_overlap(
+  steps: Any,
+  metrics: Mapping[str, np.ndarray],
+  names: Sequence[str],
+  path: str,
+  *,
+  boundaries: Sequence[float] | None = (),
+  title: str = "",
+) -> str:
   """`overlap_figure` written to `path` (PNG); returns `path`."""
-  return figures.save(overlap_figure(steps, metrics, names, boundaries=boundaries,
-                                     title=title), path)
+  return figures.save(
+    overlap_figure(steps, metrics, names, boundaries=boundaries, title=title), path
+  )

@@ -17,9 +17,15 @@ from matplotlib.figure import Figure
 from devinterp_jax.viz import figures
 
 
-def teacher_student_figure(steps: Any, metrics: Mapping[str, Any], *,
-                           boundaries: Sequence[float] = (), align_threshold: float = 0.95,
-                           num_params: int | None = None, title: str = "") -> Figure:
+def teacher_student_figure(
+  steps: Any,
+  metrics: Mapping[str, Any],
+  *,
+  boundaries: Sequence[float] = (),
+  align_threshold: float = 0.95,
+  num_params: int | None = None,
+  title: str = "",
+) -> Figure:
   """Six panels (stage boundaries dashed): over log step, the test MSE against the
   teacher (and the logged eval loss); the LLC ± std over chains (d/2 in the title
   with `num_params`); hidden-unit counts (active, dead, aligned with a teacher unit,
@@ -30,11 +36,18 @@ def teacher_student_figure(steps: Any, metrics: Mapping[str, Any], *,
   steps = np.asarray(steps)
   fig, axes = figures.figure(2, 3, figsize=(18, 8.5))
   ax = axes[0, 0]
-  ax.plot(steps, metrics["test_mse"], color="tab:red", marker=".",
-          label="test MSE vs teacher (noiseless)")
+  ax.plot(
+    steps, metrics["test_mse"], color="tab:red", marker=".", label="test MSE vs teacher (noiseless)"
+  )
   if "eval_loss" in metrics and np.isfinite(np.asarray(metrics["eval_loss"], float)).any():
-    ax.plot(steps, metrics["eval_loss"], color="tab:orange", ls="--", lw=1,
-            label="eval loss (noisy labels)")
+    ax.plot(
+      steps,
+      metrics["eval_loss"],
+      color="tab:orange",
+      ls="--",
+      lw=1,
+      label="eval loss (noisy labels)",
+    )
   ax.set_yscale("log")
   ax.set_ylabel("MSE")
   ax.set_title("fit to the teacher")
@@ -43,24 +56,31 @@ def teacher_student_figure(steps: Any, metrics: Mapping[str, Any], *,
     mean = np.asarray(metrics["llc_mean"], float)
     band = np.asarray(metrics.get("llc_std", np.zeros_like(mean)), float)
     ax.plot(steps, mean, color="tab:blue", marker=".", label=r"LLC $\hat\lambda$")
-    ax.fill_between(steps, mean - band, mean + band, color="tab:blue", alpha=0.2,
-                    label="± std over chains")
+    ax.fill_between(
+      steps, mean - band, mean + band, color="tab:blue", alpha=0.2, label="± std over chains"
+    )
     ax.axhline(0, color="gray", lw=0.8)
   ax.set_ylabel(r"LLC $\hat\lambda$")
-  ax.set_title("LLC" + (f" (d = {num_params}, d/2 = {num_params / 2:g})"
-                        if num_params is not None else ""))
+  ax.set_title(
+    "LLC" + (f" (d = {num_params}, d/2 = {num_params / 2:g})" if num_params is not None else "")
+  )
   ax = axes[0, 2]
-  for name, label, kw in (("active_units", "active hidden units", {"color": "tab:green"}),
-                          ("dead_units", "dead hidden units", {"color": "tab:gray"}),
-                          ("aligned_units", "student units aligned with a teacher unit",
-                           {"color": "tab:purple"}),
-                          ("teacher_units_recovered", "teacher units recovered",
-                           {"color": "k", "ls": "--"})):
+  for name, label, kw in (
+    ("active_units", "active hidden units", {"color": "tab:green"}),
+    ("dead_units", "dead hidden units", {"color": "tab:gray"}),
+    ("aligned_units", "student units aligned with a teacher unit", {"color": "tab:purple"}),
+    ("teacher_units_recovered", "teacher units recovered", {"color": "k", "ls": "--"}),
+  ):
     if name in metrics:
       ax.plot(steps, metrics[name], marker=".", label=label, **kw)
   if "teacher_alignment" in metrics:
-    ax.axhline(np.asarray(metrics["teacher_alignment"]).shape[1], color="k", lw=0.6, ls=":",
-               label="teacher units")
+    ax.axhline(
+      np.asarray(metrics["teacher_alignment"]).shape[1],
+      color="k",
+      lw=0.6,
+      ls=":",
+      label="teacher units",
+    )
   ax.set_ylabel("units")
   ax.set_title("hidden units")
   ax = axes[1, 0]
@@ -89,8 +109,14 @@ def teacher_student_figure(steps: Any, metrics: Mapping[str, Any], *,
   ax = axes[1, 2]
   if "llc_mean" in metrics:
     ax.plot(metrics["test_mse"], metrics["llc_mean"], color="gray", lw=0.8, zorder=1)
-    points = ax.scatter(metrics["test_mse"], metrics["llc_mean"], c=np.log10(np.maximum(
-        steps, 1)), cmap=figures.colormap("viridis"), s=18, zorder=2)
+    points = ax.scatter(
+      metrics["test_mse"],
+      metrics["llc_mean"],
+      c=np.log10(np.maximum(steps, 1)),
+      cmap=figures.colormap("viridis"),
+      s=18,
+      zorder=2,
+    )
     fig.colorbar(points, ax=ax, label="log10 step")
     ax.set_xscale("log")
     ax.invert_xaxis()
@@ -103,10 +129,25 @@ def teacher_student_figure(steps: Any, metrics: Mapping[str, Any], *,
   return fig
 
 
-def plot_teacher_student(steps: Any, metrics: Mapping[str, Any], path: str, *,
-                         boundaries: Sequence[float] = (), align_threshold: float = 0.95,
-                         num_params: int | None = None, title: str = "") -> str:
+def plot_teacher_student(
+  steps: Any,
+  metrics: Mapping[str, Any],
+  path: str,
+  *,
+  boundaries: Sequence[float] = (),
+  align_threshold: float = 0.95,
+  num_params: int | None = None,
+  title: str = "",
+) -> str:
   """`teacher_student_figure` written to `path` (PNG); returns `path`."""
-  return figures.save(teacher_student_figure(steps, metrics, boundaries=boundaries,
-                                             align_threshold=align_threshold,
-                                             num_params=num_params, title=title), path)
+  return figures.save(
+    teacher_student_figure(
+      steps,
+      metrics,
+      boundaries=boundaries,
+      align_threshold=align_threshold,
+      num_params=num_params,
+      title=title,
+    ),
+    path,
+  )

@@ -45,7 +45,10 @@ def loss_fn(params, batch):
 def batch_fn(key):
   kx, kn = jax.random.split(key)
   x = jax.random.normal(kx, (_BATCH_SIZE.value, 4))
-  return {"x": x, "y": jnp.sin(x.sum(-1, keepdims=True)) + 0.1 * jax.random.normal(kn, (x.shape[0], 1))}
+  return {
+    "x": x,
+    "y": jnp.sin(x.sum(-1, keepdims=True)) + 0.1 * jax.random.normal(kn, (x.shape[0], 1)),
+  }
 
 
 def init_params(key):
@@ -70,8 +73,7 @@ def trace_writes(prefix: str) -> None:
   def record(path, writing):
     path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
     path = os.path.abspath(path) if isinstance(path, str) and path else ""
-    if (writing and path.startswith(root) and skip not in path
-        and not path.startswith(prefix)):
+    if writing and path.startswith(root) and skip not in path and not path.startswith(prefix):
       if log[0] is None:
         log[0] = real_open(f"{prefix}.{flags.FLAGS.process_id or 0}", "a", buffering=1)
       log[0].write(path + "\n")
@@ -90,24 +92,44 @@ def trace_writes(prefix: str) -> None:
 
 
 def train(workdir: str, events=on_event) -> None:
-  common = dict(loss_fn=loss_fn, batch_fn=batch_fn, optimizer=optax.adam(1e-2),
-                num_steps=_NUM_STEPS.value, schedule_steps=SCHEDULE, log_every=10,
-                resume_every=20, lr_fn=lambda step: 1e-2, on_event=events,
-                eval_fn=lambda p: {"eval_loss": jax.vmap(loss_fn, (0, None))(
-                    p, batch_fn(jax.random.key(7))) if _SEEDS.value else
-                    loss_fn(p, batch_fn(jax.random.key(7)))})
+  common = dict(
+    loss_fn=loss_fn,
+    batch_fn=batch_fn,
+    optimizer=optax.adam(1e-2),
+    num_steps=_NUM_STEPS.value,
+    schedule_steps=SCHEDULE,
+    log_every=10,
+    resume_every=20,
+    lr_fn=lambda step: 1e-2,
+    on_event=events,
+    eval_fn=lambda p: {
+      "eval_loss": jax.vmap(loss_fn, (0, None))(p, batch_fn(jax.random.key(7)))
+      if _SEEDS.value
+      else loss_fn(p, batch_fn(jax.random.key(7)))
+    },
+  )
   if _SEEDS.value:
     keys = jax.random.split(jax.random.key(0), _SEEDS.value)
-    loop.train_seeds(workdirs=[os.path.join(workdir, f"seed_{i}")
-                               for i in range(_SEEDS.value)],
-                     init_params=jax.vmap(init_params)(keys),
-                     data_keys=jax.random.split(jax.random.key(1), _SEEDS.value),
-                     config_jsons=[CONFIG] * _SEEDS.value, **common)
+    loop.train_seeds(
+      workdirs=[os.path.join(workdir, f"seed_{i}") for i in range(_SEEDS.value)],
+      init_params=jax.vmap(init_params)(keys),
+      data_keys=jax.random.split(jax.random.key(1), _SEEDS.value),
+      config_jsons=[CONFIG] * _SEEDS.value,
+      **common,
+    )
   else:
-    loop.train(workdir=workdir, init_params=init_params(jax.random.key(0)),
-               data_key=jax.random.key(1), config_json=CONFIG, **common)
-  print(f"TRAINED {workdir} in process {jax.process_index()} of {jax.process_count()} on "
-        f"{jax.device_count()} devices", flush=True)
+    loop.train(
+      workdir=workdir,
+      init_params=init_params(jax.random.key(0)),
+      data_key=jax.random.key(1),
+      config_json=CONFIG,
+      **common,
+    )
+  print(
+    f"TRAINED {workdir} in process {jax.process_index()} of {jax.process_count()} on "
+    f"{jax.device_count()} devices",
+    flush=True,
+  )
 
 
 def run() -> None:

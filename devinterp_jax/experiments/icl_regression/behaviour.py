@@ -126,8 +126,13 @@ def evaluation_data(task: RegressionTask, key: jax.Array, batch_size: int) -> di
   ys_BxK = np.asarray(batch["ys"], np.float32)
   tasks_BxD = np.asarray(batch["tasks"], np.float32)
   signal_BxK = np.einsum("bkd,bd->bk", xs_BxKxD, tasks_BxD).astype(np.float32)
-  return {"xs": xs_BxKxD, "ys": ys_BxK, "tasks": tasks_BxD, "signal": signal_BxK,
-          "noise": (ys_BxK - signal_BxK).astype(np.float32)}
+  return {
+    "xs": xs_BxKxD,
+    "ys": ys_BxK,
+    "tasks": tasks_BxD,
+    "signal": signal_BxK,
+    "noise": (ys_BxK - signal_BxK).astype(np.float32),
+  }
 
 
 def ood_batch(data: Mapping[str, Any], gain: float, kind: str):
@@ -143,8 +148,9 @@ def ood_batch(data: Mapping[str, Any], gain: float, kind: str):
   return xs_BxKxD, ys_BxK
 
 
-def ridge_predictions(xs_BxKxD: Any, ys_BxK: Any, noise_variance: float,
-                      prior_variance: float = 1.0) -> np.ndarray:
+def ridge_predictions(
+  xs_BxKxD: Any, ys_BxK: Any, noise_variance: float, prior_variance: float = 1.0
+) -> np.ndarray:
   """Posterior-mean predictions under t ~ N(0, τ² I), y = t·x + N(0, σ²): [B, K].
 
   Prediction k uses the k − 1 earlier pairs: t̂ = (XᵀX + σ²/τ² I)⁻¹ Xᵀy (the
@@ -169,8 +175,9 @@ def ridge_predictions(xs_BxKxD: Any, ys_BxK: Any, noise_variance: float,
   return preds_BxK
 
 
-def dmmse_predictions(xs_BxKxD: Any, ys_BxK: Any, task_set_MxD: Any,
-                      noise_variance: float) -> np.ndarray:
+def dmmse_predictions(
+  xs_BxKxD: Any, ys_BxK: Any, task_set_MxD: Any, noise_variance: float
+) -> np.ndarray:
   """Posterior-mean predictions for tasks uniform on a finite set: [B, K].
 
   Prediction k averages t_m·x_k with weights ∝ exp(−Σ_{j<k} (y_j − t_m·x_j)² / 2σ²)
@@ -185,30 +192,35 @@ def dmmse_predictions(xs_BxKxD: Any, ys_BxK: Any, task_set_MxD: Any,
   block = max(1, _DMMSE_CHUNK_ELEMENTS // max(1, K * M))
   preds_BxK = np.empty((B, K))
   for lo in range(0, B, block):
-    x_bKD, y_bK = xs[lo:lo + block], ys[lo:lo + block]
+    x_bKD, y_bK = xs[lo : lo + block], ys[lo : lo + block]
     task_preds_bxKxM = np.einsum("bkd,md->bkm", x_bKD, tasks_MxD)
     sq_bxKxM = np.square(y_bK[..., None] - task_preds_bxKxM)
     logw_bxKxM = -(np.cumsum(sq_bxKxM, axis=1) - sq_bxKxM) / (2 * var)
     logw_bxKxM -= logw_bxKxM.max(axis=-1, keepdims=True)
     w_bxKxM = np.exp(logw_bxKxM)
-    preds_BxK[lo:lo + block] = (np.sum(w_bxKxM * task_preds_bxKxM, -1) / np.sum(w_bxKxM, -1))
+    preds_BxK[lo : lo + block] = np.sum(w_bxKxM * task_preds_bxKxM, -1) / np.sum(w_bxKxM, -1)
   return preds_BxK
 
 
-def _baseline_predictions(task: RegressionTask, data: Mapping[str, np.ndarray],
-                          task_mean: Any) -> dict[str, np.ndarray]:
-  preds = {"zero": np.zeros_like(data["ys"], dtype=np.float64),
-           "prior": np.einsum("bkd,d->bk", data["xs"].astype(np.float64),
-                              task_prior_mean(task, task_mean)),
-           "ridge": ridge_predictions(data["xs"], data["ys"], task.noise_variance)}
+def _baseline_predictions(
+  task: RegressionTask, data: Mapping[str, np.ndarray], task_mean: Any
+) -> dict[str, np.ndarray]:
+  preds = {
+    "zero": np.zeros_like(data["ys"], dtype=np.float64),
+    "prior": np.einsum(
+      "bkd,d->bk", data["xs"].astype(np.float64), task_prior_mean(task, task_mean)
+    ),
+    "ridge": ridge_predictions(data["xs"], data["ys"], task.noise_variance),
+  }
   task_set = task.task_set()
   if task_set is not None:
     preds["dmmse"] = dmmse_predictions(data["xs"], data["ys"], task_set, task.noise_variance)
   return preds
 
 
-def baseline_losses(task: RegressionTask, key: jax.Array, batch_size: int, *,
-                    task_mean: Any = None) -> dict[str, np.ndarray]:
+def baseline_losses(
+  task: RegressionTask, key: jax.Array, batch_size: int, *, task_mean: Any = None
+) -> dict[str, np.ndarray]:
   """Per-prediction MSE [K] of the baselines on the evaluation batch of `key`.
 
   Keys: 'zero', 'prior' (t̄·x), 'ridge' (Bayes-optimal for t ~ N(0, I_D)) and,
@@ -216,8 +228,10 @@ def baseline_losses(task: RegressionTask, key: jax.Array, batch_size: int, *,
   """
   data = evaluation_data(task, key, batch_size)
   ys = data["ys"].astype(np.float64)
-  return {name: np.mean(np.square(p - ys), axis=0)
-          for name, p in _baseline_predictions(task, data, task_mean).items()}
+  return {
+    name: np.mean(np.square(p - ys), axis=0)
+    for name, p in _baseline_predictions(task, data, task_mean).items()
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -238,14 +252,18 @@ def _behaviour_fn(model: RegressionTransformer, gains: tuple[float, ...]):
         groups_y.append(g * signal + noise)
     xs_GxBxKxD, ys_GxBxK = jnp.stack(groups_x), jnp.stack(groups_y)
     # One group at a time bounds memory to one batch per checkpoint.
-    preds_GxBxK = jax.lax.map(lambda xy: model.predict(params, xy[0], xy[1]),
-                              (xs_GxBxKxD, ys_GxBxK))
+    preds_GxBxK = jax.lax.map(
+      lambda xy: model.predict(params, xy[0], xy[1]), (xs_GxBxKxD, ys_GxBxK)
+    )
     sq_err_GxBxK = jnp.square(preds_GxBxK - ys_GxBxK)
     nmse_G = jnp.sum(sq_err_GxBxK, axis=(1, 2)) / jnp.sum(jnp.square(ys_GxBxK), axis=(1, 2))
     preds_BxK = preds_GxBxK[0]
-    out = {"loss_K": jnp.mean(sq_err_GxBxK[0], axis=0), "nmse": nmse_G[0],
-           "nmse_ood": nmse_G[1:].reshape(2, len(gains)),
-           "dist_zero": jnp.mean(jnp.square(preds_BxK))}
+    out = {
+      "loss_K": jnp.mean(sq_err_GxBxK[0], axis=0),
+      "nmse": nmse_G[0],
+      "nmse_ood": nmse_G[1:].reshape(2, len(gains)),
+      "dist_zero": jnp.mean(jnp.square(preds_BxK)),
+    }
     for name, ref_BxK in data["baselines"].items():
       out[f"dist_{name}"] = jnp.mean(jnp.square(preds_BxK - ref_BxK))
     return out
@@ -261,14 +279,23 @@ def icl_scores(losses_NxK: Any) -> dict[str, np.ndarray]:
   losses = np.asarray(losses_NxK)
   nan_N = np.full(losses.shape[:-1], np.nan, losses.dtype)
   K = losses.shape[-1]
-  return {"icl_1_4": losses[..., 3] - losses[..., 0] if K >= 4 else nan_N,
-          "icl_4_8": losses[..., 7] - losses[..., 3] if K >= 8 else nan_N.copy()}
+  return {
+    "icl_1_4": losses[..., 3] - losses[..., 0] if K >= 4 else nan_N,
+    "icl_4_8": losses[..., 7] - losses[..., 3] if K >= 8 else nan_N.copy(),
+  }
 
 
-def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params],
-                      task: RegressionTask, key: jax.Array, batch_size: int = 1024, *,
-                      gains: Sequence[float] = DEFAULT_GAINS, task_mean: Any = None,
-                      checkpoint_chunk: int = 8) -> dict[str, np.ndarray]:
+def behaviour_metrics(
+  model: RegressionTransformer,
+  params_list: Sequence[Params],
+  task: RegressionTask,
+  key: jax.Array,
+  batch_size: int = 1024,
+  *,
+  gains: Sequence[float] = DEFAULT_GAINS,
+  task_mean: Any = None,
+  checkpoint_chunk: int = 8,
+) -> dict[str, np.ndarray]:
   """Behavioural metrics of every checkpoint (see the module docstring).
 
   Args:
@@ -285,16 +312,21 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
     Flat dict name -> [N] array (per-prediction entries `<name>_k{k}`, 1-indexed).
   """
   if task.task_size != model.task_size or task.max_examples > model.max_examples:
-    raise ValueError(f"task (D={task.task_size}, K={task.max_examples}) does not fit the model "
-                     f"(D={model.task_size}, K<={model.max_examples})")
+    raise ValueError(
+      f"task (D={task.task_size}, K={task.max_examples}) does not fit the model "
+      f"(D={model.task_size}, K<={model.max_examples})"
+    )
   gains = tuple(float(g) for g in gains)
   if len({gain_name(g) for g in gains}) != len(gains):
     raise ValueError(f"gains must be distinct, got {gains}")
   data = evaluation_data(task, key, batch_size)
   baselines = _baseline_predictions(task, data, task_mean)
-  program_data = {"xs": data["xs"], "signal": data["signal"], "noise": data["noise"],
-                  "baselines": {k: v.astype(np.float32) for k, v in baselines.items()
-                                if k != "zero"}}
+  program_data = {
+    "xs": data["xs"],
+    "signal": data["signal"],
+    "noise": data["noise"],
+    "baselines": {k: v.astype(np.float32) for k, v in baselines.items() if k != "zero"},
+  }
   # lru_cache key: flax makes every Module a dataclass(unsafe_hash=True), which pyright misses.
   fn = _behaviour_fn(model, gains)  # pyright: ignore[reportArgumentType]  (hashable)
   raw = map_checkpoints(fn, params_list, program_data, checkpoint_chunk=checkpoint_chunk)
@@ -319,11 +351,18 @@ def behaviour_metrics(model: RegressionTransformer, params_list: Sequence[Params
   return out
 
 
-def lr_overlap(model: RegressionTransformer, checkpoints: Sequence[Params],
-               task: RegressionTask, key: jax.Array, batch_size: int = 256, *,
-               checkpoint_chunk: int = 8, atol: float = overlap.DEFAULT_ATOL,
-               rtol: float = overlap.DEFAULT_RTOL,
-               mask_batch: int | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
+def lr_overlap(
+  model: RegressionTransformer,
+  checkpoints: Sequence[Params],
+  task: RegressionTask,
+  key: jax.Array,
+  batch_size: int = 256,
+  *,
+  checkpoint_chunk: int = 8,
+  atol: float = overlap.DEFAULT_ATOL,
+  rtol: float = overlap.DEFAULT_RTOL,
+  mask_batch: int | None = None,
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """Overlap metrics of regression-transformer checkpoints and the head names.
 
   The evaluation batch is `evaluation_data(task, key, batch_size)`
@@ -332,8 +371,14 @@ def lr_overlap(model: RegressionTransformer, checkpoints: Sequence[Params],
   if task.task_size != model.task_size or task.max_examples > model.max_examples:
     raise ValueError(f"task {task} does not fit the model {model}")
   data = evaluation_data(task, key, batch_size)
-  metrics = overlap.overlap_over_checkpoints(model.head_activations, model.ablated_loss, checkpoints,
-                                     {"xs": data["xs"], "ys": data["ys"]},
-                                     checkpoint_chunk=checkpoint_chunk, atol=atol, rtol=rtol,
-                                     mask_batch=mask_batch)
+  metrics = overlap.overlap_over_checkpoints(
+    model.head_activations,
+    model.ablated_loss,
+    checkpoints,
+    {"xs": data["xs"], "ys": data["ys"]},
+    checkpoint_chunk=checkpoint_chunk,
+    atol=atol,
+    rtol=rtol,
+    mask_batch=mask_batch,
+  )
   return metrics, overlap.head_names(model.num_layers, model.num_heads)

@@ -44,25 +44,62 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every section before any work starts (`config_checks.ConfigError`)."""
   check = config_checks.check_fields
   check(config, "config", {"seed": "int>=0"})
-  check(config.task, "config.task", {"task_size": "int>=1", "max_examples": "int>=1",
-                                     "noise_variance": "num>=0", "num_tasks": "int>=0"})
-  check(config.model, "config.model", {"d_model": "int>=1", "d_mlp": "int>=1",
-                                       "num_heads": "int>=1", "num_layers": "int>=1",
-                                       "attn_out_proj": (True, False),
-                                       "double_residual": (True, False)})
+  check(
+    config.task,
+    "config.task",
+    {
+      "task_size": "int>=1",
+      "max_examples": "int>=1",
+      "noise_variance": "num>=0",
+      "num_tasks": "int>=0",
+    },
+  )
+  check(
+    config.model,
+    "config.model",
+    {
+      "d_model": "int>=1",
+      "d_mlp": "int>=1",
+      "num_heads": "int>=1",
+      "num_layers": "int>=1",
+      "attn_out_proj": (True, False),
+      "double_residual": (True, False),
+    },
+  )
   if config.model.d_model % config.model.num_heads:
-    config_checks.fail("config.model.num_heads", config.model.num_heads,
-                       f"a divisor of config.model.d_model = {config.model.d_model}")
-  check(config.train, "config.train", {
-      "num_steps": "int>=1", "batch_size": "int>=1", "max_lr": "num>0",
-      "pct_start": "unit_open", "div_factor": "num>0", "final_div_factor": "num>0",
-      "b1": "unit_right_open", "b2": "unit_right_open", "weight_decay": "num>=0",
-      "n_log": "int>=0", "n_linear": "int>=0", "log_every": "int>=0", "resume_every": "int>=0",
-      "eval_batch_size": "int>=1", "paper_parity": (True, False)})
+    config_checks.fail(
+      "config.model.num_heads",
+      config.model.num_heads,
+      f"a divisor of config.model.d_model = {config.model.d_model}",
+    )
+  check(
+    config.train,
+    "config.train",
+    {
+      "num_steps": "int>=1",
+      "batch_size": "int>=1",
+      "max_lr": "num>0",
+      "pct_start": "unit_open",
+      "div_factor": "num>0",
+      "final_div_factor": "num>0",
+      "b1": "unit_right_open",
+      "b2": "unit_right_open",
+      "weight_decay": "num>=0",
+      "n_log": "int>=0",
+      "n_linear": "int>=0",
+      "log_every": "int>=0",
+      "resume_every": "int>=0",
+      "eval_batch_size": "int>=1",
+      "paper_parity": (True, False),
+    },
+  )
   if "seeds" in config:
     seeds = list(config.seeds)
-    if not seeds or len(set(seeds)) != len(seeds) or not all(
-        isinstance(x, int) and x >= 0 for x in seeds):
+    if (
+      not seeds
+      or len(set(seeds)) != len(seeds)
+      or not all(isinstance(x, int) and x >= 0 for x in seeds)
+    ):
       config_checks.fail("config.seeds", tuple(seeds), "distinct integers >= 0, at least one")
   llc_sweep.validate_sampling_sections(config)
 
@@ -77,8 +114,9 @@ def make_model(config: ml_collections.ConfigDict) -> RegressionTransformer:
 
 def make_lr_schedule(config: ml_collections.ConfigDict):
   c = config.train
-  return schedules.one_cycle_lr(c.num_steps, c.max_lr, c.pct_start, c.div_factor,
-                                c.final_div_factor)
+  return schedules.one_cycle_lr(
+    c.num_steps, c.max_lr, c.pct_start, c.div_factor, c.final_div_factor
+  )
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -90,9 +128,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def schedule_steps(config: ml_collections.ConfigDict) -> np.ndarray:
-  return schedules.checkpoint_steps(config.train.num_steps, config.train.n_log,
-                                    config.train.n_linear,
-                                    paper_parity=config.train.paper_parity)
+  return schedules.checkpoint_steps(
+    config.train.num_steps,
+    config.train.n_log,
+    config.train.n_linear,
+    paper_parity=config.train.paper_parity,
+  )
 
 
 def _key(config, stream: int) -> jax.Array:
@@ -106,19 +147,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   eval_batch = sample_batch(_key(config, _EVAL), task, config.train.eval_batch_size)
   eval_loss = jax.jit(model.loss)
   return loop.train(
-      workdir=workdir,
-      init_params=jax.jit(model.init_params)(_key(config, _INIT)),  # one compile, not one per op
-      loss_fn=model.loss,
-      batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
-      optimizer=make_optimizer(config),
-      num_steps=config.train.num_steps,
-      schedule_steps=schedule_steps(config),
-      data_key=_key(config, _DATA),
-      log_every=config.train.log_every,
-      resume_every=config.train.resume_every,
-      eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
-      lr_fn=make_lr_schedule(config),
-      config_json=config.to_json(sort_keys=True),
+    workdir=workdir,
+    init_params=jax.jit(model.init_params)(_key(config, _INIT)),  # one compile, not one per op
+    loss_fn=model.loss,
+    batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
+    optimizer=make_optimizer(config),
+    num_steps=config.train.num_steps,
+    schedule_steps=schedule_steps(config),
+    data_key=_key(config, _DATA),
+    log_every=config.train.log_every,
+    resume_every=config.train.resume_every,
+    eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
+    lr_fn=make_lr_schedule(config),
+    config_json=config.to_json(sort_keys=True),
   )
 
 
@@ -144,29 +185,33 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainSt
   validate_config(config)
   seeds = [int(s) for s in config.seeds]
   if config.task.num_tasks:
-    raise ValueError("multi-seed training vmaps one data distribution, but "
-                     f"task.num_tasks={config.task.num_tasks} draws a different task set per "
-                     "seed; train the seeds one by one with launch/train.py")
+    raise ValueError(
+      "multi-seed training vmaps one data distribution, but "
+      f"task.num_tasks={config.task.num_tasks} draws a different task set per "
+      "seed; train the seeds one by one with launch/train.py"
+    )
   configs = [seed_config(config, s) for s in seeds]
   model, task = make_model(config), make_task(configs[0])
   init = jax.jit(jax.vmap(model.init_params))(jax.numpy.stack([_key(c, _INIT) for c in configs]))
-  eval_batches = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *[
-      sample_batch(_key(c, _EVAL), task, config.train.eval_batch_size) for c in configs])
+  eval_batches = jax.tree.map(
+    lambda *xs: jax.numpy.stack(xs),
+    *[sample_batch(_key(c, _EVAL), task, config.train.eval_batch_size) for c in configs],
+  )
   loss_S = jax.jit(jax.vmap(model.loss))
   return loop.train_seeds(
-      workdirs=seed_workdirs(workdir, seeds),
-      init_params=init,
-      data_keys=jax.numpy.stack([_key(c, _DATA) for c in configs]),
-      loss_fn=model.loss,
-      batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
-      optimizer=make_optimizer(config),
-      num_steps=config.train.num_steps,
-      schedule_steps=schedule_steps(config),
-      log_every=config.train.log_every,
-      resume_every=config.train.resume_every,
-      eval_fn=lambda params_S: {"eval_loss": loss_S(params_S, eval_batches)},
-      lr_fn=make_lr_schedule(config),
-      config_jsons=[c.to_json(sort_keys=True) for c in configs],
+    workdirs=seed_workdirs(workdir, seeds),
+    init_params=init,
+    data_keys=jax.numpy.stack([_key(c, _DATA) for c in configs]),
+    loss_fn=model.loss,
+    batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
+    optimizer=make_optimizer(config),
+    num_steps=config.train.num_steps,
+    schedule_steps=schedule_steps(config),
+    log_every=config.train.log_every,
+    resume_every=config.train.resume_every,
+    eval_fn=lambda params_S: {"eval_loss": loss_S(params_S, eval_batches)},
+    lr_fn=make_lr_schedule(config),
+    config_jsons=[c.to_json(sort_keys=True) for c in configs],
   )
 
 
@@ -177,8 +222,9 @@ def sgld_dataset(config: ml_collections.ConfigDict):
 DATA_FIELDS = {"input_gain": float, "task_gain": float, "num_tasks": int, "noise_variance": float}
 
 
-def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
-                      workdir: str | None = None):
+def dataset_from_spec(
+  config: ml_collections.ConfigDict, spec: str = "", workdir: str | None = None
+):
   """The SGLD dataset, or a variant of it named by `spec` (for refined LLCs).
 
   `spec` is '' (the SGLD data) or comma-separated `field=value` overrides of
@@ -197,8 +243,9 @@ def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
 
 def estimate_checkpoints(config, model, checkpoints, ids, output_dir: str | None) -> LLCResult:
   """LLCs of any checkpoint sequence with the config's sampler settings and SGLD data."""
-  return llc_sweep.estimate_checkpoints(config, model.loss, sgld_dataset(config), checkpoints,
-                                        ids, output_dir)
+  return llc_sweep.estimate_checkpoints(
+    config, model.loss, sgld_dataset(config), checkpoints, ids, output_dir
+  )
 
 
 def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, LLCResult]:
@@ -225,8 +272,9 @@ class _ConcatSequence(Sequence):
     return self.parts[part][i - int(self.offsets[part])]
 
 
-def estimate_seeds(config: ml_collections.ConfigDict,
-                   workdir: str) -> tuple[list[np.ndarray], list[LLCResult]]:
+def estimate_seeds(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[list[np.ndarray], list[LLCResult]]:
   """LLCs of every checkpoint of every seed in one batched sweep (resumable).
 
   All seeds are sampled with the same SGLD data (that of `config.seed`), noise
@@ -247,8 +295,7 @@ def estimate_seeds(config: ml_collections.ConfigDict,
     ids = [f"seed {seed} step {int(t)}" for seed, s in zip(config.seeds, steps) for t in s]
     result = estimate_checkpoints(config, model, sequence, ids, os.path.join(workdir, "llc_chunks"))
     offsets = np.cumsum([0] + [len(s) for s in steps])
-    return steps, [result.select(slice(int(a), int(b)))
-                   for a, b in zip(offsets[:-1], offsets[1:])]
+    return steps, [result.select(slice(int(a), int(b))) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.CalibrationResult:
@@ -259,8 +306,10 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.Ca
 
 
 write_results = functools.partial(
-    llc_sweep.write_results, loss_label="eval loss (MSE)",
-    title="In-context linear regression: LLC over training")
+  llc_sweep.write_results,
+  loss_label="eval loss (MSE)",
+  title="In-context linear regression: LLC over training",
+)
 rise_test = llc_sweep.rise_test
 
 
@@ -281,14 +330,22 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_train = time.time() - t0
     steps, results = estimate_seeds(config, workdir)
     t_llc = time.time() - t0 - t_train
-    for seed, seed_dir, s, r in zip(config.seeds, seed_workdirs(workdir, config.seeds), steps,
-                                    results):
+    for seed, seed_dir, s, r in zip(
+      config.seeds, seed_workdirs(workdir, config.seeds), steps, results
+    ):
       write_results(seed_dir, s, r, config=seed_config(config, seed))
     summary = seeds_analysis.analyze_seeds(workdir, config.seeds, SETTING, config.analysis)
-    summary.update(train_seconds=round(t_train, 1), llc_seconds=round(t_llc, 1),
-                   total_seconds=round(time.time() - t0, 1))
-    atomic.write_text(os.path.join(workdir, "seeds_report", "seeds.json"),
-                      json.dumps(summary, indent=1))
-    logging.info("Done in %.0fs: mean-curve boundaries %s", summary["total_seconds"],
-                 summary["mean_curve"]["boundary_steps"])
+    summary.update(
+      train_seconds=round(t_train, 1),
+      llc_seconds=round(t_llc, 1),
+      total_seconds=round(time.time() - t0, 1),
+    )
+    atomic.write_text(
+      os.path.join(workdir, "seeds_report", "seeds.json"), json.dumps(summary, indent=1)
+    )
+    logging.info(
+      "Done in %.0fs: mean-curve boundaries %s",
+      summary["total_seconds"],
+      summary["mean_curve"]["boundary_steps"],
+    )
     return summary

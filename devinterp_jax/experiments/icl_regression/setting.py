@@ -26,10 +26,11 @@ def eval_batch(run: Run, key: jax.Array, size: int, purpose: str) -> Batch:
 
 
 SETTING = Setting(
-    name="icl_regression",
-    make_model=RegressionTransformer.from_config,
-    eval_batch=eval_batch,
-    sections={"behaviour": sections.BEHAVIOUR, "structure": sections.STRUCTURE},
-    default_sections=("behaviour", "structure", "hessian", "overlap", "heads"),
-    description="in-context linear regression",
-    loss_label="eval MSE")
+  name="icl_regression",
+  make_model=RegressionTransformer.from_config,
+  eval_batch=eval_batch,
+  sections={"behaviour": sections.BEHAVIOUR, "structure": sections.STRUCTURE},
+  default_sections=("behaviour", "structure", "hessian", "overlap", "heads"),
+  description="in-context linear regression",
+  loss_label="eval MSE",
+)

@@ -96,11 +96,28 @@ from devinterp_jax.models.regression_transformer import RegressionTransformer
 from devinterp_jax.typing import Params
 
 QUERY_TYPES: tuple[str, ...] = ("", "x", "y")  # name suffixes: all, x-token, y-token queries
-ATTENTION_SCORES: tuple[str, ...] = ("entropy", "variability", "self", "prev_token", "prev_x",
-                                     "prev_y", "x_mass", "y_mass")
-HEAD_LABELS: tuple[str, ...] = ("self", "previous-token", "previous-x", "previous-y",
-                                "x-attending", "y-attending", "diffuse", "constant", "mixed",
-                                "undefined")
+ATTENTION_SCORES: tuple[str, ...] = (
+  "entropy",
+  "variability",
+  "self",
+  "prev_token",
+  "prev_x",
+  "prev_y",
+  "x_mass",
+  "y_mass",
+)
+HEAD_LABELS: tuple[str, ...] = (
+  "self",
+  "previous-token",
+  "previous-x",
+  "previous-y",
+  "x-attending",
+  "y-attending",
+  "diffuse",
+  "constant",
+  "mixed",
+  "undefined",
+)
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 
 
@@ -131,8 +148,7 @@ def top_right_subspace(matrix_NxD: jax.Array, k: int) -> jax.Array:
   """Orthonormal basis [k, D] of the span of the top-k right singular vectors."""
   _, _, vt_RxD = jnp.linalg.svd(matrix_NxD, full_matrices=False)
   if k > vt_RxD.shape[-2]:
-    raise ValueError(f"k={k} exceeds min(N, D) = {vt_RxD.shape[-2]} of a {matrix_NxD.shape} "
-                     "matrix")
+    raise ValueError(f"k={k} exceeds min(N, D) = {vt_RxD.shape[-2]} of a {matrix_NxD.shape} matrix")
   return vt_RxD[..., :k, :]
 
 
@@ -152,13 +168,15 @@ def subspace_alignment(a_NxD: jax.Array, b_MxD: jax.Array, k: int | None = None)
     k = min(a_NxD.shape[-2], b_MxD.shape[-2], a_NxD.shape[-1])
   qa_KxD = top_right_subspace(a_NxD, k)
   qb_KxD = top_right_subspace(b_MxD, k)
-  cos_K = jnp.clip(jnp.linalg.svd(qa_KxD @ jnp.swapaxes(qb_KxD, -1, -2), compute_uv=False),
-                   0.0, 1.0)
+  cos_K = jnp.clip(
+    jnp.linalg.svd(qa_KxD @ jnp.swapaxes(qb_KxD, -1, -2), compute_uv=False), 0.0, 1.0
+  )
   return jnp.sum(jnp.square(cos_K), axis=-1) / k, cos_K
 
 
-def collapse_fraction(values_N: jax.Array, threshold: float = 0.1,
-                      relative: bool = True) -> jax.Array:
+def collapse_fraction(
+  values_N: jax.Array, threshold: float = 0.1, relative: bool = True
+) -> jax.Array:
   """Fraction of entries with |v| ≤ threshold (× max |v| when `relative`)."""
   abs_N = jnp.abs(values_N)
   cut = threshold * jnp.max(abs_N, axis=-1, keepdims=True) if relative else threshold
@@ -166,7 +184,7 @@ def collapse_fraction(values_N: jax.Array, threshold: float = 0.1,
 
 
 def layer_norm_names(num_layers: int) -> list[str]:
-  """"block_{l}/ln_1", "block_{l}/ln_2" for every block, then "ln_f"."""
+  """ "block_{l}/ln_1", "block_{l}/ln_2" for every block, then "ln_f"."""
   return [f"block_{l}/{n}" for l in range(num_layers) for n in ("ln_1", "ln_2")] + ["ln_f"]
 
 
@@ -219,7 +237,7 @@ def _attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
   def mean_over(per_query_BxHxT, mask_QxT):
     num = jnp.einsum("...bht,qt->...hq", per_query_BxHxT, mask_QxT)
     den = B * mask_QxT.sum(-1)
-    den = den.reshape((1,) * (num.ndim - 1) + den.shape)   # [..., 1, Q]
+    den = den.reshape((1,) * (num.ndim - 1) + den.shape)  # [..., 1, Q]
     return jnp.where(den > 0, num / np.where(den > 0, den, 1.0), jnp.nan)
 
   def to_target(target_T):
@@ -227,32 +245,39 @@ def _attention_scores(attn_BxHxTxS: jax.Array) -> dict[str, jax.Array]:
 
   log_n_T = np.log(np.maximum(t + 1, 2)).astype(np.float32)  # t = 0 is masked out anyway
   entropy_BxHxT = -jnp.sum(jax.scipy.special.xlogy(attn, attn), axis=-1) / log_n_T.reshape(
-      (1,) * (attn.ndim - 2) + log_n_T.shape)
+    (1,) * (attn.ndim - 2) + log_n_T.shape
+  )
   mean_pattern = jnp.mean(attn, axis=-4, keepdims=True)
   abs_dev_BxHxT = jnp.sum(jnp.abs(attn - mean_pattern), axis=-1)
   mass_BxHxT = jnp.sum(attn, axis=-1)
-  variability = (jnp.einsum("...bht,qt->...hq", abs_dev_BxHxT, types_QxT)
-                 / (2 * jnp.einsum("...bht,qt->...hq", mass_BxHxT, types_QxT)))
+  variability = jnp.einsum("...bht,qt->...hq", abs_dev_BxHxT, types_QxT) / (
+    2 * jnp.einsum("...bht,qt->...hq", mass_BxHxT, types_QxT)
+  )
   pair_T = t // 2
   x_keys_S = (s % 2 == 0).astype(np.float32)
   return {
-      "entropy": mean_over(entropy_BxHxT, types_QxT),
-      "variability": jnp.where(types_QxT.sum(-1) > 0, variability, jnp.nan),
-      "self": mean_over(to_target(t), types_QxT),
-      "prev_token": mean_over(to_target(t - 1), types_QxT),
-      "prev_x": mean_over(to_target(2 * (pair_T - 1)), pair_QxT),
-      "prev_y": mean_over(to_target(2 * pair_T - 1), pair_QxT),
-      "x_mass": mean_over(attn @ x_keys_S, types_QxT),
-      "y_mass": mean_over(attn @ (1.0 - x_keys_S), types_QxT),
+    "entropy": mean_over(entropy_BxHxT, types_QxT),
+    "variability": jnp.where(types_QxT.sum(-1) > 0, variability, jnp.nan),
+    "self": mean_over(to_target(t), types_QxT),
+    "prev_token": mean_over(to_target(t - 1), types_QxT),
+    "prev_x": mean_over(to_target(2 * (pair_T - 1)), pair_QxT),
+    "prev_y": mean_over(to_target(2 * pair_T - 1), pair_QxT),
+    "x_mass": mean_over(attn @ x_keys_S, types_QxT),
+    "y_mass": mean_over(attn @ (1.0 - x_keys_S), types_QxT),
   }
 
 
 attention_scores = jax.jit(_attention_scores)
 
 
-def classify_heads(scores: Mapping[str, Any], *, hard_threshold: float = 0.8,
-                   mass_threshold: float = 0.9, diffuse_threshold: float = 0.8,
-                   constant_threshold: float = 0.1) -> np.ndarray:
+def classify_heads(
+  scores: Mapping[str, Any],
+  *,
+  hard_threshold: float = 0.8,
+  mass_threshold: float = 0.9,
+  diffuse_threshold: float = 0.8,
+  constant_threshold: float = 0.1,
+) -> np.ndarray:
   """Labels heads (per query type) from `attention_scores` or `structure_metrics`.
 
   Rules, first match wins:
@@ -279,23 +304,36 @@ def classify_heads(scores: Mapping[str, Any], *, hard_threshold: float = 0.8,
   entropy = get("entropy")
   conditions = [np.isnan(entropy)]
   labels = ["undefined"]
-  for name, label in (("self", "self"), ("prev_token", "previous-token"),
-                      ("prev_x", "previous-x"), ("prev_y", "previous-y")):
+  for name, label in (
+    ("self", "self"),
+    ("prev_token", "previous-token"),
+    ("prev_x", "previous-x"),
+    ("prev_y", "previous-y"),
+  ):
     conditions.append(np.nan_to_num(get(name)) >= hard_threshold)
     labels.append(label)
-  conditions += [get("x_mass") >= mass_threshold, get("y_mass") >= mass_threshold,
-                 entropy >= diffuse_threshold, get("variability") <= constant_threshold]
+  conditions += [
+    get("x_mass") >= mass_threshold,
+    get("y_mass") >= mass_threshold,
+    entropy >= diffuse_threshold,
+    get("variability") <= constant_threshold,
+  ]
   labels += ["x-attending", "y-attending", "diffuse", "constant"]
-  return np.select(conditions, [np.full(entropy.shape, l, dtype=object) for l in labels],
-                   default="mixed").astype(str)
+  return np.select(
+    conditions, [np.full(entropy.shape, l, dtype=object) for l in labels], default="mixed"
+  ).astype(str)
 
 
 def head_labels(metrics: Mapping[str, np.ndarray], **thresholds) -> dict[str, np.ndarray]:
   """Flat `head_class/L{l}H{h}{q}` -> [N] labels from `structure_metrics` output."""
   labels_NxLxHxQ = classify_heads(metrics, **thresholds)
   _, L, H, _ = labels_NxLxHxQ.shape
-  return {f"head_class/{head_name(l, h, q)}": labels_NxLxHxQ[:, l, h, i]
-          for l in range(L) for h in range(H) for i, q in enumerate(QUERY_TYPES)}
+  return {
+    f"head_class/{head_name(l, h, q)}": labels_NxLxHxQ[:, l, h, i]
+    for l in range(L)
+    for h in range(H)
+    for i, q in enumerate(QUERY_TYPES)
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -304,9 +342,15 @@ def head_labels(metrics: Mapping[str, np.ndarray], **thresholds) -> dict[str, np
 
 
 @functools.lru_cache(maxsize=32)
-def _structure_fn(model: RegressionTransformer, sv_threshold: float, subspace_dim: int,
-                  collapse_threshold: float, collapse_relative: bool,
-                  quantiles: tuple[float, ...], with_attention: bool):
+def _structure_fn(
+  model: RegressionTransformer,
+  sv_threshold: float,
+  subspace_dim: int,
+  collapse_threshold: float,
+  collapse_relative: bool,
+  quantiles: tuple[float, ...],
+  with_attention: bool,
+):
 
   def fn(params, data):
     tok_VxD = params["token_embed"]["kernel"]
@@ -319,22 +363,25 @@ def _structure_fn(model: RegressionTransformer, sv_threshold: float, subspace_di
       out[f"{name}_rank"] = rank_above(sv_R, sv_threshold)
       out[f"{name}_erank"] = effective_rank(sv_R)
     out["embed_alignment"], out["embed_alignment_cos"] = subspace_alignment(
-        tok_VxD, pos_TxD, subspace_dim)
+      tok_VxD, pos_TxD, subspace_dim
+    )
     out["embed_alignment_max_cos"] = out["embed_alignment_cos"][0]
     q = jnp.asarray(quantiles)
     for n in layer_norm_names(model.num_layers):
       ln = _get(params, n)
       out[f"ln_scale/{n}"], out[f"ln_bias/{n}"] = ln["scale"], ln["bias"]
-      out[f"ln_collapse/{n}"] = collapse_fraction(ln["scale"], collapse_threshold,
-                                                  collapse_relative)
+      out[f"ln_collapse/{n}"] = collapse_fraction(
+        ln["scale"], collapse_threshold, collapse_relative
+      )
       out[f"ln_scale_quantiles/{n}"] = jnp.quantile(jnp.abs(ln["scale"]), q)
       out[f"ln_scale_mean/{n}"] = jnp.mean(ln["scale"])
       out[f"ln_bias_std/{n}"] = jnp.std(ln["bias"])
     w_eff_D, b_eff = unembedding_effective(params)
     out["unembed_eff_weight"], out["unembed_eff_bias"] = w_eff_D, b_eff
     out["unembed_collapse"] = collapse_fraction(w_eff_D, collapse_threshold, collapse_relative)
-    out["unembed_w0_collapse"] = collapse_fraction(params["unembed"]["kernel"][:, 0],
-                                                   collapse_threshold, collapse_relative)
+    out["unembed_w0_collapse"] = collapse_fraction(
+      params["unembed"]["kernel"][:, 0], collapse_threshold, collapse_relative
+    )
     out["unembed_eff_quantiles"] = jnp.quantile(jnp.abs(w_eff_D), q)
     out["unembed_eff_norm"] = jnp.linalg.norm(w_eff_D)
     if with_attention:
@@ -352,12 +399,20 @@ def _percent_name(q: float) -> str:
   return f"{100 * q:g}"
 
 
-def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params],
-                      task: RegressionTask | None = None, key: jax.Array | None = None,
-                      batch_size: int = 256, *, checkpoint_chunk: int = 8,
-                      sv_threshold: float = 0.1, subspace_dim: int | None = None,
-                      collapse_threshold: float = 0.1, collapse_relative: bool = True,
-                      quantiles: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, np.ndarray]:
+def structure_metrics(
+  model: RegressionTransformer,
+  params_list: Sequence[Params],
+  task: RegressionTask | None = None,
+  key: jax.Array | None = None,
+  batch_size: int = 256,
+  *,
+  checkpoint_chunk: int = 8,
+  sv_threshold: float = 0.1,
+  subspace_dim: int | None = None,
+  collapse_threshold: float = 0.1,
+  collapse_relative: bool = True,
+  quantiles: Sequence[float] = DEFAULT_QUANTILES,
+) -> dict[str, np.ndarray]:
   """Structural metrics of every checkpoint (see the module docstring).
 
   Args:
@@ -384,15 +439,21 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
     raise ValueError(f"subspace_dim must be in [1, {min(V, T, D)}], got {subspace_dim}")
   quantiles = tuple(float(q) for q in quantiles)
   data = None
-  if task is not None and key is not None:   # with_attention
+  if task is not None and key is not None:  # with_attention
     if task.task_size != model.task_size or task.max_examples > model.max_examples:
       raise ValueError("task does not fit the model")
     batch = evaluation_data(task, key, batch_size)
     data = {"xs": batch["xs"], "ys": batch["ys"]}
   # lru_cache key: flax makes every Module a dataclass(unsafe_hash=True), which pyright misses.
-  fn = _structure_fn(model,  # pyright: ignore[reportArgumentType]  (hashable)
-                     float(sv_threshold), k, float(collapse_threshold),
-                     bool(collapse_relative), quantiles, with_attention)
+  fn = _structure_fn(
+    model,  # pyright: ignore[reportArgumentType]  (hashable)
+    float(sv_threshold),
+    k,
+    float(collapse_threshold),
+    bool(collapse_relative),
+    quantiles,
+    with_attention,
+  )
   raw = map_checkpoints(fn, params_list, data, checkpoint_chunk=checkpoint_chunk)
   out: dict[str, np.ndarray] = {}
   for name in ("tok_embed", "pos_embed"):
@@ -421,8 +482,13 @@ def structure_metrics(model: RegressionTransformer, params_list: Sequence[Params
     out[f"ln_bias_std/{n}"] = raw[f"ln_bias_std/{n}"]
     out[f"ln_scale/{n}"] = raw[f"ln_scale/{n}"]
     out[f"ln_bias/{n}"] = raw[f"ln_bias/{n}"]
-  for name in ("unembed_eff_weight", "unembed_eff_bias", "unembed_collapse",
-               "unembed_w0_collapse", "unembed_eff_norm"):
+  for name in (
+    "unembed_eff_weight",
+    "unembed_eff_bias",
+    "unembed_collapse",
+    "unembed_w0_collapse",
+    "unembed_eff_norm",
+  ):
     out[name] = raw[name]
   for j, q in enumerate(quantiles):
     out[f"unembed_eff_q{_percent_name(q)}"] = raw["unembed_eff_quantiles"][:, j]

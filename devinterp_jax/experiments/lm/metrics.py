@@ -111,10 +111,10 @@ from devinterp_jax.data.synthetic_text import BOS_ID
 from devinterp_jax.typing import Params
 
 NGRAM_ORDERS: tuple[int, ...] = (2, 3, 4)
-PREV_TOKEN_LENGTH = 64    # probe length cap (paper: lengths 16–64)
-PREFIX_LENGTH = 128       # probe length cap (paper: 128)
-_SHORT_BATCH = 256        # n-gram and [BOS, a] probes per forward pass
-_ATTN_BATCH = 32          # attention-probe sequences per forward pass
+PREV_TOKEN_LENGTH = 64  # probe length cap (paper: lengths 16–64)
+PREFIX_LENGTH = 128  # probe length cap (paper: 128)
+_SHORT_BATCH = 256  # n-gram and [BOS, a] probes per forward pass
+_ATTN_BATCH = 32  # attention-probe sequences per forward pass
 
 
 # ----------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def bigram_distribution(tokens: Any, vocab_size: int) -> tuple[np.ndarray, np.nd
     raise ValueError(f"tokens have shape {np.shape(tokens)}; want contexts with T >= 2")
   counts = np.zeros(V * V, np.int64)
   for lo in range(0, len(toks), _HOST_CHUNK):
-    x = np.asarray(toks[lo:lo + _HOST_CHUNK], np.int64)
+    x = np.asarray(toks[lo : lo + _HOST_CHUNK], np.int64)
     if x.size and (x.min() < 0 or x.max() >= V):
       raise ValueError(f"token ids span [{x.min()}, {x.max()}], outside [0, {V})")
     counts += np.bincount((x[:, :-1] * V + x[:, 1:]).ravel(), minlength=V * V)
@@ -171,8 +171,14 @@ def conditional_entropy(probs_VxV: Any, prev_counts: Any) -> float:
   return float(np.sum(n * row_entropies(probs_VxV)) / max(n.sum(), 1.0))
 
 
-def common_ngrams(tokens: Any, n: int, k: int = 1000, *, exclude: Sequence[int] = (BOS_ID,),
-                  return_counts: bool = False):
+def common_ngrams(
+  tokens: Any,
+  n: int,
+  k: int = 1000,
+  *,
+  exclude: Sequence[int] = (BOS_ID,),
+  return_counts: bool = False,
+):
   """The k most frequent n-grams (windows within contexts [..., T]) of `tokens`.
 
   Windows containing a token of `exclude` (default BOS) are skipped. Ties are
@@ -190,21 +196,22 @@ def common_ngrams(tokens: Any, n: int, k: int = 1000, *, exclude: Sequence[int] 
   if toks.shape[-1] < n or not toks.size:
     return (empty, np.zeros(0, np.int64)) if return_counts else empty
   base = int(toks.max()) + 1
-  packed = base ** n < 2 ** 62  # encode an n-gram as one int64 (lexicographic order kept)
+  packed = base**n < 2**62  # encode an n-gram as one int64 (lexicographic order kept)
   grams = np.zeros((0,) if packed else (0, n), np.int64)
   counts = np.zeros(0, np.int64)
   for lo in range(0, len(toks), _HOST_CHUNK):
     w = np.lib.stride_tricks.sliding_window_view(
-        np.asarray(toks[lo:lo + _HOST_CHUNK], np.int64), n, axis=-1).reshape(-1, n)
+      np.asarray(toks[lo : lo + _HOST_CHUNK], np.int64), n, axis=-1
+    ).reshape(-1, n)
     if len(exclude):
       w = w[~np.isin(w, np.asarray(exclude)).any(axis=1)]
     if packed:
       w = w @ (base ** np.arange(n - 1, -1, -1, dtype=np.int64))
     g, c = np.unique(w, axis=None if packed else 0, return_counts=True)
-    g, inv = np.unique(np.concatenate([grams, g]), axis=None if packed else 0,
-                       return_inverse=True)
-    counts = np.bincount(inv.ravel(), weights=np.concatenate([counts, c]),
-                         minlength=len(g)).astype(np.int64)
+    g, inv = np.unique(np.concatenate([grams, g]), axis=None if packed else 0, return_inverse=True)
+    counts = np.bincount(inv.ravel(), weights=np.concatenate([counts, c]), minlength=len(g)).astype(
+      np.int64
+    )
     grams = g
   order = np.argsort(-counts, kind="stable")[:k]  # np.unique sorts lexicographically
   top = grams[order]
@@ -217,9 +224,15 @@ def common_ngrams(tokens: Any, n: int, k: int = 1000, *, exclude: Sequence[int] 
 _common_ngrams = common_ngrams  # `lm_metrics` shadows the name with its argument
 
 
-def head_probe_tokens(key: jax.Array, vocab_size: int, context_length: int,
-                      prev_token_batch: int = 512, prefix_batch: int = 512, *,
-                      bos_id: int = BOS_ID) -> dict[str, np.ndarray]:
+def head_probe_tokens(
+  key: jax.Array,
+  vocab_size: int,
+  context_length: int,
+  prev_token_batch: int = 512,
+  prefix_batch: int = 512,
+  *,
+  bos_id: int = BOS_ID,
+) -> dict[str, np.ndarray]:
   """The synthetic sequences of the head scores (module docstring), from `key` only.
   The random tokens r_i are never `bos_id` (the dataset's BOS, `lm_dataset` metadata).
 
@@ -278,14 +291,14 @@ def chance_level(query_positions: Any) -> float:
 def _prev_token_rows(attn, first_query: int):
   """Per-sequence mean α_{t, t−1} over t ≥ first_query: attn [..., B, H, T, S] -> [..., B, H]."""
   diag = jnp.diagonal(attn, offset=-1, axis1=-2, axis2=-1)  # [..., T−1], entry i: α_{i+1, i}
-  return jnp.mean(diag[..., first_query - 1:], axis=-1)
+  return jnp.mean(diag[..., first_query - 1 :], axis=-1)
 
 
 def _prefix_rows(attn, block_length: int):
   """Per-sequence mean α_{t, t−m+1} over t = m+1 … 2m: attn [..., B, H, T, S] -> [..., B, H]."""
   m = block_length
   diag = jnp.diagonal(attn, offset=-(m - 1), axis1=-2, axis2=-1)  # entry i: α_{i+m−1, i}
-  return jnp.mean(diag[..., 2:m + 2], axis=-1)
+  return jnp.mean(diag[..., 2 : m + 2], axis=-1)
 
 
 def previous_token_scores(attn_BxHxTxS: Any, first_query: int | None = None) -> jax.Array:
@@ -333,8 +346,9 @@ def head_circuits(params: Params, layer: int) -> tuple[jax.Array, jax.Array]:
   return w_ov, w_qk
 
 
-def composition_scores(params: Params, layer_from: int = 0, layer_to: int = 1
-                       ) -> dict[str, jax.Array]:
+def composition_scores(
+  params: Params, layer_from: int = 0, layer_to: int = 1
+) -> dict[str, jax.Array]:
   """Q/K/V composition of every head of `layer_from` into every head of `layer_to`.
 
   Returns {'q', 'k', 'v'}: float [H_from, H_to] in [0, 1] (definitions in the
@@ -347,9 +361,11 @@ def composition_scores(params: Params, layer_from: int = 0, layer_to: int = 1
   k = _frobenius(jnp.einsum("jde,ife->ijdf", qk1, ov0))
   v = _frobenius(jnp.einsum("ide,jef->ijdf", ov0, ov1))
   qk_den = n_ov0[:, None] * n_qk1[None, :]
-  return {"q": jnp.clip(_ratio(q, qk_den), 0.0, 1.0),
-          "k": jnp.clip(_ratio(k, qk_den), 0.0, 1.0),
-          "v": jnp.clip(_ratio(v, n_ov0[:, None] * n_ov1[None, :]), 0.0, 1.0)}
+  return {
+    "q": jnp.clip(_ratio(q, qk_den), 0.0, 1.0),
+    "k": jnp.clip(_ratio(k, qk_den), 0.0, 1.0),
+    "v": jnp.clip(_ratio(v, n_ov0[:, None] * n_ov1[None, :]), 0.0, 1.0),
+  }
 
 
 def pca_explained_variance(matrix_TxD: Any, k: int | None = None) -> jax.Array:
@@ -369,8 +385,7 @@ def pca_explained_variance(matrix_TxD: Any, k: int | None = None) -> jax.Array:
 
 def ngram_scores(val_loss: Any, ngram_loss: Any, floor: float = 1e-3) -> np.ndarray:
   """val_loss / max(ngram_loss, floor) (finite for a perfect n-gram predictor)."""
-  return np.asarray(val_loss, np.float64) / np.maximum(np.asarray(ngram_loss, np.float64),
-                                                       floor)
+  return np.asarray(val_loss, np.float64) / np.maximum(np.asarray(ngram_loss, np.float64), floor)
 
 
 def resolve_positions(positions: Sequence[float | int], length: int) -> tuple[int, ...]:
@@ -385,8 +400,10 @@ def resolve_positions(positions: Sequence[float | int], length: int) -> tuple[in
         raise ValueError(f"fractional ICL positions must lie in [0, 1], got {p}")
       idx = int(np.clip(round(f * length), 1, length - 1))
     if not 1 <= idx <= length - 1:
-      raise ValueError(f"ICL position {p} -> token {idx}, outside [1, {length - 1}] for "
-                       f"contexts of {length} tokens")
+      raise ValueError(
+        f"ICL position {p} -> token {idx}, outside [1, {length - 1}] for "
+        f"contexts of {length} tokens"
+      )
     out.append(idx)
   return tuple(out)
 
@@ -430,10 +447,12 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
     def val_rows(rows):
       toks = rows["tokens"]
       logp = _log_probs(model, params, toks)
-      res = {"nll": _nll(logp, toks),
-             "nll_abl": model.per_token_loss(params, toks, pos_ablation=True)}
+      res = {
+        "nll": _nll(logp, toks),
+        "nll_abl": model.per_token_loss(params, toks, pos_ablation=True),
+      }
       if bigram is not None:
-        p_hat = bigram["probs"][toks[:, :-1]]                      # [b, T−1, V]
+        p_hat = bigram["probs"][toks[:, :-1]]  # [b, T−1, V]
         ce = -jnp.sum(p_hat * logp[:, :-1], axis=-1)
         res["ce_sum"] = jnp.sum(ce * rows["mask"], axis=-1)
       return res
@@ -452,7 +471,7 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
 
       def short_rows(rows):
         seq, last = rows["seqs"], rows["last"]
-        logp = _log_probs(model, params, seq)                       # [b, S, V]
+        logp = _log_probs(model, params, seq)  # [b, S, V]
         lp = jnp.take_along_axis(logp, (last - 1)[:, None, None], axis=1)[:, 0]  # [b, V]
         target = jnp.take_along_axis(seq, last[:, None], axis=1)
         res = {"nll": -jnp.take_along_axis(lp, target, axis=1)[:, 0]}
@@ -462,7 +481,7 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
         return res
 
       r = _map_rows(short_rows, {"seqs": sh["seqs"], "last": sh["last"]}, _SHORT_BATCH)
-      out["ngram_loss"] = r["nll"] @ sh["ngram_weights"]             # [G]
+      out["ngram_loss"] = r["nll"] @ sh["ngram_weights"]  # [G]
       if bigram is not None:
         out["bigram_kl_pos1"] = jnp.sum(sh["pos1_weights"] * (r["ce"] - sh["pos1_entropy"]))
 
@@ -472,8 +491,10 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
     def attention_rows(toks):
       attn = model.attention_patterns(params, toks).astype(jnp.float32)  # [L, b, H, P, P]
       prev = _prev_token_rows(attn[..., :prev_length, :prev_length], first)
-      return {"prev": jnp.moveaxis(prev, 1, 0),                     # [b, L, H]
-              "prefix": jnp.moveaxis(_prefix_rows(attn, block_length), 1, 0)}
+      return {
+        "prev": jnp.moveaxis(prev, 1, 0),  # [b, L, H]
+        "prefix": jnp.moveaxis(_prefix_rows(attn, block_length), 1, 0),
+      }
 
     r = _map_rows(attention_rows, probes["tokens"], _ATTN_BATCH)
     out["prev_token_score"] = jnp.einsum("r,rlh->lh", probes["is_prev"], r["prev"])
@@ -490,8 +511,9 @@ def _lm_fn(model, eval_batch: int, pca_k: int, prev_length: int, block_length: i
   return fn
 
 
-def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int,
-                 bos_id: int) -> dict[str, Any]:
+def _bigram_data(
+  val: np.ndarray, probs: np.ndarray, vocab_size: int, bos_id: int
+) -> dict[str, Any]:
   """P̂, the validation mask and floor, and the [BOS, a] rows with weights and entropies."""
   probs = np.asarray(probs, np.float32)
   if probs.shape != (vocab_size, vocab_size):
@@ -499,20 +521,31 @@ def _bigram_data(val: np.ndarray, probs: np.ndarray, vocab_size: int,
   seen = probs.sum(axis=1) > 0
   ent = row_entropies(probs)
   prev_tok = val[:, :-1]
-  mask = seen[prev_tok].astype(np.float32)                          # [N, T−1]
+  mask = seen[prev_tok].astype(np.float32)  # [N, T−1]
   floor = float(np.sum(mask * ent[prev_tok]) / max(mask.sum(), 1.0))
   counts = np.bincount(val[:, 1:-1].ravel(), minlength=vocab_size).astype(np.float64)
   counts[bos_id] = 0.0
   counts[~seen] = 0.0
   a = np.flatnonzero(counts > 0)
   weights = counts[a] / counts[a].sum() if a.size else np.zeros(0)
-  return {"probs": probs, "mask": mask, "floor": floor, "pos1_tokens": a.astype(np.int32),
-          "pos1_weights": weights, "pos1_entropy": ent[a]}
+  return {
+    "probs": probs,
+    "mask": mask,
+    "floor": floor,
+    "pos1_tokens": a.astype(np.int32),
+    "pos1_weights": weights,
+    "pos1_entropy": ent[a],
+  }
 
 
-def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | None, T: int,
-                context_length: int, vocab_size: int, bos_id: int
-                ) -> tuple[list[int], dict | None]:
+def _short_data(
+  grams: Mapping[int, Any] | None,
+  bigram: Mapping[str, Any] | None,
+  T: int,
+  context_length: int,
+  vocab_size: int,
+  bos_id: int,
+) -> tuple[list[int], dict | None]:
   """The n-gram rows [BOS, g_1..g_n] and the [BOS, a] rows, padded with BOS to one length.
 
   'last' is the index of the predicted token (n, or 2 for [BOS, a, ·] whose
@@ -525,10 +558,11 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
     return orders, None
   seq_len = max([2] + [n + 1 for n in orders])
   if seq_len > context_length:
-    raise ValueError(f"{max(orders)}-grams need {seq_len} tokens with BOS; the context holds "
-                     f"{context_length}")
+    raise ValueError(
+      f"{max(orders)}-grams need {seq_len} tokens with BOS; the context holds {context_length}"
+    )
   seqs, last = [], []
-  gram_rows: Mapping[int, Any] = grams or {}   # orders is empty without grams
+  gram_rows: Mapping[int, Any] = grams or {}  # orders is empty without grams
   for n in orders:
     arr = np.asarray(gram_rows[n], np.int64).reshape(-1, n)
     if n > T - 1:
@@ -536,7 +570,7 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
     if arr.min() < 0 or arr.max() >= vocab_size:
       raise ValueError(f"{n}-gram ids outside [0, {vocab_size})")
     s = np.full((len(arr), seq_len), bos_id, np.int32)
-    s[:, 1:n + 1] = arr
+    s[:, 1 : n + 1] = arr
     seqs.append(s)
     last.append(np.full(len(arr), n))
   pos1 = np.full((len(a), seq_len), bos_id, np.int32)
@@ -548,16 +582,20 @@ def _short_data(grams: Mapping[int, Any] | None, bigram: Mapping[str, Any] | Non
   ngram_weights = np.zeros((R, len(orders)), np.float32)
   lo = 0
   for g, size in enumerate(sizes[:-1]):
-    ngram_weights[lo:lo + size, g] = 1.0 / size
+    ngram_weights[lo : lo + size, g] = 1.0 / size
     lo += size
   pos1_weights = np.zeros(R, np.float32)
   pos1_entropy = np.zeros(R, np.float32)
-  if bigram is not None and a.size:   # a is empty without bigram
+  if bigram is not None and a.size:  # a is empty without bigram
     pos1_weights[lo:] = bigram["pos1_weights"]
     pos1_entropy[lo:] = bigram["pos1_entropy"]
-  return orders, {"seqs": np.concatenate(seqs), "last": np.concatenate(last).astype(np.int32),
-                  "ngram_weights": ngram_weights, "pos1_weights": pos1_weights,
-                  "pos1_entropy": pos1_entropy}
+  return orders, {
+    "seqs": np.concatenate(seqs),
+    "last": np.concatenate(last).astype(np.int32),
+    "ngram_weights": ngram_weights,
+    "pos1_weights": pos1_weights,
+    "pos1_entropy": pos1_entropy,
+  }
 
 
 def _probe_data(probes: Mapping[str, np.ndarray], bos_id: int) -> dict[str, Any]:
@@ -566,20 +604,34 @@ def _probe_data(probes: Mapping[str, np.ndarray], bos_id: int) -> dict[str, Any]
   P = max(prev.shape[1], pre.shape[1])
   pad = lambda x: np.pad(x, ((0, 0), (0, P - x.shape[1])), constant_values=bos_id)  # noqa: E731
   n1, n2 = len(prev), len(pre)
-  return {"tokens": np.concatenate([pad(prev), pad(pre)]).astype(np.int32),
-          "is_prev": np.concatenate([np.full(n1, 1.0 / n1), np.zeros(n2)]).astype(np.float32),
-          "is_prefix": np.concatenate([np.zeros(n1), np.full(n2, 1.0 / n2)]).astype(np.float32)}
+  return {
+    "tokens": np.concatenate([pad(prev), pad(pre)]).astype(np.int32),
+    "is_prev": np.concatenate([np.full(n1, 1.0 / n1), np.zeros(n2)]).astype(np.float32),
+    "is_prefix": np.concatenate([np.zeros(n1), np.full(n2, 1.0 / n2)]).astype(np.float32),
+  }
 
 
-def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
-               train_tokens: Any = None, bigram_entropy: float | None = None,
-               bigram_probs: Any = None, common_ngrams: Mapping[int, Any] | None = None,
-               num_common_ngrams: int = 1000, ngram_orders: Sequence[int] = NGRAM_ORDERS,
-               key: jax.Array | None = None, icl_positions: Sequence[float | int] = (0.05, 0.5),
-               prev_token_batch: int = 512, prefix_batch: int = 512,
-               eval_batch: int = 8, pca_k: int = 8,
-               ngram_loss_floor: float = 1e-3, checkpoint_chunk: int = 8,
-               bos_id: int = BOS_ID) -> dict[str, np.ndarray]:
+def lm_metrics(
+  model,
+  checkpoints: Sequence[Params],
+  validation_tokens: Any,
+  *,
+  train_tokens: Any = None,
+  bigram_entropy: float | None = None,
+  bigram_probs: Any = None,
+  common_ngrams: Mapping[int, Any] | None = None,
+  num_common_ngrams: int = 1000,
+  ngram_orders: Sequence[int] = NGRAM_ORDERS,
+  key: jax.Array | None = None,
+  icl_positions: Sequence[float | int] = (0.05, 0.5),
+  prev_token_batch: int = 512,
+  prefix_batch: int = 512,
+  eval_batch: int = 8,
+  pca_k: int = 8,
+  ngram_loss_floor: float = 1e-3,
+  checkpoint_chunk: int = 8,
+  bos_id: int = BOS_ID,
+) -> dict[str, np.ndarray]:
   """The App. C metrics of every checkpoint (definitions in the module docstring).
 
   Args:
@@ -618,15 +670,18 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
     raise ValueError(f"validation_tokens must be int [N, T], got {val.dtype} {val.shape}")
   N, T = val.shape
   if N < 1 or not 2 <= T <= T_ctx:
-    raise ValueError(f"validation_tokens has shape {val.shape}; want N >= 1 and "
-                     f"2 <= T <= context_length = {T_ctx}")
+    raise ValueError(
+      f"validation_tokens has shape {val.shape}; want N >= 1 and 2 <= T <= context_length = {T_ctx}"
+    )
   if val.min() < 0 or val.max() >= V:
     raise ValueError(f"validation token ids span [{val.min()}, {val.max()}], outside [0, {V})")
   if np.any(val[:, 0] != bos_id):
     first = np.unique(val[:, 0])[:5].tolist()
-    raise ValueError(f"validation contexts must start with BOS = bos_id {bos_id}, but start "
-                     f"with {first}: pass the dataset's bos_id (its metadata's; a loaded "
-                     f"tokenizer's BOS is its own, not 0)")
+    raise ValueError(
+      f"validation contexts must start with BOS = bos_id {bos_id}, but start "
+      f"with {first}: pass the dataset's bos_id (its metadata's; a loaded "
+      f"tokenizer's BOS is its own, not 0)"
+    )
   val = val.astype(np.int32)
   early, late = resolve_positions(icl_positions, T)
   key = jax.random.key(0) if key is None else key
@@ -640,9 +695,10 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
       if bigram_probs is None:
         bigram_probs = probs
     if common_ngrams is None:
-      common_ngrams = {int(n): _common_ngrams(train, int(n), num_common_ngrams,
-                                              exclude=(bos_id,))
-                       for n in ngram_orders}
+      common_ngrams = {
+        int(n): _common_ngrams(train, int(n), num_common_ngrams, exclude=(bos_id,))
+        for n in ngram_orders
+      }
   if common_ngrams is not None:
     common_ngrams = {int(n): g for n, g in common_ngrams.items() if len(np.asarray(g))}
 
@@ -673,7 +729,7 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
     out["bigram_entropy"] = const(bigram_entropy)
     out["bigram_gap"] = out["loss"] - out["bigram_entropy"]
   if "bigram_score" in raw:
-    if bg is None:   # the program scores bigrams only with data["bigram"]
+    if bg is None:  # the program scores bigrams only with data["bigram"]
       raise RuntimeError("the LM metrics returned a bigram score without bigram data")
     out["bigram_score"] = f32(raw["bigram_score"])
     out["bigram_score_floor"] = const(floor)
@@ -683,8 +739,9 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
   for g, n in enumerate(orders):
     out[f"val_loss_pos{n}"] = lpp[:, n - 1]
     out[f"ngram_loss_{n}"] = f32(raw["ngram_loss"][:, g])
-    out[f"ngram_score_{n}"] = f32(ngram_scores(lpp[:, n - 1], raw["ngram_loss"][:, g],
-                                               ngram_loss_floor))
+    out[f"ngram_score_{n}"] = f32(
+      ngram_scores(lpp[:, n - 1], raw["ngram_loss"][:, g], ngram_loss_floor)
+    )
   out["icl_score"] = lpp[:, late - 1] - lpp[:, early - 1]
   out["icl_early_position"] = np.full(C, early, np.int64)
   out["icl_late_position"] = np.full(C, late, np.int64)
@@ -698,8 +755,7 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
   out["prev_token_chance"] = const(chance_level(prev_token_queries(prev_length)))
   out["prefix_chance"] = const(chance_level(prefix_queries(2 * block_length + 1)[0]))
   out["prev_token_score_max"] = prev.reshape(C, -1).max(axis=1)
-  out["prefix_score_max"] = (pre[:, 1:].reshape(C, -1).max(axis=1) if L > 1
-                             else const(np.nan))
+  out["prefix_score_max"] = pre[:, 1:].reshape(C, -1).max(axis=1) if L > 1 else const(np.nan)
   for name, arr in (("prev_token_score", prev), ("prefix_score", pre)):
     for l in range(L):
       for h in range(H):
@@ -727,8 +783,9 @@ def lm_metrics(model, checkpoints: Sequence[Params], validation_tokens: Any, *,
 # ----------------------------------------------------------------------------
 
 
-def head_label_array(metrics: Mapping[str, Any], *, prev_threshold: float = 0.4,
-                     prefix_threshold: float = 0.3) -> np.ndarray:
+def head_label_array(
+  metrics: Mapping[str, Any], *, prev_threshold: float = 0.4, prefix_threshold: float = 0.3
+) -> np.ndarray:
   """Labels [..., L, H] from `prev_token_score` and `prefix_score` [..., L, H].
 
   Rules: 'previous_token' if prev > prev_threshold and prev >= prefix; else
@@ -744,16 +801,21 @@ def head_label_array(metrics: Mapping[str, Any], *, prev_threshold: float = 0.4,
   return np.select([is_prev, is_ind], ["previous_token", "induction"], "other").astype(str)
 
 
-def classify_lm_heads(metrics: Mapping[str, Any], *, checkpoint: int | None = -1,
-                      prev_threshold: float = 0.4, prefix_threshold: float = 0.3
-                      ) -> dict[str, Any]:
+def classify_lm_heads(
+  metrics: Mapping[str, Any],
+  *,
+  checkpoint: int | None = -1,
+  prev_threshold: float = 0.4,
+  prefix_threshold: float = 0.3,
+) -> dict[str, Any]:
   """{'L0H1': label} at checkpoint index `checkpoint` (default the last).
 
   With `checkpoint=None`: {'L0H1': [N] labels} over all checkpoints. Rules in
   `head_label_array`.
   """
-  labels = head_label_array(metrics, prev_threshold=prev_threshold,
-                            prefix_threshold=prefix_threshold)  # [N, L, H]
+  labels = head_label_array(
+    metrics, prev_threshold=prev_threshold, prefix_threshold=prefix_threshold
+  )  # [N, L, H]
   _, L, H = labels.shape
   if checkpoint is None:
     return {head_name(l, h): labels[:, l, h] for l in range(L) for h in range(H)}
@@ -765,8 +827,9 @@ def _jsonable_step(step) -> int | float:
   return int(s) if float(s).is_integer() else float(s)
 
 
-def _first_crossing(values: np.ndarray, threshold: float, above: bool, sustained: bool
-                    ) -> int | None:
+def _first_crossing(
+  values: np.ndarray, threshold: float, above: bool, sustained: bool
+) -> int | None:
   """First index where values >= threshold (<= when not `above`), or from which they stay."""
   v = np.asarray(values, np.float64)
   hit = (v >= threshold) if above else (v <= threshold)
@@ -779,9 +842,16 @@ def _first_crossing(values: np.ndarray, threshold: float, above: bool, sustained
   return int(idx[0]) if idx.size else None
 
 
-def milestones(steps: Any, metrics: Mapping[str, Any], *, bigram_fraction: float = 0.1,
-               ngram_threshold: float = 1.5, prev_threshold: float = 0.4,
-               prefix_threshold: float = 0.3, sustained: bool = False) -> dict[str, Any]:
+def milestones(
+  steps: Any,
+  metrics: Mapping[str, Any],
+  *,
+  bigram_fraction: float = 0.1,
+  ngram_threshold: float = 1.5,
+  prev_threshold: float = 0.4,
+  prefix_threshold: float = 0.3,
+  sustained: bool = False,
+) -> dict[str, Any]:
   """Steps at which the LM metrics first cross their thresholds (JSON-able).
 
   Entries (each with 'step' None when never crossed):
@@ -804,16 +874,24 @@ def milestones(steps: Any, metrics: Mapping[str, Any], *, bigram_fraction: float
     g0 = float(gap[0])
     thr = bigram_fraction * g0
     i = _first_crossing(gap, thr, above=False, sustained=sustained) if g0 > 0 else None
-    out["bigram_gap"] = {"step": step_at(i), "threshold": thr, "initial": g0,
-                         "value": None if i is None else float(gap[i])}
+    out["bigram_gap"] = {
+      "step": step_at(i),
+      "threshold": thr,
+      "initial": g0,
+      "value": None if i is None else float(gap[i]),
+    }
   for name in sorted(k for k in metrics if k.startswith("ngram_score_")):
     vals = np.asarray(metrics[name], np.float64)
     i = _first_crossing(vals, ngram_threshold, above=True, sustained=sustained)
-    out[f"ngram_{name[len('ngram_score_'):]}"] = {
-        "step": step_at(i), "threshold": ngram_threshold,
-        "value": None if i is None else float(vals[i])}
-  for key, name, thr, first_layer in (("previous_token", "prev_token_score", prev_threshold, 0),
-                                      ("induction", "prefix_score", prefix_threshold, 1)):
+    out[f"ngram_{name[len('ngram_score_') :]}"] = {
+      "step": step_at(i),
+      "threshold": ngram_threshold,
+      "value": None if i is None else float(vals[i]),
+    }
+  for key, name, thr, first_layer in (
+    ("previous_token", "prev_token_score", prev_threshold, 0),
+    ("induction", "prefix_score", prefix_threshold, 1),
+  ):
     if name not in metrics:
       continue
     arr = np.asarray(metrics[name], np.float64)[:, first_layer:]  # [N, L', H]
@@ -832,6 +910,11 @@ def milestones(steps: Any, metrics: Mapping[str, Any], *, bigram_fraction: float
       ih = _first_crossing(flat[:, j], thr, above=True, sustained=sustained)
       if ih is not None:
         heads[head_name(first_layer + j // H, j % H)] = step_at(ih)
-    out[key] = {"step": step_at(i), "head": best, "threshold": thr,
-                "value": None if i is None else float(flat[i].max()), "heads": heads}
+    out[key] = {
+      "step": step_at(i),
+      "head": best,
+      "threshold": thr,
+      "value": None if i is None else float(flat[i].max()),
+      "heads": heads,
+    }
   return out

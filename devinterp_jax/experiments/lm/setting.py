@@ -20,10 +20,11 @@ def eval_batch(run: Run, key: jax.Array, size: int, purpose: str) -> Batch:
 
 
 SETTING = Setting(
-    name="lm",
-    make_model=AttentionOnlyLM.from_config,
-    eval_batch=eval_batch,
-    sections={"lm": sections.LM},
-    default_sections=("lm", "hessian", "overlap", "heads"),
-    description="attention-only language model",
-    loss_label="validation loss (nats)")
+  name="lm",
+  make_model=AttentionOnlyLM.from_config,
+  eval_batch=eval_batch,
+  sections={"lm": sections.LM},
+  default_sections=("lm", "hessian", "overlap", "heads"),
+  description="attention-only language model",
+  loss_label="validation loss (nats)",
+)

@@ -37,10 +37,14 @@ _INIT, _DATA, _EVAL, _SGLD_DATA = range(4)
 
 def _check_widths(widths, key: str, hidden_layers: bool = True) -> tuple[int, ...]:
   widths = tuple(widths) if isinstance(widths, (tuple, list)) else ()
-  if (len(widths) < (3 if hidden_layers else 2)
-      or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)):
-    config_checks.fail(key, widths, "a tuple of integers >= 1 (input, hidden…, output) with "
-                       "at least one hidden layer")
+  if len(widths) < (3 if hidden_layers else 2) or not all(
+    isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths
+  ):
+    config_checks.fail(
+      key,
+      widths,
+      "a tuple of integers >= 1 (input, hidden…, output) with at least one hidden layer",
+    )
   return widths
 
 
@@ -48,18 +52,36 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every section before any work starts (`config_checks.ConfigError`)."""
   check = config_checks.check_fields
   check(config, "config", {"seed": "int>=0"})
-  check(config.task, "config.task", {"teacher_seed": "int>=0", "bias_std": "num>=0",
-                                     "noise_std": "num>=0", "input_std": "num>0"})
+  check(
+    config.task,
+    "config.task",
+    {"teacher_seed": "int>=0", "bias_std": "num>=0", "noise_std": "num>=0", "input_std": "num>0"},
+  )
   teacher = _check_widths(config.task.teacher_widths, "config.task.teacher_widths")
   student = _check_widths(config.model.widths, "config.model.widths")
   if (student[0], student[-1]) != (teacher[0], teacher[-1]):
-    config_checks.fail("config.model.widths", student,
-                       f"the teacher's input and output widths ({teacher[0]}, …, {teacher[-1]})")
+    config_checks.fail(
+      "config.model.widths",
+      student,
+      f"the teacher's input and output widths ({teacher[0]}, …, {teacher[-1]})",
+    )
   check(config.model, "config.model", {"init_scale": "num>0"})
-  check(config.train, "config.train", {
-      "num_steps": "int>=1", "batch_size": "int>=1", "lr": "num>0", "b1": "unit_right_open",
-      "b2": "unit_right_open", "n_log": "int>=0", "n_linear": "int>=0", "log_every": "int>=0",
-      "resume_every": "int>=0", "eval_batch_size": "int>=1"})
+  check(
+    config.train,
+    "config.train",
+    {
+      "num_steps": "int>=1",
+      "batch_size": "int>=1",
+      "lr": "num>0",
+      "b1": "unit_right_open",
+      "b2": "unit_right_open",
+      "n_log": "int>=0",
+      "n_linear": "int>=0",
+      "log_every": "int>=0",
+      "resume_every": "int>=0",
+      "eval_batch_size": "int>=1",
+    },
+  )
   llc_sweep.validate_sampling_sections(config)
 
 
@@ -79,8 +101,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def schedule_steps(config: ml_collections.ConfigDict) -> np.ndarray:
   """Log-spaced (`n_log`) and linearly spaced (`n_linear`) checkpoint steps in [1, T]."""
-  return schedules.checkpoint_steps(config.train.num_steps, config.train.n_log,
-                                    config.train.n_linear)
+  return schedules.checkpoint_steps(
+    config.train.num_steps, config.train.n_log, config.train.n_linear
+  )
 
 
 def _key(config, stream: int) -> jax.Array:
@@ -95,19 +118,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
   eval_batch = sample_batch(_key(config, _EVAL), task, config.train.eval_batch_size)
   eval_loss = jax.jit(model.loss)
   return loop.train(
-      workdir=workdir,
-      init_params=jax.jit(model.init_params)(_key(config, _INIT)),
-      loss_fn=model.loss,
-      batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
-      optimizer=make_optimizer(config),
-      num_steps=config.train.num_steps,
-      schedule_steps=schedule_steps(config),
-      data_key=_key(config, _DATA),
-      log_every=config.train.log_every,
-      resume_every=config.train.resume_every,
-      eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
-      lr_fn=lambda step: config.train.lr,
-      config_json=config.to_json(sort_keys=True),
+    workdir=workdir,
+    init_params=jax.jit(model.init_params)(_key(config, _INIT)),
+    loss_fn=model.loss,
+    batch_fn=lambda key: sample_batch(key, task, config.train.batch_size),
+    optimizer=make_optimizer(config),
+    num_steps=config.train.num_steps,
+    schedule_steps=schedule_steps(config),
+    data_key=_key(config, _DATA),
+    log_every=config.train.log_every,
+    resume_every=config.train.resume_every,
+    eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
+    lr_fn=lambda step: config.train.lr,
+    config_json=config.to_json(sort_keys=True),
   )
 
 
@@ -119,8 +142,9 @@ def sgld_dataset(config: ml_collections.ConfigDict):
 DATA_FIELDS = {"input_std": float, "noise_std": float}
 
 
-def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
-                      workdir: str | None = None):
+def dataset_from_spec(
+  config: ml_collections.ConfigDict, spec: str = "", workdir: str | None = None
+):
   """The SGLD dataset, or a variant named by `spec` (for refined LLCs).
 
   `spec` is '' (the SGLD data) or comma-separated `field=value` overrides of the
@@ -137,8 +161,9 @@ def dataset_from_spec(config: ml_collections.ConfigDict, spec: str = "",
 
 def estimate_checkpoints(config, model, checkpoints, ids, output_dir: str | None) -> LLCResult:
   """LLCs of any checkpoint sequence with the config's sampler settings and SGLD data."""
-  return llc_sweep.estimate_checkpoints(config, model.loss, sgld_dataset(config), checkpoints,
-                                        ids, output_dir)
+  return llc_sweep.estimate_checkpoints(
+    config, model.loss, sgld_dataset(config), checkpoints, ids, output_dir
+  )
 
 
 def estimate(config: ml_collections.ConfigDict, workdir: str) -> tuple[np.ndarray, LLCResult]:
@@ -155,8 +180,10 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> calibration.Ca
 
 
 write_results = functools.partial(
-    llc_sweep.write_results, loss_label="eval loss (MSE)",
-    title="ReLU teacher–student regression: LLC over training")
+  llc_sweep.write_results,
+  loss_label="eval loss (MSE)",
+  title="ReLU teacher–student regression: LLC over training",
+)
 rise_test = llc_sweep.rise_test
 
 

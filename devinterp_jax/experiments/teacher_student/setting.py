@@ -23,10 +23,11 @@ def eval_batch(run: Run, key: jax.Array, size: int, purpose: str) -> Batch:
 
 
 SETTING = Setting(
-    name="teacher_student",
-    make_model=ReLUMLP.from_config,
-    eval_batch=eval_batch,
-    sections={"teacher": sections.TEACHER},
-    default_sections=("teacher", "hessian"),
-    description="ReLU teacher–student regression",
-    loss_label="eval MSE")
+  name="teacher_student",
+  make_model=ReLUMLP.from_config,
+  eval_batch=eval_batch,
+  sections={"teacher": sections.TEACHER},
+  default_sections=("teacher", "hessian"),
+  description="ReLU teacher–student regression",
+  loss_label="eval MSE",
+)
