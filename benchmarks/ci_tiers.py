@@ -27,6 +27,7 @@ _START = re.compile(r"^=== tier: (\S+) ===")
 _SUMMARY = re.compile(r"^=+ (.*) in ([0-9.]+)s(?: \(.*\))? =+$|^([0-9].*) in ([0-9.]+)s")
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)")
 _STEP = re.compile(r"^=== (lint|types): ")
+TARGETS = {"fast": 480, "total": 900}
 _CI_TOTAL = re.compile(r"^real\s+(\d+)m([0-9.]+)s")
 
 
@@ -61,17 +62,26 @@ def markdown(doc: dict) -> str:
     f"({doc['commit_note']}). 2-core CPU machine; an empty compilation cache "
     "unless a row says otherwise.",
     "",
-    "| run | tier | tests | pytest time | tier wall | whole run |",
-    "|---|---|---|---|---|---|",
+    f"Targets (issue 17; fresh clone, empty cache): the fast tier's pytest under "
+    f"{TARGETS['fast']} s, the whole `.ci/run` under {TARGETS['total']} s.",
+    "",
+    "| run | tier | tests | pytest time | tier wall | whole run | target |",
+    "|---|---|---|---|---|---|---|",
   ]
   for label, run in doc["runs"].items():
     for tier, t in run["tiers"].items():
       counts = t.get("counts", {})
       shown = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "deselected")
+      verdicts = []
+      if tier == "fast" and "pytest_s" in t:
+        verdicts.append(f"fast {'met' if t['pytest_s'] < TARGETS['fast'] else 'missed'}")
+      if run.get("total_s") and tier == list(run["tiers"])[-1]:
+        verdicts.append(f"total {'met' if run['total_s'] < TARGETS['total'] else 'missed'}")
       lines.append(
         f"| {label} | {tier} | {shown} | {t.get('pytest_s', '–')} s | "
         f"{t.get('wall_s', '–')}{' s' if 'wall_s' in t else ''} | "
-        f"{str(run['total_s']) + ' s' if run.get('total_s') else '–'} |"
+        f"{str(run['total_s']) + ' s' if run.get('total_s') else '–'} | "
+        f"{', '.join(verdicts) or '–'} |"
       )
   lines += ["", "Sources:", ""] + [
     f"- {label}: {run['source']}" for label, run in doc["runs"].items()

@@ -15,7 +15,7 @@ Rules (`check_fields`): 'int>=0', 'int>=1', 'int>=2', 'int>=4', 'num>0', 'num>=0
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 if TYPE_CHECKING:
   from ml_collections import ConfigDict
@@ -59,7 +59,8 @@ _RULES = {
 }
 
 
-def fail(key: str, value: Any, what: str) -> None:
+def fail(key: str, value: Any, what: str) -> NoReturn:
+  """Raises `ConfigError` naming `key`, its `value` and what it must be."""
   flag = f"--{key}=..." if key.startswith("config.") else key
   raise ConfigError(
     f"{key} = {value!r} is invalid: it must be {what}. Fix it in the config "
