@@ -13,6 +13,9 @@ Shapes are written into names, `attn_BxHxTxT`, with these letters everywhere:
   L  layers, H heads per layer, E head dimension, D model width, V vocabulary
   M  ablation masks; Q token types (the LR's x and y tokens)
 
+Calibration grids are indexed [ε, nβ, γ, N] (step size, nβ, localisation, checkpoint),
+written with those symbols: no letter of the glossary stands for nβ or ε.
+
 A pytree of parameters is `Params`; a batch is a pytree of arrays with a leading
 sample axis.
 """

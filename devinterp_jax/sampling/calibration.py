@@ -56,20 +56,20 @@ class CalibrationResult:
   nbetas: np.ndarray
   localizations: np.ndarray
   checkpoint_ids: list
-  llc_mean: np.ndarray  # [E, B, G, N]
-  llc_std: np.ndarray  # [E, B, G, N]
-  mala_acceptance: np.ndarray  # [E, B, G, N] mean over chains
-  status: np.ndarray  # [E, B, G, N, C]
-  llc_trace_mean: np.ndarray  # [E, B, G, N, draws]
-  passes: np.ndarray  # [E, B, G]
+  llc_mean: np.ndarray  # [ε, nβ, γ, N]
+  llc_std: np.ndarray  # [ε, nβ, γ, N]
+  mala_acceptance: np.ndarray  # [ε, nβ, γ, N] mean over chains
+  status: np.ndarray  # [ε, nβ, γ, N, C]
+  llc_trace_mean: np.ndarray  # [ε, nβ, γ, N, I]
+  passes: np.ndarray  # [ε, nβ, γ]
   reasons: dict  # "i,j,k" -> why the grid point fails
   per_setting: list  # one recommendation per (nβ, γ)
   recommended: dict | None  # overall recommendation
   mala_band: tuple
   disqualify: tuple
   settings: dict
-  mala_se: np.ndarray | None = None  # [E, B, G, N] MCSE of the mean acceptance
-  draws_needed: np.ndarray | None = None  # [E, B, G, N] draws for the ESS target
+  mala_se: np.ndarray | None = None  # [ε, nβ, γ, N] MCSE of the mean acceptance
+  draws_needed: np.ndarray | None = None  # [ε, nβ, γ, N] draws for the ESS target
   margin_se: float = 2.0
   step_check: str = "mala"
 

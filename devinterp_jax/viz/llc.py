@@ -157,12 +157,14 @@ def plot_llc_traces(
 def calibration_figures(result) -> tuple[Figure, Figure]:
   """The figures of a `CalibrationResult`: final LLC (± its std over chains) and step-check
   acceptance against ε per checkpoint, and the online LLC of every grid point."""
-  E, B, G, N = result.llc_mean.shape
+  n_eps, n_nbeta, n_gamma, N = result.llc_mean.shape  # the [ε, nβ, γ, N] grid
   fig, axes = figures.figure(2, N, figsize=(4.5 * N, 7), squeeze=False)
   for n in range(N):
     ax, ax_acc = axes[0, n], axes[1, n]
-    for j, k in itertools.product(range(B), range(G)):
-      label = f"nβ={result.nbetas[j]:.4g}" + (f", γ={result.localizations[k]:.4g}" if G > 1 else "")
+    for j, k in itertools.product(range(n_nbeta), range(n_gamma)):
+      label = f"nβ={result.nbetas[j]:.4g}" + (
+        f", γ={result.localizations[k]:.4g}" if n_gamma > 1 else ""
+      )
       m, s = result.llc_mean[:, j, k, n], result.llc_std[:, j, k, n]
       (line,) = ax.plot(result.step_sizes, m, marker="o", label=label)
       ax.fill_between(result.step_sizes, m - s, m + s, color=line.get_color(), alpha=0.2)
@@ -208,18 +210,20 @@ def calibration_figures(result) -> tuple[Figure, Figure]:
   fig.suptitle(f"Calibration: final LLC and {result.step_check} acceptance vs step size")
   fig.tight_layout()
 
-  fig2, axes = figures.figure(B * G, N, figsize=(4.5 * N, 3.2 * B * G), squeeze=False)
+  fig2, axes = figures.figure(
+    n_nbeta * n_gamma, N, figsize=(4.5 * N, 3.2 * n_nbeta * n_gamma), squeeze=False
+  )
   draws = np.arange(1, result.llc_trace_mean.shape[-1] + 1)
   cmap = figures.colormap("viridis")
   for (row, (j, k)), n in itertools.product(
-    enumerate(itertools.product(range(B), range(G))), range(N)
+    enumerate(itertools.product(range(n_nbeta), range(n_gamma))), range(N)
   ):
     ax = axes[row, n]
-    for i in range(E):
+    for i in range(n_eps):
       ax.plot(
         draws,
         result.llc_trace_mean[i, j, k, n],
-        color=cmap(i / max(E - 1, 1)),
+        color=cmap(i / max(n_eps - 1, 1)),
         ls="-" if result.passes[i, j, k] else ":",
         label=f"ε={result.step_sizes[i]:.3g}",
       )
