@@ -312,9 +312,8 @@ class Checkpoints:
   (and digest-check) each checkpoint once."""
 
   def __init__(self, checkpoints: Sequence[Params] | Params, cache_bytes: int = 0):
-    self._cache: collections.OrderedDict[int, Params] = collections.OrderedDict()
+    self._cache: collections.OrderedDict[int, tuple[Params, int]] = collections.OrderedDict()
     self._cache_bytes, self._cached = int(cache_bytes), 0
-    self.reads = 0  # reads from the sequence (cache misses)
     if isinstance(checkpoints, Sequence):
       if len(checkpoints) == 0:
         raise ValueError("checkpoints is empty")
@@ -334,17 +333,15 @@ class Checkpoints:
     hit = self._cache.get(i)
     if hit is not None:
       self._cache.move_to_end(i)
-      return hit
+      return hit[0]
     assert self.seq is not None  # only sequences are read
-    self.reads += 1
-    tree = self.seq[i]
-    size = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+    # On the host (no device memory is held); `stack` would convert it anyway.
+    tree = jax.tree.map(np.asarray, self.seq[i])
+    size = sum(x.nbytes for x in jax.tree.leaves(tree))
     if size <= self._cache_bytes:
-      tree = jax.tree.map(np.asarray, tree)  # on the host: no device memory is held
-      self._cache[i], self._cached = tree, self._cached + size
+      self._cache[i], self._cached = (tree, size), self._cached + size
       while self._cached > self._cache_bytes:
-        _, old = self._cache.popitem(last=False)
-        self._cached -= sum(int(x.nbytes) for x in jax.tree.leaves(old))
+        self._cached -= self._cache.popitem(last=False)[1][1]
     return tree
 
   def stack(self, indices: Sequence[int]) -> Params:
