@@ -48,3 +48,78 @@ def pytest_configure(config):
   flags = os.environ.get("XLA_FLAGS", "")
   if not slow_tier and "xla_backend_optimization_level" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Session-shared tiny runs: built once per test session, by whichever xdist worker asks
+# first, and read by every module that needs them. A test never writes into a shared run:
+# the module fixtures copy it (tests.helpers.copy_shared) before they or their tests mutate it.
+
+import fcntl  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _shared_root(tmp_path_factory, worker_id: str) -> str:
+  """A directory every worker of this session sees: the session's numbered base
+  directory under xdist (pytest-N/, fresh each session, so nothing stale is reused),
+  the worker's own base directory otherwise."""
+  base = tmp_path_factory.getbasetemp()
+  root = base if worker_id == "master" else base.parent
+  path = os.path.join(str(root), "shared_runs")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _build_once(root: str, name: str, build) -> tuple[str, object]:
+  """`build(workdir)` run once per session under an exclusive file lock; returns the
+  workdir and what `build` returned (pickled beside it for the other workers). A build
+  that raised leaves no done-marker, so the next worker retries it and fails the same."""
+  workdir = os.path.join(root, name)
+  done = workdir + ".done.pkl"
+  with open(workdir + ".lock", "w") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      if not os.path.exists(done):
+        shutil.rmtree(workdir, ignore_errors=True)
+        value = build(workdir)
+        with open(done + ".tmp", "wb") as f:
+          pickle.dump(value, f)
+        os.replace(done + ".tmp", done)
+      with open(done, "rb") as f:
+        return workdir, pickle.load(f)
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def tiny_lr_trained(tmp_path_factory, worker_id):
+  """tests.helpers.tiny_config() trained (60 steps, no LLC): (config, shared workdir)."""
+  from devinterp_jax.experiments import icl_regression
+  from tests.helpers import tiny_config
+
+  config = tiny_config()
+  workdir, _ = _build_once(
+    _shared_root(tmp_path_factory, worker_id),
+    "tiny_lr_trained",
+    lambda w: icl_regression.train(config, w),
+  )
+  return config, workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_lr_main_job(tmp_path_factory, worker_id):
+  """tests.helpers.main_job_config()'s whole main job (train, LLC, report):
+  (config, shared workdir, the job's summary)."""
+  from devinterp_jax.experiments import icl_regression
+  from tests.helpers import main_job_config
+
+  config = main_job_config()
+  workdir, summary = _build_once(
+    _shared_root(tmp_path_factory, worker_id),
+    "tiny_lr_main_job",
+    lambda w: icl_regression.run(config, w),
+  )
+  return config, workdir, summary

@@ -1,6 +1,7 @@
 """Tiny configs for fast tests (the runlocal config shrunk by overriding fields)."""
 
 import os
+import shutil
 
 import jax
 
@@ -38,6 +39,16 @@ def tiny_config(num_steps: int = 60):
   return config
 
 
+def main_job_config():
+  """tiny_config(40) with a tiny refined-LLC section: the config of the session-shared
+  main job (tests/conftest.py `tiny_lr_main_job`)."""
+  config = tiny_config(40)
+  config.refined.update(
+    num_chains=2, num_draws=12, step_size=2e-4, nbeta=10.0, localization=50.0, batch_size=16
+  )
+  return config
+
+
 def restore_params(workdir: str, config, step: int | None = None):
   """Params saved at `step` (default: config.train.num_steps) in a run's workdir."""
   model = icl_experiment.make_model(config)
@@ -53,3 +64,11 @@ def xla_flags(*flags: str) -> str:
   """XLA_FLAGS for a subprocess: this session's (tests/conftest.py) plus `flags`, so a
   subprocess compiles as the test process does and their numbers can be compared."""
   return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
+def copy_shared(src: str, dst) -> str:
+  """A private copy of a session-shared run (tests/conftest.py), with mtimes kept so
+  "nothing recomputed" checks still hold."""
+  dst = str(dst)
+  shutil.copytree(src, dst)
+  return dst

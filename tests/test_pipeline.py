@@ -9,13 +9,12 @@ import pytest
 from configs import icl_regression as icl_config
 from devinterp_jax.experiments import icl_regression
 from devinterp_jax.sampling.results import LLCResult
-from tests.helpers import tiny_config
+from tests.helpers import copy_shared, tiny_config
 
 
-def test_main_job_writes_loadable_results_and_plot(tmp_path):
-  config = tiny_config(40)
-  workdir = str(tmp_path)
-  summary = icl_regression.run(config, workdir)
+def test_main_job_writes_loadable_results_and_plot(tiny_lr_main_job, tmp_path):
+  config, src, summary = tiny_lr_main_job  # main_job_config()'s icl_regression.run
+  workdir = copy_shared(src, tmp_path / "run")
   steps = icl_regression.schedule_steps(config)
   table = np.genfromtxt(os.path.join(workdir, "llc", "llc.csv"), delimiter=",", names=True)
   np.testing.assert_array_equal(table["step"], steps)

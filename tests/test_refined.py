@@ -10,20 +10,16 @@ import pytest
 
 from devinterp_jax.experiments import icl_regression, refined
 from devinterp_jax.sampling.results import LLCResult
-from tests.helpers import tiny_config
+from tests.helpers import copy_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  config = tiny_config(40)
-  config.refined.update(
-    num_chains=2, num_draws=12, step_size=2e-4, nbeta=10.0, localization=50.0, batch_size=16
-  )
-  workdir = str(tmp_path_factory.mktemp("run"))
-  icl_regression.run(config, workdir)
-  return config, workdir
+def trained(tiny_lr_main_job, tmp_path_factory):
+  """A private copy of the session's tiny main job (these tests add refined results)."""
+  config, src, _ = tiny_lr_main_job
+  return config, copy_shared(src, tmp_path_factory.mktemp("refined") / "run")
 
 
 def test_all_heads_over_checkpoints(trained):

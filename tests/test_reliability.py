@@ -33,7 +33,7 @@ from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock, run_log
 from devinterp_jax.viz import figures as viz_figures
-from tests.helpers import restore_params, tiny_config
+from tests.helpers import copy_shared, restore_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FLAG = "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal"
@@ -73,11 +73,10 @@ def launch(script, workdir, *flags, num_steps=120, timeout=180, prelude=""):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  config = tiny_config()
-  workdir = str(tmp_path_factory.mktemp("trained"))
-  icl_regression.train(config, workdir)
-  return config, workdir
+def trained(tiny_lr_trained, tmp_path_factory):
+  """A private copy of the session's tiny trained run (tiny_config())."""
+  config, src = tiny_lr_trained
+  return config, copy_shared(src, tmp_path_factory.mktemp("trained") / "run")
 
 
 @pytest.fixture(scope="module")

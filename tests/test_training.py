@@ -13,17 +13,16 @@ import pytest
 
 from devinterp_jax.experiments import icl_regression
 from devinterp_jax.storage import checkpoints as checkpointing
-from tests.helpers import restore_params, tiny_config
+from tests.helpers import copy_shared, restore_params, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  config = tiny_config()
-  workdir = str(tmp_path_factory.mktemp("ref"))
-  icl_regression.train(config, workdir)
-  return config, workdir
+def reference_run(tiny_lr_trained, tmp_path_factory):
+  """A private copy of the session's tiny trained run (tiny_config())."""
+  config, src = tiny_lr_trained
+  return config, copy_shared(src, tmp_path_factory.mktemp("ref") / "run")
 
 
 def test_checkpoints_follow_the_schedule(reference_run):
