@@ -110,6 +110,26 @@ def tiny_lr_trained(tmp_path_factory, worker_id):
 
 
 @pytest.fixture(scope="session")
+def tiny_lr_swept(tiny_lr_trained, tmp_path_factory, worker_id):
+  """tiny_lr_trained plus its LLC sweep and results: (config, shared workdir, steps,
+  LLCResult)."""
+  from devinterp_jax.experiments import icl_regression
+
+  config, trained = tiny_lr_trained
+
+  def build(workdir):
+    shutil.copytree(trained, workdir)
+    steps, result = icl_regression.estimate(config, workdir)
+    icl_regression.write_results(workdir, steps, result, config=config)
+    return steps, result
+
+  workdir, (steps, result) = _build_once(
+    _shared_root(tmp_path_factory, worker_id), "tiny_lr_swept", build
+  )
+  return config, workdir, steps, result
+
+
+@pytest.fixture(scope="session")
 def tiny_lr_main_job(tmp_path_factory, worker_id):
   """tests.helpers.main_job_config()'s whole main job (train, LLC, report):
   (config, shared workdir, the job's summary)."""
@@ -123,3 +143,30 @@ def tiny_lr_main_job(tmp_path_factory, worker_id):
     lambda w: icl_regression.run(config, w),
   )
   return config, workdir, summary
+
+
+# The longest test modules first: pytest-xdist's `--dist loadscope` hands out whole modules
+# in collection order, so a long module collected last would run alone at the end
+# (longest-processing-time-first scheduling). Neighbours in this list need different
+# session-shared runs, so the first two workers do not wait on one build. Modules not
+# listed keep their order, after these.
+LONGEST_FIRST = (
+  "test_reliability_results.py",
+  "test_lm_pipeline.py",
+  "test_reliability.py",
+  "test_pipeline.py",
+  "test_estimator_exact.py",
+  "test_refined.py",
+  "test_notebook.py",
+  "test_validation.py",
+  "test_training.py",
+  "test_seeds.py",
+  "test_teacher_student.py",
+  "test_restrict.py",
+  "test_samplers.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
