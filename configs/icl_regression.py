@@ -62,6 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=1000,
       resume_every=10_000,  # resume-only checkpoints (latest kept)
       eval_batch_size=2048,
+      # Essential dynamics: predictions on ed_batch_size fixed sequences every ed_every
+      # steps (and at step 0), in <workdir>/ed_outputs/; 0 records nothing.
+      ed_every=1000,
+      ed_batch_size=256,
     )
   )
 
@@ -139,6 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=250,
       resume_every=1000,
       eval_batch_size=1024,
+      ed_every=50,  # 121 points over 6000 steps
+      ed_batch_size=128,
     )
     # SGNHT (docs/reference/samplers.md): SGLD at ε = 2e-4 had not converged after 800 draws
     # (docs/results/convergence_runlocal.md; its flattest directions relax in ~1,500 steps). ε as

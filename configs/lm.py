@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=100,
       resume_every=1000,
       eval_batch_size=256,
+      # Essential dynamics: the observed next token's log-probability at every position
+      # of the first ed_batch_size validation contexts, every ed_every steps (and step 0).
+      ed_every=500,
+      ed_batch_size=64,
     )
   )
 
@@ -158,6 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=100,
       resume_every=500,
       eval_batch_size=256,
+      ed_every=50,  # 121 points over 6000 steps
+      ed_batch_size=32,
     )
     # launch/calibrate.py with the grid below recommends ε = 2e-4, nβ = 10 (≈ B/ln B for
     # B = 32), γ = 300 on steps 1 and 6000 (docs/reference/lm.md): healthy chains, loss-MALA

@@ -7,7 +7,7 @@ config (training, model, data) with `check_fields`, and calls
 the key, the value and the rule, so a typo in an LLC setting fails the main job
 at once instead of after hours of training.
 
-Rules (`check_fields`): 'int>=0', 'int>=1', 'int>=2', 'int>=4', 'num>0', 'num>=0', 'unit'
+Rules (`check_fields`): 'int>=0', 'int>=1', 'int>=2', 'int>=3', 'int>=4', 'num>0', 'num>=0', 'unit'
 ([0, 1]), 'unit_open' ((0, 1)), 'unit_right_open' ([0, 1)), 'nums>0', 'nums>=0'
 (a non-empty sequence), or a tuple of allowed values.
 """
@@ -38,6 +38,7 @@ _RULES = {
   "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
   "int>=1": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
   "int>=2": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+  "int>=3": (lambda v: _is_int(v) and v >= 3, "an integer >= 3"),
   "int>=4": (lambda v: _is_int(v) and v >= 4, "an integer >= 4"),
   "num>0": (lambda v: is_number(v) and v > 0, "a finite number > 0"),
   "num>=0": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),

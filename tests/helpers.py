@@ -21,6 +21,8 @@ def tiny_config(num_steps: int = 60):
     log_every=10,
     resume_every=20,
     eval_batch_size=64,
+    ed_every=4,  # 16 points over 60 steps
+    ed_batch_size=16,
   )
   config.llc.update(
     num_chains=2,

@@ -23,6 +23,8 @@ def tiny_lm_config(num_steps: int = 30):
     log_every=10,
     resume_every=10,
     eval_batch_size=32,
+    ed_every=3,  # 11 points over 30 steps
+    ed_batch_size=8,
   )
   # Adaptive as runlocal, but at most 3 blocks of 8 draws (runlocal's max_draws=1000
   # would continue these unconverged tiny chains for up to 124 blocks).
@@ -62,7 +64,7 @@ def test_lm_main_job(lm_run):
   assert report["stages"][0]["label"] == "S1"
   metrics = np.load(os.path.join(workdir, "report", "metrics.npz"))
   assert metrics["steps"].tolist() == steps.tolist()
-  for name in ("lm_metrics.png", "stages.png", "overlap.png"):
+  for name in ("lm_metrics.png", "stages.png", "overlap.png", "ed.png"):
     assert os.path.getsize(os.path.join(workdir, "report", name)) > 10_000, name
   assert set(report["head_labels_last_checkpoint"]) == {"L0H0", "L0H1", "L1H0", "L1H1"}
   # Training loss falls from ln V on the synthetic prose corpus.
@@ -70,6 +72,12 @@ def test_lm_main_job(lm_run):
   evals = [r["eval_loss"] for r in log if "eval_loss" in r]
   assert evals[0] == pytest.approx(np.log(64), abs=0.3) and evals[-1] < evals[0] - 0.1
   assert summary["stage_boundaries"] == report["boundary_steps"]
+  # Essential dynamics on the observed tokens' log-probabilities, recorded every 3 steps.
+  ed = report["essential_dynamics"]
+  assert ed["source"] == "recorded during training" and ed["num_points"] == 11
+  from devinterp_jax.storage import outputs_log
+
+  assert outputs_log.read(workdir)[1].shape == (11, 8 * 15)  # 8 contexts × (T − 1)
 
 
 def test_lm_refined_heads_and_code_data(lm_run):

@@ -43,6 +43,8 @@ def test_main_job_writes_loadable_results_and_plot(tiny_lr_main_job, tmp_path):
     "structure.png",
     "hessian.png",
     "overlap.png",
+    "ed.png",
+    "ed.json",
   ):
     assert os.path.getsize(os.path.join(report_dir, name)) > 100, name
   metrics = np.genfromtxt(os.path.join(report_dir, "metrics.csv"), delimiter=",", names=True)
@@ -54,6 +56,15 @@ def test_main_job_writes_loadable_results_and_plot(tiny_lr_main_job, tmp_path):
   assert report["stages"][0]["start_step"] == steps[0]
   assert report["stages"][-1]["end_step"] == steps[-1]
   assert on_disk["stage_boundaries"] == report["boundary_steps"]
+  # Essential dynamics on the outputs recorded every 4 steps (tiny_config: ed_every=4).
+  ed = report["essential_dynamics"]
+  assert ed["source"] == "recorded during training" and ed["num_points"] == 11
+  assert abs(sum(ed["explained_variance_ratio"]) - 1) < 0.05
+  assert ed["pairing"]["unmatched_llc"] == [
+    b
+    for b in report["boundary_steps"]
+    if b not in [p["llc_step"] for p in ed["pairing"]["matched"]]
+  ]
   # A second run recomputes nothing and gives the same numbers.
   chunks = os.path.join(workdir, "llc", "chunks")
   mtimes = {f: os.path.getmtime(os.path.join(chunks, f)) for f in os.listdir(chunks)}

@@ -43,6 +43,11 @@ class Setting:
     and the generic ones: "hessian", "overlap", "heads").
   description: a few words for report titles ("in-context linear regression").
   loss_label: the axis label of the logged `eval_loss`.
+  ed_probe: (config, workdir) → (outputs_fn, inputs): the model's outputs on a fixed
+    input set (the workdir holds data some settings read),
+    the points of essential dynamics (`analysis.essential_dynamics`); training
+    records them every `config.train.ed_every` steps and the "ed" section reads them
+    (or re-reads the checkpoints). None: the setting has no function-space probe.
   """
 
   name: str
@@ -52,6 +57,9 @@ class Setting:
   default_sections: tuple[str, ...] = ("hessian", "overlap", "heads")
   description: str = ""
   loss_label: str = "eval loss"
+  ed_probe: (
+    Callable[[ml_collections.ConfigDict, str], tuple[Callable[[Any, Any], jax.Array], Any]] | None
+  ) = None
 
 
 @dataclasses.dataclass

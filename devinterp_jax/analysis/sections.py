@@ -31,9 +31,12 @@ from absl import logging
 
 from devinterp_jax import atomic, config_checks, paths
 from devinterp_jax.analysis import heads as heads_lib
+from devinterp_jax.analysis import essential_dynamics as ed_lib
 from devinterp_jax.analysis import hessian, overlap, stages
 from devinterp_jax.analysis.run_data import Run
 from devinterp_jax.sampling.results import LLCResult
+from devinterp_jax.storage import outputs_log
+from devinterp_jax.viz import essential_dynamics as ed_viz
 from devinterp_jax.viz import heads as heads_viz
 from devinterp_jax.viz import hessian as hessian_viz
 from devinterp_jax.viz import overlap as overlap_viz
@@ -486,5 +489,131 @@ HEADS = Section(
   validate=_validate_heads,
 )
 
-GENERIC: dict[str, Section] = {s.name: s for s in (HESSIAN, OVERLAP, HEADS)}
+# ----------------------------------------------------------------------------
+# Essential dynamics: milestones in function space (analysis/essential_dynamics.py).
+# ----------------------------------------------------------------------------
+
+_ED_OPTIONS = tuple(f.name for f in dataclasses.fields(ed_lib.EDOptions))
+
+
+def _validate_ed(o: ml_collections.ConfigDict, prefix: str) -> None:
+  config_checks.check_fields(
+    o,
+    prefix,
+    {
+      "enabled": (True, False),
+      "source": ("auto", "recorded", "checkpoints"),
+      "min_points": "int>=3",
+      "pair_tolerance_log10": "num>=0",
+      "num_components": "int>=2",
+      "sigma_early": "num>=0",
+      "sigma_late": "num>=0",
+      "evr_threshold": "num>=0",
+      "reversal_evr": "num>=0",
+      "turn_arc": "num>0",
+      "min_straightness": "num>=0",
+      "min_prominence": "num>=0",
+      "sharp_radius": "num>0",
+      "cusp_radius": "num>0",
+      "cusp_movement": "num>=0",
+      "reversal_tolerance": "int>=0",
+      "merge_tolerance": "int>=0",
+    },
+  )
+  try:
+    ed_options(o)
+  except ValueError as e:
+    config_checks.fail(prefix, "(see message)", str(e))
+
+
+def ed_options(o: ml_collections.ConfigDict) -> ed_lib.EDOptions:
+  """The section's options as `EDOptions` (late_from_step < 0: one smoothing width)."""
+  kw = {k: o[k] for k in _ED_OPTIONS if k in o and k != "late_from_step"}
+  late = float(o.get("late_from_step", -1))
+  return ed_lib.EDOptions(**kw, late_from_step=None if late < 0 else late)
+
+
+def ed_trajectory(ctx: Context, source: str) -> tuple[np.ndarray, np.ndarray, str]:
+  """steps [U], outputs [U, F] and where they came from: the dense record written
+  during training, else the setting's probe on every scheduled checkpoint."""
+  run = ctx.run
+  if source in ("auto", "recorded"):
+    steps, outputs = outputs_log.read(run.workdir)
+    if len(steps) or source == "recorded":
+      return steps, outputs, "recorded during training"
+  if run.setting.ed_probe is None:
+    raise ValueError(f"setting {run.setting.name!r} has no ed_probe: essential dynamics needs one")
+  outputs_fn, inputs = run.setting.ed_probe(run.config, run.workdir)
+  outputs = ed_lib.trajectory_outputs(
+    outputs_fn, ctx.checkpoints(), inputs, checkpoint_chunk=ctx.options.checkpoint_chunk
+  )
+  return np.asarray(run.steps), outputs, "re-read from the scheduled checkpoints"
+
+
+def _ed(ctx: Context) -> Output:
+  o = ctx.options.ed
+  with timed("Essential dynamics"):
+    steps, outputs, source = ed_trajectory(ctx, o.source)
+    if len(steps) < o.min_points:
+      note = (
+        f"skipped: {len(steps)} points ({source}), fewer than min_points = {o.min_points} "
+        "(record more with config.train.ed_every)"
+      )
+      return Output(markdown=["## Essential dynamics", "", f"Essential dynamics {note}.", ""],
+                    report={"essential_dynamics": {"skipped": note}})  # fmt: skip
+    result = ed_lib.essential_dynamics(steps, outputs, ed_options(o))
+    result.save(ctx.out)
+    pairing = ed_lib.pair_milestones(result.milestone_steps, ctx.edges, o.pair_tolerance_log10)
+  fig = ed_viz.plot_ed(
+    result, ctx.path("ed.png"), ctx.edges,
+    title=f"Essential dynamics ({len(steps)} points, {source})",
+  )  # fmt: skip
+  evr = ", ".join(f"PC{z + 1} {v:.1%}" for z, v in enumerate(result.explained_variance_ratio_Z))
+  lines = [
+    "## Essential dynamics",
+    "",
+    f"PCA of the outputs at {len(steps)} steps ({source}; {outputs.shape[1]} features). "
+    f"Explained variance: {evr}.",
+    "",
+  ]
+  if result.milestones:
+    for m in result.milestones:
+      lines.append(
+        f"- ED milestone at step {m['step']}: {' and '.join(m['kinds'])} in "
+        f"{', '.join(m['planes'])} (R/L = {m['radius_over_length']:.3g})."
+      )
+  else:
+    lines.append("- No ED milestone passes the thresholds.")
+  tol = o.pair_tolerance_log10
+  lines += [
+    "",
+    f"Paired with LLC boundaries within {tol} in log10 step (a factor {10**tol:.2f}): "
+    + (", ".join(f"ED {p['ed_step']} ↔ LLC {p['llc_step']}" for p in pairing["matched"]) or "none")
+    + f". Unmatched ED milestones: {pairing['unmatched_ed'] or 'none'}; unmatched LLC "
+    f"boundaries: {pairing['unmatched_llc'] or 'none'}.",
+    "",
+  ]
+  return Output(
+    figures=[("ed", fig)],
+    markdown=lines,
+    report={"essential_dynamics": {**result.to_json(), "source": source, "pairing": pairing}},
+  )
+
+
+ED = Section(
+  "ed",
+  _ed,
+  defaults=dict(
+    enabled=True,
+    source="auto",
+    min_points=10,
+    pair_tolerance_log10=0.2,
+    late_from_step=-1.0,
+    **{k: v for k, v in dataclasses.asdict(ed_lib.EDOptions()).items() if k != "late_from_step"},
+  ),
+  validate=_validate_ed,
+)
+
+
+GENERIC: dict[str, Section] = {s.name: s for s in (HESSIAN, OVERLAP, HEADS, ED)}
 """The sections every setting can run."""

@@ -36,8 +36,9 @@ ANALYSIS_SECTIONS = ("llc", "calibration", "refined", "analysis", "seeds")
 
 # Fields added to the locked sections after runs were recorded without them, with the
 # value a config without the field stands for: before `train.paper_parity`, checkpoint
-# steps were truncated (the authors' schedule, `paper_parity=True`).
-LEGACY_FIELDS = {"train.paper_parity": True}
+# steps were truncated (the authors' schedule, `paper_parity=True`); before
+# `train.ed_every`, no outputs were recorded for essential dynamics.
+LEGACY_FIELDS = {"train.paper_parity": True, "train.ed_every": 0}
 
 
 class RunFileError(ValueError):

@@ -53,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from devinterp_jax import multihost, paths
 from devinterp_jax.progress import Progress
 from devinterp_jax.storage import checkpoints as checkpointing
-from devinterp_jax.storage import lock
+from devinterp_jax.storage import lock, outputs_log
 from devinterp_jax.storage import run_log
 from devinterp_jax.typing import LossFn, Params
 
@@ -127,6 +127,8 @@ def train(
   lr_fn: Callable[[int], float | jax.Array] | None = None,
   config_json: str = "{}",
   on_event: Callable[[int], None] | None = None,
+  record_fn: Callable[[Params], jax.Array] | None = None,
+  record_every: int = 0,
 ) -> TrainState:
   """Trains to `num_steps`, checkpointing `schedule_steps`; resumes if possible.
 
@@ -143,6 +145,9 @@ def train(
     config_json: the run's config; a workdir with another config is refused.
     on_event: called with the step after each event (tests use it to
       interrupt a run).
+    record_fn, record_every: dense outputs for essential dynamics: record_fn(params)
+      (the model's outputs on a fixed input set) at step 0 and every `record_every`
+      steps, written to <workdir>/ed_outputs/ (`storage.outputs_log`); 0 turns it off.
   """
   return _train(
     [workdir],
@@ -160,6 +165,8 @@ def train(
     resume_every=resume_every,
     lr_fn=lr_fn,
     on_event=on_event,
+    record_fn=record_fn,
+    record_every=record_every,
   )
 
 
@@ -465,8 +472,12 @@ def _run(
   resume_every,
   lr_fn,
   on_event,
+  record_fn=None,
+  record_every=0,
 ) -> TrainState:
   num_seeds = len(workdirs)
+  if record_fn is not None and (seed_axis or record_every <= 0):
+    raise ValueError("recording outputs needs one workdir and record_every > 0")
   layout = _layout(
     batch_fn, data_keys[0] if seed_axis else data_keys, num_seeds if seed_axis else None
   )
@@ -488,9 +499,22 @@ def _run(
     logging.info("Resuming %s from step %d", ", ".join(workdirs), latest)
   for workdir in workdirs:  # rows logged after the checkpoint (all of them on a fresh start)
     run_log.truncate_metrics(workdir, 0 if latest is None else latest)
+    if record_fn is not None:
+      outputs_log.truncate(workdir, -1 if latest is None else latest)
   start = int(state.step)
   if start >= num_steps:
     return state
+
+  def record(step: int) -> None:
+    if record_fn is None:
+      return
+    outputs = record_fn(state.params)
+    if layout is not None:
+      outputs = multihost.allgather(outputs)
+    outputs_log.write(workdirs[0], step, np.asarray(outputs))
+
+  if start == 0:
+    record(0)
 
   keys, impl = data_keys, None
   if layout is not None:  # keys as global arrays: raw key data, wrapped inside the program
@@ -501,6 +525,8 @@ def _run(
     keys = _global(keys, layout.split if layout.seeds else layout.replicated)
   segment = _segment(loss_fn, optimizer, batch_fn, seed_axis, layout, state, impl)
   events = _event_steps(num_steps, sorted(schedule), log_every, resume_every)
+  if record_fn is not None:
+    events = np.union1d(events, np.arange(record_every, num_steps + 1, record_every))
   events = events[events > start]
   t0 = time.time()
   loss_sum, loss_count = np.zeros(num_seeds), 0
@@ -536,6 +562,8 @@ def _run(
             row["lr"] = float(lr_fn(int(end) - 1))
           log.write(row)
         loss_sum, loss_count = np.zeros(num_seeds), 0
+      if record_fn is not None and int(end) % record_every == 0:
+        record(int(end))  # before the save: a resume from `end` must find it recorded
       if end in schedule or end == num_steps or (resume_every and end % resume_every == 0):
         for i, (manager, row) in enumerate(zip(managers, rows)):
           meta = {"scheduled": end in schedule, **{k: v for k, v in row.items() if k != "time"}}

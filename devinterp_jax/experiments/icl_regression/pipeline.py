@@ -26,6 +26,7 @@ import optax
 from absl import logging
 
 from devinterp_jax import atomic, config_checks
+from devinterp_jax.analysis import essential_dynamics
 from devinterp_jax.analysis import seeds as seeds_analysis
 from devinterp_jax.data.regression import RegressionTask, make_dataset, sample_batch
 from devinterp_jax.experiments import llc_sweep
@@ -91,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "resume_every": "int>=0",
       "eval_batch_size": "int>=1",
       "paper_parity": (True, False),
+      "ed_every": "int>=0",
+      "ed_batch_size": "int>=1",
     },
   )
   if "seeds" in config:
@@ -160,6 +163,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
     eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
     lr_fn=make_lr_schedule(config),
     config_json=config.to_json(sort_keys=True),
+    record_every=config.train.ed_every,
+    record_fn=essential_dynamics.recorder(SETTING.ed_probe, config, workdir),
   )
 
 

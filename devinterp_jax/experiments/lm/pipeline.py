@@ -33,7 +33,9 @@ from absl import logging
 
 from devinterp_jax import atomic, config_checks, multihost, paths
 from devinterp_jax.data import lm_dataset, synthetic_text
+from devinterp_jax.analysis import essential_dynamics
 from devinterp_jax.experiments import llc_sweep
+from devinterp_jax.experiments.lm.setting import SETTING
 from devinterp_jax.models.attention_lm import AttentionOnlyLM
 from devinterp_jax.storage import lock
 from devinterp_jax.training import loop, schedules
@@ -94,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "log_every": "int>=0",
       "resume_every": "int>=0",
       "eval_batch_size": "int>=1",
+      "ed_every": "int>=0",
+      "ed_batch_size": "int>=1",
       "paper_parity": (True, False),
     },
   )
@@ -223,6 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
       eval_fn=lambda params: {"eval_loss": eval_loss(params, eval_batch)},
       lr_fn=lambda step: config.train.lr,
       config_json=config.to_json(sort_keys=True),
+      record_every=config.train.ed_every,
+      record_fn=essential_dynamics.recorder(SETTING.ed_probe, config, workdir),
     )
 
 
