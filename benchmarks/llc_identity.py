@@ -20,11 +20,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import report_files  # noqa: E402
 
 
-def measure(runs: list[tuple[str, str]]) -> dict:
+def _without(text: bytes, columns: list[str]) -> bytes:
+  """The CSV with `columns` removed."""
+  lines = text.decode().splitlines()
+  header = lines[0].split(",")
+  keep = [i for i, name in enumerate(header) if name not in columns]
+  return "\n".join(",".join(line.split(",")[i] for i in keep) for line in lines).encode()
+
+
+def measure(runs: list[tuple[str, str]], ignore: list[str]) -> dict:
   rows = []
   for label, workdir in runs:
     with open(os.path.join(workdir, "llc", "llc.csv"), "rb") as f:
-      digest = hashlib.sha256(f.read()).hexdigest()
+      text = f.read()
+    digest = hashlib.sha256(text).hexdigest()
+    rest = hashlib.sha256(_without(text, ignore)).hexdigest() if ignore else digest
     with open(os.path.join(workdir, "llc", "summary.json")) as f:
       summary = json.load(f)
     rows.append(
@@ -32,12 +42,18 @@ def measure(runs: list[tuple[str, str]]) -> dict:
         "label": label,
         "workdir": workdir,
         "sha256": digest,
+        "sha256_without_ignored": rest,
         "convergence": summary.get("convergence", {}).get("counts"),
         "total_seconds": summary.get("total_seconds"),
         "stage_boundaries": summary.get("stage_boundaries"),
       }
     )
-  return {"runs": rows, "identical": len({r["sha256"] for r in rows}) == 1}
+  return {
+    "runs": rows,
+    "identical": len({r["sha256"] for r in rows}) == 1,
+    "ignored_columns": ignore,
+    "identical_without_ignored": len({r["sha256_without_ignored"] for r in rows}) == 1,
+  }
 
 
 def markdown(doc: dict) -> str:
@@ -50,7 +66,13 @@ def markdown(doc: dict) -> str:
     "one machine: XLA compiles CPU code for the host, so another machine may give other "
     "last bits.",
     "",
-    f"**{'All identical' if doc['identical'] else 'Not identical'}.**",
+    f"**{'All identical' if doc['identical'] else 'Not identical'}.**"
+    + (
+      f" Without the columns {doc['ignored_columns']}: "
+      f"**{'all identical' if doc['identical_without_ignored'] else 'not identical'}**."
+      if doc.get("ignored_columns")
+      else ""
+    ),
     "",
     "| run | llc.csv sha256 | convergence | boundaries | total s |",
     "|---|---|---|---|---|",
@@ -68,9 +90,16 @@ def main() -> None:
   parser.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR")
   parser.add_argument("--job", required=True, help="what was run, for the title")
   parser.add_argument("--out", required=True, help="output path without extension")
+  parser.add_argument(
+    "--ignore_columns", default="", help="comma-separated llc.csv columns left out of a second hash"
+  )
   args = parser.parse_args()
   runs = [(label, workdir) for label, workdir in (spec.split("=", 1) for spec in args.run)]
-  doc = {"job": args.job, "provenance": report_files.provenance(), **measure(runs)}
+  doc = {
+    "job": args.job,
+    "provenance": report_files.provenance(),
+    **measure(runs, [c for c in args.ignore_columns.split(",") if c]),
+  }
   report_files.write(args.out + ".json", args.out + ".md", doc, markdown)
   print(markdown(doc))
 

@@ -56,10 +56,13 @@ def test_main_job_writes_loadable_results_and_plot(tiny_lr_main_job, tmp_path):
   assert report["stages"][0]["start_step"] == steps[0]
   assert report["stages"][-1]["end_step"] == steps[-1]
   assert on_disk["stage_boundaries"] == report["boundary_steps"]
-  # Essential dynamics on the outputs recorded every 4 steps (tiny_config: ed_every=4).
+  # Essential dynamics on the outputs recorded at step 0, every 4 steps (tiny_config:
+  # ed_every=4) and at every checkpoint step.
   ed = report["essential_dynamics"]
-  assert ed["source"] == "recorded during training" and ed["num_points"] == 11
+  points = sorted({0, *range(4, 41, 4), *steps.tolist()})
+  assert ed["source"] == "recorded during training" and ed["num_points"] == len(points)
   assert abs(sum(ed["explained_variance_ratio"]) - 1) < 0.05
+  assert ed["matched_null"]["num_points"] == len(points) and ed["matched_null"]["seeds"] == 20
   assert ed["pairing"]["unmatched_llc"] == [
     b
     for b in report["boundary_steps"]

@@ -139,6 +139,7 @@ class Plane:
   turn_deg_U: np.ndarray
   sharp: list[int]
   cusps: list[int]
+  counted: bool = True  # both PCs pass evr_threshold: milestones are read from it
 
 
 @dataclasses.dataclass
@@ -313,7 +314,7 @@ def _local_min(x: np.ndarray, u: int) -> bool:
   return bool(x[u] <= np.nanmin([x[u - 1], x[u + 1]]))
 
 
-def _plane(smoothed_UxZ, pcs, revs, o: EDOptions) -> Plane:
+def _plane(smoothed_UxZ, pcs, revs, o: EDOptions, counted: bool) -> Plane:
   a, b = pcs
   curve = smoothed_UxZ[:, [a, b]]
   length = float(np.linalg.norm(np.diff(curve, axis=0), axis=1).sum())
@@ -321,7 +322,7 @@ def _plane(smoothed_UxZ, pcs, revs, o: EDOptions) -> Plane:
   turn = turning(curve, o.turn_arc * length, o.min_straightness)
   rev = sorted(set(revs.get(a, [])) | set(revs.get(b, [])))
   sharp, cusps = [], []
-  for u in range(2, len(curve) - 2):
+  for u in range(2, len(curve) - 2) if counted else ():
     if not (np.isfinite(turn[u]) and turn[u] >= o.min_turn_deg) or length == 0:
       continue
     rel = radius[u] / length
@@ -336,7 +337,7 @@ def _plane(smoothed_UxZ, pcs, revs, o: EDOptions) -> Plane:
       and near_reversal
     ):
       cusps.append(u)
-  return Plane(pcs, length, radius, centre, movement, turn, sharp, cusps)
+  return Plane(pcs, length, radius, centre, movement, turn, sharp, cusps, counted)
 
 
 def essential_dynamics(
@@ -359,7 +360,12 @@ def essential_dynamics(
   smoothed = smooth(scores, steps, o)
   kept = [z for z in range(len(evr)) if evr[z] >= o.evr_threshold]
   revs = {z: reversals(smoothed[:, z], o.min_prominence) for z in kept}
-  planes = [_plane(smoothed, (kept[0], z), revs, o) for z in kept[1:]] if kept else []
+  # Every (PC1, PC z) plane is drawn; milestones come only from those whose PCs pass
+  # evr_threshold (`Plane.counted`).
+  revs_all = {z: revs.get(z, []) for z in range(len(evr))}
+  planes = [
+    _plane(smoothed, (0, z), revs_all, o, 0 in kept and z in kept) for z in range(1, len(evr))
+  ]
   found = []  # (u, kind, where, R/L)
   for p in planes:
     for kind, us in (("sharp", p.sharp), ("cusp", p.cusps)):

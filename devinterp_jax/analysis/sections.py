@@ -505,6 +505,7 @@ def _validate_ed(o: ml_collections.ConfigDict, prefix: str) -> None:
       "source": ("auto", "recorded", "checkpoints"),
       "min_points": "int>=3",
       "pair_tolerance_log10": "num>=0",
+      "null_seeds": "int>=0",
       "num_components": "int>=2",
       "sigma_early": "num>=0",
       "sigma_late": "num>=0",
@@ -564,6 +565,14 @@ def _ed(ctx: Context) -> Output:
     result = ed_lib.essential_dynamics(steps, outputs, ed_options(o))
     result.save(ctx.out)
     pairing = ed_lib.pair_milestones(result.milestone_steps, ctx.edges, o.pair_tolerance_log10)
+    # The matched null: random walks of this run's U points in its F dimensions.
+    null = (
+      ed_lib.null_rate(
+        "random_walk", len(steps), outputs.shape[1], range(o.null_seeds), ed_options(o)
+      )
+      if o.null_seeds
+      else None
+    )
   fig = ed_viz.plot_ed(
     result, ctx.path("ed.png"), ctx.edges,
     title=f"Essential dynamics ({len(steps)} points, {source})",
@@ -576,6 +585,13 @@ def _ed(ctx: Context) -> Output:
     f"Explained variance: {evr}.",
     "",
   ]
+  if null is not None:
+    lines += [
+      f"Matched null: {null['with_milestones']} of {null['seeds']} random walks of "
+      f"{null['num_points']} points in {null['dim']} dimensions give a milestone with "
+      f"these thresholds (false-positive rate {null['rate']:.0%}).",
+      "",
+    ]
   if result.milestones:
     for m in result.milestones:
       lines.append(
@@ -596,7 +612,14 @@ def _ed(ctx: Context) -> Output:
   return Output(
     figures=[("ed", fig)],
     markdown=lines,
-    report={"essential_dynamics": {**result.to_json(), "source": source, "pairing": pairing}},
+    report={
+      "essential_dynamics": {
+        **result.to_json(),
+        "source": source,
+        "pairing": pairing,
+        "matched_null": null,
+      }
+    },
   )
 
 
@@ -608,6 +631,7 @@ ED = Section(
     source="auto",
     min_points=10,
     pair_tolerance_log10=0.2,
+    null_seeds=20,
     late_from_step=-1.0,
     **{k: v for k, v in dataclasses.asdict(ed_lib.EDOptions()).items() if k != "late_from_step"},
   ),

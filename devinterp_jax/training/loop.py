@@ -146,8 +146,8 @@ def train(
     on_event: called with the step after each event (tests use it to
       interrupt a run).
     record_fn, record_every: dense outputs for essential dynamics: record_fn(params)
-      (the model's outputs on a fixed input set) at step 0 and every `record_every`
-      steps, written to <workdir>/ed_outputs/ (`storage.outputs_log`); 0 turns it off.
+      (the model's outputs on a fixed input set) at step 0, every `record_every`
+      steps and every scheduled step (the log-spaced early steps), written to <workdir>/ed_outputs/ (`storage.outputs_log`); 0 turns it off.
   """
   return _train(
     [workdir],
@@ -526,7 +526,7 @@ def _run(
   segment = _segment(loss_fn, optimizer, batch_fn, seed_axis, layout, state, impl)
   events = _event_steps(num_steps, sorted(schedule), log_every, resume_every)
   if record_fn is not None:
-    events = np.union1d(events, np.arange(record_every, num_steps + 1, record_every))
+    events = np.union1d(events, np.arange(record_every, num_steps + 1, record_every))  # + schedule
   events = events[events > start]
   t0 = time.time()
   loss_sum, loss_count = np.zeros(num_seeds), 0
@@ -562,7 +562,7 @@ def _run(
             row["lr"] = float(lr_fn(int(end) - 1))
           log.write(row)
         loss_sum, loss_count = np.zeros(num_seeds), 0
-      if record_fn is not None and int(end) % record_every == 0:
+      if record_fn is not None and (int(end) % record_every == 0 or end in schedule):
         record(int(end))  # before the save: a resume from `end` must find it recorded
       if end in schedule or end == num_steps or (resume_every and end % resume_every == 0):
         for i, (manager, row) in enumerate(zip(managers, rows)):

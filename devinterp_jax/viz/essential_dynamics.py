@@ -64,7 +64,12 @@ def ed_figure(result: Any, llc_boundaries: Sequence[int] = (), title: str = "") 
       )  # fmt: skip
     ax.set_xlabel(f"PC{a + 1} ({evr[a]:.0%} of variance)")
     ax.set_ylabel(f"PC{b + 1} ({evr[b]:.0%})")
-    ax.set_title(f"PC{a + 1}–PC{b + 1}: {len(plane.sharp)} sharp, {len(plane.cusps)} cusp")
+    ax.set_title(
+      f"PC{a + 1}–PC{b + 1}: {len(plane.sharp)} sharp, {len(plane.cusps)} cusp"
+      if plane.counted
+      else f"PC{a + 1}–PC{b + 1} (PC{b + 1} below evr_threshold: not read for milestones)",
+      fontsize=9,
+    )
     ax.legend(fontsize=7, loc="best")
   if points is not None:
     fig.colorbar(points, ax=[fig.axes[j] for j in range(len(planes))], label="step", shrink=0.8)
