@@ -145,6 +145,27 @@ def tiny_lr_main_job(tmp_path_factory, worker_id):
   return config, workdir, summary
 
 
+# Module-scoped private copies of the shared runs, for modules that mutate them.
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lr_trained, tmp_path_factory):
+  """A private copy of the session's tiny trained run (tiny_config())."""
+  from tests.helpers import copy_shared
+
+  config, src = tiny_lr_trained
+  return config, copy_shared(src, tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_lr_swept, tmp_path_factory):
+  """A private copy of the session's tiny swept run (trained, LLC sweep, results)."""
+  from tests.helpers import copy_shared
+
+  config, src, steps, result = tiny_lr_swept
+  return config, copy_shared(src, tmp_path_factory.mktemp("swept") / "run"), steps, result
+
+
 # The longest test modules first: pytest-xdist's `--dist loadscope` hands out whole modules
 # in collection order, so a long module collected last would run alone at the end
 # (longest-processing-time-first scheduling). Neighbours in this list need different

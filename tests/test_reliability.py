@@ -9,7 +9,6 @@ on a tiny model under a timeout; the rest run in-process on one tiny trained run
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,87 +25,25 @@ from devinterp_jax.experiments import icl_regression
 from devinterp_jax.experiments.icl_regression.setting import SETTING as LR
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import lock, run_log
-from tests.helpers import copy_shared, restore_params, tiny_config
+from tests.helpers import restore_params, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FLAG = "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal"
-TINY_FLAGS = [
-  "--config.model.d_model=16",
-  "--config.model.d_mlp=16",
-  "--config.model.num_heads=2",
-  "--config.model.num_layers=1",
-  "--config.train.batch_size=16",
-  "--config.train.n_log=5",
-  "--config.train.n_linear=3",
-  "--config.train.log_every=10",
-  "--config.train.resume_every=20",
-  "--config.train.eval_batch_size=64",
-]
-ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-# tiny_config(num_steps) is the config these flags give (same trained weights).
-
-
-def launch(script, workdir, *flags, num_steps=120, timeout=180, prelude=""):
-  """Runs launch/<script> on the tiny model; `prelude` is Python run first (a fault)."""
-  argv = [
-    os.path.join(ROOT, "launch", script),
-    CONFIG_FLAG,
-    f"--workdir={workdir}",
-    *TINY_FLAGS,
-    f"--config.train.num_steps={num_steps}",
-    *flags,
-  ]
-  code = (
-    f"import runpy, sys\n{prelude}\nsys.argv = {argv!r}\n"
-    f"runpy.run_path(sys.argv[0], run_name='__main__')\n"
-  )
-  return subprocess.run(
-    [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout
-  )
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_lr_trained, tmp_path_factory):
-  """A private copy of the session's tiny trained run (tiny_config())."""
-  config, src = tiny_lr_trained
-  return config, copy_shared(src, tmp_path_factory.mktemp("trained") / "run")
-
-
-@pytest.fixture(scope="module")
-def swept(tiny_lr_swept, tmp_path_factory):
-  """A private copy of the session's tiny swept run (trained, LLC sweep, results)."""
-  config, src, steps, result = tiny_lr_swept
-  return config, copy_shared(src, tmp_path_factory.mktemp("swept") / "run"), steps, result
-
-
-def lean_analysis(config):
-  """The config without the Hessian and overlap passes (not what these tests check)."""
-  config.analysis.hessian.enabled = False
-  config.analysis.overlap.enabled = False
-  return config.analysis
-
-
-def copy_run(src, tmp_path, name="run"):
-  dst = str(tmp_path / name)
-  shutil.copytree(src, dst)
-  return dst
-
+from tests.reliability_common import (
+  CONFIG_FLAG,
+  ENV,
+  ROOT,
+  TINY_FLAGS,
+  copy_run,
+  launch,
+  quad_data,
+  quad_loss,
+)
 
 # ----------------------------------------------------------------------------------------
 # 1. Stale LLC chunks are never reused when the data, the checkpoints or the loss change.
 
 
-def quad_loss(params, batch):
-  return 0.5 * jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"]))
-
-
 def doubled_loss(params, batch):
   return 2.0 * quad_loss(params, batch)
-
-
-def quad_data(seed=0, n=512):
-  x = jax.random.normal(jax.random.key(seed), (n, 3))
-  return {"x": x, "y": x @ jnp.ones(3) + 0.1 * jax.random.normal(jax.random.key(seed + 1), (n,))}
 
 
 SGLD = dict(
@@ -172,7 +109,9 @@ def test_lambda_loss_needs_a_key_to_resume(tmp_path):
 
 def test_loss_identity_covers_fields_wrappers_defaults_and_globals():
   """Item 1: what the fingerprint calls the loss changes whenever the loss does: a Flax
-  module's fields, a decorator's argument, a keyword-only default, a global it reads."""
+  module's fields, a decorator's argument, a keyword-only default, a global it reads.
+  The decorator's argument counts also when the wrapped loss lives in another module
+  (quad_loss is in tests/reliability_common.py; `functools.wraps` copies its module)."""
   import dataclasses
   import functools
   from devinterp_jax.storage.digest import callable_identity

@@ -12,9 +12,6 @@ import glob
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,80 +30,16 @@ from devinterp_jax.sampling import results as results_lib
 from devinterp_jax.storage import checkpoints as checkpointing
 from devinterp_jax.storage import run_log
 from devinterp_jax.viz import figures as viz_figures
-from tests.helpers import copy_shared, tiny_config
+from tests.helpers import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FLAG = "--config=" + os.path.join(ROOT, "configs", "icl_regression.py") + ":runlocal"
-TINY_FLAGS = [
-  "--config.model.d_model=16",
-  "--config.model.d_mlp=16",
-  "--config.model.num_heads=2",
-  "--config.model.num_layers=1",
-  "--config.train.batch_size=16",
-  "--config.train.n_log=5",
-  "--config.train.n_linear=3",
-  "--config.train.log_every=10",
-  "--config.train.resume_every=20",
-  "--config.train.eval_batch_size=64",
-]
-ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-# tiny_config(num_steps) is the config these flags give (same trained weights).
-
-
-def launch(script, workdir, *flags, num_steps=120, timeout=180, prelude=""):
-  """Runs launch/<script> on the tiny model; `prelude` is Python run first (a fault)."""
-  argv = [
-    os.path.join(ROOT, "launch", script),
-    CONFIG_FLAG,
-    f"--workdir={workdir}",
-    *TINY_FLAGS,
-    f"--config.train.num_steps={num_steps}",
-    *flags,
-  ]
-  code = (
-    f"import runpy, sys\n{prelude}\nsys.argv = {argv!r}\n"
-    f"runpy.run_path(sys.argv[0], run_name='__main__')\n"
-  )
-  return subprocess.run(
-    [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=timeout
-  )
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_lr_trained, tmp_path_factory):
-  """A private copy of the session's tiny trained run (tiny_config())."""
-  config, src = tiny_lr_trained
-  return config, copy_shared(src, tmp_path_factory.mktemp("trained") / "run")
-
-
-@pytest.fixture(scope="module")
-def swept(tiny_lr_swept, tmp_path_factory):
-  """A private copy of the session's tiny swept run (trained, LLC sweep, results)."""
-  config, src, steps, result = tiny_lr_swept
-  return config, copy_shared(src, tmp_path_factory.mktemp("swept") / "run"), steps, result
-
-
-def lean_analysis(config):
-  """The config without the Hessian and overlap passes (not what these tests check)."""
-  config.analysis.hessian.enabled = False
-  config.analysis.overlap.enabled = False
-  return config.analysis
-
-
-def copy_run(src, tmp_path, name="run"):
-  dst = str(tmp_path / name)
-  shutil.copytree(src, dst)
-  return dst
-
-
-def quad_loss(params, batch):
-  return 0.5 * jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"]))
-
-
-def quad_data(seed=0, n=512):
-  x = jax.random.normal(jax.random.key(seed), (n, 3))
-  return {"x": x, "y": x @ jnp.ones(3) + 0.1 * jax.random.normal(jax.random.key(seed + 1), (n,))}
-
+from tests.reliability_common import (
+  ROOT,
+  copy_run,
+  lean_analysis,
+  launch,
+  quad_data,
+  quad_loss,
+)
 
 # ----------------------------------------------------------------------------------------
 # 4. The report handles checkpoints with fewer than 2 valid chains.

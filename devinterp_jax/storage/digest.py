@@ -212,6 +212,10 @@ def callable_identity(fn: Callable) -> str | None:
   identity never holds a memory address, so it is the same in every process.
   """
   home = getattr(fn, "__module__", None)
+  if isinstance(fn, types.FunctionType):
+    # The module the code runs in: `functools.wraps` copies the wrapped function's
+    # `__module__`, and a wrapper written elsewhere must still count its closure.
+    home = fn.__globals__.get("__name__", home)
   if isinstance(fn, types.MethodType):
     owner = fn.__self__
     home = (owner if isinstance(owner, type) else type(owner)).__module__
