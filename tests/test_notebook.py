@@ -39,3 +39,4 @@ def test_quickstart_notebook_runs(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "NOTEBOOK-OK" in out.stdout
   assert "LLC" in out.stdout and "stages:" in out.stdout
+  assert "ED milestones:" in out.stdout and "matched random-walk null:" in out.stdout
