@@ -226,3 +226,14 @@ def test_damaged_or_mixed_records_are_named(tmp_path):
     outputs_log.read(str(tmp_path))
   with pytest.raises(FloatingPointError, match="non-finite model outputs at step 7"):
     outputs_log.write(str(tmp_path), 7, np.array([np.nan]))
+
+
+def test_reversal_beside_a_noisy_plateau_counts():
+  """A PC that rises, wiggles on a plateau, then falls far reverses once, at its highest
+  point on the plateau: the wiggles' own small extrema neither count nor hide it."""
+  u = np.arange(200)
+  pc = np.where(u < 80, u / 80.0, np.where(u < 150, 1.0, 1.0 - (u - 150) / 50.0 * 0.8))
+  pc = pc + 0.01 * np.sin(u * 1.7)
+  revs = ed.reversals(pc, min_prominence=0.2)
+  assert len(revs) == 1 and 80 <= revs[0] <= 150, revs
+  assert ed.reversals(u / 200.0 + 0.01 * np.sin(u * 1.7), 0.2) == []  # a noisy rise

@@ -38,9 +38,9 @@ has the same equations):
      R_u ≤ `cusp_radius` · L, and one of the plane's PCs reverses within
      ±`reversal_tolerance` points of u;
    - **reversal** of PC z: the smoothed score's derivative changes sign at u
-     (s̄_z[u] is a strict local extremum) and, on both sides, the score moves away
-     from s̄_z[u] by at least `min_prominence` × its range before the neighbouring
-     extremum (or the end). Reversals count only for PCs whose explained-variance
+     (s̄_z[u] is a strict local extremum) whose topographic prominence on both sides
+     (the descent before a higher point, or the end) is at least `min_prominence` × the
+     score's range. Reversals count only for PCs whose explained-variance
      ratio is at least `evr_threshold`.
    Planes are formed only from PCs above `evr_threshold` (among the top
    `num_components`), and always with PC1: (PC1, PC z) for z = 2 … (the paper's
@@ -292,20 +292,28 @@ def turning(curve_Ux2: np.ndarray, arc: float, min_straightness: float) -> np.nd
 
 def reversals(pc_U: np.ndarray, min_prominence: float) -> list[int]:
   """Points where the smoothed PC's derivative changes sign (a strict local extremum)
-  and the PC moves away from its value there by at least `min_prominence` × its
-  range on both sides, before the neighbouring extremum (or the end)."""
+  whose prominence on *both* sides is at least `min_prominence` × the PC's range. For
+  a maximum at u, its prominence on the left is p[u] − min p over the points between
+  u and the nearest higher point to its left (or the start), and likewise on the
+  right; minima the same with −p. Wiggles on a noisy plateau do not chop a real
+  reversal's sides (topographic prominence, not the distance to the next extremum)."""
   p = np.asarray(pc_U, np.float64)
   span = np.ptp(p) if len(p) else 0.0
   if span == 0:
     return []
   d = np.diff(p)
-  ext = [u for u in range(1, len(p) - 1) if d[u - 1] * d[u] < 0]
   out = []
-  bounds = [0, *ext, len(p) - 1]
-  for i, u in enumerate(ext, start=1):
-    left = np.abs(p[bounds[i - 1] : u + 1] - p[u]).max()
-    right = np.abs(p[u : bounds[i + 1] + 1] - p[u]).max()
-    if min(left, right) >= min_prominence * span:
+  for u in range(1, len(p) - 1):
+    if d[u - 1] * d[u] >= 0:
+      continue
+    q = p if d[u - 1] > 0 else -p  # a maximum of q
+    left = q[:u][::-1]
+    higher = np.nonzero(left > q[u])[0]
+    lo = left[: higher[0]] if higher.size else left
+    right = q[u + 1 :]
+    higher = np.nonzero(right > q[u])[0]
+    hi = right[: higher[0]] if higher.size else right
+    if lo.size and hi.size and min(q[u] - lo.min(), q[u] - hi.min()) >= min_prominence * span:
       out.append(u)
   return out
 
