@@ -216,12 +216,9 @@ def smooth(values_UxZ: np.ndarray, steps_U: np.ndarray, options: EDOptions) -> n
   """Each column smoothed over the point index with the step-dependent Gaussian."""
   v = np.asarray(values_UxZ, np.float64)
   n = v.shape[0]
-  late = options.late_from_step
-  sig = np.where(
-    (late is not None) & (np.asarray(steps_U, np.float64) >= (late if late is not None else 0)),
-    options.sigma_late,
-    options.sigma_early,
-  )
+  sig = np.full(n, options.sigma_early, np.float64)
+  if options.late_from_step is not None:
+    sig[np.asarray(steps_U, np.float64) >= options.late_from_step] = options.sigma_late
   out = np.empty_like(v)
   idx = np.arange(n)
   for u in range(n):
@@ -370,10 +367,7 @@ def essential_dynamics(
   revs = {z: reversals(smoothed[:, z], o.min_prominence) for z in kept}
   # Every (PC1, PC z) plane is drawn; milestones come only from those whose PCs pass
   # evr_threshold (`Plane.counted`).
-  revs_all = {z: revs.get(z, []) for z in range(len(evr))}
-  planes = [
-    _plane(smoothed, (0, z), revs_all, o, 0 in kept and z in kept) for z in range(1, len(evr))
-  ]
+  planes = [_plane(smoothed, (0, z), revs, o, 0 in kept and z in kept) for z in range(1, len(evr))]
   found = []  # (u, kind, where, R/L)
   for p in planes:
     for kind, us in (("sharp", p.sharp), ("cusp", p.cusps)):
